@@ -1,0 +1,1 @@
+"""A local stand-in for ngrok's API and binding ingress."""

@@ -1,0 +1,190 @@
+"""
+Tests for L{ngrokd.halfclose}, over real TLS on loopback.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.halfclose import HalfCloseableTLSClientEndpoint, HalfCloseableTLSFactory
+from ngrokd.trust import PartialChainTrust, client_creator, parse_certificates
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(Protocol):
+    """
+    Records what arrives and how the connection ends; C{onReadClosed} runs when
+    the peer closes its sending side.
+    """
+
+    def __init__(self, onReadClosed=None, onConnected=None) -> None:
+        self.received = b""
+        self.readClosed = False
+        self.lost: Deferred[None] = Deferred()
+        self._onReadClosed = onReadClosed
+        self._onConnected = onConnected
+
+    def connectionMade(self) -> None:
+        if self._onConnected:
+            self._onConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.readClosed = True
+        if self._onReadClosed:
+            self._onReadClosed(self)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class NotHalfCloseable(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class HalfCloseTests(TestCase):
+    """
+    A FIN-like shutdown of one direction over TLS leaves the other flowing.
+    """
+
+    timeout = 10
+
+    def setUp(self) -> None:
+        ca = CertificateAuthority.create("test root")
+        cert, key = ca.issue_server(["localhost"])
+        self.serverOptions = ssl.PrivateCertificate.loadPEM(cert + key).options()
+        self.clientCreator = client_creator(
+            "localhost", PartialChainTrust(parse_certificates(ca.cert_pem, "ca"), False)
+        )
+        self.serverProtocols: list[Protocol] = []
+
+    def listen(self, makeProtocol) -> int:
+        def build() -> Protocol:
+            protocol = makeProtocol()
+            self.serverProtocols.append(protocol)
+            return protocol
+
+        factory = HalfCloseableTLSFactory(
+            self.serverOptions, False, Factory.forProtocol(build)
+        )
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def connect(self, port: int, protocol: Protocol) -> Deferred:
+        endpoint = HalfCloseableTLSClientEndpoint(
+            self.clientCreator, TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        )
+        return endpoint.connect(Factory.forProtocol(lambda: protocol))
+
+    @inlineCallbacks
+    def test_clientHalfClose(self):
+        """
+        A client that stops sending still gets the server's whole reply, and
+        the server sees the end of the request as C{readConnectionLost}.
+        """
+
+        def reply(server: Recorder) -> None:
+            server.transport.write(b"pong:" + server.received)
+            server.transport.loseConnection()
+
+        port = self.listen(lambda: Recorder(onReadClosed=reply))
+        client = Recorder()
+        yield self.connect(port, client)
+        client.transport.write(b"ping")
+        client.transport.loseWriteConnection()
+        yield client.lost
+        self.assertEqual(client.received, b"pong:ping")
+        client.reason.trap(ConnectionDone)
+        server = self.serverProtocols[0]
+        yield server.lost
+        self.assertTrue(server.readClosed)
+
+    @inlineCallbacks
+    def test_serverHalfClose(self):
+        """
+        A server that stops sending still gets what the client sends after,
+        and the client sees the close as C{readConnectionLost}.
+        """
+
+        def greet(server: Recorder) -> None:
+            server.transport.write(b"hello")
+            server.transport.loseWriteConnection()
+
+        port = self.listen(lambda: Recorder(onConnected=greet))
+
+        def answer(client: Recorder) -> None:
+            client.transport.write(b"got " + client.received)
+            client.transport.loseConnection()
+
+        client = Recorder(onReadClosed=answer)
+        yield self.connect(port, client)
+        yield client.lost
+        server = self.serverProtocols[0]
+        yield server.lost
+        self.assertEqual((client.received, client.readClosed), (b"hello", True))
+        self.assertEqual(server.received, b"got hello")
+
+    @inlineCallbacks
+    def test_writesAfterHalfCloseDropped(self):
+        """
+        Writing after C{loseWriteConnection} neither raises nor breaks the
+        connection.
+        """
+
+        def reply(server: Recorder) -> None:
+            server.transport.write(b"still here")
+            server.transport.loseConnection()
+
+        port = self.listen(lambda: Recorder(onReadClosed=reply))
+        client = Recorder()
+        yield self.connect(port, client)
+        client.transport.write(b"a")
+        client.transport.loseWriteConnection()
+        client.transport.write(b"b")
+        yield client.lost
+        client.reason.trap(ConnectionDone)
+        self.assertEqual(client.received, b"still here")
+        self.assertEqual(self.serverProtocols[0].received, b"a")
+
+    @inlineCallbacks
+    def test_notHalfCloseable(self):
+        """
+        A protocol that cannot half-close is disconnected by the peer's
+        C{close_notify}, as with Twisted's own TLS.
+        """
+
+        def greet(server: Recorder) -> None:
+            server.transport.write(b"bye")
+            server.transport.loseWriteConnection()
+
+        port = self.listen(lambda: Recorder(onConnected=greet))
+        client = NotHalfCloseable()
+        yield self.connect(port, client)
+        yield client.lost
+        yield self.serverProtocols[0].lost
+        self.assertEqual(client.received, b"bye")

@@ -1,0 +1,150 @@
+# -*- test-case-name: ngrokd.test.test_ingress -*-
+"""
+Which servers ngrokd trusts, and the TLS client settings built from that.
+
+ngrok's binding ingress chains to ngrok's private I{intermediate} CA. Go accepts
+an intermediate as a trust anchor; OpenSSL does so only with the partial-chain
+flag, which every trust root here sets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from attrs import frozen
+from cryptography import x509
+from OpenSSL.crypto import X509, X509StoreFlags
+from OpenSSL.SSL import Connection, Context
+from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+#: Where the Go ngrokd (and ngrok's operator image) looks for ngrok's CA.
+NGROK_CA_DIR = "/etc/ssl/certs/ngrok"
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+_log = Logger()
+
+
+class TrustError(ValueError):
+    """
+    A CA bundle cannot be read or holds no certificate.
+    """
+
+
+def parse_certificates(pem: bytes, source: str) -> tuple[X509, ...]:
+    """
+    Every PEM certificate in C{pem}; C{source} names it in errors.
+    """
+    found = _PEM_CERT.findall(pem)
+    if not found:
+        raise TrustError(f"{source}: no PEM certificate found")
+    try:
+        return tuple(
+            X509.from_cryptography(x509.load_pem_x509_certificate(block))
+            for block in found
+        )
+    except ValueError as e:
+        raise TrustError(f"{source}: {e}") from None
+
+
+@implementer(IOpenSSLTrustRoot)
+@frozen
+class PartialChainTrust:
+    """
+    Trust C{certificates} (and the platform's store when C{system}), any of
+    them as an anchor, intermediates included.
+    """
+
+    certificates: tuple[X509, ...] = ()
+    system: bool = True
+
+    def _addCACertsToContext(self, context: Context) -> None:
+        if self.system:
+            context.set_default_verify_paths()
+        store = context.get_cert_store()
+        assert store is not None
+        for certificate in self.certificates:
+            store.add_cert(certificate)
+        store.set_flags(X509StoreFlags.PARTIAL_CHAIN)
+
+
+def load_trust(ca_bundle: str | None, ca_dir: str = NGROK_CA_DIR) -> PartialChainTrust:
+    """
+    The configured CA bundle alone when there is one; otherwise the platform's
+    store plus every PEM file in C{ca_dir}, as the Go ngrokd reads it.
+    """
+    if ca_bundle:
+        try:
+            with open(ca_bundle, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise TrustError(f"{ca_bundle}: {e.strerror}") from None
+        return PartialChainTrust(parse_certificates(pem, ca_bundle), system=False)
+    extra: list[X509] = []
+    if os.path.isdir(ca_dir):
+        for name in sorted(os.listdir(ca_dir)):
+            path = os.path.join(ca_dir, name)
+            try:
+                with open(path, "rb") as f:
+                    extra.extend(parse_certificates(f.read(), path))
+            except (OSError, TrustError) as e:
+                _log.warn("skipping CA file {path}: {error}", path=path, error=str(e))
+    return PartialChainTrust(tuple(extra), system=True)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientCreator:
+    """
+    Sends SNI and the client certificate but checks nothing about the server.
+    """
+
+    def __init__(self, hostname: str, options: ssl.CertificateOptions) -> None:
+        self._hostname = hostname.encode("idna")
+        self._context = options.getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> Connection:
+        connection = Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._hostname)
+        connection.set_connect_state()
+        return connection
+
+
+def client_creator(
+    hostname: str,
+    trust: IOpenSSLTrustRoot,
+    client_certificate: ssl.PrivateCertificate | None = None,
+    insecure_skip_verify: bool = False,
+) -> IOpenSSLClientConnectionCreator:
+    """
+    TLS 1.2+ client settings for C{hostname} (SNI, and the name the server's
+    certificate must carry), built once and shared by every connection.
+    """
+    if insecure_skip_verify:
+        _log.critical(
+            "insecure_skip_verify is on: the certificate of {host} is NOT checked;"
+            " anyone on the path can read and change the traffic",
+            host=hostname,
+        )
+        options = ssl.CertificateOptions(
+            privateKey=client_certificate.privateKey.original
+            if client_certificate
+            else None,
+            certificate=client_certificate.original if client_certificate else None,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+        return _UnverifiedClientCreator(hostname, options)
+    creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=trust,
+        clientCertificate=client_certificate,
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+    )
+    return creator
