@@ -150,7 +150,9 @@ def decode_response(payload: bytes) -> ConnResponse:
     )
 
 
-def _parse(message: pb.ConnRequest | pb.ConnResponse, payload: bytes, name: str) -> None:
+def _parse(
+    message: pb.ConnRequest | pb.ConnResponse, payload: bytes, name: str
+) -> None:
     try:
         message.ParseFromString(payload)
     except DecodeError as e:

@@ -100,7 +100,9 @@ class CertificateAuthority:
         return cls(key, certificate)
 
     @classmethod
-    def load(cls, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"") -> CertificateAuthority:
+    def load(
+        cls, cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b""
+    ) -> CertificateAuthority:
         key = serialization.load_pem_private_key(key_pem, None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError("the devcloud CA key must be an EC key")
@@ -124,7 +126,9 @@ class CertificateAuthority:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.key.public_key()
+                ),
                 critical=False,
             )
         )
@@ -145,7 +149,9 @@ class CertificateAuthority:
             key, certificate, certificate.public_bytes(serialization.Encoding.PEM)
         )
 
-    def issue_server(self, hostnames: list[str], days: int = 825) -> tuple[bytes, bytes]:
+    def issue_server(
+        self, hostnames: list[str], days: int = 825
+    ) -> tuple[bytes, bytes]:
         """
         A server certificate and its key (PEM) for C{hostnames}; the
         certificate PEM includes this CA's chain.
@@ -155,12 +161,15 @@ class CertificateAuthority:
             self._builder(_name(hostnames[0]), days)
             .public_key(key.public_key())
             .add_extension(
-                x509.SubjectAlternativeName([_san(h) for h in hostnames]), critical=False
+                x509.SubjectAlternativeName([_san(h) for h in hostnames]),
+                critical=False,
             )
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
             )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.BasicConstraints(ca=False, path_length=None), critical=True
+            )
             .sign(self.key, hashes.SHA256())
         )
         return (
@@ -182,11 +191,14 @@ class CertificateAuthority:
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
             )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.BasicConstraints(ca=False, path_length=None), critical=True
+            )
             .sign(self.key, hashes.SHA256())
         )
         return IssuedCertificate(
-            cert_pem=certificate.public_bytes(serialization.Encoding.PEM) + self.chain_pem,
+            cert_pem=certificate.public_bytes(serialization.Encoding.PEM)
+            + self.chain_pem,
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
         )

@@ -17,7 +17,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from ngrokd import conn_header_pb2, wire
 
 
-
 def _proto_dir() -> str:
     """
     The source tree's C{proto/}: beside the package in a checkout, or named by
@@ -28,7 +27,9 @@ def _proto_dir() -> str:
         candidate = os.path.join(root, "proto")
         if root and os.path.exists(os.path.join(candidate, "conn_header.proto")):
             return candidate
-    raise FileNotFoundError("proto/conn_header.proto: set NGROKD_SOURCE to the checkout")
+    raise FileNotFoundError(
+        "proto/conn_header.proto: set NGROKD_SOURCE to the checkout"
+    )
 
 
 def _hex(text: str) -> bytes:
@@ -119,7 +120,9 @@ class ResponseVectorTests(SynchronousTestCase):
         for text, expected in self.vectors:
             result = wire.FrameReader().feed(_hex(text))
             assert result is not None
-            self.assertEqual((wire.decode_response(result[0]), result[1]), (expected, b""))
+            self.assertEqual(
+                (wire.decode_response(result[0]), result[1]), (expected, b"")
+            )
 
     def test_encode(self) -> None:
         """

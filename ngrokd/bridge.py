@@ -1,0 +1,172 @@
+# -*- test-case-name: ngrokd.test.test_bridge -*-
+"""
+Carrying local connections to the binding ingress.
+
+Each accepted connection stops reading, asks the L{IngressConnector} for an
+upgraded connection to its endpoint, and is then spliced to it. For HTTP
+endpoints served on a network port the client names ngrokd's address in
+C{Host}, so every request on the connection gets the endpoint's hostname
+instead; where the client already used the endpoint's name the bytes pass
+untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ngrokd import wire
+from ngrokd.endpoints import HTTP_SCHEMES, EndpointTarget
+from ngrokd.httprewrite import HostRewriter
+from ngrokd.ingress import IngressConnector, IngressError, IngressProtocol
+from ngrokd.splice import PipeProtocol, splice
+
+#: Seconds a refused HTTP client has to read the 502 and close.
+REJECT_LINGER = 5.0
+
+
+@define
+class EndpointStats:
+    """
+    What one endpoint's listener has carried, for status and metrics.
+    """
+
+    connections_open: int = 0
+    connections_total: int = 0
+    errors: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_error: str = ""
+
+
+class LocalProtocol(PipeProtocol):
+    """
+    One accepted local connection, bridged to the ingress.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory: BridgeFactory) -> None:
+        super().__init__()
+        self._factory = factory
+        self._connecting: Deferred[IngressProtocol] | None = None
+        self._ingress: IngressProtocol | None = None
+        self._rejecting = False
+        self._linger: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        stats = self._factory.stats
+        stats.connections_open += 1
+        stats.connections_total += 1
+        target = self._factory.target
+        request = wire.ConnRequest(host=target.host, port=target.port)
+        try:
+            self._connecting = self._factory.connector.connect(request)
+        except IngressError as e:
+            self._failed(Failure(e))
+            return
+        self._connecting.addCallbacks(self._upgraded, self._failed)
+
+    def _upgraded(self, ingress: IngressProtocol) -> None:
+        self._connecting = None
+        self._ingress = ingress
+        rewrite_host = self._factory.rewrite_host
+        if rewrite_host is not None and _speaks_http(ingress, self._factory.target):
+            rewriter = HostRewriter(rewrite_host)
+            self.transform = rewriter.feed
+            self.finish_transform = rewriter.finish
+        splice(self, ingress)
+
+    def _failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(CancelledError):
+            return
+        stats = self._factory.stats
+        stats.errors += 1
+        stats.last_error = failure.getErrorMessage()
+        self.log.warn(
+            "connection to {url} failed: {reason}",
+            url=self._factory.target.url,
+            reason=stats.last_error,
+            error_type=failure.type.__name__,
+        )
+        if not self._factory.target.is_http:
+            self.transport.loseConnection()  # type: ignore[attr-defined]
+            return
+        # Say why, then read and discard the request: closing with unread
+        # input would reset the connection and lose the answer.
+        self._rejecting = True
+        self.transport.write(_bad_gateway(stats.last_error))  # type: ignore[attr-defined]
+        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._linger = self._factory.connector.clock.callLater(
+            REJECT_LINGER,
+            self.transport.abortConnection,  # type: ignore[attr-defined]
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._rejecting:
+            super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self._rejecting:
+            self.transport.loseConnection()  # type: ignore[attr-defined]
+        else:
+            super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        stats = self._factory.stats
+        stats.connections_open -= 1
+        stats.bytes_up += self.bytes_received
+        if self._ingress is not None:
+            stats.bytes_down += self._ingress.bytes_received
+        super().connectionLost(reason)
+
+
+def _speaks_http(ingress: IngressProtocol, target: EndpointTarget) -> bool:
+    proto = ingress.response.proto if ingress.response is not None else ""
+    return (proto or target.scheme) in HTTP_SCHEMES
+
+
+def _bad_gateway(reason: str) -> bytes:
+    body = f"ngrokd: the endpoint could not be reached: {reason}\n".encode()
+    return (
+        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+class BridgeFactory(Factory):
+    """
+    Builds the local side of every connection accepted for one endpoint.
+
+    C{rewrite_host} is the C{Host} value HTTP requests get, or C{None} to pass
+    requests untouched.
+    """
+
+    def __init__(
+        self,
+        target: EndpointTarget,
+        connector: IngressConnector,
+        rewrite_host: str | None,
+        stats: EndpointStats | None = None,
+    ) -> None:
+        self.target = target
+        self.connector = connector
+        self.rewrite_host = rewrite_host
+        self.stats = stats if stats is not None else EndpointStats()
+
+    def buildProtocol(self, addr: Any) -> LocalProtocol:
+        return LocalProtocol(self)

@@ -1,0 +1,146 @@
+# -*- test-case-name: ngrokd.test.test_discovery -*-
+"""
+Polling the ngrok API for the bound endpoints.
+
+A failed poll changes nothing that is being served: the last good list stays
+in force, the failure is logged when it differs from the previous one (not at
+every poll), and the next poll backs off exponentially with jitter, up to a
+cap, honouring C{Retry-After}. The first success returns to the normal
+interval.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+#: The longest wait between polls while the API keeps failing, in seconds.
+MAX_BACKOFF = 300.0
+
+
+class EndpointDiscoveryService(Service):
+    """
+    Calls C{fetch} every C{interval} seconds and hands each good result to
+    C{deliver}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        fetch: Callable[[], Deferred[Any]],
+        deliver: Callable[[Any], object],
+        clock: IReactorTime,
+        interval: float,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._fetch = fetch
+        self._deliver = deliver
+        self._clock = clock
+        self.interval = interval
+        self._jitter = jitter
+        self._next: IDelayedCall | None = None
+        self._polling: Deferred[None] | None = None
+        self.failures = 0
+        self.last_error = ""
+        self.last_success: float | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule(0)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        if self._polling is not None:
+            self._polling.cancel()
+        return None
+
+    def set_interval(self, seconds: float) -> None:
+        """
+        Use a new interval from now on; a wait already longer is cut short.
+        """
+        self.interval = seconds
+        if self.failures == 0 and self._next is not None and self._next.active():
+            remaining = self._next.getTime() - self._clock.seconds()
+            if remaining > seconds:
+                self._next.reset(seconds)
+
+    def poll_now(self) -> None:
+        """
+        Poll at once (unless a poll is running), e.g. after registering.
+        """
+        if self.running and self._polling is None:
+            self._schedule(0)
+
+    def _schedule(self, delay: float) -> None:
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = self._clock.callLater(delay, self._poll)
+
+    def _poll(self) -> None:
+        self._next = None
+        polling: Deferred[None] = maybeDeferred(self._fetch).addCallbacks(
+            self._succeeded, self._failed
+        )
+        self._polling = polling
+        polling.addBoth(self._done)
+
+    def _succeeded(self, result: Any) -> None:
+        if self.failures:
+            self.log.info(
+                "the ngrok API answers again after {failures} failed polls",
+                failures=self.failures,
+            )
+        self.failures = 0
+        self.last_error = ""
+        self.last_success = self._clock.seconds()
+        self._deliver(result)
+
+    def _failed(self, failure: Failure) -> float | None:
+        if not self.running:
+            return None  # cancelled by stopService
+        self.failures += 1
+        error = failure.getErrorMessage()
+        delay = self.retry_delay(getattr(failure.value, "retry_after", None))
+        if error != self.last_error:
+            self.log.warn(
+                "polling the bound endpoints failed: {error}; keeping the last"
+                " known endpoints, next try in {delay:.0f}s",
+                error=error,
+                delay=delay,
+            )
+        self.last_error = error
+        return delay
+
+    def retry_delay(self, retry_after: float | None) -> float:
+        """
+        How long to wait after the current run of failures.
+        """
+        policy = backoffPolicy(
+            initialDelay=min(self.interval, 2.0),
+            maxDelay=max(self.interval, MAX_BACKOFF),
+            factor=2.0,
+            jitter=self._jitter,
+        )
+        delay = policy(self.failures - 1)
+        if retry_after is not None:
+            delay = max(delay, min(float(retry_after), MAX_BACKOFF))
+        return float(delay)
+
+    def _done(self, delay: object) -> None:
+        self._polling = None
+        if isinstance(delay, Failure):
+            self.log.failure("applying the bound endpoints failed", delay)
+        if self.running:
+            self._schedule(delay if isinstance(delay, float) else self.interval)

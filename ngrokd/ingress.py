@@ -1,0 +1,284 @@
+# -*- test-case-name: ngrokd.test.test_ingress -*-
+"""
+Connections to ngrok's binding ingress.
+
+Each forwarded connection is a new mutual-TLS connection to the ingress (SNI and
+the certificate check use the ingress host, no ALPN), on which the client sends
+one framed C{ConnRequest} and reads one framed C{ConnResponse}; after that the
+stream belongs to the application. L{IngressConnector.connect} returns the
+upgraded connection as a L{PipeProtocol}, or fails with one of the typed errors
+below, so callers can say exactly what went wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL.SSL import Error as TLSLibraryError
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ngrokd import wire
+from ngrokd.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.splice import PipeProtocol
+from ngrokd.trust import client_creator
+
+
+class IngressError(Exception):
+    """
+    A connection through the binding ingress could not be set up.
+    """
+
+
+class DialFailed(IngressError):
+    """
+    The ingress could not be reached (DNS, refused, unreachable, TCP timeout).
+    """
+
+
+class TLSFailed(IngressError):
+    """
+    The TLS handshake failed: the ingress's certificate did not verify, or the
+    ingress refused ours.
+    """
+
+
+class UpgradeTimeout(IngressError):
+    """
+    The ingress did not finish the handshake or did not answer the upgrade in
+    time.
+    """
+
+
+class UpgradeFailed(IngressError):
+    """
+    The ingress closed the connection or sent something that is not a
+    C{ConnResponse}.
+    """
+
+
+class UpgradeRefused(IngressError):
+    """
+    The ingress answered with an error, e.g. no such endpoint.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code or 'refused'}: {message}")
+        self.code = code
+        self.message = message
+
+
+@implementer(IHandshakeListener)
+class IngressProtocol(PipeProtocol):
+    """
+    The client side of the upgrade; after it, one end of a splice.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        request: wire.ConnRequest,
+        clock: IReactorTime,
+        connect_timeout: float,
+        upgrade_timeout: float,
+    ) -> None:
+        super().__init__()
+        self.request = request
+        self.upgraded: Deferred[IngressProtocol] = Deferred(self._cancel)
+        self.response: wire.ConnResponse | None = None
+        self._clock = clock
+        self._connect_timeout = connect_timeout
+        self._upgrade_timeout = upgrade_timeout
+        self._reader: wire.FrameReader | None = wire.FrameReader()
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        # TCP is up (the endpoint bounds that); bound the TLS handshake too.
+        self._timer = self._clock.callLater(
+            self._connect_timeout, self._timed_out, "TLS handshake"
+        )
+        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        # Sent now, it leaves with the end of the handshake: no extra round trip.
+        self.transport.write(wire.encode_request(self.request))  # type: ignore[attr-defined]
+
+    def handshakeCompleted(self) -> None:
+        self._stop_timer()
+        if self._reader is not None:
+            self._timer = self._clock.callLater(
+                self._upgrade_timeout, self._timed_out, "upgrade response"
+            )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._reader is None:
+            super().dataReceived(data)
+            return
+        try:
+            result = self._reader.feed(data)
+            if result is None:
+                return
+            payload, rest = result
+            response = wire.decode_response(payload)
+        except wire.MalformedFrame as e:
+            self._fail(UpgradeFailed(str(e)))
+            return
+        self._reader = None
+        self._stop_timer()
+        self.response = response
+        if response.refused:
+            self._fail(UpgradeRefused(response.error_code, response.error_message))
+            return
+        for notice in response.notices:
+            self.log.warn(
+                "ingress notice for {host}:{port}: {notice}",
+                host=self.request.host,
+                port=self.request.port,
+                notice=notice,
+            )
+        self.hold(rest)
+        self.upgraded.callback(self)
+
+    def readConnectionLost(self) -> None:
+        if self._reader is not None:
+            self._fail(UpgradeFailed("the ingress closed before answering the upgrade"))
+            return
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_timer()
+        if self._reader is not None and not self.upgraded.called:
+            self._reader = None
+            if reason.check(TLSLibraryError):
+                error: IngressError = TLSFailed(_describe_tls(reason.value))
+            else:
+                error = UpgradeFailed(
+                    "the ingress closed the connection before answering the upgrade"
+                    f" ({reason.getErrorMessage()})"
+                )
+            self.upgraded.errback(error)
+        super().connectionLost(reason)
+
+    def _fail(self, error: IngressError) -> None:
+        self._reader = None
+        self._stop_timer()
+        if not self.upgraded.called:
+            self.upgraded.errback(error)
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _timed_out(self, stage: str) -> None:
+        self._timer = None
+        self._fail(UpgradeTimeout(f"no {stage} from the ingress in time"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _cancel(self, d: Deferred[IngressProtocol]) -> None:
+        self._reader = None
+        self._stop_timer()
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _describe_tls(error: Exception) -> str:
+    reasons = [
+        part[2] for part in getattr(error, "args", [[]])[0] if isinstance(part, tuple)
+    ]
+    return "TLS handshake failed: " + (", ".join(r for r in reasons if r) or str(error))
+
+
+class IngressConnector:
+    """
+    Opens upgraded connections to one binding ingress with one client identity.
+
+    The TLS client settings are built once per certificate (L{use_certificate})
+    and shared by every connection.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        trust: Any,
+        connect_timeout: float = 10.0,
+        upgrade_timeout: float = 10.0,
+        insecure_skip_verify: bool = False,
+    ) -> None:
+        self._reactor: IReactorTCP = reactor
+        self.clock: IReactorTime = reactor
+        self.host = host
+        self.port = port
+        self._trust = trust
+        self._insecure = insecure_skip_verify
+        self._connect_timeout = connect_timeout
+        self._upgrade_timeout = upgrade_timeout
+        self._creator: IOpenSSLClientConnectionCreator | None = None
+
+    def use_certificate(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """
+        Connect with this client certificate from now on; connections already
+        open keep theirs.
+        """
+        certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        self._creator = client_creator(
+            self.host, self._trust, certificate, self._insecure
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._creator is not None
+
+    def connect(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
+        """
+        A new connection to the ingress, upgraded for C{request}.
+        """
+        if self._creator is None:
+            raise IngressError("no client certificate yet")
+        endpoint = HalfCloseableTLSClientEndpoint(
+            self._creator,
+            HostnameEndpoint(
+                self._reactor, self.host, self.port, timeout=self._connect_timeout
+            ),
+        )
+        protocol = IngressProtocol(
+            request, self.clock, self._connect_timeout, self._upgrade_timeout
+        )
+        connecting = endpoint.connect(Factory.forProtocol(lambda: protocol))
+
+        def cancel(d: Deferred[IngressProtocol]) -> None:
+            connecting.cancel()
+            if protocol.transport is not None:
+                protocol.upgraded.cancel()
+
+        result: Deferred[IngressProtocol] = Deferred(cancel)
+
+        def connected(_: object) -> None:
+            protocol.upgraded.chainDeferred(result)
+
+        def dial_failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                return
+            if failure.check(ConnectError, DNSLookupError):
+                reason = failure.getErrorMessage()
+                result.errback(DialFailed(f"{self.host}:{self.port}: {reason}"))
+            else:
+                result.errback(failure)
+
+        connecting.addCallbacks(connected, dial_failed)
+        return result

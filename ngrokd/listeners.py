@@ -1,0 +1,210 @@
+# -*- test-case-name: ngrokd.test.test_listeners -*-
+"""
+The set of local listeners, one per planned endpoint.
+
+L{ListenerSet.reconcile} takes the whole desired set and makes it so: new
+specs are listened on, gone ones stop listening, changed ones are rebound (the
+new socket first, so clients never see a gap where they can), and unchanged
+ones are not touched. Connections already accepted are never dropped by a
+reconcile: closing a listening socket leaves them alone. A spec that cannot be
+bound stays in the set as failed, with the reason, and is tried again at the
+next reconcile.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import define, frozen
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ngrokd.bridge import BridgeFactory, EndpointStats
+from ngrokd.endpoints import EndpointTarget
+from ngrokd.ingress import IngressConnector
+
+
+@frozen
+class ListenSpec:
+    """
+    Where one endpoint is served locally, and how.
+    """
+
+    address: str
+    port: int
+    target: EndpointTarget
+    rewrite_host: str | None = None
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+
+@define
+class Listener:
+    """
+    One endpoint's listener and what became of it.
+    """
+
+    spec: ListenSpec
+    factory: BridgeFactory
+    port: IListeningPort | None = None
+    error: str = ""
+
+    @property
+    def listening(self) -> bool:
+        return self.port is not None
+
+    @property
+    def stats(self) -> EndpointStats:
+        return self.factory.stats
+
+
+def describe_listen_error(failure: Failure, spec: ListenSpec) -> str:
+    """
+    A short reason a user can act on.
+    """
+    error = failure.value
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+        code = error.socketError.errno
+        where = f"{spec.address}:{spec.port}"
+        if code == errno.EADDRINUSE:
+            return f"{where} is already in use by another program"
+        if code == errno.EADDRNOTAVAIL:
+            return f"{spec.address} is not an address of this machine"
+        if code == errno.EACCES:
+            return f"{where}: permission denied (ports below 1024 need root)"
+        return f"{where}: {error.socketError.strerror}"
+    return failure.getErrorMessage()
+
+
+class ListenerSet:
+    """
+    Keeps the listeners equal to the latest plan. Keys are endpoint URLs
+    (normalised), values their specs.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, connector: IngressConnector) -> None:
+        self._reactor = reactor
+        self._connector = connector
+        self.listeners: dict[str, Listener] = {}
+
+    def reconcile(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
+        """
+        Listen on C{specs} and nothing else; fires when every bind was tried.
+        """
+        work: list[Deferred[None]] = []
+        for key, spec in specs.items():
+            current = self.listeners.get(key)
+            if current is None:
+                factory = BridgeFactory(spec.target, self._connector, spec.rewrite_host)
+                listener = Listener(spec, factory)
+                self.listeners[key] = listener
+                work.append(self._listen(key, listener))
+            elif current.spec.bind != spec.bind:
+                work.append(self._rebind(key, current, spec))
+            else:
+                if current.spec != spec:
+                    current.spec = spec
+                    current.factory.target = spec.target
+                    current.factory.rewrite_host = spec.rewrite_host
+                if not current.listening:
+                    work.append(self._listen(key, current))
+        for key in [k for k in self.listeners if k not in specs]:
+            work.append(self._stop(self.listeners.pop(key)))
+        return DeferredList(work, consumeErrors=True).addCallback(lambda _: None)
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop every listener; accepted connections carry on.
+        """
+        listeners, self.listeners = list(self.listeners.values()), {}
+        return DeferredList(
+            [self._stop(listener) for listener in listeners], consumeErrors=True
+        ).addCallback(lambda _: None)
+
+    def _endpoint(self, spec: ListenSpec) -> Any:
+        address = ipaddress.ip_address(spec.address)
+        kind = TCP6ServerEndpoint if address.version == 6 else TCP4ServerEndpoint
+        return kind(self._reactor, spec.port, backlog=1024, interface=spec.address)
+
+    def _listen(self, key: str, listener: Listener) -> Deferred[None]:
+        spec = listener.spec
+
+        def listening(port: IListeningPort) -> None:
+            listener.port, listener.error = port, ""
+            self.log.info(
+                "listening for {url} on {address}:{port}",
+                url=key,
+                address=spec.address,
+                port=spec.port,
+            )
+
+        def failed(failure: Failure) -> None:
+            reason = describe_listen_error(failure, spec)
+            if reason != listener.error:
+                self.log.error(
+                    "cannot listen for {url}: {reason}", url=key, reason=reason
+                )
+            listener.port, listener.error = None, reason
+
+        d: Deferred[Any] = self._endpoint(spec).listen(listener.factory)
+        return d.addCallbacks(listening, failed)
+
+    def _rebind(self, key: str, listener: Listener, spec: ListenSpec) -> Deferred[None]:
+        old_port = listener.port
+        new = Listener(spec, listener.factory)
+        new.factory.target = spec.target
+        new.factory.rewrite_host = spec.rewrite_host
+        if old_port is not None and _overlaps(listener.spec, spec):
+            # The new bind would collide with the old socket: release it first.
+            before: Deferred[Any] = _stop_port(old_port)
+            old_port = None
+        else:
+            before = succeed(None)
+        self.listeners[key] = new
+
+        def bind(_: object) -> Deferred[None]:
+            return self._listen(key, new)
+
+        def release(_: object) -> Deferred[None] | None:
+            if old_port is not None:
+                return _stop_port(old_port)
+            return None
+
+        return before.addCallback(bind).addCallback(release)
+
+    def _stop(self, listener: Listener) -> Deferred[None]:
+        port, listener.port = listener.port, None
+        if port is None:
+            return succeed(None)
+        self.log.info(
+            "stopped listening on {address}:{port}",
+            address=listener.spec.address,
+            port=listener.spec.port,
+        )
+        return _stop_port(port)
+
+
+def _overlaps(old: ListenSpec, new: ListenSpec) -> bool:
+    """
+    Whether binding C{new} while C{old} is bound would fail: the same port on
+    the same address, or on a wildcard that covers the other.
+    """
+    if old.port != new.port:
+        return False
+    wildcards = {"0.0.0.0", "::"}
+    return old.address == new.address or bool({old.address, new.address} & wildcards)
+
+
+def _stop_port(port: IListeningPort) -> Deferred[None]:
+    return maybeDeferred(port.stopListening)

@@ -1,0 +1,135 @@
+# -*- test-case-name: ngrokd.test.test_splice -*-
+"""
+Joining two connections into one byte pipe.
+
+Both the daemon's bridge (local client <-> ingress) and the devcloud's ingress
+(ngrokd <-> backend) carry bytes both ways until both sides are done. Three
+things make that correct:
+
+ - flow control: each transport is the other's streaming producer, so a slow
+   reader pauses the sender instead of growing a buffer without bound;
+ - half-close: the end of one direction (a FIN, or a TLS C{close_notify} with
+   L{ngrokd.halfclose}) is passed on as the end of that direction only, and the
+   other keeps flowing; both connections close once both directions are done;
+ - no lost bytes: what arrives before the join is held, with reading paused,
+   and handed over at the join.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+@implementer(IHalfCloseableProtocol)
+class PipeProtocol(Protocol):
+    """
+    One end of a splice: what this connection receives is written to the peer.
+
+    Subclasses may use the connection before the join (to run a handshake, say)
+    and hand leftover bytes to L{hold}. C{transform}, when set, is applied to
+    every chunk on its way to the peer; C{finish_transform} gives what it still
+    holds when this side stops sending.
+    """
+
+    transform: Callable[[bytes], bytes] | None = None
+    finish_transform: Callable[[], bytes] | None = None
+
+    def __init__(self) -> None:
+        self.peer: PipeProtocol | None = None
+        self.bytes_received = 0
+        self._held: list[bytes] = []
+        self._read_done = False
+        self._lost = False
+        self.closed: Deferred[None] = Deferred()
+
+    # Before the join
+
+    def hold(self, data: bytes) -> None:
+        """
+        Keep C{data} for the peer and stop reading until the join.
+        """
+        if data:
+            self._held.append(data)
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    # Twisted callbacks
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is None:
+            self.hold(data)
+            return
+        self.bytes_received += len(data)
+        if self.transform is not None:
+            data = self.transform(data)
+        if data:
+            self.peer.transport.write(data)  # type: ignore[attr-defined]
+
+    def readConnectionLost(self) -> None:
+        self._read_done = True
+        if self.peer is not None:
+            self._end_of_input()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN is out; nothing to do until the other direction ends.
+        """
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        peer = self.peer
+        if peer is not None and not peer._lost:
+            peer.transport.unregisterProducer()  # type: ignore[attr-defined]
+            peer.transport.loseConnection()  # type: ignore[attr-defined]
+        self.closed.callback(None)
+
+    # The splice
+
+    def _start(self, peer: PipeProtocol) -> None:
+        self.peer = peer
+        held, self._held = self._held, []
+        for data in held:
+            self.dataReceived(data)
+        if self._read_done:
+            self._end_of_input()
+        elif not self._lost:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _end_of_input(self) -> None:
+        """
+        This side will send no more: end the peer's output, and close both
+        once the other direction has ended too.
+        """
+        assert self.peer is not None
+        peer_transport = self.peer.transport
+        if self.finish_transform is not None and not self.peer._lost:
+            rest = self.finish_transform()
+            if rest:
+                peer_transport.write(rest)  # type: ignore[attr-defined]
+        peer_transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self.peer._read_done:
+            self.transport.loseConnection()  # type: ignore[attr-defined]
+            peer_transport.loseConnection()  # type: ignore[attr-defined]
+        else:
+            peer_transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+
+def splice(a: PipeProtocol, b: PipeProtocol) -> None:
+    """
+    Join two connected pipes: from now on each one's input is the other's
+    output, with flow control both ways.
+    """
+    if a._lost or b._lost:
+        for end in (a, b):
+            if not end._lost:
+                end.transport.loseConnection()  # type: ignore[attr-defined]
+        return
+    a.transport.registerProducer(b.transport, True)  # type: ignore[attr-defined]
+    b.transport.registerProducer(a.transport, True)  # type: ignore[attr-defined]
+    a._start(b)
+    b._start(a)

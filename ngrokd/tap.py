@@ -1,0 +1,73 @@
+# -*- test-case-name: ngrokd.test.test_tap -*-
+"""
+C{twistd ngrokd}: command-line options and the service tree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from ngrokd import __version__
+from ngrokd.config import ConfigError, LoadedConfig, load_config
+
+DEFAULT_CONFIG = "/etc/ngrokd/config.yml"
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    """
+    C{twistd -n ngrokd --config FILE}.
+    """
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Make ngrok's Kubernetes-bound endpoints reachable from this machine: "
+        "one local listener per endpoint, each connection carried to ngrok's "
+        "binding ingress over mutual TLS."
+    )
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG, "The configuration file (YAML)."],
+    ]
+
+    loaded: LoadedConfig
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"ngrokd version {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        path = os.path.abspath(self["config"])
+        if not os.path.exists(path) and self["config"] == DEFAULT_CONFIG:
+            raise usage.UsageError(
+                f"{path} does not exist: create it (see contrib/config.yml) or"
+                " name another with --config"
+            )
+        try:
+            self.loaded = load_config(path)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    The daemon's service tree; nothing starts until twistd starts it.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    from ngrokd.daemon import Daemon
+
+    for warning in options.loaded.warnings:
+        _log.warn("{warning}", warning=warning)
+    return Daemon(options.loaded.config, reactor)

@@ -1,0 +1,114 @@
+"""
+Tests for L{ngrokd.plan}: which endpoint listens where.
+"""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Address
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
+from ngrokd.plan import plan
+
+
+def _endpoint(url: str, id: str = "") -> BoundEndpoint:
+    return BoundEndpoint(id or f"ep_{url}", url, parse_endpoint_url(url))
+
+
+_hosts = st.sampled_from(["web.prod", "db.prod", "api.ns", "cache.ns", "x.y"])
+_urls = st.one_of(
+    st.builds(lambda h: f"http://{h}", _hosts),
+    st.builds(lambda h, p: f"tcp://{h}:{p}", _hosts, st.integers(1, 65535)),
+    st.builds(lambda h, p: f"http://{h}:{p}", _hosts, st.integers(1, 65535)),
+    st.builds(lambda h: f"tls://{h}", _hosts),
+)
+
+
+def _allocate(endpoints: list[BoundEndpoint]):
+    hosts = sorted({e.target.host for e in endpoints})
+    ips = {h: IPv4Address("10.107.0.2") + i for i, h in enumerate(hosts)}
+    keys = sorted({(e.target.host, e.target.port) for e in endpoints})
+    ports = {k: 9080 + i for i, k in enumerate(keys)}
+    return ips, ports
+
+
+class PlanTests(SynchronousTestCase):
+    """
+    L{plan} puts every endpoint on its own address and port.
+    """
+
+    def test_virtual(self) -> None:
+        """
+        In virtual mode an endpoint listens on its hostname's address and its
+        own port; requests pass untouched.
+        """
+        endpoints = [_endpoint("http://web.prod"), _endpoint("tcp://web.prod:5432")]
+        ips, ports = _allocate(endpoints)
+        result = plan(endpoints, "virtual", {}, ips, ports)
+        self.assertEqual(
+            sorted((s.address, s.port, s.rewrite_host) for s in result.specs.values()),
+            [("10.107.0.2", 80, None), ("10.107.0.2", 5432, None)],
+        )
+
+    def test_network(self) -> None:
+        """
+        In network mode an endpoint listens on its network port, and HTTP
+        endpoints get their Host rewritten (tcp ones do not).
+        """
+        endpoints = [_endpoint("http://web.prod"), _endpoint("tcp://db.prod:5432")]
+        ips, ports = _allocate(endpoints)
+        result = plan(endpoints, "127.0.0.1", {}, ips, ports)
+        self.assertEqual(
+            sorted((s.address, s.port, s.rewrite_host) for s in result.specs.values()),
+            [("127.0.0.1", 9080, None), ("127.0.0.1", 9081, "web.prod")],
+        )
+
+    def test_override(self) -> None:
+        """
+        A per-hostname override beats the default mode.
+        """
+        endpoints = [_endpoint("http://web.prod"), _endpoint("http://api.ns")]
+        ips, ports = _allocate(endpoints)
+        result = plan(endpoints, "virtual", {"web.prod": "0.0.0.0"}, ips, ports)
+        modes = {s.target.host: s.address for s in result.specs.values()}
+        self.assertEqual(modes, {"web.prod": "0.0.0.0", "api.ns": "10.107.0.2"})
+
+    def test_missingAllocation(self) -> None:
+        """
+        An endpoint without an address is reported, and the others are planned.
+        """
+        endpoints = [_endpoint("http://web.prod"), _endpoint("http://api.ns")]
+        ips, ports = _allocate(endpoints)
+        del ips["web.prod"]
+        result = plan(endpoints, "virtual", {}, ips, ports)
+        self.assertEqual(list(result.specs), ["http://api.ns:80"])
+        self.assertIn("web.prod", result.failures["http://web.prod:80"])
+
+    def test_sharedURL(self) -> None:
+        """
+        Two endpoints with the same normalised URL are one listener.
+        """
+        endpoints = [_endpoint("http://web.prod", "a"), _endpoint("http://web.prod:80", "b")]
+        ips, ports = _allocate(endpoints)
+        self.assertEqual(len(plan(endpoints, "virtual", {}, ips, ports).specs), 1)
+
+    @given(urls=st.lists(_urls, max_size=30), mode=st.sampled_from(["virtual", "0.0.0.0"]))
+    def test_properties(self, urls: list[str], mode: str) -> None:
+        """
+        For any endpoints: no two listeners share an address and port, every
+        endpoint is planned, and the plan does not depend on their order.
+        """
+        endpoints = [_endpoint(u) for u in urls]
+        ips, ports = _allocate(endpoints)
+        result = plan(endpoints, mode, {}, ips, ports)
+        binds = [s.bind for s in result.specs.values()]
+        self.assertEqual(len(binds), len(set(binds)))
+        self.assertEqual(set(result.specs), {e.target.url for e in endpoints})
+        shuffled = list(endpoints)
+        random.Random(len(urls)).shuffle(shuffled)
+        self.assertEqual(plan(shuffled, mode, {}, ips, ports), result)
+        self.assertEqual(plan(endpoints, mode, {}, ips, ports), result)
