@@ -1,0 +1,608 @@
+# -*- test-case-name: ngrokd.test.test_config -*-
+"""
+The daemon's settings: C{config.yml} read into frozen values.
+
+The keys and defaults are the Go ngrokd's, so its config files keep working.
+Unlike the original, every value is checked when the file is loaded (the
+original checked only on reload, and panicked on some values), a key that is
+present is honoured even when it is zero or empty, and every error or warning
+names the file, the line and the dotted key, so a bad edit is refused with a
+message that says where to look.
+
+Parsing is a pure function of the text, the environment and the platform;
+only L{load_config} reads a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import sys
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+from attrs import field, frozen
+from yaml.constructor import SafeConstructor
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DEFAULT_SUBNET = ipaddress.ip_network("10.107.0.0/16")
+#: macOS binds endpoint addresses as loopback aliases, so they must be in 127/8.
+_DARWIN_SUBNET = ipaddress.IPv4Network("127.0.0.0/8")
+_DEFAULT_STATE_DIR = "/etc/ngrokd"
+#: Longer waits are mistakes (and huge integers do not fit a float).
+_MAX_SECONDS = 1e9
+_LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
+_NULL = "tag:yaml.org,2002:null"
+_STR = "tag:yaml.org,2002:str"
+_MERGE = "tag:yaml.org,2002:merge"
+#: Keys the Go ngrokd once read, with what replaced them.
+_RETIRED = {
+    "network_accessible": "no longer read; network access is chosen by "
+    "net.listen_interface and net.overrides",
+}
+
+
+class ConfigError(Exception):
+    """
+    The configuration file cannot be read or holds a value ngrokd refuses.
+    """
+
+
+def _frozen_mapping(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(mapping))
+
+
+@frozen
+class ApiConfig:
+    """
+    How to reach the ngrok API.
+    """
+
+    url: str
+    key: str
+    ca_bundle: str | None
+
+
+@frozen
+class IngressConfig:
+    """
+    How to reach ngrok's binding ingress; C{endpoint} is always C{host:port}
+    (an IPv6 host in brackets).
+    """
+
+    endpoint: str
+    ca_bundle: str | None
+    insecure_skip_verify: bool
+    connect_timeout: float
+    upgrade_timeout: float
+
+    @property
+    def host(self) -> str:
+        """
+        The host part, without brackets: the dial target and the TLS SNI name.
+        """
+        host = self.endpoint.rpartition(":")[0]
+        return host[1:-1] if host.startswith("[") else host
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rpartition(":")[2])
+
+
+@frozen
+class ServerConfig:
+    """
+    The daemon's own files and verbosity.
+    """
+
+    log_level: str
+    socket_path: str
+    state_dir: str
+    client_cert: str
+    client_key: str
+
+
+@frozen
+class DiscoveryConfig:
+    """
+    How bound endpoints are discovered.
+    """
+
+    poll_interval: float
+    selectors: tuple[str, ...]
+
+
+@frozen
+class NetConfig:
+    """
+    Where discovered endpoints listen locally.
+    """
+
+    interface_name: str
+    subnet: _IPNetwork
+    listen_interface: str
+    start_port: int
+    overrides: Mapping[str, str] = field(converter=_frozen_mapping, hash=False)
+    hosts_file: str
+
+
+@frozen
+class Config:
+    """
+    Everything in C{config.yml}, with defaults and the environment applied.
+    """
+
+    path: str
+    api: ApiConfig
+    ingress: IngressConfig
+    server: ServerConfig
+    bound_endpoints: DiscoveryConfig
+    net: NetConfig
+
+
+@frozen
+class LoadedConfig:
+    """
+    A configuration and the warnings (unknown keys, doubtful values) found in
+    it, each naming the file, line and key.
+    """
+
+    config: Config
+    warnings: tuple[str, ...]
+
+
+@attrs.define
+class _Context:
+    """
+    What the checks need: where the file is, the platform, and where to put
+    warnings.
+    """
+
+    path: str
+    platform: str
+    warnings: list[str] = attrs.Factory(list)
+    constructor: SafeConstructor = attrs.Factory(SafeConstructor)
+
+    def _where(self, node: yaml.Node, key: str) -> str:
+        where = f"{self.path}:{node.start_mark.line + 1}"
+        return f"{where}: {key}" if key else where
+
+    def fail(self, node: yaml.Node, key: str, message: str) -> NoReturn:
+        raise ConfigError(f"{self._where(node, key)}: {message}")
+
+    def warn(self, node: yaml.Node, key: str, message: str) -> None:
+        self.warnings.append(f"{self._where(node, key)}: {message}")
+
+    def value(self, node: yaml.Node, key: str) -> object:
+        """
+        The Python value of a scalar node.
+        """
+        if not isinstance(node, yaml.ScalarNode):
+            return None
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError) as e:
+            self.fail(node, key, f"cannot read the value: {e}")
+
+
+_Check = Callable[[yaml.Node, str, _Context], Any]
+
+
+def _shown(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if node.tag == _NULL:
+        return "null"
+    return repr(node.value) if node.tag == _STR else str(node.value)
+
+
+def _string(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = ctx.value(node, key)
+    if not isinstance(value, str):
+        hint = " (quote it to make it a string)" if value is not None else ""
+        ctx.fail(node, key, f"must be a string, got {_shown(node)}{hint}")
+    return value
+
+
+def _name(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = _string(node, key, ctx)
+    if not value:
+        ctx.fail(node, key, "must not be empty")
+    return value
+
+
+def _path(node: yaml.Node, key: str, ctx: _Context) -> str:
+    """
+    A file or directory; a relative one is relative to the config's directory.
+    """
+    value = _name(node, key, ctx)
+    if "\0" in value:
+        ctx.fail(node, key, f"must be a path, got {value!r}")
+    return os.path.join(os.path.dirname(ctx.path), value)
+
+
+def _optional_path(node: yaml.Node, key: str, ctx: _Context) -> str | None:
+    return _path(node, key, ctx) if _string(node, key, ctx) else None
+
+
+def _seconds(node: yaml.Node, key: str, ctx: _Context) -> float:
+    value = ctx.value(node, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        ctx.fail(node, key, f"must be a positive number of seconds, got {_shown(node)}")
+    if not value <= _MAX_SECONDS:
+        ctx.fail(node, key, f"must be at most {_MAX_SECONDS:g} seconds, got {value}")
+    return float(value)
+
+
+def _poll_interval(node: yaml.Node, key: str, ctx: _Context) -> float:
+    value = _seconds(node, key, ctx)
+    if value < 5:
+        ctx.warn(node, key, f"polling every {value:g}s may hit ngrok API rate limits")
+    return value
+
+
+def _port(node: yaml.Node, key: str, ctx: _Context) -> int:
+    value = ctx.value(node, key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        ctx.fail(node, key, f"must be a port number 1..65535, got {_shown(node)}")
+    return value
+
+
+def _bool(node: yaml.Node, key: str, ctx: _Context) -> bool:
+    value = ctx.value(node, key)
+    if not isinstance(value, bool):
+        ctx.fail(node, key, f"must be true or false, got {_shown(node)}")
+    return value
+
+
+def _insecure(node: yaml.Node, key: str, ctx: _Context) -> bool:
+    value = _bool(node, key, ctx)
+    if value:
+        ctx.warn(node, key, "the binding ingress's certificate will NOT be verified")
+    return value
+
+
+def _log_level(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = ctx.value(node, key)
+    if not isinstance(value, str) or value.lower() not in _LOG_LEVELS:
+        levels = ", ".join(sorted(_LOG_LEVELS))
+        ctx.fail(node, key, f"must be one of {levels}; got {_shown(node)}")
+    return "warn" if value.lower() == "warning" else value.lower()
+
+
+def _interface_name(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = _name(node, key, ctx)
+    if len(value) > 15 or "/" in value or any(c.isspace() for c in value):
+        ctx.fail(
+            node,
+            key,
+            "must be an interface name of at most 15 characters without '/' "
+            f"or spaces, got {value!r}",
+        )
+    return value
+
+
+def _is_mode(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return value == "virtual"
+    return True
+
+
+def _mode(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = _string(node, key, ctx)
+    if not _is_mode(value):
+        ctx.fail(
+            node,
+            key,
+            f"must be virtual, 0.0.0.0 or an IP address, got {_shown(node)}",
+        )
+    return value
+
+
+def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
+    value = _string(node, key, ctx)
+    try:
+        if "/" not in value:
+            raise ValueError("no prefix length")
+        subnet = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        ctx.fail(node, key, f"must be a CIDR block like 10.107.0.0/16, got {value!r}")
+    if subnet.num_addresses < 4:
+        ctx.fail(
+            node,
+            key,
+            f"{value} is too small: it needs a gateway (.1) and at least one "
+            "endpoint address (.2); use a prefix of /30 or shorter",
+        )
+    if subnet.network_address != ipaddress.ip_interface(value).ip:
+        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
+    if ctx.platform == "darwin" and not (
+        isinstance(subnet, ipaddress.IPv4Network) and subnet.subnet_of(_DARWIN_SUBNET)
+    ):
+        ctx.warn(
+            node,
+            key,
+            f"macOS virtual mode needs addresses in {_DARWIN_SUBNET}; "
+            f"{subnet} is outside it",
+        )
+    return subnet
+
+
+def _selectors(node: yaml.Node, key: str, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        ctx.fail(node, key, f"must be a list of strings, got {_shown(node)}")
+    return tuple(_name(item, f"{key}[{i}]", ctx) for i, item in enumerate(node.value))
+
+
+def _overrides(node: yaml.Node, key: str, ctx: _Context) -> dict[str, str]:
+    """
+    Hostname to listen mode; the hostname is bare, as in the endpoint's URL.
+    """
+    overrides = {}
+    for host_node, mode_node in _pairs(node, key, ctx):
+        host = host_node.value
+        if host_node.tag != _STR or not host or any(c in host for c in " /:"):
+            ctx.fail(
+                host_node,
+                key,
+                f"keys must be bare hostnames, got {_shown(host_node)}",
+            )
+        overrides[host] = _mode(mode_node, f"{key}.{host}", ctx)
+    return overrides
+
+
+def _ingress_endpoint(node: yaml.Node, key: str, ctx: _Context) -> str:
+    """
+    C{host[:port]} or C{[ipv6][:port]}, normalised to C{host:port}.
+    """
+    value = _name(node, key, ctx)
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            ctx.fail(node, key, f"must be host:port or [ipv6]:port, got {value!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            ctx.fail(node, key, f"{host!r} in brackets is not an IPv6 address")
+        host, port = f"[{host}]", rest[1:] if rest else "443"
+    elif value.count(":") > 1:
+        ctx.fail(
+            node,
+            key,
+            "must be host:port (no scheme; an IPv6 address in brackets), "
+            f"got {value!r}",
+        )
+    else:
+        host, colon, port = value.partition(":")
+        port = port if colon else "443"
+    if not host or any(c.isspace() or c == "/" for c in host):
+        ctx.fail(node, key, f"must be host:port, got {value!r}")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        ctx.fail(node, key, f"port must be 1..65535, got {port!r}")
+    return f"{host}:{int(port)}"
+
+
+def _api_url(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = _name(node, key, ctx)
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError as e:
+        ctx.fail(node, key, f"must be an http(s)://host URL, got {value!r}: {e}")
+    if (
+        url.scheme not in ("http", "https")
+        or not url.hostname
+        or url.query
+        or url.fragment
+    ):
+        ctx.fail(node, key, f"must be an http(s)://host URL, got {value!r}")
+    return value.rstrip("/")
+
+
+#: Every key: its check, and its default (None: computed in L{parse_config}).
+_FIELDS: dict[str, tuple[_Check, object]] = {
+    "api.url": (_api_url, "https://api.ngrok.com"),
+    "api.key": (_string, ""),
+    "api.ca_bundle": (_optional_path, None),
+    "ingressEndpoint": (_ingress_endpoint, "kubernetes-binding-ingress.ngrok.io:443"),
+    "ingress.ca_bundle": (_optional_path, None),
+    "ingress.insecure_skip_verify": (_insecure, False),
+    "ingress.connect_timeout": (_seconds, 10.0),
+    "ingress.upgrade_timeout": (_seconds, 10.0),
+    "server.log_level": (_log_level, "info"),
+    "server.socket_path": (_path, "/var/run/ngrokd.sock"),
+    "server.state_dir": (_path, None),
+    "server.client_cert": (_path, None),
+    "server.client_key": (_path, None),
+    "bound_endpoints.poll_interval": (_poll_interval, 30.0),
+    "bound_endpoints.selectors": (_selectors, ("true",)),
+    "net.interface_name": (_interface_name, "ngrokd0"),
+    "net.subnet": (_subnet, None),
+    "net.listen_interface": (_mode, "virtual"),
+    "net.start_port": (_port, 9080),
+    "net.overrides": (_overrides, {}),
+    "net.hosts_file": (_path, "/etc/hosts"),
+}
+_SECTIONS = {key.partition(".")[0] for key in _FIELDS if "." in key}
+
+
+def _join(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _pairs(
+    node: yaml.Node, key: str, ctx: _Context
+) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+    """
+    The key and value nodes of a mapping, refusing duplicate and merge keys.
+    """
+    if not isinstance(node, yaml.MappingNode):
+        ctx.fail(node, key, f"must be a mapping, got {_shown(node)}")
+    lines: dict[str, int] = {}
+    for name_node, _ in node.value:
+        if not isinstance(name_node, yaml.ScalarNode) or name_node.tag == _MERGE:
+            ctx.fail(name_node, key, "keys must be plain names (no lists or << merges)")
+        name = name_node.value
+        if name in lines:
+            ctx.fail(
+                name_node,
+                _join(key, name),
+                f"duplicate key (first on line {lines[name]})",
+            )
+        lines[name] = name_node.start_mark.line + 1
+    return node.value
+
+
+def _suggestion(name: str, section: str) -> str | None:
+    """
+    A hint for an unknown key: what replaced it, or the closest known key at
+    the same level, else anywhere.
+    """
+    if name in _RETIRED:
+        return _RETIRED[name]
+    everything = [*_FIELDS, *sorted(_SECTIONS)]
+    here = [k for k in everything if k.rpartition(".")[0] == section]
+    for pool in (here, everything):
+        leaves = {k.rpartition(".")[2]: k for k in pool}
+        close = difflib.get_close_matches(name, list(leaves), n=1)
+        if close:
+            return f"did you mean {leaves[close[0]]}?"
+    return None
+
+
+def _read(root: yaml.Node, ctx: _Context) -> dict[str, Any]:
+    """
+    Every known key present (and not null) in the document, checked, by
+    dotted name; unknown keys become warnings.
+    """
+    if not isinstance(root, yaml.MappingNode):
+        ctx.fail(
+            root, "", f"the file must be a mapping of settings, got {_shown(root)}"
+        )
+    found: dict[str, Any] = {}
+
+    def take(section: str, name_node: yaml.ScalarNode, value_node: yaml.Node) -> None:
+        key = _join(section, name_node.value)
+        if key not in _FIELDS or key.rpartition(".")[0] != section:
+            hint = _suggestion(name_node.value, section)
+            message = "unknown key, ignored" + (f" ({hint})" if hint else "")
+            ctx.warn(name_node, key, message)
+        elif value_node.tag != _NULL:
+            found[key] = _FIELDS[key][0](value_node, key, ctx)
+
+    for name_node, value_node in _pairs(root, "", ctx):
+        section = name_node.value
+        if section not in _SECTIONS:
+            take("", name_node, value_node)
+        elif value_node.tag != _NULL:
+            for pair in _pairs(value_node, section, ctx):
+                take(section, *pair)
+    return found
+
+
+def parse_config(
+    text: str, path: str, environ: Mapping[str, str], platform: str
+) -> LoadedConfig:
+    """
+    The configuration in C{text}, the contents of the file at C{path}.
+
+    A key that is absent or null takes its default. C{NGROK_API_KEY} in
+    C{environ} is the API key when the file gives none; C{NGROKD_HOSTS_PATH}
+    replaces C{net.hosts_file}. C{platform} is a C{sys.platform} value: on
+    C{"darwin"} the default subnet is 127.0.0.0/8.
+
+    @raise ConfigError: naming the file, line and key of the first bad value.
+    """
+    ctx = _Context(path, platform)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else 1
+        context = f" ({e.context})" if e.context else ""
+        raise ConfigError(
+            f"{path}:{line}: not valid YAML: {e.problem}{context}"
+        ) from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        problem = f"character #x{e.character:04x}: {e.reason}"
+        raise ConfigError(f"{path}:{line}: not valid YAML: {problem}") from None
+    found = {} if root is None else _read(root, ctx)
+
+    def get(key: str) -> Any:
+        return found[key] if key in found else _FIELDS[key][1]
+
+    def section(cls: type, name: str, **given: object) -> Any:
+        names = (f.name for f in attrs.fields(cls))
+        return cls(**{n: given[n] if n in given else get(f"{name}.{n}") for n in names})
+
+    # The original's rule: the certificate's directory is the state directory.
+    client_cert = found.get("server.client_cert")
+    state_dir = found.get("server.state_dir") or (
+        os.path.dirname(client_cert) if client_cert else _DEFAULT_STATE_DIR
+    )
+    default_subnet = _DARWIN_SUBNET if platform == "darwin" else _DEFAULT_SUBNET
+    config = Config(
+        path=path,
+        api=section(
+            ApiConfig,
+            "api",
+            key=get("api.key") or environ.get("NGROK_API_KEY", ""),
+        ),
+        ingress=section(IngressConfig, "ingress", endpoint=get("ingressEndpoint")),
+        server=section(
+            ServerConfig,
+            "server",
+            state_dir=state_dir,
+            client_cert=client_cert or os.path.join(state_dir, "tls.crt"),
+            client_key=found.get("server.client_key")
+            or os.path.join(state_dir, "tls.key"),
+        ),
+        bound_endpoints=section(DiscoveryConfig, "bound_endpoints"),
+        net=section(
+            NetConfig,
+            "net",
+            subnet=found.get("net.subnet", default_subnet),
+            hosts_file=environ.get("NGROKD_HOSTS_PATH") or get("net.hosts_file"),
+        ),
+    )
+    return LoadedConfig(config, tuple(ctx.warnings))
+
+
+def default_config(
+    path: str, environ: Mapping[str, str], platform: str
+) -> LoadedConfig:
+    """
+    The configuration of an empty file at C{path}.
+    """
+    return parse_config("", path, environ, platform)
+
+
+def load_config(
+    path: str,
+    environ: Mapping[str, str] = os.environ,
+    platform: str = sys.platform,
+) -> LoadedConfig:
+    """
+    Read and parse the file at C{path} (made absolute, so that relative paths
+    in it stay right if the process changes directory).
+
+    @raise ConfigError: the file cannot be read, or see L{parse_config}.
+    """
+    path = os.path.abspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}")
+    return parse_config(text, path, environ, platform)

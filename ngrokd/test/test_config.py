@@ -1,0 +1,1319 @@
+"""
+Tests for L{ngrokd.config}: the Go ngrokd's config files load with the same
+meaning, and every bad value is refused with the file, line and key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import operator
+import os
+from textwrap import dedent
+from typing import Any
+
+import attrs
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ngrokd.config import (
+    ApiConfig,
+    Config,
+    ConfigError,
+    DiscoveryConfig,
+    IngressConfig,
+    LoadedConfig,
+    NetConfig,
+    ServerConfig,
+    default_config,
+    load_config,
+    parse_config,
+)
+
+PATH = "/etc/ngrokd/config.yml"
+
+#: The "Configuration" section of the Go ngrokd's documentation, verbatim.
+ORIGINAL_EXAMPLE = """\
+api:
+  url: https://api.ngrok.com
+  key: ""  # Auto-saved via ngrokctl set-api-key
+
+ingressEndpoint: "kubernetes-binding-ingress.ngrok.io:443"
+
+server:
+  log_level: info
+  socket_path: /var/run/ngrokd.sock
+  client_cert: /etc/ngrokd/tls.crt
+  client_key: /etc/ngrokd/tls.key
+
+bound_endpoints:
+  poll_interval: 30
+  selectors: ['true']
+
+net:
+  interface_name: ngrokd0
+  subnet: 10.107.0.0/16  # Auto-uses 127.0.0.0/8 on macOS
+  listen_interface: "virtual"
+  start_port: 9080
+  overrides:
+    hostname: "0.0.0.0"  # Per-endpoint override
+"""
+
+
+def parse(
+    text: str, environ: dict[str, str] | None = None, platform: str = "linux"
+) -> LoadedConfig:
+    return parse_config(dedent(text), PATH, environ or {}, platform)
+
+
+class ConfigTestCase(SynchronousTestCase):
+    """
+    Assertions on what L{parse_config} refuses.
+    """
+
+    def assertRefused(self, text: str, expected: str) -> None:
+        """
+        C{text} is refused with exactly C{expected} after the file name.
+        """
+        error = self.assertRaises(ConfigError, parse, text)
+        self.assertEqual(str(error), f"{PATH}:{expected}")
+
+
+class OriginalConfigTests(SynchronousTestCase):
+    """
+    Config files written for the Go ngrokd keep their meaning.
+    """
+
+    def test_documentedExample(self) -> None:
+        """
+        The example in the original's documentation loads with exactly the
+        values it documents, and nothing to warn about.
+        """
+        loaded = parse_config(ORIGINAL_EXAMPLE, PATH, {}, "linux")
+        self.assertEqual(
+            loaded,
+            LoadedConfig(
+                Config(
+                    path=PATH,
+                    api=ApiConfig("https://api.ngrok.com", "", None),
+                    ingress=IngressConfig(
+                        "kubernetes-binding-ingress.ngrok.io:443",
+                        None,
+                        False,
+                        10.0,
+                        10.0,
+                    ),
+                    server=ServerConfig(
+                        "info",
+                        "/var/run/ngrokd.sock",
+                        "/etc/ngrokd",
+                        "/etc/ngrokd/tls.crt",
+                        "/etc/ngrokd/tls.key",
+                    ),
+                    bound_endpoints=DiscoveryConfig(30.0, ("true",)),
+                    net=NetConfig(
+                        "ngrokd0",
+                        ipaddress.IPv4Network("10.107.0.0/16"),
+                        "virtual",
+                        9080,
+                        {"hostname": "0.0.0.0"},
+                        "/etc/hosts",
+                    ),
+                ),
+                (),
+            ),
+        )
+
+    def test_documentedExampleEqualsDefaults(self) -> None:
+        """
+        Every value in the documented example is the default, so an empty file
+        means the same thing, apart from the example's one override.
+        """
+        example = parse_config(ORIGINAL_EXAMPLE, PATH, {}, "linux").config
+        defaults = default_config(PATH, {}, "linux").config
+        self.assertEqual(
+            attrs.evolve(example, net=attrs.evolve(example.net, overrides={})),
+            defaults,
+        )
+
+    def test_goIndentation(self) -> None:
+        """
+        The four-space indentation Go's YAML encoder writes is read the same.
+        """
+        config = parse(
+            """\
+            net:
+                subnet: 10.108.0.0/16
+                overrides: {}
+            """
+        ).config
+        self.assertEqual(config.net.subnet, ipaddress.IPv4Network("10.108.0.0/16"))
+
+
+class DefaultTests(ConfigTestCase):
+    """
+    Absent keys take the original's defaults; present ones are honoured even
+    when zero or empty.
+    """
+
+    def test_emptyFile(self) -> None:
+        """
+        An empty file, or one holding only comments, is all defaults with no
+        warning, the same as L{default_config}.
+        """
+        defaults = default_config(PATH, {}, "linux")
+        self.assertEqual(defaults.warnings, ())
+        self.assertEqual(parse(""), defaults)
+        self.assertEqual(parse("# nothing here\n\n   # still nothing\n"), defaults)
+
+    def test_defaultValues(self) -> None:
+        """
+        The defaults are the Go ngrokd's, plus the new keys' own.
+        """
+        config = default_config(PATH, {}, "linux").config
+        self.assertEqual(
+            (config.path, config.api, config.ingress, config.bound_endpoints),
+            (
+                PATH,
+                ApiConfig("https://api.ngrok.com", "", None),
+                IngressConfig(
+                    "kubernetes-binding-ingress.ngrok.io:443", None, False, 10.0, 10.0
+                ),
+                DiscoveryConfig(30.0, ("true",)),
+            ),
+        )
+        self.assertEqual(
+            config.server,
+            ServerConfig(
+                "info",
+                "/var/run/ngrokd.sock",
+                "/etc/ngrokd",
+                "/etc/ngrokd/tls.crt",
+                "/etc/ngrokd/tls.key",
+            ),
+        )
+        self.assertEqual(
+            config.net,
+            NetConfig(
+                "ngrokd0",
+                ipaddress.IPv4Network("10.107.0.0/16"),
+                "virtual",
+                9080,
+                {},
+                "/etc/hosts",
+            ),
+        )
+
+    def test_nullIsAbsent(self) -> None:
+        """
+        A key or section given no value (C{key:} or C{~}) takes its default.
+        """
+        loaded = parse(
+            """\
+            api:
+            net:
+              overrides:
+              start_port: ~
+            """
+        )
+        self.assertEqual(loaded, default_config(PATH, {}, "linux"))
+
+    def test_explicitEmptyValues(self) -> None:
+        """
+        An empty list, mapping or string, and C{false}, are honoured rather
+        than replaced by the default.
+        """
+        config = parse(
+            """\
+            api:
+              key: ""
+              ca_bundle: ""
+            ingress:
+              insecure_skip_verify: false
+            bound_endpoints:
+              selectors: []
+            net:
+              overrides: {}
+            """
+        ).config
+        self.assertEqual(config.api.key, "")
+        self.assertIsNone(config.api.ca_bundle)
+        self.assertFalse(config.ingress.insecure_skip_verify)
+        self.assertEqual(config.bound_endpoints.selectors, ())
+        self.assertEqual(config.net.overrides, {})
+
+    def test_zeroRefused(self) -> None:
+        """
+        Zero is never silently replaced by a default: where it means nothing
+        (an interval, a timeout, a port), it is refused.
+        """
+        for key, expected in [
+            ("ingress.connect_timeout", "must be a positive number of seconds"),
+            ("ingress.upgrade_timeout", "must be a positive number of seconds"),
+            ("bound_endpoints.poll_interval", "must be a positive number of seconds"),
+            ("net.start_port", "must be a port number 1..65535"),
+        ]:
+            section, name = key.split(".")
+            self.assertRefused(
+                f"{section}:\n  {name}: 0\n", f"2: {key}: {expected}, got 0"
+            )
+
+    def test_newKeys(self) -> None:
+        """
+        The keys the Go ngrokd lacks are read.
+        """
+        config = parse(
+            """\
+            api:
+              ca_bundle: /etc/ngrokd/api-ca.pem
+            ingress:
+              ca_bundle: /etc/ngrokd/ingress-ca.pem
+              insecure_skip_verify: true
+              connect_timeout: 2.5
+              upgrade_timeout: 3
+            server:
+              state_dir: /var/lib/ngrokd
+            net:
+              hosts_file: /tmp/hosts
+            """
+        ).config
+        self.assertEqual(
+            (config.api.ca_bundle, config.ingress, config.server.state_dir),
+            (
+                "/etc/ngrokd/api-ca.pem",
+                IngressConfig(
+                    "kubernetes-binding-ingress.ngrok.io:443",
+                    "/etc/ngrokd/ingress-ca.pem",
+                    True,
+                    2.5,
+                    3.0,
+                ),
+                "/var/lib/ngrokd",
+            ),
+        )
+        self.assertEqual(config.net.hosts_file, "/tmp/hosts")
+
+    def test_insecureWarns(self) -> None:
+        """
+        Turning ingress verification off is allowed, with a warning.
+        """
+        loaded = parse("ingress:\n  insecure_skip_verify: true\n")
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: ingress.insecure_skip_verify: the binding ingress's "
+                "certificate will NOT be verified",
+            ),
+        )
+
+    def test_shortPollIntervalWarns(self) -> None:
+        """
+        Polling more often than every five seconds is allowed, with a warning,
+        as in the original.
+        """
+        loaded = parse("bound_endpoints:\n  poll_interval: 0.5\n")
+        self.assertEqual(loaded.config.bound_endpoints.poll_interval, 0.5)
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: bound_endpoints.poll_interval: polling every 0.5s "
+                "may hit ngrok API rate limits",
+            ),
+        )
+
+    def test_logLevels(self) -> None:
+        """
+        Log levels are read case-insensitively; C{warning} means C{warn}, the
+        name Twisted's logger uses.
+        """
+        for given_level, expected in [
+            ("debug", "debug"),
+            ("INFO", "info"),
+            ("warn", "warn"),
+            ("Warning", "warn"),
+            ("error", "error"),
+            ("critical", "critical"),
+        ]:
+            config = parse(f"server:\n  log_level: {given_level}\n").config
+            self.assertEqual(config.server.log_level, expected)
+
+    def test_listenModes(self) -> None:
+        """
+        C{listen_interface} and override values may be C{virtual}, C{0.0.0.0}
+        or any IPv4 or IPv6 address.
+        """
+        for mode in ["virtual", "0.0.0.0", "192.168.1.5", "::", "fe80::1"]:
+            config = parse(
+                f"net:\n  listen_interface: '{mode}'\n  overrides: {{a.ns: '{mode}'}}\n"
+            ).config
+            self.assertEqual(
+                (config.net.listen_interface, dict(config.net.overrides)),
+                (mode, {"a.ns": mode}),
+            )
+
+    def test_apiURL(self) -> None:
+        """
+        The API URL may be http or https with a port and a path; a trailing
+        slash is dropped so that paths can be appended.
+        """
+        for url, expected in [
+            ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+            ("https://api.example/base/", "https://api.example/base"),
+            ("https://api.ngrok.com", "https://api.ngrok.com"),
+        ]:
+            self.assertEqual(parse(f"api:\n  url: {url}\n").config.api.url, expected)
+
+
+class ValidationTests(ConfigTestCase):
+    """
+    Bad values are refused with the file, the line and the dotted key.
+    """
+
+    def test_notYAML(self) -> None:
+        """
+        Text that is not YAML is refused with the line of the problem.
+        """
+        error = self.assertRaises(
+            ConfigError, parse, "api:\n  url: https://x\nnet:\n  subnet: [\n"
+        )
+        self.assertTrue(
+            str(error).startswith(f"{PATH}:5: not valid YAML: expected the node"),
+            str(error),
+        )
+        error = self.assertRaises(ConfigError, parse, "net:\n\tsubnet: x\n")
+        self.assertTrue(str(error).startswith(f"{PATH}:2: not valid YAML: "))
+
+    def test_forbiddenCharacter(self) -> None:
+        """
+        A control character is refused with its line.
+        """
+        self.assertRefused(
+            "api:\n  key: a\x07b\n",
+            "2: not valid YAML: character #x0007: special characters are not allowed",
+        )
+
+    def test_twoDocuments(self) -> None:
+        """
+        A file holding two YAML documents is refused at the second.
+        """
+        self.assertRefused(
+            "api: {}\n---\nnet: {}\n",
+            "2: not valid YAML: but found another document "
+            "(expected a single document in the stream)",
+        )
+
+    def test_topLevelNotMapping(self) -> None:
+        """
+        The file must be a mapping of sections.
+        """
+        self.assertRefused(
+            "# comment\n- api\n- net\n",
+            "2: the file must be a mapping of settings, got a list",
+        )
+        self.assertRefused(
+            "just words\n",
+            "1: the file must be a mapping of settings, got 'just words'",
+        )
+
+    def test_sectionNotMapping(self) -> None:
+        """
+        Each section must be a mapping.
+        """
+        self.assertRefused("api: {}\nnet: 5\n", "2: net: must be a mapping, got 5")
+        self.assertRefused(
+            "server:\n  - a\n", "2: server: must be a mapping, got a list"
+        )
+
+    def test_duplicateKey(self) -> None:
+        """
+        A key given twice is refused, naming both lines (the original's YAML
+        library refused it too).
+        """
+        self.assertRefused(
+            "net:\n  start_port: 1\n  subnet: 10.0.0.0/8\n  start_port: 2\n",
+            "4: net.start_port: duplicate key (first on line 2)",
+        )
+        self.assertRefused(
+            "api: {}\nnet: {}\napi: {}\n", "3: api: duplicate key (first on line 1)"
+        )
+
+    def test_mergeKeyRefused(self) -> None:
+        """
+        YAML merge keys are refused rather than half understood.
+        """
+        self.assertRefused(
+            "net:\n  <<: {start_port: 1}\n",
+            "2: net: keys must be plain names (no lists or << merges)",
+        )
+
+    def test_pollIntervalNotNumber(self) -> None:
+        """
+        A poll interval that is not a number is refused.
+        """
+        self.assertRefused(
+            'bound_endpoints:\n  poll_interval: "abc"\n',
+            "2: bound_endpoints.poll_interval: must be a positive number of "
+            "seconds, got 'abc'",
+        )
+        self.assertRefused(
+            "bound_endpoints:\n  poll_interval: true\n",
+            "2: bound_endpoints.poll_interval: must be a positive number of "
+            "seconds, got true",
+        )
+
+    def test_pollIntervalNotPositive(self) -> None:
+        """
+        A negative, infinite or NaN poll interval is refused (the original
+        panicked on a negative one), as is one of more than 1e9 seconds.
+        """
+        for value in ["-5", "-0.1", ".nan", "-.inf"]:
+            self.assertRefused(
+                "# comment\nbound_endpoints:\n  selectors: []\n"
+                f"  poll_interval: {value}\n",
+                "4: bound_endpoints.poll_interval: must be a positive number of "
+                f"seconds, got {value}",
+            )
+        self.assertRefused(
+            "bound_endpoints:\n  poll_interval: 10000000000\n",
+            "2: bound_endpoints.poll_interval: must be at most 1e+09 seconds, "
+            "got 10000000000",
+        )
+        self.assertRefused(
+            "bound_endpoints:\n  poll_interval: .inf\n",
+            "2: bound_endpoints.poll_interval: must be at most 1e+09 seconds, got inf",
+        )
+
+    def test_negativeTimeouts(self) -> None:
+        """
+        Negative timeouts are refused.
+        """
+        for key in ["connect_timeout", "upgrade_timeout"]:
+            self.assertRefused(
+                f"ingress:\n  {key}: -1\n",
+                f"2: ingress.{key}: must be a positive number of seconds, got -1",
+            )
+
+    def test_selectorsNotList(self) -> None:
+        """
+        Selectors must be a list of non-empty strings; the message hints at
+        quoting an unquoted C{true}.
+        """
+        self.assertRefused(
+            "bound_endpoints:\n  selectors: 'true'\n",
+            "2: bound_endpoints.selectors: must be a list of strings, got 'true'",
+        )
+        self.assertRefused(
+            "bound_endpoints:\n  selectors:\n    - 'a'\n    - true\n",
+            "4: bound_endpoints.selectors[1]: must be a string, got true "
+            "(quote it to make it a string)",
+        )
+        self.assertRefused(
+            "bound_endpoints:\n  selectors: ['']\n",
+            "2: bound_endpoints.selectors[0]: must not be empty",
+        )
+        self.assertRefused(
+            "bound_endpoints:\n  selectors: [~]\n",
+            "2: bound_endpoints.selectors[0]: must be a string, got null",
+        )
+
+    def test_overridesNotMapping(self) -> None:
+        """
+        Overrides must map bare hostnames to listen modes.
+        """
+        self.assertRefused(
+            "net:\n  overrides: [a]\n",
+            "2: net.overrides: must be a mapping, got a list",
+        )
+        self.assertRefused(
+            "net:\n  overrides:\n    a.ns: virtual\n    8080: virtual\n",
+            "4: net.overrides: keys must be bare hostnames, got 8080",
+        )
+        self.assertRefused(
+            "net:\n  overrides:\n    http://a.ns: virtual\n",
+            "3: net.overrides: keys must be bare hostnames, got 'http://a.ns'",
+        )
+        self.assertRefused(
+            "net:\n  overrides:\n    a.ns: 5\n",
+            "3: net.overrides.a.ns: must be a string, got 5 "
+            "(quote it to make it a string)",
+        )
+        self.assertRefused(
+            "net:\n  overrides:\n    a.ns:\n",
+            "3: net.overrides.a.ns: must be a string, got null",
+        )
+
+    def test_unknownListenMode(self) -> None:
+        """
+        A listen mode that is not C{virtual} or an IP address is refused, in
+        C{listen_interface} and in overrides.
+        """
+        self.assertRefused(
+            "net:\n  listen_interface: eth0\n",
+            "2: net.listen_interface: must be virtual, 0.0.0.0 or an IP address, "
+            "got 'eth0'",
+        )
+        self.assertRefused(
+            "net:\n  overrides:\n    db.ns: 192.168.1.500\n",
+            "3: net.overrides.db.ns: must be virtual, 0.0.0.0 or an IP address, "
+            "got '192.168.1.500'",
+        )
+
+    def test_booleanNotBool(self) -> None:
+        """
+        A boolean must be a YAML boolean, not a string or a number.
+        """
+        for value, shown in [('"true"', "'true'"), ("1", "1"), ("'no'", "'no'")]:
+            self.assertRefused(
+                f"ingress:\n  insecure_skip_verify: {value}\n",
+                f"2: ingress.insecure_skip_verify: must be true or false, got {shown}",
+            )
+
+    def test_badSubnet(self) -> None:
+        """
+        A subnet must be a CIDR block.
+        """
+        for value in ["10.107.0.0", "banana", "10.107.0.0/33", "''"]:
+            shown = repr(yaml.safe_load(value))
+            self.assertRefused(
+                f"net:\n  subnet: {value}\n",
+                f"2: net.subnet: must be a CIDR block like 10.107.0.0/16, got {shown}",
+            )
+
+    def test_subnetTooSmall(self) -> None:
+        """
+        A subnet without room for the gateway (.1) and one endpoint (.2) is
+        refused; the smallest that has room is accepted.
+        """
+        for value in ["10.0.0.0/31", "10.0.0.7/32", "fd00::/127"]:
+            self.assertRefused(
+                f"net:\n  subnet: {value}\n",
+                f"2: net.subnet: {value} is too small: it needs a gateway (.1) "
+                "and at least one endpoint address (.2); use a prefix of /30 or "
+                "shorter",
+            )
+        for value in ["10.0.0.0/30", "fd00::/126"]:
+            subnet = parse(f"net:\n  subnet: {value}\n").config.net.subnet
+            self.assertEqual(subnet, ipaddress.ip_network(value))
+
+    def test_subnetHostBits(self) -> None:
+        """
+        A subnet with host bits set is read as its network, with a warning.
+        """
+        loaded = parse("net:\n  subnet: 10.107.3.4/16\n")
+        self.assertEqual(
+            loaded.config.net.subnet, ipaddress.IPv4Network("10.107.0.0/16")
+        )
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: net.subnet: 10.107.3.4/16 has host bits set; "
+                "using 10.107.0.0/16",
+            ),
+        )
+
+    def test_subnetIPv6NotWarned(self) -> None:
+        """
+        An IPv6 subnet written in capitals is not mistaken for one with host
+        bits set.
+        """
+        loaded = parse("net:\n  subnet: FD00:AB::/64\n")
+        self.assertEqual(
+            loaded.config.net.subnet, ipaddress.IPv6Network("fd00:ab::/64")
+        )
+        self.assertEqual(loaded.warnings, ())
+
+    def test_startPortRange(self) -> None:
+        """
+        The first network-mode port must be a port number.
+        """
+        for value, shown in [
+            ("0", "0"),
+            ("65536", "65536"),
+            ("-1", "-1"),
+            ('"9080"', "'9080'"),
+            ("9080.5", "9080.5"),
+            ("true", "true"),
+        ]:
+            self.assertRefused(
+                f"net:\n  start_port: {value}\n",
+                f"2: net.start_port: must be a port number 1..65535, got {shown}",
+            )
+        for port in [1, 65535]:
+            self.assertEqual(
+                parse(f"net:\n  start_port: {port}\n").config.net.start_port, port
+            )
+
+    def test_unreadableValue(self) -> None:
+        """
+        A value whose explicit YAML tag does not fit it is refused.
+        """
+        error = self.assertRaises(ConfigError, parse, "net:\n  start_port: !!int abc\n")
+        self.assertTrue(
+            str(error).startswith(f"{PATH}:2: net.start_port: cannot read the value: "),
+            str(error),
+        )
+
+    def test_badLogLevel(self) -> None:
+        """
+        An unknown log level is refused, listing the known ones.
+        """
+        for value, shown in [("loud", "'loud'"), ("3", "3")]:
+            self.assertRefused(
+                f"server:\n  log_level: {value}\n",
+                "2: server.log_level: must be one of critical, debug, error, info, "
+                f"warn, warning; got {shown}",
+            )
+
+    def test_badApiURL(self) -> None:
+        """
+        The API URL must be http(s)://host.
+        """
+        for value in [
+            "ftp://api.ngrok.com",
+            "api.ngrok.com",
+            "https://",
+            "https://api.ngrok.com?x=1",
+            "https://api.ngrok.com#top",
+        ]:
+            self.assertRefused(
+                f"api:\n  url: '{value}'\n",
+                f"2: api.url: must be an http(s)://host URL, got {value!r}",
+            )
+        error = self.assertRaises(
+            ConfigError, parse, "api:\n  url: https://api.ngrok.com:99999\n"
+        )
+        self.assertTrue(
+            str(error).startswith(
+                f"{PATH}:2: api.url: must be an http(s)://host URL, "
+                "got 'https://api.ngrok.com:99999': "
+            ),
+            str(error),
+        )
+
+    def test_wrongStringTypes(self) -> None:
+        """
+        A string setting given a number or a list is refused; a number is
+        hinted to be quoted.
+        """
+        self.assertRefused(
+            "api:\n  key: 12345\n",
+            "2: api.key: must be a string, got 12345 (quote it to make it a string)",
+        )
+        self.assertRefused(
+            "server:\n  socket_path: [a]\n",
+            "2: server.socket_path: must be a string, got a list",
+        )
+
+    def test_emptyPaths(self) -> None:
+        """
+        A path that is present but empty is refused, not replaced by the
+        default.
+        """
+        for key in ["socket_path", "state_dir", "client_cert", "client_key"]:
+            self.assertRefused(
+                f"server:\n  {key}: ''\n", f"2: server.{key}: must not be empty"
+            )
+        self.assertRefused(
+            "net:\n  hosts_file: ''\n", "2: net.hosts_file: must not be empty"
+        )
+
+    def test_badInterfaceName(self) -> None:
+        """
+        An interface name Linux cannot hold is refused.
+        """
+        for value in ["a" * 16, "a/b", "a b"]:
+            self.assertRefused(
+                f"net:\n  interface_name: '{value}'\n",
+                "2: net.interface_name: must be an interface name of at most 15 "
+                f"characters without '/' or spaces, got {value!r}",
+            )
+
+
+class UnknownKeyTests(SynchronousTestCase):
+    """
+    Unknown keys are not fatal, but each is reported with its line.
+    """
+
+    def test_oldKey(self) -> None:
+        """
+        The retired C{network_accessible} is reported, with what replaced it.
+        """
+        loaded = parse("net:\n  network_accessible: true\nnetwork_accessible: true\n")
+        hint = (
+            "unknown key, ignored (no longer read; network access is chosen by "
+            "net.listen_interface and net.overrides)"
+        )
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: net.network_accessible: {hint}",
+                f"{PATH}:3: network_accessible: {hint}",
+            ),
+        )
+        self.assertEqual(loaded.config, default_config(PATH, {}, "linux").config)
+
+    def test_typo(self) -> None:
+        """
+        A misspelt key is reported with the closest known key, and the
+        setting it was meant to be keeps its default.
+        """
+        loaded = parse(
+            """\
+            # poll slowly
+            bound_endpoints:
+              selectors: ['true']
+              poll_intervall: 60
+            ingress_endpoint: a.example:443
+            """
+        )
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:4: bound_endpoints.poll_intervall: unknown key, ignored "
+                "(did you mean bound_endpoints.poll_interval?)",
+                f"{PATH}:5: ingress_endpoint: unknown key, ignored "
+                "(did you mean ingressEndpoint?)",
+            ),
+        )
+        self.assertEqual(loaded.config.bound_endpoints.poll_interval, 30.0)
+
+    def test_wrongSection(self) -> None:
+        """
+        A key put in the wrong section, or at the top level, is reported with
+        where it belongs.
+        """
+        loaded = parse("poll_interval: 60\napi:\n  subnet: 10.0.0.0/8\n")
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:1: poll_interval: unknown key, ignored "
+                "(did you mean bound_endpoints.poll_interval?)",
+                f"{PATH}:3: api.subnet: unknown key, ignored "
+                "(did you mean net.subnet?)",
+            ),
+        )
+
+    def test_dottedKeyAtTopLevel(self) -> None:
+        """
+        A dotted key written at the top level is not taken for the nested one.
+        """
+        loaded = parse("api.url: https://elsewhere.example\n")
+        self.assertEqual(loaded.config.api.url, "https://api.ngrok.com")
+        self.assertEqual(
+            loaded.warnings,
+            (f"{PATH}:1: api.url: unknown key, ignored (did you mean api?)",),
+        )
+
+    def test_unknownWithoutSuggestion(self) -> None:
+        """
+        An unknown key like nothing known is reported without a suggestion,
+        and its value is not read.
+        """
+        loaded = parse("zzz: !!int not-a-number\n")
+        self.assertEqual(loaded.warnings, (f"{PATH}:1: zzz: unknown key, ignored",))
+
+
+class EnvironmentTests(SynchronousTestCase):
+    """
+    The environment supplies the API key and the hosts file path.
+    """
+
+    def test_apiKeyFromEnvironment(self) -> None:
+        """
+        C{NGROK_API_KEY} is the API key when the file has none or an empty
+        one; a key in the file wins.
+        """
+        environ = {"NGROK_API_KEY": "from-env"}
+        self.assertEqual(parse("", environ).config.api.key, "from-env")
+        self.assertEqual(parse("api:\n  key: ''\n", environ).config.api.key, "from-env")
+        self.assertEqual(
+            parse("api:\n  key: in-file\n", environ).config.api.key, "in-file"
+        )
+        self.assertEqual(
+            default_config(PATH, environ, "linux").config.api.key, "from-env"
+        )
+
+    def test_hostsPathFromEnvironment(self) -> None:
+        """
+        C{NGROKD_HOSTS_PATH} replaces C{net.hosts_file}, given or not; empty,
+        it is ignored.
+        """
+        environ = {"NGROKD_HOSTS_PATH": "/tmp/test-hosts"}
+        text = "net:\n  hosts_file: /etc/other-hosts\n"
+        self.assertEqual(parse("", environ).config.net.hosts_file, "/tmp/test-hosts")
+        self.assertEqual(parse(text, environ).config.net.hosts_file, "/tmp/test-hosts")
+        self.assertEqual(
+            parse(text, {"NGROKD_HOSTS_PATH": ""}).config.net.hosts_file,
+            "/etc/other-hosts",
+        )
+
+
+class PlatformTests(SynchronousTestCase):
+    """
+    macOS gets a loopback subnet by default, and a warning when configured
+    with another.
+    """
+
+    def test_darwinDefault(self) -> None:
+        """
+        On macOS the default subnet is 127.0.0.0/8.
+        """
+        loaded = default_config(PATH, {}, "darwin")
+        self.assertEqual(loaded.config.net.subnet, ipaddress.IPv4Network("127.0.0.0/8"))
+        self.assertEqual(loaded.warnings, ())
+
+    def test_darwinExplicitSubnetHonoured(self) -> None:
+        """
+        On macOS a configured subnet outside 127.0.0.0/8 is kept (the original
+        silently replaced it), with a warning.
+        """
+        loaded = parse_config(ORIGINAL_EXAMPLE, PATH, {}, "darwin")
+        self.assertEqual(
+            loaded.config.net.subnet, ipaddress.IPv4Network("10.107.0.0/16")
+        )
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:19: net.subnet: macOS virtual mode needs addresses in "
+                "127.0.0.0/8; 10.107.0.0/16 is outside it",
+            ),
+        )
+        loaded = parse("net:\n  subnet: fd00::/64\n", platform="darwin")
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: net.subnet: macOS virtual mode needs addresses in "
+                "127.0.0.0/8; fd00::/64 is outside it",
+            ),
+        )
+
+    def test_darwinLoopbackSubnet(self) -> None:
+        """
+        On macOS a subnet inside 127.0.0.0/8 is used without a warning.
+        """
+        loaded = parse("net:\n  subnet: 127.42.0.0/16\n", platform="darwin")
+        self.assertEqual(
+            loaded.config.net.subnet, ipaddress.IPv4Network("127.42.0.0/16")
+        )
+        self.assertEqual(loaded.warnings, ())
+
+    def test_linuxAnySubnet(self) -> None:
+        """
+        Elsewhere the default is 10.107.0.0/16 and loopback is not required.
+        """
+        self.assertEqual(
+            default_config(PATH, {}, "linux").config.net.subnet,
+            ipaddress.IPv4Network("10.107.0.0/16"),
+        )
+        self.assertEqual(parse("net:\n  subnet: 10.0.0.0/8\n").warnings, ())
+
+
+class StateDirTests(SynchronousTestCase):
+    """
+    Where certificates and state live, including the original's rule that
+    the certificate's directory is the state directory.
+    """
+
+    def server(self, text: str, path: str = PATH) -> ServerConfig:
+        return parse_config(dedent(text), path, {}, "linux").config.server
+
+    def test_fromClientCert(self) -> None:
+        """
+        Without C{state_dir}, the directory of C{client_cert} is the state
+        directory, and the key defaults to C{tls.key} beside it.
+        """
+        server = self.server("server:\n  client_cert: /srv/ngrokd/cert.pem\n")
+        self.assertEqual(
+            (server.state_dir, server.client_cert, server.client_key),
+            ("/srv/ngrokd", "/srv/ngrokd/cert.pem", "/srv/ngrokd/tls.key"),
+        )
+
+    def test_keyDoesNotMoveStateDir(self) -> None:
+        """
+        C{client_key} alone does not change the state directory.
+        """
+        server = self.server("server:\n  client_key: /srv/k.pem\n")
+        self.assertEqual(
+            (server.state_dir, server.client_cert, server.client_key),
+            ("/etc/ngrokd", "/etc/ngrokd/tls.crt", "/srv/k.pem"),
+        )
+
+    def test_explicitStateDir(self) -> None:
+        """
+        C{state_dir} holds the certificate and key unless they are given, and
+        wins over the certificate's directory.
+        """
+        server = self.server("server:\n  state_dir: /var/lib/ngrokd\n")
+        self.assertEqual(
+            (server.client_cert, server.client_key),
+            ("/var/lib/ngrokd/tls.crt", "/var/lib/ngrokd/tls.key"),
+        )
+        server = self.server(
+            "server:\n  state_dir: /var/lib/ngrokd\n  client_cert: /srv/c.pem\n"
+        )
+        self.assertEqual(
+            (server.state_dir, server.client_cert, server.client_key),
+            ("/var/lib/ngrokd", "/srv/c.pem", "/var/lib/ngrokd/tls.key"),
+        )
+
+    def test_relativePaths(self) -> None:
+        """
+        Relative paths are relative to the config file's directory.
+        """
+        config = parse_config(
+            dedent(
+                """\
+                api:
+                  ca_bundle: api.pem
+                server:
+                  client_cert: certs/tls.crt
+                  socket_path: ngrokd.sock
+                net:
+                  hosts_file: ../hosts
+                """
+            ),
+            "/opt/ngrokd/config.yml",
+            {},
+            "linux",
+        ).config
+        self.assertEqual(
+            (
+                config.api.ca_bundle,
+                config.server.state_dir,
+                config.server.client_key,
+                config.server.socket_path,
+                config.net.hosts_file,
+            ),
+            (
+                "/opt/ngrokd/api.pem",
+                "/opt/ngrokd/certs",
+                "/opt/ngrokd/certs/tls.key",
+                "/opt/ngrokd/ngrokd.sock",
+                "/opt/ngrokd/../hosts",
+            ),
+        )
+
+
+class IngressEndpointTests(ConfigTestCase):
+    """
+    C{ingressEndpoint} is normalised to C{host:port}.
+    """
+
+    def test_normalised(self) -> None:
+        """
+        C{:443} is added when no port is given; IPv6 literals stay bracketed
+        in C{endpoint} and lose the brackets in C{host}.
+        """
+        for value, endpoint, host, port in [
+            ("ingress.example", "ingress.example:443", "ingress.example", 443),
+            ("ingress.example:8443", "ingress.example:8443", "ingress.example", 8443),
+            ("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1", 1),
+            ("h:065535", "h:65535", "h", 65535),
+            ("[::1]", "[::1]:443", "::1", 443),
+            ("[::1]:8443", "[::1]:8443", "::1", 8443),
+        ]:
+            ingress = parse(f"ingressEndpoint: '{value}'\n").config.ingress
+            self.assertEqual(
+                (ingress.endpoint, ingress.host, ingress.port), (endpoint, host, port)
+            )
+
+    def test_tooManyColons(self) -> None:
+        """
+        More than one colon outside brackets is refused, with a hint about
+        schemes and IPv6 brackets.
+        """
+        for value in ["h:1:2", "::1", "https://h:443"]:
+            self.assertRefused(
+                f"api: {{}}\ningressEndpoint: '{value}'\n",
+                "2: ingressEndpoint: must be host:port (no scheme; an IPv6 address "
+                f"in brackets), got {value!r}",
+            )
+
+    def test_badPort(self) -> None:
+        """
+        The port must be a number from 1 to 65535.
+        """
+        for value, port in [
+            ("h:0", "0"),
+            ("h:65536", "65536"),
+            ("h:x", "x"),
+            ("h:", ""),
+            ("[::1]:", ""),
+            ("h:-1", "-1"),
+        ]:
+            self.assertRefused(
+                f"ingressEndpoint: '{value}'\n",
+                f"1: ingressEndpoint: port must be 1..65535, got {port!r}",
+            )
+
+    def test_badHost(self) -> None:
+        """
+        An empty or malformed host is refused.
+        """
+        for value in [":443", "a/b:443", "a b"]:
+            self.assertRefused(
+                f"ingressEndpoint: '{value}'\n",
+                f"1: ingressEndpoint: must be host:port, got {value!r}",
+            )
+        for value in ["[::1", "[::1]x"]:
+            self.assertRefused(
+                f"ingressEndpoint: '{value}'\n",
+                f"1: ingressEndpoint: must be host:port or [ipv6]:port, got {value!r}",
+            )
+        self.assertRefused(
+            "ingressEndpoint: '[ingress.example]:443'\n",
+            "1: ingressEndpoint: 'ingress.example' in brackets is not an IPv6 address",
+        )
+        self.assertRefused(
+            "ingressEndpoint: ''\n", "1: ingressEndpoint: must not be empty"
+        )
+
+
+class LoadConfigTests(SynchronousTestCase):
+    """
+    L{load_config} reads the file, and names it when it cannot.
+    """
+
+    def test_loads(self) -> None:
+        """
+        The file is read and parsed; the path is made absolute.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("net:\n  start_port: 10000\n")
+        loaded = load_config(path, {}, "linux")
+        self.assertEqual(loaded.config.path, os.path.abspath(path))
+        self.assertEqual(loaded.config.net.start_port, 10000)
+
+    def test_errorNamesAbsolutePath(self) -> None:
+        """
+        Errors in the file name it by its absolute path.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("net:\n  start_port: 0\n")
+        error = self.assertRaises(ConfigError, load_config, path, {}, "linux")
+        self.assertEqual(
+            str(error),
+            f"{os.path.abspath(path)}:2: net.start_port: must be a port number "
+            "1..65535, got 0",
+        )
+
+    def test_missing(self) -> None:
+        """
+        A missing file is an error naming the path and the OS error.
+        """
+        path = os.path.abspath(self.mktemp())
+        error = self.assertRaises(ConfigError, load_config, path, {}, "linux")
+        self.assertEqual(
+            str(error),
+            f"{path}: cannot read the config file: No such file or directory",
+        )
+
+    def test_directory(self) -> None:
+        """
+        A directory is not a config file.
+        """
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        error = self.assertRaises(ConfigError, load_config, path, {}, "linux")
+        self.assertEqual(
+            str(error), f"{path}: cannot read the config file: Is a directory"
+        )
+
+    def test_notUTF8(self) -> None:
+        """
+        A file that is not UTF-8 text is refused, naming it.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(b"api:\n  key: \xff\n")
+        error = self.assertRaises(ConfigError, load_config, path, {}, "linux")
+        self.assertTrue(str(error).startswith(f"{path}: not UTF-8 text: "), str(error))
+
+
+class ValueTests(SynchronousTestCase):
+    """
+    The configuration values cannot be changed after loading.
+    """
+
+    def test_overridesReadOnly(self) -> None:
+        """
+        Overrides are a read-only mapping, even when built from a dict.
+        """
+        source = {"a.ns": "0.0.0.0"}
+        net = attrs.evolve(
+            default_config(PATH, {}, "linux").config.net, overrides=source
+        )
+        source["b.ns"] = "virtual"
+        self.assertEqual(dict(net.overrides), {"a.ns": "0.0.0.0"})
+        overrides: Any = net.overrides
+        self.assertRaises(TypeError, operator.setitem, overrides, "c.ns", "virtual")
+
+    def test_hashable(self) -> None:
+        """
+        A configuration is hashable, so it can key a cache.
+        """
+        config = parse_config(ORIGINAL_EXAMPLE, PATH, {}, "linux").config
+        self.assertEqual(
+            hash(config), hash(parse_config(ORIGINAL_EXAMPLE, PATH, {}, "linux").config)
+        )
+
+
+def _same(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[Any, Any]]:
+    return strategy.map(lambda value: (value, value))
+
+
+_text = st.text(st.characters(codec="utf-8"))
+_names = st.from_regex(
+    r"[a-z][a-z0-9-]{0,10}(\.[a-z][a-z0-9-]{0,10}){0,3}", fullmatch=True
+)
+_paths = st.lists(
+    st.text(
+        st.characters(codec="utf-8", exclude_characters="/\0"),
+        min_size=1,
+    ),
+    min_size=1,
+    max_size=3,
+).map(lambda parts: "/" + "/".join(parts))
+_seconds = st.one_of(
+    st.integers(1, 10**9).map(lambda n: (n, float(n))),
+    _same(st.floats(min_value=0, max_value=1e9, exclude_min=True)),
+)
+_modes = st.one_of(st.just("virtual"), st.just("0.0.0.0"), st.ip_addresses().map(str))
+
+
+@st.composite
+def _ingress_endpoints(draw: st.DrawFn) -> tuple[str, str]:
+    host = draw(st.one_of(_names, st.ip_addresses(v=6).map(lambda a: f"[{a}]")))
+    port = draw(st.one_of(st.none(), st.integers(1, 65535)))
+    if port is None:
+        return host, f"{host}:443"
+    return f"{host}:{port}", f"{host}:{port}"
+
+
+@st.composite
+def _subnets(draw: st.DrawFn) -> tuple[str, Any]:
+    address = draw(st.ip_addresses())
+    prefix = draw(st.integers(0, 30 if address.version == 4 else 126))
+    subnet = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    return str(subnet), subnet
+
+
+#: For each key, values as written in the file and as read back.
+_VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
+    "api.url": st.tuples(
+        st.sampled_from(["http", "https"]),
+        _names,
+        st.one_of(st.just(""), st.integers(1, 65535).map(lambda p: f":{p}")),
+        st.sampled_from(["", "/v2"]),
+    ).map(lambda t: ("{}://{}{}{}".format(*t),) * 2),
+    "api.key": _same(_text),
+    "api.ca_bundle": _same(_paths),
+    "ingressEndpoint": _ingress_endpoints(),
+    "ingress.ca_bundle": _same(_paths),
+    "ingress.insecure_skip_verify": _same(st.booleans()),
+    "ingress.connect_timeout": _seconds,
+    "ingress.upgrade_timeout": _seconds,
+    "server.log_level": st.sampled_from(
+        [("debug", "debug"), ("INFO", "info"), ("warning", "warn"), ("error", "error")]
+    ),
+    "server.socket_path": _same(_paths),
+    "server.state_dir": _same(_paths),
+    "server.client_cert": _same(_paths),
+    "server.client_key": _same(_paths),
+    "bound_endpoints.poll_interval": _seconds,
+    "bound_endpoints.selectors": st.lists(_text.filter(bool)).map(
+        lambda s: (s, tuple(s))
+    ),
+    "net.interface_name": _same(
+        st.from_regex(r"[a-z][a-z0-9_.-]{0,14}", fullmatch=True)
+    ),
+    "net.subnet": _subnets(),
+    "net.listen_interface": _same(_modes),
+    "net.start_port": _same(st.integers(1, 65535)),
+    "net.overrides": _same(st.dictionaries(_names, _modes)),
+    "net.hosts_file": _same(_paths),
+}
+
+
+@st.composite
+def _documents(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    A config document with any subset of the keys, and the values each key
+    present should load as.
+    """
+    document: dict[str, Any] = {}
+    expected: dict[str, Any] = {}
+    for key, strategy in _VALUES.items():
+        if draw(st.booleans()):
+            written, expected[key] = draw(strategy)
+            section, _, name = key.rpartition(".")
+            (document.setdefault(section, {}) if section else document)[name] = written
+    return document, expected
+
+
+def _attribute(config: Config, key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    if key == "ingressEndpoint":
+        section, name = "ingress", "endpoint"
+    return getattr(getattr(config, section), name)
+
+
+class RoundTripTests(SynchronousTestCase):
+    """
+    Any valid configuration written as YAML reads back as written.
+    """
+
+    @given(_documents())
+    def test_roundTrip(self, case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        """
+        Every key present loads as written; every absent key has its
+        default, the certificate paths following the state directory.
+        """
+        document, expected = case
+        config = parse_config(yaml.safe_dump(document), PATH, {}, "linux").config
+        defaults = default_config(PATH, {}, "linux").config
+        if "server.state_dir" not in expected and "server.client_cert" in expected:
+            expected["server.state_dir"] = os.path.dirname(
+                expected["server.client_cert"]
+            )
+        state_dir = expected.get("server.state_dir", "/etc/ngrokd")
+        expected.setdefault("server.client_cert", os.path.join(state_dir, "tls.crt"))
+        expected.setdefault("server.client_key", os.path.join(state_dir, "tls.key"))
+        for key in _VALUES:
+            want = expected[key] if key in expected else _attribute(defaults, key)
+            self.assertEqual(_attribute(config, key), want, key)
+
+    @given(
+        st.dictionaries(
+            st.sampled_from([*_VALUES, "net", "api", "zzz"]),
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.floats() | _text,
+                lambda inner: (
+                    st.lists(inner, max_size=3)
+                    | st.dictionaries(_text, inner, max_size=3)
+                ),
+                max_leaves=6,
+            ),
+        )
+    )
+    def test_anyDocumentLoadsOrIsRefused(self, document: dict[str, Any]) -> None:
+        """
+        Whatever values the keys hold, the file either loads or is refused
+        with a L{ConfigError} naming it: never another exception.
+        """
+        nested: dict[str, Any] = {}
+        for key, value in sorted(document.items()):
+            section, _, name = key.rpartition(".")
+            if not section:
+                nested[key] = value
+            elif isinstance(nested.get(section), dict):
+                nested[section][name] = value
+            else:
+                nested[section] = {name: value}
+        try:
+            parse_config(yaml.safe_dump(nested), PATH, {}, "darwin")
+        except ConfigError as e:
+            self.assertTrue(str(e).startswith(f"{PATH}:"), str(e))
