@@ -61,8 +61,8 @@ class LocalProtocol(PipeProtocol):
         self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.transport.pauseProducing()
+        self.transport.setTcpNoDelay(True)
         stats = self._factory.stats
         stats.connections_open += 1
         stats.connections_total += 1
@@ -99,17 +99,17 @@ class LocalProtocol(PipeProtocol):
             error_type=failure.type.__name__,
         )
         if not self._factory.target.is_http:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
             return
         # Say why, then read and discard the request: closing with unread
         # input would reset the connection and lose the answer.
         self._rejecting = True
-        self.transport.write(_bad_gateway(stats.last_error))  # type: ignore[attr-defined]
-        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.transport.write(_bad_gateway(stats.last_error))
+        self.transport.loseWriteConnection()
+        self.transport.resumeProducing()
         self._linger = self._factory.connector.clock.callLater(
             REJECT_LINGER,
-            self.transport.abortConnection,  # type: ignore[attr-defined]
+            self.transport.abortConnection,
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -118,7 +118,7 @@ class LocalProtocol(PipeProtocol):
 
     def readConnectionLost(self) -> None:
         if self._rejecting:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
         else:
             super().readConnectionLost()
 

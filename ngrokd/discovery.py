@@ -48,7 +48,7 @@ class EndpointDiscoveryService(Service):
         self.interval = interval
         self._jitter = jitter
         self._next: IDelayedCall | None = None
-        self._polling: Deferred[None] | None = None
+        self._polling: Deferred[Any] | None = None
         self.failures = 0
         self.last_error = ""
         self.last_success: float | None = None
@@ -90,9 +90,8 @@ class EndpointDiscoveryService(Service):
 
     def _poll(self) -> None:
         self._next = None
-        polling: Deferred[None] = maybeDeferred(self._fetch).addCallbacks(
-            self._succeeded, self._failed
-        )
+        polling: Deferred[Any] = maybeDeferred(self._fetch)
+        polling.addCallbacks(self._succeeded, self._failed)
         self._polling = polling
         polling.addBoth(self._done)
 

@@ -68,11 +68,11 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
             self._shutdownTLS()
 
     def _checkHandshakeStatus(self) -> None:
-        super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+        super()._checkHandshakeStatus()
         self._sendCloseNotifyIfReady()
 
     def _unbufferPendingWrites(self) -> None:
-        super()._unbufferPendingWrites()  # type: ignore[no-untyped-call]
+        super()._unbufferPendingWrites()
         self._sendCloseNotifyIfReady()
 
     def _flushReceiveBIO(self) -> None:

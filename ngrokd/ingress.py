@@ -111,9 +111,9 @@ class IngressProtocol(PipeProtocol):
         self._timer = self._clock.callLater(
             self._connect_timeout, self._timed_out, "TLS handshake"
         )
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.transport.setTcpNoDelay(True)
         # Sent now, it leaves with the end of the handshake: no extra round trip.
-        self.transport.write(wire.encode_request(self.request))  # type: ignore[attr-defined]
+        self.transport.write(wire.encode_request(self.request))
 
     def handshakeCompleted(self) -> None:
         self._stop_timer()
@@ -162,7 +162,7 @@ class IngressProtocol(PipeProtocol):
         if self._reader is not None and not self.upgraded.called:
             self._reader = None
             if reason.check(TLSLibraryError):
-                error: IngressError = TLSFailed(_describe_tls(reason.value))
+                error: IngressError = TLSFailed(_describe_tls(reason.value))  # type: ignore[arg-type]
             else:
                 error = UpgradeFailed(
                     "the ingress closed the connection before answering the upgrade"
@@ -176,7 +176,7 @@ class IngressProtocol(PipeProtocol):
         self._stop_timer()
         if not self.upgraded.called:
             self.upgraded.errback(error)
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     def _timed_out(self, stage: str) -> None:
         self._timer = None
@@ -190,7 +190,7 @@ class IngressProtocol(PipeProtocol):
     def _cancel(self, d: Deferred[IngressProtocol]) -> None:
         self._reader = None
         self._stop_timer()
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
 
 def _describe_tls(error: Exception) -> str:

@@ -207,4 +207,5 @@ def _overlaps(old: ListenSpec, new: ListenSpec) -> bool:
 
 
 def _stop_port(port: IListeningPort) -> Deferred[None]:
-    return maybeDeferred(port.stopListening)
+    stopping: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+    return stopping

@@ -18,6 +18,7 @@ things make that correct:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -36,6 +37,10 @@ class PipeProtocol(Protocol):
     every chunk on its way to the peer; C{finish_transform} gives what it still
     holds when this side stops sending.
     """
+
+    #: A TCP transport, or a TLS one from L{ngrokd.halfclose}: both can
+    #: pause, half-close and take a producer.
+    transport: Any
 
     transform: Callable[[bytes], bytes] | None = None
     finish_transform: Callable[[], bytes] | None = None
@@ -56,7 +61,7 @@ class PipeProtocol(Protocol):
         """
         if data:
             self._held.append(data)
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
 
     # Twisted callbacks
 
@@ -68,7 +73,7 @@ class PipeProtocol(Protocol):
         if self.transform is not None:
             data = self.transform(data)
         if data:
-            self.peer.transport.write(data)  # type: ignore[attr-defined]
+            self.peer.transport.write(data)
 
     def readConnectionLost(self) -> None:
         self._read_done = True
@@ -84,8 +89,8 @@ class PipeProtocol(Protocol):
         self._lost = True
         peer = self.peer
         if peer is not None and not peer._lost:
-            peer.transport.unregisterProducer()  # type: ignore[attr-defined]
-            peer.transport.loseConnection()  # type: ignore[attr-defined]
+            peer.transport.unregisterProducer()
+            peer.transport.loseConnection()
         self.closed.callback(None)
 
     # The splice
@@ -98,7 +103,7 @@ class PipeProtocol(Protocol):
         if self._read_done:
             self._end_of_input()
         elif not self._lost:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.resumeProducing()
 
     def _end_of_input(self) -> None:
         """
@@ -110,13 +115,13 @@ class PipeProtocol(Protocol):
         if self.finish_transform is not None and not self.peer._lost:
             rest = self.finish_transform()
             if rest:
-                peer_transport.write(rest)  # type: ignore[attr-defined]
-        peer_transport.unregisterProducer()  # type: ignore[attr-defined]
+                peer_transport.write(rest)
+        peer_transport.unregisterProducer()
         if self.peer._read_done:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
-            peer_transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
+            peer_transport.loseConnection()
         else:
-            peer_transport.loseWriteConnection()  # type: ignore[attr-defined]
+            peer_transport.loseWriteConnection()
 
 
 def splice(a: PipeProtocol, b: PipeProtocol) -> None:
@@ -127,9 +132,9 @@ def splice(a: PipeProtocol, b: PipeProtocol) -> None:
     if a._lost or b._lost:
         for end in (a, b):
             if not end._lost:
-                end.transport.loseConnection()  # type: ignore[attr-defined]
+                end.transport.loseConnection()
         return
-    a.transport.registerProducer(b.transport, True)  # type: ignore[attr-defined]
-    b.transport.registerProducer(a.transport, True)  # type: ignore[attr-defined]
+    a.transport.registerProducer(b.transport, True)
+    b.transport.registerProducer(a.transport, True)
     a._start(b)
     b._start(a)

@@ -19,11 +19,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-_SERIALIZE_KEY = {
-    "encoding": serialization.Encoding.PEM,
-    "format": serialization.PrivateFormat.PKCS8,
-    "encryption_algorithm": serialization.NoEncryption(),
-}
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _now() -> datetime.datetime:
@@ -114,7 +116,7 @@ class CertificateAuthority:
 
     @property
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(**_SERIALIZE_KEY)
+        return _key_pem(self.key)
 
     def _builder(self, subject: x509.Name, days: float) -> x509.CertificateBuilder:
         now = _now()
@@ -174,7 +176,7 @@ class CertificateAuthority:
         )
         return (
             certificate.public_bytes(serialization.Encoding.PEM) + self.chain_pem,
-            key.private_bytes(**_SERIALIZE_KEY),
+            _key_pem(key),
         )
 
     def sign_csr(self, csr_pem: bytes, days: float) -> IssuedCertificate:
@@ -187,7 +189,7 @@ class CertificateAuthority:
             raise ValueError("the CSR's signature does not verify")
         certificate = (
             self._builder(_name("ngrokd devcloud binding"), days)
-            .public_key(csr.public_key())  # type: ignore[arg-type]
+            .public_key(csr.public_key())
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
             )
