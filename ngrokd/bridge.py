@@ -63,6 +63,7 @@ class LocalProtocol(PipeProtocol):
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
         self.transport.setTcpNoDelay(True)
+        self._factory.connections.add(self)
         stats = self._factory.stats
         stats.connections_open += 1
         stats.connections_total += 1
@@ -74,6 +75,13 @@ class LocalProtocol(PipeProtocol):
             self._failed(Failure(e))
             return
         self._connecting.addCallbacks(self._upgraded, self._failed)
+
+    @property
+    def ingress(self) -> IngressProtocol | None:
+        """
+        The upgraded connection to the ingress, once there is one.
+        """
+        return self._ingress
 
     def _upgraded(self, ingress: IngressProtocol) -> None:
         self._connecting = None
@@ -96,7 +104,7 @@ class LocalProtocol(PipeProtocol):
             "connection to {url} failed: {reason}",
             url=self._factory.target.url,
             reason=stats.last_error,
-            error_type=failure.type.__name__,
+            error_type=failure.value.__class__.__name__,
         )
         if not self._factory.target.is_http:
             self.transport.loseConnection()
@@ -127,6 +135,7 @@ class LocalProtocol(PipeProtocol):
             self._connecting.cancel()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
+        self._factory.connections.discard(self)
         stats = self._factory.stats
         stats.connections_open -= 1
         stats.bytes_up += self.bytes_received
@@ -167,6 +176,7 @@ class BridgeFactory(Factory):
         self.connector = connector
         self.rewrite_host = rewrite_host
         self.stats = stats if stats is not None else EndpointStats()
+        self.connections: set[LocalProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> LocalProtocol:
         return LocalProtocol(self)

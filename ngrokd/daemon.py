@@ -25,10 +25,17 @@ from ngrokd.api import ApiEndpoint, NgrokAPI, make_api
 from ngrokd.config import Config
 from ngrokd.discovery import EndpointDiscoveryService
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
-from ngrokd.identity import Identity, IdentityStore, register
+from ngrokd.identity import (
+    Identity,
+    IdentityError,
+    IdentityStore,
+    RepairNeeded,
+    register,
+    repair,
+)
 from ngrokd.ingress import IngressConnector
 from ngrokd.listeners import ListenerSet
-from ngrokd.plan import Plan, VIRTUAL, listen_mode, plan, targets
+from ngrokd.plan import VIRTUAL, Plan, listen_mode, plan, targets
 from ngrokd.trust import load_trust
 
 
@@ -44,7 +51,10 @@ class Daemon(MultiService):
         self.config = config
         self._reactor = reactor
         self.api_key = config.api.key
-        self.store = IdentityStore(config.server.state_dir)
+        server = config.server
+        self.store = IdentityStore(
+            server.state_dir, server.client_cert, server.client_key
+        )
         self.identity: Identity | None = None
         self.registration_error = ""
         self.api: NgrokAPI = make_api(
@@ -70,7 +80,7 @@ class Daemon(MultiService):
         self.endpoints: dict[str, BoundEndpoint] = {}
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
-        self.allocations = allocation.load(config.server.state_dir)
+        self.allocations = allocation.load(config.server.state_dir, config.net.subnet)
         self._register_attempts = 0
         self._retry: IDelayedCall | None = None
         self._reconciling: Deferred[None] | None = None
@@ -90,6 +100,7 @@ class Daemon(MultiService):
     async def _stop(self) -> None:
         await super().stopService()
         await self.listeners.stop()
+        await self.api.close()
 
     # Identity
 
@@ -98,9 +109,14 @@ class Daemon(MultiService):
         return self.identity is not None
 
     def _start_identity(self) -> None:
-        identity = self.store.load()
-        if identity is not None:
-            self._use_identity(identity)
+        try:
+            state = self.store.load()
+        except IdentityError as e:
+            self.registration_error = str(e)
+            self.log.error("cannot use the stored identity: {error}", error=e)
+            return
+        if isinstance(state, Identity):
+            self._use_identity(state)
         elif not self.api_key:
             self.log.warn(
                 "not registered, waiting for an API key (api.key in {config},"
@@ -111,13 +127,19 @@ class Daemon(MultiService):
             self._register()
 
     def _register(self) -> None:
+        """
+        Register, or finish an identity a crash left half-written.
+        """
         self._retry = None
-        d = register(
-            self.api,
-            self.store,
-            self.config.bound_endpoints.selectors,
-            socket.gethostname(),
-        )
+        selectors = self.config.bound_endpoints.selectors
+        state = self.store.load()
+        if isinstance(state, RepairNeeded):
+            self.log.warn(
+                "repairing the stored identity: {reason}", reason=state.reason
+            )
+            d = repair(self.api, self.store, state, selectors, socket.gethostname())
+        else:
+            d = register(self.api, self.store, selectors, socket.gethostname())
         d.addCallbacks(self._use_identity, self._registration_failed)
 
     def _registration_failed(self, failure: Any) -> None:
@@ -136,7 +158,9 @@ class Daemon(MultiService):
         self.identity = identity
         self.registration_error = ""
         self.connector.use_certificate(identity.cert_pem, identity.key_pem)
-        self.log.info("registered as operator {operator_id}", operator_id=identity.operator_id)
+        self.log.info(
+            "registered as operator {operator_id}", operator_id=identity.operator_id
+        )
         if self.running and self.discovery.parent is None:
             self.discovery.setServiceParent(self)
 
@@ -158,7 +182,9 @@ class Daemon(MultiService):
             except EndpointURLError as e:
                 skipped[record.id] = str(e)
                 if self.skipped.get(record.id) != str(e):
-                    self.log.warn("skipping endpoint {id}: {error}", id=record.id, error=e)
+                    self.log.warn(
+                        "skipping endpoint {id}: {error}", id=record.id, error=e
+                    )
                 continue
             endpoints[record.id] = BoundEndpoint(record.id, record.url, target)
         self.endpoints, self.skipped = endpoints, skipped

@@ -57,6 +57,7 @@ def plan(
     """
     specs: dict[str, ListenSpec] = {}
     failures: dict[str, str] = {}
+    served_by: dict[tuple[str, int], str] = {}
     for url, target in sorted(targets(endpoints).items()):
         mode = listen_mode(target.host, listen_interface, overrides)
         if mode == VIRTUAL:
@@ -72,4 +73,14 @@ def plan(
                 continue
             rewrite = target.http_host if target.is_http else None
             specs[url] = ListenSpec(mode, port, target, rewrite)
+        # Two schemes on one host and port (http://a.ns:443 and tls://a.ns)
+        # cannot share a socket: the first in URL order keeps it.
+        bind = specs[url].bind
+        if bind in served_by:
+            del specs[url]
+            failures[url] = (
+                f"{target.host}:{target.port} is already served by {served_by[bind]}"
+            )
+        else:
+            served_by[bind] = url
     return Plan(specs, failures)

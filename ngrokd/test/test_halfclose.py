@@ -4,53 +4,20 @@ Tests for L{ngrokd.halfclose}, over real TLS on loopback.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.halfclose import HalfCloseableTLSClientEndpoint, HalfCloseableTLSFactory
+from ngrokd.test.helpers import Recorder, listen
 from ngrokd.trust import PartialChainTrust, client_creator, parse_certificates
-
-
-@implementer(IHalfCloseableProtocol)
-class Recorder(Protocol):
-    """
-    Records what arrives and how the connection ends; C{onReadClosed} runs when
-    the peer closes its sending side.
-    """
-
-    def __init__(self, onReadClosed=None, onConnected=None) -> None:
-        self.received = b""
-        self.readClosed = False
-        self.lost: Deferred[None] = Deferred()
-        self._onReadClosed = onReadClosed
-        self._onConnected = onConnected
-
-    def connectionMade(self) -> None:
-        if self._onConnected:
-            self._onConnected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def readConnectionLost(self) -> None:
-        self.readClosed = True
-        if self._onReadClosed:
-            self._onReadClosed(self)
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.reason = reason
-        self.lost.callback(None)
 
 
 class NotHalfCloseable(Protocol):
@@ -61,7 +28,7 @@ class NotHalfCloseable(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reason = reason
         self.lost.callback(None)
 
@@ -80,7 +47,7 @@ class HalfCloseTests(TestCase):
         self.clientCreator = client_creator(
             "localhost", PartialChainTrust(parse_certificates(ca.cert_pem, "ca"), False)
         )
-        self.serverProtocols: list[Protocol] = []
+        self.serverProtocols: list[Any] = []
 
     def listen(self, makeProtocol) -> int:
         def build() -> Protocol:
@@ -91,9 +58,7 @@ class HalfCloseTests(TestCase):
         factory = HalfCloseableTLSFactory(
             self.serverOptions, False, Factory.forProtocol(build)
         )
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        return port.getHost().port
+        return listen(factory, self)
 
     def connect(self, port: int, protocol: Protocol) -> Deferred:
         endpoint = HalfCloseableTLSClientEndpoint(
@@ -112,17 +77,18 @@ class HalfCloseTests(TestCase):
             server.transport.write(b"pong:" + server.received)
             server.transport.loseConnection()
 
-        port = self.listen(lambda: Recorder(onReadClosed=reply))
+        port = self.listen(lambda: Recorder(on_read_closed=reply))
         client = Recorder()
         yield self.connect(port, client)
         client.transport.write(b"ping")
         client.transport.loseWriteConnection()
         yield client.lost
         self.assertEqual(client.received, b"pong:ping")
+        assert client.reason is not None
         client.reason.trap(ConnectionDone)
         server = self.serverProtocols[0]
         yield server.lost
-        self.assertTrue(server.readClosed)
+        self.assertTrue(server.read_closed)
 
     @inlineCallbacks
     def test_serverHalfClose(self):
@@ -135,18 +101,18 @@ class HalfCloseTests(TestCase):
             server.transport.write(b"hello")
             server.transport.loseWriteConnection()
 
-        port = self.listen(lambda: Recorder(onConnected=greet))
+        port = self.listen(lambda: Recorder(on_connected=greet))
 
         def answer(client: Recorder) -> None:
             client.transport.write(b"got " + client.received)
             client.transport.loseConnection()
 
-        client = Recorder(onReadClosed=answer)
+        client = Recorder(on_read_closed=answer)
         yield self.connect(port, client)
         yield client.lost
         server = self.serverProtocols[0]
         yield server.lost
-        self.assertEqual((client.received, client.readClosed), (b"hello", True))
+        self.assertEqual((client.received, client.read_closed), (b"hello", True))
         self.assertEqual(server.received, b"got hello")
 
     @inlineCallbacks
@@ -160,13 +126,14 @@ class HalfCloseTests(TestCase):
             server.transport.write(b"still here")
             server.transport.loseConnection()
 
-        port = self.listen(lambda: Recorder(onReadClosed=reply))
+        port = self.listen(lambda: Recorder(on_read_closed=reply))
         client = Recorder()
         yield self.connect(port, client)
         client.transport.write(b"a")
         client.transport.loseWriteConnection()
         client.transport.write(b"b")
         yield client.lost
+        assert client.reason is not None
         client.reason.trap(ConnectionDone)
         self.assertEqual(client.received, b"still here")
         self.assertEqual(self.serverProtocols[0].received, b"a")
@@ -182,7 +149,7 @@ class HalfCloseTests(TestCase):
             server.transport.write(b"bye")
             server.transport.loseWriteConnection()
 
-        port = self.listen(lambda: Recorder(onConnected=greet))
+        port = self.listen(lambda: Recorder(on_connected=greet))
         client = NotHalfCloseable()
         yield self.connect(port, client)
         yield client.lost

@@ -92,11 +92,32 @@ class PlanTests(SynchronousTestCase):
         """
         Two endpoints with the same normalised URL are one listener.
         """
-        endpoints = [_endpoint("http://web.prod", "a"), _endpoint("http://web.prod:80", "b")]
+        endpoints = [
+            _endpoint("http://web.prod", "a"),
+            _endpoint("http://web.prod:80", "b"),
+        ]
         ips, ports = _allocate(endpoints)
         self.assertEqual(len(plan(endpoints, "virtual", {}, ips, ports).specs), 1)
 
-    @given(urls=st.lists(_urls, max_size=30), mode=st.sampled_from(["virtual", "0.0.0.0"]))
+    def test_sameHostAndPortTwice(self) -> None:
+        """
+        Two schemes on one host and port cannot share a socket: the first URL
+        keeps it and the other is reported as failed, saying which serves it.
+        """
+        endpoints = [_endpoint("tls://web.prod"), _endpoint("http://web.prod:443")]
+        ips, ports = _allocate(endpoints)
+        result = plan(endpoints, "virtual", {}, ips, ports)
+        self.assertEqual(list(result.specs), ["http://web.prod:443"])
+        self.assertEqual(
+            result.failures,
+            {
+                "tls://web.prod:443": "web.prod:443 is already served by http://web.prod:443"
+            },
+        )
+
+    @given(
+        urls=st.lists(_urls, max_size=30), mode=st.sampled_from(["virtual", "0.0.0.0"])
+    )
     def test_properties(self, urls: list[str], mode: str) -> None:
         """
         For any endpoints: no two listeners share an address and port, every
@@ -107,7 +128,11 @@ class PlanTests(SynchronousTestCase):
         result = plan(endpoints, mode, {}, ips, ports)
         binds = [s.bind for s in result.specs.values()]
         self.assertEqual(len(binds), len(set(binds)))
-        self.assertEqual(set(result.specs), {e.target.url for e in endpoints})
+        self.assertEqual(
+            set(result.specs) | set(result.failures), {e.target.url for e in endpoints}
+        )
+        for url in result.failures:
+            self.assertIn("is already served by", result.failures[url])
         shuffled = list(endpoints)
         random.Random(len(urls)).shuffle(shuffled)
         self.assertEqual(plan(shuffled, mode, {}, ips, ports), result)

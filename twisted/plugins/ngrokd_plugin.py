@@ -14,7 +14,7 @@ ngrokd = ServiceMaker(
     "ngrokd",
 )
 
-ngrokdDevcloud = ServiceMaker(
+ngrokd_devcloud = ServiceMaker(
     "ngrokd-devcloud",
     "ngrokd.devcloud.tap",
     "A local stand-in for ngrok's API and binding ingress.",

@@ -1,0 +1,1094 @@
+"""
+The data-path benchmark: what carrying a connection through ngrokd costs.
+
+    python bench/datapath.py [--json FILE] [--concurrency 1000] [--quick]
+
+One run starts everything it needs on 127.0.0.1, in processes of its own: the
+backends (C{bench/_backends.py}: an echo server and a source server), the
+devcloud (C{twistd -n ngrokd-devcloud}) with one endpoint per backend, and the
+daemon (C{twistd -n ngrokd}) with the config the devcloud wrote, in network
+mode. It then measures the same client code twice, through the daemon and
+straight to the backends: the time from a new connection to its first echoed
+byte, bulk throughput over one and over eight connections, and a thousand
+connections opened at once. It reads the daemon's and the devcloud's CPU time
+and peak RSS from /proc, prints a table and, with C{--json}, writes every
+number. Every process it starts is stopped when it ends, also on Ctrl-C, and
+dies with it if it is killed. Linux only (/proc, prctl).
+
+This is not a test: it asserts nothing about speed. It fails (exit status 1)
+only when the data is wrong or a connection fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import OpenSSL
+from _backends import COUNT
+from attrs import frozen
+from OpenSSL import SSL
+
+import twisted
+from ngrokd.allocation import NETWORK_PORTS, CorruptStateFile, decode_network_ports
+from ngrokd.config import ConfigError, load_config
+
+T = TypeVar("T")
+Address = tuple[str, int]
+
+LOOPBACK = "127.0.0.1"
+MiB = 1024 * 1024
+
+#: The backends, and the endpoint (hostname, port) the devcloud binds to each.
+ECHO, SOURCE = "echo", "source"
+ENDPOINTS = {ECHO: ("echo.bench", 7), SOURCE: ("bulk.bench", 9)}
+
+#: Where ngrokd's network-mode listeners start, unless that port is taken.
+DEFAULT_START_PORT = 9080
+PARALLEL_CONNECTIONS = 8
+WARMUP_CONNECTIONS = 5
+
+# Bounds on every wait, in seconds.
+CONNECT_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0
+BACKENDS_TIMEOUT = 15.0
+DEVCLOUD_TIMEOUT = 30.0
+DAEMON_TIMEOUT = 90.0
+PROBE_TIMEOUT = 5.0
+ROUND_TRIP_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+#: A bulk phase may take this long plus its bytes at this rate (bytes/s).
+BULK_SLACK, BULK_MIN_RATE = 60.0, 2_000_000
+
+RECV_SIZE = 1024 * 1024
+PR_SET_PDEATHSIG = 1
+
+
+class BenchError(Exception):
+    """
+    The benchmark could not run to the end; the message says what failed.
+    """
+
+
+class ChildExited(BenchError):
+    """
+    A process the benchmark started exited before the benchmark was done.
+    """
+
+
+class NotReady(BenchError):
+    """
+    A process did not become usable in time.
+    """
+
+
+class WrongData(BenchError):
+    """
+    A connection returned other bytes, or another number of bytes, than sent.
+    """
+
+
+class ConnectionFailed(BenchError):
+    """
+    A measured connection failed (refused, reset, timed out).
+    """
+
+
+class PhaseTimeout(BenchError):
+    """
+    A measurement took longer than its bound.
+    """
+
+
+# Processes
+
+
+@frozen
+class Child:
+    """
+    A process the benchmark started; its output goes to C{log}.
+    """
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            return f"(cannot read {self.log}: {e.strerror})"
+        last = text.splitlines()[-lines:]
+        return "\n".join(f"    {line}" for line in last) or "    (no output)"
+
+    def check(self) -> None:
+        """
+        @raise ChildExited: the process has exited.
+        """
+        code = self.process.poll()
+        if code is not None:
+            raise ChildExited(
+                f"{self.name} (pid {self.pid}) exited with status {code};"
+                f" the end of {self.log}:\n{self.tail()}"
+            )
+
+
+def _die_with_parent() -> None:
+    """
+    In the child, before exec: get SIGTERM when the benchmark dies, even by
+    SIGKILL, so nothing it started outlives it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Children:
+    """
+    The processes the benchmark started, stopped in reverse order.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self._children: list[Child] = []
+
+    def spawn(self, name: str, argv: Sequence[str]) -> Child:
+        log = self._workdir / f"{name}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The run must use the devcloud's key and hosts file, nothing of the user's.
+        for key in ("NGROK_API_KEY", "NGROKD_HOSTS_PATH"):
+            env.pop(key, None)
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self._workdir,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches only us; we stop them
+                preexec_fn=_die_with_parent,
+            )
+        child = Child(name, process, log)
+        self._children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        """
+        SIGTERM each, newest first; SIGKILL what is still running after
+        C{STOP_TIMEOUT}.
+        """
+        while self._children:
+            child = self._children.pop()
+            if child.process.poll() is not None:
+                continue
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(
+                    f"datapath: {child.name} (pid {child.pid}) ignored SIGTERM"
+                    f" for {STOP_TIMEOUT:.0f}s, killing it",
+                    file=sys.stderr,
+                )
+                child.process.kill()
+                child.process.wait(STOP_TIMEOUT)
+
+
+def wait_until(
+    ready: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    watch: Sequence[Child],
+) -> T:
+    """
+    Poll C{ready} until it returns something other than C{None}.
+
+    @raise ChildExited: a watched process exited meanwhile.
+    @raise NotReady: C{timeout} seconds passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in watch:
+            child.check()
+        result = ready()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            logs = "".join(
+                f"\nthe end of {child.log}:\n{child.tail()}" for child in watch
+            )
+            raise NotReady(f"{what}: not ready after {timeout:.0f}s{logs}")
+        time.sleep(0.1)
+
+
+def raise_fd_limit() -> int:
+    """
+    Raise the soft limit on open files to the hard one (the children inherit
+    it): a thousand connections through a proxy take three thousand or more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    User plus system CPU time of process C{pid}, all threads, from /proc.
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """
+    The peak resident set size (VmHWM) of process C{pid}, in KiB.
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise BenchError(f"/proc/{pid}/status has no VmHWM line")
+
+
+# The client: the same code for both paths
+
+
+def _fast_socket(address: Address) -> socket.socket:
+    sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def first_byte_seconds(address: Address) -> float:
+    """
+    Connect, send one byte, read its echo: the seconds that took.
+    """
+    start = time.perf_counter()
+    with _fast_socket(address) as sock:
+        sock.settimeout(IDLE_TIMEOUT)
+        sock.sendall(b"x")
+        echoed = sock.recv(1)
+        elapsed = time.perf_counter() - start
+    if echoed != b"x":
+        raise WrongData(f"{address[0]}:{address[1]} echoed {echoed!r}, not b'x'")
+    return elapsed
+
+
+def identify(address: Address) -> str | None:
+    """
+    Which backend answers at C{address} (L{ECHO} or L{SOURCE}), after one
+    round trip; C{None} when none does (yet).
+    """
+    request = COUNT.pack(3)
+    received = b""
+    try:
+        with _fast_socket(address) as sock:
+            sock.settimeout(PROBE_TIMEOUT)
+            sock.sendall(request)
+            while len(received) < len(request):
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                received += chunk
+    except OSError:
+        return None
+    if received == request:
+        return ECHO
+    if received == bytes(3):
+        return SOURCE
+    return None
+
+
+def pull(address: Address, size: int, deadline: float) -> None:
+    """
+    Ask the source at C{address} for C{size} bytes and read them all.
+
+    @raise WrongData: the source sent another number of bytes.
+    @raise PhaseTimeout: C{deadline} (monotonic) passed.
+    """
+    received = 0
+    buffer = bytearray(RECV_SIZE)
+    with _fast_socket(address) as sock:
+        sock.settimeout(IDLE_TIMEOUT)
+        sock.sendall(COUNT.pack(size))
+        while n := sock.recv_into(buffer):
+            received += n
+            if received > size:
+                break
+            if time.monotonic() > deadline:
+                raise PhaseTimeout(
+                    f"pulling {size} bytes from {address[0]}:{address[1]}:"
+                    f" {received} after the deadline"
+                )
+    if received != size:
+        raise WrongData(
+            f"{address[0]}:{address[1]} sent {received} bytes, {size} were asked for"
+        )
+
+
+@frozen
+class Latency:
+    """
+    Connect-to-first-echoed-byte times of sequential new connections, in ms.
+    """
+
+    connections: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    mean_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Latency:
+        ms = [s * 1000 for s in seconds]
+        cuts = statistics.quantiles(ms, n=100, method="inclusive")
+        return cls(
+            len(ms),
+            cuts[49],
+            cuts[89],
+            cuts[98],
+            min(ms),
+            statistics.fmean(ms),
+            max(ms),
+        )
+
+
+def measure_latency(address: Address, connections: int) -> Latency:
+    """
+    L{first_byte_seconds} C{connections} times, one after the other, after
+    C{WARMUP_CONNECTIONS} that do not count.
+    """
+    seconds = []
+    for index in range(WARMUP_CONNECTIONS + connections):
+        try:
+            seconds.append(first_byte_seconds(address))
+        except OSError as e:
+            raise ConnectionFailed(
+                f"new connection {index + 1} to {address[0]}:{address[1]}: {e}"
+            ) from None
+    return Latency.of(seconds[WARMUP_CONNECTIONS:])
+
+
+@frozen
+class Throughput:
+    """
+    C{connections} connections in parallel, each pulling C{bytes_each}.
+    """
+
+    connections: int
+    bytes_each: int
+    seconds: float
+    mb_per_s: float  # 10**6 bytes per second, all connections together
+
+    @property
+    def total_bytes(self) -> int:
+        return self.connections * self.bytes_each
+
+
+def measure_bulk(address: Address, connections: int, bytes_each: int) -> Throughput:
+    """
+    Pull C{bytes_each} over each of C{connections} parallel connections.
+    """
+    total = connections * bytes_each
+    deadline = time.monotonic() + BULK_SLACK + total / BULK_MIN_RATE
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            pull(address, bytes_each, deadline)
+        except (OSError, BenchError) as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(connections)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()) + IDLE_TIMEOUT)
+        if thread.is_alive():
+            raise PhaseTimeout(f"bulk transfer from {address[0]}:{address[1]} hung")
+    seconds = time.perf_counter() - start
+    if errors:
+        raise ConnectionFailed(
+            f"{len(errors)} of {connections} bulk connections to"
+            f" {address[0]}:{address[1]} failed: {errors[0]}"
+        )
+    return Throughput(connections, bytes_each, seconds, total / seconds / 1e6)
+
+
+@frozen
+class Concurrency:
+    """
+    C{connections} connections opened at once, each doing one echo round
+    trip, all held open until every one is done.
+    """
+
+    connections: int
+    succeeded: int
+    failed: int
+    wall_seconds: float  # from the first connect to the last echo
+    p50_seconds: float  # per connection, from the common start to its echo
+    errors: dict[str, int]
+    close_errors: dict[str, int]
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, asyncio.IncompleteReadError):
+        return f"closed after {len(error.partial)} of {error.expected} bytes"
+    if isinstance(error, TimeoutError):
+        return f"no echo within {ROUND_TRIP_TIMEOUT:.0f}s"
+    return f"{type(error).__name__}: {error}"
+
+
+async def _concurrent(address: Address, connections: int) -> Concurrency:
+    loop = asyncio.get_running_loop()
+    everyone_done = asyncio.Event()
+    pending = connections
+    done_at: list[float] = []
+    errors: Counter[str] = Counter()
+    close_errors: Counter[str] = Counter()
+    start = loop.time()
+
+    async def one(index: int) -> None:
+        nonlocal pending
+        writer: asyncio.StreamWriter | None = None
+        message = b"echo %010d\n" % index
+        try:
+            async with asyncio.timeout(ROUND_TRIP_TIMEOUT):
+                reader, writer = await asyncio.open_connection(*address)
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                writer.write(message)
+                echoed = await reader.readexactly(len(message))
+            if echoed != message:
+                raise WrongData(f"echoed {echoed!r} for {message!r}")
+            done_at.append(loop.time() - start)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, WrongData) as e:
+            errors[_describe(e)] += 1
+        finally:
+            pending -= 1
+            if pending == 0:
+                everyone_done.set()
+        await everyone_done.wait()
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError as e:
+                close_errors[_describe(e)] += 1
+
+    async with asyncio.timeout(ROUND_TRIP_TIMEOUT + CONNECT_TIMEOUT + IDLE_TIMEOUT):
+        await asyncio.gather(*(one(i) for i in range(connections)))
+    done_at.sort()
+    return Concurrency(
+        connections,
+        len(done_at),
+        connections - len(done_at),
+        done_at[-1] if done_at else 0.0,
+        statistics.median(done_at) if done_at else 0.0,
+        dict(errors),
+        dict(close_errors),
+    )
+
+
+def measure_concurrency(address: Address, connections: int) -> Concurrency:
+    try:
+        return asyncio.run(_concurrent(address, connections))
+    except TimeoutError:
+        raise PhaseTimeout(
+            f"{connections} concurrent connections to {address[0]}:{address[1]}"
+            " did not finish"
+        ) from None
+
+
+# Starting the pieces
+
+
+@frozen
+class Backends:
+    ports: dict[str, int]  # ECHO or SOURCE -> port on 127.0.0.1
+
+    def address(self, kind: str) -> Address:
+        return (LOOPBACK, self.ports[kind])
+
+
+def start_backends(children: Children, workdir: Path) -> tuple[Child, Backends]:
+    portfile = workdir / "backends.json"
+    script = Path(__file__).with_name("_backends.py")
+    child = children.spawn("backends", [sys.executable, str(script), str(portfile)])
+
+    def ports() -> dict[str, int] | None:
+        if not portfile.exists():
+            return None
+        loaded: dict[str, int] = json.loads(portfile.read_text())
+        return loaded
+
+    backends = Backends(wait_until(ports, BACKENDS_TIMEOUT, "the backends", [child]))
+    for kind in ENDPOINTS:
+        if identify(backends.address(kind)) != kind:
+            raise NotReady(
+                f"the {kind} backend at {backends.address(kind)} does not answer as one"
+            )
+    return child, backends
+
+
+def twistd() -> str:
+    path = Path(sys.executable).with_name("twistd")
+    if not path.exists():
+        raise BenchError(
+            f"{path} does not exist: install Twisted next to {sys.executable}"
+        )
+    return str(path)
+
+
+@frozen
+class Devcloud:
+    child: Child
+    config: Path  # the ngrokd config it wrote
+
+
+def _free_range(start: int, count: int) -> bool:
+    for port in range(start, start + count):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_start_port(count: int, first: int = DEFAULT_START_PORT) -> int:
+    """
+    The first of C{count} consecutive ports that are free on 127.0.0.1,
+    trying C{first}, then every hundredth port above it.
+    """
+    for candidate in range(first, 30000, 100):
+        if _free_range(candidate, count):
+            return candidate
+    raise BenchError(f"no {count} free consecutive ports on {LOOPBACK} from {first}")
+
+
+def start_devcloud(children: Children, workdir: Path, backends: Backends) -> Devcloud:
+    """
+    Start the devcloud with one endpoint per backend; wait for the ngrokd
+    config it writes, whose listeners start at a free port.
+    """
+    state = workdir / "devcloud"
+    argv = [twistd(), "-n", "--pidfile=", "ngrokd-devcloud", "--state", str(state)]
+    argv += ["--api-port", "0", "--ingress-port", "0"]
+    start_port = free_start_port(len(ENDPOINTS))
+    if start_port != DEFAULT_START_PORT:
+        progress(
+            f"port {DEFAULT_START_PORT} is taken: ngrokd listens from {start_port}"
+        )
+    argv += ["--start-port", str(start_port)]
+    for kind, (host, port) in ENDPOINTS.items():
+        backend = backends.address(kind)
+        argv += ["--endpoint", f"tcp://{host}:{port}={backend[0]}:{backend[1]}"]
+    child = children.spawn("devcloud", argv)
+    info_file = state / "devcloud.json"
+
+    def written() -> Path | None:
+        try:
+            info = json.loads(info_file.read_text())
+        except (OSError, ValueError):
+            return None  # not written yet
+        config = Path(info["config"])
+        return config if config.exists() else None
+
+    config = wait_until(written, DEVCLOUD_TIMEOUT, "the devcloud", [child])
+    return Devcloud(child, config)
+
+
+@frozen
+class Daemon:
+    child: Child
+    ports: dict[str, int]  # ECHO or SOURCE -> port on 127.0.0.1
+    ports_from: str  # how they were found: the state file or probing
+
+    def address(self, kind: str) -> Address:
+        return (LOOPBACK, self.ports[kind])
+
+
+def _recorded_ports(state_dir: Path) -> dict[str, int] | None:
+    """
+    The daemon's ports for our endpoints, from its C{network_ports.json}.
+    """
+    try:
+        data = (state_dir / NETWORK_PORTS).read_bytes()
+        recorded, _, _ = decode_network_ports(data)
+    except (OSError, CorruptStateFile):
+        return None
+    if not all(endpoint in recorded for endpoint in ENDPOINTS.values()):
+        return None
+    return {kind: recorded[endpoint] for kind, endpoint in ENDPOINTS.items()}
+
+
+def _probed_ports(start_port: int) -> dict[str, int] | None:
+    """
+    The daemon's ports for our endpoints, found by asking each port from
+    C{start_port} which backend answers.
+    """
+    found = {}
+    for port in range(start_port, start_port + len(ENDPOINTS)):
+        answer = identify((LOOPBACK, port))
+        if answer is not None:
+            found[answer] = port
+    return found if len(found) == len(ENDPOINTS) else None
+
+
+def start_daemon(children: Children, devcloud: Devcloud) -> Daemon:
+    """
+    Start ngrokd with the devcloud's config; wait until both endpoints'
+    listeners carry a round trip to the right backend.
+    """
+    try:
+        config = load_config(str(devcloud.config)).config
+    except ConfigError as e:
+        raise BenchError(f"the devcloud's config does not load: {e}") from None
+    state_dir = Path(config.server.state_dir)
+    argv = [twistd(), "-n", "--pidfile=", "ngrokd", "--config", str(devcloud.config)]
+    child = children.spawn("ngrokd", argv)
+
+    def ready() -> Daemon | None:
+        recorded = _recorded_ports(state_dir)
+        if recorded is None:
+            probed = _probed_ports(config.net.start_port)
+            return None if probed is None else Daemon(child, probed, "probing")
+        for kind, port in recorded.items():
+            answer = identify((LOOPBACK, port))
+            if answer is None:
+                return None
+            if answer != kind:
+                raise BenchError(
+                    f"{state_dir / NETWORK_PORTS} gives {port} to the {kind}"
+                    f" endpoint, but the {answer} backend answers there"
+                )
+        return Daemon(child, recorded, NETWORK_PORTS)
+
+    return wait_until(ready, DAEMON_TIMEOUT, "ngrokd", [devcloud.child, child])
+
+
+# The run
+
+
+@frozen
+class PathResult:
+    """
+    Every measurement of one path (through the daemon, or direct).
+    """
+
+    echo: Address
+    source: Address
+    latency: Latency
+    bulk_one: Throughput
+    bulk_parallel: Throughput
+    concurrency: Concurrency
+    #: CPU seconds per 10**9 bytes moved in the bulk phases, per process.
+    cpu_seconds_per_gb: dict[str, float]
+
+
+@frozen
+class Settings:
+    latency_connections: int
+    bulk_bytes: int
+    parallel_connections: int
+    parallel_bytes_each: int
+    concurrency: int
+    direct_only: bool
+
+
+def progress(message: str) -> None:
+    print(f"datapath: {message}", file=sys.stderr, flush=True)
+
+
+def _pids(processes: dict[str, Child]) -> dict[str, int]:
+    pids = {name: child.pid for name, child in processes.items()}
+    pids["load client"] = os.getpid()
+    return pids
+
+
+def measure_path(
+    name: str,
+    echo: Address,
+    source: Address,
+    settings: Settings,
+    processes: dict[str, Child],
+) -> PathResult:
+    """
+    Every measurement, against the echo and source servers at these
+    addresses; C{processes} must stay up meanwhile.
+    """
+    watch = list(processes.values())
+
+    def check() -> None:
+        for child in watch:
+            child.check()
+
+    progress(
+        f"{name}: {settings.latency_connections} new connections,"
+        f" connect to first byte ({echo[0]}:{echo[1]})"
+    )
+    latency = measure_latency(echo, settings.latency_connections)
+    check()
+    pids = _pids(processes)
+    before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+    progress(f"{name}: 1 connection x {settings.bulk_bytes // MiB} MiB")
+    bulk_one = measure_bulk(source, 1, settings.bulk_bytes)
+    check()
+    progress(
+        f"{name}: {settings.parallel_connections} connections"
+        f" x {settings.parallel_bytes_each // MiB} MiB"
+    )
+    bulk_parallel = measure_bulk(
+        source, settings.parallel_connections, settings.parallel_bytes_each
+    )
+    after = {who: cpu_seconds(pid) for who, pid in pids.items()}
+    gigabytes = (bulk_one.total_bytes + bulk_parallel.total_bytes) / 1e9
+    cpu = {who: (after[who] - before[who]) / gigabytes for who in pids}
+    check()
+    progress(f"{name}: {settings.concurrency} connections at once")
+    concurrency = measure_concurrency(echo, settings.concurrency)
+    check()
+    return PathResult(echo, source, latency, bulk_one, bulk_parallel, concurrency, cpu)
+
+
+@frozen
+class Machine:
+    cpus: int
+    cpu_model: str
+    kernel: str
+    python: str
+    twisted: str
+    openssl: str
+    pyopenssl: str
+    fd_limit: int
+
+    @classmethod
+    def here(cls, fd_limit: int) -> Machine:
+        model = "unknown"
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        return cls(
+            len(os.sched_getaffinity(0)),
+            model,
+            f"{platform.system()} {platform.release()}",
+            f"{platform.python_implementation()} {platform.python_version()}",
+            twisted.__version__,
+            SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(),
+            OpenSSL.__version__,
+            fd_limit,
+        )
+
+
+@frozen
+class Report:
+    command: str
+    machine: Machine
+    settings: Settings
+    direct: PathResult
+    daemon: PathResult | None
+    #: name -> pid and peak RSS (KiB) of each process, read at the end.
+    processes: dict[str, dict[str, int]]
+    daemon_ports_from: str | None
+
+    @property
+    def failures(self) -> list[str]:
+        found = []
+        for name, result in (("direct", self.direct), ("daemon", self.daemon)):
+            if result is not None and result.concurrency.failed:
+                c = result.concurrency
+                found.append(
+                    f"{c.failed} of {c.connections} concurrent connections {name}"
+                    f" failed: {c.errors}"
+                )
+        return found
+
+
+def _ratio(daemon: float, direct: float) -> str:
+    return f"{daemon / direct:.2f}x" if direct else "-"
+
+
+def _rows_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        pairs = zip(row[1:], widths[1:], strict=True)
+        cells += [cell.rjust(width) for cell, width in pairs]
+        lines.append("   ".join(cells).rstrip())
+    return lines
+
+
+def render(report: Report) -> str:
+    m, s = report.machine, report.settings
+    direct, daemon = report.direct, report.daemon
+    lines = [
+        "ngrokd data-path benchmark",
+        "",
+        f"machine   {m.cpus} CPUs ({m.cpu_model}), {m.kernel}",
+        f"software  {m.python}, Twisted {m.twisted}, {m.openssl}"
+        f" (pyOpenSSL {m.pyopenssl})",
+        f"command   {report.command}",
+    ]
+    if daemon is None:
+        lines.append(
+            f"note      the load client and the backends share these {m.cpus} CPUs"
+        )
+    else:
+        lines += [
+            "note      the load client, the backends, the devcloud and ngrokd share",
+            f"          these {m.cpus} CPUs; through the daemon, TLS runs in two"
+            " Python",
+            "          processes (ngrokd and the devcloud's ingress): the numbers are",
+            "          bounded by CPU here, not by the network",
+        ]
+    lines.append("")
+
+    def row(label: str, pick: Callable[[PathResult], float], fmt: str) -> list[str]:
+        d = pick(direct)
+        if daemon is None:
+            return [label, "-", format(d, fmt), "-"]
+        n = pick(daemon)
+        return [label, format(n, fmt), format(d, fmt), _ratio(n, d)]
+
+    lat = f"connect to first byte ({s.latency_connections} new conns)"
+    one = f"bulk, 1 conn x {s.bulk_bytes // MiB} MiB"
+    par = f"bulk, {s.parallel_connections} conns x {s.parallel_bytes_each // MiB} MiB"
+    conc = f"{s.concurrency} conns at once, one echo each"
+    rows = [
+        ["", "daemon", "direct", "daemon/direct"],
+        row(f"{lat}, p50 (ms)", lambda r: r.latency.p50_ms, ".3f"),
+        row(f"{lat}, p90 (ms)", lambda r: r.latency.p90_ms, ".3f"),
+        row(f"{lat}, p99 (ms)", lambda r: r.latency.p99_ms, ".3f"),
+        row(f"{one} (MB/s)", lambda r: r.bulk_one.mb_per_s, ".1f"),
+        row(f"{par} (MB/s)", lambda r: r.bulk_parallel.mb_per_s, ".1f"),
+        row(f"{conc}: all echoed (s)", lambda r: r.concurrency.wall_seconds, ".3f"),
+        row(f"{conc}: median (s)", lambda r: r.concurrency.p50_seconds, ".3f"),
+        row(f"{conc}: failed", lambda r: r.concurrency.failed, "d"),
+    ]
+    lines += _rows_table(rows)
+    lines += ["", "CPU seconds per GB (10^9 bytes) moved in the bulk phases; peak RSS"]
+    cpu_rows = [["", "daemon path", "direct path", "peak RSS (MiB)", "pid"]]
+    for who, info in report.processes.items():
+        through = daemon.cpu_seconds_per_gb.get(who) if daemon else None
+        cpu_rows.append(
+            [
+                who,
+                "-" if through is None else f"{through:.2f}",
+                f"{direct.cpu_seconds_per_gb.get(who, 0.0):.2f}",
+                f"{info['peak_rss_kib'] / 1024:.1f}",
+                str(info["pid"]),
+            ]
+        )
+    lines += _rows_table(cpu_rows)
+    extra = []
+    if report.daemon_ports_from:
+        extra.append(f"daemon ports found from {report.daemon_ports_from}")
+    for name, result in (("daemon", daemon), ("direct", direct)):
+        if result is not None:
+            extra.append(
+                f"{name}: echo {result.echo[0]}:{result.echo[1]},"
+                f" source {result.source[0]}:{result.source[1]}"
+            )
+            if result.concurrency.close_errors:
+                extra.append(
+                    f"{name}: errors closing after the echo:"
+                    f" {result.concurrency.close_errors}"
+                )
+    lines += [""] + extra
+    return "\n".join(lines)
+
+
+def as_json(report: Report) -> dict[str, Any]:
+    data: dict[str, Any] = attrs.asdict(report)
+    for name in ("direct", "daemon"):
+        result = getattr(report, name)
+        if result is not None:
+            data[name]["latency"]["warmup_connections"] = WARMUP_CONNECTIONS
+    if report.daemon is not None:
+        d, n = report.direct, report.daemon
+        data["ratios_daemon_over_direct"] = {
+            "latency_p50": n.latency.p50_ms / d.latency.p50_ms,
+            "latency_p99": n.latency.p99_ms / d.latency.p99_ms,
+            "bulk_one": n.bulk_one.mb_per_s / d.bulk_one.mb_per_s,
+            "bulk_parallel": n.bulk_parallel.mb_per_s / d.bulk_parallel.mb_per_s,
+            "concurrency_wall": n.concurrency.wall_seconds / d.concurrency.wall_seconds
+            if d.concurrency.wall_seconds
+            else None,
+        }
+    data["failures"] = report.failures
+    return data
+
+
+def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
+    fd_limit = raise_fd_limit()
+    quick = args.quick
+    settings = Settings(
+        latency_connections=args.latency or (50 if quick else 300),
+        bulk_bytes=(64 if quick else 512) * MiB,
+        parallel_connections=PARALLEL_CONNECTIONS,
+        parallel_bytes_each=(16 if quick else 128) * MiB,
+        concurrency=args.concurrency,
+        direct_only=args.direct_only,
+    )
+    machine = Machine.here(fd_limit)
+    progress(f"working in {workdir}")
+    backends_child, backends = start_backends(children, workdir)
+    processes = {"backends": backends_child}
+    daemon: Daemon | None = None
+    if not args.direct_only:
+        progress("starting the devcloud")
+        devcloud = start_devcloud(children, workdir, backends)
+        progress(f"starting ngrokd with {devcloud.config}")
+        daemon = start_daemon(children, devcloud)
+        processes = {"ngrokd": daemon.child, "devcloud": devcloud.child, **processes}
+    direct = measure_path(
+        "direct", backends.address(ECHO), backends.address(SOURCE), settings, processes
+    )
+    through = None
+    if daemon is not None:
+        through = measure_path(
+            "daemon", daemon.address(ECHO), daemon.address(SOURCE), settings, processes
+        )
+    pids = _pids(processes)
+    return Report(
+        shlex.join([sys.executable, *sys.argv]),
+        machine,
+        settings,
+        direct,
+        through,
+        {
+            name: {"pid": pid, "peak_rss_kib": peak_rss_kib(pid)}
+            for name, pid in pids.items()
+        },
+        daemon.ports_from if daemon else None,
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="datapath.py",
+        description="Measure ngrokd's data path against direct connections,"
+        " all on 127.0.0.1.",
+    )
+    parser.add_argument("--json", metavar="FILE", help="write every number to FILE")
+    parser.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="connections opened at once (default 1000)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="50 latency samples, 64 MiB and 8 x 16 MiB bulk",
+    )
+    parser.add_argument(
+        "--latency",
+        type=_positive,
+        metavar="N",
+        help="sequential new connections for the latency (default 300, quick 50)",
+    )
+    parser.add_argument(
+        "--direct-only",
+        action="store_true",
+        help="measure only the direct path (no devcloud, no daemon)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the working directory (logs, state) after a good run",
+    )
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    if not sys.platform.startswith("linux"):
+        print("datapath: Linux only (it reads /proc)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="ngrokd-bench-"))
+    children = Children(workdir)
+    keep = True
+    try:
+        with _sigterm_interrupts():
+            try:
+                report = run(args, children, workdir)
+            finally:
+                children.stop_all()
+        print(render(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(as_json(report), indent=2) + "\n")
+            progress(f"wrote {args.json}")
+        for failure in report.failures:
+            print(f"\nFAILED: {failure}", file=sys.stderr)
+        keep = bool(report.failures) or args.keep
+        return 1 if report.failures else 0
+    except KeyboardInterrupt:
+        print("datapath: interrupted", file=sys.stderr)
+        return 130
+    except BenchError as e:
+        print(f"datapath: FAILED: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if keep:
+            progress(f"logs and state kept in {workdir}")
+        else:
+            shutil.rmtree(workdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,368 @@
+# -*- test-case-name: ngrokd.test.test_hosts -*-
+"""
+The ngrokd section of the hosts file, which makes endpoint names resolve to
+their local addresses for every program on the machine.
+
+The hosts file belongs to the administrator; ngrokd owns only the lines
+between its two marker lines. Everything else is kept byte for byte, even
+when the section is damaged: the original deleted the rest of the file when
+its END marker was missing, matched markers as substrings, and replaced the
+file's inode, losing its mode, owner and label, and never updating it at all
+where it is a bind mount (fault 23).
+
+L{render} is the pure part. L{HostsFile} reads, renders and writes under a
+lock, atomically where it can and in place where the file is a mount point.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from ipaddress import ip_address
+
+from twisted.logger import Logger
+
+from ngrokd.allocation import IPAddress
+
+BEGIN = "# BEGIN ngrokd managed section"
+END = "# END ngrokd managed section"
+
+_LINE = re.compile(r"[^\n]*\n|[^\n]+")
+_ENTRY = re.compile(r"(\S+)\t(\S+)")
+
+
+def _lines(text: str) -> list[str]:
+    """
+    C{text} split after each newline, line endings kept: only C{\\n} ends a
+    line in a hosts file (unlike L{str.splitlines}).
+    """
+    return _LINE.findall(text)
+
+
+def _ending(line: str) -> str:
+    for ending in ("\r\n", "\n"):
+        if line.endswith(ending):
+            return ending
+    return ""
+
+
+def _content(line: str) -> str:
+    return line[: len(line) - len(_ending(line))]
+
+
+def _is_entry(line: str) -> bool:
+    match = _ENTRY.fullmatch(_content(line))
+    if match is None:
+        return False
+    try:
+        ip_address(match.group(1))
+    except ValueError:
+        return False
+    return True
+
+
+def _is_begin(line: str) -> bool:
+    return _content(line).strip() == BEGIN
+
+
+def _is_blank(line: str) -> bool:
+    return _content(line) == "" and line != ""
+
+
+def _sections(lines: list[str]) -> list[tuple[int, int]]:
+    """
+    The C{[start, end)} line ranges that are ngrokd's: from a BEGIN line to
+    the next END line; or, when another BEGIN or the end of the file comes
+    first, the BEGIN line and the entry lines right after it (what the
+    original wrote before it was cut short). A stray END line is a section of
+    its own.
+    """
+    markers = [_content(line).strip() for line in lines]
+    sections: list[tuple[int, int]] = []
+    i = 0
+    while i < len(lines):
+        if markers[i] == END:
+            sections.append((i, i + 1))
+            i += 1
+        elif markers[i] == BEGIN:
+            j = i + 1
+            while j < len(lines) and markers[j] not in (BEGIN, END):
+                j += 1
+            if j < len(lines) and markers[j] == END:
+                end = j + 1
+            else:
+                end = i + 1
+                while end < len(lines) and _is_entry(lines[end]):
+                    end += 1
+            sections.append((i, end))
+            i = end
+        else:
+            i += 1
+    return sections
+
+
+def render(existing: str, mapping: Mapping[str, IPAddress]) -> str:
+    """
+    C{existing} hosts-file text with the ngrokd section holding exactly
+    C{mapping}: one C{IP<TAB>hostname} line per hostname, sorted by hostname.
+
+    The section stays where it was (several collapse into the first). A new
+    one is appended after a blank line. An empty mapping removes the section
+    together with the blank line before it, so that adding and then removing
+    a section gives back the original text, byte for byte, including a
+    missing final newline. The section's lines end like its BEGIN line did,
+    or a new section's like the file's first line (CRLF or LF).
+    """
+    lines = _lines(existing)
+    newline = next((_ending(line) for line in lines if _ending(line)), "\n")
+    sections = _sections(lines)
+    keep = None
+    if mapping:
+        keep = next((s for s in sections if _is_begin(lines[s[0]])), None)
+    out: list[str] = []
+    position = 0
+    for start, end in sections:
+        out.extend(lines[position:start])
+        position = end
+        last_ending = _ending(lines[end - 1])
+        if (start, end) == keep:
+            own = _ending(lines[start]) or newline
+            out.extend(_section(mapping, own, last_ending))
+            continue
+        if _is_begin(lines[start]) and out and _is_blank(out[-1]):
+            out.pop()
+        if not last_ending and out:
+            out[-1] = _content(out[-1])
+    out.extend(lines[position:])
+    if mapping and keep is None:
+        last_ending = newline
+        if out and not _ending(out[-1]):
+            out[-1] += newline
+            last_ending = ""
+        if out:
+            out.append(newline)
+        out.extend(_section(mapping, newline, last_ending))
+    return "".join(out)
+
+
+def _section(
+    mapping: Mapping[str, IPAddress], newline: str, last_ending: str
+) -> list[str]:
+    entries = [
+        f"{mapping[hostname]}\t{hostname}{newline}" for hostname in sorted(mapping)
+    ]
+    return [BEGIN + newline, *entries, END + last_ending]
+
+
+class HostsFileError(Exception):
+    """
+    The hosts file could not be read or written.
+    """
+
+    def __init__(self, path: str, step: str, cause: OSError) -> None:
+        super().__init__(path, step, cause)
+        self.path = path
+        self.step = step
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"cannot {self.step} {self.path}: {self.cause.strerror or self.cause}"
+
+
+#: rename(2) fails so when the file is a mount point: Docker and Kubernetes
+#: bind-mount /etc/hosts into containers.
+_IN_PLACE_ERRORS = (errno.EBUSY, errno.EXDEV)
+#: Bounded retries when another writer replaces the file while we wait.
+_LOCK_ATTEMPTS = 20
+
+
+class HostsFile:
+    """
+    The ngrokd section of one hosts file. The methods block (on locks and
+    C{fsync}): call them from a thread.
+
+    Each call locks the file (C{flock}, shared with other cooperating
+    writers), reads it afresh, and writes only if the section changes, so
+    edits others make between two calls are kept. The new text replaces the
+    file atomically, through a temporary file in the same directory that
+    gets the file's mode, owner, group and extended attributes (such as its
+    SELinux label). Where that cannot work (the file is a mount point, or
+    its owner or attributes cannot be copied) it is rewritten in place. A
+    symbolic link is followed: the file it names is written, the link kept.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._in_place = False
+
+    def write(self, mapping: Mapping[str, IPAddress]) -> bool:
+        """
+        Make the section hold exactly C{mapping} (no section if empty).
+
+        @return: whether the file changed.
+        @raise HostsFileError: naming the file and what failed.
+        """
+        path = os.path.realpath(self.path)
+        fd = self._open_locked(path, create=bool(mapping))
+        if fd is None:
+            return False
+        try:
+            data = self._read(fd, path)
+            old = data.decode("utf-8", "surrogateescape")
+            new = render(old, mapping).encode("utf-8", "surrogateescape")
+            if new == data:
+                return False
+            if self._in_place or not self._replace(fd, path, new):
+                self._write_in_place(fd, path, new)
+            return True
+        finally:
+            os.close(fd)
+
+    def remove(self) -> bool:
+        """
+        Remove the section, as on a clean stop.
+
+        @return: whether the file changed.
+        """
+        return self.write({})
+
+    def _open_locked(self, path: str, create: bool) -> int | None:
+        """
+        Open and lock the file that is at C{path} once the lock is held:
+        another writer may have replaced it while we waited for the lock.
+        """
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        for _ in range(_LOCK_ATTEMPTS):
+            try:
+                fd = os.open(path, flags, 0o644)
+            except FileNotFoundError as e:
+                if not create:
+                    return None
+                raise HostsFileError(path, "create", e) from e
+            except OSError as e:
+                raise HostsFileError(path, "open", e) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    return fd
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                os.close(fd)
+                raise HostsFileError(path, "lock", e) from e
+            os.close(fd)
+        raise HostsFileError(
+            path,
+            "lock",
+            OSError(errno.EAGAIN, f"replaced {_LOCK_ATTEMPTS} times while waiting"),
+        )
+
+    def _read(self, fd: int, path: str) -> bytes:
+        chunks = []
+        offset = 0
+        try:
+            while chunk := os.pread(fd, 65536, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+        except OSError as e:
+            raise HostsFileError(path, "read", e) from e
+        return b"".join(chunks)
+
+    def _replace(self, fd: int, path: str, data: bytes) -> bool:
+        """
+        Replace the file by a copy holding C{data}.
+
+        @return: C{False} if the file must be written in place instead.
+        """
+        directory = os.path.dirname(path)
+        try:
+            tmp_fd, temporary = tempfile.mkstemp(
+                prefix=f".{os.path.basename(path)}.ngrokd-", dir=directory
+            )
+        except OSError as e:
+            self._fall_back(path, "create a temporary file beside", e)
+            return False
+        try:
+            try:
+                self._copy_attributes(fd, tmp_fd)
+            except OSError as e:
+                self._fall_back(path, "give a copy the owner and attributes of", e)
+                return False
+            step = "write"
+            try:
+                _write_all(tmp_fd, data)
+                step = "fsync"
+                os.fsync(tmp_fd)
+                step = "rename over"
+                os.rename(temporary, path)
+            except OSError as e:
+                if step == "rename over" and e.errno in _IN_PLACE_ERRORS:
+                    self._fall_back(path, "rename over", e)
+                    return False
+                raise HostsFileError(path, f"{step} a copy of", e) from e
+            temporary = ""
+        finally:
+            os.close(tmp_fd)
+            if temporary:
+                os.unlink(temporary)
+        try:
+            _fsync_directory(directory)
+        except OSError as e:
+            raise HostsFileError(directory, "fsync", e) from e
+        return True
+
+    @staticmethod
+    def _copy_attributes(source: int, target: int) -> None:
+        status = os.fstat(source)
+        os.fchown(target, status.st_uid, status.st_gid)
+        os.fchmod(target, status.st_mode & 0o7777)
+        if not hasattr(os, "listxattr"):
+            return  # macOS: Python has no xattr calls there, nor SELinux labels.
+        try:
+            names = os.listxattr(source)
+        except OSError as e:
+            if e.errno != errno.ENOTSUP:
+                raise
+            names = []
+        for name in names:
+            os.setxattr(target, name, os.getxattr(source, name))
+
+    def _fall_back(self, path: str, step: str, error: OSError) -> None:
+        self._in_place = True
+        self.log.info(
+            "cannot {step} {path} ({error}); writing it in place from now on",
+            step=step,
+            path=path,
+            error=error.strerror,
+        )
+
+    def _write_in_place(self, fd: int, path: str, data: bytes) -> None:
+        step = "write"
+        try:
+            _write_all(fd, data)
+            step = "truncate"
+            os.ftruncate(fd, len(data))
+            step = "fsync"
+            os.fsync(fd)
+        except OSError as e:
+            raise HostsFileError(path, f"{step} (in place)", e) from e
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    offset = 0
+    while offset < len(data):
+        offset += os.pwrite(fd, data[offset:], offset)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,360 @@
+# -*- test-case-name: ngrokd.test.test_netif -*-
+"""
+Virtual-mode addresses on Linux, through netlink (pyroute2).
+
+The addresses go on a link of ngrokd's own, so that they are easy to tell
+from everyone else's: a dummy link where the kernel has them; else an empty
+bridge, which forwards nothing without ports but holds local addresses just
+like a dummy link; else C{lo} itself, where ngrokd's addresses are tagged with
+their own address protocol number. A link left by a run that did not stop
+cleanly is adopted; a link of that name of any other kind is refused.
+
+Each address is a host address (/32 or /128). The original added them with
+the subnet's prefix (C{10.107.0.2/16}), which routes the whole subnet to the
+link and so hijacks it when a LAN or VPN uses it; on C{lo} it would make
+every address of the subnet local. IPv6 addresses skip duplicate address
+detection, so they can be bound at once.
+
+A subnet inside 127.0.0.0/8 needs no change at all: Linux treats every
+address of 127/8 as local.
+
+Netlink calls block, so they run in the one thread of a pool the caller owns
+and starts; after construction, only that thread touches this object's
+state, and every call opens its own netlink socket there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator, Set
+from ipaddress import IPv4Network, ip_address
+from typing import Any
+
+from attrs import frozen
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from ngrokd.allocation import IPAddress, IPNetwork
+from ngrokd.netif import (
+    LOOPBACK_RANGE,
+    ForeignLink,
+    INetworkInterface,
+    NetworkInterfaceError,
+    NotCreated,
+    NotPermitted,
+    check_addresses,
+)
+
+#: Link kinds to create, in order of preference.
+LINK_KINDS = ("dummy", "bridge")
+LOOPBACK = "lo"
+#: The address protocol (C{IFA_PROTO}, Linux 6.1 and later) that marks the
+#: addresses ngrokd adds, so that those it left on C{lo} can be found again.
+#: Values 0 to 3 are the kernel's; this one is "n".
+ADDRESS_PROTOCOL = 0x6E
+_IFA_F_NODAD = 0x02
+
+
+class NetlinkFailed(NetworkInterfaceError):
+    """
+    The kernel refused a netlink request for another reason than permission.
+    """
+
+
+@frozen
+class _Carrier:
+    """
+    Where the addresses are: the link C{index} named C{name}, or nowhere
+    (C{index} is C{None}) when the subnet is local already. On a link of
+    ngrokd's own (C{whole}) every subnet address is ngrokd's.
+    """
+
+    index: int | None
+    name: str
+    whole: bool
+    description: str
+
+
+_NO_LINK = _Carrier(
+    None, "", False, "no link: every address of 127.0.0.0/8 is local on Linux"
+)
+
+
+@implementer(INetworkInterface)
+class LinuxInterface:
+    """
+    The addresses of C{subnet} on the link C{interface_name} (or on C{lo}).
+
+    @param link_kinds: the link kinds to try, in order, before falling back to
+        C{lo}.
+    @param netlink: makes a pyroute2 C{IPRoute} (for tests: one in another
+        network namespace).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        threadpool: ThreadPool,
+        interface_name: str,
+        subnet: IPNetwork,
+        link_kinds: tuple[str, ...] = LINK_KINDS,
+        netlink: Callable[[], Any] = IPRoute,
+    ) -> None:
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._name = interface_name
+        self._subnet = subnet
+        self._kinds = link_kinds
+        self._netlink = netlink
+        self._carrier: _Carrier | None = None
+        #: Addresses added to C{lo} by this run, in case the kernel dropped
+        #: their protocol number.
+        self._added: set[IPAddress] = set()
+        self._description = "not created"
+
+    def create(self) -> Deferred[None]:
+        return self._run(self._create)
+
+    def ensure_addresses(self, addresses: Set[IPAddress]) -> Deferred[None]:
+        wanted = frozenset(addresses)
+        try:
+            check_addresses(wanted, self._subnet)
+        except NetworkInterfaceError:
+            return fail()
+        return self._run(self._ensure, wanted)
+
+    def addresses(self) -> Deferred[frozenset[IPAddress]]:
+        return deferToThreadPool(self._reactor, self._threadpool, self._addresses)
+
+    def destroy(self) -> Deferred[None]:
+        return self._run(self._destroy)
+
+    def describe(self) -> str:
+        return self._description
+
+    def _run(self, work: Callable[..., str | None], *args: object) -> Deferred[None]:
+        """
+        Run C{work} in the pool's thread and log the notice it returns, here
+        in the reactor thread.
+        """
+        d = deferToThreadPool(self._reactor, self._threadpool, work, *args)
+
+        def log(notice: str | None) -> None:
+            if notice is not None:
+                self.log.info("virtual addresses: {notice}", notice=notice)
+
+        return d.addCallback(log)
+
+    # Everything below runs in the pool's thread.
+
+    def _use(self, carrier: _Carrier | None) -> None:
+        self._carrier = carrier
+        self._description = "not created" if carrier is None else carrier.description
+
+    def _create(self) -> str | None:
+        if isinstance(self._subnet, IPv4Network) and self._subnet.subnet_of(
+            LOOPBACK_RANGE
+        ):
+            if self._carrier is _NO_LINK:
+                return None
+            self._use(_NO_LINK)
+            return _NO_LINK.description
+        with self._netlink() as ipr:
+            carrier = self._carrier
+            if carrier is not None and self._index(ipr, carrier.name) == carrier.index:
+                return None
+            self._use(self._find_or_make(ipr))
+        assert self._carrier is not None
+        return self._carrier.description
+
+    def _index(self, ipr: Any, name: str | None = None) -> int | None:
+        found = ipr.link_lookup(ifname=name or self._name)
+        return found[0] if found else None
+
+    def _find_or_make(self, ipr: Any) -> _Carrier:
+        existing = self._index(ipr)
+        if existing is not None:
+            return self._adopt(ipr, existing)
+        missing: list[str] = []
+        for kind in self._kinds:
+            try:
+                ipr.link("add", ifname=self._name, kind=kind)
+            except NetlinkError as e:
+                if e.code == errno.EOPNOTSUPP:
+                    missing.append(kind)
+                    continue
+                raise _error(e, f"create link {self._name} of kind {kind}") from e
+            index = self._index(ipr)
+            assert index is not None
+            self._bring_up(ipr, index, remove_on_failure=True)
+            description = f"link {self._name} ({kind})"
+            if missing:
+                description += f"; this kernel has no {' or '.join(missing)} links"
+            return _Carrier(index, self._name, True, description)
+        index = self._index(ipr, LOOPBACK)
+        assert index is not None
+        return _Carrier(
+            index,
+            LOOPBACK,
+            False,
+            f"addresses on {LOOPBACK}; this kernel has no {' or '.join(missing)} links",
+        )
+
+    def _adopt(self, ipr: Any, index: int) -> _Carrier:
+        link = ipr.get_links(index)[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        if kind not in self._kinds:
+            raise ForeignLink(
+                self._name,
+                f"a {kind} link" if kind else "a device without a link kind",
+            )
+        ports = [
+            other.get_attr("IFLA_IFNAME")
+            for other in ipr.get_links()
+            if other.get_attr("IFLA_MASTER") == index
+        ]
+        if ports:
+            raise ForeignLink(
+                self._name, f"a {kind} with ports ({', '.join(sorted(ports))})"
+            )
+        self._bring_up(ipr, index, remove_on_failure=False)
+        return _Carrier(
+            index,
+            self._name,
+            True,
+            f"link {self._name} ({kind}), adopted from an earlier run",
+        )
+
+    def _bring_up(self, ipr: Any, index: int, remove_on_failure: bool) -> None:
+        try:
+            ipr.link("set", index=index, state="up")
+        except NetlinkError as e:
+            error = _error(e, f"bring link {self._name} up")
+            if remove_on_failure:
+                try:
+                    ipr.link("del", index=index)
+                except NetlinkError as second:
+                    raise NetlinkFailed(
+                        f"{error}; removing that new link failed too: "
+                        f"{os.strerror(second.code)}"
+                    ) from e
+            raise error from e
+
+    def _require(self) -> _Carrier:
+        if self._carrier is None:
+            raise NotCreated(f"addresses asked for before {self._name} was created")
+        return self._carrier
+
+    def _ensure(self, wanted: frozenset[IPAddress]) -> str | None:
+        carrier = self._require()
+        if carrier.index is None:
+            return None
+        notice = None
+        with self._netlink() as ipr:
+            if self._index(ipr, carrier.name) != carrier.index:
+                self._use(self._find_or_make(ipr))
+                carrier = self._require()
+                notice = f"{self._name} had disappeared; now on {carrier.description}"
+            assert carrier.index is not None
+            present = list(self._ours(ipr, carrier))
+            for ip, prefixlen in present:
+                if ip not in wanted or prefixlen != ip.max_prefixlen:
+                    self._remove(ipr, carrier, ip, prefixlen)
+            have = {ip for ip, prefixlen in present if prefixlen == ip.max_prefixlen}
+            for ip in sorted(wanted - have):
+                self._add(ipr, carrier, ip)
+        return notice
+
+    def _ours(self, ipr: Any, carrier: _Carrier) -> Iterator[tuple[IPAddress, int]]:
+        """
+        ngrokd's subnet addresses on C{carrier}, with their prefix length.
+        """
+        for message in ipr.get_addr(index=carrier.index):
+            local = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
+            ip = ip_address(local)
+            if ip not in self._subnet:
+                continue
+            if (
+                carrier.whole
+                or message.get_attr("IFA_PROTO") == ADDRESS_PROTOCOL
+                or ip in self._added
+            ):
+                yield ip, message["prefixlen"]
+
+    def _add(self, ipr: Any, carrier: _Carrier, ip: IPAddress) -> None:
+        options: dict[str, Any] = {"proto": ADDRESS_PROTOCOL}
+        if ip.version == 6:
+            options["flags"] = _IFA_F_NODAD
+        try:
+            ipr.addr(
+                "add",
+                index=carrier.index,
+                address=str(ip),
+                prefixlen=ip.max_prefixlen,
+                **options,
+            )
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                return
+            raise _error(e, f"add {ip} to {carrier.name}") from e
+        if not carrier.whole:
+            self._added.add(ip)
+
+    def _remove(
+        self, ipr: Any, carrier: _Carrier, ip: IPAddress, prefixlen: int
+    ) -> None:
+        try:
+            ipr.addr("del", index=carrier.index, address=str(ip), prefixlen=prefixlen)
+        except NetlinkError as e:
+            if e.code != errno.EADDRNOTAVAIL:
+                raise _error(e, f"remove {ip}/{prefixlen} from {carrier.name}") from e
+        self._added.discard(ip)
+
+    def _addresses(self) -> frozenset[IPAddress]:
+        carrier = self._carrier
+        if carrier is None or carrier.index is None:
+            return frozenset()
+        with self._netlink() as ipr:
+            if self._index(ipr, carrier.name) != carrier.index:
+                return frozenset()
+            return frozenset(
+                ip
+                for ip, prefixlen in self._ours(ipr, carrier)
+                if prefixlen == ip.max_prefixlen
+            )
+
+    def _destroy(self) -> str | None:
+        carrier = self._carrier
+        if carrier is None or carrier.index is None:
+            self._use(None)
+            return None
+        with self._netlink() as ipr:
+            if self._index(ipr, carrier.name) == carrier.index:
+                if carrier.whole:
+                    try:
+                        ipr.link("del", index=carrier.index)
+                    except NetlinkError as e:
+                        if e.code != errno.ENODEV:
+                            raise _error(e, f"remove link {carrier.name}") from e
+                else:
+                    for ip, prefixlen in list(self._ours(ipr, carrier)):
+                        self._remove(ipr, carrier, ip, prefixlen)
+        self._use(None)
+        self._added.clear()
+        return f"removed ({carrier.description})"
+
+
+def _error(e: NetlinkError, action: str) -> NetworkInterfaceError:
+    if e.code in (errno.EPERM, errno.EACCES):
+        return NotPermitted(action)
+    return NetlinkFailed(f"cannot {action}: {os.strerror(e.code)}")

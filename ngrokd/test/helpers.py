@@ -1,0 +1,159 @@
+"""
+Peers for tests over real sockets on loopback: a recording client, backends,
+and a bounded wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(Protocol):
+    """
+    Records what arrives and how the connection ends. C{on_read_closed} runs
+    when the peer stops sending (by default the connection is closed then),
+    C{on_connected} when connected.
+    """
+
+    transport: Any
+
+    def __init__(
+        self,
+        on_read_closed: Callable[[Recorder], object] | None = None,
+        on_connected: Callable[[Recorder], object] | None = None,
+    ) -> None:
+        self.received = b""
+        self.read_closed = False
+        self.reason: Failure | None = None
+        self.lost: Deferred[None] = Deferred()
+        self._on_read_closed = on_read_closed
+        self._on_connected = on_connected
+
+    def connectionMade(self) -> None:
+        if self._on_connected:
+            self._on_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.read_closed = True
+        if self._on_read_closed:
+            self._on_read_closed(self)
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """
+    Echoes; at the end of the input it finishes the output too.
+    """
+
+    transport: Any
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class Source(Protocol):
+    """
+    Sends C{total} bytes as fast as the connection takes them, then closes;
+    C{sent} shows how far flow control let it get.
+    """
+
+    chunk = b"x" * 65536
+    transport: Any
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+        self._paused = False
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while not self._paused and self.sent < self.total:
+            data = self.chunk[: self.total - self.sent]
+            self.sent += len(data)
+            self.transport.write(data)
+        if self.sent >= self.total:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+
+def listen(factory: Any, test: Any) -> int:
+    """
+    Serve C{factory} on 127.0.0.1 for the duration of C{test}; its port.
+    """
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return int(port.getHost().port)  # type: ignore[attr-defined]
+
+
+def connect(port: int, protocol: Protocol) -> Deferred[Protocol]:
+    """
+    Connect C{protocol} to 127.0.0.1:C{port}.
+    """
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+
+
+async def wait_until(
+    condition: Callable[[], bool], what: str, timeout: float = 10.0
+) -> None:
+    """
+    Wait for C{condition} on the real reactor, at most C{timeout} seconds.
+    """
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def settle(value: Callable[[], int], timeout: float = 10.0) -> int:
+    """
+    Wait until C{value()} stops changing for a moment; its final value.
+    """
+    last = -1
+    for _ in range(int(timeout / 0.2)):
+        current = value()
+        if current == last:
+            return current
+        last = current
+        await deferLater(reactor, 0.2, lambda: None)
+    raise AssertionError("the value kept changing")

@@ -1,0 +1,393 @@
+"""
+Tests for L{ngrokd.hosts}.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import threading
+from ipaddress import ip_address
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ngrokd.hosts import BEGIN, END, HostsFile, HostsFileError, render
+from ngrokd.test.namespace import namespace
+
+MAPPING = {"db.ns": ip_address("10.107.0.3"), "api.ns": ip_address("10.107.0.2")}
+SECTION = f"{BEGIN}\n10.107.0.2\tapi.ns\n10.107.0.3\tdb.ns\n{END}\n"
+OTHER = {"new.ns": ip_address("fd00::2")}
+OTHER_SECTION = f"{BEGIN}\nfd00::2\tnew.ns\n{END}\n"
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+
+
+class RenderTests(SynchronousTestCase):
+    """
+    L{render} puts the mapping between the markers and leaves every other
+    byte alone.
+    """
+
+    def test_appended(self) -> None:
+        """
+        A new section goes at the end after a blank line, one IP<TAB>name line
+        per hostname, sorted by hostname.
+        """
+        self.assertEqual(render(HOSTS, MAPPING), HOSTS + "\n" + SECTION)
+
+    def test_emptyFile(self) -> None:
+        """
+        An empty file gets just the section, and loses it again.
+        """
+        self.assertEqual(render("", MAPPING), SECTION)
+        self.assertEqual(render(SECTION, {}), "")
+
+    def test_replacedInPlace(self) -> None:
+        """
+        An existing section is rewritten where it is; the lines before and
+        after it are kept as they are.
+        """
+        text = HOSTS + SECTION + "10.0.0.9 mine\n"
+        self.assertEqual(render(text, OTHER), HOSTS + OTHER_SECTION + "10.0.0.9 mine\n")
+
+    def test_unchanged(self) -> None:
+        """
+        Rendering the same mapping again gives the same text.
+        """
+        once = render(HOSTS, MAPPING)
+        self.assertEqual(render(once, MAPPING), once)
+
+    def test_removedWithItsBlankLine(self) -> None:
+        """
+        An empty mapping removes the section and the blank line added before
+        it: the file is back to what it was.
+        """
+        self.assertEqual(render(render(HOSTS, MAPPING), {}), HOSTS)
+        self.assertEqual(render(HOSTS, {}), HOSTS)
+
+    def test_fileEndingWithBlankLine(self) -> None:
+        """
+        A file that ends with a blank line keeps it when the section comes
+        and goes.
+        """
+        text = HOSTS + "\n"
+        self.assertEqual(render(render(text, MAPPING), {}), text)
+
+    def test_missingFinalNewline(self) -> None:
+        """
+        A file without a final newline still has none with the section, and
+        gets its last line back unchanged without it.
+        """
+        text = HOSTS.rstrip("\n")
+        with_section = render(text, MAPPING)
+        self.assertEqual(with_section, HOSTS + "\n" + SECTION.rstrip("\n"))
+        self.assertEqual(
+            render(with_section, OTHER), HOSTS + "\n" + OTHER_SECTION.rstrip("\n")
+        )
+        self.assertEqual(render(with_section, {}), text)
+
+    def test_crlf(self) -> None:
+        """
+        In a file with CRLF line endings the section's lines end in CRLF too.
+        """
+        text = HOSTS.replace("\n", "\r\n")
+        with_section = render(text, MAPPING)
+        self.assertEqual(with_section, text + "\r\n" + SECTION.replace("\n", "\r\n"))
+        self.assertEqual(render(with_section, {}), text)
+
+    def test_beginWithoutEnd(self) -> None:
+        """
+        A section cut short after BEGIN loses only its entry lines: the lines
+        after them are kept (the original deleted the rest of the file).
+        """
+        text = f"{HOSTS}{BEGIN}\n10.107.0.9\told.ns\n10.0.0.9 mine\n# comment\n"
+        self.assertEqual(
+            render(text, MAPPING), f"{HOSTS}{SECTION}10.0.0.9 mine\n# comment\n"
+        )
+        self.assertEqual(render(text, {}), f"{HOSTS}10.0.0.9 mine\n# comment\n")
+
+    def test_beginWithoutEndBeforeAnotherSection(self) -> None:
+        """
+        A BEGIN followed by another BEGIN before any END is cut short there;
+        the complete section after it is still recognised.
+        """
+        text = f"{BEGIN}\n10.1.1.1\ta\nkeep me\n{BEGIN}\n10.1.1.2\tb\n{END}\n"
+        self.assertEqual(render(text, MAPPING), f"{SECTION}keep me\n")
+
+    def test_markersMatchWholeLines(self) -> None:
+        """
+        A line that merely contains a marker is not one.
+        """
+        text = f"10.0.0.9 x # not {BEGIN}\n# {END} neither\n"
+        self.assertEqual(render(text, MAPPING), text + "\n" + SECTION)
+        self.assertEqual(render(text, {}), text)
+
+    def test_severalSectionsCollapse(self) -> None:
+        """
+        Several sections become one, where the first was; the others go with
+        the blank lines before them.
+        """
+        text = f"a\n{SECTION}b\n\n{SECTION}c\n\n{OTHER_SECTION}"
+        self.assertEqual(render(text, OTHER), f"a\n{OTHER_SECTION}b\nc\n")
+        self.assertEqual(render(text, {}), "a\nb\nc\n")
+
+    def test_strayEnd(self) -> None:
+        """
+        An END without a BEGIN is dropped; the lines around it stay.
+        """
+        text = f"a\n{END}\nb\n"
+        self.assertEqual(render(text, MAPPING), f"a\nb\n\n{SECTION}")
+
+    @given(
+        # A last line ending in a bare CR becomes CRLF once a newline follows
+        # it, and cannot be told from one afterwards.
+        st.text(st.sampled_from("ab# \t\r\n")).filter(lambda t: not t.endswith("\r")),
+        st.dictionaries(
+            st.sampled_from(["a.ns", "b.ns", "c.ns"]),
+            st.integers(2, 9).map(lambda n: ip_address(f"10.107.0.{n}")),
+        ),
+    )
+    def test_roundTrip(self, text, mapping) -> None:
+        """
+        For any file without markers, adding a section and removing it gives
+        back the same text, and rendering is idempotent.
+        """
+        with_section = render(text, mapping)
+        self.assertEqual(render(with_section, mapping), with_section)
+        self.assertEqual(render(with_section, {}), text)
+
+    @given(
+        st.text(st.sampled_from("ab#\t\r\n")).map(lambda t: t + "\n" if t else t),
+        st.text(st.sampled_from("ab#\t\r\n")),
+    )
+    def test_outsidePreserved(self, before, after) -> None:
+        """
+        Whatever surrounds an existing section is kept byte for byte.
+        """
+        text = before + SECTION + after
+        self.assertEqual(render(text, OTHER), before + OTHER_SECTION + after)
+
+
+class HostsFileTests(SynchronousTestCase):
+    """
+    L{HostsFile} rewrites only its section of a real file.
+    """
+
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.mkdir(self.directory)
+        self.path = os.path.join(self.directory, "hosts")
+        self.hosts = HostsFile(self.path)
+
+    def put(self, data: bytes) -> None:
+        with open(self.path, "wb") as f:
+            f.write(data)
+
+    def content(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def assertOnlyHostsFile(self) -> None:
+        self.assertEqual(os.listdir(self.directory), ["hosts"])
+
+    def test_writeAndRemove(self) -> None:
+        """
+        write() adds the section and says so; remove() takes it out again,
+        leaving the original bytes, even ones that are not UTF-8.
+        """
+        original = HOSTS.encode("ascii") + b"10.0.0.9\tcaf\xe9\n"
+        self.put(original)
+        self.assertTrue(self.hosts.write(MAPPING))
+        self.assertEqual(self.content(), original + b"\n" + SECTION.encode("ascii"))
+        self.assertTrue(self.hosts.remove())
+        self.assertEqual(self.content(), original)
+        self.assertOnlyHostsFile()
+
+    def test_unchangedNotWritten(self) -> None:
+        """
+        Writing the same mapping again leaves the file alone: same inode,
+        same content.
+        """
+        self.put(HOSTS.encode("ascii"))
+        self.hosts.write(MAPPING)
+        before = os.stat(self.path)
+        self.assertFalse(self.hosts.write(MAPPING))
+        self.assertEqual(os.stat(self.path).st_ino, before.st_ino)
+
+    def test_attributesKept(self) -> None:
+        """
+        The file is replaced atomically (a new inode) with its mode, owner,
+        group and extended attributes.
+        """
+        self.put(HOSTS.encode("ascii"))
+        os.chmod(self.path, 0o640)
+        root = os.geteuid() == 0
+        if root:
+            os.chown(self.path, 1234, 5678)
+        try:
+            os.setxattr(self.path, "user.ngrokd-test", b"label")
+            xattr = True
+        except OSError:
+            xattr = False
+        before = os.stat(self.path)
+        self.hosts.write(MAPPING)
+        after = os.stat(self.path)
+        self.assertNotEqual(after.st_ino, before.st_ino)
+        self.assertEqual(stat.S_IMODE(after.st_mode), 0o640)
+        self.assertEqual((after.st_uid, after.st_gid), (before.st_uid, before.st_gid))
+        if xattr:
+            self.assertEqual(os.getxattr(self.path, "user.ngrokd-test"), b"label")
+        self.assertOnlyHostsFile()
+
+    def test_othersEditsKept(self) -> None:
+        """
+        Lines someone else adds between two writes survive the second write.
+        """
+        self.put(HOSTS.encode("ascii"))
+        self.hosts.write(MAPPING)
+        with open(self.path, "ab") as f:
+            f.write(b"10.0.0.9\tmine\n")
+        self.hosts.write(OTHER)
+        self.assertEqual(
+            self.content(),
+            (HOSTS + "\n" + OTHER_SECTION + "10.0.0.9\tmine\n").encode("ascii"),
+        )
+
+    def test_missingFile(self) -> None:
+        """
+        remove() on a missing file does not create it; write() does.
+        """
+        self.assertFalse(self.hosts.remove())
+        self.assertFalse(os.path.exists(self.path))
+        self.assertTrue(self.hosts.write(MAPPING))
+        self.assertEqual(self.content(), SECTION.encode("ascii"))
+
+    def test_missingDirectory(self) -> None:
+        """
+        A hosts file in a directory that does not exist is an error naming
+        it.
+        """
+        path = os.path.join(self.directory, "nowhere", "hosts")
+        error = self.assertRaises(HostsFileError, HostsFile(path).write, MAPPING)
+        self.assertIn(path, str(error))
+
+    def test_symlinkFollowed(self) -> None:
+        """
+        Through a symbolic link, the file it names is written and the link
+        stays a link.
+        """
+        self.put(HOSTS.encode("ascii"))
+        link = os.path.join(self.directory, "link")
+        os.symlink("hosts", link)
+        HostsFile(link).write(MAPPING)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(self.content(), (HOSTS + "\n" + SECTION).encode("ascii"))
+
+    def test_waitsForOtherWriter(self) -> None:
+        """
+        A write waits while another cooperating writer holds the file's lock,
+        then works on what that writer left, even if it replaced the file.
+        """
+        self.put(HOSTS.encode("ascii"))
+        with open(self.path, "rb") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            writer = threading.Thread(target=self.hosts.write, args=(MAPPING,))
+            writer.start()
+            self.addCleanup(writer.join, 30)
+            replacement = self.path + ".other"
+            with open(replacement, "wb") as f:
+                f.write(HOSTS.encode("ascii") + b"10.0.0.9\tmine\n")
+            os.rename(replacement, self.path)
+        writer.join(30)
+        self.assertFalse(writer.is_alive())
+        self.assertEqual(
+            self.content(),
+            (HOSTS + "10.0.0.9\tmine\n\n" + SECTION).encode("ascii"),
+        )
+
+
+_WRITE_TWICE = """
+import json, os, subprocess
+from ipaddress import ip_address
+from ngrokd.hosts import HostsFile
+hosts = HostsFile("/etc/hosts")
+before = os.stat("/etc/hosts").st_ino
+first = hosts.write({"api.example.internal": ip_address("10.107.0.2")})
+with open("/etc/hosts", "a") as f:
+    f.write("10.0.0.9\\tmine.example.internal\\n")
+second = hosts.write({"db.example.internal": ip_address("10.107.0.3")})
+def resolve(name):
+    return subprocess.run(["getent", "hosts", name], capture_output=True,
+                          text=True).stdout.split()
+print(json.dumps({
+    "changed": [first, second],
+    "same_inode": os.stat("/etc/hosts").st_ino == before,
+    "db": resolve("db.example.internal"),
+    "api": resolve("api.example.internal"),
+    "mine": resolve("mine.example.internal"),
+    "etc_leftovers": [n for n in os.listdir("/etc") if "ngrokd" in n],
+}))
+"""
+
+
+class BindMountedHostsFileTests(SynchronousTestCase):
+    """
+    L{HostsFile} on a hosts file that is a bind mount, as in containers,
+    inside a throwaway namespace.
+    """
+
+    def test_inPlaceAndResolved(self) -> None:
+        """
+        Where the hosts file cannot be renamed over (EBUSY), it is written in
+        place: the system resolver finds the names, edits made by someone
+        else between two writes survive, and no temporary file is left.
+        """
+        ns = namespace(self)
+        source = os.path.abspath(self.mktemp())
+        with open(source, "w") as f:
+            f.write(HOSTS)
+        with open("/etc/hosts", "rb") as f:
+            machine_hosts = f.read()
+        result = ns.run_python(_WRITE_TWICE, hosts_file=source)
+        self.assertEqual(
+            result,
+            {
+                "changed": [True, True],
+                "same_inode": True,
+                "db": ["10.107.0.3", "db.example.internal"],
+                "api": [],
+                "mine": ["10.0.0.9", "mine.example.internal"],
+                "etc_leftovers": [],
+            },
+        )
+        with open(source) as f:
+            self.assertEqual(
+                f.read(),
+                HOSTS
+                + f"\n{BEGIN}\n10.107.0.3\tdb.example.internal\n{END}\n"
+                + "10.0.0.9\tmine.example.internal\n",
+            )
+        with open("/etc/hosts", "rb") as f:
+            self.assertEqual(f.read(), machine_hosts)
+
+    def test_resolverSeesSharedFile(self) -> None:
+        """
+        Commands given the same hosts file see the same names: what one
+        writes, another resolves.
+        """
+        ns = namespace(self)
+        source = os.path.abspath(self.mktemp())
+        with open(source, "w") as f:
+            f.write(HOSTS)
+        ns.run_python(
+            "from ipaddress import ip_address as a; from ngrokd.hosts import HostsFile;"
+            "HostsFile('/etc/hosts').write({'x.ns': a('fd00::5')}); print('null')",
+            hosts_file=source,
+        )
+        code = (
+            "import json, socket; print(json.dumps(sorted({i[4][0] for i in"
+            " socket.getaddrinfo('x.ns', 80, proto=socket.IPPROTO_TCP)})))"
+        )
+        self.assertEqual(ns.run_python(code, hosts_file=source), ["fd00::5"])
