@@ -58,6 +58,7 @@ class LocalProtocol(PipeProtocol):
         self._connecting: Deferred[IngressProtocol] | None = None
         self._ingress: IngressProtocol | None = None
         self._rejecting = False
+        self._rewriter: HostRewriter | None = None
         self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -88,10 +89,25 @@ class LocalProtocol(PipeProtocol):
         self._ingress = ingress
         rewrite_host = self._factory.rewrite_host
         if rewrite_host is not None and _speaks_http(ingress, self._factory.target):
-            rewriter = HostRewriter(rewrite_host)
-            self.transform = rewriter.feed
-            self.finish_transform = rewriter.finish
+            self._rewriter = HostRewriter(rewrite_host)
+            self.transform = self._rewrite
+            self.finish_transform = self._rewriter.finish
         splice(self, ingress)
+
+    def _rewrite(self, data: bytes) -> bytes:
+        assert self._rewriter is not None
+        out = self._rewriter.feed(data)
+        if self._rewriter.passthrough:
+            # An upgraded or unparseable stream: from here on bytes pass as
+            # they are. Only the latter is worth a word.
+            self.transform = None
+            if self._rewriter.gave_up:
+                self.log.warn(
+                    "{url}: passing a request on unchanged: {reason}",
+                    url=self._factory.target.url,
+                    reason=self._rewriter.gave_up,
+                )
+        return out
 
     def _failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -164,6 +180,8 @@ class BridgeFactory(Factory):
     C{rewrite_host} is the C{Host} value HTTP requests get, or C{None} to pass
     requests untouched.
     """
+
+    noisy = False  # ListenerSet logs where it listens
 
     def __init__(
         self,

@@ -259,7 +259,9 @@ class IngressConnector:
         protocol = IngressProtocol(
             request, self.clock, self._connect_timeout, self._upgrade_timeout
         )
-        connecting = endpoint.connect(Factory.forProtocol(lambda: protocol))
+        factory = Factory.forProtocol(lambda: protocol)
+        factory.noisy = False  # one per connection: the bridge logs what matters
+        connecting = endpoint.connect(factory)
 
         def cancel(d: Deferred[IngressProtocol]) -> None:
             connecting.cancel()

@@ -136,6 +136,8 @@ class BackendProtocol(PipeProtocol):
 
 
 class _BackendFactory(Factory):
+    noisy = False
+
     def buildProtocol(self, addr: IAddress | None) -> BackendProtocol:
         return BackendProtocol()
 
