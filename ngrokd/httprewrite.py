@@ -12,8 +12,12 @@ dropped the bytes it had buffered when parsing failed (seed-spec faults 5, 6).
 L{HostRewriter} is a sans-IO filter over the client-to-server byte stream. It
 holds back only request heads (at most L{MAX_HEAD} bytes) and single lines of
 chunked framing; body bytes are sliced through as they arrive, so
-C{Expect: 100-continue} and full-duplex exchanges never stall. Every byte other
-than the Host header's value passes exactly as the client sent it.
+C{Expect: 100-continue} and full-duplex exchanges never stall (a client that
+gets a final answer instead of 100 still sends the body or closes, RFC 9110
+section 10.1.1, so the framing holds). In each head the first Host value
+becomes the endpoint's, later Host lines go, a missing one is added, and an
+absolute-form target's authority becomes the endpoint's; every other byte
+passes exactly as the client sent it.
 
 It sees only the request side. After a request that may switch protocols
 (C{CONNECT}, or C{Upgrade} with C{Connection: upgrade}) it cannot tell whether

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL.SSL import Error as TLSLibraryError
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -95,9 +96,11 @@ class IngressProtocol(PipeProtocol):
         clock: IReactorTime,
         connect_timeout: float,
         upgrade_timeout: float,
+        server_name: str = "",
     ) -> None:
         super().__init__()
         self.request = request
+        self._server_name = server_name
         self.upgraded: Deferred[IngressProtocol] = Deferred(self._cancel)
         self.response: wire.ConnResponse | None = None
         self._clock = clock
@@ -161,8 +164,12 @@ class IngressProtocol(PipeProtocol):
         self._stop_timer()
         if self._reader is not None and not self.upgraded.called:
             self._reader = None
-            if reason.check(TLSLibraryError):
-                error: IngressError = TLSFailed(_describe_tls(reason.value))  # type: ignore[arg-type]
+            if reason.check(VerificationError):
+                error: IngressError = TLSFailed(
+                    f"the ingress's certificate is not for {self._server_name}"
+                )
+            elif reason.check(TLSLibraryError):
+                error = TLSFailed(_describe_tls(reason.value))  # type: ignore[arg-type]
             else:
                 error = UpgradeFailed(
                     "the ingress closed the connection before answering the upgrade"
@@ -257,7 +264,11 @@ class IngressConnector:
             ),
         )
         protocol = IngressProtocol(
-            request, self.clock, self._connect_timeout, self._upgrade_timeout
+            request,
+            self.clock,
+            self._connect_timeout,
+            self._upgrade_timeout,
+            self.host,
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False  # one per connection: the bridge logs what matters

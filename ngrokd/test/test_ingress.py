@@ -1,0 +1,165 @@
+"""
+Tests for L{ngrokd.ingress} and L{ngrokd.trust}: whom the connector trusts,
+over real TLS on loopback.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from OpenSSL.SSL import Context
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from ngrokd import wire
+from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.halfclose import HalfCloseableTLSFactory
+from ngrokd.identity import generate_key, make_csr
+from ngrokd.ingress import DialFailed, IngressConnector, TLSFailed, UpgradeFailed
+from ngrokd.test.helpers import listen
+from ngrokd.trust import IOpenSSLTrustRoot, PartialChainTrust, parse_certificates
+
+
+class Answer(Protocol):
+    """
+    A stand-in ingress that answers any request with C{reply}.
+    """
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(self.reply)  # type: ignore[union-attr]
+
+
+@implementer(IOpenSSLTrustRoot)
+class WithoutPartialChain:
+    """
+    Trusts C{certificates} the way plain OpenSSL does: only self-signed
+    roots may be anchors.
+    """
+
+    def __init__(self, certificates: Any) -> None:
+        self.certificates = certificates
+
+    def _addCACertsToContext(self, context: Context) -> None:
+        store = context.get_cert_store()
+        assert store is not None
+        for certificate in self.certificates:
+            store.add_cert(certificate)
+
+
+class ConnectorTrustTests(TestCase):
+    """
+    The connector checks the ingress's certificate: chain and name.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.root = CertificateAuthority.create("root")
+        self.intermediate = self.root.intermediate("Intermediate CA")
+        key_pem = generate_key()
+        self.client_cert = self.root.sign_csr(make_csr(key_pem), days=1).cert_pem
+        self.client_key = key_pem
+
+    def serve(self, ca: CertificateAuthority, names: list[str], reply: bytes) -> int:
+        cert, key = ca.issue_server(names)
+        options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+        factory = HalfCloseableTLSFactory(
+            options, False, Factory.forProtocol(lambda: Answer(reply))
+        )
+        return listen(factory, self)
+
+    def connector(self, port: int, trust: Any) -> IngressConnector:
+        connector = IngressConnector(reactor, "127.0.0.1", port, trust, 5.0, 5.0)
+        connector.use_certificate(self.client_cert, self.client_key)
+        return connector
+
+    def trusting(self, ca: CertificateAuthority) -> PartialChainTrust:
+        return PartialChainTrust(parse_certificates(ca.cert_pem, "test"), system=False)
+
+    def test_wrongName(self) -> Deferred[None]:
+        """
+        A certificate from a trusted CA for another name is refused.
+        """
+
+        async def run() -> None:
+            port = self.serve(self.root, ["elsewhere.test"], b"")
+            connector = self.connector(port, self.trusting(self.root))
+            with self.assertRaises(TLSFailed):
+                await connector.connect(wire.ConnRequest("svc.ns", 80))
+
+        return ensureDeferred(run())
+
+    def test_untrustedIssuer(self) -> Deferred[None]:
+        """
+        A certificate for the right name from an unknown CA is refused.
+        """
+
+        async def run() -> None:
+            stranger = CertificateAuthority.create("stranger")
+            port = self.serve(stranger, ["127.0.0.1"], b"")
+            connector = self.connector(port, self.trusting(self.root))
+            with self.assertRaises(TLSFailed) as caught:
+                await connector.connect(wire.ConnRequest("svc.ns", 80))
+            self.assertIn("certificate verify failed", str(caught.exception))
+
+        return ensureDeferred(run())
+
+    def test_intermediateAnchor(self) -> Deferred[None]:
+        """
+        Trusting only the intermediate, as with ngrok's private CA, is enough;
+        plain OpenSSL trust of the same certificate is not.
+        """
+
+        async def run() -> None:
+            reply = wire.encode_response(
+                wire.ConnResponse(endpoint_id="ep_1", proto="tcp")
+            )
+            port = self.serve(self.intermediate, ["127.0.0.1"], reply)
+            anchor = parse_certificates(self.intermediate.cert_pem, "intermediate")
+            upgraded = await self.connector(
+                port, PartialChainTrust(anchor, system=False)
+            ).connect(wire.ConnRequest("svc.ns", 80))
+            self.assertEqual(upgraded.response, wire.ConnResponse("ep_1", "tcp"))
+            upgraded.transport.abortConnection()
+            with self.assertRaises(TLSFailed):
+                await self.connector(port, WithoutPartialChain(anchor)).connect(
+                    wire.ConnRequest("svc.ns", 80)
+                )
+
+        return ensureDeferred(run())
+
+    def test_malformedResponse(self) -> Deferred[None]:
+        """
+        An answer that is not a ConnResponse fails the upgrade.
+        """
+
+        async def run() -> None:
+            port = self.serve(self.root, ["127.0.0.1"], b"\x03\x00\xff\xff\xff")
+            connector = self.connector(port, self.trusting(self.root))
+            with self.assertRaises(UpgradeFailed):
+                await connector.connect(wire.ConnRequest("svc.ns", 80))
+
+        return ensureDeferred(run())
+
+    def test_dialFailed(self) -> Deferred[None]:
+        """
+        A port nobody listens on is a dial failure naming the address.
+        """
+
+        async def run() -> None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            connector = self.connector(port, self.trusting(self.root))
+            with self.assertRaises(DialFailed) as caught:
+                await connector.connect(wire.ConnRequest("svc.ns", 80))
+            self.assertIn(f"127.0.0.1:{port}", str(caught.exception))
+
+        return ensureDeferred(run())
