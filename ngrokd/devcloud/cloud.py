@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import secrets
 import string
 from collections.abc import Callable, Iterable, Sequence
@@ -274,6 +275,8 @@ class Cloud:
         self.faults = Faults()
         self._now = now
         self._operators: dict[str, CloudOperator] = {}
+        #: Called after every change of the operators (to persist them).
+        self.on_change: Callable[[], object] | None = None
         self._endpoints: dict[str, CloudEndpoint] = {}
         self._by_address: dict[tuple[str, int], CloudEndpoint] = {}
 
@@ -388,6 +391,7 @@ class Cloud:
             updated_at=now,
         )
         self._operators[operator.id] = operator
+        self._changed()
         return operator
 
     def update(
@@ -421,6 +425,7 @@ class Cloud:
             updated_at=self._now(),
         )
         self._operators[operator_id] = operator
+        self._changed()
         return operator
 
     def get_operator(self, operator_id: str) -> CloudOperator:
@@ -438,6 +443,33 @@ class Cloud:
         """
         self.get_operator(operator_id)
         del self._operators[operator_id]
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def dump_operators(self) -> bytes:
+        """
+        The operators as JSON, for L{load_operators} after a restart: ngrok
+        does not forget an operator when its servers restart, and neither
+        does the devcloud.
+        """
+        return json.dumps(
+            [_operator_json(o) for o in self._operators.values()], indent=2
+        ).encode()
+
+    def load_operators(self, data: bytes) -> None:
+        """
+        Restore what L{dump_operators} wrote.
+
+        @raise ValueError: the data is not such a dump.
+        """
+        try:
+            operators = [_operator_from_json(each) for each in json.loads(data)]
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"not a dump of devcloud operators: {e!r}") from None
+        self._operators = {o.id: o for o in operators}
 
     def operators(self) -> list[CloudOperator]:
         return list(self._operators.values())
@@ -475,3 +507,62 @@ class Cloud:
 
 def _serial(cert: IssuedCertificate) -> int:
     return x509.load_pem_x509_certificate(cert.cert_pem).serial_number
+
+
+def _operator_json(operator: CloudOperator) -> dict[str, object]:
+    return {
+        "id": operator.id,
+        "description": operator.description,
+        "metadata": operator.metadata,
+        "enabled_features": list(operator.enabled_features),
+        "region": operator.region,
+        "deployment": operator.deployment,
+        "selectors": list(operator.selectors),
+        "csr_pem": operator.csr_pem.decode(),
+        "cert_pem": operator.cert.cert_pem.decode(),
+        "not_before": operator.cert.not_before.isoformat(),
+        "not_after": operator.cert.not_after.isoformat(),
+        "serials": sorted(operator.serials),
+        "created_at": operator.created_at.isoformat(),
+        "updated_at": operator.updated_at.isoformat(),
+    }
+
+
+def _operator_from_json(data: dict[str, object]) -> CloudOperator:
+    def text(key: str) -> str:
+        value = data[key]
+        if not isinstance(value, str):
+            raise TypeError(f"{key} is not a string")
+        return value
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = data[key]
+        if not isinstance(value, list):
+            raise TypeError(f"{key} is not a list")
+        return tuple(str(each) for each in value)
+
+    def time(key: str) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(text(key))
+
+    deployment = data["deployment"]
+    serials = data["serials"]
+    if not isinstance(deployment, dict) or not isinstance(serials, list):
+        raise TypeError("deployment or serials has the wrong type")
+    return CloudOperator(
+        id=text("id"),
+        description=text("description"),
+        metadata=text("metadata"),
+        enabled_features=strings("enabled_features"),
+        region=text("region"),
+        deployment={str(k): str(v) for k, v in deployment.items()},
+        selectors=strings("selectors"),
+        csr_pem=text("csr_pem").encode(),
+        cert=IssuedCertificate(
+            cert_pem=text("cert_pem").encode(),
+            not_before=time("not_before"),
+            not_after=time("not_after"),
+        ),
+        serials=frozenset(int(each) for each in serials),
+        created_at=time("created_at"),
+        updated_at=time("updated_at"),
+    )

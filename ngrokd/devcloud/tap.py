@@ -240,6 +240,25 @@ class RunningDevcloud:
         return done.addCallback(lambda _: None)
 
 
+#: Where the registered operators are kept across restarts.
+OPERATORS_FILE = "operators.json"
+
+
+def _keep_operators(cloud: Cloud, path: str) -> None:
+    """
+    Restore the operators saved in C{path}, and save them there after every
+    change, so that ngrokd's stored operator id survives a devcloud restart.
+    """
+    try:
+        with open(path, "rb") as f:
+            cloud.load_operators(f.read())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        raise DevcloudStateError(f"{path}: {e}") from None
+    cloud.on_change = lambda: write_atomic(path, cloud.dump_operators(), 0o600)
+
+
 def start_devcloud(
     reactor: Any,
     state_dir: str,
@@ -268,6 +287,7 @@ def start_devcloud(
     root, intermediate = load_authorities(state_dir)
     api_key = api_key or load_api_key(state_dir)
     cloud = Cloud(root, [api_key], ingress_endpoint="")
+    _keep_operators(cloud, os.path.join(state_dir, OPERATORS_FILE))
     for url, backend in endpoints:
         cloud.add_endpoint(url, backend)
     names = list(dict.fromkeys([host, "localhost", "127.0.0.1"]))

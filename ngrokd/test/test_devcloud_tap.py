@@ -516,6 +516,30 @@ class DevcloudServiceTests(TestCase):
         self.assertEqual((read(), second.api_key), (before, first.api_key))
 
     @inlineCallbacks
+    def test_restartKeepsOperators(self):
+        """
+        Operators registered before a restart are still known after it, with
+        their certificates, so a daemon's stored operator id keeps working;
+        a deleted one stays deleted.
+        """
+        from ngrokd.identity import generate_key, make_csr
+
+        service, first = self.start()
+        kept = first.cloud.register(
+            "kept", "{}", ["bindings"], "global", {}, ["true"], make_csr(generate_key())
+        )
+        gone = first.cloud.register(
+            "gone", "{}", ["bindings"], "global", {}, ["true"], make_csr(generate_key())
+        )
+        first.cloud.delete_operator(gone.id)
+        self.assertEqual(self.mode("operators.json"), 0o600)
+        yield service.stopService()
+        second = self.devcloud = self.start()[1]
+        self.assertEqual(second.cloud.operators(), [kept])
+        status, body = yield self.call("GET", f"/kubernetes_operators/{kept.id}")
+        self.assertEqual((status, body["id"]), (200, kept.id))
+
+    @inlineCallbacks
     def test_stopClosesEverything(self):
         """
         Stopping the service closes its ports and the connections it carries,
