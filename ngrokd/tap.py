@@ -67,7 +67,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     from ngrokd.daemon import Daemon
+    from ngrokd.logs import LogLevelService, level_named
 
     for warning in options.loaded.warnings:
         _log.warn("{warning}", warning=warning)
-    return Daemon(options.loaded.config, reactor)
+    config = options.loaded.config
+    daemon = Daemon(config, reactor)
+    LogLevelService(level_named(config.server.log_level)).setServiceParent(daemon)
+    return daemon

@@ -20,7 +20,8 @@ from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.halfclose import HalfCloseableTLSFactory
 from ngrokd.identity import generate_key, make_csr
 from ngrokd.ingress import DialFailed, IngressConnector, TLSFailed, UpgradeFailed
-from ngrokd.test.helpers import listen
+from ngrokd.splice import PipeProtocol, splice
+from ngrokd.test.helpers import Recorder, connect, listen, wait_until
 from ngrokd.trust import IOpenSSLTrustRoot, PartialChainTrust, parse_certificates
 
 
@@ -132,6 +133,29 @@ class ConnectorTrustTests(TestCase):
                 await self.connector(port, WithoutPartialChain(anchor)).connect(
                     wire.ConnRequest("svc.ns", 80)
                 )
+
+        return ensureDeferred(run())
+
+    def test_bytesAfterResponseKept(self) -> Deferred[None]:
+        """
+        Application bytes that arrive in the same read as the response frame
+        reach the local client once the two are spliced.
+        """
+
+        async def run() -> None:
+            reply = wire.encode_response(wire.ConnResponse("ep_1", "tcp")) + b"early"
+            port = self.serve(self.root, ["127.0.0.1"], reply)
+            upgraded = await self.connector(port, self.trusting(self.root)).connect(
+                wire.ConnRequest("svc.ns", 80)
+            )
+            local = PipeProtocol()
+            client = Recorder()
+            await connect(listen(Factory.forProtocol(lambda: local), self), client)
+            await wait_until(lambda: local.transport is not None, "the local side")
+            splice(local, upgraded)
+            await wait_until(lambda: client.received == b"early", "the early bytes")
+            client.transport.loseConnection()
+            await upgraded.closed
 
         return ensureDeferred(run())
 

@@ -1,0 +1,77 @@
+"""
+Tests for L{ngrokd.tap} and the twistd plugins.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from ngrokd.daemon import Daemon
+from ngrokd.logs import LogLevelService
+from ngrokd.tap import Options, makeService
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    C{twistd ngrokd --config FILE} loads the configuration up front, so that
+    a bad file is a one-line error naming what is wrong.
+    """
+
+    def config(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_badConfig(self) -> None:
+        """
+        An invalid value is refused with the file, line and key.
+        """
+        path = self.config("bound_endpoints:\n  poll_interval: -5\n")
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--config", path])
+        self.assertIn(f"{path}:2: bound_endpoints.poll_interval", str(caught.exception))
+
+    def test_missingConfig(self) -> None:
+        """
+        A config file that does not exist is named in the error.
+        """
+        path = os.path.abspath(self.mktemp())
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--config", path])
+        self.assertIn(path, str(caught.exception))
+
+    def test_makeService(self) -> None:
+        """
+        The service is the daemon, with the configured log level applied
+        while it runs; nothing starts before twistd starts it.
+        """
+        state = os.path.abspath(self.mktemp())
+        path = self.config(
+            f"server:\n  state_dir: {state}\n  log_level: error\n"
+            "net:\n  listen_interface: 127.0.0.1\n"
+        )
+        options = Options()
+        options.parseOptions(["--config", path])
+        service = makeService(options)
+        assert isinstance(service, Daemon)
+        self.assertFalse(service.running)
+        self.assertEqual([type(child) for child in service], [LogLevelService])
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    Installing the package makes twistd offer both plugins.
+    """
+
+    def test_plugins(self) -> None:
+        """
+        C{twistd --help} lists C{ngrokd} and C{ngrokd-devcloud}.
+        """
+        names = {maker.tapname for maker in getPlugins(IServiceMaker)}
+        self.assertTrue({"ngrokd", "ngrokd-devcloud"} <= names, names)
