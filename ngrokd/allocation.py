@@ -30,7 +30,7 @@ from typing import Any
 from attrs import field, frozen
 from twisted.logger import Logger
 
-from ngrokd.atomic import write_atomic
+from ngrokd.atomic import AtomicWriteError, write_atomic
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -42,6 +42,7 @@ IP_MAPPINGS = "ip_mappings.json"
 NETWORK_PORTS = "network_ports.json"
 #: The state files are not secret; the original wrote them 0644 too.
 STATE_FILE_MODE = 0o644
+STATE_DIR_MODE = 0o755
 MAX_PORT = 65535
 
 _log = Logger()
@@ -365,12 +366,19 @@ def load(
 
 def save(state_dir: str, allocations: Allocations) -> None:
     """
-    Write C{allocations} to C{state_dir}, each file atomically and durably.
-    This blocks on C{fsync}.
+    Write C{allocations} to C{state_dir} (created, 0755, if missing), each
+    file atomically and durably: after a crash at any moment each file holds
+    its old or its new content. This blocks on C{fsync}.
 
     @raise ngrokd.atomic.AtomicWriteError: naming the file that could not be
         written.
     """
+    try:
+        os.makedirs(state_dir, STATE_DIR_MODE, exist_ok=True)
+    except OSError as e:
+        raise AtomicWriteError(
+            os.path.join(state_dir, IP_MAPPINGS), "create its directory", e
+        ) from e
     write_atomic(
         os.path.join(state_dir, IP_MAPPINGS),
         encode_ips(allocations.ips),

@@ -36,6 +36,8 @@ _DARWIN_SUBNET = ipaddress.IPv4Network("127.0.0.0/8")
 _DEFAULT_STATE_DIR = "/etc/ngrokd"
 #: Longer waits are mistakes (and huge integers do not fit a float).
 _MAX_SECONDS = 1e9
+#: A renewal margin longer than this is a mistake (certificates last a year).
+_MAX_DAYS = 3650
 _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
@@ -66,6 +68,10 @@ class ApiConfig:
     url: str
     key: str
     ca_bundle: str | None
+    #: Seconds allowed for one API request.
+    timeout: float = 30.0
+    #: Register a new operator by itself when ngrok no longer has ours.
+    reregister_if_deleted: bool = False
 
 
 @frozen
@@ -105,6 +111,8 @@ class ServerConfig:
     state_dir: str
     client_cert: str
     client_key: str
+    #: Renew the client certificate this many days before it expires.
+    renew_before_days: float = 30.0
 
 
 @frozen
@@ -238,6 +246,15 @@ def _seconds(node: yaml.Node, key: str, ctx: _Context) -> float:
         ctx.fail(node, key, f"must be a positive number of seconds, got {_shown(node)}")
     if not value <= _MAX_SECONDS:
         ctx.fail(node, key, f"must be at most {_MAX_SECONDS:g} seconds, got {value}")
+    return float(value)
+
+
+def _days(node: yaml.Node, key: str, ctx: _Context) -> float:
+    value = ctx.value(node, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        ctx.fail(node, key, f"must be a number of days, 0 or more, got {_shown(node)}")
+    if not value <= _MAX_DAYS:
+        ctx.fail(node, key, f"must be at most {_MAX_DAYS} days, got {value}")
     return float(value)
 
 
@@ -413,6 +430,8 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "api.url": (_api_url, "https://api.ngrok.com"),
     "api.key": (_string, ""),
     "api.ca_bundle": (_optional_path, None),
+    "api.timeout": (_seconds, 30.0),
+    "api.reregister_if_deleted": (_bool, False),
     "ingressEndpoint": (_ingress_endpoint, "kubernetes-binding-ingress.ngrok.io:443"),
     "ingress.ca_bundle": (_optional_path, None),
     "ingress.insecure_skip_verify": (_insecure, False),
@@ -423,6 +442,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "server.state_dir": (_path, None),
     "server.client_cert": (_path, None),
     "server.client_key": (_path, None),
+    "server.renew_before_days": (_days, 30.0),
     "bound_endpoints.poll_interval": (_poll_interval, 30.0),
     "bound_endpoints.selectors": (_selectors, ("true",)),
     "net.interface_name": (_interface_name, "ngrokd0"),

@@ -4,38 +4,41 @@ The daemon: who this machine is to ngrok, which endpoints it serves, where.
 
 L{Daemon} owns the state and wires the pieces: the identity (certificate and
 operator id, registered through the API when missing), the discovery poll, the
-plan from endpoints to listeners, and the listeners that bridge each accepted
-connection to the binding ingress. Data flows one way: poll -> parse -> plan ->
-apply. A failed poll or registration never stops what already works.
+plan from endpoints to listeners, the virtual-mode addresses and hosts-file
+names, and the listeners that bridge each accepted connection to the binding
+ingress. Data flows one way: poll -> parse -> allocate -> plan -> addresses ->
+listeners -> names. A failed poll or registration never stops what already
+works.
 """
 
 from __future__ import annotations
 
+import datetime
 import socket
 from typing import Any
 
-from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ngrokd import allocation
-from ngrokd.api import ApiEndpoint, NgrokAPI, make_api
+from ngrokd.allocation import IPAddress
+from ngrokd.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
+from ngrokd.atomic import AtomicWriteError
 from ngrokd.config import Config
 from ngrokd.discovery import EndpointDiscoveryService
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
-from ngrokd.identity import (
-    Identity,
-    IdentityError,
-    IdentityStore,
-    RepairNeeded,
-    register,
-    repair,
-)
+from ngrokd.hosts import HostsService
+from ngrokd.identity import Identity, IdentityStore
+from ngrokd.identity_service import IdentityService
 from ngrokd.ingress import IngressConnector
 from ngrokd.listeners import ListenerSet
+from ngrokd.netif import INetworkInterface
+from ngrokd.netif.service import InterfaceService
 from ngrokd.plan import VIRTUAL, Plan, listen_mode, plan, targets
+from ngrokd.status import EndpointStatus, endpoint_status
 from ngrokd.trust import load_trust
 
 
@@ -46,19 +49,26 @@ class Daemon(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        network_interface: INetworkInterface | None = None,
+    ) -> None:
+        """
+        @param network_interface: carries the virtual-mode addresses (by
+            default the platform's; tests give another).
+        """
         super().__init__()
         self.config = config
         self._reactor = reactor
         self.api_key = config.api.key
-        server = config.server
-        self.store = IdentityStore(
-            server.state_dir, server.client_cert, server.client_key
-        )
-        self.identity: Identity | None = None
-        self.registration_error = ""
         self.api: NgrokAPI = make_api(
-            reactor, config.api.url, lambda: self.api_key, config.api.ca_bundle
+            reactor,
+            config.api.url,
+            lambda: self.api_key,
+            config.api.ca_bundle,
+            config.api.timeout,
         )
         ingress = config.ingress
         self.connector = IngressConnector(
@@ -70,7 +80,23 @@ class Daemon(MultiService):
             upgrade_timeout=ingress.upgrade_timeout,
             insecure_skip_verify=ingress.insecure_skip_verify,
         )
+        server = config.server
+        self.identity_service = IdentityService(
+            IdentityStore(server.state_dir, server.client_cert, server.client_key),
+            self.api,
+            reactor,
+            selectors=config.bound_endpoints.selectors,
+            hostname=socket.gethostname(),
+            has_key=lambda: bool(self.api_key.strip()),
+            on_identity=self._use_identity,
+            config_path=config.path,
+            ingress_endpoint=ingress.endpoint,
+            renew_before=datetime.timedelta(days=server.renew_before_days),
+            reregister_if_deleted=config.api.reregister_if_deleted,
+        )
         self.listeners = ListenerSet(reactor, self.connector)
+        self.interface = InterfaceService(reactor, config.net, network_interface)
+        self.hosts = HostsService(reactor, config.net.hosts_file)
         self.discovery = EndpointDiscoveryService(
             self._fetch,
             self.reconcile,
@@ -81,98 +107,170 @@ class Daemon(MultiService):
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
         self.allocations = allocation.load(config.server.state_dir, config.net.subnet)
-        self._register_attempts = 0
-        self._retry: IDelayedCall | None = None
-        self._reconciling: Deferred[None] | None = None
+        self._saved = self.allocations
+        #: The virtual-mode addresses the last reconcile kept.
+        self._addresses: frozenset[IPAddress] = frozenset()
+        self._latest: list[ApiEndpoint] | None = None
+        self._applying = False
+        self._applied: list[Deferred[None]] = []
+        self._stopping = False
+        self._polled_operator: str | None = None
 
     # Lifecycle
 
     def startService(self) -> None:
         super().startService()
-        self._start_identity()
+        if self.interface.parent is None:
+            # Added (and so started) only now: they change the machine.
+            self.interface.setServiceParent(self)
+            self.hosts.setServiceParent(self)
+        if self.identity_service.parent is None:
+            # Added once running, so that an identity found at once can add
+            # the discovery service without racing the start of the others.
+            self.identity_service.setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
         stopping: Deferred[Any] = Deferred.fromCoroutine(self._stop())
         return stopping
 
     async def _stop(self) -> None:
-        await super().stopService()
+        # Listeners go before the hosts section and the addresses they use,
+        # which the hosts and interface services remove when they stop.
+        self._stopping = True
+        await self._idle()
         await self.listeners.stop()
+        await super().stopService()
         await self.api.close()
 
+    # Status
+
+    def endpoint_status(self) -> tuple[EndpointStatus, ...]:
+        """
+        What every endpoint of the last good poll is doing.
+        """
+        return endpoint_status(
+            self.endpoints, self.skipped, self.plan, self.listeners.listeners
+        )
+
     # Identity
+
+    @property
+    def identity(self) -> Identity | None:
+        return self.identity_service.identity
 
     @property
     def registered(self) -> bool:
         return self.identity is not None
 
-    def _start_identity(self) -> None:
-        try:
-            state = self.store.load()
-        except IdentityError as e:
-            self.registration_error = str(e)
-            self.log.error("cannot use the stored identity: {error}", error=e)
-            return
-        if isinstance(state, Identity):
-            self._use_identity(state)
-        elif not self.api_key:
-            self.log.warn(
-                "not registered, waiting for an API key (api.key in {config},"
-                " NGROK_API_KEY, or ngrokctl set-api-key)",
-                config=self.config.path,
-            )
-        else:
-            self._register()
-
-    def _register(self) -> None:
+    def set_api_key(self, key: str) -> Deferred[None]:
         """
-        Register, or finish an identity a crash left half-written.
+        Use C{key} for the ngrok API from now on, once it has proved to work:
+        when not registered, by registering with it; otherwise by finding
+        this machine's operator in its account. Until then, and if it fails
+        (with the reason), nothing changes, so the caller may persist the
+        key only after success. The key is never logged.
         """
-        self._retry = None
-        selectors = self.config.bound_endpoints.selectors
-        state = self.store.load()
-        if isinstance(state, RepairNeeded):
-            self.log.warn(
-                "repairing the stored identity: {reason}", reason=state.reason
-            )
-            d = repair(self.api, self.store, state, selectors, socket.gethostname())
-        else:
-            d = register(self.api, self.store, selectors, socket.gethostname())
-        d.addCallbacks(self._use_identity, self._registration_failed)
-
-    def _registration_failed(self, failure: Any) -> None:
-        self._register_attempts += 1
-        self.registration_error = failure.getErrorMessage()
-        delay = backoffPolicy(initialDelay=2.0, maxDelay=300.0)(self._register_attempts)
-        self.log.error(
-            "registering with the ngrok API failed: {error}; retrying in {delay:.0f}s",
-            error=self.registration_error,
-            delay=delay,
+        key = key.strip()
+        if not key:
+            return fail(NoAPIKey())
+        api = self.config.api
+        trial = make_api(
+            self._reactor, api.url, lambda: key, api.ca_bundle, api.timeout
         )
-        if self.running:
-            self._retry = self._reactor.callLater(delay, self._register)
+
+        def accepted(_: object) -> None:
+            self.api_key = key
+            self.log.info("a new ngrok API key is in use")
+            self.identity_service.key_changed()
+            self.discovery.poll_now()
+
+        def close(result: object) -> Deferred[object]:
+            return trial.close().addBoth(lambda _: result)
+
+        trying = self.identity_service.try_api(trial)
+        trying.addCallback(accepted)
+        trying.addBoth(close)
+        return trying
 
     def _use_identity(self, identity: Identity) -> None:
-        self.identity = identity
-        self.registration_error = ""
+        """
+        New connections to the ingress use C{identity}'s certificate (those
+        open keep theirs); a new operator's endpoints are polled at once.
+        """
+        polled = self._polled_operator
         self.connector.use_certificate(identity.cert_pem, identity.key_pem)
-        self.log.info(
-            "registered as operator {operator_id}", operator_id=identity.operator_id
-        )
-        if self.running and self.discovery.parent is None:
+        if not self.running:
+            return
+        if self.discovery.parent is None:
             self.discovery.setServiceParent(self)
+        elif polled is not None and polled != identity.operator_id:
+            self.discovery.poll_now()
 
     # Discovery and reconcile
 
     def _fetch(self) -> Deferred[list[ApiEndpoint]]:
-        assert self.identity is not None
-        return self.api.bound_endpoints(self.identity.operator_id)
+        identity = self.identity
+        assert identity is not None
+        operator_id = self._polled_operator = identity.operator_id
+
+        def failed(failure: Failure) -> Failure:
+            # Is the operator gone, or was this 404 about something else?
+            error = failure.value
+            if isinstance(error, APIError) and error.status == 404:
+                self.identity_service.check_operator(operator_id)
+            return failure
+
+        return self.api.bound_endpoints(operator_id).addErrback(failed)
 
     def reconcile(self, found: list[ApiEndpoint]) -> Deferred[None]:
         """
         Serve exactly the endpoints of one good poll.
+
+        Reconciles never overlap: a result that arrives while one is applied
+        waits, and of those waiting only the latest is applied. Fires (never
+        fails) once C{found} or a later result is applied; once the daemon
+        stops, results are ignored.
+        """
+        if self._stopping:
+            return succeed(None)
+        self._latest = found
+        applied = self._idle()
+        if not self._applying:
+            self._applying = True
+            Deferred.fromCoroutine(self._apply_latest())
+        return applied
+
+    def _idle(self) -> Deferred[None]:
+        """
+        Fires when no reconcile is being applied (or waits to be). Cancelling
+        it stops the wait, not the reconcile.
+        """
+        if not self._applying and self._latest is None:
+            return succeed(None)
+        idle: Deferred[None] = Deferred(self._applied.remove)
+        self._applied.append(idle)
+        return idle
+
+    async def _apply_latest(self) -> None:
+        try:
+            while self._latest is not None:
+                found, self._latest = self._latest, None
+                try:
+                    await self._apply(found)
+                except Exception:
+                    self.log.failure("applying the bound endpoints failed")
+        finally:
+            self._applying = False
+            applied, self._applied = self._applied, []
+            for d in applied:
+                d.callback(None)
+
+    async def _apply(self, found: list[ApiEndpoint]) -> None:
+        """
+        Allocate (and persist), then set up the addresses, then listen, then
+        write the names: a name resolves only once its address and listener
+        exist. Addresses no hostname uses any more go last, after their
+        listeners and names.
         """
         endpoints: dict[str, BoundEndpoint] = {}
         skipped: dict[str, str] = {}
@@ -200,16 +298,53 @@ class Daemon(MultiService):
         result = allocation.allocate(
             self.allocations, wanted_ips, wanted_ports, net.subnet, net.start_port
         )
-        if result.allocations != self.allocations:
-            self.allocations = result.allocations
-            allocation.save(self.config.server.state_dir, self.allocations)
-        self.plan = plan(
+        self.allocations = result.allocations
+        await self._save_allocations()
+        planned = plan(
             endpoints.values(),
             net.listen_interface,
             net.overrides,
             self.allocations.ips,
             self.allocations.network_ports,
+            result.errors,
+        )
+        addresses = frozenset(self.allocations.ips.values())
+        missing = await self.interface.ensure(addresses | self._addresses)
+        previous = self.plan
+        self.plan = planned.without_addresses(
+            {str(ip): reason for ip, reason in missing.items()}
         )
         for url, reason in self.plan.failures.items():
-            self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)
-        return self.listeners.reconcile(self.plan.specs)
+            if previous.failures.get(url) != reason:
+                self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)
+        await self.listeners.reconcile(self.plan.specs)
+        await self.hosts.write(self.plan.virtual_names())
+        if self._addresses - addresses:
+            await self.interface.ensure(addresses)
+        self._addresses = addresses
+
+    async def _save_allocations(self) -> None:
+        """
+        Persist the allocations if they changed, off the reactor thread (it
+        waits for fsync). When that fails they are used all the same, and
+        saving is tried again at the next reconcile.
+        """
+        allocations = self.allocations
+        if allocations == self._saved:
+            return
+        try:
+            await deferToThreadPool(
+                self._reactor,
+                self._reactor.getThreadPool(),
+                allocation.save,
+                self.config.server.state_dir,
+                allocations,
+            )
+        except AtomicWriteError as e:
+            self.log.error(
+                "{error}; the addresses and ports given out since the last save"
+                " may change at the next start",
+                error=e,
+            )
+            return
+        self._saved = allocations

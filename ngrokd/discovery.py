@@ -3,10 +3,12 @@
 Polling the ngrok API for the bound endpoints.
 
 A failed poll changes nothing that is being served: the last good list stays
-in force, the failure is logged when it differs from the previous one (not at
-every poll), and the next poll backs off exponentially with jitter, up to a
-cap, honouring C{Retry-After}. The first success returns to the normal
-interval.
+in force, the failure is logged when its kind differs from the previous one
+(not at every poll, and not because ngrok gave each answer a new operation
+id), and the next poll backs off exponentially with jitter, up to a cap,
+honouring C{Retry-After}. The first success returns to the normal interval.
+The next poll is scheduled only once the previous result has been applied,
+so a slow reconcile never overlaps the next poll.
 """
 
 from __future__ import annotations
@@ -15,21 +17,51 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ngrokd.api import APIError
+
 #: The longest wait between polls while the API keeps failing, in seconds.
 MAX_BACKOFF = 300.0
+#: The first wait after a failure, unless the interval is shorter.
+FIRST_BACKOFF = 2.0
+#: The longest C{Retry-After} honoured: a longer one is most likely an error.
+MAX_RETRY_AFTER = 3600.0
+
+
+def backoff_delay(
+    failures: int, initial: float, cap: float, jitter: Callable[[], float]
+) -> float:
+    """
+    The wait after C{failures} failures in a row (1 or more): C{initial}
+    doubled at each further failure, capped at C{cap}, then scaled by a
+    random factor between 0.5 and 1 ("equal jitter"), so that many clients
+    failing at once do not retry in step. C{jitter} returns a number in
+    [0, 1).
+    """
+    base = min(initial * 2.0 ** min(failures - 1, 64), cap)
+    return base * (0.5 + 0.5 * jitter())
+
+
+def failure_kind(error: BaseException | None) -> str:
+    """
+    What identifies a failure for "log it once": ngrok's status and error
+    code for an API error (its message and operation id differ at every
+    request), the message otherwise.
+    """
+    if isinstance(error, APIError):
+        return f"{error.status} {error.error_code or ''}"
+    return f"{type(error).__name__}: {error}"
 
 
 class EndpointDiscoveryService(Service):
     """
     Calls C{fetch} every C{interval} seconds and hands each good result to
-    C{deliver}.
+    C{deliver} (which may return a Deferred: the next poll waits for it).
     """
 
     log = Logger()
@@ -51,6 +83,7 @@ class EndpointDiscoveryService(Service):
         self._polling: Deferred[Any] | None = None
         self.failures = 0
         self.last_error = ""
+        self._last_kind = ""
         self.last_success: float | None = None
 
     def startService(self) -> None:
@@ -65,6 +98,19 @@ class EndpointDiscoveryService(Service):
         if self._polling is not None:
             self._polling.cancel()
         return None
+
+    @property
+    def next_poll_at(self) -> float | None:
+        """
+        When the next poll starts (the clock's time), if one is scheduled.
+        """
+        if self._next is not None and self._next.active():
+            return float(self._next.getTime())
+        return None
+
+    @property
+    def polling(self) -> bool:
+        return self._polling is not None
 
     def set_interval(self, seconds: float) -> None:
         """
@@ -95,7 +141,7 @@ class EndpointDiscoveryService(Service):
         self._polling = polling
         polling.addBoth(self._done)
 
-    def _succeeded(self, result: Any) -> None:
+    def _succeeded(self, result: Any) -> object:
         if self.failures:
             self.log.info(
                 "the ngrok API answers again after {failures} failed polls",
@@ -103,43 +149,47 @@ class EndpointDiscoveryService(Service):
             )
         self.failures = 0
         self.last_error = ""
+        self._last_kind = ""
         self.last_success = self._clock.seconds()
-        self._deliver(result)
+        return self._deliver(result)
 
     def _failed(self, failure: Failure) -> float | None:
         if not self.running:
             return None  # cancelled by stopService
         self.failures += 1
         error = failure.getErrorMessage()
+        kind = failure_kind(failure.value)
         delay = self.retry_delay(getattr(failure.value, "retry_after", None))
-        if error != self.last_error:
+        if kind != self._last_kind:
             self.log.warn(
                 "polling the bound endpoints failed: {error}; keeping the last"
-                " known endpoints, next try in {delay:.0f}s",
+                " known endpoints, next try in {delay:.1f}s",
                 error=error,
                 delay=delay,
             )
         self.last_error = error
+        self._last_kind = kind
         return delay
 
     def retry_delay(self, retry_after: float | None) -> float:
         """
-        How long to wait after the current run of failures.
+        How long to wait after the current run of failures: never less than
+        ngrok's C{Retry-After}.
         """
-        policy = backoffPolicy(
-            initialDelay=min(self.interval, 2.0),
-            maxDelay=max(self.interval, MAX_BACKOFF),
-            factor=2.0,
-            jitter=self._jitter,
+        delay = backoff_delay(
+            self.failures,
+            min(self.interval, FIRST_BACKOFF),
+            max(self.interval, MAX_BACKOFF),
+            self._jitter,
         )
-        delay = policy(self.failures - 1)
         if retry_after is not None:
-            delay = max(delay, min(float(retry_after), MAX_BACKOFF))
-        return float(delay)
+            delay = max(delay, min(float(retry_after), MAX_RETRY_AFTER))
+        return delay
 
     def _done(self, delay: object) -> None:
         self._polling = None
+        if not self.running:
+            return  # stopped: a cancelled poll or reconcile is no failure
         if isinstance(delay, Failure):
             self.log.failure("applying the bound endpoints failed", delay)
-        if self.running:
-            self._schedule(delay if isinstance(delay, float) else self.interval)
+        self._schedule(delay if isinstance(delay, float) else self.interval)

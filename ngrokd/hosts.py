@@ -12,6 +12,10 @@ where it is a bind mount (fault 23).
 
 L{render} is the pure part. L{HostsFile} reads, renders and writes under a
 lock, atomically where it can and in place where the file is a mount point.
+L{HostsService} runs it off the reactor thread for the daemon: it replaces
+a section a crashed run left (at start), writes only when the names change
+(the original rewrote the file at every poll), and removes the section on a
+clean stop.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ import re
 import tempfile
 from collections.abc import Mapping
 from ipaddress import ip_address
+from typing import Any
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from ngrokd.allocation import IPAddress
 
@@ -232,6 +241,22 @@ class HostsFile:
         """
         return self.write({})
 
+    def has_section(self) -> bool:
+        """
+        Whether the file seems to hold an ngrokd section, from a read that
+        needs no write access and takes no lock: so that a daemon that never
+        writes names (network mode, not root) need not open the file for
+        writing. When the file cannot be read, C{True}: L{write} says why.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read().decode("utf-8", "surrogateescape")
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return render(text, {}) != text
+
     def _open_locked(self, path: str, create: bool) -> int | None:
         """
         Open and lock the file that is at C{path} once the lock is held:
@@ -366,3 +391,102 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class HostsService(Service):
+    """
+    Keeps the ngrokd section of the hosts file at C{path} equal to the names
+    the daemon serves in virtual mode.
+
+    Writes run one at a time in a thread of C{threadpool} (by default the
+    reactor's), in the order they were asked for. A write that fails is
+    logged (once, while it keeps failing the same way) and tried again at
+    the next L{write}, whether or not the names changed meanwhile.
+
+    @ivar error: why the last write failed (empty when it worked).
+    """
+
+    name = "hosts"
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, path: str, threadpool: ThreadPool | None = None
+    ) -> None:
+        self.file = HostsFile(path)
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._lock = DeferredLock()
+        #: What the section holds, as far as we know; None: not known.
+        self._written: dict[str, IPAddress] | None = None
+        self.error = ""
+
+    def startService(self) -> None:
+        """
+        Remove the section an earlier run left, if it did not stop cleanly:
+        until the first reconcile nothing is served, so no name is valid.
+        """
+        super().startService()
+        self.write({})
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Remove the section; fires once it is gone (or failed to go, logged).
+        """
+        if not self.running:
+            return succeed(None)
+        super().stopService()
+        removing: Deferred[Any] = self.write({})
+        return removing.addCallback(lambda _: None)
+
+    def write(self, mapping: Mapping[str, IPAddress | str]) -> Deferred[bool]:
+        """
+        Make the section hold C{mapping}, hostname to address (no section if
+        it is empty).
+
+        @return: fires with whether the file changed. A L{HostsFileError}
+            is logged, not passed on.
+        """
+        wanted = {name: ip_address(ip) for name, ip in mapping.items()}
+        return self._lock.run(self._write, wanted)
+
+    def _write_file(self, wanted: dict[str, IPAddress]) -> bool:
+        if not wanted and not self.file.has_section():
+            return False
+        return self.file.write(wanted)
+
+    def _write(self, wanted: dict[str, IPAddress]) -> Deferred[bool]:
+        if wanted == self._written:
+            return succeed(False)
+        pool = self._threadpool or self._reactor.getThreadPool()
+        d = deferToThreadPool(self._reactor, pool, self._write_file, wanted)
+
+        def written(changed: bool) -> bool:
+            self._written = wanted
+            if self.error:
+                self.log.info("{path} can be written again", path=self.file.path)
+                self.error = ""
+            if changed and wanted:
+                self.log.info(
+                    "wrote {count} names to the ngrokd section of {path}",
+                    count=len(wanted),
+                    path=self.file.path,
+                )
+            elif changed:
+                self.log.info(
+                    "removed the ngrokd section from {path}", path=self.file.path
+                )
+            return changed
+
+        def failed(failure: Any) -> bool:
+            failure.trap(HostsFileError)
+            self._written = None
+            reason = str(failure.value)
+            if reason != self.error:
+                self.log.error(
+                    "{error}; endpoint names do not resolve until it can be written",
+                    error=reason,
+                )
+            self.error = reason
+            return False
+
+        return d.addCallbacks(written, failed)

@@ -2,20 +2,22 @@
 """
 The set of local listeners, one per planned endpoint.
 
-L{ListenerSet.reconcile} takes the whole desired set and makes it so: new
-specs are listened on, gone ones stop listening, changed ones are rebound (the
-new socket first, so clients never see a gap where they can), and unchanged
-ones are not touched. Connections already accepted are never dropped by a
-reconcile: closing a listening socket leaves them alone. A spec that cannot be
-bound stays in the set as failed, with the reason, and is tried again at the
-next reconcile.
+L{ListenerSet.reconcile} takes the whole desired set and makes it so: gone
+specs stop listening (first, so that what they free can be reused at once),
+new ones are listened on, changed ones are rebound (the new socket first, so
+clients never see a gap where they can), and unchanged ones are not touched.
+Connections already accepted are never dropped by a reconcile: closing a
+listening socket leaves them alone. A spec that cannot be bound stays in the
+set as failed, with the reason (for a port in use, which process holds it,
+where L{ngrokd.portowner} can tell), and is tried again at the next
+reconcile; the others are not affected.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import define, frozen
@@ -23,24 +25,39 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ngrokd.bridge import BridgeFactory, EndpointStats
 from ngrokd.endpoints import EndpointTarget
 from ngrokd.ingress import IngressConnector
+from ngrokd.portowner import port_owners
+
+
+def join_host_port(host: str, port: int) -> str:
+    """
+    C{host:port}, with an IPv6 address in brackets.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @frozen
 class ListenSpec:
     """
     Where one endpoint is served locally, and how.
+
+    @ivar virtual: whether C{address} is the hostname's own virtual-mode
+        address (else it is the configured network-mode address).
+    @ivar client_address: what a program on this machine connects to.
     """
 
     address: str
     port: int
     target: EndpointTarget
     rewrite_host: str | None = None
+    virtual: bool = False
+    client_address: str = ""
 
     @property
     def bind(self) -> tuple[str, int]:
@@ -67,18 +84,40 @@ class Listener:
         return self.factory.stats
 
 
-def describe_listen_error(failure: Failure, spec: ListenSpec) -> str:
+def in_use(failure: Failure) -> bool:
+    """
+    Whether a listen failed because another socket holds the address and port.
+    """
+    error = failure.value
+    return (
+        isinstance(error, CannotListenError)
+        and isinstance(error.socketError, OSError)
+        and error.socketError.errno == errno.EADDRINUSE
+    )
+
+
+def describe_listen_error(
+    failure: Failure, spec: ListenSpec, owners: Sequence[str] = ()
+) -> str:
     """
     A short reason a user can act on.
+
+    @param owners: the processes holding the port, when known.
     """
     error = failure.value
     if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
         code = error.socketError.errno
-        where = f"{spec.address}:{spec.port}"
+        where = join_host_port(spec.address, spec.port)
         if code == errno.EADDRINUSE:
-            return f"{where} is already in use by another program"
+            holders = ", ".join(owners) or "another program"
+            return f"{where} is already in use by {holders}"
         if code == errno.EADDRNOTAVAIL:
-            return f"{spec.address} is not an address of this machine"
+            if spec.virtual:
+                return f"{spec.address} is not an address of this machine (any more)"
+            return (
+                f"{spec.address} is not an address of this machine (check"
+                f" net.listen_interface and net.overrides)"
+            )
         if code == errno.EACCES:
             return f"{where}: permission denied (ports below 1024 need root)"
         return f"{where}: {error.socketError.strerror}"
@@ -93,15 +132,39 @@ class ListenerSet:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, connector: IngressConnector) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        connector: IngressConnector,
+        find_owners: Callable[[str, int], Deferred[list[str]]] | None = None,
+    ) -> None:
+        """
+        @param find_owners: names the processes holding an address and port
+            (by default L{port_owners}, in a thread of the reactor's pool).
+        """
         self._reactor = reactor
         self._connector = connector
+        self._find_owners = find_owners or self._owners_in_thread
         self.listeners: dict[str, Listener] = {}
+
+    def _owners_in_thread(self, address: str, port: int) -> Deferred[list[str]]:
+        return deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), port_owners, address, port
+        )
 
     def reconcile(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
         """
         Listen on C{specs} and nothing else; fires when every bind was tried.
+        Listeners no longer wanted stop first, so that what they free (an
+        address and port handed to another endpoint) can be bound at once.
         """
+        gone = [self.listeners.pop(k) for k in list(self.listeners) if k not in specs]
+        stopping = DeferredList(
+            [self._stop(listener) for listener in gone], consumeErrors=True
+        )
+        return stopping.addCallback(lambda _: self._apply(specs))
+
+    def _apply(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
         work: list[Deferred[None]] = []
         for key, spec in specs.items():
             current = self.listeners.get(key)
@@ -119,8 +182,6 @@ class ListenerSet:
                     current.factory.rewrite_host = spec.rewrite_host
                 if not current.listening:
                     work.append(self._listen(key, current))
-        for key in [k for k in self.listeners if k not in specs]:
-            work.append(self._stop(self.listeners.pop(key)))
         return DeferredList(work, consumeErrors=True).addCallback(lambda _: None)
 
     def stop(self) -> Deferred[None]:
@@ -149,8 +210,26 @@ class ListenerSet:
                 port=spec.port,
             )
 
-        def failed(failure: Failure) -> None:
-            reason = describe_listen_error(failure, spec)
+        def failed(failure: Failure) -> Deferred[None] | None:
+            if not in_use(failure):
+                record(failure, [])
+                return None
+            owners = self._find_owners(spec.address, spec.port)
+            owners.addErrback(unknown_owners)
+            return owners.addCallback(lambda found: record(failure, found))
+
+        def unknown_owners(failure: Failure) -> list[str]:
+            self.log.failure(
+                "cannot tell who holds {address}:{port}",
+                failure,
+                LogLevel.warn,
+                address=spec.address,
+                port=spec.port,
+            )
+            return []
+
+        def record(failure: Failure, owners: list[str]) -> None:
+            reason = describe_listen_error(failure, spec, owners)
             if reason != listener.error:
                 self.log.error(
                     "cannot listen for {url}: {reason}", url=key, reason=reason

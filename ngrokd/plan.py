@@ -2,17 +2,27 @@
 """
 Deciding where each bound endpoint listens: a pure function of the endpoints,
 the network settings and the address/port allocations.
+
+Each endpoint's hostname has a listen mode: C{virtual} (its own address, its
+own port: clients use its name), C{0.0.0.0} (every address, a network port)
+or one address of this machine (a network port). In network mode the name
+does not lead to the listener: the port differs from the URL's, so the name
+is left out of the hosts file (the original pointed it at an address where
+nothing listened on the URL's port, fault 29), and every planned listener
+carries the address a local client should use
+(L{ListenSpec.client_address}), for status output and the docs.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from attrs import frozen
 
 from ngrokd.endpoints import BoundEndpoint, EndpointTarget
-from ngrokd.listeners import ListenSpec
+from ngrokd.listeners import ListenSpec, join_host_port
 
 VIRTUAL = "virtual"
 
@@ -24,6 +34,30 @@ def listen_mode(host: str, listen_interface: str, overrides: Mapping[str, str]) 
     return overrides.get(host, listen_interface)
 
 
+def uses_virtual(listen_interface: str, overrides: Mapping[str, str]) -> bool:
+    """
+    Whether any hostname can be in virtual mode with these settings.
+    """
+    return listen_interface == VIRTUAL or VIRTUAL in overrides.values()
+
+
+def client_address(mode: str, port: int) -> str:
+    """
+    Where a program on this machine reaches a network-mode listener bound to
+    C{mode}: a wildcard is reached through loopback.
+    """
+    return join_host_port(_client_host(mode), port)
+
+
+@functools.lru_cache(maxsize=256)
+def _client_host(mode: str) -> str:
+    # Cached: a plan asks once per endpoint, for one or a few modes.
+    address = ip_address(mode)
+    if address.is_unspecified:
+        address = IPv4Address("127.0.0.1") if address.version == 4 else IPv6Address(1)
+    return str(address)
+
+
 @frozen
 class Plan:
     """
@@ -33,6 +67,34 @@ class Plan:
 
     specs: Mapping[str, ListenSpec]
     failures: Mapping[str, str]
+
+    def virtual_names(self) -> dict[str, str]:
+        """
+        Hostname to address, for the hostnames with a virtual-mode listener:
+        what the hosts file should say.
+        """
+        return {
+            spec.target.host: spec.address
+            for spec in self.specs.values()
+            if spec.virtual
+        }
+
+    def without_addresses(self, missing: Mapping[str, str]) -> Plan:
+        """
+        This plan with the virtual-mode listeners on the addresses of
+        C{missing} (address to the reason it could not be set up) moved to the
+        failures.
+        """
+        specs = dict(self.specs)
+        failures = dict(self.failures)
+        for url, spec in self.specs.items():
+            if spec.virtual and spec.address in missing:
+                del specs[url]
+                failures[url] = (
+                    f"address {spec.address} for {spec.target.host} could not be"
+                    f" set up: {missing[spec.address]}"
+                )
+        return Plan(specs, dict(sorted(failures.items())))
 
 
 def targets(endpoints: Iterable[BoundEndpoint]) -> dict[str, EndpointTarget]:
@@ -48,13 +110,19 @@ def plan(
     overrides: Mapping[str, str],
     ips: Mapping[str, IPv4Address | IPv6Address],
     network_ports: Mapping[tuple[str, int], int],
+    allocation_errors: Mapping[str | tuple[str, int], str] | None = None,
 ) -> Plan:
     """
     In virtual mode an endpoint listens on its hostname's own address and its
     URL's port, and clients already use its name; otherwise on the mode's
     address and its network port, where HTTP requests need their C{Host}
     rewritten to the endpoint's name.
+
+    @param allocation_errors: why a hostname got no address or an endpoint
+        no port (L{ngrokd.allocation.AllocationResult.errors}), reported as
+        its failure.
     """
+    errors = allocation_errors or {}
     specs: dict[str, ListenSpec] = {}
     failures: dict[str, str] = {}
     served_by: dict[tuple[str, int], str] = {}
@@ -63,16 +131,30 @@ def plan(
         if mode == VIRTUAL:
             ip = ips.get(target.host)
             if ip is None:
-                failures[url] = f"no address could be allocated for {target.host}"
+                failures[url] = errors.get(
+                    target.host, f"no address could be allocated for {target.host}"
+                )
                 continue
-            specs[url] = ListenSpec(str(ip), target.port, target, None)
+            specs[url] = ListenSpec(
+                str(ip),
+                target.port,
+                target,
+                None,
+                virtual=True,
+                client_address=join_host_port(target.host, target.port),
+            )
         else:
-            port = network_ports.get((target.host, target.port))
+            key = (target.host, target.port)
+            port = network_ports.get(key)
             if port is None:
-                failures[url] = f"no network port could be allocated for {url}"
+                failures[url] = errors.get(
+                    key, f"no network port could be allocated for {url}"
+                )
                 continue
             rewrite = target.http_host if target.is_http else None
-            specs[url] = ListenSpec(mode, port, target, rewrite)
+            specs[url] = ListenSpec(
+                mode, port, target, rewrite, client_address=client_address(mode, port)
+            )
         # Two schemes on one host and port (http://a.ns:443 and tls://a.ns)
         # cannot share a socket: the first in URL order keeps it.
         bind = specs[url].bind

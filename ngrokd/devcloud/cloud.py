@@ -16,6 +16,7 @@ endpoint selectors), every operator simply sees every endpoint.
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import hashlib
 import json
@@ -228,19 +229,29 @@ class Faults:
         return None
 
 
+def _sorted_index(
+    items: Iterable[T], key: Callable[[T], str]
+) -> tuple[list[T], list[str]]:
+    """
+    C{items} in ascending C{key} order, and their keys, for L{_page_of}.
+    """
+    ordered = sorted(items, key=key)
+    return ordered, [key(item) for item in ordered]
+
+
 def _page_of(
-    items: Iterable[T], key: Callable[[T], str], before_id: str | None, limit: int
+    index: tuple[list[T], list[str]], before_id: str | None, limit: int
 ) -> tuple[list[T], str | None]:
     """
-    Items in descending C{key} order strictly below C{before_id}, at most
-    C{limit} of them, and the cursor for the next page (C{None} when this
-    page is the last).
+    Items of a L{_sorted_index} in descending key order strictly below
+    C{before_id}, at most C{limit} of them, and the cursor for the next page
+    (C{None} when this page is the last). A page costs its own size, not the
+    whole list's, so that walking thousands of endpoints stays linear.
     """
-    ordered = sorted(items, key=key, reverse=True)
-    if before_id is not None:
-        ordered = [item for item in ordered if key(item) < before_id]
-    page = ordered[:limit]
-    return page, key(page[-1]) if len(ordered) > limit else None
+    ordered, keys = index
+    end = len(keys) if before_id is None else bisect.bisect_left(keys, before_id)
+    start = max(0, end - limit)
+    return ordered[start:end][::-1], keys[start] if start > 0 else None
 
 
 class Cloud:
@@ -279,6 +290,8 @@ class Cloud:
         self.on_change: Callable[[], object] | None = None
         self._endpoints: dict[str, CloudEndpoint] = {}
         self._by_address: dict[tuple[str, int], CloudEndpoint] = {}
+        #: The endpoints sorted for paging; C{None} after a change.
+        self._endpoint_index: tuple[list[CloudEndpoint], list[str]] | None = None
 
     # Endpoints
 
@@ -307,6 +320,7 @@ class Cloud:
         )
         self._endpoints[url] = endpoint
         self._by_address[host, port] = endpoint
+        self._endpoint_index = None
         return endpoint
 
     def remove_endpoint(self, url: str) -> None:
@@ -316,6 +330,7 @@ class Cloud:
         endpoint = self._endpoints.pop(url, None)
         if endpoint is not None:
             del self._by_address[endpoint.host, endpoint.port]
+            self._endpoint_index = None
 
     def endpoints(self) -> list[CloudEndpoint]:
         return list(self._endpoints.values())
@@ -334,7 +349,9 @@ class Cloud:
         """
         One page of endpoints and the C{before_id} of the next (or C{None}).
         """
-        return _page_of(self._endpoints.values(), lambda e: e.id, before_id, limit)
+        if self._endpoint_index is None:
+            self._endpoint_index = _sorted_index(self._endpoints.values(), _id)
+        return _page_of(self._endpoint_index, before_id, limit)
 
     # Operators
 
@@ -480,7 +497,8 @@ class Cloud:
         """
         One page of operators and the C{before_id} of the next (or C{None}).
         """
-        return _page_of(self._operators.values(), lambda o: o.id, before_id, limit)
+        index = _sorted_index(self._operators.values(), _id)
+        return _page_of(index, before_id, limit)
 
     def operator_for_serial(self, serial: int) -> CloudOperator | None:
         """
@@ -503,6 +521,10 @@ class Cloud:
                 "The value provided for the request parameter binding.csr is"
                 f" invalid: {e}",
             ) from None
+
+
+def _id(item: CloudEndpoint | CloudOperator) -> str:
+    return item.id
 
 
 def _serial(cert: IssuedCertificate) -> int:

@@ -1,5 +1,6 @@
 """
-Tests for L{ngrokd.hosts}.
+Tests for L{ngrokd.hosts}: the rendering, the file writes, and the service
+the daemon uses.
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ import os
 import stat
 import threading
 from ipaddress import ip_address
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.hosts import BEGIN, END, HostsFile, HostsFileError, render
+from ngrokd.hosts import BEGIN, END, HostsFile, HostsFileError, HostsService, render
 from ngrokd.test.namespace import namespace
+from ngrokd.test.test_netif import SynchronousThreadPool
 
 MAPPING = {"db.ns": ip_address("10.107.0.3"), "api.ns": ip_address("10.107.0.2")}
 SECTION = f"{BEGIN}\n10.107.0.2\tapi.ns\n10.107.0.3\tdb.ns\n{END}\n"
@@ -306,6 +311,143 @@ class HostsFileTests(SynchronousTestCase):
             self.content(),
             (HOSTS + "10.0.0.9\tmine\n\n" + SECTION).encode("ascii"),
         )
+
+
+class ThreadReactor(MemoryReactorClock):
+    """
+    A memory reactor whose thread pool runs work at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = SynchronousThreadPool()
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def getThreadPool(self) -> Any:
+        return self.pool
+
+
+class HostsServiceTests(SynchronousTestCase):
+    """
+    L{HostsService} keeps the section equal to the daemon's names, from
+    start to clean stop.
+    """
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "hosts")
+        self.service = HostsService(ThreadReactor(), self.path)
+        self.writes: list[dict[str, Any]] = []
+        real = self.service.file.write
+
+        def write(mapping: Any) -> bool:
+            self.writes.append(dict(mapping))
+            return real(mapping)
+
+        self.service.file.write = write  # type: ignore[method-assign]
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+
+    def put(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def content(self) -> str:
+        with open(self.path) as f:
+            return f.read()
+
+    def start(self) -> None:
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def test_staleSectionReplacedAtStart(self) -> None:
+        """
+        A section left by a run that did not stop cleanly is gone once the
+        service starts: its names are not served yet.
+        """
+        self.put(HOSTS + "\n" + SECTION + "10.0.0.9\tmine\n")
+        self.start()
+        self.assertEqual(self.content(), HOSTS + "10.0.0.9\tmine\n")
+
+    def test_writtenOnlyWhenChanged(self) -> None:
+        """
+        The file is read and written only when the names change.
+        """
+        self.put(HOSTS)
+        self.start()
+        self.assertTrue(self.successResultOf(self.service.write(MAPPING)))
+        self.assertFalse(self.successResultOf(self.service.write(MAPPING)))
+        self.assertTrue(self.successResultOf(self.service.write(OTHER)))
+        self.assertEqual(self.writes, [MAPPING, OTHER])
+        self.assertEqual(self.content(), HOSTS + "\n" + OTHER_SECTION)
+
+    def test_othersEditsKept(self) -> None:
+        """
+        Edits someone else makes between two writes (lines added, a line
+        changed, the section moved down) survive the next write.
+        """
+        self.put(HOSTS)
+        self.start()
+        self.successResultOf(self.service.write(MAPPING))
+        edited = "# mine\n" + self.content().replace("localhost\n", "localhost me\n", 1)
+        self.put(edited + "10.0.0.9\tmine\n")
+        self.successResultOf(self.service.write(OTHER))
+        self.assertEqual(
+            self.content(),
+            "# mine\n"
+            + HOSTS.replace("localhost\n", "localhost me\n", 1)
+            + "\n"
+            + OTHER_SECTION
+            + "10.0.0.9\tmine\n",
+        )
+
+    def test_removedOnStop(self) -> None:
+        """
+        A clean stop removes the section and leaves the rest as it was.
+        """
+        self.put(HOSTS)
+        self.service.startService()
+        self.successResultOf(self.service.write(MAPPING))
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(self.content(), HOSTS)
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(self.writes, [MAPPING, {}])
+
+    def test_noSectionNoWriteAccess(self) -> None:
+        """
+        Without names to write and without a section in the file, the file
+        is not opened for writing: a daemon in network mode needs no write
+        access to it.
+        """
+        self.put(HOSTS)
+        self.start()
+        self.assertFalse(self.successResultOf(self.service.write({})))
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(self.writes, [])
+        self.assertEqual(self.content(), HOSTS)
+
+    def test_failureLoggedOnceAndRetried(self) -> None:
+        """
+        A write that fails is logged once, naming the file, however often
+        it fails; the same names are written again at the next write, and
+        the recovery is logged.
+        """
+        os.rmdir(os.path.dirname(self.path))
+        self.start()
+        for _ in range(3):
+            self.assertFalse(self.successResultOf(self.service.write(MAPPING)))
+        errors = [m for m in map(formatEvent, self.events) if "cannot" in m]
+        self.assertEqual(len(errors), 1)
+        self.assertIn(self.path, errors[0])
+        self.assertIn(self.path, self.service.error)
+        os.mkdir(os.path.dirname(self.path))
+        self.assertTrue(self.successResultOf(self.service.write(MAPPING)))
+        self.assertEqual(self.content(), SECTION)
+        self.assertEqual(self.service.error, "")
 
 
 _WRITE_TWICE = """

@@ -1,0 +1,597 @@
+# -*- test-case-name: ngrokd.test.test_identity_service -*-
+"""
+Keeping this machine's identity with ngrok whole, current and as configured.
+
+L{IdentityService} runs the functions of L{ngrokd.identity} at the right
+moments, one at a time:
+
+  - at start it loads the stored identity, or registers (repairing a partial
+    one) when there is an API key, or says that it waits for one;
+  - with a stored identity it asks ngrok once for the operator, to learn
+    whether it still exists and which endpoint selectors it has: a changed
+    selector list is sent to ngrok (with a new key's CSR: the one update the
+    API client makes);
+  - it renews the certificate when it comes within C{renew_before} of its
+    end (or past half its life, for certificates shorter than twice that),
+    checked at start and then at least every C{check_interval} seconds;
+  - when ngrok no longer has the operator (deleted in the dashboard) it says
+    so and what to do, or registers afresh when told to.
+
+Every new identity goes to C{on_identity} (the daemon gives the certificate
+to the ingress connector: connections already open keep theirs, new ones
+use the new one). A failure never stops the service: it is reported (in
+L{IdentityService.status} and in the log, once per change of state) and
+retried with backoff, while the last good identity stays in use. The API key
+is never read here, only whether there is one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ngrokd.api import APIError, Operator
+from ngrokd.discovery import MAX_BACKOFF, backoff_delay, failure_kind
+from ngrokd.identity import (
+    Identity,
+    IdentityStore,
+    IdentityUnreadable,
+    OperatorAPI,
+    RepairNeeded,
+    needs_renewal,
+    register,
+    renew,
+    repair,
+)
+
+#: States, as L{IdentityStatus.state} and C{ngrokctl status} show them.
+WAITING_FOR_KEY = "not registered, waiting for an API key"
+REGISTERING = "registering"
+NOT_REGISTERED = "not registered"
+REGISTERED = "registered"
+EXPIRED = "certificate expired"
+OPERATOR_DELETED = "operator deleted"
+
+#: Seconds between two looks at the certificate's expiry.
+CHECK_INTERVAL = 3600.0
+#: The first retry after a failure, in seconds; later ones back off.
+FIRST_RETRY = 2.0
+
+
+class IdentityAPI(OperatorAPI, Protocol):
+    """
+    What the service needs of L{ngrokd.api.NgrokAPI}.
+    """
+
+    def get_operator(self, operator_id: str) -> Deferred[Operator]: ...
+
+
+class OperatorDeleted(Exception):
+    """
+    ngrok has no operator with our id (deleted in the dashboard, or the API
+    key belongs to another account); C{remedy} says what to do.
+    """
+
+    def __init__(self, operator_id: str, remedy: str) -> None:
+        super().__init__(operator_id, remedy)
+        self.operator_id = operator_id
+        self.remedy = remedy
+
+    def __str__(self) -> str:
+        return (
+            f"operator {self.operator_id} no longer exists in the ngrok account"
+            f" of the API key (was it deleted in the dashboard?): {self.remedy}"
+        )
+
+
+class KeyRejected(Exception):
+    """
+    An API key offered at run time works, but not for this machine's
+    operator: it belongs to an account that does not have it.
+    """
+
+    def __init__(self, operator_id: str) -> None:
+        super().__init__(operator_id)
+        self.operator_id = operator_id
+
+    def __str__(self) -> str:
+        return (
+            f"the ngrok account of this API key has no operator {self.operator_id},"
+            " the one this machine is registered as; use a key of that account"
+        )
+
+
+class NotRegistered(Exception):
+    """
+    There is no identity to act on yet; C{state} says why.
+    """
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+    def __str__(self) -> str:
+        return f"this machine is not registered with ngrok: {self.state}"
+
+
+@frozen
+class IdentityStatus:
+    """
+    Who this machine is to ngrok, for C{ngrokctl status} and health checks.
+    C{error} is the current problem, C{""} when there is none; it never holds
+    the API key.
+    """
+
+    state: str
+    operator_id: str
+    not_after: datetime.datetime | None
+    error: str
+
+    @property
+    def registered(self) -> bool:
+        return self.operator_id != ""
+
+
+class IdentityService(Service):
+    """
+    Makes and keeps this machine's identity; see the module docstring.
+
+    @param has_key: whether there is an API key now (the API client reads
+        the key itself, at each request).
+    @param on_identity: called with every identity put into use.
+    @param config_path: named in messages that say what to change.
+    @param ingress_endpoint: the configured C{ingressEndpoint}, compared
+        with the one ngrok reports.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IdentityStore,
+        api: IdentityAPI,
+        clock: IReactorTime,
+        *,
+        selectors: Sequence[str],
+        hostname: str,
+        has_key: Callable[[], bool],
+        on_identity: Callable[[Identity], object],
+        config_path: str,
+        ingress_endpoint: str,
+        renew_before: datetime.timedelta = datetime.timedelta(days=30),
+        reregister_if_deleted: bool = False,
+        check_interval: float = CHECK_INTERVAL,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._store = store
+        self._api = api
+        self._clock = clock
+        self._selectors = tuple(selectors)
+        self._hostname = hostname
+        self._has_key = has_key
+        self._on_identity = on_identity
+        self._config_path = config_path
+        self._ingress_endpoint = ingress_endpoint
+        self._renew_before = renew_before
+        self._reregister = reregister_if_deleted
+        self._check_interval = check_interval
+        self._jitter = jitter
+        self.identity: Identity | None = None
+        self.state = NOT_REGISTERED
+        self.error = ""
+        self._logged: tuple[str, str] = ("", "")
+        self._failures = 0
+        #: ngrok's selectors for our operator, once known.
+        self._ngrok_selectors: tuple[str, ...] | None = None
+        self._reported_ingress: str | None = None
+        self._lock = DeferredLock()
+        self._queued = False
+        self._current: Deferred[Any] | None = None
+        self._timer: IDelayedCall | None = None
+
+    # Lifecycle and controls
+
+    def startService(self) -> None:
+        super().startService()
+        self._kick()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self._cancel_timer()
+        if self._current is not None:
+            self._current.cancel()
+        return None
+
+    def status(self) -> IdentityStatus:
+        identity = self.identity
+        return IdentityStatus(
+            state=self.state,
+            operator_id=identity.operator_id if identity else "",
+            not_after=identity.not_after if identity else None,
+            error=self.error,
+        )
+
+    def key_changed(self) -> None:
+        """
+        The API key was set or changed: act on it now (register, verify,
+        renew) instead of at the next retry.
+        """
+        if self.running:
+            self._kick()
+
+    def reconfigure(
+        self,
+        selectors: Sequence[str],
+        renew_before: datetime.timedelta,
+        reregister_if_deleted: bool,
+    ) -> None:
+        """
+        Use changed settings: new selectors are sent to ngrok, a new margin
+        may make renewal due, and re-registering may now be allowed.
+        """
+        self._selectors = tuple(selectors)
+        self._renew_before = renew_before
+        self._reregister = reregister_if_deleted
+        if self.running:
+            self._kick()
+
+    def check_operator(self, operator_id: str) -> None:
+        """
+        ngrok answered 404 for something of C{operator_id} (a poll of its
+        bound endpoints): ask ngrok whether the operator still exists, and
+        act on the answer.
+        """
+        identity = self.identity
+        if (
+            identity is not None
+            and identity.operator_id == operator_id
+            and self.state != OPERATOR_DELETED
+            and self.running
+        ):
+            self._ngrok_selectors = None
+            self._kick()
+
+    def renew_now(self) -> Deferred[Identity]:
+        """
+        Renew the certificate now, whatever its expiry; fires with the new
+        identity, or fails with the reason (the old one stays in use), or
+        with L{NotRegistered}.
+        """
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._renew_now()))
+
+    def try_api(self, api: IdentityAPI) -> Deferred[None]:
+        """
+        Prove that C{api} (the client with a candidate API key) works for
+        this machine, changing nothing before it does: register with it when
+        not registered, otherwise check that its account has our operator.
+
+        @raise KeyRejected: (in the Deferred) the key's account does not
+            have our operator.
+        """
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._try_api(api)))
+
+    # Passes: one at a time, under the lock
+
+    def _kick(self) -> None:
+        """
+        Run a pass now, or right after the one under way.
+        """
+        self._cancel_timer()
+        if self._queued:
+            return
+        self._queued = True
+        self._lock.run(self._run_pass)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule(self, delay: float) -> None:
+        self._cancel_timer()
+        self._timer = self._clock.callLater(delay, self._kick)
+
+    def _run_pass(self) -> Deferred[None]:
+        self._queued = False
+        if not self.running:
+            return succeed(None)
+        current: Deferred[Any] = Deferred.fromCoroutine(self._pass())
+        self._current = current
+        current.addCallbacks(self._pass_done, self._pass_failed)
+        return current
+
+    def _pass_done(self, delay: float | None) -> None:
+        self._current = None
+        self._failures = 0
+        if delay is not None and self.running:
+            self._schedule(delay)
+
+    def _pass_failed(self, failure: Failure) -> None:
+        self._current = None
+        if not self.running:
+            return  # cancelled by stopService
+        self._failures += 1
+        delay = backoff_delay(self._failures, FIRST_RETRY, MAX_BACKOFF, self._jitter)
+        if failure.check(IdentityUnreadable):
+            doing = "cannot use the stored identity"
+        elif self.identity is None:
+            doing = "cannot register with ngrok"
+        else:
+            doing = "cannot update the identity with ngrok"
+        self._report(
+            NOT_REGISTERED if self.identity is None else self._registered_state(),
+            f"{doing}: {failure.getErrorMessage()}",
+            failure_kind(failure.value),
+            retry_in=delay,
+        )
+        self._schedule(delay)
+
+    async def _pass(self) -> float | None:
+        """
+        Make the identity whole, current and as configured; how many
+        seconds until the next pass (C{None}: only when kicked).
+        """
+        if self.identity is None:
+            loaded = self._store.load()
+            if isinstance(loaded, Identity):
+                self._adopt(loaded)
+            elif not self._has_key():
+                self._wait_for_key(loaded)
+                return None
+            else:
+                self._set_state(REGISTERING)
+                await self._make_identity(self._api, loaded)
+        if self.state == OPERATOR_DELETED:
+            if not (self._reregister and self._has_key()):
+                return None
+            assert self.identity is not None
+            return await self._operator_gone(self.identity.operator_id)
+        if not self._has_key():
+            return self._without_key()
+        return await self._keep_current(self._api)
+
+    async def _make_identity(
+        self, api: IdentityAPI, loaded: RepairNeeded | None
+    ) -> None:
+        # A wrong key fails here, before a key file is written.
+        await api.operators()
+        if isinstance(loaded, RepairNeeded):
+            identity = await repair(
+                api, self._store, loaded, self._selectors, self._hostname
+            )
+        else:
+            identity = await register(api, self._store, self._selectors, self._hostname)
+        self._ngrok_selectors = self._selectors
+        self._adopt(identity)
+
+    async def _keep_current(self, api: IdentityAPI) -> float | None:
+        assert self.identity is not None
+        operator_id = self.identity.operator_id
+        try:
+            if self._ngrok_selectors is None:
+                operator = await api.get_operator(operator_id)
+                self._ngrok_selectors = operator.selectors
+                self._check_ingress(operator.ingress_endpoint)
+            if self._ngrok_selectors != self._selectors:
+                self.log.info(
+                    "updating the endpoint selectors of operator {id} from"
+                    " {old} to {new}",
+                    id=operator_id,
+                    old=list(self._ngrok_selectors),
+                    new=list(self._selectors),
+                )
+                await self._renew(api)
+            elif self._due():
+                await self._renew(api)
+        except APIError as e:
+            if e.status != 404:
+                raise
+            return await self._operator_gone(operator_id)
+        self._settle()
+        return self._until_next_check()
+
+    async def _renew(self, api: IdentityAPI) -> Identity:
+        assert self.identity is not None
+        identity = await renew(api, self._store, self.identity, self._selectors)
+        self._ngrok_selectors = self._selectors
+        self._adopt(identity)
+        return identity
+
+    async def _renew_now(self) -> Identity:
+        if self.identity is None:
+            raise NotRegistered(self.state)
+        return await self._renew(self._api)
+
+    async def _try_api(self, api: IdentityAPI) -> None:
+        if self.identity is None:
+            loaded = self._store.load()
+            if isinstance(loaded, Identity):
+                self._adopt(loaded)
+            else:
+                before = self.state, self.error
+                self._set_state(REGISTERING)
+                try:
+                    await self._make_identity(api, loaded)
+                except BaseException:
+                    self.state, self.error = before
+                    raise
+                return
+        assert self.identity is not None
+        if self.state == OPERATOR_DELETED:
+            await api.operators()
+            return
+        try:
+            operator = await api.get_operator(self.identity.operator_id)
+        except APIError as e:
+            if e.status == 404:
+                raise KeyRejected(self.identity.operator_id) from None
+            raise
+        self._ngrok_selectors = operator.selectors
+
+    async def _operator_gone(self, operator_id: str) -> float | None:
+        if self._reregister:
+            self.log.warn(
+                "operator {id} no longer exists at ngrok; registering this"
+                " machine again, as api.reregister_if_deleted is true",
+                id=operator_id,
+            )
+            self._set_state(REGISTERING)
+            await self._make_identity(self._api, None)
+            return self._until_next_check()
+        error = OperatorDeleted(
+            operator_id,
+            f"its endpoints cannot be discovered or reached. To register this"
+            f" machine again, set api.reregister_if_deleted: true in"
+            f" {self._config_path}, or delete {self._store.operator_id_path} and"
+            " restart ngrokd",
+        )
+        self._report(OPERATOR_DELETED, str(error), "deleted")
+        return None
+
+    # State
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.UTC)
+
+    def _expired(self) -> bool:
+        return self.identity is not None and self.identity.expired(self._now())
+
+    def _margin(self, identity: Identity) -> datetime.timedelta:
+        """
+        The configured margin, but at most half the certificate's life, so
+        that a short-lived certificate is not renewed again and again.
+        """
+        return min(self._renew_before, (identity.not_after - identity.not_before) / 2)
+
+    def _due(self) -> bool:
+        identity = self.identity
+        assert identity is not None
+        return needs_renewal(identity, self._now(), self._margin(identity))
+
+    def _until_next_check(self) -> float:
+        identity = self.identity
+        assert identity is not None
+        due = identity.not_after - self._margin(identity)
+        seconds = (due - self._now()).total_seconds()
+        if seconds <= 0:
+            # Still due after this pass (ngrok issued a certificate already
+            # due, or there is no key): look again later, not at once.
+            return self._check_interval
+        return min(self._check_interval, seconds)
+
+    def _without_key(self) -> float:
+        if self._due():
+            assert self.identity is not None
+            self._report(
+                self._registered_state(),
+                f"the certificate {self._store.cert_path} (valid until"
+                f" {self.identity.not_after.isoformat()}) is due for renewal,"
+                " which needs an API key",
+                "renewal without key",
+            )
+        else:
+            self._settle()
+        return self._until_next_check()
+
+    def _adopt(self, identity: Identity) -> None:
+        fresh = self.identity is None
+        self.identity = identity
+        self._on_identity(identity)
+        if fresh:
+            self.log.info(
+                "this machine is operator {id} at ngrok; certificate valid until"
+                " {not_after}",
+                id=identity.operator_id,
+                not_after=identity.not_after.isoformat(),
+            )
+        self._check_ingress(identity.ingress_endpoint)
+        self._settle()
+
+    def _registered_state(self) -> str:
+        return EXPIRED if self._expired() else REGISTERED
+
+    def _settle(self) -> None:
+        """
+        The identity is in use and nothing failed: say whether it is in order.
+        """
+        identity = self.identity
+        assert identity is not None
+        if self._expired():
+            self._report(
+                EXPIRED,
+                f"the certificate {self._store.cert_path} expired at"
+                f" {identity.not_after.isoformat()}: the binding ingress refuses"
+                " it until it is renewed",
+                "expired",
+            )
+        else:
+            self._set_state(REGISTERED)
+
+    def _wait_for_key(self, loaded: RepairNeeded | None) -> None:
+        needs = (
+            f" (the stored identity needs repair: {loaded.reason})"
+            if isinstance(loaded, RepairNeeded)
+            else ""
+        )
+        self._report(
+            WAITING_FOR_KEY,
+            f"not registered, waiting for an API key{needs}: set api.key in"
+            f" {self._config_path}, NGROK_API_KEY in the environment, or run"
+            " ngrokctl set-api-key",
+            "no key",
+        )
+
+    def _check_ingress(self, reported: str | None) -> None:
+        if not reported or reported == self._reported_ingress:
+            return
+        self._reported_ingress = reported
+        if reported != self._ingress_endpoint:
+            self.log.warn(
+                "ngrok reports the binding ingress at {reported}, but ingressEndpoint"
+                " in {config} is {configured}; connections go to {configured}",
+                reported=reported,
+                configured=self._ingress_endpoint,
+                config=self._config_path,
+            )
+
+    def _set_state(self, state: str) -> None:
+        """
+        Enter C{state} with no problem to report.
+        """
+        if state == REGISTERED and self._logged[0] in (REGISTERED, EXPIRED):
+            self.log.info(
+                "operator {id}: the identity is in order again",
+                id=self.identity.operator_id if self.identity else "",
+            )
+        self.state, self.error = state, ""
+        if state == REGISTERED:
+            self._logged = ("", "")
+
+    def _report(
+        self, state: str, error: str, kind: str, retry_in: float | None = None
+    ) -> None:
+        """
+        Enter C{state} with the problem C{error}, and log it unless it is the
+        same C{kind} of problem in the same state as last time.
+        """
+        self.state, self.error = state, error
+        if (state, kind) == self._logged:
+            return
+        self._logged = (state, kind)
+        if state == WAITING_FOR_KEY:
+            self.log.warn("{error}", error=error)
+        elif retry_in is None:
+            self.log.error("{error}", error=error)
+        else:
+            self.log.error(
+                "{error}; retrying in {delay:.1f}s", error=error, delay=retry_in
+            )

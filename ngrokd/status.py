@@ -1,0 +1,110 @@
+# -*- test-case-name: ngrokd.test.test_status -*-
+"""
+What each discovered endpoint is doing, for C{ngrokctl list} and status.
+
+Every endpoint of the last good poll has a row, those that could not be
+served too (the original hid them): an unreadable URL, no address or port
+left for it, a listening socket refused (port in use, address missing). A
+listening endpoint whose last forwarded connection failed says why, since
+"listening" alone would hide an upstream that refuses. L{endpoint_status}
+is a pure function of the daemon's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from attrs import frozen
+
+from ngrokd.endpoints import BoundEndpoint
+from ngrokd.listeners import Listener, join_host_port
+from ngrokd.plan import Plan
+
+LISTENING = "listening"
+STARTING = "starting"
+FAILED = "failed"
+
+
+@frozen
+class EndpointStatus:
+    """
+    One bound endpoint: ngrok's id and URL, where it listens locally
+    (C{""} when it does not), its state and the reason for it, and what its
+    listener has carried. Endpoints that share a URL share a listener, so
+    their counts are the same.
+
+    @ivar reason: why a C{failed} endpoint is not served; for a
+        C{listening} one, the failure of its most recent failed connection
+        (C{""} when none failed).
+    """
+
+    id: str
+    url: str
+    listen_address: str
+    state: str
+    reason: str
+    connections_open: int = 0
+    connections_total: int = 0
+    errors: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def endpoint_status(
+    endpoints: Mapping[str, BoundEndpoint],
+    skipped: Mapping[str, str],
+    plan: Plan,
+    listeners: Mapping[str, Listener],
+) -> tuple[EndpointStatus, ...]:
+    """
+    A row per endpoint, ordered by URL then id.
+
+    @param endpoints: the endpoints of the last good poll, by id.
+    @param skipped: why the endpoints that could not be parsed were left
+        out, by id (the reason names the URL).
+    @param plan: the plan made from C{endpoints}.
+    @param listeners: the listeners, by normalised URL.
+    """
+    rows = [
+        EndpointStatus(id=id, url="", listen_address="", state=FAILED, reason=reason)
+        for id, reason in skipped.items()
+    ]
+    for endpoint in endpoints.values():
+        rows.append(_row(endpoint, plan, listeners))
+    return tuple(sorted(rows, key=lambda row: (row.url, row.id)))
+
+
+def _row(
+    endpoint: BoundEndpoint, plan: Plan, listeners: Mapping[str, Listener]
+) -> EndpointStatus:
+    key = endpoint.target.url
+    failure = plan.failures.get(key)
+    if failure is not None:
+        return EndpointStatus(endpoint.id, endpoint.url, "", FAILED, failure)
+    listener = listeners.get(key)
+    spec = plan.specs.get(key)
+    if listener is None or spec is None:
+        address = join_host_port(spec.address, spec.port) if spec else ""
+        return EndpointStatus(endpoint.id, endpoint.url, address, STARTING, "")
+    address = join_host_port(listener.spec.address, listener.spec.port)
+    stats = listener.stats
+    if listener.listening:
+        state, reason = LISTENING, ""
+        if stats.last_error:
+            reason = f"last connection failed: {stats.last_error}"
+    elif listener.error:
+        state, reason = FAILED, listener.error
+    else:
+        state, reason = STARTING, ""
+    return EndpointStatus(
+        id=endpoint.id,
+        url=endpoint.url,
+        listen_address=address,
+        state=state,
+        reason=reason,
+        connections_open=stats.connections_open,
+        connections_total=stats.connections_total,
+        errors=stats.errors,
+        bytes_up=stats.bytes_up,
+        bytes_down=stats.bytes_down,
+    )

@@ -1,0 +1,477 @@
+"""
+Tests for L{ngrokd.daemon.Daemon.reconcile} with the network pieces in
+memory: the order in which addresses, listeners and names are set up and
+torn down, what fails and what keeps working, and that reconciles never
+overlap. Also the listen-mode decisions of L{ngrokd.plan} they rely on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Set
+from ipaddress import ip_address, ip_network
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from ngrokd.allocation import IP_MAPPINGS, NETWORK_PORTS
+from ngrokd.api import ApiEndpoint
+from ngrokd.config import load_config
+from ngrokd.daemon import Daemon
+from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
+from ngrokd.hosts import BEGIN
+from ngrokd.netif import NotPermitted
+from ngrokd.netif.memory import MemoryInterface
+from ngrokd.plan import client_address, plan, uses_virtual
+from ngrokd.test.test_hosts import ThreadReactor
+
+A = ip_address("10.107.0.2")
+B = ip_address("10.107.0.3")
+
+
+class Recorder:
+    """
+    One list of what the network pieces did, in order.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def kinds(self) -> list[str]:
+        return [event[0] for event in self.events]
+
+
+class RecordingInterface(MemoryInterface):
+    """
+    A memory interface that records each change and can be held mid-change.
+    """
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(ip_network("10.107.0.0/24"))
+        self.recorder = recorder
+        self.gate: Deferred[None] | None = None
+        self.refused: set[Any] = set()
+
+    def ensure_addresses(self, addresses: Set[Any]) -> Deferred[None]:
+        self.recorder.events.append(("addresses", frozenset(addresses)))
+        if self.refused & set(addresses):
+            allowed = set(addresses) - self.refused
+            self.present = allowed
+            refused = ", ".join(sorted(str(ip) for ip in self.refused))
+            return Deferred.fromCoroutine(_raise(NotPermitted(f"add {refused}")))
+        done = super().ensure_addresses(addresses)
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            return gate.addCallback(lambda _: done)
+        return done
+
+    def destroy(self) -> Deferred[None]:
+        self.recorder.events.append(("destroy",))
+        return super().destroy()
+
+
+async def _raise(error: Exception) -> None:
+    raise error
+
+
+class Port:
+    def __init__(self, recorder: Recorder, interface: str, port: int) -> None:
+        self.recorder, self.interface, self.port = recorder, interface, port
+
+    def stopListening(self) -> None:
+        self.recorder.events.append(("stop", self.interface, self.port))
+
+
+class NetworkReactor(ThreadReactor):
+    """
+    A memory reactor whose listens are recorded (and refused with
+    EADDRINUSE on the binds in C{taken}), and whose threads are this one.
+    """
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.taken: set[tuple[str, int]] = set()
+
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> Any:
+        if (interface, port) in self.taken:
+            raise CannotListenError(
+                interface, port, OSError(errno.EADDRINUSE, "Address in use")
+            )
+        self.recorder.events.append(("listen", interface, port))
+        return Port(self.recorder, interface, port)
+
+
+def _endpoints(*urls: str) -> list[ApiEndpoint]:
+    return [ApiEndpoint(f"ep_{url}", url, "") for url in urls]
+
+
+class ReconcileTests(SynchronousTestCase):
+    """
+    A reconcile sets up an endpoint's address, then its listener, then its
+    name, and takes them away in the opposite order, only when no endpoint
+    of the hostname is left.
+    """
+
+    def make_daemon(
+        self,
+        listen_interface: str = "virtual",
+        overrides: str = "{}",
+        interface_failure: Exception | None = None,
+    ) -> Daemon:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        self.state_dir = os.path.join(base, "state")
+        self.hosts_path = os.path.join(base, "hosts")
+        with open(self.hosts_path, "w") as f:
+            f.write("127.0.0.1\tlocalhost\n")
+        config_path = os.path.join(base, "config.yml")
+        with open(config_path, "w") as f:
+            f.write(
+                f"server:\n  state_dir: {self.state_dir}\n"
+                f"net:\n  listen_interface: {listen_interface!r}\n"
+                f"  subnet: 10.107.0.0/24\n  start_port: 9080\n"
+                f"  hosts_file: {self.hosts_path}\n  overrides: {overrides}\n"
+            )
+        config = load_config(config_path, environ={}).config
+        self.recorder = Recorder()
+        self.reactor = NetworkReactor(self.recorder)
+        self.interface = RecordingInterface(self.recorder)
+        self.interface.failure = interface_failure
+        daemon = Daemon(config, self.reactor, self.interface)
+        real_write = daemon.hosts.file.write
+
+        def write(mapping: Any) -> bool:
+            self.recorder.events.append(("hosts", dict(mapping)))
+            return real_write(mapping)
+
+        daemon.hosts.file.write = write  # type: ignore[method-assign]
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+        daemon.startService()
+        self.addCleanup(daemon.stopService)
+        del self.recorder.events[:]
+        return daemon
+
+    def reconcile(self, daemon: Daemon, *urls: str) -> None:
+        self.successResultOf(daemon.reconcile(_endpoints(*urls)))
+
+    def hosts(self) -> str:
+        with open(self.hosts_path) as f:
+            return f.read()
+
+    def test_addressThenListenersThenName(self) -> None:
+        """
+        A new hostname gets its address first, then its listeners (every
+        port of it on that one address), then its line in the hosts file.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        self.assertEqual(
+            self.recorder.events,
+            [
+                ("addresses", frozenset({A})),
+                ("listen", "10.107.0.2", 80),
+                ("listen", "10.107.0.2", 5432),
+                ("hosts", {"a.test": A}),
+            ],
+        )
+        self.assertIn(f"{BEGIN}\n10.107.0.2\ta.test\n", self.hosts())
+
+    def test_sharedHostnameKeepsItsAddress(self) -> None:
+        """
+        Removing one of two endpoints of a hostname stops only its listener:
+        the address and the name stay for the other.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        del self.recorder.events[:]
+        self.reconcile(daemon, "http://a.test")
+        self.assertEqual(
+            self.recorder.events,
+            [("addresses", frozenset({A})), ("stop", "10.107.0.2", 5432)],
+        )
+        self.assertEqual(self.interface.present, {A})
+        self.assertIn("10.107.0.2\ta.test\n", self.hosts())
+
+    def test_releasedInReverse(self) -> None:
+        """
+        When the last endpoint of a hostname goes, its listener stops, then
+        its name goes, then its address.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test", "http://b.test")
+        del self.recorder.events[:]
+        self.reconcile(daemon, "http://b.test")
+        self.assertEqual(
+            self.recorder.events,
+            [
+                ("addresses", frozenset({A, B})),
+                ("stop", "10.107.0.2", 80),
+                ("hosts", {"b.test": B}),
+                ("addresses", frozenset({B})),
+            ],
+        )
+        self.assertEqual(self.interface.present, {B})
+
+    def test_stableAcrossRestart(self) -> None:
+        """
+        Addresses and network ports are saved, and a new daemon on the same
+        state directory gives every endpoint the same ones.
+        """
+        daemon = self.make_daemon(overrides="{n.test: 0.0.0.0}")
+        self.reconcile(daemon, "http://b.test", "http://a.test", "tcp://n.test:7")
+        specs = {url: spec.bind for url, spec in daemon.plan.specs.items()}
+        self.successResultOf(daemon.stopService())
+        for name in (IP_MAPPINGS, NETWORK_PORTS):
+            self.assertTrue(os.path.exists(os.path.join(self.state_dir, name)))
+        again = Daemon(daemon.config, self.reactor, RecordingInterface(self.recorder))
+        again.startService()
+        self.addCleanup(again.stopService)
+        self.successResultOf(
+            again.reconcile(
+                _endpoints("tcp://n.test:7", "http://a.test", "http://b.test")
+            )
+        )
+        self.assertEqual(
+            {url: spec.bind for url, spec in again.plan.specs.items()}, specs
+        )
+        self.assertEqual(specs["tcp://n.test:7"], ("0.0.0.0", 9080))
+
+    def test_stopTearsDownInReverse(self) -> None:
+        """
+        A clean stop closes the listeners, then removes the names and the
+        interface.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test")
+        del self.recorder.events[:]
+        self.successResultOf(daemon.stopService())
+        self.assertEqual(
+            self.recorder.events,
+            [("stop", "10.107.0.2", 80), ("hosts", {}), ("destroy",)],
+        )
+        self.assertEqual(self.hosts(), "127.0.0.1\tlocalhost\n")
+
+    def test_missingAddressFailsItsEndpoints(self) -> None:
+        """
+        An address that cannot be set up fails the endpoints that need it,
+        with the reason; the other hostnames are served and named.
+        """
+        daemon = self.make_daemon()
+        self.interface.refused = {A}
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432", "http://b.test")
+        self.assertEqual(set(daemon.plan.specs), {"http://b.test:80"})
+        for url in ("http://a.test:80", "tcp://a.test:5432"):
+            reason = daemon.plan.failures[url]
+            self.assertIn("address 10.107.0.2 for a.test could not be set up", reason)
+            self.assertIn("root or CAP_NET_ADMIN", reason)
+        self.assertIn(("listen", "10.107.0.3", 80), self.recorder.events)
+        self.assertEqual(self.recorder.events[-1], ("hosts", {"b.test": B}))
+
+    def test_noPrivilege(self) -> None:
+        """
+        Without the privilege to make the interface, virtual-mode endpoints
+        fail saying what is needed, the log says network mode still works,
+        and network-mode endpoints are served.
+        """
+        daemon = self.make_daemon(
+            overrides="{n.test: 127.0.0.1}",
+            interface_failure=NotPermitted("create link ngrokd0"),
+        )
+        self.reconcile(daemon, "http://a.test", "tcp://n.test:7")
+        self.reconcile(daemon, "http://a.test", "tcp://n.test:7")
+        self.assertIn("root or CAP_NET_ADMIN", daemon.plan.failures["http://a.test:80"])
+        self.assertEqual(list(daemon.plan.specs), ["tcp://n.test:7"])
+        self.assertIn(("listen", "127.0.0.1", 9080), self.recorder.events)
+        errors = [
+            formatEvent(e)
+            for e in self.events
+            if "virtual mode is unavailable" in formatEvent(e)
+        ]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("CAP_NET_ADMIN", errors[0])
+        self.assertIn("endpoints in network mode", errors[0])
+
+    def test_portInUse(self) -> None:
+        """
+        An endpoint whose port is taken is failed with the reason, the other
+        endpoints (on the same address too) are served, its name is written,
+        and the bind is tried again at the next reconcile.
+        """
+        daemon = self.make_daemon()
+        self.reactor.taken = {("10.107.0.2", 5432)}
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        listener = daemon.listeners.listeners["tcp://a.test:5432"]
+        self.assertFalse(listener.listening)
+        self.assertIn("10.107.0.2:5432 is already in use", listener.error)
+        self.assertTrue(daemon.listeners.listeners["http://a.test:80"].listening)
+        self.assertIn("10.107.0.2\ta.test\n", self.hosts())
+        self.reactor.taken = set()
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        self.assertTrue(listener.listening)
+
+    def test_exhaustion(self) -> None:
+        """
+        A hostname that finds no free address is failed with the allocator's
+        reason; the others are served.
+        """
+        daemon = self.make_daemon()
+        urls = [f"http://h{n:03}.test" for n in range(254)]
+        self.reconcile(daemon, *urls)
+        self.assertEqual(len(daemon.plan.specs), 253)
+        self.assertEqual(
+            daemon.plan.failures,
+            {
+                "http://h253.test:80": "no address left for h253.test: all 253"
+                " usable addresses of 10.107.0.0/24 are in use"
+            },
+        )
+
+    def test_networkModeWritesNoNames(self) -> None:
+        """
+        In network mode no name goes to the hosts file (it would not lead to
+        the listener); local clients are told to use loopback and the
+        network port.
+        """
+        daemon = self.make_daemon(listen_interface="0.0.0.0")
+        self.reconcile(daemon, "http://a.test")
+        spec = daemon.plan.specs["http://a.test:80"]
+        self.assertEqual(
+            (spec.bind, spec.client_address), (("0.0.0.0", 9080), "127.0.0.1:9080")
+        )
+        self.assertNotIn(BEGIN, self.hosts())
+        self.assertFalse(self.interface.created)
+
+    def test_reconcilesDoNotOverlap(self) -> None:
+        """
+        Results that arrive while one is applied wait; only the latest of
+        them is applied, and every caller learns when that is done.
+        """
+        daemon = self.make_daemon()
+        gate = self.interface.gate = Deferred()
+        first = daemon.reconcile(_endpoints("http://a.test"))
+        second = daemon.reconcile(_endpoints("http://b.test"))
+        third = daemon.reconcile(_endpoints("http://c.test"))
+        self.assertEqual(self.recorder.kinds(), ["addresses"])
+        for d in (first, second, third):
+            self.assertNoResult(d)
+        gate.callback(None)
+        for d in (first, second, third):
+            self.successResultOf(d)
+        self.assertEqual(set(daemon.plan.specs), {"http://c.test:80"})
+        names = [e[1] for e in self.recorder.events if e[0] == "hosts"]
+        self.assertEqual(names, [{"a.test": A}, {"c.test": A}])
+
+    def test_cancelledWaitOnly(self) -> None:
+        """
+        Cancelling the wait for a reconcile (as a stopping poller does)
+        leaves the reconcile running to its end.
+        """
+        daemon = self.make_daemon()
+        gate = self.interface.gate = Deferred()
+        waiting = daemon.reconcile(_endpoints("http://a.test"))
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        gate.callback(None)
+        self.assertEqual(set(daemon.plan.specs), {"http://a.test:80"})
+        self.assertEqual(self.recorder.kinds(), ["addresses", "listen", "hosts"])
+
+    def test_stopWaitsForReconcile(self) -> None:
+        """
+        A stop while a reconcile is applied lets it finish, then tears down;
+        results that arrive after the stop began are ignored.
+        """
+        daemon = self.make_daemon()
+        gate = self.interface.gate = Deferred()
+        daemon.reconcile(_endpoints("http://a.test"))
+        stopping = daemon.stopService()
+        self.successResultOf(daemon.reconcile(_endpoints("http://b.test")))
+        self.assertNoResult(stopping)
+        gate.callback(None)
+        self.successResultOf(stopping)
+        self.assertEqual(
+            self.recorder.kinds(),
+            ["addresses", "listen", "hosts", "stop", "hosts", "destroy"],
+        )
+
+
+class ListenModeTests(SynchronousTestCase):
+    """
+    The listen-mode decisions reconcile relies on.
+    """
+
+    def test_clientAddress(self) -> None:
+        """
+        A client on this machine reaches a wildcard listener through the
+        loopback address of its family, and any other address directly.
+        """
+        self.assertEqual(client_address("0.0.0.0", 9080), "127.0.0.1:9080")
+        self.assertEqual(client_address("::", 9080), "[::1]:9080")
+        self.assertEqual(client_address("192.0.2.7", 9080), "192.0.2.7:9080")
+        self.assertEqual(client_address("fd00::7", 9080), "[fd00::7]:9080")
+
+    def test_virtualClientsUseTheName(self) -> None:
+        """
+        In virtual mode a client uses the endpoint's own name and port, and
+        the plan's names are the virtual-mode hostnames only.
+        """
+        endpoints = [
+            BoundEndpoint(url, url, parse_endpoint_url(url))
+            for url in ("http://a.ns", "tcp://a.ns:5432", "http://n.ns")
+        ]
+        result = plan(
+            endpoints,
+            "virtual",
+            {"n.ns": "0.0.0.0"},
+            {"a.ns": A},
+            {("n.ns", 80): 9080},
+        )
+        self.assertEqual(
+            {url: spec.client_address for url, spec in result.specs.items()},
+            {
+                "http://a.ns:80": "a.ns:80",
+                "tcp://a.ns:5432": "a.ns:5432",
+                "http://n.ns:80": "127.0.0.1:9080",
+            },
+        )
+        self.assertEqual(result.virtual_names(), {"a.ns": "10.107.0.2"})
+
+    def test_usesVirtual(self) -> None:
+        """
+        Virtual mode is in use when it is the default or any override.
+        """
+        self.assertTrue(uses_virtual("virtual", {}))
+        self.assertTrue(uses_virtual("0.0.0.0", {"a.ns": "virtual"}))
+        self.assertFalse(uses_virtual("0.0.0.0", {"a.ns": "127.0.0.1"}))
+
+    def test_withoutAddresses(self) -> None:
+        """
+        Only virtual-mode listeners on a missing address are failed, with
+        the reason.
+        """
+        endpoints = [
+            BoundEndpoint(url, url, parse_endpoint_url(url))
+            for url in ("http://a.ns", "http://b.ns")
+        ]
+        result = plan(
+            endpoints,
+            "virtual",
+            {"b.ns": "10.107.0.2"},
+            {"a.ns": A},
+            {("b.ns", 80): 9080},
+        )
+        missing = result.without_addresses({"10.107.0.2": "gone"})
+        self.assertEqual(list(missing.specs), ["http://b.ns:80"])
+        self.assertEqual(
+            missing.failures,
+            {"http://a.ns:80": "address 10.107.0.2 for a.ns could not be set up: gone"},
+        )

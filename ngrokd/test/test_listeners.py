@@ -1,0 +1,108 @@
+"""
+Tests for L{ngrokd.listeners.ListenerSet} on real sockets on 127.0.0.1:
+what becomes of a listener that cannot bind, and of the others.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SkipTest, TestCase
+
+from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.ingress import IngressConnector
+from ngrokd.listeners import ListenerSet, ListenSpec
+
+
+def _spec(url: str, address: str, port: int) -> ListenSpec:
+    return ListenSpec(address, port, parse_endpoint_url(url))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _nonlocal_bind() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+class ListenerSetTests(TestCase):
+    """
+    A listener that cannot bind is failed with a reason a user can act on,
+    the others listen, and it is tried again at the next reconcile.
+    """
+
+    def setUp(self) -> None:
+        connector = IngressConnector(reactor, "127.0.0.1", 1, trust=None)
+        self.listeners = ListenerSet(reactor, connector)
+        self.addCleanup(self.listeners.stop)
+
+    def holder(self) -> tuple[socket.socket, int]:
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        self.addCleanup(held.close)
+        return held, held.getsockname()[1]
+
+    async def test_portInUse(self) -> None:
+        """
+        A port another program listens on fails only its endpoint, naming
+        the program where /proc tells; once freed, the next reconcile binds.
+        """
+        held, port = self.holder()
+        specs: dict[str, Any] = {
+            "tcp://busy.test:5432": _spec("tcp://busy.test:5432", "127.0.0.1", port),
+            "tcp://free.test:5432": _spec(
+                "tcp://free.test:5432", "127.0.0.1", _free_port()
+            ),
+        }
+        await self.listeners.reconcile(specs)
+        busy = self.listeners.listeners["tcp://busy.test:5432"]
+        self.assertFalse(busy.listening)
+        self.assertIn(f"127.0.0.1:{port} is already in use by ", busy.error)
+        if os.path.exists("/proc/net/tcp"):
+            self.assertIn(f"pid {os.getpid()} (", busy.error)
+        self.assertTrue(self.listeners.listeners["tcp://free.test:5432"].listening)
+        held.close()
+        await self.listeners.reconcile(specs)
+        self.assertTrue(busy.listening)
+        self.assertEqual(busy.error, "")
+
+    async def test_freedBindReused(self) -> None:
+        """
+        An address and port freed by a removed endpoint can be given to a
+        new endpoint in the same reconcile: the old listener stops first.
+        """
+        port = _free_port()
+        await self.listeners.reconcile(
+            {"tcp://old.test:1": _spec("tcp://old.test:1", "127.0.0.1", port)}
+        )
+        await self.listeners.reconcile(
+            {"tcp://new.test:1": _spec("tcp://new.test:1", "127.0.0.1", port)}
+        )
+        self.assertEqual(list(self.listeners.listeners), ["tcp://new.test:1"])
+        self.assertTrue(self.listeners.listeners["tcp://new.test:1"].listening)
+
+    async def test_missingAddress(self) -> None:
+        """
+        A configured address this machine does not have fails its endpoint
+        with a reason naming the address and the settings that chose it.
+        """
+        if _nonlocal_bind():
+            raise SkipTest("net.ipv4.ip_nonlocal_bind=1 lets any address be bound")
+        url = "tcp://far.test:5432"
+        await self.listeners.reconcile({url: _spec(url, "192.0.2.1", _free_port())})
+        self.assertEqual(
+            self.listeners.listeners[url].error,
+            "192.0.2.1 is not an address of this machine (check"
+            " net.listen_interface and net.overrides)",
+        )

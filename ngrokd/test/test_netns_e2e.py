@@ -1,0 +1,750 @@
+"""
+Virtual mode end to end, the real thing inside a throwaway network and mount
+namespace: backends, the devcloud and the daemon run there as processes
+(C{twistd -n ngrokd-devcloud}, C{twistd -n ngrokd}) over the namespace's own
+loopback; the daemon makes its link (or its fallback) and addresses with
+netlink and writes a real hosts file, bind-mounted over C{/etc/hosts} as in
+a container; clients connect by name through the system resolver.
+
+Nothing here touches this machine's interfaces, routes or C{/etc/hosts}; the
+tests skip, saying why, where namespaces cannot be made (not root, not
+Linux). What the daemon decided is read from the outside: the link's
+addresses (C{ip}), the listening sockets (C{ss}), the hosts file, the state
+files and the daemon's log.
+
+The kill -9 test needs no namespace: it kills a process saving the
+allocations at each step of the save and reads what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from ipaddress import ip_network
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import yaml
+from twisted.trial.unittest import SynchronousTestCase
+
+from ngrokd import allocation
+from ngrokd.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
+from ngrokd.hosts import BEGIN, END
+from ngrokd.test.namespace import Namespace, namespace
+from ngrokd.test.test_netif import addresses_by_link, link_kinds
+
+T = TypeVar("T")
+
+#: Bounds on waits, in seconds.
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+#: The daemon polls the devcloud this often (seconds), so changes show fast.
+POLL_INTERVAL = 0.3
+SUBNET = "10.107.0.0/24"
+START_PORT = 9080
+
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+
+_TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+    "-n",
+    "--pidfile=",
+]
+
+#: An echo server and an HTTP server answering with the Host it got; prints
+#: their ports as JSON.
+_BACKENDS = r"""
+import asyncio, json
+
+async def echo(reader, writer):
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+async def web(reader, writer):
+    head = await reader.readuntil(b"\r\n\r\n")
+    host = b""
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"host:"):
+            host = line[5:].strip()
+    body = b"host=" + host + b"\n"
+    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    writer.close()
+
+async def main():
+    a = await asyncio.start_server(echo, "127.0.0.1", 0)
+    b = await asyncio.start_server(web, "127.0.0.1", 0)
+    print(json.dumps({"echo": a.sockets[0].getsockname()[1],
+                      "web": b.sockets[0].getsockname()[1]}), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+#: Holds a port on every address, as a local database would; prints "ready".
+_HOLDER = r"""
+import socket, sys, time
+s = socket.socket()
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+#: Connects by name through the system resolver; prints one result per
+#: check: the addresses of a name, an HTTP answer, or an echo.
+_CLIENT = r"""
+import json, socket, sys
+
+def resolve(name):
+    found = socket.getaddrinfo(name, 0, proto=socket.IPPROTO_TCP)
+    return sorted({a[4][0] for a in found})
+
+def exchange(name, port, data):
+    with socket.create_connection((name, port), timeout=5) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got.decode()
+
+def http(name, port):
+    request = f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+    return exchange(name, port, request.encode()).split("\r\n\r\n", 1)[-1]
+
+results = []
+for check in json.loads(sys.argv[1]):
+    kind, args = check[0], check[1:]
+    try:
+        if kind == "resolve":
+            results.append(resolve(*args))
+        elif kind == "http":
+            results.append(http(*args))
+        else:
+            results.append(exchange(args[0], args[1], args[2].encode()))
+    except OSError as e:
+        results.append(f"error: {e}")
+print(json.dumps(results))
+"""
+
+#: The devcloud's admin routes, called from inside the namespace.
+_ADMIN = r"""
+import json, ssl, sys, urllib.request
+info = json.load(open(sys.argv[1]))
+method, path, body = sys.argv[2], sys.argv[3], sys.argv[4]
+context = ssl.create_default_context(cafile=info["api_ca"])
+request = urllib.request.Request(
+    info["api_url"] + path, method=method, data=body.encode() or None,
+    headers={"Authorization": "Bearer " + info["api_key"],
+             "Content-Type": "application/json"})
+with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+    print(json.dumps(answer.status))
+"""
+
+
+def wait_for(
+    check: Callable[[], T | None],
+    what: str,
+    timeout: float,
+    explain: Callable[[], str] = lambda: "",
+) -> T:
+    """
+    Poll C{check} until it returns something true, and return that.
+
+    @raise AssertionError: after C{timeout} seconds, saying what was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout:g}s\n{explain()}")
+        time.sleep(0.05)
+
+
+class Process:
+    """
+    A child process; its output goes to C{log} (or, with C{stdout}, its
+    standard output to a pipe for L{read_line}).
+    """
+
+    def __init__(
+        self, name: str, argv: list[str], log: str, stdout: bool = False
+    ) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for key in ("NGROK_API_KEY", "NGROKD_HOSTS_PATH"):
+            env.pop(key, None)
+        self.name = name
+        self.log = log
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout else out,
+                stderr=out,
+                env=env,
+            )
+
+    def read_line(self, timeout: float = START_TIMEOUT) -> str:
+        """
+        The next line the process prints (when started with C{stdout}).
+        """
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"{self.name} printed nothing in {timeout:g}s")
+        return self.process.stdout.readline().decode()
+
+    def output(self) -> str:
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def tail(self) -> str:
+        return f"--- {self.name} log:\n" + "\n".join(self.output().splitlines()[-40:])
+
+    def signal(self, number: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(number)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} still runs after {timeout:g}s\n{self.tail()}"
+            ) from None
+
+    def stop(self) -> None:
+        """
+        SIGTERM, then SIGKILL if it is still there after C{STOP_TIMEOUT}.
+        """
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class World:
+    """
+    One namespace with backends, a devcloud with the given endpoints, and
+    (once started) the daemon, with its hosts file bind-mounted over
+    C{/etc/hosts}.
+    """
+
+    def __init__(
+        self,
+        case: SynchronousTestCase,
+        endpoints: Sequence[tuple[str, str]],
+        subnet: str = SUBNET,
+        overrides: dict[str, str] | None = None,
+    ) -> None:
+        self.case = case
+        self.ns: Namespace = namespace(case)
+        self.dir = os.path.abspath(case.mktemp())
+        os.makedirs(self.dir)
+        self.hosts_path = os.path.join(self.dir, "hosts")
+        with open(self.hosts_path, "w") as f:
+            f.write(HOSTS)
+        self.state_dir = os.path.join(self.dir, "state")
+        self.subnet = ip_network(subnet)
+        self.daemon: Process | None = None
+        self.daemons = 0
+        backends = self.spawn("backends", [sys.executable, "-c", _BACKENDS], True)
+        self.ports = json.loads(backends.read_line())
+        devcloud_dir = os.path.join(self.dir, "devcloud")
+        argv = [
+            *_TWISTD,
+            "ngrokd-devcloud",
+            "--state",
+            devcloud_dir,
+            "--api-port",
+            "0",
+            "--ingress-port",
+            "0",
+        ]
+        for url, backend in endpoints:
+            argv += ["--endpoint", f"{url}=127.0.0.1:{self.ports[backend]}"]
+        self.devcloud = self.spawn("devcloud", argv)
+        self.info_path = os.path.join(devcloud_dir, "devcloud.json")
+        wait_for(
+            lambda: os.path.exists(self.info_path),
+            "the devcloud's devcloud.json",
+            START_TIMEOUT,
+            self.devcloud.tail,
+        )
+        self.config_path = os.path.join(self.dir, "ngrokd.yml")
+        with open(os.path.join(devcloud_dir, "ngrokd.yml")) as f:
+            config = yaml.safe_load(f)
+        config["server"].update(
+            state_dir=self.state_dir,
+            socket_path=os.path.join(self.state_dir, "ngrokd.sock"),
+        )
+        config["bound_endpoints"]["poll_interval"] = POLL_INTERVAL
+        config["net"] = {
+            "interface_name": "ngrokd0",
+            "subnet": subnet,
+            "listen_interface": "virtual",
+            "start_port": START_PORT,
+            "overrides": overrides or {},
+            "hosts_file": "/etc/hosts",
+        }
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f)
+
+    def spawn(self, name: str, argv: list[str], stdout: bool = False) -> Process:
+        process = Process(
+            name,
+            self.ns.command(argv, self.hosts_path),
+            os.path.join(self.dir, f"{name}.log"),
+            stdout,
+        )
+        self.case.addCleanup(process.stop)
+        return process
+
+    def start_daemon(self) -> Process:
+        self.daemons += 1
+        self.daemon = self.spawn(
+            f"ngrokd-{self.daemons}", [*_TWISTD, "ngrokd", "--config", self.config_path]
+        )
+        return self.daemon
+
+    def explain(self) -> str:
+        daemon = self.daemon.tail() if self.daemon else ""
+        return f"{daemon}\n--- hosts:\n{self.hosts()}\n{self.devcloud.tail()}"
+
+    def wait(self, check: Callable[[], T | None], what: str) -> T:
+        return wait_for(check, what, START_TIMEOUT, self.explain)
+
+    # What can be seen from outside the daemon
+
+    def hosts(self) -> str:
+        with open(self.hosts_path) as f:
+            return f.read()
+
+    def section(self) -> list[str] | None:
+        """
+        The lines of the ngrokd section of the hosts file (None: none).
+        """
+        lines = self.hosts().splitlines()
+        if BEGIN not in lines:
+            return None
+        start = lines.index(BEGIN)
+        return lines[start + 1 : lines.index(END, start)]
+
+    def addresses(self) -> dict[str, set[str]]:
+        """
+        The subnet's addresses, by link.
+        """
+        return addresses_by_link(self.ns, self.subnet)
+
+    def link_kind(self) -> str | None:
+        return link_kinds(self.ns).get("ngrokd0")
+
+    def listening(self) -> set[str]:
+        """
+        The listening TCP sockets in the namespace, as C{address:port}.
+        """
+        result = self.ns.run(["ss", "-Hltn"])
+        return {line.split()[3] for line in result.stdout.splitlines() if line}
+
+    def logged(self, text: str) -> list[str]:
+        assert self.daemon is not None
+        return [line for line in self.daemon.output().splitlines() if text in line]
+
+    def state(self, name: str) -> Any:
+        with open(os.path.join(self.state_dir, name)) as f:
+            return json.load(f)
+
+    # Acting in the namespace
+
+    def python(self, code: str, *args: str) -> Any:
+        """
+        Run Python C{code} with C{args} in the namespace (seeing the hosts
+        file as the daemon does) and decode the JSON it prints.
+        """
+        argv = [sys.executable, "-c", code, *args]
+        result = self.ns.run(argv, self.hosts_path, timeout=START_TIMEOUT)
+        if result.returncode != 0:
+            raise AssertionError(f"{code[:40]!r}... failed:\n{result.stderr}")
+        return json.loads(result.stdout)
+
+    def client(self, *checks: Sequence[Any]) -> list[Any]:
+        """
+        Run C{checks} in a client in the namespace, which resolves names
+        through the system resolver and the bind-mounted hosts file.
+        """
+        result: list[Any] = self.python(_CLIENT, json.dumps(checks))
+        return result
+
+    def admin(self, method: str, path: str, body: Any = None) -> None:
+        """
+        Call the devcloud's admin API.
+        """
+        self.python(
+            _ADMIN, self.info_path, method, path, json.dumps(body) if body else ""
+        )
+
+    def add_endpoint(self, url: str, backend: str) -> None:
+        self.admin(
+            "POST",
+            "/_devcloud/endpoints",
+            {"url": url, "backend": f"127.0.0.1:{self.ports[backend]}"},
+        )
+
+    def remove_endpoint(self, url: str) -> None:
+        self.admin("DELETE", f"/_devcloud/endpoints?url={quote(url, safe='')}")
+
+
+class VirtualModeTests(SynchronousTestCase):
+    """
+    ngrokd in virtual mode, in a namespace of its own.
+    """
+
+    def test_byName(self) -> None:
+        """
+        Each hostname gets one address on the link (or its fallback), shared
+        by all its ports, and a line in the hosts file; clients connect by
+        name, through the daemon and the devcloud, to the backends.
+        """
+        world = World(
+            self,
+            [
+                ("http://a.test", "web"),
+                ("tcp://a.test:5432", "echo"),
+                ("tcp://b.test:7000", "echo"),
+            ],
+        )
+        world.start_daemon()
+        world.wait(
+            lambda: world.section() == ["10.107.0.2\ta.test", "10.107.0.3\tb.test"],
+            "a.test and b.test in the hosts file",
+        )
+        kind = world.link_kind()
+        carrier = "ngrokd0" if kind else "lo"
+        self.assertEqual(
+            world.addresses(), {carrier: {"10.107.0.2/32", "10.107.0.3/32"}}
+        )
+        self.assertLessEqual(
+            {"10.107.0.2:80", "10.107.0.2:5432", "10.107.0.3:7000"},
+            world.listening(),
+        )
+        self.assertEqual(
+            world.client(
+                ["resolve", "a.test"],
+                ["http", "a.test", 80],
+                ["echo", "a.test", 5432, "to a"],
+                ["echo", "b.test", 7000, "to b"],
+            ),
+            [["10.107.0.2"], "host=a.test\n", "to a", "to b"],
+        )
+        getent = world.ns.run(["getent", "hosts", "b.test"], world.hosts_path)
+        self.assertEqual(getent.stdout.split(), ["10.107.0.3", "b.test"])
+        self.assertEqual(
+            len(world.logged("virtual mode: the addresses of 10.107.0.0/24 are on")),
+            1,
+        )
+
+    def test_sharedHostnameAndOtherWriters(self) -> None:
+        """
+        Edits another writer makes to the hosts file between two of the
+        daemon's writes are kept. Removing one of two endpoints of a
+        hostname stops only its listener: the address, the name and the
+        other endpoint stay.
+        """
+        world = World(self, [("http://a.test", "web"), ("tcp://a.test:5432", "echo")])
+        world.start_daemon()
+        world.wait(lambda: world.section() == ["10.107.0.2\ta.test"], "a.test")
+        with open(world.hosts_path, "r+") as f:
+            edited = "# mine\n" + f.read().replace("localhost\n", "localhost me\n", 1)
+            edited += "10.0.0.9\tmine.test\n"
+            f.seek(0)
+            f.write(edited)
+            f.truncate()
+        world.add_endpoint("tcp://c.test:7000", "echo")
+        world.wait(
+            lambda: world.section() == ["10.107.0.2\ta.test", "10.107.0.3\tc.test"],
+            "c.test added",
+        )
+        self.assertEqual(
+            world.hosts(),
+            edited.replace(
+                "10.107.0.2\ta.test\n", "10.107.0.2\ta.test\n10.107.0.3\tc.test\n"
+            ),
+        )
+        self.assertEqual(
+            world.client(["resolve", "mine.test"], ["echo", "c.test", 7000, "c"]),
+            [["10.0.0.9"], "c"],
+        )
+        world.remove_endpoint("tcp://a.test:5432")
+        world.wait(
+            lambda: "10.107.0.2:5432" not in world.listening(), "5432 stops listening"
+        )
+        self.assertIn("10.107.0.2:80", world.listening())
+        self.assertIn(
+            "10.107.0.2/32", world.addresses()["ngrokd0" if world.link_kind() else "lo"]
+        )
+        self.assertEqual(world.section(), ["10.107.0.2\ta.test", "10.107.0.3\tc.test"])
+        self.assertEqual(
+            world.client(["http", "a.test", 80], ["echo", "a.test", 5432, "x"])[0],
+            "host=a.test\n",
+        )
+
+    def test_restart(self) -> None:
+        """
+        Addresses and network ports stay the same across a clean restart and
+        across a kill -9: a clean stop removes the link and the names; after
+        a crash the next start adopts the link and replaces the names. A
+        network-mode hostname gets no name; local clients use loopback and
+        its network port.
+        """
+        world = World(
+            self,
+            [
+                ("http://a.test", "web"),
+                ("tcp://b.test:7000", "echo"),
+                ("tcp://n.test:6000", "echo"),
+            ],
+            overrides={"n.test": "0.0.0.0"},
+        )
+        names = ["10.107.0.2\ta.test", "10.107.0.3\tb.test"]
+
+        def up(daemon: Process) -> None:
+            world.wait(
+                lambda: (
+                    "wrote 2 names" in daemon.output()
+                    and "0.0.0.0:9080" in world.listening()
+                ),
+                f"{daemon.name} serving",
+            )
+            self.assertEqual(world.section(), names)
+            self.assertEqual(
+                world.client(
+                    ["http", "a.test", 80],
+                    ["echo", "b.test", 7000, "b"],
+                    ["echo", "127.0.0.1", 9080, "n"],
+                ),
+                ["host=a.test\n", "b", "n"],
+            )
+
+        daemon = world.start_daemon()
+        up(daemon)
+        self.assertTrue(world.client(["resolve", "n.test"])[0].startswith("error"))
+        state = (world.state(IP_MAPPINGS), world.state(NETWORK_PORTS))
+        self.assertEqual(
+            state,
+            (
+                {"a.test": "10.107.0.2", "b.test": "10.107.0.3"},
+                {"n.test:6000": 9080},
+            ),
+        )
+        kind = world.link_kind()
+        carrier = "ngrokd0" if kind else "lo"
+        daemon.signal(signal.SIGTERM)
+        daemon.wait()
+        self.assertEqual((world.addresses(), world.section()), ({}, None))
+        daemon = world.start_daemon()
+        up(daemon)
+        daemon.signal(signal.SIGKILL)
+        daemon.wait()
+        self.assertEqual(
+            world.addresses(), {carrier: {"10.107.0.2/32", "10.107.0.3/32"}}
+        )
+        self.assertEqual(world.section(), names)
+        up(world.start_daemon())
+        self.assertEqual(
+            world.addresses(), {carrier: {"10.107.0.2/32", "10.107.0.3/32"}}
+        )
+        self.assertEqual((world.state(IP_MAPPINGS), world.state(NETWORK_PORTS)), state)
+        if kind:
+            adopted = f"are on link ngrokd0 ({kind}), adopted from an earlier run"
+            self.assertEqual(len(world.logged(adopted)), 1)
+
+    def test_portHeldByAnotherProcess(self) -> None:
+        """
+        An endpoint whose port another process holds is failed, naming that
+        process; the other endpoints work; once the port is free it is
+        served at the next poll.
+        """
+        world = World(self, [("http://a.test", "web"), ("tcp://b.test:7000", "echo")])
+        holder = world.spawn("holder", [sys.executable, "-c", _HOLDER, "7000"], True)
+        self.assertEqual(holder.read_line(), "ready\n")
+        world.start_daemon()
+        (failed,) = world.wait(
+            lambda: world.logged("cannot listen for tcp://b.test:7000"), "b.test failed"
+        )
+        self.assertIn(
+            f"10.107.0.3:7000 is already in use by pid {holder.process.pid} (", failed
+        )
+        world.wait(lambda: world.section() is not None, "the names")
+        self.assertEqual(world.client(["http", "a.test", 80]), ["host=a.test\n"])
+        holder.stop()
+        world.wait(lambda: "10.107.0.3:7000" in world.listening(), "b.test served")
+        self.assertEqual(world.client(["echo", "b.test", 7000, "b"]), ["b"])
+        self.assertEqual(len(world.logged("cannot listen for tcp://b.test:7000")), 1)
+
+    def test_failuresStayLocal(self) -> None:
+        """
+        A hostname that finds no address in a tiny subnet, and an override
+        to an address this machine does not have, fail only their own
+        endpoints, each with the reason, logged once.
+        """
+        urls = [(f"http://h{n}.test", "web") for n in range(1, 7)]
+        world = World(
+            self,
+            [*urls, ("tcp://m.test:6000", "echo")],
+            subnet="10.107.0.0/29",
+            overrides={"m.test": "10.99.0.9"},
+        )
+        world.start_daemon()
+        world.wait(
+            lambda: (
+                world.section() == [f"10.107.0.{n + 1}\th{n}.test" for n in range(1, 6)]
+            ),
+            "h1 to h5 named",
+        )
+        world.wait(
+            lambda: world.logged("cannot listen for tcp://m.test:6000"), "m.test"
+        )
+        time.sleep(3 * POLL_INTERVAL)
+        self.assertEqual(
+            [
+                line.split("] ", 1)[1]
+                for line in world.logged("cannot ")
+                if "cannot serve" in line or "cannot listen" in line
+            ],
+            [
+                "cannot serve http://h6.test:80: no address left for h6.test: all 5"
+                " usable addresses of 10.107.0.0/29 are in use",
+                "cannot listen for tcp://m.test:6000: 10.99.0.9 is not an address of"
+                " this machine (check net.listen_interface and net.overrides)",
+            ],
+        )
+        results = world.client(["http", "h1.test", 80], ["resolve", "h6.test"])
+        self.assertEqual(results[0], "host=h1.test\n")
+        self.assertTrue(results[1].startswith("error"), results)
+
+
+#: Saves C{NEW} in the state directory argv[1] and stops for good at the
+#: argv[2]-th step of the save (a file, directory or rename call), saying
+#: which; prints the number of steps when it gets to the end.
+_SAVE = r"""
+import os, signal, sys, tempfile
+from ipaddress import ip_address
+from ngrokd import allocation
+state_dir, stop_at = sys.argv[1], int(sys.argv[2])
+steps = 0
+def trap(name, real):
+    def step(*args, **kwargs):
+        global steps
+        steps += 1
+        if steps == stop_at:
+            print(name, flush=True)
+            signal.pause()
+        return real(*args, **kwargs)
+    return step
+for name in ("makedirs", "open", "fchmod", "fsync", "replace", "rename"):
+    setattr(os, name, trap(name, getattr(os, name)))
+tempfile.mkstemp = trap("mkstemp", tempfile.mkstemp)
+allocation.save(state_dir, allocation.Allocations(
+    {"a.test": ip_address("10.107.0.2"), "b.test": ip_address("10.107.0.3")},
+    {("n.test", 6000): 9080, ("n.test", 80): 9081},
+))
+print("done", steps, flush=True)
+"""
+
+OLD = Allocations({"a.test": ip_network("10.107.0.9/32").network_address}, {})
+NEW = Allocations(
+    {
+        "a.test": ip_network("10.107.0.2/32").network_address,
+        "b.test": ip_network("10.107.0.3/32").network_address,
+    },
+    {("n.test", 6000): 9080, ("n.test", 80): 9081},
+)
+
+
+class CrashDuringSaveTests(SynchronousTestCase):
+    """
+    The allocation files survive a kill -9 at any step of a save.
+    """
+
+    def save(self, state_dir: str, stop_at: int) -> Process:
+        process = Process(
+            "save",
+            [sys.executable, "-c", _SAVE, state_dir, str(stop_at)],
+            f"{state_dir}.log",
+            stdout=True,
+        )
+        self.addCleanup(process.stop)
+        return process
+
+    def test_killedAtEachStep(self) -> None:
+        """
+        Killed between any two steps of a save, each file holds exactly its
+        old or its new content, loads without being moved aside, and the
+        next save completes.
+        """
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        done = self.save(os.path.join(base, "probe"), 0)
+        words = done.read_line().split()
+        self.assertEqual(words[0], "done", done.tail())
+        steps = int(words[1])
+        self.assertGreaterEqual(steps, 10)
+        subnet = ip_network(SUBNET)
+        seen: set[tuple[bool, bool]] = set()
+        for stop_at in range(1, steps + 1):
+            state_dir = os.path.join(base, str(stop_at))
+            allocation.save(state_dir, OLD)
+            process = self.save(state_dir, stop_at)
+            self.assertNotEqual(process.read_line(), "", process.tail())
+            process.signal(signal.SIGKILL)
+            process.wait()
+            files = {}
+            for name, old, new in (
+                (
+                    IP_MAPPINGS,
+                    allocation.encode_ips(OLD.ips),
+                    allocation.encode_ips(NEW.ips),
+                ),
+                (
+                    NETWORK_PORTS,
+                    allocation.encode_network_ports(OLD.network_ports, {}),
+                    allocation.encode_network_ports(NEW.network_ports, {}),
+                ),
+            ):
+                with open(os.path.join(state_dir, name), "rb") as f:
+                    content = f.read()
+                self.assertIn(content, (old, new), f"{name} after step {stop_at}")
+                files[name] = content == new
+            loaded = allocation.load(state_dir, subnet)
+            self.assertEqual(loaded.ips, (NEW if files[IP_MAPPINGS] else OLD).ips)
+            self.assertEqual(
+                loaded.network_ports,
+                (NEW if files[NETWORK_PORTS] else OLD).network_ports,
+            )
+            self.assertEqual([n for n in os.listdir(state_dir) if "corrupt" in n], [])
+            seen.add((files[IP_MAPPINGS], files[NETWORK_PORTS]))
+            allocation.save(state_dir, NEW)
+            self.assertEqual(allocation.load(state_dir, subnet).ips, NEW.ips)
+        self.assertEqual(seen, {(False, False), (True, False), (True, True)})

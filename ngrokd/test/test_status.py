@@ -1,0 +1,186 @@
+"""
+Tests for L{ngrokd.status}: a row for every discovered endpoint, served or
+not, with the reason and the counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from ngrokd.bridge import BridgeFactory, EndpointStats
+from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
+from ngrokd.ingress import IngressConnector
+from ngrokd.listeners import Listener, ListenSpec
+from ngrokd.plan import Plan
+from ngrokd.status import (
+    FAILED,
+    LISTENING,
+    STARTING,
+    EndpointStatus,
+    endpoint_status,
+)
+
+LISTENING_PORT = cast(Any, object())
+
+
+def _endpoint(id: str, url: str) -> BoundEndpoint:
+    return BoundEndpoint(id, url, parse_endpoint_url(url))
+
+
+def _listener(
+    address: str,
+    port: int,
+    url: str,
+    listening: bool = True,
+    error: str = "",
+    stats: EndpointStats | None = None,
+) -> Listener:
+    target = parse_endpoint_url(url)
+    spec = ListenSpec(address, port, target)
+    factory = BridgeFactory(target, cast(IngressConnector, None), None, stats)
+    return Listener(spec, factory, LISTENING_PORT if listening else None, error)
+
+
+def _state(
+    endpoints: list[BoundEndpoint],
+    listeners: list[Listener],
+    failures: dict[str, str] | None = None,
+    skipped: dict[str, str] | None = None,
+) -> tuple[EndpointStatus, ...]:
+    by_url = {x.spec.target.url: x for x in listeners}
+    plan = Plan({url: x.spec for url, x in by_url.items()}, failures or {})
+    return endpoint_status({e.id: e for e in endpoints}, skipped or {}, plan, by_url)
+
+
+class EndpointStatusTests(SynchronousTestCase):
+    """
+    L{endpoint_status} shows every endpoint, served or not.
+    """
+
+    def test_listening(self) -> None:
+        """
+        A listening endpoint shows where, and what it carried.
+        """
+        stats = EndpointStats(1, 5, 0, 100, 2000)
+        (row,) = _state(
+            [_endpoint("ep_1", "http://web.prod")],
+            [_listener("10.107.0.2", 80, "http://web.prod", stats=stats)],
+        )
+        self.assertEqual(
+            row,
+            EndpointStatus(
+                "ep_1",
+                "http://web.prod",
+                "10.107.0.2:80",
+                LISTENING,
+                "",
+                1,
+                5,
+                0,
+                100,
+                2000,
+            ),
+        )
+
+    def test_lastConnectionFailed(self) -> None:
+        """
+        A listening endpoint whose last connection failed says why.
+        """
+        stats = EndpointStats(errors=3, last_error="ERR_NGROK_3200: offline")
+        (row,) = _state(
+            [_endpoint("ep_1", "tcp://db.prod:5432")],
+            [_listener("10.107.0.2", 5432, "tcp://db.prod:5432", stats=stats)],
+        )
+        self.assertEqual(row.state, LISTENING)
+        self.assertEqual(row.reason, "last connection failed: ERR_NGROK_3200: offline")
+        self.assertEqual(row.errors, 3)
+
+    def test_bindFailed(self) -> None:
+        """
+        A listener that could not bind is failed with the reason, at the
+        address it tried.
+        """
+        reason = "127.0.0.1:9080 is already in use by nginx (pid 42)"
+        (row,) = _state(
+            [_endpoint("ep_1", "tcp://db.prod:5432")],
+            [_listener("127.0.0.1", 9080, "tcp://db.prod:5432", False, reason)],
+        )
+        self.assertEqual(
+            (row.state, row.reason, row.listen_address),
+            (FAILED, reason, "127.0.0.1:9080"),
+        )
+
+    def test_planFailed(self) -> None:
+        """
+        An endpoint the plan could not place is failed with the reason and
+        no address.
+        """
+        url = parse_endpoint_url("http://web.prod").url
+        (row,) = _state(
+            [_endpoint("ep_1", "http://web.prod")],
+            [],
+            failures={url: "no address could be allocated for web.prod"},
+        )
+        self.assertEqual(
+            (row.state, row.reason, row.listen_address),
+            (FAILED, "no address could be allocated for web.prod", ""),
+        )
+
+    def test_skipped(self) -> None:
+        """
+        An endpoint whose URL could not be read is failed, by its id.
+        """
+        (row,) = _state([], [], skipped={"ep_bad": "'tcp://x': must give its port"})
+        self.assertEqual(
+            (row.id, row.state, row.reason),
+            ("ep_bad", FAILED, "'tcp://x': must give its port"),
+        )
+
+    def test_starting(self) -> None:
+        """
+        An endpoint planned but not yet bound, or not yet tried, is starting.
+        """
+        rows = _state(
+            [_endpoint("ep_1", "tcp://a.ns:1"), _endpoint("ep_2", "tcp://b.ns:2")],
+            [_listener("127.0.0.1", 9081, "tcp://b.ns:2", listening=False)],
+        )
+        self.assertEqual([row.state for row in rows], [STARTING, STARTING])
+
+    def test_ipv6(self) -> None:
+        """
+        An IPv6 listen address is written in brackets.
+        """
+        (row,) = _state(
+            [_endpoint("ep_1", "tcp://a.ns:1")],
+            [_listener("::1", 9080, "tcp://a.ns:1")],
+        )
+        self.assertEqual(row.listen_address, "[::1]:9080")
+
+    def test_sharedListenerAndOrder(self) -> None:
+        """
+        Endpoints sharing a URL share the listener's counts; rows are
+        ordered by URL, then id.
+        """
+        stats = EndpointStats(connections_total=7)
+        rows = _state(
+            [
+                _endpoint("ep_b", "http://web.prod"),
+                _endpoint("ep_a", "http://web.prod:80"),
+                _endpoint("ep_c", "http://api.prod"),
+            ],
+            [
+                _listener("10.107.0.2", 80, "http://web.prod", stats=stats),
+                _listener("10.107.0.3", 80, "http://api.prod"),
+            ],
+        )
+        self.assertEqual(
+            [(row.url, row.id) for row in rows],
+            [
+                ("http://api.prod", "ep_c"),
+                ("http://web.prod", "ep_b"),
+                ("http://web.prod:80", "ep_a"),
+            ],
+        )
+        self.assertEqual([row.connections_total for row in rows], [0, 7, 7])
