@@ -30,7 +30,7 @@ from typing import Any
 from attrs import field, frozen
 from twisted.logger import Logger
 
-from ngrokd.atomic import AtomicWriteError, write_atomic
+from ngrokd.atomic import AtomicWriteError, read_if_exists, write_atomic
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -395,10 +395,7 @@ def save(state_dir: str, allocations: Allocations) -> None:
 
 def _read_state_file(path: str, now: Callable[[], float]) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+        return read_if_exists(path)
     except OSError as e:
         _move_aside(path, f"cannot be read: {e.strerror}", now)
         return None

@@ -17,6 +17,18 @@ import os
 import tempfile
 
 
+def read_if_exists(path: str) -> bytes | None:
+    """
+    The content of C{path}, or C{None} when there is no such file; other
+    errors (permissions, I/O) are raised for the caller to judge.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 class AtomicWriteError(OSError):
     """
     Writing C{path} failed at C{step}; the file at C{path} (if any) still holds

@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ngrokd.api import APIError, Operator
-from ngrokd.atomic import replace_durably, write_atomic
+from ngrokd.atomic import read_if_exists, replace_durably, write_atomic
 
 _log = Logger()
 
@@ -252,10 +252,7 @@ class IdentityStore:
 
     def _read(self, path: str) -> bytes | None:
         try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+            return read_if_exists(path)
         except OSError as e:
             raise IdentityUnreadable(path, e.strerror or str(e)) from None
 

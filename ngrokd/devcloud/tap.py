@@ -34,7 +34,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from ngrokd.atomic import write_atomic
+from ngrokd.atomic import read_if_exists, write_atomic
 from ngrokd.devcloud.admin import (
     AdminResource,
     BadBackend,
@@ -81,10 +81,7 @@ class DevcloudStateError(Exception):
 
 def _read(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+        return read_if_exists(path)
     except OSError as e:
         raise DevcloudStateError(f"{path}: {e.strerror}") from None
 
@@ -249,13 +246,12 @@ def _keep_operators(cloud: Cloud, path: str) -> None:
     Restore the operators saved in C{path}, and save them there after every
     change, so that ngrokd's stored operator id survives a devcloud restart.
     """
-    try:
-        with open(path, "rb") as f:
-            cloud.load_operators(f.read())
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as e:
-        raise DevcloudStateError(f"{path}: {e}") from None
+    stored = _read(path)
+    if stored is not None:
+        try:
+            cloud.load_operators(stored)
+        except ValueError as e:
+            raise DevcloudStateError(f"{path}: {e}") from None
     cloud.on_change = lambda: write_atomic(path, cloud.dump_operators(), 0o600)
 
 

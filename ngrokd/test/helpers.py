@@ -5,6 +5,8 @@ and a bounded wait.
 
 from __future__ import annotations
 
+import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -157,3 +159,40 @@ async def settle(value: Callable[[], int], timeout: float = 10.0) -> int:
         last = current
         await deferLater(reactor, 0.2, lambda: None)
     raise AssertionError("the value kept changing")
+
+
+def unused_port() -> int:
+    """
+    A port nothing listens on now (for a backend that is down).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int) -> int:
+    """
+    The first of C{count} consecutive ports that are free now, below the
+    ephemeral range, so that no outgoing connection (of this test or one
+    running beside it) takes one of them before the daemon binds it.
+    """
+    high = _ephemeral_low() - count
+    for _ in range(100):
+        first = random.randrange(10000, high)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError(f"no {count} consecutive free ports")

@@ -10,7 +10,7 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.atomic import AtomicWriteError, write_atomic
+from ngrokd.atomic import AtomicWriteError, read_if_exists, write_atomic
 
 
 def _failing(error: int):
@@ -114,3 +114,32 @@ class WriteAtomicTests(SynchronousTestCase):
         e = self.assertRaises(AtomicWriteError, write_atomic, target, b"x", 0o644)
         self.assertEqual(e.errno, errno.ENOTDIR)
         self.assertIn(target, str(e))
+
+
+class ReadIfExistsTests(SynchronousTestCase):
+    """
+    L{read_if_exists} tells a missing file from an unreadable one.
+    """
+
+    def test_missing(self) -> None:
+        """
+        A missing file is C{None}.
+        """
+        self.assertIsNone(read_if_exists(self.mktemp()))
+
+    def test_present(self) -> None:
+        """
+        A file's bytes come back as they are.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"\x00data\n")
+        self.assertEqual(read_if_exists(path), b"\x00data\n")
+
+    def test_unreadable(self) -> None:
+        """
+        Anything but absence is raised: here, a directory.
+        """
+        path = self.mktemp()
+        os.mkdir(path)
+        self.assertRaises(IsADirectoryError, read_if_exists, path)

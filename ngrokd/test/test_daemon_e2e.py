@@ -7,9 +7,7 @@ connections over mutual TLS through the devcloud's ingress to real backends.
 from __future__ import annotations
 
 import os
-import random
 import re
-import socket
 import stat
 from typing import Any
 
@@ -33,35 +31,12 @@ from ngrokd.test.helpers import (
     Recorder,
     Source,
     connect,
+    free_ports,
     listen,
     settle,
+    unused_port,
     wait_until,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_block(size: int = 16) -> int:
-    """
-    The first of C{size} free ports below the ephemeral range, so that
-    outgoing connections (of other tests, of a benchmark) cannot take them.
-    """
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(20000, 32000 - size)
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports")
 
 
 class HostEcho(Resource):
@@ -95,7 +70,7 @@ class DaemonEndToEndTests(TestCase):
                 ("tcp://echo.test:7000", ("127.0.0.1", self.echo_port)),
                 ("http://web.test", ("127.0.0.1", self.web_port)),
             ],
-            start_port=_free_block(),
+            start_port=free_ports(16),
         )
         self.addCleanup(self.devcloud.stop)
 
@@ -288,7 +263,7 @@ class DaemonEndToEndTests(TestCase):
 
         async def run() -> None:
             self.devcloud.cloud.add_endpoint(
-                "tcp://down.test:1", ("127.0.0.1", _free_port())
+                "tcp://down.test:1", ("127.0.0.1", unused_port())
             )
             daemon = await self.start_daemon(expected=3)
             client = await self.exchange(

@@ -15,16 +15,11 @@ from twisted.trial.unittest import SkipTest, TestCase
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.ingress import IngressConnector
 from ngrokd.listeners import ListenerSet, ListenSpec
+from ngrokd.test.helpers import unused_port
 
 
 def _spec(url: str, address: str, port: int) -> ListenSpec:
     return ListenSpec(address, port, parse_endpoint_url(url))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _nonlocal_bind() -> bool:
@@ -62,7 +57,7 @@ class ListenerSetTests(TestCase):
         specs: dict[str, Any] = {
             "tcp://busy.test:5432": _spec("tcp://busy.test:5432", "127.0.0.1", port),
             "tcp://free.test:5432": _spec(
-                "tcp://free.test:5432", "127.0.0.1", _free_port()
+                "tcp://free.test:5432", "127.0.0.1", unused_port()
             ),
         }
         await self.listeners.reconcile(specs)
@@ -82,7 +77,7 @@ class ListenerSetTests(TestCase):
         An address and port freed by a removed endpoint can be given to a
         new endpoint in the same reconcile: the old listener stops first.
         """
-        port = _free_port()
+        port = unused_port()
         await self.listeners.reconcile(
             {"tcp://old.test:1": _spec("tcp://old.test:1", "127.0.0.1", port)}
         )
@@ -100,7 +95,7 @@ class ListenerSetTests(TestCase):
         if _nonlocal_bind():
             raise SkipTest("net.ipv4.ip_nonlocal_bind=1 lets any address be bound")
         url = "tcp://far.test:5432"
-        await self.listeners.reconcile({url: _spec(url, "192.0.2.1", _free_port())})
+        await self.listeners.reconcile({url: _spec(url, "192.0.2.1", unused_port())})
         self.assertEqual(
             self.listeners.listeners[url].error,
             "192.0.2.1 is not an address of this machine (check"

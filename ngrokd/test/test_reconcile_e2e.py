@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -36,40 +34,20 @@ from ngrokd.identity_service import (
     WAITING_FOR_KEY,
 )
 from ngrokd.status import FAILED, LISTENING, EndpointStatus
-from ngrokd.test.helpers import Echo, Recorder, connect, listen, wait_until
+from ngrokd.test.helpers import (
+    Echo,
+    Recorder,
+    connect,
+    free_ports,
+    listen,
+    wait_until,
+)
 from ngrokd.test.test_discovery import capture_logs
 
 ECHO = "tcp://echo.test:7000"
 OTHER = "tcp://other.test:7001"
 POLL_FAILED = "polling the bound endpoints failed"
 POLL_RECOVERED = "the ngrok API answers again"
-
-
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _free_ports(count: int) -> int:
-    """
-    The first of C{count} consecutive ports that are free now, below the
-    ephemeral range, so that no outgoing connection (of this test or one
-    running beside it) takes one of them before the daemon binds it.
-    """
-    high = _ephemeral_low() - count
-    for _ in range(100):
-        first = random.randrange(10000, high)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise AssertionError(f"no {count} consecutive free ports")
 
 
 def _serial(cert_pem: bytes) -> int:
@@ -85,7 +63,7 @@ class ReconcileEndToEnd(TestCase):
 
     def setUp(self) -> None:
         self.echo_port = listen(Factory.forProtocol(Echo), self)
-        self.start_port = _free_ports(8)
+        self.start_port = free_ports(8)
         self.devcloud: RunningDevcloud = start_devcloud(
             reactor,
             os.path.abspath(self.mktemp()),
