@@ -87,6 +87,7 @@ class LocalProtocol(PipeProtocol):
     def _upgraded(self, ingress: IngressProtocol) -> None:
         self._connecting = None
         self._ingress = ingress
+        self._factory.stats.last_error = ""  # the endpoint works again
         rewrite_host = self._factory.rewrite_host
         if rewrite_host is not None and _speaks_http(ingress, self._factory.target):
             self._rewriter = HostRewriter(rewrite_host)

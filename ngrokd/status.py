@@ -34,8 +34,11 @@ class EndpointStatus:
     their counts are the same.
 
     @ivar reason: why a C{failed} endpoint is not served; for a
-        C{listening} one, the failure of its most recent failed connection
-        (C{""} when none failed).
+        C{listening} one, the failure of its most recent connection when
+        that one failed (C{""} otherwise).
+    @ivar client_address: what a program on this machine connects to: the
+        endpoint's own name and port in virtual mode, an address and the
+        network port otherwise.
     """
 
     id: str
@@ -43,6 +46,7 @@ class EndpointStatus:
     listen_address: str
     state: str
     reason: str
+    client_address: str = ""
     connections_open: int = 0
     connections_total: int = 0
     errors: int = 0
@@ -85,7 +89,8 @@ def _row(
     spec = plan.specs.get(key)
     if listener is None or spec is None:
         address = join_host_port(spec.address, spec.port) if spec else ""
-        return EndpointStatus(endpoint.id, endpoint.url, address, STARTING, "")
+        client = spec.client_address if spec else ""
+        return EndpointStatus(endpoint.id, endpoint.url, address, STARTING, "", client)
     address = join_host_port(listener.spec.address, listener.spec.port)
     stats = listener.stats
     if listener.listening:
@@ -102,6 +107,7 @@ def _row(
         listen_address=address,
         state=state,
         reason=reason,
+        client_address=listener.spec.client_address,
         connections_open=stats.connections_open,
         connections_total=stats.connections_total,
         errors=stats.errors,

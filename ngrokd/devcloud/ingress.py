@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from ngrokd import wire
 from ngrokd.devcloud.cloud import Cloud, CloudEndpoint, split_endpoint_url
 from ngrokd.halfclose import HalfCloseableTLSFactory
+from ngrokd.listeners import join_host_port
 from ngrokd.splice import PipeProtocol, splice
 from ngrokd.trust import parse_certificates
 
@@ -115,8 +116,7 @@ def format_backend(backend: tuple[str, int]) -> str:
     """
     C{host:port}, with an IPv6 host in brackets.
     """
-    host, port = backend
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(*backend)
 
 
 def _address_key(host: str, port: int) -> tuple[str, int]:

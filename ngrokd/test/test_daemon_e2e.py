@@ -234,7 +234,7 @@ class DaemonEndToEndTests(TestCase):
         """
         When the ingress refuses (the endpoint is gone), a TCP client is
         disconnected, an HTTP client gets a 502 saying why, and the endpoint
-        counts the error with ngrok's code.
+        counts the error with ngrok's code until a connection works again.
         """
 
         async def run() -> None:
@@ -253,6 +253,13 @@ class DaemonEndToEndTests(TestCase):
             )
             self.assertTrue(web.received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
             self.assertIn(b"ERR_NGROK_3200", web.received)
+            self.devcloud.cloud.add_endpoint(
+                "tcp://echo.test:7000", ("127.0.0.1", self.echo_port)
+            )
+            again = await self.exchange(
+                self.port_of(daemon, "tcp://echo.test:7000"), b"back"
+            )
+            self.assertEqual((again.received, stats.last_error), (b"back", ""))
 
         return ensureDeferred(run())
 

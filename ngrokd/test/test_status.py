@@ -36,9 +36,10 @@ def _listener(
     listening: bool = True,
     error: str = "",
     stats: EndpointStats | None = None,
+    client_address: str = "",
 ) -> Listener:
     target = parse_endpoint_url(url)
-    spec = ListenSpec(address, port, target)
+    spec = ListenSpec(address, port, target, client_address=client_address)
     factory = BridgeFactory(target, cast(IngressConnector, None), None, stats)
     return Listener(spec, factory, LISTENING_PORT if listening else None, error)
 
@@ -61,26 +62,36 @@ class EndpointStatusTests(SynchronousTestCase):
 
     def test_listening(self) -> None:
         """
-        A listening endpoint shows where, and what it carried.
+        A listening endpoint shows where, what local clients use, and what it
+        carried.
         """
         stats = EndpointStats(1, 5, 0, 100, 2000)
         (row,) = _state(
             [_endpoint("ep_1", "http://web.prod")],
-            [_listener("10.107.0.2", 80, "http://web.prod", stats=stats)],
+            [
+                _listener(
+                    "10.107.0.2",
+                    80,
+                    "http://web.prod",
+                    stats=stats,
+                    client_address="web.prod:80",
+                )
+            ],
         )
         self.assertEqual(
             row,
             EndpointStatus(
-                "ep_1",
-                "http://web.prod",
-                "10.107.0.2:80",
-                LISTENING,
-                "",
-                1,
-                5,
-                0,
-                100,
-                2000,
+                id="ep_1",
+                url="http://web.prod",
+                listen_address="10.107.0.2:80",
+                state=LISTENING,
+                reason="",
+                client_address="web.prod:80",
+                connections_open=1,
+                connections_total=5,
+                errors=0,
+                bytes_up=100,
+                bytes_down=2000,
             ),
         )
 
