@@ -160,21 +160,18 @@ class LinuxInterface:
         self._carrier = carrier
         self._description = "not created" if carrier is None else carrier.description
 
-    def _create(self) -> str | None:
+    def _create(self) -> None:
+        # What is used is told by describe(); the service logs it once.
         if isinstance(self._subnet, IPv4Network) and self._subnet.subnet_of(
             LOOPBACK_RANGE
         ):
-            if self._carrier is _NO_LINK:
-                return None
             self._use(_NO_LINK)
-            return _NO_LINK.description
+            return
         with self._netlink() as ipr:
             carrier = self._carrier
             if carrier is not None and self._index(ipr, carrier.name) == carrier.index:
-                return None
+                return
             self._use(self._find_or_make(ipr))
-        assert self._carrier is not None
-        return self._carrier.description
 
     def _index(self, ipr: Any, name: str | None = None) -> int | None:
         found = ipr.link_lookup(ifname=name or self._name)
@@ -333,11 +330,11 @@ class LinuxInterface:
                 if prefixlen == ip.max_prefixlen
             )
 
-    def _destroy(self) -> str | None:
+    def _destroy(self) -> None:
         carrier = self._carrier
         if carrier is None or carrier.index is None:
             self._use(None)
-            return None
+            return
         with self._netlink() as ipr:
             if self._index(ipr, carrier.name) == carrier.index:
                 if carrier.whole:
@@ -351,7 +348,6 @@ class LinuxInterface:
                         self._remove(ipr, carrier, ip, prefixlen)
         self._use(None)
         self._added.clear()
-        return f"removed ({carrier.description})"
 
 
 def _error(e: NetlinkError, action: str) -> NetworkInterfaceError:
