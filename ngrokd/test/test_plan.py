@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from ipaddress import IPv4Address
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -115,6 +115,7 @@ class PlanTests(SynchronousTestCase):
             },
         )
 
+    @settings(max_examples=500)
     @given(
         urls=st.lists(_urls, max_size=30), mode=st.sampled_from(["virtual", "0.0.0.0"])
     )
