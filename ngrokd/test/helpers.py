@@ -32,8 +32,8 @@ class Recorder(Protocol):
 
     def __init__(
         self,
-        on_read_closed: Callable[[Recorder], object] | None = None,
-        on_connected: Callable[[Recorder], object] | None = None,
+        on_read_closed: Callable[[Any], object] | None = None,
+        on_connected: Callable[[Any], object] | None = None,
     ) -> None:
         self.received = b""
         self.read_closed = False

@@ -5,6 +5,7 @@ loopback, plus a memory reactor for what loopback cannot stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -17,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -42,6 +43,7 @@ from ngrokd.devcloud.ingress import (
     tls_factory,
 )
 from ngrokd.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.test.helpers import Recorder
 from ngrokd.trust import PartialChainTrust, client_creator, parse_certificates
 
 #: The real reactor, for loopback I/O (untyped: it provides many interfaces).
@@ -96,23 +98,21 @@ def split_response(data: bytes) -> tuple[wire.ConnResponse, bytes]:
     return wire.decode_response(payload), rest
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener)
-class Peer(Protocol):
+@implementer(IHandshakeListener)
+class Peer(Recorder):
     """
-    Either end of a test connection: records what arrives and how it ends.
-    C{onConnected} and C{onReadClosed} script the reactions.
+    L{Recorder}, which can also echo, tell when its TLS handshake is done,
+    and wait for a number of bytes.
     """
 
-    transport: Any
-
-    def __init__(self, onConnected=None, onReadClosed=None, echo=False) -> None:
-        self.received = b""
-        self.readClosed = False
-        self.reason: Failure | None = None
-        self.lost: Deferred[None] = Deferred()
+    def __init__(
+        self,
+        on_connected: Callable[[Any], object] | None = None,
+        on_read_closed: Callable[[Any], object] | None = None,
+        echo: bool = False,
+    ) -> None:
+        super().__init__(on_read_closed=on_read_closed, on_connected=on_connected)
         self.handshake: Deferred[None] = Deferred()
-        self._onConnected = onConnected
-        self._onReadClosed = onReadClosed
         self._echo = echo
         self._waiting: list[tuple[int, Deferred[bytes]]] = []
 
@@ -132,37 +132,22 @@ class Peer(Protocol):
             self._waiting.remove(entry)
             entry[1].callback(self.received)
 
-    def connectionMade(self) -> None:
-        if self._onConnected:
-            self._onConnected(self)
-
     def handshakeCompleted(self) -> None:
         self.handshake.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
-        self.received += data
+        super().dataReceived(data)
         if self._echo:
             self.transport.write(data)
         self._check()
 
-    def readConnectionLost(self) -> None:
-        self.readClosed = True
-        if self._onReadClosed:
-            self._onReadClosed(self)
-        else:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.reason = reason
         waiting, self._waiting = self._waiting, []
         for count, d in waiting:
             d.errback(
                 AssertionError(f"closed with {self.received!r}, wanted {count} bytes")
             )
-        self.lost.callback(None)
+        super().connectionLost(reason)
 
 
 class IngressTests(TestCase):
@@ -382,14 +367,14 @@ class IngressTests(TestCase):
             backend.transport.write(b"pong:" + backend.received)
             backend.transport.loseConnection()
 
-        self.bind("tcp://db.prod:5432", self.backend(onReadClosed=answer))
+        self.bind("tcp://db.prod:5432", self.backend(on_read_closed=answer))
         client = yield self.connect(Peer())
         client.transport.write(self.request("db.prod", 5432) + b"ping")
         client.transport.loseWriteConnection()
         yield client.lost
         response, rest = split_response(client.received)
         self.assertEqual((response.error_code, rest), ("", b"pong:ping"))
-        self.assertTrue(self.backends[0].readClosed)
+        self.assertTrue(self.backends[0].read_closed)
         assert client.reason is not None
         client.reason.trap(ConnectionDone)
 
@@ -408,15 +393,15 @@ class IngressTests(TestCase):
             client.transport.write(b"thanks")
             client.transport.loseWriteConnection()
 
-        self.bind("tcp://db.prod:5432", self.backend(onConnected=greet))
-        client = yield self.connect(Peer(onReadClosed=thank))
+        self.bind("tcp://db.prod:5432", self.backend(on_connected=greet))
+        client = yield self.connect(Peer(on_read_closed=thank))
         client.transport.write(self.request("db.prod", 5432))
         yield client.lost
-        self.assertTrue(client.readClosed)
+        self.assertTrue(client.read_closed)
         self.assertEqual(split_response(client.received)[1], b"hello")
         backend = self.backends[0]
         yield backend.lost
-        self.assertEqual((backend.received, backend.readClosed), (b"thanks", True))
+        self.assertEqual((backend.received, backend.read_closed), (b"thanks", True))
 
     @inlineCallbacks
     def test_bothLegsNoDelay(self):
