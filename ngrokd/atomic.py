@@ -52,11 +52,10 @@ def write_atomic(path: str, data: bytes, mode: int) -> None:
     @raise AtomicWriteError: on any failure, naming C{path}.
     """
     directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
     step = "create a temporary file"
     try:
-        fd, temporary = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-        )
+        fd, temporary = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     except OSError as e:
         raise AtomicWriteError(path, step, e) from e
     try:
@@ -77,6 +76,22 @@ def write_atomic(path: str, data: bytes, mode: int) -> None:
         _fsync_directory(directory)
     except OSError as e:
         raise AtomicWriteError(path, "fsync its directory", e) from e
+    _remove_leftovers(directory, prefix)
+
+
+def _remove_leftovers(directory: str, prefix: str) -> None:
+    """
+    Remove the temporary files of earlier writes of the same file that a
+    kill left behind: each file has one writer at a time, so any other one
+    is dead.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            _remove_quietly(os.path.join(directory, name))
 
 
 def replace_durably(source: str, target: str) -> None:

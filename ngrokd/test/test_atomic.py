@@ -143,3 +143,26 @@ class ReadIfExistsTests(SynchronousTestCase):
         path = self.mktemp()
         os.mkdir(path)
         self.assertRaises(IsADirectoryError, read_if_exists, path)
+
+
+class LeftoverTests(SynchronousTestCase):
+    """
+    Temporary files of a write that was killed do not pile up.
+    """
+
+    def test_leftoversRemoved(self) -> None:
+        """
+        The next write of a file removes the temporary files an earlier,
+        killed write of it left, and no one else's.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        stale = os.path.join(directory, ".state.json.k1ll3d.tmp")
+        other = os.path.join(directory, ".other.json.k1ll3d.tmp")
+        for path in (stale, other):
+            with open(path, "wb") as f:
+                f.write(b"{")
+        write_atomic(os.path.join(directory, "state.json"), b"{}", 0o644)
+        self.assertEqual(
+            sorted(os.listdir(directory)), [".other.json.k1ll3d.tmp", "state.json"]
+        )
