@@ -399,9 +399,12 @@ class HostsService(Service):
     the daemon serves in virtual mode.
 
     Writes run one at a time in a thread of C{threadpool} (by default the
-    reactor's), in the order they were asked for. A write that fails is
-    logged (once, while it keeps failing the same way) and tried again at
-    the next L{write}, whether or not the names changed meanwhile.
+    reactor's), in the order they were asked for. Each one reads the file and
+    changes it only when its section differs from the names, so a section
+    that someone else removed or changed is put back at the next L{write}
+    while an unchanged file is never rewritten. A write that fails is logged
+    (once, while it keeps failing the same way) and tried again at the next
+    L{write}.
 
     @ivar error: why the last write failed (empty when it worked).
     """
@@ -416,8 +419,6 @@ class HostsService(Service):
         self._reactor = reactor
         self._threadpool = threadpool
         self._lock = DeferredLock()
-        #: What the section holds, as far as we know; None: not known.
-        self._written: dict[str, IPAddress] | None = None
         self.error = ""
 
     def startService(self) -> None:
@@ -455,13 +456,10 @@ class HostsService(Service):
         return self.file.write(wanted)
 
     def _write(self, wanted: dict[str, IPAddress]) -> Deferred[bool]:
-        if wanted == self._written:
-            return succeed(False)
         pool = self._threadpool or self._reactor.getThreadPool()
         d = deferToThreadPool(self._reactor, pool, self._write_file, wanted)
 
         def written(changed: bool) -> bool:
-            self._written = wanted
             if self.error:
                 self.log.info("{path} can be written again", path=self.file.path)
                 self.error = ""
@@ -479,7 +477,6 @@ class HostsService(Service):
 
         def failed(failure: Any) -> bool:
             failure.trap(HostsFileError)
-            self._written = None
             reason = str(failure.value)
             if reason != self.error:
                 self.log.error(

@@ -193,14 +193,20 @@ class ReconcileTests(SynchronousTestCase):
         """
         daemon = self.make_daemon()
         self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        names = self.hosts()
         del self.recorder.events[:]
         self.reconcile(daemon, "http://a.test")
         self.assertEqual(
             self.recorder.events,
-            [("addresses", frozenset({A})), ("stop", "10.107.0.2", 5432)],
+            [
+                ("addresses", frozenset({A})),
+                ("stop", "10.107.0.2", 5432),
+                ("hosts", {"a.test": A}),
+            ],
         )
         self.assertEqual(self.interface.present, {A})
-        self.assertIn("10.107.0.2\ta.test\n", self.hosts())
+        self.assertEqual(self.hosts(), names)
+        self.assertIn("10.107.0.2\ta.test\n", names)
 
     def test_releasedInReverse(self) -> None:
         """
