@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+from attrs import evolve, frozen
+
 from ngrokd.atomic import write_atomic
 
 #: Seconds between ngrokd's polls of the devcloud's bound endpoints: quick
@@ -71,73 +73,65 @@ def _quoted(value: str) -> str:
     return json.dumps(value)
 
 
-def render_daemon_config(
-    path: str,
-    api_url: str,
-    api_key: str,
-    ingress_endpoint: str,
-    api_ca_path: str,
-    ingress_ca_path: str,
-    state_dir: str,
-    start_port: int = 9080,
-    listen_interface: str = "127.0.0.1",
-    poll_interval: float = POLL_INTERVAL,
-) -> str:
+@frozen
+class DaemonSettings:
+    """
+    What an ngrokd configuration needs to use a devcloud: where its API and
+    ingress are, the key and CA bundles to use them, and where ngrokd keeps
+    its state and listens.
+    """
+
+    api_url: str
+    api_key: str
+    ingress_endpoint: str
+    api_ca_path: str
+    ingress_ca_path: str
+    state_dir: str
+    start_port: int = 9080
+    listen_interface: str = "127.0.0.1"
+    poll_interval: float = POLL_INTERVAL
+
+
+def render_daemon_config(path: str, settings: DaemonSettings) -> str:
     """
     The text of the configuration L{write_daemon_config} writes to C{path}.
     """
     return _TEMPLATE.format(
         path=path,
-        api_url=api_url,
-        api_url_q=_quoted(api_url),
-        api_key=_quoted(api_key),
-        api_ca=_quoted(api_ca_path),
-        ingress=_quoted(ingress_endpoint),
-        ingress_ca=_quoted(ingress_ca_path),
-        state_dir=_quoted(state_dir),
-        socket_path=_quoted(os.path.join(state_dir, "ngrokd.sock")),
-        poll_interval=f"{poll_interval:g}",
-        listen_interface=_quoted(listen_interface),
-        start_port=start_port,
-        hosts_file=_quoted(os.path.join(state_dir, "hosts")),
+        api_url=settings.api_url,
+        api_url_q=_quoted(settings.api_url),
+        api_key=_quoted(settings.api_key),
+        api_ca=_quoted(settings.api_ca_path),
+        ingress=_quoted(settings.ingress_endpoint),
+        ingress_ca=_quoted(settings.ingress_ca_path),
+        state_dir=_quoted(settings.state_dir),
+        socket_path=_quoted(os.path.join(settings.state_dir, "ngrokd.sock")),
+        poll_interval=f"{settings.poll_interval:g}",
+        listen_interface=_quoted(settings.listen_interface),
+        start_port=settings.start_port,
+        hosts_file=_quoted(os.path.join(settings.state_dir, "hosts")),
     )
 
 
-def write_daemon_config(
-    path: str,
-    api_url: str,
-    api_key: str,
-    ingress_endpoint: str,
-    api_ca_path: str,
-    ingress_ca_path: str,
-    state_dir: str,
-    start_port: int = 9080,
-    listen_interface: str = "127.0.0.1",
-    poll_interval: float = POLL_INTERVAL,
-) -> None:
+def write_daemon_config(path: str, settings: DaemonSettings) -> None:
     """
     Write an ngrokd configuration for the devcloud to C{path} (mode 0600: it
-    holds the API key). All paths in it are made absolute; C{state_dir} is
-    created (0700) with an empty C{hosts} file in it when missing.
+    holds the API key). All paths in it are made absolute; the state
+    directory is created (0700) with an empty C{hosts} file in it when
+    missing.
 
     @raise ngrokd.atomic.AtomicWriteError: naming the file that could not be
         written.
     """
-    state_dir = os.path.abspath(state_dir)
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    hosts = os.path.join(state_dir, "hosts")
+    settings = evolve(
+        settings,
+        api_ca_path=os.path.abspath(settings.api_ca_path),
+        ingress_ca_path=os.path.abspath(settings.ingress_ca_path),
+        state_dir=os.path.abspath(settings.state_dir),
+    )
+    os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
+    hosts = os.path.join(settings.state_dir, "hosts")
     if not os.path.exists(hosts):
         write_atomic(hosts, b"", 0o644)
-    text = render_daemon_config(
-        os.path.abspath(path),
-        api_url,
-        api_key,
-        ingress_endpoint,
-        os.path.abspath(api_ca_path),
-        os.path.abspath(ingress_ca_path),
-        state_dir,
-        start_port,
-        listen_interface,
-        poll_interval,
-    )
+    text = render_daemon_config(os.path.abspath(path), settings)
     write_atomic(path, text.encode("utf-8"), 0o600)

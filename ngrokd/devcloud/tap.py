@@ -44,7 +44,7 @@ from ngrokd.devcloud.admin import (
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud, InvalidEndpointURL, split_endpoint_url
-from ngrokd.devcloud.config import POLL_INTERVAL, write_daemon_config
+from ngrokd.devcloud.config import POLL_INTERVAL, DaemonSettings, write_daemon_config
 from ngrokd.devcloud.ingress import (
     REQUEST_TIMEOUT,
     IngressFactory,
@@ -349,14 +349,16 @@ def _write_files(
 ) -> None:
     write_daemon_config(
         running.config_path,
-        api_url=running.api_url,
-        api_key=running.api_key,
-        ingress_endpoint=running.ingress_endpoint,
-        api_ca_path=running.api_ca_path,
-        ingress_ca_path=running.ingress_ca_path,
-        state_dir=os.path.join(running.state_dir, DAEMON_STATE),
-        start_port=start_port,
-        poll_interval=poll_interval,
+        DaemonSettings(
+            api_url=running.api_url,
+            api_key=running.api_key,
+            ingress_endpoint=running.ingress_endpoint,
+            api_ca_path=running.api_ca_path,
+            ingress_ca_path=running.ingress_ca_path,
+            state_dir=os.path.join(running.state_dir, DAEMON_STATE),
+            start_port=start_port,
+            poll_interval=poll_interval,
+        ),
     )
     info = {
         "api_url": running.api_url,

@@ -25,7 +25,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from ngrokd import wire
 from ngrokd.config import load_config
 from ngrokd.devcloud.admin import parse_backend
-from ngrokd.devcloud.config import render_daemon_config
+from ngrokd.devcloud.config import DaemonSettings, render_daemon_config
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.tap import (
     DEFAULT_API_PORT,
@@ -169,12 +169,14 @@ class ConfigTests(SynchronousTestCase):
             f.write(
                 render_daemon_config(
                     config,
-                    "https://127.0.0.1:1",
-                    'k"e: #y',
-                    "127.0.0.1:2",
-                    "/a: #b/ca.crt",
-                    "/c/ingress-ca.pem",
-                    "/s",
+                    DaemonSettings(
+                        api_url="https://127.0.0.1:1",
+                        api_key='k"e: #y',
+                        ingress_endpoint="127.0.0.1:2",
+                        api_ca_path="/a: #b/ca.crt",
+                        ingress_ca_path="/c/ingress-ca.pem",
+                        state_dir="/s",
+                    ),
                 )
             )
         loaded = load_config(config, environ={"NGROK_API_KEY": "other"})
