@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import field, frozen
 from twisted.logger import Logger
@@ -154,20 +154,38 @@ def _allocate_ips(
             ips[hostname] = ip
             used.add(int(ip))
     make = IPv4Address if subnet.version == 4 else IPv6Address
-    candidate = usable.start
+    handed = _hand_out(wanted - ips.keys(), usable, used)
     for hostname in sorted(wanted - ips.keys()):
-        while candidate in used:
-            candidate += 1
-        if candidate not in usable:
+        if hostname in handed:
+            ips[hostname] = make(handed[hostname])
+        else:
             errors[hostname] = (
                 f"no address left for {hostname}: all {len(usable)} usable "
                 f"addresses of {subnet} are in use"
             )
-            continue
-        ips[hostname] = make(candidate)
-        used.add(candidate)
-        candidate += 1
     return ips
+
+
+#: What gets a value: a hostname (an address) or an endpoint (a port).
+K = TypeVar("K", str, tuple[str, int])
+
+
+def _hand_out(newcomers: set[K], usable: range, used: set[int]) -> dict[K, int]:
+    """
+    Give each of C{newcomers}, in sorted order, the lowest value of
+    C{usable} not in C{used} (which it extends); those left when C{usable}
+    runs out get none.
+    """
+    handed: dict[K, int] = {}
+    candidate = usable.start
+    for key in sorted(newcomers):
+        while candidate in used:
+            candidate += 1
+        if candidate not in usable:
+            break
+        handed[key] = candidate
+        used.add(candidate)
+    return handed
 
 
 def _allocate_ports(
@@ -195,19 +213,13 @@ def _allocate_ports(
         key = (hostname, lowest[hostname])
         if key not in ports:
             keep(key, legacy[hostname])
-    candidate = usable.start
-    for key in sorted(wanted - ports.keys()):
-        while candidate in used:
-            candidate += 1
-        if candidate not in usable:
-            errors[key] = (
-                f"no network port left for {key[0]}:{key[1]}: all ports from "
-                f"{start_port} to {MAX_PORT} are in use"
-            )
-            continue
-        ports[key] = candidate
-        used.add(candidate)
-        candidate += 1
+    newcomers = wanted - ports.keys()
+    ports.update(_hand_out(newcomers, usable, used))
+    for key in sorted(newcomers - ports.keys()):
+        errors[key] = (
+            f"no network port left for {key[0]}:{key[1]}: all ports from "
+            f"{start_port} to {MAX_PORT} are in use"
+        )
     return ports
 
 
