@@ -51,8 +51,8 @@ from attrs import frozen
 from OpenSSL import SSL
 
 import twisted
-from ngrokd.allocation import NETWORK_PORTS, CorruptStateFile, decode_network_ports
 from ngrokd.config import ConfigError, load_config
+from ngrokd.host.allocation import NETWORK_PORTS, CorruptStateFile, decode_network_ports
 
 T = TypeVar("T")
 Address = tuple[str, int]

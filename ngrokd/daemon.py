@@ -23,23 +23,23 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd import allocation
-from ngrokd.allocation import IPAddress
-from ngrokd.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
-from ngrokd.atomic import AtomicWriteError
 from ngrokd.config import Config
-from ngrokd.discovery import EndpointDiscoveryService
+from ngrokd.datapath.ingress import IngressConnector
+from ngrokd.datapath.listeners import ListenerSet
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
-from ngrokd.hosts import HostsService
-from ngrokd.identity import Identity, IdentityStore
-from ngrokd.identity_service import IdentityService
-from ngrokd.ingress import IngressConnector
-from ngrokd.listeners import ListenerSet
-from ngrokd.netif import INetworkInterface
-from ngrokd.netif.service import InterfaceService
+from ngrokd.host import allocation
+from ngrokd.host.allocation import IPAddress
+from ngrokd.host.atomic import AtomicWriteError
+from ngrokd.host.hosts import HostsService
+from ngrokd.host.netif import INetworkInterface
+from ngrokd.host.netif.service import InterfaceService
+from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
+from ngrokd.ngrok.discovery import EndpointDiscoveryService
+from ngrokd.ngrok.identity import Identity, IdentityStore
+from ngrokd.ngrok.identity_service import IdentityService
+from ngrokd.ngrok.trust import load_trust
 from ngrokd.plan import VIRTUAL, Plan, listen_mode, plan, targets
 from ngrokd.status import EndpointStatus, endpoint_status
-from ngrokd.trust import load_trust
 
 
 class Daemon(MultiService):

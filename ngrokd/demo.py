@@ -30,9 +30,9 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from ngrokd.allocation import decode_network_ports
 from ngrokd.config import load_config
-from ngrokd.splice import PipeProtocol
+from ngrokd.datapath.splice import PipeProtocol
+from ngrokd.host.allocation import decode_network_ports
 
 HELLO = "http://hello.demo"
 ECHO = "tcp://echo.demo:7"

@@ -21,8 +21,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from attrs import frozen
 
+from ngrokd.datapath.listeners import ListenSpec, join_host_port
 from ngrokd.endpoints import BoundEndpoint, EndpointTarget
-from ngrokd.listeners import ListenSpec, join_host_port
 
 VIRTUAL = "virtual"
 
@@ -119,7 +119,7 @@ def plan(
     rewritten to the endpoint's name.
 
     @param allocation_errors: why a hostname got no address or an endpoint
-        no port (L{ngrokd.allocation.AllocationResult.errors}), reported as
+        no port (L{ngrokd.host.allocation.AllocationResult.errors}), reported as
         its failure.
     """
     errors = allocation_errors or {}

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 from attrs import frozen
 
+from ngrokd.datapath.listeners import Listener, join_host_port
 from ngrokd.endpoints import BoundEndpoint
-from ngrokd.listeners import Listener, join_host_port
 from ngrokd.plan import Plan
 
 LISTENING = "listening"

@@ -9,7 +9,7 @@ once it holds the upstream connection (here: TCP to the endpoint's local
 backend), so a success always means the bytes that follow reach the backend,
 and a backend that is down is a refusal rather than a connection that opens
 and then closes. After the response the two connections are one byte pipe
-(L{ngrokd.splice}), half-close and flow control included.
+(L{ngrokd.datapath.splice}), half-close and flow control included.
 
 Refusals carry ngrok-style codes:
 
@@ -47,12 +47,12 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd import wire
+from ngrokd.datapath import wire
+from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
+from ngrokd.datapath.listeners import join_host_port
+from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.cloud import Cloud, CloudEndpoint, split_endpoint_url
-from ngrokd.halfclose import HalfCloseableTLSFactory
-from ngrokd.listeners import join_host_port
-from ngrokd.splice import PipeProtocol, splice
-from ngrokd.trust import parse_certificates
+from ngrokd.ngrok.trust import parse_certificates
 
 ERR_NOT_AN_OPERATOR = "ERR_NGROK_107"
 ERR_ENDPOINT_NOT_FOUND = "ERR_NGROK_3200"

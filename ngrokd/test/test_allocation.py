@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.allocation}.
+Tests for L{ngrokd.host.allocation}.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.allocation import (
+from ngrokd.host.allocation import (
     IP_MAPPINGS,
     NETWORK_PORTS,
     Allocations,

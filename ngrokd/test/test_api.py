@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.api} in memory (L{StubTreq}, L{Clock}): timing, headers
+Tests for L{ngrokd.ngrok.api} in memory (L{StubTreq}, L{Clock}): timing, headers
 and answers the devcloud would not give. The same client against the real
 devcloud over HTTPS is in L{ngrokd.test.test_devcloud_api}.
 """
@@ -18,7 +18,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ngrokd import __version__
-from ngrokd.api import (
+from ngrokd.devcloud.api import api_resource
+from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.devcloud.cloud import Cloud
+from ngrokd.ngrok.api import (
     APIError,
     APIResponseInvalid,
     APIUnavailable,
@@ -27,10 +30,7 @@ from ngrokd.api import (
     NoAPIKey,
     retry_after_seconds,
 )
-from ngrokd.devcloud.api import api_resource
-from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.devcloud.cloud import Cloud
-from ngrokd.identity import generate_key, make_csr
+from ngrokd.ngrok.identity import generate_key, make_csr
 
 BASE = "https://api.test"
 KEY = "2testkey_secret"

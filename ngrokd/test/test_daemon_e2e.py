@@ -25,7 +25,7 @@ from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
-from ngrokd.identity import generate_key, make_csr
+from ngrokd.ngrok.identity import generate_key, make_csr
 from ngrokd.test.helpers import (
     Echo,
     Recorder,

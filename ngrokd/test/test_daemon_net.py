@@ -19,14 +19,14 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.allocation import IP_MAPPINGS, NETWORK_PORTS
-from ngrokd.api import ApiEndpoint
 from ngrokd.config import load_config
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
-from ngrokd.hosts import BEGIN
-from ngrokd.netif import NotPermitted
-from ngrokd.netif.memory import MemoryInterface
+from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
+from ngrokd.host.hosts import BEGIN
+from ngrokd.host.netif import NotPermitted
+from ngrokd.host.netif.memory import MemoryInterface
+from ngrokd.ngrok.api import ApiEndpoint
 from ngrokd.plan import client_address, plan, uses_virtual
 from ngrokd.test.test_hosts import ThreadReactor
 

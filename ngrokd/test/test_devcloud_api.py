@@ -27,7 +27,10 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from ngrokd.api import (
+from ngrokd.devcloud.api import api_resource
+from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.devcloud.cloud import Cloud, CloudError, CloudOperator, InvalidEndpointURL
+from ngrokd.ngrok.api import (
     APIError,
     APIResponseInvalid,
     APIUnavailable,
@@ -35,11 +38,8 @@ from ngrokd.api import (
     PaginationError,
     make_api,
 )
-from ngrokd.devcloud.api import api_resource
-from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.devcloud.cloud import Cloud, CloudError, CloudOperator, InvalidEndpointURL
-from ngrokd.identity import generate_key, key_public_key, make_csr
-from ngrokd.trust import load_trust
+from ngrokd.ngrok.identity import generate_key, key_public_key, make_csr
+from ngrokd.ngrok.trust import load_trust
 
 API_KEY = "2devcloudtestkey_abcdefghijklmnop"
 INGRESS = "127.0.0.1:4443"

@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from ngrokd import wire
+from ngrokd.datapath import wire
+from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud, InvalidEndpointURL
 from ngrokd.devcloud.ingress import (
@@ -42,9 +43,8 @@ from ngrokd.devcloud.ingress import (
     server_options,
     tls_factory,
 )
-from ngrokd.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.ngrok.trust import PartialChainTrust, client_creator, parse_certificates
 from ngrokd.test.helpers import Recorder
-from ngrokd.trust import PartialChainTrust, client_creator, parse_certificates
 
 #: The real reactor, for loopback I/O (untyped: it provides many interfaces).
 reactor: Any = _reactor

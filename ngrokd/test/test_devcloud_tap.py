@@ -22,8 +22,9 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from ngrokd import wire
 from ngrokd.config import load_config
+from ngrokd.datapath import wire
+from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.devcloud.admin import parse_backend
 from ngrokd.devcloud.config import DaemonSettings, render_daemon_config
 from ngrokd.devcloud.ingress import IngressFault
@@ -35,9 +36,8 @@ from ngrokd.devcloud.tap import (
     makeService,
     start_devcloud,
 )
-from ngrokd.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.ngrok.trust import client_creator, load_trust
 from ngrokd.test.test_devcloud_ingress import Peer, new_csr, register, split_response
-from ngrokd.trust import client_creator, load_trust
 
 #: The real reactor, for loopback I/O (untyped: it provides many interfaces).
 reactor: Any = _reactor
@@ -524,7 +524,7 @@ class DevcloudServiceTests(TestCase):
         their certificates, so a daemon's stored operator id keeps working;
         a deleted one stays deleted.
         """
-        from ngrokd.identity import generate_key, make_csr
+        from ngrokd.ngrok.identity import generate_key, make_csr
 
         service, first = self.start()
         kept = first.cloud.register(

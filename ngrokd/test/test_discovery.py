@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.discovery}: polling on a clock, backing off, logging once
+Tests for L{ngrokd.ngrok.discovery}: polling on a clock, backing off, logging once
 per change of state, and walking every page of a large listing.
 """
 
@@ -17,18 +17,18 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from ngrokd.api import APIError, APIUnavailable, HTTPRequester, NgrokAPI
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
-from ngrokd.discovery import (
+from ngrokd.ngrok.api import APIError, APIUnavailable, HTTPRequester, NgrokAPI
+from ngrokd.ngrok.discovery import (
     MAX_BACKOFF,
     MAX_RETRY_AFTER,
     EndpointDiscoveryService,
     backoff_delay,
     failure_kind,
 )
-from ngrokd.identity import generate_key, make_csr
+from ngrokd.ngrok.identity import generate_key, make_csr
 
 INTERVAL = 30.0
 

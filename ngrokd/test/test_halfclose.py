@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.halfclose}, over real TLS on loopback.
+Tests for L{ngrokd.datapath.halfclose}, over real TLS on loopback.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from ngrokd.datapath.halfclose import (
+    HalfCloseableTLSClientEndpoint,
+    HalfCloseableTLSFactory,
+)
 from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.halfclose import HalfCloseableTLSClientEndpoint, HalfCloseableTLSFactory
+from ngrokd.ngrok.trust import PartialChainTrust, client_creator, parse_certificates
 from ngrokd.test.helpers import Recorder, listen
-from ngrokd.trust import PartialChainTrust, client_creator, parse_certificates
 
 
 class NotHalfCloseable(Protocol):

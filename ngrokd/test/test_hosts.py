@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.hosts}: the rendering, the file writes, and the service
+Tests for L{ngrokd.host.hosts}: the rendering, the file writes, and the service
 the daemon uses.
 """
 
@@ -18,7 +18,14 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.hosts import BEGIN, END, HostsFile, HostsFileError, HostsService, render
+from ngrokd.host.hosts import (
+    BEGIN,
+    END,
+    HostsFile,
+    HostsFileError,
+    HostsService,
+    render,
+)
 from ngrokd.test.namespace import namespace
 from ngrokd.test.test_netif import SynchronousThreadPool
 
@@ -471,7 +478,7 @@ class HostsServiceTests(SynchronousTestCase):
 _WRITE_TWICE = """
 import json, os, subprocess
 from ipaddress import ip_address
-from ngrokd.hosts import HostsFile
+from ngrokd.host.hosts import HostsFile
 hosts = HostsFile("/etc/hosts")
 before = os.stat("/etc/hosts").st_ino
 first = hosts.write({"api.example.internal": ip_address("10.107.0.2")})
@@ -542,7 +549,8 @@ class BindMountedHostsFileTests(SynchronousTestCase):
         with open(source, "w") as f:
             f.write(HOSTS)
         ns.run_python(
-            "from ipaddress import ip_address as a; from ngrokd.hosts import HostsFile;"
+            "from ipaddress import ip_address as a;"
+            " from ngrokd.host.hosts import HostsFile;"
             "HostsFile('/etc/hosts').write({'x.ns': a('fd00::5')}); print('null')",
             hosts_file=source,
         )

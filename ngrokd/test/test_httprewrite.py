@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.httprewrite}: every request on a connection reaches ngrok
+Tests for L{ngrokd.datapath.httprewrite}: every request on a connection reaches ngrok
 with the endpoint's Host, and no byte is ever lost or held back longer than
 its request head.
 """
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.httprewrite import MAX_HEAD, HostRewriter, InvalidHost
+from ngrokd.datapath.httprewrite import MAX_HEAD, HostRewriter, InvalidHost
 
 HOST = "web.prod"
 

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.identity}: the key, certificate and operator id on disk,
+Tests for L{ngrokd.ngrok.identity}: the key, certificate and operator id on disk,
 registered and renewed through ngrokd's real API client against the real
 devcloud API (in memory, with L{StubTreq}).
 """
@@ -21,11 +21,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ngrokd.api import APIError, APIUnavailable, HTTPRequester, NgrokAPI, Operator
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
-from ngrokd.identity import (
+from ngrokd.ngrok.api import APIError, APIUnavailable, HTTPRequester, NgrokAPI, Operator
+from ngrokd.ngrok.identity import (
     CertificateMismatch,
     Identity,
     IdentityStore,

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.identity_service}: registering, waiting for a key,
+Tests for L{ngrokd.ngrok.identity_service}: registering, waiting for a key,
 retrying, renewing on time, following the configured selectors, and a
 deleted operator, against the real devcloud API in memory (L{StubTreq}) on a
 L{Clock} set to the current time.
@@ -19,13 +19,13 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from ngrokd.api import APIError, HTTPRequester, NgrokAPI
 from ngrokd.config import ConfigError, parse_config
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
-from ngrokd.identity import Identity, IdentityStore, generate_key
-from ngrokd.identity_service import (
+from ngrokd.ngrok.api import APIError, HTTPRequester, NgrokAPI
+from ngrokd.ngrok.identity import Identity, IdentityStore, generate_key
+from ngrokd.ngrok.identity_service import (
     CHECK_INTERVAL,
     EXPIRED,
     NOT_REGISTERED,
@@ -148,7 +148,7 @@ class ServiceTestCase(SynchronousTestCase):
             formatEvent(e)
             for e in self.events
             if (level is None or e["log_level"] == level)
-            and e.get("log_namespace", "").startswith("ngrokd.identity")
+            and e.get("log_namespace", "").startswith("ngrokd.ngrok.identity")
         ]
 
     def assertKeyNeverShown(self, *keys: str) -> None:

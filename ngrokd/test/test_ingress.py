@@ -1,6 +1,6 @@
 """
-Tests for L{ngrokd.ingress} and L{ngrokd.trust}: whom the connector trusts,
-over real TLS on loopback.
+Tests for L{ngrokd.datapath.ingress} and L{ngrokd.ngrok.trust}: whom the
+connector trusts, over real TLS on loopback.
 """
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from ngrokd import wire
+from ngrokd.datapath import wire
+from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
+from ngrokd.datapath.ingress import (
+    DialFailed,
+    IngressConnector,
+    TLSFailed,
+    UpgradeFailed,
+)
+from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.halfclose import HalfCloseableTLSFactory
-from ngrokd.identity import generate_key, make_csr
-from ngrokd.ingress import DialFailed, IngressConnector, TLSFailed, UpgradeFailed
-from ngrokd.splice import PipeProtocol, splice
+from ngrokd.ngrok.identity import generate_key, make_csr
+from ngrokd.ngrok.trust import IOpenSSLTrustRoot, PartialChainTrust, parse_certificates
 from ngrokd.test.helpers import Recorder, connect, listen, wait_until
-from ngrokd.trust import IOpenSSLTrustRoot, PartialChainTrust, parse_certificates
 
 
 class Answer(Protocol):

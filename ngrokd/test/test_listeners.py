@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.listeners.ListenerSet} on real sockets on 127.0.0.1:
+Tests for L{ngrokd.datapath.listeners.ListenerSet} on real sockets on 127.0.0.1:
 what becomes of a listener that cannot bind, and of the others.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
+from ngrokd.datapath.ingress import IngressConnector
+from ngrokd.datapath.listeners import ListenerSet, ListenSpec
 from ngrokd.endpoints import parse_endpoint_url
-from ngrokd.ingress import IngressConnector
-from ngrokd.listeners import ListenerSet, ListenSpec
 from ngrokd.test.helpers import unused_port
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.netif}: one suite for every implementation (in memory,
+Tests for L{ngrokd.host.netif}: one suite for every implementation (in memory,
 Linux netlink in a throwaway namespace, macOS with a simulated ifconfig),
 plus what is particular to each.
 """
@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ngrokd.netif import (
+from ngrokd.host.netif import (
     AddressOutsideSubnet,
     ForeignLink,
     INetworkInterface,
@@ -32,8 +32,8 @@ from ngrokd.netif import (
     SubnetNotSupported,
     network_interface,
 )
-from ngrokd.netif.darwin import IFCONFIG, CommandFailed, DarwinInterface
-from ngrokd.netif.memory import MemoryInterface
+from ngrokd.host.netif.darwin import IFCONFIG, CommandFailed, DarwinInterface
+from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.test.namespace import Namespace, namespace, run_in_namespace
 
 SUBNET4 = ip_network("10.107.0.0/16")
@@ -368,7 +368,7 @@ class FactoryTests(SynchronousTestCase):
         """
         Linux gets netlink, macOS loopback aliases, others an error.
         """
-        from ngrokd.netif.linux import LinuxInterface
+        from ngrokd.host.netif.linux import LinuxInterface
 
         pool = ThreadPool(1, 1)
         made = network_interface(None, pool, "ngrokd0", SUBNET4, platform="linux")
@@ -433,7 +433,7 @@ class LinuxNamespaceMixin(_TestCase):
     def make_interface(self, subnet, link_kinds=None, pool=None, reactor=None):
         from pyroute2 import IPRoute
 
-        from ngrokd.netif.linux import LINK_KINDS, LinuxInterface
+        from ngrokd.host.netif.linux import LINK_KINDS, LinuxInterface
 
         return LinuxInterface(
             reactor or ImmediateReactor(),
@@ -707,7 +707,7 @@ print(json.dumps(accepted.recv(4).decode()))
 _UNPRIVILEGED = """
 import json
 from ipaddress import ip_network
-from ngrokd.netif.linux import LinuxInterface
+from ngrokd.host.netif.linux import LinuxInterface
 from ngrokd.test.test_netif import ImmediateReactor, SynchronousThreadPool
 interface = LinuxInterface(
     ImmediateReactor(), SynchronousThreadPool(), "ngrokd0", ip_network("10.107.0.0/16"))

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.netif.service.InterfaceService}: when the interface is
+Tests for L{ngrokd.host.netif.service.InterfaceService}: when the interface is
 made and removed, one call at a time, and what is reported when virtual mode
 cannot work.
 """
@@ -17,9 +17,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.config import NetConfig
-from ngrokd.netif import NetworkInterfaceError, NotPermitted
-from ngrokd.netif.memory import MemoryInterface
-from ngrokd.netif.service import InterfaceService
+from ngrokd.host.netif import NetworkInterfaceError, NotPermitted
+from ngrokd.host.netif.memory import MemoryInterface
+from ngrokd.host.netif.service import InterfaceService
 
 SUBNET = ip_network("10.107.0.0/24")
 A, B = ip_address("10.107.0.2"), ip_address("10.107.0.3")

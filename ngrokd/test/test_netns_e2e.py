@@ -33,9 +33,9 @@ from urllib.parse import quote
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd import allocation
-from ngrokd.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
-from ngrokd.hosts import BEGIN, END
+from ngrokd.host import allocation
+from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
+from ngrokd.host.hosts import BEGIN, END
 from ngrokd.test.namespace import Namespace, namespace
 from ngrokd.test.test_netif import addresses_by_link, link_kinds
 
@@ -651,7 +651,7 @@ class VirtualModeTests(SynchronousTestCase):
 _SAVE = r"""
 import os, signal, sys, tempfile
 from ipaddress import ip_address
-from ngrokd import allocation
+from ngrokd.host import allocation
 state_dir, stop_at = sys.argv[1], int(sys.argv[2])
 steps = 0
 def trap(name, real):

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.portowner}: naming the process that holds a port, from a
+Tests for L{ngrokd.host.portowner}: naming the process that holds a port, from a
 C{/proc} tree made for the test and from the real one.
 """
 
@@ -12,7 +12,7 @@ from ipaddress import ip_address
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from ngrokd.portowner import parse_address, port_owners
+from ngrokd.host.portowner import parse_address, port_owners
 
 _HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when"
 _HEADER += " retrnsmt   uid  timeout inode\n"

@@ -22,13 +22,13 @@ from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from ngrokd.allocation import IP_MAPPINGS, NETWORK_PORTS
-from ngrokd.api import APIError
 from ngrokd.config import Config, load_config
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
-from ngrokd.identity_service import (
+from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
+from ngrokd.ngrok.api import APIError
+from ngrokd.ngrok.identity_service import (
     OPERATOR_DELETED,
     REGISTERED,
     WAITING_FOR_KEY,

@@ -9,10 +9,10 @@ from typing import Any, cast
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.bridge import BridgeFactory, EndpointStats
+from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
+from ngrokd.datapath.ingress import IngressConnector
+from ngrokd.datapath.listeners import Listener, ListenSpec
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
-from ngrokd.ingress import IngressConnector
-from ngrokd.listeners import Listener, ListenSpec
 from ngrokd.plan import Plan
 from ngrokd.status import (
     FAILED,

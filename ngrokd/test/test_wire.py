@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.wire}: the bytes must match ngrok's binding ingress exactly.
+Tests for L{ngrokd.datapath.wire}: the bytes must match ngrok's binding ingress exactly.
 """
 
 from __future__ import annotations
@@ -14,22 +14,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd import conn_header_pb2, wire
+from ngrokd.datapath import conn_header_pb2, wire
 
 
 def _proto_dir() -> str:
     """
-    The source tree's C{proto/}: beside the package in a checkout, or named by
-    C{NGROKD_SOURCE} when the tests run from an installed wheel (tox).
+    The directory of C{conn_header.proto}, installed beside its generated module.
     """
-    roots = [os.environ.get("NGROKD_SOURCE", ""), os.path.dirname(__file__) + "/../.."]
-    for root in roots:
-        candidate = os.path.join(root, "proto")
-        if root and os.path.exists(os.path.join(candidate, "conn_header.proto")):
-            return candidate
-    raise FileNotFoundError(
-        "proto/conn_header.proto: set NGROKD_SOURCE to the checkout"
-    )
+    return os.path.dirname(conn_header_pb2.__file__)
 
 
 def _hex(text: str) -> bytes:

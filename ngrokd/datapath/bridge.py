@@ -21,11 +21,11 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd import wire
+from ngrokd.datapath import wire
+from ngrokd.datapath.httprewrite import HostRewriter
+from ngrokd.datapath.ingress import IngressConnector, IngressError, IngressProtocol
+from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.endpoints import HTTP_SCHEMES, EndpointTarget
-from ngrokd.httprewrite import HostRewriter
-from ngrokd.ingress import IngressConnector, IngressError, IngressProtocol
-from ngrokd.splice import PipeProtocol, splice
 
 #: Seconds a refused HTTP client has to read the 502 and close.
 REJECT_LINGER = 5.0

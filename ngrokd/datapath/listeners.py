@@ -9,7 +9,7 @@ clients never see a gap where they can), and unchanged ones are not touched.
 Connections already accepted are never dropped by a reconcile: closing a
 listening socket leaves them alone. A spec that cannot be bound stays in the
 set as failed, with the reason (for a port in use, which process holds it,
-where L{ngrokd.portowner} can tell), and is tried again at the next
+where L{ngrokd.host.portowner} can tell), and is tried again at the next
 reconcile; the others are not affected.
 """
 
@@ -29,10 +29,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from ngrokd.bridge import BridgeFactory, EndpointStats
+from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
+from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.endpoints import EndpointTarget
-from ngrokd.ingress import IngressConnector
-from ngrokd.portowner import port_owners
+from ngrokd.host.portowner import port_owners
 
 
 def join_host_port(host: str, port: int) -> str:

@@ -5,8 +5,9 @@ The binding ingress's connection header, without I/O.
 Every connection to ngrok's binding ingress starts with one framed
 C{ConnRequest} from the client and one framed C{ConnResponse} from the ingress;
 a frame is a little-endian uint16 length followed by that many bytes of
-protobuf (C{proto/conn_header.proto}). Every byte after the response frame is
-application data. Both ngrokd and the devcloud speak it through this module.
+protobuf (C{conn_header.proto}, beside this module). Every byte after the
+response frame is application data. Both ngrokd and the devcloud speak it
+through this module.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import struct
 from attrs import field, frozen
 from google.protobuf.message import DecodeError
 
-from ngrokd import conn_header_pb2 as pb
+from ngrokd.datapath import conn_header_pb2 as pb
 
 MAX_FRAME = 0xFFFF
 _LENGTH = struct.Struct("<H")

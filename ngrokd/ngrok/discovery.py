@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.api import APIError
+from ngrokd.ngrok.api import APIError
 
 #: The longest wait between polls while the API keeps failing, in seconds.
 MAX_BACKOFF = 300.0

@@ -9,7 +9,7 @@ things make that correct:
  - flow control: each transport is the other's streaming producer, so a slow
    reader pauses the sender instead of growing a buffer without bound;
  - half-close: the end of one direction (a FIN, or a TLS C{close_notify} with
-   L{ngrokd.halfclose}) is passed on as the end of that direction only, and the
+   L{ngrokd.datapath.halfclose}) is passed on as the end of that direction only, and the
    other keeps flowing; both connections close once both directions are done;
  - no lost bytes: what arrives before the join is held, with reading paused,
    and handed over at the join.
@@ -38,7 +38,7 @@ class PipeProtocol(Protocol):
     holds when this side stops sending.
     """
 
-    #: A TCP transport, or a TLS one from L{ngrokd.halfclose}: both can
+    #: A TCP transport, or a TLS one from L{ngrokd.datapath.halfclose}: both can
     #: pause, half-close and take a producer.
     transport: Any
 

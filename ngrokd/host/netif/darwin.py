@@ -25,8 +25,8 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface import implementer
 
-from ngrokd.allocation import IPAddress, IPNetwork
-from ngrokd.netif import (
+from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.netif import (
     LOOPBACK_RANGE,
     INetworkInterface,
     NetworkInterfaceError,

@@ -41,8 +41,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ngrokd.allocation import IPAddress, IPNetwork
-from ngrokd.netif import (
+from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.netif import (
     LOOPBACK_RANGE,
     ForeignLink,
     INetworkInterface,

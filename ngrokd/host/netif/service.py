@@ -29,9 +29,9 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from ngrokd.allocation import IPAddress
 from ngrokd.config import NetConfig
-from ngrokd.netif import (
+from ngrokd.host.allocation import IPAddress
+from ngrokd.host.netif import (
     INetworkInterface,
     NetworkInterfaceError,
     NotPermitted,

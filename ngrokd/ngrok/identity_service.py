@@ -2,7 +2,7 @@
 """
 Keeping this machine's identity with ngrok whole, current and as configured.
 
-L{IdentityService} runs the functions of L{ngrokd.identity} at the right
+L{IdentityService} runs the functions of L{ngrokd.ngrok.identity} at the right
 moments, one at a time:
 
   - at start it loads the stored identity, or registers (repairing a partial
@@ -39,9 +39,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.api import APIError, Operator
-from ngrokd.discovery import MAX_BACKOFF, backoff_delay, failure_kind
-from ngrokd.identity import (
+from ngrokd.ngrok.api import APIError, Operator
+from ngrokd.ngrok.discovery import MAX_BACKOFF, backoff_delay, failure_kind
+from ngrokd.ngrok.identity import (
     Identity,
     IdentityStore,
     IdentityUnreadable,
@@ -69,7 +69,7 @@ FIRST_RETRY = 2.0
 
 class IdentityAPI(OperatorAPI, Protocol):
     """
-    What the service needs of L{ngrokd.api.NgrokAPI}.
+    What the service needs of L{ngrokd.ngrok.api.NgrokAPI}.
     """
 
     def get_operator(self, operator_id: str) -> Deferred[Operator]: ...

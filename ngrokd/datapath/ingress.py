@@ -32,10 +32,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ngrokd import wire
-from ngrokd.halfclose import HalfCloseableTLSClientEndpoint
-from ngrokd.splice import PipeProtocol
-from ngrokd.trust import client_creator
+from ngrokd.datapath import wire
+from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.datapath.splice import PipeProtocol
+from ngrokd.ngrok.trust import client_creator
 
 
 class IngressError(Exception):

@@ -51,7 +51,7 @@ from twisted.web.client import (
 )
 
 from ngrokd import __version__
-from ngrokd.trust import load_trust
+from ngrokd.ngrok.trust import load_trust
 
 _log = Logger()
 

@@ -5,8 +5,8 @@ interface of this machine, so that a listener can bind it and the hosts file
 can point the name at it.
 
 L{INetworkInterface} is what the daemon uses; L{network_interface} picks the
-implementation for the platform: L{ngrokd.netif.linux} (netlink),
-L{ngrokd.netif.darwin} (loopback aliases). L{ngrokd.netif.memory} stands in
+implementation for the platform: L{ngrokd.host.netif.linux} (netlink),
+L{ngrokd.host.netif.darwin} (loopback aliases). L{ngrokd.host.netif.memory} stands in
 for both in tests.
 """
 
@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
-from ngrokd.allocation import IPAddress, IPNetwork
+from ngrokd.host.allocation import IPAddress, IPNetwork
 
 #: Every address in it is local on Linux and macOS without any interface
 #: change (on macOS, once aliased on lo0).
@@ -155,11 +155,11 @@ def network_interface(
     @raise PlatformNotSupported: on a platform without one.
     """
     if platform.startswith("linux"):
-        from ngrokd.netif.linux import LinuxInterface
+        from ngrokd.host.netif.linux import LinuxInterface
 
         return LinuxInterface(reactor, threadpool, interface_name, subnet)
     if platform == "darwin":
-        from ngrokd.netif.darwin import DarwinInterface
+        from ngrokd.host.netif.darwin import DarwinInterface
 
         return DarwinInterface(reactor, subnet)
     raise PlatformNotSupported(

@@ -12,8 +12,8 @@ from collections.abc import Set
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ngrokd.allocation import IPAddress, IPNetwork
-from ngrokd.netif import (
+from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.netif import (
     AddressOutsideSubnet,
     INetworkInterface,
     NotCreated,

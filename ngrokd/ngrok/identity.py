@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ngrokd.api import APIError, Operator
-from ngrokd.atomic import read_if_exists, replace_durably, write_atomic
+from ngrokd.host.atomic import read_if_exists, replace_durably, write_atomic
+from ngrokd.ngrok.api import APIError, Operator
 
 _log = Logger()
 
@@ -54,7 +54,7 @@ DIRECTORY_MODE = 0o755
 
 class OperatorAPI(Protocol):
     """
-    What identity management needs of L{ngrokd.api.NgrokAPI}.
+    What identity management needs of L{ngrokd.ngrok.api.NgrokAPI}.
     """
 
     def register(

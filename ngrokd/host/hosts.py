@@ -35,7 +35,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from ngrokd.allocation import IPAddress
+from ngrokd.host.allocation import IPAddress
 
 BEGIN = "# BEGIN ngrokd managed section"
 END = "# END ngrokd managed section"
