@@ -23,13 +23,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ngrokd.atomic import AtomicWriteError
 from ngrokd.config import Config
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
 from ngrokd.host import allocation
 from ngrokd.host.allocation import IPAddress
-from ngrokd.host.atomic import AtomicWriteError
 from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
@@ -37,8 +37,8 @@ from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import IdentityService
-from ngrokd.ngrok.trust import load_trust
-from ngrokd.plan import VIRTUAL, Plan, listen_mode, plan, targets
+from ngrokd.ngrok.trust import LateTrustPolicy, load_trust
+from ngrokd.plan import Plan, plan, wanted_allocations
 from ngrokd.status import EndpointStatus, endpoint_status
 
 
@@ -63,11 +63,12 @@ class Daemon(MultiService):
         self.config = config
         self._reactor = reactor
         self.api_key = config.api.key
+        self._api_tls = LateTrustPolicy()
         self.api: NgrokAPI = make_api(
             reactor,
             config.api.url,
             lambda: self.api_key,
-            config.api.ca_bundle,
+            self._api_tls,
             config.api.timeout,
         )
         ingress = config.ingress
@@ -75,7 +76,6 @@ class Daemon(MultiService):
             reactor,
             ingress.host,
             ingress.port,
-            load_trust(ingress.ca_bundle),
             connect_timeout=ingress.connect_timeout,
             upgrade_timeout=ingress.upgrade_timeout,
             insecure_skip_verify=ingress.insecure_skip_verify,
@@ -106,8 +106,7 @@ class Daemon(MultiService):
         self.endpoints: dict[str, BoundEndpoint] = {}
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
-        self.allocations = allocation.load(config.server.state_dir, config.net.subnet)
-        self._saved = self.allocations
+        self.allocations = self._saved = allocation.Allocations()
         #: The virtual-mode addresses the last reconcile kept.
         self._addresses: frozenset[IPAddress] = frozenset()
         self._latest: list[ApiEndpoint] | None = None
@@ -119,6 +118,7 @@ class Daemon(MultiService):
     # Lifecycle
 
     def startService(self) -> None:
+        self._load_files()
         super().startService()
         if self.interface.parent is None:
             # Added (and so started) only now: they change the machine.
@@ -128,6 +128,18 @@ class Daemon(MultiService):
             # Added once running, so that an identity found at once can add
             # the discovery service without racing the start of the others.
             self.identity_service.setServiceParent(self)
+
+    def _load_files(self) -> None:
+        """
+        Read what the config names and the state directory holds: the CA
+        bundles (checked when the config was loaded) and the allocations.
+        """
+        config = self.config
+        self._api_tls.use(load_trust(config.api.ca_bundle))
+        self.connector.use_trust(load_trust(config.ingress.ca_bundle))
+        self.allocations = self._saved = allocation.load(
+            config.server.state_dir, config.net.subnet
+        )
 
     def stopService(self) -> Deferred[None]:
         stopping: Deferred[Any] = Deferred.fromCoroutine(self._stop())
@@ -175,7 +187,7 @@ class Daemon(MultiService):
             return fail(NoAPIKey())
         api = self.config.api
         trial = make_api(
-            self._reactor, api.url, lambda: key, api.ca_bundle, api.timeout
+            self._reactor, api.url, lambda: key, self._api_tls, api.timeout
         )
 
         def accepted(_: object) -> None:
@@ -287,14 +299,9 @@ class Daemon(MultiService):
             endpoints[record.id] = BoundEndpoint(record.id, record.url, target)
         self.endpoints, self.skipped = endpoints, skipped
         net = self.config.net
-        wanted_ips: set[str] = set()
-        wanted_ports: set[tuple[str, int]] = set()
-        for target in targets(endpoints.values()).values():
-            mode = listen_mode(target.host, net.listen_interface, net.overrides)
-            if mode == VIRTUAL:
-                wanted_ips.add(target.host)
-            else:
-                wanted_ports.add((target.host, target.port))
+        wanted_ips, wanted_ports = wanted_allocations(
+            endpoints.values(), net.listen_interface, net.overrides
+        )
         result = allocation.allocate(
             self.allocations, wanted_ips, wanted_ports, net.subnet, net.start_port
         )

@@ -104,3 +104,10 @@ def parse_endpoint_url(url: str, proto: str = "") -> EndpointTarget:
     if not 1 <= port <= 65535:
         raise EndpointURLError(f"{url!r}: port {port} is out of range")
     return EndpointTarget(scheme=scheme, host=host, port=port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """
+    C{host:port}, with an IPv6 address in brackets.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -17,14 +17,36 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from attrs import frozen
 
-from ngrokd.datapath.listeners import ListenSpec, join_host_port
-from ngrokd.endpoints import BoundEndpoint, EndpointTarget
+from ngrokd.endpoints import BoundEndpoint, EndpointTarget, join_host_port
 
 VIRTUAL = "virtual"
+
+
+@frozen
+class ListenSpec:
+    """
+    Where one endpoint is served locally, and how.
+
+    @ivar virtual: whether C{address} is the hostname's own virtual-mode
+        address (else it is the configured network-mode address).
+    @ivar client_address: what a program on this machine connects to.
+    """
+
+    address: str
+    port: int
+    target: EndpointTarget
+    rewrite_host: str | None = None
+    virtual: bool = False
+    client_address: str = ""
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        return (self.address, self.port)
 
 
 def listen_mode(host: str, listen_interface: str, overrides: Mapping[str, str]) -> str:
@@ -95,6 +117,75 @@ class Plan:
                     f" set up: {missing[spec.address]}"
                 )
         return Plan(specs, dict(sorted(failures.items())))
+
+
+@frozen
+class ListenerChanges:
+    """
+    What makes the running listeners match a plan, by endpoint URL.
+
+    @ivar stop: listeners no longer planned.
+    @ivar start: planned endpoints with no listener yet.
+    @ivar rebind: listeners whose address or port changed.
+    @ivar update: listeners on the same address and port whose target or
+        C{Host} rewrite changed (their socket stays).
+    @ivar retry: listeners on the same address and port that are not
+        listening (their last bind failed).
+    """
+
+    stop: tuple[str, ...] = ()
+    start: tuple[str, ...] = ()
+    rebind: tuple[str, ...] = ()
+    update: tuple[str, ...] = ()
+    retry: tuple[str, ...] = ()
+
+
+def listener_changes(
+    current: Mapping[str, ListenSpec],
+    listening: AbstractSet[str],
+    wanted: Mapping[str, ListenSpec],
+) -> ListenerChanges:
+    """
+    Compare the running listeners (C{current}, of which C{listening} are
+    bound) with the C{wanted} specs.
+    """
+    stop, start, rebind, update, retry = [], [], [], [], []
+    for key in current:
+        if key not in wanted:
+            stop.append(key)
+    for key, spec in wanted.items():
+        old = current.get(key)
+        if old is None:
+            start.append(key)
+        elif old.bind != spec.bind:
+            rebind.append(key)
+        else:
+            if old != spec:
+                update.append(key)
+            if key not in listening:
+                retry.append(key)
+    return ListenerChanges(
+        tuple(stop), tuple(start), tuple(rebind), tuple(update), tuple(retry)
+    )
+
+
+def wanted_allocations(
+    endpoints: Iterable[BoundEndpoint],
+    listen_interface: str,
+    overrides: Mapping[str, str],
+) -> tuple[set[str], set[tuple[str, int]]]:
+    """
+    What the endpoints need allocated: an address for each hostname in
+    virtual mode, a network port for each other host and port.
+    """
+    hosts: set[str] = set()
+    ports: set[tuple[str, int]] = set()
+    for target in targets(endpoints).values():
+        if listen_mode(target.host, listen_interface, overrides) == VIRTUAL:
+            hosts.add(target.host)
+        else:
+            ports.add((target.host, target.port))
+    return hosts, ports
 
 
 def targets(endpoints: Iterable[BoundEndpoint]) -> dict[str, EndpointTarget]:

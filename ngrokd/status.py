@@ -13,16 +13,51 @@ is a pure function of the daemon's state.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 from attrs import frozen
 
-from ngrokd.datapath.listeners import Listener, join_host_port
-from ngrokd.endpoints import BoundEndpoint
-from ngrokd.plan import Plan
+from ngrokd.endpoints import BoundEndpoint, join_host_port
+from ngrokd.plan import ListenSpec, Plan
 
 LISTENING = "listening"
 STARTING = "starting"
 FAILED = "failed"
+
+
+class ListenerCounts(Protocol):
+    """
+    What one listener has carried, as status reads it.
+    """
+
+    @property
+    def connections_open(self) -> int: ...
+    @property
+    def connections_total(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def bytes_up(self) -> int: ...
+    @property
+    def bytes_down(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+
+
+class ListenerState(Protocol):
+    """
+    One endpoint's listener as status reads it (the data path's listeners
+    have this shape): its spec, whether it listens, why not, its counts.
+    """
+
+    @property
+    def spec(self) -> ListenSpec: ...
+    @property
+    def listening(self) -> bool: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def stats(self) -> ListenerCounts: ...
 
 
 @frozen
@@ -58,7 +93,7 @@ def endpoint_status(
     endpoints: Mapping[str, BoundEndpoint],
     skipped: Mapping[str, str],
     plan: Plan,
-    listeners: Mapping[str, Listener],
+    listeners: Mapping[str, ListenerState],
 ) -> tuple[EndpointStatus, ...]:
     """
     A row per endpoint, ordered by URL then id.
@@ -79,7 +114,7 @@ def endpoint_status(
 
 
 def _row(
-    endpoint: BoundEndpoint, plan: Plan, listeners: Mapping[str, Listener]
+    endpoint: BoundEndpoint, plan: Plan, listeners: Mapping[str, ListenerState]
 ) -> EndpointStatus:
     key = endpoint.target.url
     failure = plan.failures.get(key)

@@ -212,7 +212,8 @@ class IngressConnector:
     Opens upgraded connections to one binding ingress with one client identity.
 
     The TLS client settings are built once per certificate (L{use_certificate})
-    and shared by every connection.
+    and trust (L{use_trust}, given when the daemon starts: reading a CA bundle
+    is I/O) and shared by every connection.
     """
 
     log = Logger()
@@ -222,7 +223,7 @@ class IngressConnector:
         reactor: Any,
         host: str,
         port: int,
-        trust: Any,
+        trust: Any = None,
         connect_timeout: float = 10.0,
         upgrade_timeout: float = 10.0,
         insecure_skip_verify: bool = False,
@@ -235,6 +236,7 @@ class IngressConnector:
         self._insecure = insecure_skip_verify
         self._connect_timeout = connect_timeout
         self._upgrade_timeout = upgrade_timeout
+        self._certificate: ssl.PrivateCertificate | None = None
         self._creator: IOpenSSLClientConnectionCreator | None = None
 
     def use_certificate(self, cert_pem: bytes, key_pem: bytes) -> None:
@@ -242,9 +244,21 @@ class IngressConnector:
         Connect with this client certificate from now on; connections already
         open keep theirs.
         """
-        certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        self._certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        self._rebuild()
+
+    def use_trust(self, trust: Any) -> None:
+        """
+        Verify the ingress against C{trust} from now on.
+        """
+        self._trust = trust
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        if self._certificate is None or (self._trust is None and not self._insecure):
+            return
         self._creator = client_creator(
-            self.host, self._trust, certificate, self._insecure
+            self.host, self._trust, self._certificate, self._insecure
         )
 
     @property

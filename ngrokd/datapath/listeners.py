@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from attrs import define, frozen
+from attrs import define
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
@@ -31,37 +31,9 @@ from twisted.python.failure import Failure
 
 from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
 from ngrokd.datapath.ingress import IngressConnector
-from ngrokd.endpoints import EndpointTarget
+from ngrokd.endpoints import join_host_port
 from ngrokd.host.portowner import port_owners
-
-
-def join_host_port(host: str, port: int) -> str:
-    """
-    C{host:port}, with an IPv6 address in brackets.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@frozen
-class ListenSpec:
-    """
-    Where one endpoint is served locally, and how.
-
-    @ivar virtual: whether C{address} is the hostname's own virtual-mode
-        address (else it is the configured network-mode address).
-    @ivar client_address: what a program on this machine connects to.
-    """
-
-    address: str
-    port: int
-    target: EndpointTarget
-    rewrite_host: str | None = None
-    virtual: bool = False
-    client_address: str = ""
-
-    @property
-    def bind(self) -> tuple[str, int]:
-        return (self.address, self.port)
+from ngrokd.plan import ListenSpec
 
 
 @define

@@ -17,7 +17,7 @@ import os
 
 from attrs import evolve, frozen
 
-from ngrokd.host.atomic import write_atomic
+from ngrokd.atomic import write_atomic
 
 #: Seconds between ngrokd's polls of the devcloud's bound endpoints: quick
 #: enough for trying things, slow enough that ngrokd does not warn.
@@ -120,7 +120,7 @@ def write_daemon_config(path: str, settings: DaemonSettings) -> None:
     directory is created (0700) with an empty C{hosts} file in it when
     missing.
 
-    @raise ngrokd.host.atomic.AtomicWriteError: naming the file that could not be
+    @raise ngrokd.atomic.AtomicWriteError: naming the file that could not be
         written.
     """
     settings = evolve(

@@ -49,10 +49,10 @@ from twisted.python.failure import Failure
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
-from ngrokd.datapath.listeners import join_host_port
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.cloud import Cloud, CloudEndpoint, split_endpoint_url
-from ngrokd.ngrok.trust import parse_certificates
+from ngrokd.endpoints import join_host_port
+from ngrokd.pem import parse_certificates
 
 ERR_NOT_AN_OPERATOR = "ERR_NGROK_107"
 ERR_ENDPOINT_NOT_FOUND = "ERR_NGROK_3200"

@@ -34,6 +34,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from ngrokd.atomic import read_if_exists, write_atomic
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
 from ngrokd.devcloud.admin import (
     AdminResource,
@@ -52,7 +53,6 @@ from ngrokd.devcloud.ingress import (
     server_options,
     tls_factory,
 )
-from ngrokd.host.atomic import read_if_exists, write_atomic
 
 DEFAULT_API_PORT = 4443
 DEFAULT_INGRESS_PORT = 4444

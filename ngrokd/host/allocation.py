@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from attrs import field, frozen
 from twisted.logger import Logger
 
-from ngrokd.host.atomic import AtomicWriteError, read_if_exists, write_atomic
+from ngrokd.atomic import AtomicWriteError, read_if_exists, write_atomic
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -382,7 +382,7 @@ def save(state_dir: str, allocations: Allocations) -> None:
     file atomically and durably: after a crash at any moment each file holds
     its old or its new content. This blocks on C{fsync}.
 
-    @raise ngrokd.host.atomic.AtomicWriteError: naming the file that could not be
+    @raise ngrokd.atomic.AtomicWriteError: naming the file that could not be
         written.
     """
     try:

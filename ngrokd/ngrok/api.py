@@ -44,14 +44,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseFailed,
 )
+from twisted.web.iweb import IPolicyForHTTPS
 
 from ngrokd import __version__
-from ngrokd.ngrok.trust import load_trust
 
 _log = Logger()
 
@@ -123,6 +122,17 @@ class APIError(Exception):
         if self.operation_id:
             text += f" [operation {self.operation_id}]"
         return text
+
+
+def failure_kind(error: BaseException | None) -> str:
+    """
+    What identifies a failure for "log it once": ngrok's status and error
+    code for an API error (its message and operation id differ at every
+    request), the message otherwise.
+    """
+    if isinstance(error, APIError):
+        return f"{error.status} {error.error_code or ''}"
+    return f"{type(error).__name__}: {error}"
 
 
 class APIUnavailable(Exception):
@@ -572,12 +582,12 @@ def make_api(
     reactor: Any,
     url: str,
     key_provider: Callable[[], str],
-    ca_bundle: str | None,
+    tls_policy: IPolicyForHTTPS,
     timeout: float = 30.0,
 ) -> NgrokAPI:
     """
-    The API client ngrokd runs with: HTTPS verified against C{ca_bundle} (or
-    the platform's trust when empty), connections kept open between polls.
+    The API client ngrokd runs with: HTTPS verified by C{tls_policy},
+    connections kept open between polls.
 
     @param reactor: provides L{IReactorTCP} and L{IReactorTime}.
     """
@@ -586,7 +596,7 @@ def make_api(
     pool = HTTPConnectionPool(reactor, persistent=True)
     agent = Agent(
         reactor,
-        contextFactory=BrowserLikePolicyForHTTPS(load_trust(ca_bundle)),
+        contextFactory=tls_policy,
         connectTimeout=timeout,
         pool=pool,
     )

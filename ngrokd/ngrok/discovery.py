@@ -23,39 +23,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.ngrok.api import APIError
-
-#: The longest wait between polls while the API keeps failing, in seconds.
-MAX_BACKOFF = 300.0
-#: The first wait after a failure, unless the interval is shorter.
-FIRST_BACKOFF = 2.0
-#: The longest C{Retry-After} honoured: a longer one is most likely an error.
-MAX_RETRY_AFTER = 3600.0
-
-
-def backoff_delay(
-    failures: int, initial: float, cap: float, jitter: Callable[[], float]
-) -> float:
-    """
-    The wait after C{failures} failures in a row (1 or more): C{initial}
-    doubled at each further failure, capped at C{cap}, then scaled by a
-    random factor between 0.5 and 1 ("equal jitter"), so that many clients
-    failing at once do not retry in step. C{jitter} returns a number in
-    [0, 1).
-    """
-    base = min(initial * 2.0 ** min(failures - 1, 64), cap)
-    return base * (0.5 + 0.5 * jitter())
-
-
-def failure_kind(error: BaseException | None) -> str:
-    """
-    What identifies a failure for "log it once": ngrok's status and error
-    code for an API error (its message and operation id differ at every
-    request), the message otherwise.
-    """
-    if isinstance(error, APIError):
-        return f"{error.status} {error.error_code or ''}"
-    return f"{type(error).__name__}: {error}"
+from ngrokd.ngrok.api import failure_kind
+from ngrokd.retry import (
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    MAX_RETRY_AFTER,
+    backoff_delay,
+)
 
 
 class EndpointDiscoveryService(Service):

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ngrokd.host.atomic import read_if_exists, replace_durably, write_atomic
+from ngrokd.atomic import read_if_exists, replace_durably, write_atomic
 from ngrokd.ngrok.api import APIError, Operator
 
 _log = Logger()

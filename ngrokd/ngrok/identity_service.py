@@ -39,8 +39,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.ngrok.api import APIError, Operator
-from ngrokd.ngrok.discovery import MAX_BACKOFF, backoff_delay, failure_kind
+from ngrokd.ngrok.api import APIError, Operator, failure_kind
 from ngrokd.ngrok.identity import (
     Identity,
     IdentityStore,
@@ -52,6 +51,7 @@ from ngrokd.ngrok.identity import (
     renew,
     repair,
 )
+from ngrokd.retry import MAX_BACKOFF, backoff_delay
 
 #: States, as L{IdentityStatus.state} and C{ngrokctl status} show them.
 WAITING_FOR_KEY = "not registered, waiting for an API key"

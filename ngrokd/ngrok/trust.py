@@ -10,48 +10,24 @@ flag, which every trust root here sets.
 from __future__ import annotations
 
 import os
-import re
 
 from attrs import frozen
-from cryptography import x509
 from OpenSSL.crypto import X509, X509StoreFlags
 from OpenSSL.SSL import Connection, Context
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from ngrokd.pem import PEMError, parse_certificates
 
 #: Where the Go ngrokd (and ngrok's operator image) looks for ngrok's CA.
 NGROK_CA_DIR = "/etc/ssl/certs/ngrok"
 
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
-
 _log = Logger()
-
-
-class TrustError(ValueError):
-    """
-    A CA bundle cannot be read or holds no certificate.
-    """
-
-
-def parse_certificates(pem: bytes, source: str) -> tuple[X509, ...]:
-    """
-    Every PEM certificate in C{pem}; C{source} names it in errors.
-    """
-    found = _PEM_CERT.findall(pem)
-    if not found:
-        raise TrustError(f"{source}: no PEM certificate found")
-    try:
-        return tuple(
-            X509.from_cryptography(x509.load_pem_x509_certificate(block))
-            for block in found
-        )
-    except ValueError as e:
-        raise TrustError(f"{source}: {e}") from None
 
 
 @implementer(IOpenSSLTrustRoot)
@@ -85,7 +61,7 @@ def load_trust(ca_bundle: str | None, ca_dir: str = NGROK_CA_DIR) -> PartialChai
             with open(ca_bundle, "rb") as f:
                 pem = f.read()
         except OSError as e:
-            raise TrustError(f"{ca_bundle}: {e.strerror}") from None
+            raise PEMError(f"{ca_bundle}: {e.strerror}") from None
         return PartialChainTrust(parse_certificates(pem, ca_bundle), system=False)
     extra: list[X509] = []
     if os.path.isdir(ca_dir):
@@ -94,9 +70,36 @@ def load_trust(ca_bundle: str | None, ca_dir: str = NGROK_CA_DIR) -> PartialChai
             try:
                 with open(path, "rb") as f:
                     extra.extend(parse_certificates(f.read(), path))
-            except (OSError, TrustError) as e:
+            except (OSError, PEMError) as e:
                 _log.warn("skipping CA file {path}: {error}", path=path, error=str(e))
     return PartialChainTrust(tuple(extra), system=True)
+
+
+@implementer(IPolicyForHTTPS)
+class LateTrustPolicy:
+    """
+    The API client's HTTPS policy, whose trust is given once the daemon
+    starts: reading a CA bundle is I/O, which constructors do not do.
+    """
+
+    def __init__(self) -> None:
+        self._policy: BrowserLikePolicyForHTTPS | None = None
+
+    def use(self, trust: IOpenSSLTrustRoot) -> None:
+        """
+        Verify servers against C{trust} from now on.
+        """
+        self._policy = BrowserLikePolicyForHTTPS(trust)
+
+    def creatorForNetloc(
+        self, hostname: bytes, port: int
+    ) -> IOpenSSLClientConnectionCreator:
+        if self._policy is None:
+            raise PEMError("no CA trust loaded yet: the daemon has not started")
+        creator: IOpenSSLClientConnectionCreator = self._policy.creatorForNetloc(
+            hostname, port
+        )
+        return creator
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.host.atomic}.
+Tests for L{ngrokd.atomic}.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.host.atomic import AtomicWriteError, read_if_exists, write_atomic
+from ngrokd.atomic import AtomicWriteError, read_if_exists, write_atomic
 
 
 def _failing(error: int):

@@ -45,6 +45,13 @@ API_KEY = "2devcloudtestkey_abcdefghijklmnop"
 INGRESS = "127.0.0.1:4443"
 
 
+def _policy(ca_bundle: str) -> BrowserLikePolicyForHTTPS:
+    """
+    HTTPS verified against the CA in C{ca_bundle}, as the daemon's API client.
+    """
+    return BrowserLikePolicyForHTTPS(load_trust(ca_bundle))
+
+
 class _ConnectionTracker(WrappingFactory):
     """
     Knows when every connection it accepted has closed.
@@ -88,7 +95,7 @@ class Devcloud:
         pool = HTTPConnectionPool(reactor, persistent=False)
         agent = Agent(
             reactor,
-            contextFactory=BrowserLikePolicyForHTTPS(load_trust(self.ca_bundle)),
+            contextFactory=_policy(self.ca_bundle),
             pool=pool,
         )
         http = HTTPClient(agent)
@@ -101,7 +108,7 @@ class Devcloud:
         """
         agent = Agent(
             reactor,
-            contextFactory=BrowserLikePolicyForHTTPS(load_trust(self.ca_bundle)),
+            contextFactory=_policy(self.ca_bundle),
             pool=HTTPConnectionPool(reactor, persistent=False),
         )
         return HTTPClient(agent)
@@ -131,7 +138,7 @@ def start_devcloud_api(case: TestCase, **cloud_options: Any) -> Devcloud:
     ca_bundle = case.mktemp()
     with open(ca_bundle, "wb") as f:
         f.write(ca.cert_pem)
-    api = make_api(reactor, url, lambda: API_KEY, ca_bundle, timeout=10)
+    api = make_api(reactor, url, lambda: API_KEY, _policy(ca_bundle), timeout=10)
     case.addCleanup(api.close)
     return Devcloud(cloud, url, ca_bundle, api, case)
 
@@ -487,7 +494,9 @@ class RequestCheckTests(TestCase):
         other = self.mktemp()
         with open(other, "wb") as f:
             f.write(CertificateAuthority.create("someone else").cert_pem)
-        api = make_api(reactor, self.devcloud.url, lambda: API_KEY, other, timeout=10)
+        api = make_api(
+            reactor, self.devcloud.url, lambda: API_KEY, _policy(other), timeout=10
+        )
         self.addCleanup(api.close)
         error = yield self.assertFailure(api.operators(), APIUnavailable)
         self.assertIn("certificate verify failed", str(error))
@@ -506,7 +515,7 @@ class RequestCheckTests(TestCase):
         yield port.stopListening()
         url = f"https://127.0.0.1:{number}"
         api = make_api(
-            reactor, url, lambda: API_KEY, self.devcloud.ca_bundle, timeout=10
+            reactor, url, lambda: API_KEY, _policy(self.devcloud.ca_bundle), timeout=10
         )
         self.addCleanup(api.close)
         error = yield self.assertFailure(api.get_operator("k8sop_x"), APIUnavailable)

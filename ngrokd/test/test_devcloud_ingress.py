@@ -43,7 +43,8 @@ from ngrokd.devcloud.ingress import (
     server_options,
     tls_factory,
 )
-from ngrokd.ngrok.trust import PartialChainTrust, client_creator, parse_certificates
+from ngrokd.ngrok.trust import PartialChainTrust, client_creator
+from ngrokd.pem import parse_certificates
 from ngrokd.test.helpers import Recorder
 
 #: The real reactor, for loopback I/O (untyped: it provides many interfaces).

@@ -19,7 +19,8 @@ from ngrokd.datapath.halfclose import (
     HalfCloseableTLSFactory,
 )
 from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.ngrok.trust import PartialChainTrust, client_creator, parse_certificates
+from ngrokd.ngrok.trust import PartialChainTrust, client_creator
+from ngrokd.pem import parse_certificates
 from ngrokd.test.helpers import Recorder, listen
 
 

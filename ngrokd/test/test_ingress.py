@@ -26,7 +26,8 @@ from ngrokd.datapath.ingress import (
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.ngrok.identity import generate_key, make_csr
-from ngrokd.ngrok.trust import IOpenSSLTrustRoot, PartialChainTrust, parse_certificates
+from ngrokd.ngrok.trust import IOpenSSLTrustRoot, PartialChainTrust
+from ngrokd.pem import parse_certificates
 from ngrokd.test.helpers import Recorder, connect, listen, wait_until
 
 

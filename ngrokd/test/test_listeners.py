@@ -13,8 +13,9 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ngrokd.datapath.ingress import IngressConnector
-from ngrokd.datapath.listeners import ListenerSet, ListenSpec
+from ngrokd.datapath.listeners import ListenerSet
 from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.plan import ListenSpec
 from ngrokd.test.helpers import unused_port
 
 

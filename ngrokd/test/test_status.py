@@ -11,9 +11,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
 from ngrokd.datapath.ingress import IngressConnector
-from ngrokd.datapath.listeners import Listener, ListenSpec
+from ngrokd.datapath.listeners import Listener
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
-from ngrokd.plan import Plan
+from ngrokd.plan import ListenSpec, Plan
 from ngrokd.status import (
     FAILED,
     LISTENING,
