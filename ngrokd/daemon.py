@@ -23,6 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
 from ngrokd.config import Config
 from ngrokd.datapath.ingress import IngressConnector
@@ -39,7 +40,7 @@ from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import IdentityService
 from ngrokd.ngrok.trust import LateTrustPolicy, load_trust
 from ngrokd.plan import Plan, plan, wanted_allocations
-from ngrokd.status import EndpointStatus, endpoint_status
+from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
 
 
 class Daemon(MultiService):
@@ -114,10 +115,13 @@ class Daemon(MultiService):
         self._applied: list[Deferred[None]] = []
         self._stopping = False
         self._polled_operator: str | None = None
+        self._started = 0.0
+        self._polled = False
 
     # Lifecycle
 
     def startService(self) -> None:
+        self._started = self._reactor.seconds()
         self._load_files()
         super().startService()
         if self.interface.parent is None:
@@ -162,6 +166,35 @@ class Daemon(MultiService):
         """
         return endpoint_status(
             self.endpoints, self.skipped, self.plan, self.listeners.listeners
+        )
+
+    def daemon_status(self) -> DaemonStatus:
+        """
+        The daemon as a whole, now.
+        """
+        identity = self.identity_service.status()
+        listeners = self.listeners.listeners
+        expires = identity.not_after
+        return DaemonStatus(
+            version=__version__,
+            started=self._started,
+            now=self._reactor.seconds(),
+            identity_state=identity.state,
+            operator_id=identity.operator_id,
+            certificate_expires=expires.timestamp() if expires else None,
+            identity_error=identity.error,
+            ingress_endpoint=self.config.ingress.endpoint,
+            polled=self._polled,
+            last_poll=self.discovery.last_success,
+            poll_error=self.discovery.last_error,
+            poll_failures=self.discovery.failures,
+            endpoints=len(self.endpoints) + len(self.skipped),
+            listeners_planned=len(self.plan.specs),
+            listeners_up=sum(
+                1
+                for key in self.plan.specs
+                if key in listeners and listeners[key].listening
+            ),
         )
 
     # Identity
@@ -329,6 +362,7 @@ class Daemon(MultiService):
         if self._addresses - addresses:
             await self.interface.ensure(addresses)
         self._addresses = addresses
+        self._polled = True
 
     async def _save_allocations(self) -> None:
         """

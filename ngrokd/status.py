@@ -89,6 +89,60 @@ class EndpointStatus:
     bytes_down: int = 0
 
 
+@frozen
+class DaemonStatus:
+    """
+    The daemon as a whole, for C{ngrokctl status}, C{/status} and
+    readiness: who it is to ngrok, how discovery goes, what it serves.
+    Times are the reactor clock's seconds since the epoch.
+
+    @ivar identity_state: the identity service's state, e.g. C{registered}
+        or C{not registered, waiting for an API key}.
+    @ivar identity_error: the current registration or renewal problem.
+    @ivar polled: whether the endpoints of one good poll have been applied.
+    @ivar last_poll: when the last good poll answered (C{None}: never).
+    @ivar poll_error: why the polls since then failed (C{""}: they did not).
+    @ivar listeners_planned: the listeners the plan wants.
+    @ivar listeners_up: how many of those listen.
+    """
+
+    version: str
+    started: float
+    now: float
+    identity_state: str
+    operator_id: str
+    certificate_expires: float | None
+    identity_error: str
+    ingress_endpoint: str
+    polled: bool
+    last_poll: float | None
+    poll_error: str
+    poll_failures: int
+    endpoints: int
+    listeners_planned: int
+    listeners_up: int
+
+    @property
+    def registered(self) -> bool:
+        return self.operator_id != ""
+
+    @property
+    def uptime(self) -> float:
+        return max(0.0, self.now - self.started)
+
+    @property
+    def ready(self) -> bool:
+        """
+        Registered, one poll applied, and every planned listener up (a
+        daemon with no endpoints is ready).
+        """
+        return (
+            self.registered
+            and self.polled
+            and self.listeners_up == self.listeners_planned
+        )
+
+
 def endpoint_status(
     endpoints: Mapping[str, BoundEndpoint],
     skipped: Mapping[str, str],
