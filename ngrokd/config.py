@@ -29,6 +29,8 @@ import yaml
 from attrs import field, frozen
 from yaml.constructor import SafeConstructor
 
+from ngrokd.pem import PEMError, parse_certificates
+
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_SUBNET = ipaddress.ip_network("10.107.0.0/16")
 #: macOS binds endpoint addresses as loopback aliases, so they must be in 127/8.
@@ -38,6 +40,8 @@ _DEFAULT_STATE_DIR = "/etc/ngrokd"
 _MAX_SECONDS = 1e9
 #: A renewal margin longer than this is a mistake (certificates last a year).
 _MAX_DAYS = 3650
+#: A CA bundle larger than this is some other file (the system's is < 1 MiB).
+_MAX_CA_BUNDLE = 16 * 2**20
 _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
@@ -162,6 +166,15 @@ class LoadedConfig:
 
     config: Config
     warnings: tuple[str, ...]
+    #: Where each key set in the file is: C{"FILE:LINE: KEY"}.
+    locations: Mapping[str, str] = attrs.field(factory=dict, eq=False)
+
+    def where(self, key: str) -> str:
+        """
+        C{"FILE:LINE: KEY"} for a key set in the file, C{"FILE: KEY"} for
+        one left to its default.
+        """
+        return self.locations.get(key) or f"{self.config.path}: {key}"
 
 
 @attrs.define
@@ -174,6 +187,7 @@ class _Context:
     path: str
     platform: str
     warnings: list[str] = attrs.Factory(list)
+    locations: dict[str, str] = attrs.Factory(dict)
     constructor: SafeConstructor = attrs.Factory(SafeConstructor)
 
     def _where(self, node: yaml.Node, key: str) -> str:
@@ -518,6 +532,7 @@ def _read(root: yaml.Node, ctx: _Context) -> dict[str, Any]:
             ctx.warn(name_node, key, message)
         elif value_node.tag != _NULL:
             found[key] = _FIELDS[key][0](value_node, key, ctx)
+            ctx.locations[key] = ctx._where(name_node, key)
 
     for name_node, value_node in _pairs(root, "", ctx):
         section = name_node.value
@@ -594,7 +609,7 @@ def parse_config(
             hosts_file=environ.get("NGROKD_HOSTS_PATH") or get("net.hosts_file"),
         ),
     )
-    return LoadedConfig(config, tuple(ctx.warnings))
+    return LoadedConfig(config, tuple(ctx.warnings), ctx.locations)
 
 
 def default_config(
@@ -625,4 +640,36 @@ def load_config(
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}")
-    return parse_config(text, path, environ, platform)
+    loaded = parse_config(text, path, environ, platform)
+    _check_ca_bundles(loaded)
+    return loaded
+
+
+def _check_ca_bundles(loaded: LoadedConfig) -> None:
+    """
+    Refuse a CA bundle the config names but that cannot be read or holds
+    no certificate, naming the file, line and key, as any other bad value.
+    """
+    config = loaded.config
+    for key, path in (
+        ("api.ca_bundle", config.api.ca_bundle),
+        ("ingress.ca_bundle", config.ingress.ca_bundle),
+    ):
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                pem = f.read(_MAX_CA_BUNDLE + 1)
+        except OSError as e:
+            raise ConfigError(
+                f"{loaded.where(key)}: cannot read {path}: {e.strerror or e}"
+            ) from None
+        if len(pem) > _MAX_CA_BUNDLE:
+            raise ConfigError(
+                f"{loaded.where(key)}: {path} is larger than"
+                f" {_MAX_CA_BUNDLE // 2**20} MiB: not a CA bundle"
+            )
+        try:
+            parse_certificates(pem, path)
+        except PEMError as e:
+            raise ConfigError(f"{loaded.where(key)}: {e}") from None

@@ -32,6 +32,8 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+#: What every skip for want of namespaces starts with.
+SKIP_PREFIX = "no network namespace here:"
 #: How long the holder may take to set up the namespace.
 START_TIMEOUT = 10.0
 #: The default bound on one command.
@@ -207,11 +209,12 @@ def namespace(case: SynchronousTestCase) -> Namespace:
     """
     A fresh namespace for C{case}, closed when it ends.
 
-    @raise SkipTest: saying why, where namespaces cannot be made.
+    @raise SkipTest: saying why, where namespaces cannot be made, after
+        L{SKIP_PREFIX} (CI fails a root run that skipped any).
     """
     reason = unavailable()
     if reason is not None:
-        raise SkipTest(reason)
+        raise SkipTest(f"{SKIP_PREFIX} {reason}")
     made = Namespace.start()
     case.addCleanup(made.close)
     return made

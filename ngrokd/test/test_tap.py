@@ -5,6 +5,8 @@ Tests for L{ngrokd.tap} and the twistd plugins.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -14,6 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from ngrokd.daemon import Daemon
 from ngrokd.logs import LogLevelService
 from ngrokd.tap import Options, makeService
+
+#: C{twistd} as the installed script runs it, in this interpreter.
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
 
 
 class OptionsTests(SynchronousTestCase):
@@ -45,6 +50,59 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(UsageError) as caught:
             Options().parseOptions(["--config", path])
         self.assertIn(path, str(caught.exception))
+
+    def test_caBundleMissing(self) -> None:
+        """
+        A CA bundle the config names but that does not exist is refused with
+        the file, line and key, before anything is built.
+        """
+        missing = os.path.abspath(self.mktemp())
+        path = self.config(f"api:\n  key: ''\ningress:\n  ca_bundle: {missing}\n")
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--config", path])
+        self.assertEqual(
+            str(caught.exception),
+            f"{path}:4: ingress.ca_bundle: cannot read {missing}:"
+            " No such file or directory",
+        )
+
+    def test_caBundleWithoutCertificate(self) -> None:
+        """
+        A CA bundle that holds no certificate is refused the same way.
+        """
+        bundle = self.config("not a certificate\n")
+        path = self.config(f"api:\n  ca_bundle: {bundle}\n")
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--config", path])
+        self.assertEqual(
+            str(caught.exception),
+            f"{path}:2: api.ca_bundle: {bundle}: no PEM certificate found",
+        )
+
+    def test_twistdNamesTheKey(self) -> None:
+        """
+        C{twistd ngrokd} with a missing CA bundle exits non-zero and its
+        last line names the file, line and key, with no traceback.
+        """
+        missing = os.path.abspath(self.mktemp())
+        path = self.config(f"ingress:\n  ca_bundle: {missing}\n")
+        run = subprocess.run(
+            [sys.executable, "-c", _TWISTD, "-n", "ngrokd", "--config", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(run.returncode, 1)
+        output = run.stdout + run.stderr
+        self.assertNotIn("Traceback", output)
+        self.assertTrue(
+            output.rstrip().endswith(
+                f"{path}:2: ingress.ca_bundle: cannot read"
+                f" {missing}: No such file or directory"
+            ),
+            output,
+        )
 
     def test_makeService(self) -> None:
         """
