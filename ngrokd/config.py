@@ -493,7 +493,8 @@ def _pairs(
                 f"duplicate key (first on line {lines[name]})",
             )
         lines[name] = name_node.start_mark.line + 1
-    return node.value
+    pairs: list[tuple[yaml.ScalarNode, yaml.Node]] = node.value
+    return pairs
 
 
 def _suggestion(name: str, section: str) -> str | None:

@@ -25,7 +25,8 @@ def level_named(name: str) -> LogLevel:
     """
     The L{LogLevel} for a config value (C{warning} means C{warn}).
     """
-    return LogLevel.levelWithName({"warning": "warn"}.get(name, name))
+    level: LogLevel = LogLevel.levelWithName({"warning": "warn"}.get(name, name))
+    return level
 
 
 @frozen

@@ -131,7 +131,7 @@ class HostRewriter:
             is incomplete): every byte fed so far, in order, except those
             still held back, with the Host of each complete head rewritten.
         """
-        if self._state is _State.PASSTHROUGH:
+        if self.passthrough:
             return data
         out: list[bytes] = []
         pos = 0

@@ -184,7 +184,8 @@ class AdminResource(Resource):
         values = (request.args or {}).get(b"url", [])
         if len(values) != 1:
             raise AdminError(400, "give the endpoint URL once, as ?url=...")
-        return values[0].decode("utf-8", "replace")
+        value: bytes = values[0]
+        return value.decode("utf-8", "replace")
 
     def _add_endpoint(self, body: dict[str, Any]) -> dict[str, str]:
         _only(body, {"url", "backend", "proto"})

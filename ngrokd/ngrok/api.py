@@ -368,7 +368,8 @@ class NgrokAPI:
         """
         if self._pool is None:
             return succeed(None)
-        return self._pool.closeCachedConnections()
+        closing: Deferred[None] = self._pool.closeCachedConnections()
+        return closing
 
     def _operator_url(self, operator_id: str) -> str:
         if not operator_id.strip():

@@ -15,7 +15,7 @@ from attrs import frozen
 from OpenSSL.crypto import X509, X509StoreFlags
 from OpenSSL.SSL import Connection, Context
 from twisted.internet import ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet._sslverify import IOpenSSLTrustRoot as IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS

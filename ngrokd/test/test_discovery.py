@@ -20,15 +20,16 @@ from twisted.web.resource import Resource
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
-from ngrokd.ngrok.api import APIError, APIUnavailable, HTTPRequester, NgrokAPI
-from ngrokd.ngrok.discovery import (
-    MAX_BACKOFF,
-    MAX_RETRY_AFTER,
-    EndpointDiscoveryService,
-    backoff_delay,
+from ngrokd.ngrok.api import (
+    APIError,
+    APIUnavailable,
+    HTTPRequester,
+    NgrokAPI,
     failure_kind,
 )
+from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import generate_key, make_csr
+from ngrokd.retry import MAX_BACKOFF, MAX_RETRY_AFTER, backoff_delay
 
 INTERVAL = 30.0
 
