@@ -7,12 +7,19 @@ from __future__ import annotations
 import random
 from ipaddress import IPv4Address
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
-from ngrokd.plan import plan
+from ngrokd.plan import (
+    ListenerChanges,
+    ListenSpec,
+    listener_changes,
+    plan,
+    wanted_allocations,
+)
 
 
 def _endpoint(url: str, id: str = "") -> BoundEndpoint:
@@ -138,3 +145,78 @@ class PlanTests(SynchronousTestCase):
         random.Random(len(urls)).shuffle(shuffled)
         self.assertEqual(plan(shuffled, mode, {}, ips, ports), result)
         self.assertEqual(plan(endpoints, mode, {}, ips, ports), result)
+
+
+def _spec(url: str, address: str = "10.107.0.2", port: int = 80) -> ListenSpec:
+    return ListenSpec(address, port, parse_endpoint_url(url), virtual=True)
+
+
+class ListenerChangesTests(SynchronousTestCase):
+    """
+    L{listener_changes}: what a reconcile does to the running listeners.
+    """
+
+    def test_each_kind(self) -> None:
+        """
+        A listener no longer planned stops, a new one starts, one whose
+        address or port moved is rebound, one whose target changed on the
+        same socket is updated in place, and one that failed to bind is
+        tried again.
+        """
+        current = {
+            "gone": _spec("http://gone.ns"),
+            "moved": _spec("http://moved.ns", port=80),
+            "retarget": _spec("http://retarget.ns"),
+            "failed": _spec("http://failed.ns"),
+            "same": _spec("http://same.ns"),
+        }
+        wanted = {
+            "new": _spec("http://new.ns"),
+            "moved": _spec("http://moved.ns", port=8080),
+            "retarget": attrs.evolve(current["retarget"], rewrite_host="x.ns"),
+            "failed": current["failed"],
+            "same": current["same"],
+        }
+        listening = {"gone", "moved", "retarget", "same"}
+        self.assertEqual(
+            listener_changes(current, listening, wanted),
+            ListenerChanges(
+                stop=("gone",),
+                start=("new",),
+                rebind=("moved",),
+                update=("retarget",),
+                retry=("failed",),
+            ),
+        )
+
+    def test_unchanged(self) -> None:
+        """
+        The same plan again changes nothing.
+        """
+        current = {"a": _spec("http://a.ns"), "b": _spec("tcp://b.ns:5432")}
+        self.assertEqual(
+            listener_changes(current, set(current), dict(current)),
+            ListenerChanges(),
+        )
+
+
+class WantedAllocationsTests(SynchronousTestCase):
+    """
+    L{wanted_allocations}: what each listen mode needs allocated.
+    """
+
+    def test_modes(self) -> None:
+        """
+        A virtual-mode hostname needs one address for all its ports; a
+        network-mode endpoint needs a port of its own per host and port.
+        """
+        endpoints = [
+            _endpoint("http://web.prod"),
+            _endpoint("tcp://web.prod:5432"),
+            _endpoint("tcp://db.prod:5432"),
+            _endpoint("http://db.prod"),
+        ]
+        self.assertEqual(
+            wanted_allocations(endpoints, "virtual", {"db.prod": "0.0.0.0"}),
+            ({"web.prod"}, {("db.prod", 5432), ("db.prod", 80)}),
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
@@ -18,6 +19,7 @@ from ngrokd.status import (
     FAILED,
     LISTENING,
     STARTING,
+    DaemonStatus,
     EndpointStatus,
     endpoint_status,
 )
@@ -195,3 +197,52 @@ class EndpointStatusTests(SynchronousTestCase):
             ],
         )
         self.assertEqual([row.connections_total for row in rows], [0, 7, 7])
+
+
+def _daemon(**changes: Any) -> DaemonStatus:
+    ready = DaemonStatus(
+        version="1",
+        started=100.0,
+        now=160.0,
+        identity_state="registered",
+        operator_id="k8sop_1",
+        certificate_expires=None,
+        identity_error="",
+        ingress_endpoint="ingress:443",
+        polled=True,
+        last_poll=150.0,
+        poll_error="",
+        poll_failures=0,
+        endpoints=2,
+        listeners_planned=2,
+        listeners_up=2,
+    )
+    return attrs.evolve(ready, **changes)
+
+
+class DaemonStatusTests(SynchronousTestCase):
+    """
+    L{DaemonStatus}: when the daemon is ready to carry traffic.
+    """
+
+    def test_ready(self) -> None:
+        """
+        Registered, polled, every planned listener up: ready, with its uptime.
+        """
+        status = _daemon()
+        self.assertTrue(status.ready)
+        self.assertEqual(status.uptime, 60.0)
+
+    def test_noEndpointsIsReady(self) -> None:
+        """
+        A daemon whose poll found nothing is ready: it serves all there is.
+        """
+        self.assertTrue(_daemon(endpoints=0, listeners_planned=0, listeners_up=0).ready)
+
+    def test_notReady(self) -> None:
+        """
+        Not registered, not yet polled, or a planned listener down: not ready.
+        """
+        self.assertFalse(_daemon(operator_id="").ready)
+        self.assertFalse(_daemon(polled=False).ready)
+        self.assertFalse(_daemon(listeners_up=1).ready)
