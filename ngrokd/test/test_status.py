@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
@@ -18,6 +19,7 @@ from ngrokd.status import (
     FAILED,
     LISTENING,
     STARTING,
+    DaemonStatus,
     EndpointStatus,
     endpoint_status,
 )
@@ -195,3 +197,73 @@ class EndpointStatusTests(SynchronousTestCase):
             ],
         )
         self.assertEqual([row.connections_total for row in rows], [0, 7, 7])
+
+
+def _daemon(**changes: Any) -> DaemonStatus:
+    """
+    A registered daemon that applied a poll and whose two listeners are up,
+    with C{changes}.
+    """
+    ready = DaemonStatus(
+        version="1",
+        started=100.0,
+        now=160.0,
+        identity_state="registered",
+        operator_id="k8sop_1",
+        certificate_expires=None,
+        identity_error="",
+        ingress_endpoint="ingress.test:443",
+        polled=True,
+        last_poll=150.0,
+        poll_error="",
+        poll_failures=0,
+        endpoints=2,
+        listeners_planned=2,
+        listeners_up=2,
+    )
+    return attrs.evolve(ready, **changes)
+
+
+class DaemonStatusTests(SynchronousTestCase):
+    """
+    L{DaemonStatus.ready} and the reason it is not.
+    """
+
+    def test_ready(self) -> None:
+        """
+        Registered, polled and every planned listener up is ready; so is a
+        daemon with no endpoints at all.
+        """
+        for status in [_daemon(), _daemon(listeners_planned=0, listeners_up=0)]:
+            self.assertEqual((status.ready, status.not_ready_because), (True, ""))
+
+    def test_notReady(self) -> None:
+        """
+        The first missing step is the reason, with its error when there is
+        one.
+        """
+        for status, reason in [
+            (
+                _daemon(operator_id="", identity_state="registering"),
+                "registering",
+            ),
+            (
+                _daemon(
+                    operator_id="",
+                    identity_state="not registered",
+                    identity_error="ngrok API unavailable",
+                    polled=False,
+                ),
+                "not registered: ngrok API unavailable",
+            ),
+            (
+                _daemon(polled=False),
+                "the bound endpoints have not been read yet",
+            ),
+            (
+                _daemon(polled=False, poll_error="401 ERR_NGROK_201"),
+                "the bound endpoints have not been read yet: 401 ERR_NGROK_201",
+            ),
+            (_daemon(listeners_up=1), "1 of 2 listeners are up"),
+        ]:
+            self.assertEqual((status.ready, status.not_ready_because), (False, reason))
