@@ -29,6 +29,7 @@ import yaml
 from attrs import field, frozen
 from yaml.constructor import SafeConstructor
 
+from ngrokd.endpoints import join_host_port
 from ngrokd.pem import PEMError, parse_certificates
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -117,6 +118,9 @@ class ServerConfig:
     client_key: str
     #: Renew the client certificate this many days before it expires.
     renew_before_days: float = 30.0
+    #: C{address:port} (an IPv6 address in brackets) of the health and
+    #: metrics HTTP server; C{""}: no such server.
+    health_address: str = "127.0.0.1:8081"
 
 
 @frozen
@@ -422,6 +426,32 @@ def _ingress_endpoint(node: yaml.Node, key: str, ctx: _Context) -> str:
     return f"{host}:{int(port)}"
 
 
+def _listen_address(node: yaml.Node, key: str, ctx: _Context) -> str:
+    """
+    C{address:port} or C{[ipv6]:port} to listen on, normalised; C{""} stays
+    C{""} (off).
+    """
+    value = _string(node, key, ctx).strip()
+    if not value:
+        return ""
+    host, colon, port = value.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        ctx.fail(
+            node,
+            key,
+            "must be an IP address and a port like 127.0.0.1:8081, 0.0.0.0:8081"
+            f" or [::1]:8081 (empty: off), got {value!r}",
+        )
+    if address.version == 6 and bare == host:
+        ctx.fail(node, key, f"put an IPv6 address in brackets: [{bare}]:{port}")
+    if not (colon and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        ctx.fail(node, key, f"port must be 1..65535, got {port!r}")
+    return join_host_port(str(address), int(port))
+
+
 def _api_url(node: yaml.Node, key: str, ctx: _Context) -> str:
     value = _name(node, key, ctx)
     try:
@@ -457,6 +487,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "server.client_cert": (_path, None),
     "server.client_key": (_path, None),
     "server.renew_before_days": (_days, 30.0),
+    "server.health_address": (_listen_address, "127.0.0.1:8081"),
     "bound_endpoints.poll_interval": (_poll_interval, 30.0),
     "bound_endpoints.selectors": (_selectors, ("true",)),
     "net.interface_name": (_interface_name, "ngrokd0"),

@@ -136,11 +136,22 @@ class DaemonStatus:
         Registered, one poll applied, and every planned listener up (a
         daemon with no endpoints is ready).
         """
-        return (
-            self.registered
-            and self.polled
-            and self.listeners_up == self.listeners_planned
-        )
+        return self.not_ready_because == ""
+
+    @property
+    def not_ready_because(self) -> str:
+        """
+        The first step towards ready that is not done (C{""}: none).
+        """
+        if not self.registered:
+            why = f": {self.identity_error}" if self.identity_error else ""
+            return f"{self.identity_state}{why}"
+        if not self.polled:
+            why = f": {self.poll_error}" if self.poll_error else ""
+            return f"the bound endpoints have not been read yet{why}"
+        if self.listeners_up != self.listeners_planned:
+            return f"{self.listeners_up} of {self.listeners_planned} listeners are up"
+        return ""
 
 
 def endpoint_status(

@@ -74,4 +74,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     config = options.loaded.config
     daemon = Daemon(config, reactor)
     LogLevelService(level_named(config.server.log_level)).setServiceParent(daemon)
+    if config.server.health_address:
+        from ngrokd.control.health import HealthService
+        from ngrokd.control.metrics import DaemonMetrics
+
+        registry = DaemonMetrics(daemon).registry
+        health = HealthService(config.server.health_address, daemon, registry, reactor)
+        health.setServiceParent(daemon)
     return daemon

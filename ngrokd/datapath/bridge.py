@@ -12,9 +12,9 @@ untouched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, connectionDone
@@ -43,6 +43,17 @@ class EndpointStats:
     bytes_up: int = 0
     bytes_down: int = 0
     last_error: str = ""
+    #: Failed connections by the failure's kind (L{IngressError.kind}).
+    failures: dict[str, int] = field(factory=dict)
+
+
+class ConnectionTimings(Protocol):
+    """
+    Observes each connection's time to upgrade and lifetime, in seconds.
+    """
+
+    def upgraded(self, seconds: float) -> None: ...
+    def closed(self, seconds: float) -> None: ...
 
 
 class LocalProtocol(PipeProtocol):
@@ -60,8 +71,11 @@ class LocalProtocol(PipeProtocol):
         self._rejecting = False
         self._rewriter: HostRewriter | None = None
         self._linger: IDelayedCall | None = None
+        self._accepted = 0.0
 
     def connectionMade(self) -> None:
+        if self._factory.timings is not None:
+            self._accepted = self._factory.connector.clock.seconds()
         self.transport.pauseProducing()
         self.transport.setTcpNoDelay(True)
         self._factory.connections.add(self)
@@ -88,6 +102,8 @@ class LocalProtocol(PipeProtocol):
         self._connecting = None
         self._ingress = ingress
         self._factory.stats.last_error = ""  # the endpoint works again
+        if self._factory.timings is not None:
+            self._factory.timings.upgraded(self._elapsed())
         rewrite_host = self._factory.rewrite_host
         if rewrite_host is not None and _speaks_http(ingress, self._factory.target):
             self._rewriter = HostRewriter(rewrite_host)
@@ -117,6 +133,10 @@ class LocalProtocol(PipeProtocol):
         stats = self._factory.stats
         stats.errors += 1
         stats.last_error = failure.getErrorMessage()
+        kind = (
+            failure.value.kind if isinstance(failure.value, IngressError) else "other"
+        )
+        stats.failures[kind] = stats.failures.get(kind, 0) + 1
         self.log.warn(
             "connection to {url} failed: {reason}",
             url=self._factory.target.url,
@@ -158,7 +178,12 @@ class LocalProtocol(PipeProtocol):
         stats.bytes_up += self.bytes_received
         if self._ingress is not None:
             stats.bytes_down += self._ingress.bytes_received
+        if self._factory.timings is not None:
+            self._factory.timings.closed(self._elapsed())
         super().connectionLost(reason)
+
+    def _elapsed(self) -> float:
+        return self._factory.connector.clock.seconds() - self._accepted
 
 
 def _speaks_http(ingress: IngressProtocol, target: EndpointTarget) -> bool:
@@ -179,7 +204,7 @@ class BridgeFactory(Factory):
     Builds the local side of every connection accepted for one endpoint.
 
     C{rewrite_host} is the C{Host} value HTTP requests get, or C{None} to pass
-    requests untouched.
+    requests untouched; C{timings}, when given, observes every connection.
     """
 
     noisy = False  # ListenerSet logs where it listens
@@ -190,11 +215,13 @@ class BridgeFactory(Factory):
         connector: IngressConnector,
         rewrite_host: str | None,
         stats: EndpointStats | None = None,
+        timings: ConnectionTimings | None = None,
     ) -> None:
         self.target = target
         self.connector = connector
         self.rewrite_host = rewrite_host
         self.stats = stats if stats is not None else EndpointStats()
+        self.timings = timings
         self.connections: set[LocalProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> LocalProtocol:

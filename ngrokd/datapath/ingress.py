@@ -43,11 +43,16 @@ class IngressError(Exception):
     A connection through the binding ingress could not be set up.
     """
 
+    #: A short name for this kind of failure, for metrics.
+    kind = "other"
+
 
 class DialFailed(IngressError):
     """
     The ingress could not be reached (DNS, refused, unreachable, TCP timeout).
     """
+
+    kind = "dial"
 
 
 class TLSFailed(IngressError):
@@ -56,12 +61,16 @@ class TLSFailed(IngressError):
     ingress refused ours.
     """
 
+    kind = "tls"
+
 
 class UpgradeTimeout(IngressError):
     """
     The ingress did not finish the handshake or did not answer the upgrade in
     time.
     """
+
+    kind = "timeout"
 
 
 class UpgradeFailed(IngressError):
@@ -70,11 +79,15 @@ class UpgradeFailed(IngressError):
     C{ConnResponse}.
     """
 
+    kind = "upgrade"
+
 
 class UpgradeRefused(IngressError):
     """
     The ingress answered with an error, e.g. no such endpoint.
     """
+
+    kind = "refused"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code or 'refused'}: {message}")

@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
+from ngrokd.datapath.bridge import BridgeFactory, ConnectionTimings, EndpointStats
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.endpoints import join_host_port
 from ngrokd.host.portowner import port_owners
@@ -118,6 +118,8 @@ class ListenerSet:
         self._connector = connector
         self._find_owners = find_owners or self._owners_in_thread
         self.listeners: dict[str, Listener] = {}
+        #: Observes the connections of listeners made from now on.
+        self.timings: ConnectionTimings | None = None
 
     def _owners_in_thread(self, address: str, port: int) -> Deferred[list[str]]:
         return deferToThreadPool(
@@ -141,7 +143,12 @@ class ListenerSet:
         for key, spec in specs.items():
             current = self.listeners.get(key)
             if current is None:
-                factory = BridgeFactory(spec.target, self._connector, spec.rewrite_host)
+                factory = BridgeFactory(
+                    spec.target,
+                    self._connector,
+                    spec.rewrite_host,
+                    timings=self.timings,
+                )
                 listener = Listener(spec, factory)
                 self.listeners[key] = listener
                 work.append(self._listen(key, listener))

@@ -59,6 +59,9 @@ class EndpointDiscoveryService(Service):
         self.last_error = ""
         self._last_kind = ""
         self.last_success: float | None = None
+        #: Told each poll's duration in seconds, and its error (C{None}: good).
+        self.on_poll: Callable[[float, BaseException | None], object] | None = None
+        self._poll_started = 0.0
 
     def startService(self) -> None:
         super().startService()
@@ -110,6 +113,7 @@ class EndpointDiscoveryService(Service):
 
     def _poll(self) -> None:
         self._next = None
+        self._poll_started = self._clock.seconds()
         polling: Deferred[Any] = maybeDeferred(self._fetch)
         polling.addCallbacks(self._succeeded, self._failed)
         self._polling = polling
@@ -125,11 +129,13 @@ class EndpointDiscoveryService(Service):
         self.last_error = ""
         self._last_kind = ""
         self.last_success = self._clock.seconds()
+        self._observe(None)
         return self._deliver(result)
 
     def _failed(self, failure: Failure) -> float | None:
         if not self.running:
             return None  # cancelled by stopService
+        self._observe(failure.value)
         self.failures += 1
         error = failure.getErrorMessage()
         kind = failure_kind(failure.value)
@@ -144,6 +150,10 @@ class EndpointDiscoveryService(Service):
         self.last_error = error
         self._last_kind = kind
         return delay
+
+    def _observe(self, error: BaseException | None) -> None:
+        if self.on_poll is not None:
+            self.on_poll(self._clock.seconds() - self._poll_started, error)
 
     def retry_delay(self, retry_after: float | None) -> float:
         """

@@ -1070,6 +1070,56 @@ class IngressEndpointTests(ConfigTestCase):
         )
 
 
+class HealthAddressTests(ConfigTestCase):
+    """
+    C{server.health_address} is an IP address and a port, or empty for off.
+    """
+
+    def test_default(self) -> None:
+        """
+        Without the key the health server listens where the original's did.
+        """
+        self.assertEqual(parse("").config.server.health_address, "127.0.0.1:8081")
+
+    def test_accepted(self) -> None:
+        """
+        IPv4 and bracketed IPv6 addresses are normalised; empty turns the
+        server off.
+        """
+        for value, expected in [
+            ("0.0.0.0:8081", "0.0.0.0:8081"),
+            ("127.0.0.1:09090", "127.0.0.1:9090"),
+            ("[::1]:8081", "[::1]:8081"),
+            ("[::]:1", "[::]:1"),
+            ("[0:0::1]:8081", "[::1]:8081"),
+            ("", ""),
+        ]:
+            server = parse(f"server:\n  health_address: '{value}'\n").config.server
+            self.assertEqual(server.health_address, expected)
+
+    def test_refused(self) -> None:
+        """
+        A name, a missing or bad port, and a bare IPv6 address are refused,
+        each saying what to write.
+        """
+        for value in ["localhost:8081", "8081", ":8081", "[::1:8081"]:
+            self.assertRefused(
+                f"server:\n  health_address: '{value}'\n",
+                "2: server.health_address: must be an IP address and a port like"
+                " 127.0.0.1:8081, 0.0.0.0:8081 or [::1]:8081 (empty: off),"
+                f" got {value!r}",
+            )
+        for value, port in [("127.0.0.1:0", "0"), ("[::1]:x", "x"), ("1.2.3.4:", "")]:
+            self.assertRefused(
+                f"server:\n  health_address: '{value}'\n",
+                f"2: server.health_address: port must be 1..65535, got {port!r}",
+            )
+        self.assertRefused(
+            "server:\n  health_address: '::1:8081'\n",
+            "2: server.health_address: put an IPv6 address in brackets: [::1]:8081",
+        )
+
+
 class LoadConfigTests(SynchronousTestCase):
     """
     L{load_config} reads the file, and names it when it cannot.
@@ -1223,6 +1273,9 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "server.state_dir": _same(_paths),
     "server.client_cert": _same(_paths),
     "server.client_key": _same(_paths),
+    "server.health_address": st.sampled_from(
+        [("", ""), ("0.0.0.0:8081", "0.0.0.0:8081"), ("[::1]:80", "[::1]:80")]
+    ),
     "bound_endpoints.poll_interval": _seconds,
     "bound_endpoints.selectors": st.lists(_text.filter(bool)).map(
         lambda s: (s, tuple(s))

@@ -132,6 +132,32 @@ class PollingTests(DiscoveryTestCase):
         self.clock.advance(INTERVAL)
         self.assertEqual(self.delivered, [["a"], ["b"], ["c"]])
 
+    def test_eachPollObserved(self) -> None:
+        """
+        C{on_poll} hears how long each poll took and how it failed, if it
+        did; a poll cut short by stopping is not a failure it hears of.
+        """
+        slow: Deferred[Any] = Deferred()
+        fetch = Script(lambda: slow, _unavailable, lambda: Deferred())
+        heard: list[tuple[float, str]] = []
+        service = EndpointDiscoveryService(
+            fetch, self.delivered.append, self.clock, INTERVAL, jitter=lambda: 1.0
+        )
+        service.on_poll = lambda seconds, error: heard.append(
+            (seconds, type(error).__name__)
+        )
+        service.startService()
+        self.clock.advance(0)
+        self.clock.advance(1.5)
+        slow.callback(["a"])
+        self.clock.advance(INTERVAL)
+        self.clock.advance(self.wait(service))
+        service.stopService()
+        self.assertEqual(
+            (heard, fetch.calls),
+            ([(1.5, "NoneType"), (0.0, "APIUnavailable")], 3),
+        )
+
     def test_nextPollWaitsForDelivery(self) -> None:
         """
         While a result is being applied no poll starts; the interval counts

@@ -200,6 +200,10 @@ class EndpointStatusTests(SynchronousTestCase):
 
 
 def _daemon(**changes: Any) -> DaemonStatus:
+    """
+    A registered daemon that applied a poll and whose two listeners are up,
+    with C{changes}.
+    """
     ready = DaemonStatus(
         version="1",
         started=100.0,
@@ -208,7 +212,7 @@ def _daemon(**changes: Any) -> DaemonStatus:
         operator_id="k8sop_1",
         certificate_expires=None,
         identity_error="",
-        ingress_endpoint="ingress:443",
+        ingress_endpoint="ingress.test:443",
         polled=True,
         last_poll=150.0,
         poll_error="",
@@ -222,27 +226,45 @@ def _daemon(**changes: Any) -> DaemonStatus:
 
 class DaemonStatusTests(SynchronousTestCase):
     """
-    L{DaemonStatus}: when the daemon is ready to carry traffic.
+    L{DaemonStatus.ready} and the reason it is not.
     """
 
     def test_ready(self) -> None:
         """
-        Registered, polled, every planned listener up: ready, with its uptime.
+        Registered, polled and every planned listener up is ready; so is a
+        daemon with no endpoints at all.
         """
-        status = _daemon()
-        self.assertTrue(status.ready)
-        self.assertEqual(status.uptime, 60.0)
-
-    def test_noEndpointsIsReady(self) -> None:
-        """
-        A daemon whose poll found nothing is ready: it serves all there is.
-        """
-        self.assertTrue(_daemon(endpoints=0, listeners_planned=0, listeners_up=0).ready)
+        for status in [_daemon(), _daemon(listeners_planned=0, listeners_up=0)]:
+            self.assertEqual((status.ready, status.not_ready_because), (True, ""))
+        self.assertEqual(_daemon().uptime, 60.0)
 
     def test_notReady(self) -> None:
         """
-        Not registered, not yet polled, or a planned listener down: not ready.
+        The first missing step is the reason, with its error when there is
+        one.
         """
-        self.assertFalse(_daemon(operator_id="").ready)
-        self.assertFalse(_daemon(polled=False).ready)
-        self.assertFalse(_daemon(listeners_up=1).ready)
+        for status, reason in [
+            (
+                _daemon(operator_id="", identity_state="registering"),
+                "registering",
+            ),
+            (
+                _daemon(
+                    operator_id="",
+                    identity_state="not registered",
+                    identity_error="ngrok API unavailable",
+                    polled=False,
+                ),
+                "not registered: ngrok API unavailable",
+            ),
+            (
+                _daemon(polled=False),
+                "the bound endpoints have not been read yet",
+            ),
+            (
+                _daemon(polled=False, poll_error="401 ERR_NGROK_201"),
+                "the bound endpoints have not been read yet: 401 ERR_NGROK_201",
+            ),
+            (_daemon(listeners_up=1), "1 of 2 listeners are up"),
+        ]:
+            self.assertEqual((status.ready, status.not_ready_because), (False, reason))

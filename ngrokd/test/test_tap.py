@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from ngrokd.control.health import HealthService
 from ngrokd.daemon import Daemon
 from ngrokd.logs import LogLevelService
 from ngrokd.tap import Options, makeService
@@ -107,18 +109,38 @@ class OptionsTests(SynchronousTestCase):
     def test_makeService(self) -> None:
         """
         The service is the daemon, with the configured log level applied
-        while it runs; nothing starts before twistd starts it.
+        and the health server listening while it runs; nothing starts before
+        twistd starts it.
         """
         state = os.path.abspath(self.mktemp())
         path = self.config(
             f"server:\n  state_dir: {state}\n  log_level: error\n"
+            "  health_address: '[::1]:9999'\n"
             "net:\n  listen_interface: 127.0.0.1\n"
         )
         options = Options()
         options.parseOptions(["--config", path])
-        service = makeService(options)
+        reactor = MemoryReactor()
+        service = makeService(options, reactor)
         assert isinstance(service, Daemon)
         self.assertFalse(service.running)
+        self.assertEqual(
+            [type(child) for child in service], [LogLevelService, HealthService]
+        )
+        health = service.getServiceNamed("health")
+        assert isinstance(health, HealthService)
+        self.assertEqual((health.address, reactor.tcpServers), ("[::1]:9999", []))
+
+    def test_healthOff(self) -> None:
+        """
+        An empty C{server.health_address} builds no health server.
+        """
+        state = os.path.abspath(self.mktemp())
+        path = self.config(f"server:\n  state_dir: {state}\n  health_address: ''\n")
+        options = Options()
+        options.parseOptions(["--config", path])
+        service = makeService(options, MemoryReactor())
+        assert isinstance(service, Daemon)
         self.assertEqual([type(child) for child in service], [LogLevelService])
 
 

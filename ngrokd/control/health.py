@@ -1,0 +1,365 @@
+# -*- test-case-name: ngrokd.test.test_health -*-
+"""
+The health and metrics HTTP server, for probes, monitors and Prometheus.
+
+C{/healthz} answers 200 while the process and its reactor run, with or
+without endpoints: an idle daemon is alive, and a failed endpoint is shown
+in C{/status}, not reported as a dead process. C{/readyz} answers 200 once
+the daemon is registered, has applied one poll and has every planned
+listener up, 503 with the reason before. C{/status} is the whole picture
+as JSON: the original's fields, then ours. C{/metrics} is the Prometheus
+exposition of L{ngrokd.control.metrics}. C{/health} and C{/ready} are the
+original's names for the first two.
+
+Only C{GET} and C{HEAD} are answered; request bodies are dropped unread and
+idle connections closed, so a client cannot make the server hold memory. A
+port that cannot be bound is logged with what to do; the daemon carries on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+from io import BytesIO
+from typing import Any, Protocol
+
+import attrs
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from ngrokd.endpoints import join_host_port
+from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
+
+#: Seconds an idle HTTP connection is kept.
+IDLE_TIMEOUT = 60
+
+
+class StatusSource(Protocol):
+    """
+    What the server reads: the daemon's status values.
+    """
+
+    def daemon_status(self) -> DaemonStatus: ...
+    def endpoint_status(self) -> tuple[EndpointStatus, ...]: ...
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """
+    C{("::1", 8081)} for C{"[::1]:8081"}: the host (no brackets) and port of
+    a C{server.health_address}.
+    """
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def healthy(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) -> bool:
+    """
+    Ready, and serving every endpoint it was given (the original's
+    C{healthy} meant every endpoint active).
+    """
+    return status.ready and all(row.state != FAILED for row in endpoints)
+
+
+def not_ready_text(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) -> str:
+    """
+    Why the daemon is not ready, then every failed endpoint and why, one a
+    line; C{""} when it is ready.
+    """
+    reason = status.not_ready_because
+    if not reason:
+        return ""
+    failed = [
+        f"{row.url or row.id}: {row.reason}\n"
+        for row in endpoints
+        if row.state == FAILED
+    ]
+    return f"not ready: {reason}\n" + "".join(failed)
+
+
+def status_document(
+    status: DaemonStatus, endpoints: Sequence[EndpointStatus]
+) -> dict[str, Any]:
+    """
+    The C{/status} JSON: the original's keys (C{healthy}, C{ready},
+    C{uptime} as a Go duration, C{start_time}, and C{endpoints} by id with
+    C{name}, C{local_address}, C{target_uri}, C{active}, C{connections},
+    C{total_connections}, C{last_activity} (not tracked: C{null}) and
+    C{errors}), then ours beside them.
+    """
+    return {
+        "healthy": healthy(status, endpoints),
+        "ready": status.ready,
+        "not_ready_because": status.not_ready_because,
+        "uptime": go_duration(status.uptime),
+        "uptime_seconds": status.uptime,
+        "start_time": rfc3339(status.started),
+        "version": status.version,
+        "identity": {
+            "state": status.identity_state,
+            "operator_id": status.operator_id,
+            "certificate_expires": rfc3339(status.certificate_expires),
+            "error": status.identity_error,
+        },
+        "ingress_endpoint": status.ingress_endpoint,
+        "discovery": {
+            "polled": status.polled,
+            "last_poll": rfc3339(status.last_poll),
+            "error": status.poll_error,
+            "failures": status.poll_failures,
+        },
+        "listeners": {
+            "planned": status.listeners_planned,
+            "up": status.listeners_up,
+        },
+        "endpoints": {row.id: _endpoint_document(row) for row in endpoints},
+    }
+
+
+def _endpoint_document(row: EndpointStatus) -> dict[str, Any]:
+    original = {
+        "name": row.id,
+        "local_address": row.listen_address,
+        "target_uri": row.url,
+        "active": row.state == LISTENING,
+        "connections": row.connections_open,
+        "total_connections": row.connections_total,
+        "last_activity": None,
+        "errors": row.errors,
+    }
+    return original | attrs.asdict(row)
+
+
+def rfc3339(seconds: float | None) -> str | None:
+    """
+    C{2025-01-02T03:04:05.5Z} for seconds since the epoch; C{None} stays.
+    """
+    if seconds is None:
+        return None
+    when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def go_duration(seconds: float) -> str:
+    """
+    A duration as Go's C{time.Duration.String} writes it (C{1h2m3.5s},
+    C{1m0s}, C{250ms}), as the original's C{uptime} was.
+    """
+    ns = max(0, round(seconds * 1e9))
+    if ns == 0:
+        return "0s"
+    if ns < 10**9:
+        for unit, scale in (("ms", 10**6), ("µs", 10**3), ("ns", 1)):
+            if ns >= scale:
+                return _decimal(ns, scale) + unit
+    hours, ns = divmod(ns, 3600 * 10**9)
+    minutes, ns = divmod(ns, 60 * 10**9)
+    text = f"{hours}h" if hours else ""
+    if hours or minutes:
+        text += f"{minutes}m"
+    return text + _decimal(ns, 10**9) + "s"
+
+
+def _decimal(value: int, scale: int) -> str:
+    whole, fraction = divmod(value, scale)
+    if not fraction:
+        return str(whole)
+    digits = len(str(scale)) - 1
+    return f"{whole}.{fraction:0{digits}d}".rstrip("0")
+
+
+class _Page(Resource):
+    """
+    A leaf that answers C{GET} and C{HEAD} only (any other method gets 405
+    and C{Allow}), with no caching.
+    """
+
+    isLeaf = True
+    allowedMethods = (b"GET", b"HEAD")
+
+    def __init__(self, daemon: StatusSource) -> None:
+        super().__init__()
+        self._daemon = daemon
+
+    def render(self, request: Request) -> bytes:
+        if request.method not in self.allowedMethods:
+            request.setHeader(b"Allow", b", ".join(self.allowedMethods))
+            return _text(request, 405, "only GET and HEAD are answered here\n")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.page(request)
+
+    def page(self, request: Request) -> bytes:
+        raise NotImplementedError
+
+
+def _text(request: Request, code: int, text: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return text.encode("utf-8")
+
+
+class _Alive(_Page):
+    def page(self, request: Request) -> bytes:
+        return _text(request, 200, "healthy\n")
+
+
+class _Ready(_Page):
+    def page(self, request: Request) -> bytes:
+        reason = not_ready_text(
+            self._daemon.daemon_status(), self._daemon.endpoint_status()
+        )
+        if reason:
+            return _text(request, 503, reason)
+        return _text(request, 200, "ready\n")
+
+
+class _Status(_Page):
+    def page(self, request: Request) -> bytes:
+        document = status_document(
+            self._daemon.daemon_status(), self._daemon.endpoint_status()
+        )
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+
+
+class _Metrics(_Page):
+    def __init__(self, daemon: StatusSource, registry: CollectorRegistry) -> None:
+        super().__init__(daemon)
+        self._registry = registry
+
+    def page(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
+
+
+class _Index(_Page):
+    isLeaf = False
+
+    def page(self, request: Request) -> bytes:
+        paths = sorted(name.decode() for name in self.children if name)
+        return _text(request, 200, "".join(f"/{path}\n" for path in paths))
+
+
+class _BodylessRequest(Request):
+    """
+    A request whose body is dropped as it arrives: no page reads one, and
+    an unread body must not fill memory or a temporary file.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        pass
+
+
+class _QuietSite(Site):
+    """
+    A site that writes no access log: probes every few seconds would drown
+    the daemon's own messages.
+    """
+
+    noisy = False
+    requestFactory = _BodylessRequest
+
+    def log(self, request: object) -> None:
+        pass
+
+
+def health_site(daemon: StatusSource, registry: CollectorRegistry) -> Site:
+    """
+    The pages, on a site.
+    """
+    root = _Index(daemon)
+    alive, ready = _Alive(daemon), _Ready(daemon)
+    for name, page in [
+        (b"healthz", alive),
+        (b"health", alive),
+        (b"readyz", ready),
+        (b"ready", ready),
+        (b"status", _Status(daemon)),
+        (b"metrics", _Metrics(daemon, registry)),
+    ]:
+        root.putChild(name, page)
+    root.putChild(b"", root)
+    return _QuietSite(root, timeout=IDLE_TIMEOUT)
+
+
+class HealthService(Service):
+    """
+    Serves L{health_site} on C{address} while running. C{port} is the
+    listening port once bound; C{error} says why binding failed.
+    """
+
+    log = Logger()
+    name = "health"
+
+    def __init__(
+        self,
+        address: str,
+        daemon: StatusSource,
+        registry: CollectorRegistry,
+        reactor: Any,
+    ) -> None:
+        self.address = address
+        self._daemon = daemon
+        self._registry = registry
+        self._reactor = reactor
+        self.port: IListeningPort | None = None
+        self.error = ""
+        self._listening: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        host, port = split_address(self.address)
+        kind = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        endpoint = kind(self._reactor, port, interface=host)
+        listening: Deferred[Any] = endpoint.listen(
+            health_site(self._daemon, self._registry)
+        )
+        self._listening = listening.addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port: IListeningPort) -> None:
+        self._listening = None
+        self.port, self.error = port, ""
+        bound = port.getHost()
+        self.log.info(
+            "health and metrics on http://{address}/",
+            address=join_host_port(bound.host, bound.port),  # type: ignore[attr-defined]
+        )
+
+    def _failed(self, failure: Failure) -> None:
+        self._listening = None
+        error = failure.value
+        if isinstance(error, CannotListenError) and isinstance(
+            error.socketError, OSError
+        ):
+            self.error = error.socketError.strerror or str(error.socketError)
+        else:
+            self.error = failure.getErrorMessage()
+        self.log.error(
+            "cannot serve health and metrics on {address}: {error}; the daemon"
+            " runs without them. Set server.health_address to a free address"
+            ' and port, or to "" to turn them off',
+            address=self.address,
+            error=self.error,
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._listening is not None:
+            self._listening.cancel()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        stopping: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+        return stopping

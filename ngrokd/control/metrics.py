@@ -1,0 +1,173 @@
+# -*- test-case-name: ngrokd.test.test_metrics -*-
+"""
+Prometheus metrics, prefixed C{ngrokd_}, in a registry of their own.
+
+Counting costs the data path nothing: the per-endpoint numbers are the
+counters the listeners already keep for status, read when Prometheus
+scrapes (bytes of connections still open included, so a long session is
+seen before it ends). Only what needs a distribution is observed as it
+happens, once per connection or poll, never per byte: the time from accept
+to an upgraded connection, the lifetime of each connection, and each
+discovery poll's duration and result. Without a health server there is no
+L{DaemonMetrics}, and the data path does not even read the clock for it.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+
+import twisted
+from ngrokd import __version__
+from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable
+
+if TYPE_CHECKING:
+    from ngrokd.daemon import Daemon
+
+PREFIX = "ngrokd"
+
+#: Seconds from accept to an upgraded connection: TCP, TLS and the upgrade.
+UPGRADE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+#: Connections last from a refused instant to a day-long session.
+LIFETIME_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600)
+POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def poll_result(error: BaseException | None) -> str:
+    """
+    The C{result} label of a poll: C{ok}, or what kind of failure.
+    """
+    if error is None:
+        return "ok"
+    if isinstance(error, APIUnavailable):
+        return "unavailable"
+    if isinstance(error, APIError):
+        return "api_error"
+    if isinstance(error, APIResponseInvalid):
+        return "invalid"
+    return "error"
+
+
+class DaemonMetrics:
+    """
+    The daemon's metrics. Building it hooks its observers into C{daemon}'s
+    listeners and discovery; C{registry} is what C{/metrics} exposes.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self.registry = CollectorRegistry()
+        self.upgrade_seconds = Histogram(
+            "upgrade_duration_seconds",
+            "Time from accepting a local connection to an upgraded connection"
+            " to the binding ingress.",
+            namespace=PREFIX,
+            buckets=UPGRADE_BUCKETS,
+            registry=self.registry,
+        )
+        self.lifetime_seconds = Histogram(
+            "connection_duration_seconds",
+            "Lifetime of each local connection, from accept to close.",
+            namespace=PREFIX,
+            buckets=LIFETIME_BUCKETS,
+            registry=self.registry,
+        )
+        self.poll_seconds = Histogram(
+            "discovery_poll_duration_seconds",
+            "Duration of each poll of the bound endpoints, by result (its"
+            " _count counts the polls).",
+            ["result"],
+            namespace=PREFIX,
+            buckets=POLL_BUCKETS,
+            registry=self.registry,
+        )
+        ProcessCollector(namespace=PREFIX, registry=self.registry)
+        self.registry.register(self)
+        daemon.listeners.timings = self
+        daemon.discovery.on_poll = self.polled
+
+    # The observers
+
+    def upgraded(self, seconds: float) -> None:
+        self.upgrade_seconds.observe(seconds)
+
+    def closed(self, seconds: float) -> None:
+        self.lifetime_seconds.observe(seconds)
+
+    def polled(self, seconds: float, error: BaseException | None) -> None:
+        self.poll_seconds.labels(poll_result(error)).observe(seconds)
+
+    # The collector: read at each scrape
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._endpoints()
+        status = self._daemon.daemon_status()
+        ready = GaugeMetricFamily(
+            f"{PREFIX}_ready", "1 when /readyz answers 200, else 0."
+        )
+        ready.add_metric([], float(status.ready))
+        yield ready
+        if status.certificate_expires is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_certificate_expiry_timestamp_seconds",
+                "When the client certificate for the binding ingress expires.",
+                value=status.certificate_expires,
+            )
+        if status.last_poll is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_discovery_last_success_timestamp_seconds",
+                "When the last good poll of the bound endpoints answered.",
+                value=status.last_poll,
+            )
+        build = GaugeMetricFamily(
+            f"{PREFIX}_build_info",
+            "Always 1; the labels say what runs.",
+            labels=["version", "python", "twisted"],
+        )
+        build.add_metric(
+            [__version__, platform.python_version(), twisted.__version__], 1.0
+        )
+        yield build
+
+    def _endpoints(self) -> Iterator[Metric]:
+        labels = ["url"]
+        opened = GaugeMetricFamily(
+            f"{PREFIX}_endpoint_connections_open",
+            "Local connections open now.",
+            labels=labels,
+        )
+        accepted = CounterMetricFamily(
+            f"{PREFIX}_endpoint_connections",
+            "Local connections accepted.",
+            labels=labels,
+        )
+        carried = CounterMetricFamily(
+            f"{PREFIX}_endpoint_bytes",
+            "Bytes carried: up from local clients to the endpoint, down back.",
+            labels=["url", "direction"],
+        )
+        failures = CounterMetricFamily(
+            f"{PREFIX}_endpoint_upstream_failures",
+            "Connections that could not be carried to the endpoint, by kind"
+            " (dial, tls, timeout, upgrade, refused, other).",
+            labels=["url", "kind"],
+        )
+        for url, listener in self._daemon.listeners.listeners.items():
+            stats = listener.stats
+            up, down = stats.bytes_up, stats.bytes_down
+            for connection in listener.factory.connections:
+                up += connection.bytes_received
+                if connection.ingress is not None:
+                    down += connection.ingress.bytes_received
+            opened.add_metric([url], stats.connections_open)
+            accepted.add_metric([url], stats.connections_total)
+            carried.add_metric([url, "up"], up)
+            carried.add_metric([url, "down"], down)
+            for kind, count in sorted(stats.failures.items()):
+                failures.add_metric([url, kind], count)
+        yield from (opened, accepted, carried, failures)
