@@ -44,10 +44,14 @@ class AtomicWriteError(OSError):
         return f"cannot write {self.path}: {self.step}: {self.strerror}"
 
 
-def write_atomic(path: str, data: bytes, mode: int) -> None:
+def write_atomic(
+    path: str, data: bytes, mode: int, owner: tuple[int, int] | None = None
+) -> None:
     """
     Replace the content of C{path} with C{data}, with permissions C{mode}
-    (not subject to the umask), atomically and durably.
+    (not subject to the umask), atomically and durably. C{owner}, a
+    C{(uid, gid)} pair, is given to the new file before it replaces the old
+    one, so a file rewritten by root keeps its owner and group.
 
     @raise AtomicWriteError: on any failure, naming C{path}.
     """
@@ -60,6 +64,9 @@ def write_atomic(path: str, data: bytes, mode: int) -> None:
         raise AtomicWriteError(path, step, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
+            if owner is not None:
+                step = "set its owner"
+                os.fchown(f.fileno(), *owner)
             step = "set its mode"
             os.fchmod(f.fileno(), mode)
             step = "write"

@@ -8,7 +8,7 @@ import errno
 import os
 import stat
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ngrokd.atomic import AtomicWriteError, read_if_exists, write_atomic
 
@@ -71,6 +71,43 @@ class WriteAtomicTests(SynchronousTestCase):
         self.patch(os, "fsync", recording_fsync)
         write_atomic(self.path, b"key", 0o600)
         self.assertEqual(modes[0], 0o600)
+
+    def test_owner(self) -> None:
+        """
+        A file written by root for another user has that user and group
+        before it takes the old file's place, so it is never root's.
+        """
+        if os.getuid() != 0:
+            raise SkipTest("only root can give a file to another user")
+        owners = []
+        real_fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            info = os.fstat(fd)
+            owners.append((info.st_uid, info.st_gid))
+            real_fsync(fd)
+
+        self.patch(os, "fsync", recording_fsync)
+        write_atomic(self.path, b"config", 0o640, owner=(65534, 65533))
+        self.assertEqual(owners[0], (65534, 65533))
+        info = os.stat(self.path)
+        self.assertEqual((info.st_uid, info.st_gid), (65534, 65533))
+        self.assertEqual(stat.S_IMODE(info.st_mode), 0o640)
+
+    def test_ownerRefused(self) -> None:
+        """
+        When the owner cannot be set, the old file is intact and the error
+        names the path and the step.
+        """
+        write_atomic(self.path, b"old", 0o600)
+        self.patch(os, "fchown", _failing(errno.EPERM))
+        e = self.assertRaises(
+            AtomicWriteError, write_atomic, self.path, b"new", 0o600, owner=(1, 1)
+        )
+        self.assertIn("set its owner", str(e))
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), b"old")
+        self.assertNoTemporaryFiles()
 
     def test_renameFailureKeepsOldContent(self) -> None:
         """
