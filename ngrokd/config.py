@@ -121,6 +121,10 @@ class ServerConfig:
     #: C{address:port} (an IPv6 address in brackets) of the health and
     #: metrics HTTP server; C{""}: no such server.
     health_address: str = "127.0.0.1:8081"
+    #: The group that owns the control socket ("": the daemon's own).
+    socket_group: str = ""
+    #: The group whose members may run commands that change the daemon.
+    admin_group: str = ""
 
 
 @frozen
@@ -312,6 +316,21 @@ def _log_level(node: yaml.Node, key: str, ctx: _Context) -> str:
     return "warn" if value.lower() == "warning" else value.lower()
 
 
+#: Twisted server endpoint types a socket_path may name instead of a path.
+_ENDPOINT_TYPES = ("unix:", "systemd:", "tcp:", "tcp6:")
+
+
+def _socket(node: yaml.Node, key: str, ctx: _Context) -> str:
+    """
+    A path for the control socket, or a Twisted server endpoint description
+    (C{systemd:domain=UNIX:index=0} for socket activation).
+    """
+    value = _name(node, key, ctx)
+    if value.startswith(_ENDPOINT_TYPES):
+        return value
+    return _path(node, key, ctx)
+
+
 def _interface_name(node: yaml.Node, key: str, ctx: _Context) -> str:
     value = _name(node, key, ctx)
     if len(value) > 15 or "/" in value or any(c.isspace() for c in value):
@@ -482,7 +501,9 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.connect_timeout": (_seconds, 10.0),
     "ingress.upgrade_timeout": (_seconds, 10.0),
     "server.log_level": (_log_level, "info"),
-    "server.socket_path": (_path, "/var/run/ngrokd.sock"),
+    "server.socket_path": (_socket, "/var/run/ngrokd.sock"),
+    "server.socket_group": (_string, ""),
+    "server.admin_group": (_string, ""),
     "server.state_dir": (_path, None),
     "server.client_cert": (_path, None),
     "server.client_key": (_path, None),
@@ -673,11 +694,11 @@ def load_config(
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}")
     loaded = parse_config(text, path, environ, platform)
-    _check_ca_bundles(loaded)
+    check_ca_bundles(loaded)
     return loaded
 
 
-def _check_ca_bundles(loaded: LoadedConfig) -> None:
+def check_ca_bundles(loaded: LoadedConfig) -> None:
     """
     Refuse a CA bundle the config names but that cannot be read or holds
     no certificate, naming the file, line and key, as any other bad value.

@@ -18,7 +18,7 @@ from typing import Protocol
 from attrs import frozen
 
 from ngrokd.endpoints import BoundEndpoint, join_host_port
-from ngrokd.plan import ListenSpec, Plan
+from ngrokd.plan import VIRTUAL, ListenSpec, Plan
 
 LISTENING = "listening"
 STARTING = "starting"
@@ -74,6 +74,8 @@ class EndpointStatus:
     @ivar client_address: what a program on this machine connects to: the
         endpoint's own name and port in virtual mode, an address and the
         network port otherwise.
+    @ivar mode: C{virtual}, or the network-mode address it listens on
+        (C{""} when it has no listener).
     """
 
     id: str
@@ -87,6 +89,7 @@ class EndpointStatus:
     errors: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    mode: str = ""
 
 
 @frozen
@@ -190,7 +193,9 @@ def _row(
     if listener is None or spec is None:
         address = join_host_port(spec.address, spec.port) if spec else ""
         client = spec.client_address if spec else ""
-        return EndpointStatus(endpoint.id, endpoint.url, address, STARTING, "", client)
+        return EndpointStatus(
+            endpoint.id, endpoint.url, address, STARTING, "", client, mode=_mode(spec)
+        )
     address = join_host_port(listener.spec.address, listener.spec.port)
     stats = listener.stats
     if listener.listening:
@@ -213,4 +218,11 @@ def _row(
         errors=stats.errors,
         bytes_up=stats.bytes_up,
         bytes_down=stats.bytes_down,
+        mode=_mode(listener.spec),
     )
+
+
+def _mode(spec: ListenSpec | None) -> str:
+    if spec is None:
+        return ""
+    return VIRTUAL if spec.virtual else spec.address

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
 from ngrokd import __version__
-from ngrokd.config import ConfigError, LoadedConfig, load_config
+from ngrokd.config import Config, ConfigError, LoadedConfig, load_config
+
+if TYPE_CHECKING:
+    from ngrokd.daemon import Daemon
 
 DEFAULT_CONFIG = "/etc/ngrokd/config.yml"
 
@@ -66,12 +69,21 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    for warning in options.loaded.warnings:
+        _log.warn("{warning}", warning=warning)
+    return build_daemon(options.loaded.config, reactor)
+
+
+def build_daemon(config: Config, reactor: Any) -> Daemon:
+    """
+    The daemon with its control surfaces: the log level, the health and
+    metrics server, the event feed and the control socket.
+    """
+    from ngrokd.control.feed import EventFeed
+    from ngrokd.control.server import ControlService
     from ngrokd.daemon import Daemon
     from ngrokd.logs import LogLevelService, level_named
 
-    for warning in options.loaded.warnings:
-        _log.warn("{warning}", warning=warning)
-    config = options.loaded.config
     daemon = Daemon(config, reactor)
     LogLevelService(level_named(config.server.log_level)).setServiceParent(daemon)
     if config.server.health_address:
@@ -81,4 +93,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         registry = DaemonMetrics(daemon).registry
         health = HealthService(config.server.health_address, daemon, registry, reactor)
         health.setServiceParent(daemon)
+    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+    feed.setServiceParent(daemon)
+    ControlService(daemon, feed, reactor).setServiceParent(daemon)
     return daemon

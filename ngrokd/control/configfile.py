@@ -30,7 +30,7 @@ import yaml
 from attrs import frozen
 
 from ngrokd.atomic import write_atomic
-from ngrokd.config import ConfigError, parse_config
+from ngrokd.config import ConfigError, check_ca_bundles, parse_config
 
 #: A config file larger than this is some other file.
 MAX_CONFIG_BYTES = 2**20
@@ -224,7 +224,7 @@ def validate_config(text: str, path: str) -> str | None:
     C{path}, else the error, naming the file, line and key.
     """
     try:
-        parse_config(text, path, os.environ, sys.platform)
+        check_ca_bundles(parse_config(text, path, os.environ, sys.platform))
     except ConfigError as e:
         return str(e)
     return None

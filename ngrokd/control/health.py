@@ -31,7 +31,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -187,7 +187,7 @@ class _Page(Resource):
     allowedMethods = (b"GET", b"HEAD")
 
     def __init__(self, daemon: StatusSource) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._daemon = daemon
 
     def render(self, request: Request) -> bytes:
@@ -271,6 +271,9 @@ class _QuietSite(Site):
     noisy = False
     requestFactory = _BodylessRequest
 
+    def __init__(self, root: Resource, timeout: float) -> None:
+        Site.__init__(self, root, timeout=timeout)
+
     def log(self, request: object) -> None:
         pass
 
@@ -319,10 +322,10 @@ class HealthService(Service):
         self._listening: Deferred[None] | None = None
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         host, port = split_address(self.address)
         kind = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
-        endpoint = kind(self._reactor, port, interface=host)
+        endpoint: IStreamServerEndpoint = kind(self._reactor, port, interface=host)
         listening: Deferred[Any] = endpoint.listen(
             health_site(self._daemon, self._registry)
         )
@@ -355,7 +358,7 @@ class HealthService(Service):
         )
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        Service.stopService(self)
         if self._listening is not None:
             self._listening.cancel()
         port, self.port = self.port, None

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -18,6 +19,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from ngrokd.status import DaemonStatus
 
 
 @implementer(IHalfCloseableProtocol)
@@ -196,3 +199,40 @@ def free_ports(count: int) -> int:
             continue
         return first
     raise AssertionError(f"no {count} consecutive free ports")
+
+
+def ready_status(**changes: Any) -> DaemonStatus:
+    """
+    The status of a registered daemon that applied a poll and whose two
+    listeners are up, with C{changes}.
+    """
+    ready = DaemonStatus(
+        version="1",
+        started=100.0,
+        now=160.0,
+        identity_state="registered",
+        operator_id="k8sop_1",
+        certificate_expires=None,
+        identity_error="",
+        ingress_endpoint="ingress.test:443",
+        polled=True,
+        last_poll=150.0,
+        poll_error="",
+        poll_failures=0,
+        endpoints=2,
+        listeners_planned=2,
+        listeners_up=2,
+    )
+    return attrs.evolve(ready, **changes)
+
+
+async def wait_listening(daemon: Any, expected: int) -> None:
+    """
+    Wait until C{expected} of C{daemon}'s listeners listen.
+    """
+    await wait_until(
+        lambda: (
+            sum(x.listening for x in daemon.listeners.listeners.values()) == expected
+        ),
+        f"{expected} listeners",
+    )

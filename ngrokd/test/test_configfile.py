@@ -353,6 +353,18 @@ class ValidateConfigTests(SynchronousTestCase):
             error, "/c.yml:2: net.start_port: must be a port number 1..65535, got 99999"
         )
 
+    def test_missingCABundle(self) -> None:
+        """
+        A CA bundle that does not exist is refused, as at the daemon's start.
+        """
+        missing = os.path.abspath(self.mktemp())
+        error = validate_config(f"ingress:\n  ca_bundle: {missing}\n", "/c.yml")
+        self.assertEqual(
+            error,
+            f"/c.yml:2: ingress.ca_bundle: cannot read {missing}:"
+            " No such file or directory",
+        )
+
 
 class EditConfigTests(_Files):
     """

@@ -35,7 +35,7 @@ from ngrokd.test.helpers import (
     listen,
     settle,
     unused_port,
-    wait_until,
+    wait_listening,
 )
 
 
@@ -87,13 +87,7 @@ class DaemonEndToEndTests(TestCase):
         daemon = Daemon(config, reactor)
         daemon.startService()
         self.addCleanup(daemon.stopService)
-        await wait_until(
-            lambda: (
-                sum(x.listening for x in daemon.listeners.listeners.values())
-                == expected
-            ),
-            f"{expected} listeners",
-        )
+        await wait_listening(daemon, expected)
         return daemon
 
     def port_of(self, daemon: Daemon, url: str) -> int:

@@ -305,6 +305,7 @@ class StatusTests(DaemonHealthTestCase):
                     "connections_total": 1,
                     "bytes_up": 5,
                     "bytes_down": 5,
+                    "mode": "127.0.0.1",
                 },
             )
 

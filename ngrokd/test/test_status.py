@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
@@ -19,10 +18,10 @@ from ngrokd.status import (
     FAILED,
     LISTENING,
     STARTING,
-    DaemonStatus,
     EndpointStatus,
     endpoint_status,
 )
+from ngrokd.test.helpers import ready_status
 
 LISTENING_PORT = cast(Any, object())
 
@@ -39,9 +38,12 @@ def _listener(
     error: str = "",
     stats: EndpointStats | None = None,
     client_address: str = "",
+    virtual: bool = False,
 ) -> Listener:
     target = parse_endpoint_url(url)
-    spec = ListenSpec(address, port, target, client_address=client_address)
+    spec = ListenSpec(
+        address, port, target, client_address=client_address, virtual=virtual
+    )
     factory = BridgeFactory(target, cast(IngressConnector, None), None, stats)
     return Listener(spec, factory, LISTENING_PORT if listening else None, error)
 
@@ -77,6 +79,7 @@ class EndpointStatusTests(SynchronousTestCase):
                     "http://web.prod",
                     stats=stats,
                     client_address="web.prod:80",
+                    virtual=True,
                 )
             ],
         )
@@ -94,6 +97,7 @@ class EndpointStatusTests(SynchronousTestCase):
                 errors=0,
                 bytes_up=100,
                 bytes_down=2000,
+                mode="virtual",
             ),
         )
 
@@ -199,31 +203,6 @@ class EndpointStatusTests(SynchronousTestCase):
         self.assertEqual([row.connections_total for row in rows], [0, 7, 7])
 
 
-def _daemon(**changes: Any) -> DaemonStatus:
-    """
-    A registered daemon that applied a poll and whose two listeners are up,
-    with C{changes}.
-    """
-    ready = DaemonStatus(
-        version="1",
-        started=100.0,
-        now=160.0,
-        identity_state="registered",
-        operator_id="k8sop_1",
-        certificate_expires=None,
-        identity_error="",
-        ingress_endpoint="ingress.test:443",
-        polled=True,
-        last_poll=150.0,
-        poll_error="",
-        poll_failures=0,
-        endpoints=2,
-        listeners_planned=2,
-        listeners_up=2,
-    )
-    return attrs.evolve(ready, **changes)
-
-
 class DaemonStatusTests(SynchronousTestCase):
     """
     L{DaemonStatus.ready} and the reason it is not.
@@ -234,9 +213,12 @@ class DaemonStatusTests(SynchronousTestCase):
         Registered, polled and every planned listener up is ready; so is a
         daemon with no endpoints at all.
         """
-        for status in [_daemon(), _daemon(listeners_planned=0, listeners_up=0)]:
+        for status in [
+            ready_status(),
+            ready_status(listeners_planned=0, listeners_up=0),
+        ]:
             self.assertEqual((status.ready, status.not_ready_because), (True, ""))
-        self.assertEqual(_daemon().uptime, 60.0)
+        self.assertEqual(ready_status().uptime, 60.0)
 
     def test_notReady(self) -> None:
         """
@@ -245,11 +227,11 @@ class DaemonStatusTests(SynchronousTestCase):
         """
         for status, reason in [
             (
-                _daemon(operator_id="", identity_state="registering"),
+                ready_status(operator_id="", identity_state="registering"),
                 "registering",
             ),
             (
-                _daemon(
+                ready_status(
                     operator_id="",
                     identity_state="not registered",
                     identity_error="ngrok API unavailable",
@@ -258,13 +240,13 @@ class DaemonStatusTests(SynchronousTestCase):
                 "not registered: ngrok API unavailable",
             ),
             (
-                _daemon(polled=False),
+                ready_status(polled=False),
                 "the bound endpoints have not been read yet",
             ),
             (
-                _daemon(polled=False, poll_error="401 ERR_NGROK_201"),
+                ready_status(polled=False, poll_error="401 ERR_NGROK_201"),
                 "the bound endpoints have not been read yet: 401 ERR_NGROK_201",
             ),
-            (_daemon(listeners_up=1), "1 of 2 listeners are up"),
+            (ready_status(listeners_up=1), "1 of 2 listeners are up"),
         ]:
             self.assertEqual((status.ready, status.not_ready_because), (False, reason))

@@ -14,7 +14,9 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import HealthService
+from ngrokd.control.server import ControlService
 from ngrokd.daemon import Daemon
 from ngrokd.logs import LogLevelService
 from ngrokd.tap import Options, makeService
@@ -125,7 +127,8 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, Daemon)
         self.assertFalse(service.running)
         self.assertEqual(
-            [type(child) for child in service], [LogLevelService, HealthService]
+            [type(child) for child in service],
+            [LogLevelService, HealthService, EventFeed, ControlService],
         )
         health = service.getServiceNamed("health")
         assert isinstance(health, HealthService)
@@ -141,7 +144,10 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         service = makeService(options, MemoryReactor())
         assert isinstance(service, Daemon)
-        self.assertEqual([type(child) for child in service], [LogLevelService])
+        self.assertEqual(
+            [type(child) for child in service],
+            [LogLevelService, EventFeed, ControlService],
+        )
 
 
 class PluginTests(SynchronousTestCase):

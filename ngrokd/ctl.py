@@ -1,0 +1,278 @@
+# -*- test-case-name: ngrokd.test.test_ctl -*-
+"""
+C{ngrokctl}: ask and tell a running ngrokd, over its control socket.
+
+Commands: C{status}, C{list}, C{health}, C{events}, C{set-api-key},
+C{config edit}. Read commands print tables, or JSON with C{-o json}.
+Errors go to stderr, each with an exit code of its own
+(L{ngrokd.control.client}): 3 when ngrokd is not running, 4 when the
+socket or the command is not allowed to this user, 5 on a timeout, 6 when
+the two sides' versions differ; C{health} exits 1 when not ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from attrs import define
+from twisted.internet.task import react
+
+from ngrokd import __version__
+from ngrokd.control.client import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Control,
+    ControlError,
+    connect,
+)
+from ngrokd.control.configfile import (
+    Outcome,
+    edit_config,
+    editor_command,
+    validate_config,
+)
+from ngrokd.control.render import (
+    endpoint_table,
+    event_line,
+    status_lines,
+)
+
+DEFAULT_SOCKET = "/var/run/ngrokd.sock"
+DEFAULT_CONFIG = "/etc/ngrokd/config.yml"
+#: How a config edit ends well.
+_EDIT_DONE = (Outcome.SAVED, Outcome.UNCHANGED)
+#: How long one events call waits for something to happen, in seconds.
+EVENTS_WAIT = 25.0
+
+
+@define
+class Console:
+    """
+    Where ngrokctl reads and writes: the process's streams, or a test's.
+    """
+
+    out: TextIO
+    err: TextIO
+    stdin: TextIO
+    environ: dict[str, str]
+
+    @property
+    def colour(self) -> bool:
+        return self.out.isatty() and "NO_COLOR" not in self.environ
+
+    def say(self, line: str = "") -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def warn(self, line: str) -> None:
+        self.err.write(f"ngrokctl: {line}\n")
+        self.err.flush()
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="ngrokctl", description="Ask and tell a running ngrokd."
+    )
+    top.add_argument("--version", action="version", version=f"ngrokctl {__version__}")
+    top.add_argument(
+        "--socket",
+        help="the daemon's control socket (default: $NGROKD_SOCKET, then"
+        f" {DEFAULT_SOCKET})",
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def read_command(name: str, text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument(
+            "-o", "--output", choices=["table", "json"], default="table"
+        )
+        return command
+
+    read_command("status", "who the daemon is to ngrok, and how it does")
+    read_command("list", "every bound endpoint: where to connect, its state")
+    read_command("health", "whether the daemon is ready; exits 1 when not")
+    events = read_command("events", "follow what happens, live")
+    events.add_argument(
+        "--tail", type=int, default=10, help="show this many past events first"
+    )
+    events.add_argument(
+        "--once", action="store_true", help="print the past events and stop"
+    )
+    key = commands.add_parser(
+        "set-api-key",
+        help="try an ngrok API key, then use and save it",
+        description="The key is read from stdin (or a prompt on a terminal)"
+        " so that it stays out of ps and shell history.",
+    )
+    key.add_argument("key", nargs="?", help=argparse.SUPPRESS)
+    config = commands.add_parser("config", help="the configuration file")
+    config.add_argument("action", choices=["edit"])
+    config.add_argument(
+        "--config",
+        help=f"the file (default: the running daemon's, then {DEFAULT_CONFIG})",
+    )
+    return top
+
+
+async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
+    """
+    Run one ngrokctl command line; the exit code.
+    """
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) and EXIT_USAGE
+    socket = args.socket or console.environ.get("NGROKD_SOCKET") or DEFAULT_SOCKET
+    try:
+        if args.command == "config":
+            return await _config_edit(reactor, socket, args.config, console)
+        control = await connect(reactor, socket)
+        try:
+            return await _COMMANDS[args.command](control, args, console)
+        finally:
+            control.close()
+    except ControlError as e:
+        console.warn(str(e))
+        return e.code
+
+
+async def _status(control: Control, args: Any, console: Console) -> int:
+    status = await control.status()
+    if args.output == "json":
+        console.say(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    counts = Counter([row["state"] async for row in control.endpoints()])
+    for line in status_lines(status, counts, console.colour):
+        console.say(line)
+    return EXIT_OK
+
+
+async def _list(control: Control, args: Any, console: Console) -> int:
+    rows = [row async for row in control.endpoints()]
+    if args.output == "json":
+        console.say(json.dumps(rows, indent=2, sort_keys=True))
+        return EXIT_OK
+    for line in endpoint_table(rows, console.colour):
+        console.say(line)
+    return EXIT_OK
+
+
+async def _health(control: Control, args: Any, console: Console) -> int:
+    status = await control.status()
+    ready, because = status["ready"], status["not_ready_because"]
+    if args.output == "json":
+        console.say(json.dumps({"ready": ready, "not_ready_because": because}))
+    else:
+        console.say("ready" if ready else f"not ready: {because}")
+    return EXIT_OK if ready else EXIT_FAILED
+
+
+async def _events(control: Control, args: Any, console: Console) -> int:
+    _, last = await control.events(2**53, 0.0)
+    seen = max(0, last - max(0, args.tail))
+    while True:
+        found, last = await control.events(seen, 0.0 if args.once else EVENTS_WAIT)
+        for event in found:
+            if args.output == "json":
+                console.say(json.dumps(event, sort_keys=True))
+            else:
+                console.say(event_line(event, console.colour))
+        if found:
+            seen = found[-1]["id"]
+        elif last < seen:
+            seen = last  # the daemon restarted: its numbering did too
+        if args.once and not found:
+            return EXIT_OK
+
+
+async def _set_api_key(control: Control, args: Any, console: Console) -> int:
+    key = args.key
+    if key is not None:
+        console.warn(
+            "a key given on the command line shows in ps and in shell history;"
+            " pipe it in instead: ngrokctl set-api-key < keyfile"
+        )
+    elif console.stdin.isatty():
+        key = getpass.getpass("ngrok API key: ", stream=console.err)
+    else:
+        key = console.stdin.readline()
+    if not key.strip():
+        console.warn("no API key given")
+        return EXIT_USAGE
+    console.say(await control.set_api_key(key.strip()))
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "status": _status,
+    "list": _list,
+    "health": _health,
+    "events": _events,
+    "set-api-key": _set_api_key,
+}
+
+
+async def _config_edit(
+    reactor: Any, socket: str, path: str | None, console: Console
+) -> int:
+    if path is None:
+        path = await _daemon_config(reactor, socket) or DEFAULT_CONFIG
+    if not os.path.exists(path):
+        console.warn(f"{path} does not exist: name the file with --config")
+        return EXIT_FAILED
+
+    def ask_again(error: str) -> bool:
+        console.warn(error)
+        if not console.stdin.isatty():
+            return False
+        console.err.write("Edit again? [Y/n] ")
+        console.err.flush()
+        return console.stdin.readline().strip().lower() not in ("n", "no")
+
+    result = edit_config(
+        path, editor_command(console.environ), validate_config, ask_again
+    )
+    console.say(result.message)
+    return EXIT_OK if result.outcome in _EDIT_DONE else EXIT_FAILED
+
+
+async def _daemon_config(reactor: Any, socket: str) -> str | None:
+    """
+    The config file of the daemon on C{socket}, if one answers.
+    """
+    try:
+        control = await connect(reactor, socket)
+    except ControlError:
+        return None
+    try:
+        status = await control.status()
+    except ControlError:
+        return None
+    finally:
+        control.close()
+    path: str = status["config_path"]
+    return path
+
+
+def main() -> None:
+    """
+    The C{ngrokctl} console script.
+    """
+    console = Console(sys.stdout, sys.stderr, sys.stdin, dict(os.environ))
+
+    async def command(reactor: Any) -> None:
+        raise SystemExit(await run(reactor, sys.argv[1:], console))
+
+    react(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""
+Tests for C{ngrokctl} (L{ngrokd.ctl}) against a running daemon, over its
+real control socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ngrokd.control import client
+from ngrokd.control.client import (
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_PERMISSION,
+    EXIT_VERSION,
+)
+from ngrokd.control.render import duration, endpoint_table, size
+from ngrokd.ctl import Console, run
+from ngrokd.daemon import Daemon
+from ngrokd.test.helpers import wait_until
+from ngrokd.test.test_control import DaemonFixture
+
+
+class Ran:
+    """
+    What one ngrokctl run printed, and its exit code.
+    """
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def ngrokctl(
+    socket: str, *argv: str, stdin: str = "", environ: dict[str, str] | None = None
+) -> Ran:
+    out, err = io.StringIO(), io.StringIO()
+    console = Console(
+        out, err, io.StringIO(stdin), {"NGROKD_SOCKET": socket, **(environ or {})}
+    )
+    code = await run(reactor, list(argv), console)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+class CommandTests(DaemonFixture, TestCase):
+    """
+    Each command, in both output forms, against a registered daemon.
+    """
+
+    def setUp(self) -> None:
+        self.devcloud = self.start_devcloud(self)
+        self.socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        self.daemon: Daemon | None = None
+
+    async def started(self) -> Daemon:
+        return await self.start_daemon(self, self.devcloud, self.socket)
+
+    def test_status(self) -> Deferred[None]:
+        """
+        C{status} shows the operator, the ingress and the endpoint count
+        (where the original's scripts find it with awk); C{-o json} the
+        same as data.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            assert daemon.identity is not None
+            ran = await ngrokctl(self.socket, "status")
+            self.assertEqual(ran.code, EXIT_OK, ran.err)
+            self.assertIn(
+                f"Registered:   yes, operator {daemon.identity.operator_id}", ran.out
+            )
+            self.assertIn(f"Ingress:      {self.devcloud.ingress_endpoint}", ran.out)
+            (endpoints,) = [
+                line for line in ran.out.splitlines() if line.startswith("Endpoints:")
+            ]
+            self.assertEqual(endpoints.split()[1], "2")
+            self.assertIn("Ready:        yes", ran.out)
+            data = (await ngrokctl(self.socket, "status", "-o", "json")).json()
+            self.assertEqual(
+                (data["registered"], data["endpoints"], data["ready"]), (True, 2, True)
+            )
+
+        return ensureDeferred(run())
+
+    def test_list(self) -> Deferred[None]:
+        """
+        C{list} has a row per endpoint with where to connect and its state;
+        C{-o json} has the rows as data.
+        """
+
+        async def run() -> None:
+            await self.started()
+            ran = await ngrokctl(self.socket, "list")
+            self.assertEqual(ran.code, EXIT_OK, ran.err)
+            lines = ran.out.splitlines()
+            self.assertTrue(lines[0].startswith("URL"))
+            (echo,) = [line for line in lines if "tcp://echo.test:7000" in line]
+            self.assertIn("listening", echo.split())
+            self.assertEqual(lines[-1], "Total: 2 endpoints")
+            rows = (await ngrokctl(self.socket, "list", "-o", "json")).json()
+            self.assertEqual(
+                sorted(row["url"] for row in rows),
+                ["http://web.test", "tcp://echo.test:7000"],
+            )
+
+        return ensureDeferred(run())
+
+    def test_health(self) -> Deferred[None]:
+        """
+        C{health} says ready and exits 0.
+        """
+
+        async def run() -> None:
+            await self.started()
+            ran = await ngrokctl(self.socket, "health")
+            self.assertEqual((ran.code, ran.out), (EXIT_OK, "ready\n"))
+            data = (await ngrokctl(self.socket, "health", "-o", "json")).json()
+            self.assertEqual(data, {"ready": True, "not_ready_because": ""})
+
+        return ensureDeferred(run())
+
+    def test_events(self) -> Deferred[None]:
+        """
+        C{events} shows what happened: each endpoint added, then an endpoint
+        removed from ngrok as it happens.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            await wait_until(
+                lambda: control_feed(daemon).last_id >= 2, "the first events"
+            )
+            ran = await ngrokctl(self.socket, "events", "--once")
+            self.assertEqual(ran.code, EXIT_OK, ran.err)
+            self.assertIn("added: tcp://echo.test:7000 added", ran.out)
+            following = ensureDeferred(ngrokctl(self.socket, "events", "--tail", "0"))
+            self.devcloud.cloud.remove_endpoint("http://web.test")
+            daemon.discovery.poll_now()
+            await wait_until(
+                lambda: any(e.kind == "removed" for e in control_feed(daemon).after(0)),
+                "the removal event",
+            )
+            following.cancel()
+            self.failureResultOf(following)
+
+        return ensureDeferred(run())
+
+    def test_eventsJSON(self) -> Deferred[None]:
+        """
+        C{events -o json} prints one JSON object per event.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            await wait_until(
+                lambda: control_feed(daemon).last_id >= 2, "the first events"
+            )
+            ran = await ngrokctl(self.socket, "events", "--once", "-o", "json")
+            events = [json.loads(line) for line in ran.out.splitlines()]
+            self.assertIn(
+                ("added", "tcp://echo.test:7000"),
+                [(e["kind"], e["url"]) for e in events],
+            )
+
+        return ensureDeferred(run())
+
+    def test_notRunning(self) -> Deferred[None]:
+        """
+        With no daemon, each command says so on stderr and exits 3.
+        """
+
+        async def run() -> None:
+            missing = os.path.join(self.socket_dir(self), "nothing.sock")
+            ran = await ngrokctl(missing, "status")
+            self.assertEqual(ran.code, EXIT_NOT_RUNNING)
+            self.assertEqual(ran.out, "")
+            self.assertIn("ngrokd is not running", ran.err)
+            self.assertIn(missing, ran.err)
+
+        return ensureDeferred(run())
+
+    def test_versionMismatch(self) -> Deferred[None]:
+        """
+        A daemon speaking a newer protocol gets a message naming what to
+        upgrade, and exit code 6.
+        """
+
+        async def run() -> None:
+            await self.started()
+            self.patch(client, "PROTOCOL_VERSION", 0)
+            ran = await ngrokctl(self.socket, "status")
+            self.assertEqual(ran.code, EXIT_VERSION)
+            self.assertIn("upgrade ngrokctl", ran.err)
+
+        return ensureDeferred(run())
+
+
+def control_feed(daemon: Daemon) -> Any:
+    from ngrokd.control.feed import EventFeed
+
+    (feed,) = [s for s in daemon if isinstance(s, EventFeed)]
+    return feed
+
+
+class APIKeyTests(DaemonFixture, TestCase):
+    """
+    C{set-api-key} against a daemon that waits for a key.
+    """
+
+    def setUp(self) -> None:
+        self.devcloud = self.start_devcloud(self)
+        self.socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        with open(self.devcloud.config_path) as f:
+            self.original = f.read()
+        key_line = f"  key: {json.dumps(self.devcloud.api_key)}\n"
+        self.assertIn(key_line, self.original)
+        self.without_key = self.original.replace(key_line, '  key: ""\n')
+        self.config = os.path.join(self.devcloud.state_dir, "keyless.yml")
+        with open(self.config, "w") as f:
+            f.write(self.without_key)
+
+    async def waiting(self) -> Daemon:
+        return await self.start_daemon(
+            self, self.devcloud, self.socket, self.config, expected=0
+        )
+
+    def test_notReadyWithoutKey(self) -> Deferred[None]:
+        """
+        Without a key, C{health} says why it is not ready and exits 1.
+        """
+
+        async def run() -> None:
+            await self.waiting()
+            ran = await ngrokctl(self.socket, "health")
+            self.assertEqual(ran.code, EXIT_FAILED)
+            self.assertIn("not ready: not registered, waiting for an API key", ran.out)
+
+        return ensureDeferred(run())
+
+    def test_keyFromStdin(self) -> Deferred[None]:
+        """
+        A key piped in is tried, used (the daemon registers and serves) and
+        saved in the config, whose every other byte stays.
+        """
+
+        async def run() -> None:
+            daemon = await self.waiting()
+            ran = await ngrokctl(
+                self.socket, "set-api-key", stdin=self.devcloud.api_key + "\n"
+            )
+            self.assertEqual(ran.code, EXIT_OK, ran.err)
+            self.assertIn(f"saved in {self.config}", ran.out)
+            self.assertEqual(ran.err, "")
+            await wait_until(
+                lambda: (
+                    sum(x.listening for x in daemon.listeners.listeners.values()) == 2
+                ),
+                "the endpoints",
+            )
+            with open(self.config) as f:
+                saved = f.read().splitlines()
+            before = self.without_key.splitlines()
+            self.assertEqual(len(saved), len(before))
+            changed = [(a, b) for a, b in zip(before, saved, strict=True) if a != b]
+            self.assertEqual(len(changed), 1)
+            self.assertIn(self.devcloud.api_key, changed[0][1])
+
+        return ensureDeferred(run())
+
+    def test_wrongKey(self) -> Deferred[None]:
+        """
+        A key ngrok refuses changes nothing: exit 1, the reason on stderr,
+        the config untouched.
+        """
+
+        async def run() -> None:
+            await self.waiting()
+            ran = await ngrokctl(self.socket, "set-api-key", stdin="wrong\n")
+            self.assertEqual(ran.code, EXIT_FAILED)
+            self.assertIn("not accepted", ran.err)
+            self.assertNotIn("wrong", ran.err.replace("not accepted", ""))
+            with open(self.config) as f:
+                self.assertEqual(f.read(), self.without_key)
+
+        return ensureDeferred(run())
+
+    def test_keyArgumentWarns(self) -> Deferred[None]:
+        """
+        A key on the command line still works, with a warning about ps and
+        shell history.
+        """
+
+        async def run() -> None:
+            await self.waiting()
+            ran = await ngrokctl(self.socket, "set-api-key", self.devcloud.api_key)
+            self.assertEqual(ran.code, EXIT_OK, ran.err)
+            self.assertIn("shell history", ran.err)
+
+        return ensureDeferred(run())
+
+
+#: An editor for the tests: replaces the first line matching argv[1] with
+#: argv[2] in the file it is given (the last argument).
+_EDITOR = """
+import sys
+old, new, path = sys.argv[1], sys.argv[2], sys.argv[-1]
+with open(path) as f:
+    text = f.read()
+assert old in text, old
+with open(path, "w") as f:
+    f.write(text.replace(old, new, 1))
+"""
+
+
+class ConfigEditTests(DaemonFixture, TestCase):
+    """
+    C{config edit} on the running daemon's config, with a scripted editor
+    run as a real program.
+    """
+
+    def setUp(self) -> None:
+        self.devcloud = self.start_devcloud(self)
+        self.socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        self.editor = os.path.abspath(self.mktemp())
+        with open(self.editor, "w") as f:
+            f.write(_EDITOR)
+        with open(self.devcloud.config_path) as f:
+            self.original = f.read()
+
+    def edit(self, old: str, new: str) -> dict[str, str]:
+        return {"VISUAL": f"{sys.executable} {self.editor} '{old}' '{new}'"}
+
+    def test_validEditOfTheDaemonsFile(self) -> Deferred[None]:
+        """
+        Without C{--config}, the file edited is the running daemon's; a
+        valid edit is saved, and only the edited line changes.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.socket)
+            ran = await ngrokctl(
+                self.socket,
+                "config",
+                "edit",
+                environ=self.edit("log_level: info", "log_level: debug"),
+            )
+            self.assertEqual(ran.code, EXIT_OK, ran.err)
+            self.assertIn("saved", ran.out)
+            with open(self.devcloud.config_path) as f:
+                self.assertEqual(
+                    f.read(),
+                    self.original.replace("log_level: info", "log_level: debug"),
+                )
+
+        return ensureDeferred(run())
+
+    def test_invalidEditRefused(self) -> Deferred[None]:
+        """
+        An invalid edit is shown with its file, line and key, and (with no
+        terminal to ask on) given up: exit 1, the file as it was.
+        """
+
+        async def run() -> None:
+            ran = await ngrokctl(
+                self.socket,
+                "config",
+                "edit",
+                "--config",
+                self.devcloud.config_path,
+                environ=self.edit("log_level: info", "log_level: loud"),
+            )
+            self.assertEqual(ran.code, EXIT_FAILED)
+            self.assertIn(f"{self.devcloud.config_path}:", ran.err)
+            self.assertIn("server.log_level", ran.err)
+            with open(self.devcloud.config_path) as f:
+                self.assertEqual(f.read(), self.original)
+
+        return ensureDeferred(run())
+
+
+class ProgramTests(SynchronousTestCase):
+    """
+    C{python -m ngrokd.ctl} as a program.
+    """
+
+    def test_exitCode(self) -> None:
+        """
+        The program exits with the command's code, its message on stderr.
+        """
+        ran = subprocess.run(
+            [sys.executable, "-m", "ngrokd.ctl", "--socket", "/nonexistent/s", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(ran.returncode, EXIT_NOT_RUNNING, ran.stderr)
+        self.assertEqual(ran.stdout, "")
+        self.assertIn("ngrokd is not running", ran.stderr)
+        self.assertNotIn("Traceback", ran.stderr)
+
+
+class ErrorTests(SynchronousTestCase):
+    """
+    How connection failures read.
+    """
+
+    def test_permissionDenied(self) -> None:
+        """
+        A socket this user may not open says so, with exit code 4.
+        """
+        error = client._connect_error(
+            "/run/ngrokd.sock", ConnectError(osError=PermissionError(errno.EACCES, ""))
+        )
+        self.assertEqual(error.code, EXIT_PERMISSION)
+        self.assertIn("permission denied on /run/ngrokd.sock", str(error))
+
+
+class RenderTests(SynchronousTestCase):
+    """
+    The human forms of numbers and rows.
+    """
+
+    def test_units(self) -> None:
+        """
+        Durations keep their two largest units; sizes stay below 1,024.
+        """
+        self.assertEqual(
+            [duration(s) for s in (0, 59, 61, 3700, 90000)],
+            ["0s", "59s", "1m 1s", "1h 1m", "1d 1h"],
+        )
+        self.assertEqual(
+            [size(n) for n in (0, 1023, 1024, 5 * 2**20)],
+            ["0 B", "1023 B", "1.0 KiB", "5.0 MiB"],
+        )
+
+    def test_reasons(self) -> None:
+        """
+        A failed endpoint's reason is listed under the table, by URL.
+        """
+        row = {
+            "id": "ep_1",
+            "url": "tcp://db.prod:5432",
+            "client_address": "",
+            "listen_address": "",
+            "mode": "",
+            "state": "failed",
+            "reason": "port 5432 is in use by postgres",
+            "connections_open": 0,
+            "connections_total": 0,
+            "errors": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+        }
+        lines = endpoint_table([row])
+        self.assertIn("  tcp://db.prod:5432: port 5432 is in use by postgres", lines)
+        self.assertEqual(lines[-1], "Total: 1 endpoint")
