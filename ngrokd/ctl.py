@@ -2,12 +2,13 @@
 """
 C{ngrokctl}: ask and tell a running ngrokd, over its control socket.
 
-Commands: C{status}, C{list}, C{health}, C{events}, C{set-api-key},
-C{config edit}. Read commands print tables, or JSON with C{-o json}.
+Commands: C{status}, C{list}, C{health}, C{events}, C{reload},
+C{set-api-key}, C{config edit}. Read commands print tables, or JSON with C{-o json}.
 Errors go to stderr, each with an exit code of its own
 (L{ngrokd.control.client}): 3 when ngrokd is not running, 4 when the
 socket or the command is not allowed to this user, 5 on a timeout, 6 when
-the two sides' versions differ; C{health} exits 1 when not ready.
+the two sides' versions differ, 7 when a reload left keys for a restart;
+C{health} exits 1 when not ready.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ngrokd import __version__
 from ngrokd.control.client import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_RESTART,
     EXIT_USAGE,
     Control,
     ControlError,
@@ -105,6 +107,12 @@ def parser() -> argparse.ArgumentParser:
     )
     events.add_argument(
         "--once", action="store_true", help="print the past events and stop"
+    )
+    commands.add_parser(
+        "reload",
+        help="read the config file again and apply what changed",
+        description="Exit 1 when the file is invalid (nothing changes), 7 when"
+        " some changed keys wait for a restart.",
     )
     key = commands.add_parser(
         "set-api-key",
@@ -211,12 +219,30 @@ async def _set_api_key(control: Control, args: Any, console: Console) -> int:
     return EXIT_OK
 
 
+async def _reload(control: Control, args: Any, console: Console) -> int:
+    result = await control.reload()
+    if result["error"]:
+        console.warn(f"not reloaded, nothing changed: {result['error']}")
+        return EXIT_FAILED
+    if result["applied"]:
+        console.say("applied: " + ", ".join(result["applied"]))
+    if result["restart"]:
+        console.warn(
+            "changed, but applied only at a restart: " + ", ".join(result["restart"])
+        )
+        return EXIT_RESTART
+    if not result["applied"]:
+        console.say("no changes")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "status": _status,
     "list": _list,
     "health": _health,
     "events": _events,
     "set-api-key": _set_api_key,
+    "reload": _reload,
 }
 
 

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
+from attrs import frozen
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
-from ngrokd.config import Config
+from ngrokd.config import Config, ConfigError, load_config
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
@@ -40,7 +43,23 @@ from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import IdentityService
 from ngrokd.ngrok.trust import LateTrustPolicy, load_trust
 from ngrokd.plan import Plan, plan, wanted_allocations
+from ngrokd.reconfigure import applied, changes
 from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
+
+#: The keys that change where endpoints listen.
+_PLAN_KEYS = frozenset({"net.listen_interface", "net.overrides", "net.start_port"})
+
+
+@frozen
+class ReloadResult:
+    """
+    What a reload did: the keys it applied, those that wait for a restart,
+    or why it changed nothing.
+    """
+
+    applied: tuple[str, ...] = ()
+    restart: tuple[str, ...] = ()
+    error: str = ""
 
 
 class Daemon(MultiService):
@@ -117,6 +136,15 @@ class Daemon(MultiService):
         self._polled_operator: str | None = None
         self._started = 0.0
         self._polled = False
+        #: The endpoints of the last good poll, re-planned by a reload.
+        self._found: list[ApiEndpoint] | None = None
+        self._reloading = DeferredLock()
+        #: Why the last reload was refused (C{""}: it was not).
+        self.config_error = ""
+        #: Changed keys that wait for a restart.
+        self.restart_pending: tuple[str, ...] = ()
+        #: Called with the configuration after each reload.
+        self.reconfigured: list[Callable[[Config], object]] = []
 
     # Lifecycle
 
@@ -195,7 +223,94 @@ class Daemon(MultiService):
                 for key in self.plan.specs
                 if key in listeners and listeners[key].listening
             ),
+            config_error=self.config_error,
+            restart_pending=self.restart_pending,
         )
+
+    # Reload
+
+    def reload(self) -> Deferred[ReloadResult]:
+        """
+        Read the config file again and apply what changed: hot keys at once
+        (listeners rebound only where their address or port changed),
+        restart-only keys reported and left as they are. An invalid file
+        changes nothing. Reloads run one at a time.
+        """
+        return self._reloading.run(lambda: Deferred.fromCoroutine(self._reload()))
+
+    async def _reload(self) -> ReloadResult:
+        path = self.config.path
+        try:
+            loaded = await deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), load_config, path
+            )
+        except ConfigError as e:
+            self.config_error = str(e)
+            self.log.error(
+                "reload refused, still running with the previous configuration:"
+                " {error}",
+                error=e,
+            )
+            return ReloadResult(error=str(e))
+        for warning in loaded.warnings:
+            self.log.warn("{warning}", warning=warning)
+        found = changes(self.config, loaded.config)
+        self.config_error = ""
+        self.restart_pending = tuple(sorted(found.restart))
+        for line in found.described():
+            self.log.info("reload: {change}", change=line)
+        if not found:
+            self.log.info("reload: {path} has no changes", path=path)
+        if found.hot:
+            await self._use(applied(self.config, loaded.config), found.hot)
+        return ReloadResult(
+            applied=tuple(sorted(found.hot)), restart=self.restart_pending
+        )
+
+    async def _use(self, config: Config, changed: Mapping[str, object]) -> None:
+        """
+        Run with C{config}, whose C{changed} keys differ from the running one.
+        """
+        self.config = config
+        pool = self._reactor.getThreadPool()
+        if changed.keys() & {"api.url", "api.ca_bundle", "api.timeout"}:
+            tls = LateTrustPolicy()
+            tls.use(
+                await deferToThreadPool(
+                    self._reactor, pool, load_trust, config.api.ca_bundle
+                )
+            )
+            old, self._api_tls = self.api, tls
+            self.api = make_api(
+                self._reactor,
+                config.api.url,
+                lambda: self.api_key,
+                tls,
+                config.api.timeout,
+            )
+            self.identity_service.use_api(self.api)
+            await old.close()
+        if "ingress.ca_bundle" in changed:
+            self.connector.use_trust(
+                await deferToThreadPool(
+                    self._reactor, pool, load_trust, config.ingress.ca_bundle
+                )
+            )
+        ingress = config.ingress
+        self.connector.set_timeouts(ingress.connect_timeout, ingress.upgrade_timeout)
+        self.identity_service.reconfigure(
+            config.bound_endpoints.selectors,
+            datetime.timedelta(days=config.server.renew_before_days),
+            config.api.reregister_if_deleted,
+        )
+        if "api.key" in changed:
+            self.api_key = config.api.key
+            self.identity_service.key_changed()
+        self.discovery.set_interval(config.bound_endpoints.poll_interval)
+        for observer in self.reconfigured:
+            observer(config)
+        if self._found is not None and changed.keys() & _PLAN_KEYS:
+            await self.reconcile(self._found)
 
     # Identity
 
@@ -225,6 +340,10 @@ class Daemon(MultiService):
 
         def accepted(_: object) -> None:
             self.api_key = key
+            # As the file will say once saved: its reload changes nothing.
+            self.config = attrs.evolve(
+                self.config, api=attrs.evolve(self.config.api, key=key)
+            )
             self.log.info("a new ngrok API key is in use")
             self.identity_service.key_changed()
             self.discovery.poll_now()
@@ -278,7 +397,7 @@ class Daemon(MultiService):
         """
         if self._stopping:
             return succeed(None)
-        self._latest = found
+        self._latest = self._found = found
         applied = self._idle()
         if not self._applying:
             self._applying = True

@@ -37,6 +37,13 @@ class LevelFilter:
 
     publisher: LogPublisher
     wrapped: tuple[tuple[ILogObserver, ILogObserver], ...]
+    predicate: LogLevelFilterPredicate
+
+    def set_level(self, level: LogLevel) -> None:
+        """
+        Let events at C{level} or above through from now on.
+        """
+        self.predicate.defaultLogLevel = level
 
     def undo(self) -> None:
         for original, filtered in self.wrapped:
@@ -58,7 +65,7 @@ def restrict_level(
         publisher.removeObserver(observer)
         publisher.addObserver(filtered)
         wrapped.append((observer, filtered))
-    return LevelFilter(publisher, tuple(wrapped))
+    return LevelFilter(publisher, tuple(wrapped), predicate)
 
 
 class LogLevelService(Service):
@@ -76,6 +83,14 @@ class LogLevelService(Service):
     def startService(self) -> None:
         super().startService()
         self._filter = restrict_level(self._level, self._publisher)
+
+    def set_level(self, level: LogLevel) -> None:
+        """
+        Apply C{level} from now on (a reloaded C{server.log_level}).
+        """
+        self._level = level
+        if self._filter is not None:
+            self._filter.set_level(level)
 
     def stopService(self) -> None:
         super().stopService()

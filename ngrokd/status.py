@@ -124,6 +124,10 @@ class DaemonStatus:
     endpoints: int
     listeners_planned: int
     listeners_up: int
+    #: Why the last reload was refused (C{""}: it was not).
+    config_error: str = ""
+    #: Changed config keys that wait for a restart.
+    restart_pending: tuple[str, ...] = ()
 
     @property
     def registered(self) -> bool:

@@ -81,11 +81,16 @@ def build_daemon(config: Config, reactor: Any) -> Daemon:
     """
     from ngrokd.control.feed import EventFeed
     from ngrokd.control.server import ControlService
+    from ngrokd.control.watcher import ConfigWatcher
     from ngrokd.daemon import Daemon
     from ngrokd.logs import LogLevelService, level_named
 
     daemon = Daemon(config, reactor)
-    LogLevelService(level_named(config.server.log_level)).setServiceParent(daemon)
+    log_level = LogLevelService(level_named(config.server.log_level))
+    log_level.setServiceParent(daemon)
+    daemon.reconfigured.append(
+        lambda new: log_level.set_level(level_named(new.server.log_level))
+    )
     if config.server.health_address:
         from ngrokd.control.health import HealthService
         from ngrokd.control.metrics import DaemonMetrics
@@ -96,4 +101,5 @@ def build_daemon(config: Config, reactor: Any) -> Daemon:
     feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
     feed.setServiceParent(daemon)
     ControlService(daemon, feed, reactor).setServiceParent(daemon)
+    ConfigWatcher(config.path, daemon.reload, reactor).setServiceParent(daemon)
     return daemon

@@ -28,6 +28,7 @@ from ngrokd.control.commands import (
     KeyRejected,
     ListEndpoints,
     NotPermitted,
+    Reload,
     SetAPIKey,
     Status,
 )
@@ -40,6 +41,7 @@ EXIT_NOT_RUNNING = 3
 EXIT_PERMISSION = 4
 EXIT_TIMEOUT = 5
 EXIT_VERSION = 6
+EXIT_RESTART = 7
 
 #: How long one answer may take, in seconds (events waits add theirs).
 TIMEOUT = 10.0
@@ -187,6 +189,9 @@ class Control:
     async def events(self, after: int, wait: float) -> tuple[list[dict[str, Any]], int]:
         answer = await self._call(Events, extra_time=wait, after=after, wait=wait)
         return answer["events"], answer["last"]
+
+    async def reload(self) -> dict[str, Any]:
+        return await self._call(Reload, extra_time=60.0)
 
     async def set_api_key(self, key: str) -> str:
         # Trying a key waits for ngrok's API, which has its own timeout.

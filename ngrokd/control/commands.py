@@ -128,6 +128,20 @@ class SetAPIKey(amp.Command):
     errors = _ERRORS
 
 
+class Reload(amp.Command):
+    """
+    Read the config file again and apply what changed: the keys applied,
+    those that wait for a restart, or why nothing changed.
+    """
+
+    response = [
+        (b"applied", amp.ListOf(amp.Unicode())),
+        (b"restart", amp.ListOf(amp.Unicode())),
+        (b"error", amp.Unicode()),
+    ]
+    errors = _ERRORS
+
+
 #: Every command, by name, as L{Hello} reports them.
 COMMANDS: dict[str, type[amp.Command]] = {
     "hello": Hello,
@@ -135,4 +149,5 @@ COMMANDS: dict[str, type[amp.Command]] = {
     "list": ListEndpoints,
     "events": Events,
     "set-api-key": SetAPIKey,
+    "reload": Reload,
 }

@@ -90,6 +90,11 @@ def status_lines(
     )
     total = sum(counts.values())
     lines.append(f"Endpoints:    {total}" + (f" ({by_state})" if by_state else ""))
+    if status.get("config_error"):
+        lines.append(f"Config:       reload refused: {status['config_error']}")
+    if status.get("restart_pending"):
+        pending = ", ".join(status["restart_pending"])
+        lines.append(f"Config:       {pending} changed: restart ngrokd to apply")
     ready = "yes" if status["ready"] else f"no, {status['not_ready_because']}"
     lines.append(f"Ready:        {ready}")
     if total == 0 and status["registered"]:

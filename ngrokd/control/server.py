@@ -49,6 +49,7 @@ from ngrokd.control.commands import (
     KeyRejected,
     ListEndpoints,
     NotPermitted,
+    Reload,
     SetAPIKey,
     Status,
 )
@@ -164,6 +165,20 @@ class Controller:
         self.log.info("the new API key is saved in {path}", path=path)
         return f"the API key works and is saved in {path}"
 
+    async def reload(self, peer: Peer | None) -> dict[str, Any]:
+        """
+        Reload the daemon's configuration.
+
+        @raise NotPermitted: see L{check_change}.
+        """
+        self.check_change(peer, "reload")
+        result = await self.daemon.reload()
+        return {
+            "applied": list(result.applied),
+            "restart": list(result.restart),
+            "error": result.error,
+        }
+
 
 def _page(rows: Sequence[EndpointStatus], start: int, limit: int) -> int:
     """
@@ -192,6 +207,14 @@ class ControlAMP(amp.AMP):
         #: The rows being listed, taken at the first page so that the
         #: pages of one listing agree.
         self._listing: tuple[EndpointStatus, ...] = ()
+
+    def makeConnection(self, transport: Any) -> None:
+        # Not AMP's own, which logs every connection: ngrokctl makes one
+        # per command, and health checks one every few seconds.
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
 
     @Hello.responder
     def hello(self, version: int) -> dict[str, Any]:
@@ -232,6 +255,10 @@ class ControlAMP(amp.AMP):
             "events": [attrs.asdict(event) for event in found],
             "last": feed.last_id,
         }
+
+    @Reload.responder
+    async def reload(self) -> dict[str, Any]:
+        return await self._controller.reload(self._peer)
 
     @SetAPIKey.responder
     async def set_api_key(self, key: str) -> dict[str, Any]:
@@ -353,7 +380,7 @@ class ControlProtocol(Protocol):
                 delegate = LegacyJSON(self._controller, peer)
             else:
                 delegate = ControlAMP(self._controller, peer)
-            delegate.makeConnection(self.transport)  # type: ignore[no-untyped-call]
+            delegate.makeConnection(self.transport)
             self._delegate = delegate
         self._delegate.dataReceived(data)
 

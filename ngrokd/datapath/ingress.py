@@ -260,6 +260,13 @@ class IngressConnector:
         self._certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
         self._rebuild()
 
+    def set_timeouts(self, connect_timeout: float, upgrade_timeout: float) -> None:
+        """
+        Give connections from now on these timeouts.
+        """
+        self._connect_timeout = connect_timeout
+        self._upgrade_timeout = upgrade_timeout
+
     def use_trust(self, trust: Any) -> None:
         """
         Verify the ingress against C{trust} from now on.

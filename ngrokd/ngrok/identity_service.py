@@ -228,6 +228,13 @@ class IdentityService(Service):
         if self.running:
             self._kick()
 
+    def use_api(self, api: IdentityAPI) -> None:
+        """
+        Talk to ngrok through C{api} from now on (the API's address, trust
+        or timeout changed).
+        """
+        self._api = api
+
     def reconfigure(
         self,
         selectors: Sequence[str],

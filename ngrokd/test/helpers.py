@@ -130,11 +130,13 @@ def listen(factory: Any, test: Any) -> int:
     return int(port.getHost().port)  # type: ignore[attr-defined]
 
 
-def connect(port: int, protocol: Protocol) -> Deferred[Protocol]:
+def connect(
+    port: int, protocol: Protocol, host: str = "127.0.0.1"
+) -> Deferred[Protocol]:
     """
-    Connect C{protocol} to 127.0.0.1:C{port}.
+    Connect C{protocol} to C{host}:C{port}.
     """
-    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    return connectProtocol(TCP4ClientEndpoint(reactor, host, port), protocol)
 
 
 async def wait_until(

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import HealthService
 from ngrokd.control.server import ControlService
+from ngrokd.control.watcher import ConfigWatcher
 from ngrokd.daemon import Daemon
 from ngrokd.logs import LogLevelService
 from ngrokd.tap import Options, makeService
@@ -128,7 +129,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertFalse(service.running)
         self.assertEqual(
             [type(child) for child in service],
-            [LogLevelService, HealthService, EventFeed, ControlService],
+            [LogLevelService, HealthService, EventFeed, ControlService, ConfigWatcher],
         )
         health = service.getServiceNamed("health")
         assert isinstance(health, HealthService)
@@ -146,7 +147,7 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, Daemon)
         self.assertEqual(
             [type(child) for child in service],
-            [LogLevelService, EventFeed, ControlService],
+            [LogLevelService, EventFeed, ControlService, ConfigWatcher],
         )
 
 

@@ -1,0 +1,155 @@
+# -*- test-case-name: ngrokd.test.test_reload -*-
+"""
+Reload the configuration when its file is saved, or on SIGHUP.
+
+On Linux, inotify watches the config's directory, so an editor that saves
+by writing a new file and renaming it over the old one (vim, and
+C{ngrokctl config edit}) is seen, and a file is looked at only once its
+writer has closed it: a half-written file is never read. Elsewhere the file
+is polled (its inode, size and change time). A burst of events becomes one
+reload once the directory has been quiet for a moment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+#: How long the file must be quiet before a reload, in seconds.
+QUIET = 0.5
+#: How often the file is looked at where there is no inotify, in seconds.
+POLL_INTERVAL = 2.0
+
+
+def _fingerprint(path: str) -> tuple[int, int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_ino, found.st_size, found.st_ctime_ns)
+
+
+class ConfigWatcher(Service):
+    """
+    Calls C{reload} after the file at C{path} changed, or on SIGHUP.
+
+    @param use_inotify: watch with inotify (Linux), else poll.
+    @param handle_sighup: install a SIGHUP handler while running (the
+        daemon's process does; tests of the watcher alone need not).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        reload: Callable[[], Deferred[Any]],
+        reactor: Any,
+        quiet: float = QUIET,
+        use_inotify: bool = sys.platform.startswith("linux"),
+        handle_sighup: bool = True,
+    ) -> None:
+        self._path = os.path.abspath(path)
+        self._reload = reload
+        self._reactor = reactor
+        self._quiet = quiet
+        self._use_inotify = use_inotify
+        self._handle_sighup = handle_sighup
+        self._timer: IDelayedCall | None = None
+        self._running: Deferred[Any] | None = None
+        self._again = False
+        self._notifier: Any = None
+        self._poller: LoopingCall | None = None
+        self._seen: tuple[int, int, int] | None = None
+        self._previous_handler: Any = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._use_inotify:
+            from twisted.internet import inotify
+
+            self._notifier = inotify.INotify(self._reactor)
+            self._notifier.startReading()
+            self._notifier.watch(
+                FilePath(os.path.dirname(self._path)),
+                mask=inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO,
+                callbacks=[self._notified],
+            )
+        else:
+            self._seen = _fingerprint(self._path)
+            self._poller = LoopingCall(self._poll)
+            self._poller.clock = self._reactor
+            self._poller.start(POLL_INTERVAL, now=False)
+        if self._handle_sighup:
+            self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._handle_sighup:
+            signal.signal(signal.SIGHUP, self._previous_handler or signal.SIG_DFL)
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        self._reactor.callFromThread(self.trigger, "SIGHUP")
+
+    def _notified(self, ignored: object, path: FilePath[Any], mask: int) -> None:
+        if os.fsdecode(path.path) == self._path:
+            self._settle()
+
+    def _poll(self) -> None:
+        seen = _fingerprint(self._path)
+        if seen != self._seen:
+            self._seen = seen
+            self._settle()
+
+    def _settle(self) -> None:
+        """
+        Reload once nothing has changed for L{QUIET} seconds.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._quiet)
+        else:
+            self._timer = self._reactor.callLater(
+                self._quiet, self.trigger, f"{self._path} changed"
+            )
+
+    def trigger(self, why: str) -> None:
+        """
+        Reload now, or right after the reload under way.
+        """
+        if not self.running:
+            return
+        if self._running is not None:
+            self._again = True
+            return
+        self.log.info("reloading the configuration: {why}", why=why)
+        self._running = self._reload()
+        self._running.addErrback(self._failed).addBoth(self._done)
+
+    def _failed(self, failure: Failure) -> None:
+        self.log.failure("reloading the configuration failed", failure)
+
+    def _done(self, _: object) -> None:
+        self._running = None
+        if self._again:
+            self._again = False
+            self.trigger("it changed again during the reload")

@@ -1,0 +1,429 @@
+"""
+Tests for reloading the configuration: L{ngrokd.reconfigure} (what a change
+means), L{ngrokd.control.watcher} (when to reload) and L{Daemon.reload}
+(applying it to a running daemon, with real sockets and the devcloud).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ngrokd.config import default_config
+from ngrokd.control.watcher import QUIET, ConfigWatcher
+from ngrokd.daemon import Daemon
+from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.reconfigure import applied, changes
+from ngrokd.test.helpers import Recorder, connect, wait_until
+from ngrokd.test.test_control import DaemonFixture
+
+ECHO = parse_endpoint_url("tcp://echo.test:7000").url
+WEB = parse_endpoint_url("http://web.test").url
+
+
+def _config(**sections: dict[str, Any]) -> Any:
+    config = default_config("/etc/ngrokd/config.yml", {}, "linux").config
+    for name, values in sections.items():
+        config = attrs.evolve(
+            config, **{name: attrs.evolve(getattr(config, name), **values)}
+        )
+    return config
+
+
+class ChangesTests(SynchronousTestCase):
+    """
+    L{changes} and L{applied}: hot keys apply, restart-only keys wait.
+    """
+
+    def test_split(self) -> None:
+        """
+        Each changed key lands on its side, by its config file name.
+        """
+        running = _config()
+        loaded = _config(
+            net={"start_port": 9180, "interface_name": "other0"},
+            ingress={"endpoint": "elsewhere:443", "connect_timeout": 3.0},
+        )
+        found = changes(running, loaded)
+        self.assertEqual(
+            (sorted(found.hot), sorted(found.restart)),
+            (
+                ["ingress.connect_timeout", "net.start_port"],
+                ["ingressEndpoint", "net.interface_name"],
+            ),
+        )
+        self.assertFalse(changes(running, running))
+
+    def test_appliedKeepsRestartOnly(self) -> None:
+        """
+        The configuration run after a reload has the new hot values and the
+        old restart-only ones.
+        """
+        running = _config()
+        loaded = _config(
+            net={"start_port": 9180, "interface_name": "other0"},
+            server={"log_level": "debug"},
+        )
+        result = applied(running, loaded)
+        self.assertEqual(
+            (result.net.start_port, result.net.interface_name),
+            (9180, running.net.interface_name),
+        )
+        self.assertEqual(result.server.log_level, "debug")
+        self.assertFalse(changes(result, loaded).hot)
+
+    def test_secretNotShown(self) -> None:
+        """
+        A changed API key is named, never shown.
+        """
+        found = changes(_config(api={"key": "old-secret"}), _config(api={"key": "s3"}))
+        self.assertEqual(found.described(), ["api.key changed"])
+        restart = changes(_config(), _config(net={"interface_name": "x0"}))
+        self.assertEqual(
+            restart.described(), ["net.interface_name: ngrokd0 -> x0 (needs a restart)"]
+        )
+
+
+class Counter:
+    """
+    A reload that counts its calls and records the file it saw.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: list[str] = []
+
+    def __call__(self) -> Deferred[None]:
+        with open(self.path) as f:
+            self.seen.append(f.read())
+        return succeed(None)
+
+
+class WatcherTests(TestCase):
+    """
+    L{ConfigWatcher} with real inotify on real files.
+    """
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.mkdir(self.directory)
+        self.path = os.path.join(self.directory, "config.yml")
+        with open(self.path, "w") as f:
+            f.write("net:\n  start_port: 9080\n")
+        self.reloads = Counter(self.path)
+        if not sys.platform.startswith("linux"):
+            self.skipTest("inotify is Linux-only")
+        watcher = ConfigWatcher(self.path, self.reloads, reactor, handle_sighup=False)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+
+    def settle(self) -> Deferred[None]:
+        return deferLater(reactor, QUIET * 3, lambda: None)
+
+    def test_renameSaveReloadsOnce(self) -> Deferred[None]:
+        """
+        A save the way vim does it (a new file written, closed, renamed over
+        the old one, with a backup beside it) is one reload of the new text.
+        """
+
+        async def run() -> None:
+            os.rename(self.path, self.path + "~")
+            with open(self.path + ".swp", "w") as f:
+                f.write("net:\n  start_port: 9180\n")
+            os.rename(self.path + ".swp", self.path)
+            os.unlink(self.path + "~")
+            await self.settle()
+            self.assertEqual(self.reloads.seen, ["net:\n  start_port: 9180\n"])
+
+        return ensureDeferred(run())
+
+    def test_halfWrittenNotRead(self) -> Deferred[None]:
+        """
+        A file still being written is not read; once its writer closes it,
+        it is reloaded once, whole.
+        """
+
+        async def run() -> None:
+            f = open(self.path, "w")  # noqa: SIM115 (held open on purpose)
+            self.addCleanup(f.close)
+            f.write("net:\n")
+            f.flush()
+            await self.settle()
+            self.assertEqual(self.reloads.seen, [])
+            f.write("  start_port: 9180\n")
+            f.close()
+            await self.settle()
+            self.assertEqual(self.reloads.seen, ["net:\n  start_port: 9180\n"])
+
+        return ensureDeferred(run())
+
+    def test_otherFilesIgnored(self) -> Deferred[None]:
+        """
+        Files beside the config do not reload it.
+        """
+
+        async def run() -> None:
+            with open(os.path.join(self.directory, "other.yml"), "w") as f:
+                f.write("x")
+            await self.settle()
+            self.assertEqual(self.reloads.seen, [])
+
+        return ensureDeferred(run())
+
+
+class PollingWatcherTests(SynchronousTestCase):
+    """
+    Without inotify the file is polled.
+    """
+
+    def test_changeSeen(self) -> None:
+        """
+        A changed file is reloaded once, after the next poll and the quiet
+        time; an unchanged one never.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("a: 1\n")
+        reloads = Counter(path)
+        clock = Clock()
+        watcher = ConfigWatcher(
+            path, reloads, clock, use_inotify=False, handle_sighup=False
+        )
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        clock.pump([1.0] * 5)
+        self.assertEqual(reloads.seen, [])
+        with open(path, "w") as f:
+            f.write("a: 22\n")
+        clock.pump([1.0] * 5)
+        self.assertEqual(reloads.seen, ["a: 22\n"])
+
+
+class DaemonReloadTests(DaemonFixture, TestCase):
+    """
+    L{Daemon.reload} on a daemon serving the devcloud's endpoints in network
+    mode on 127.0.0.1.
+    """
+
+    def setUp(self) -> None:
+        self.devcloud = self.start_devcloud(self)
+        self.socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        with open(self.devcloud.config_path) as f:
+            text = f.read()
+        # The file says what the fixture runs with, so a reload sees no
+        # change but the test's.
+        self.original = re.sub(
+            r"(?m)^  socket_path:.*$",
+            f"  socket_path: {self.socket}\n  health_address: ''",
+            text,
+        )
+        with open(self.devcloud.config_path, "w") as f:
+            f.write(self.original)
+
+    async def started(self) -> Daemon:
+        return await self.start_daemon(self, self.devcloud, self.socket)
+
+    def rewrite(self, **lines: str) -> None:
+        """
+        Save the config, by rename, with the line of each C{key} replaced.
+        """
+        text = self.original
+        for key, line in lines.items():
+            text, found = re.subn(rf"(?m)^  {key}:.*$", line, text, count=1)
+            self.assertEqual(found, 1, key)
+        with open(self.devcloud.config_path + ".new", "w") as f:
+            f.write(text)
+        os.rename(self.devcloud.config_path + ".new", self.devcloud.config_path)
+
+    async def echo(self, client: Recorder, data: bytes) -> None:
+        expected = client.received + data
+        client.transport.write(data)
+        await wait_until(lambda: client.received == expected, f"{data!r} echoed")
+
+    def test_rebindKeepsConnections(self) -> Deferred[None]:
+        """
+        Moving one endpoint to another address rebinds only its listener:
+        a connection it accepted before moves data before, during and after
+        the rebind without losing a byte, new connections reach the new
+        address, and the other endpoint keeps its very socket.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            listeners = daemon.listeners.listeners
+            web_port = listeners[WEB].port
+            old = listeners[ECHO].spec
+            client = Recorder()
+            await connect(old.port, client)
+            await self.echo(client, b"before ")
+            start_port = daemon.config.net.start_port
+            self.rewrite(
+                start_port=f'  overrides: {{echo.test: "127.0.0.2"}}\n'
+                f"  start_port: {start_port}"
+            )
+            reloading = daemon.reload()
+            client.transport.write(b"during ")
+            result = await reloading
+            self.assertEqual(result.applied, ("net.overrides",))
+            await self.echo(client, b"after")
+            self.assertEqual(client.received, b"before during after")
+            self.assertEqual(listeners[ECHO].spec.address, "127.0.0.2")
+            self.assertIs(listeners[WEB].port, web_port)
+            fresh = Recorder()
+            await connect(listeners[ECHO].spec.port, fresh, "127.0.0.2")
+            await self.echo(fresh, b"new")
+            fresh.transport.loseConnection()
+            client.transport.loseConnection()
+
+        return ensureDeferred(run())
+
+    def test_invalidRefused(self) -> Deferred[None]:
+        """
+        An invalid file changes nothing: the reason names the line and key,
+        status shows it, and the endpoints keep serving.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            self.rewrite(start_port="  start_port: nope")
+            result = await daemon.reload()
+            self.assertIn("net.start_port", result.error)
+            self.assertIn(result.error, daemon.daemon_status().config_error)
+            client = Recorder()
+            await connect(daemon.listeners.listeners[ECHO].spec.port, client)
+            await self.echo(client, b"still here")
+            client.transport.loseConnection()
+
+        return ensureDeferred(run())
+
+    def test_restartOnlyReported(self) -> Deferred[None]:
+        """
+        A key that needs a restart is reported by name and not applied; the
+        hot keys of the same edit are.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            self.rewrite(
+                poll_interval="  poll_interval: 7",
+                listen_interface="  listen_interface: 127.0.0.1\n"
+                "  interface_name: other0",
+            )
+            result = await daemon.reload()
+            self.assertEqual(
+                (result.applied, result.restart, result.error),
+                (("bound_endpoints.poll_interval",), ("net.interface_name",), ""),
+            )
+            self.assertEqual(daemon.config.net.interface_name, "ngrokd0")
+            self.assertEqual(daemon.discovery.interval, 7.0)
+            self.assertEqual(
+                daemon.daemon_status().restart_pending, ("net.interface_name",)
+            )
+
+        return ensureDeferred(run())
+
+
+class SighupTests(DaemonFixture, TestCase):
+    """
+    C{twistd -n ngrokd} as a process: SIGHUP reloads and never stops it.
+    """
+
+    def test_sighupReloads(self) -> Deferred[None]:
+        """
+        After an edit and SIGHUP, the running process serves the endpoint
+        where the new file says; it is still running, and stops on SIGTERM.
+        """
+        devcloud = self.start_devcloud(self)
+        socket_path = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        with open(devcloud.config_path) as f:
+            text = f.read()
+        text = re.sub(
+            r"(?m)^  socket_path:.*$",
+            f"  socket_path: {socket_path}\n  health_address: ''",
+            text,
+        )
+        with open(devcloud.config_path, "w") as f:
+            f.write(text)
+        log = open(os.path.abspath(self.mktemp()), "w")  # noqa: SIM115
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
+                "-n",
+                "--pidfile=",
+                "ngrokd",
+                "--config",
+                devcloud.config_path,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)
+            log.close()
+
+        self.addCleanup(stop)
+
+        def output() -> str:
+            with open(log.name) as f:
+                return f.read()[-3000:]
+
+        async def listed() -> dict[str, Any]:
+            from ngrokd.test.test_ctl import ngrokctl
+
+            ran = await ngrokctl(socket_path, "list", "-o", "json")
+            if ran.code != 0:
+                return {}
+            return {row["url"]: row for row in ran.json()}
+
+        async def run() -> None:
+            rows: dict[str, Any] = {}
+            deadline = time.monotonic() + 30
+            while len(rows) < 2 or any(
+                r["state"] != "listening" for r in rows.values()
+            ):
+                self.assertLess(time.monotonic(), deadline, output())
+                self.assertIsNone(process.poll(), output())
+                await deferLater(reactor, 0.2, lambda: None)
+                rows = await listed()
+            edited = text.replace(
+                "  start_port:", '  overrides: {echo.test: "127.0.0.2"}\n  start_port:'
+            )
+            with open(devcloud.config_path, "w") as f:
+                f.write(edited)
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while (
+                not rows.get("tcp://echo.test:7000", {})
+                .get("listen_address", "")
+                .startswith("127.0.0.2:")
+            ):
+                self.assertLess(time.monotonic(), deadline, output())
+                await deferLater(reactor, 0.2, lambda: None)
+                rows = await listed()
+            self.assertIsNone(process.poll())
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while process.poll() is None:
+                self.assertLess(time.monotonic(), deadline, "no exit after SIGTERM")
+                await deferLater(reactor, 0.1, lambda: None)
+            # twistd ends by the signal it stopped for, as systemd expects.
+            self.assertEqual(process.returncode, -signal.SIGTERM, output())
+
+        return ensureDeferred(run())
