@@ -715,6 +715,8 @@ class PathResult:
     concurrency: Concurrency
     #: CPU seconds per 10**9 bytes moved in the bulk phases, per process.
     cpu_seconds_per_gb: dict[str, float]
+    #: CPU milliseconds per connection of the concurrency phase, per process.
+    cpu_ms_per_connection: dict[str, float]
 
 
 @frozen
@@ -777,9 +779,16 @@ def measure_path(
     cpu = {who: (after[who] - before[who]) / gigabytes for who in pids}
     check()
     progress(f"{name}: {settings.concurrency} connections at once")
+    before = {who: cpu_seconds(pid) for who, pid in pids.items()}
     concurrency = measure_concurrency(echo, settings.concurrency)
+    after = {who: cpu_seconds(pid) for who, pid in pids.items()}
+    per_connection = {
+        who: (after[who] - before[who]) * 1000 / settings.concurrency for who in pids
+    }
     check()
-    return PathResult(echo, source, latency, bulk_one, bulk_parallel, concurrency, cpu)
+    return PathResult(
+        echo, source, latency, bulk_one, bulk_parallel, concurrency, cpu, per_connection
+    )
 
 
 @frozen
@@ -900,15 +909,21 @@ def render(report: Report) -> str:
         row(f"{conc}: failed", lambda r: r.concurrency.failed, "d"),
     ]
     lines += _rows_table(rows)
-    lines += ["", "CPU seconds per GB (10^9 bytes) moved in the bulk phases; peak RSS"]
-    cpu_rows = [["", "daemon path", "direct path", "peak RSS (MiB)", "pid"]]
+    lines += [
+        "",
+        "CPU seconds per GB (10^9 bytes) moved in the bulk phases, CPU ms per",
+        f"connection of the {s.concurrency} at once; peak RSS",
+    ]
+    cpu_rows = [["", "daemon path", "direct path", "ms/conn", "peak RSS (MiB)", "pid"]]
     for who, info in report.processes.items():
         through = daemon.cpu_seconds_per_gb.get(who) if daemon else None
+        per_connection = daemon.cpu_ms_per_connection.get(who) if daemon else None
         cpu_rows.append(
             [
                 who,
                 "-" if through is None else f"{through:.2f}",
                 f"{direct.cpu_seconds_per_gb.get(who, 0.0):.2f}",
+                "-" if per_connection is None else f"{per_connection:.2f}",
                 f"{info['peak_rss_kib'] / 1024:.1f}",
                 str(info["pid"]),
             ]

@@ -18,6 +18,8 @@ that identity, and it measures:
     start to the end of its reconcile;
   - and apart, for profiling: the page walk alone, and a reconcile of the
     same endpoints alone;
+  - one C{/metrics} scrape and one C{/status} document of every endpoint
+    (each blocks the reactor while it is rendered);
 
 each with its wall time, and the process's peak RSS (C{ru_maxrss}) at the
 end, which includes the devcloud. The soft limit on open files is raised to
@@ -47,6 +49,7 @@ from typing import Any
 
 import attrs
 from attrs import frozen
+from prometheus_client import generate_latest
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater, react
@@ -59,6 +62,8 @@ from twisted.logger import (
 )
 
 from ngrokd.config import load_config
+from ngrokd.control.health import status_json
+from ngrokd.control.metrics import DaemonMetrics
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 
@@ -91,6 +96,9 @@ class Report:
     unchanged: tuple[float, ...]
     page_walk: float
     reconcile_alone: float
+    metrics_scrape: float
+    metrics_bytes: int
+    status_render: float
     rss_before_daemon: int
     peak_rss: int
     machine: str
@@ -222,6 +230,14 @@ async def run(args: argparse.Namespace, workdir: str) -> Report:
             started = time.perf_counter()
             await daemon.reconcile(found)
             reconcile_alone = time.perf_counter() - started
+            progress("a /metrics scrape and a /status document")
+            registry = DaemonMetrics(daemon).registry
+            started = time.perf_counter()
+            metrics_bytes = len(generate_latest(registry))
+            metrics_scrape = time.perf_counter() - started
+            started = time.perf_counter()
+            status_json(daemon)
+            status_render = time.perf_counter() - started
         finally:
             await daemon.stopService()
     finally:
@@ -233,6 +249,9 @@ async def run(args: argparse.Namespace, workdir: str) -> Report:
         unchanged=tuple(unchanged),
         page_walk=page_walk,
         reconcile_alone=reconcile_alone,
+        metrics_scrape=metrics_scrape,
+        metrics_bytes=metrics_bytes,
+        status_render=status_render,
         rss_before_daemon=rss_before,
         peak_rss=_peak_rss(),
         machine=f"{platform.machine()} {os.cpu_count()} CPUs,"
@@ -255,6 +274,11 @@ def table(report: Report) -> str:
         ("unchanged poll, slowest", f"{max(unchanged):.3f} s" if unchanged else "-"),
         ("  of which: page walk alone", f"{report.page_walk:.3f} s"),
         ("  of which: reconcile alone", f"{report.reconcile_alone:.3f} s"),
+        (
+            "/metrics scrape",
+            f"{report.metrics_scrape:.3f} s, {report.metrics_bytes / MiB:.1f} MiB",
+        ),
+        ("/status document", f"{report.status_render:.3f} s"),
         (
             "RSS before the daemon (devcloud)",
             f"{report.rss_before_daemon / MiB:.0f} MiB",

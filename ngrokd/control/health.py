@@ -125,6 +125,15 @@ def status_document(
     }
 
 
+def status_json(daemon: StatusSource) -> bytes:
+    """
+    L{status_document} of C{daemon} now, as one line of JSON (compact, as
+    the original's: the encoder written in C does not indent).
+    """
+    document = status_document(daemon.daemon_status(), daemon.endpoint_status())
+    return json.dumps(document).encode("utf-8") + b"\n"
+
+
 def _endpoint_document(row: EndpointStatus) -> dict[str, Any]:
     original = {
         "name": row.id,
@@ -136,7 +145,7 @@ def _endpoint_document(row: EndpointStatus) -> dict[str, Any]:
         "last_activity": None,
         "errors": row.errors,
     }
-    return original | attrs.asdict(row)
+    return original | attrs.asdict(row, recurse=False)
 
 
 def rfc3339(seconds: float | None) -> str | None:
@@ -224,11 +233,8 @@ class _Ready(_Page):
 
 class _Status(_Page):
     def page(self, request: Request) -> bytes:
-        document = status_document(
-            self._daemon.daemon_status(), self._daemon.endpoint_status()
-        )
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+        return status_json(self._daemon)
 
 
 class _Metrics(_Page):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from io import BytesIO
 from typing import Any
 
 import attrs
@@ -17,7 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from ngrokd.config import LoadedConfig, load_config
@@ -49,11 +50,14 @@ class Answer:
         return json.loads(self.body)
 
 
-async def http(url: str, method: bytes = b"GET") -> Answer:
+async def http(url: str, method: bytes = b"GET", body: bytes = b"") -> Answer:
     """
     One request on a connection of its own, closed after the answer.
     """
-    response = await Agent(reactor).request(method, url.encode("ascii"))
+    producer = FileBodyProducer(BytesIO(body)) if body else None
+    response = await Agent(reactor).request(
+        method, url.encode("ascii"), bodyProducer=producer
+    )
     body = await readBody(response)
     return Answer(response.code, response.headers, body)
 
@@ -314,7 +318,8 @@ class StatusTests(DaemonHealthTestCase):
     def test_methods(self) -> Deferred[None]:
         """
         C{HEAD} answers like C{GET} without a body; any other method is
-        refused with 405 and the methods allowed; an unknown path is 404;
+        refused with 405 and the methods allowed, its body unread; an
+        unknown path is 404;
         C{/} lists the paths.
         """
 
@@ -323,7 +328,9 @@ class StatusTests(DaemonHealthTestCase):
             head = await http(self.url(daemon, "/healthz"), b"HEAD")
             self.assertEqual((head.code, head.body), (200, b""))
             for method in [b"POST", b"PUT", b"DELETE"]:
-                refused = await http(self.url(daemon, "/status"), method)
+                refused = await http(
+                    self.url(daemon, "/status"), method, body=b"z" * 2**20
+                )
                 self.assertEqual(refused.code, 405, method)
                 self.assertEqual(refused.header("allow"), "GET, HEAD")
             self.assertEqual((await http(self.url(daemon, "/nothing"))).code, 404)
