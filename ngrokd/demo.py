@@ -75,8 +75,11 @@ class Echo(PipeProtocol):
         self.transport.loseConnection()
 
 
-def _twistd() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "twistd")
+def _script(name: str) -> str:
+    """
+    The console script C{name} installed beside this Python.
+    """
+    return os.path.join(os.path.dirname(sys.executable), name)
 
 
 def _spawn(argv: list[str], log: TextIO) -> subprocess.Popen[bytes]:
@@ -144,7 +147,7 @@ async def run(reactor: Any, options: Options) -> int:
             children.append(
                 _spawn(
                     [
-                        _twistd(),
+                        _script("twistd"),
                         "-n",
                         "--pidfile=",
                         "ngrokd-devcloud",
@@ -174,7 +177,14 @@ async def run(reactor: Any, options: Options) -> int:
         with open(os.path.join(state, "ngrokd.log"), "a") as ngrokd_log:
             children.append(
                 _spawn(
-                    [_twistd(), "-n", "--pidfile=", "ngrokd", "--config", config_path],
+                    [
+                        _script("twistd"),
+                        "-n",
+                        "--pidfile=",
+                        "ngrokd",
+                        "--config",
+                        config_path,
+                    ],
                     ngrokd_log,
                 )
             )
@@ -198,6 +208,7 @@ Through ngrokd, a request to 127.0.0.1:{hello_port} reached http://hello.demo:
 Try it:
   curl http://127.0.0.1:{hello_port}/
   echo hello | nc 127.0.0.1 {echo_port}       (tcp://echo.demo:7)
+  {_script("ngrokctl")} --socket {config.server.socket_path} list
 """,
             flush=True,
         )
