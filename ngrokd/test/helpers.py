@@ -1,6 +1,6 @@
 """
-Peers for tests over real sockets on loopback: a recording client, backends,
-and a bounded wait.
+Peers for tests over real sockets on loopback (a recording client, backends,
+a bounded wait) and an in-memory transport for the splice beneath them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -119,6 +120,53 @@ class Source(Protocol):
 
     def stopProducing(self) -> None:
         self._paused = True
+
+
+class TCPLikeTransport(StringTransport):
+    """
+    A L{StringTransport} that acts as Twisted's TCP transport does where a
+    splice relies on it: a write past C{bufferSize} pauses the registered
+    producer and L{drain} (the peer reading everything) resumes it;
+    C{loseWriteConnection} (a FIN) is recorded and a write after it fails the
+    test; a producer may be unregistered twice.
+    """
+
+    bufferSize = 64 * 1024
+    write_closed = False
+    no_delay = False
+
+    def __init__(self) -> None:
+        # Lenient: TCP lets a producer be paused or resumed after
+        # loseConnection, and so does the splice.
+        super().__init__(lenient=True)
+
+    def write(self, data: bytes) -> None:
+        if self.write_closed:
+            raise AssertionError(f"{data!r} written after loseWriteConnection")
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.bufferSize:
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        """
+        Everything written since the last drain; the buffer is empty again,
+        so the producer may go on.
+        """
+        data = self.value()
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return data
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
 
 
 def listen(factory: Any, test: Any) -> int:
