@@ -68,6 +68,29 @@ class Recorder(Protocol):
         self.lost.callback(None)
 
 
+class Counter(Recorder):
+    """
+    Counts the bytes that arrive instead of keeping them.
+    """
+
+    count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+
+
+def unsent(transport: Any) -> int:
+    """
+    Bytes a Twisted TCP transport holds unsent: what a slow reader makes the
+    process buffer.
+
+    C{FileDescriptor} keeps them in C{dataBuffer} (from C{offset} on) and in
+    the private C{_tempDataLen}, the bytes of C{_tempDataBuffer} not yet
+    joined into it; Twisted offers no public count.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
 @implementer(IHalfCloseableProtocol)
 class Echo(Protocol):
     """
@@ -212,6 +235,29 @@ async def settle(value: Callable[[], int], timeout: float = 10.0) -> int:
         last = current
         await deferLater(reactor, 0.2, lambda: None)
     raise AssertionError("the value kept changing")
+
+
+#: What the daemon may hold for one slow reader, in the tests that check it.
+BUFFER_BOUND = 512 * 1024
+
+
+async def assert_flow_controlled(
+    test: Any, source: Source, bridge: Any, reader: Counter
+) -> None:
+    """
+    With C{reader} not reading, C{source} is made to wait before its end
+    while the one connection of C{bridge} (a L{BridgeFactory}) holds under
+    L{BUFFER_BOUND}; once C{reader} reads again, every byte arrives.
+    """
+    stalled_at = await settle(lambda: source.sent)
+    test.assertLess(stalled_at, source.total)
+    (local,) = bridge.connections
+    assert local.ingress is not None
+    held = unsent(local.transport) + unsent(local.ingress.transport.transport)
+    test.assertLess(held, BUFFER_BOUND)
+    reader.transport.resumeProducing()
+    await reader.lost
+    test.assertEqual(reader.count, source.total)
 
 
 def unused_port() -> int:
