@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_daemon -*-
+# -*- test-case-name: ngrokd.test.test_daemon_net,ngrokd.test.test_daemon_e2e -*-
 """
 The daemon: who this machine is to ngrok, which endpoints it serves, where.
 

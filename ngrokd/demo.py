@@ -233,7 +233,7 @@ Try it:
 
 async def _fetch(url: str) -> str | None:
     try:
-        response = await treq.get(url, timeout=5)
+        response = await treq.get(url, timeout=5, persistent=False)
     except Exception:
         return None
     text: str = await response.text()

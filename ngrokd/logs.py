@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_logs -*-
+# -*- test-case-name: ngrokd.test.test_logs,ngrokd.test.test_twisted_seams -*-
 """
 Honouring C{server.log_level}.
 
@@ -51,6 +51,17 @@ class LevelFilter:
             self.publisher.addObserver(original)
 
 
+def observers_of(publisher: LogPublisher) -> list[ILogObserver]:
+    """
+    The observers C{publisher} sends events to now.
+
+    L{LogPublisher} has no public way to list them, so this reads its private
+    C{_observers} list: twistd installs its observers after the service is
+    built, and only wrapping those honours the configured level.
+    """
+    return list(publisher._observers)
+
+
 def restrict_level(
     level: LogLevel, publisher: LogPublisher = globalLogPublisher
 ) -> LevelFilter:
@@ -60,7 +71,7 @@ def restrict_level(
     """
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     wrapped = []
-    for observer in list(publisher._observers):
+    for observer in observers_of(publisher):
         filtered = FilteringLogObserver(observer, [predicate])
         publisher.removeObserver(observer)
         publisher.addObserver(filtered)

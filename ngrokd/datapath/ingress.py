@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_ingress -*-
+# -*- test-case-name: ngrokd.test.test_ingress,ngrokd.test.test_bridge -*-
 """
 Connections to ngrok's binding ingress.
 
@@ -19,7 +19,11 @@ from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -319,8 +323,8 @@ class IngressConnector:
             protocol.upgraded.chainDeferred(result)
 
         def dial_failed(failure: Failure) -> None:
-            if failure.check(CancelledError):
-                return
+            if failure.check(CancelledError, ConnectingCancelledError):
+                return  # the caller cancelled: the result fails with CancelledError
             if failure.check(ConnectError, DNSLookupError):
                 reason = failure.getErrorMessage()
                 result.errback(DialFailed(f"{self.host}:{self.port}: {reason}"))

@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_devcloud_ca -*-
+# -*- test-case-name: ngrokd.test.test_devcloud_api,ngrokd.test.test_ingress -*-
 """
 The devcloud's certificate authority.
 

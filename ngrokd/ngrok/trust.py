@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_ingress -*-
+# -*- test-case-name: ngrokd.test.test_ingress,ngrokd.test.test_twisted_seams -*-
 """
 Which servers ngrokd trusts, and the TLS client settings built from that.
 
@@ -15,7 +15,7 @@ from attrs import frozen
 from OpenSSL.crypto import X509, X509StoreFlags
 from OpenSSL.SSL import Connection, Context
 from twisted.internet import ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot as IOpenSSLTrustRoot
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
@@ -42,6 +42,21 @@ class PartialChainTrust:
     system: bool = True
 
     def _addCACertsToContext(self, context: Context) -> None:
+        """
+        Twisted's hook for a trust root: C{optionsForClientTLS} (and so
+        C{BrowserLikePolicyForHTTPS}) calls it on every client context.
+
+        Both the hook and the interface that declares it,
+        C{twisted.internet._sslverify.IOpenSSLTrustRoot}, are private, yet
+        they are Twisted's only way to choose how a server is verified, and
+        the partial-chain flag needs that.
+        """
+        self.add_to_context(context)
+
+    def add_to_context(self, context: Context) -> None:
+        """
+        Make C{context} trust these certificates, intermediates included.
+        """
         if self.system:
             context.set_default_verify_paths()
         store = context.get_cert_store()

@@ -1,6 +1,6 @@
 """
-Peers for tests over real sockets on loopback: a recording client, backends,
-and a bounded wait.
+Peers for tests over real sockets on loopback (a recording client, backends,
+a bounded wait) and an in-memory transport for the splice beneath them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -65,6 +66,29 @@ class Recorder(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reason = reason
         self.lost.callback(None)
+
+
+class Counter(Recorder):
+    """
+    Counts the bytes that arrive instead of keeping them.
+    """
+
+    count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+
+
+def unsent(transport: Any) -> int:
+    """
+    Bytes a Twisted TCP transport holds unsent: what a slow reader makes the
+    process buffer.
+
+    C{FileDescriptor} keeps them in C{dataBuffer} (from C{offset} on) and in
+    the private C{_tempDataLen}, the bytes of C{_tempDataBuffer} not yet
+    joined into it; Twisted offers no public count.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 @implementer(IHalfCloseableProtocol)
@@ -121,6 +145,53 @@ class Source(Protocol):
         self._paused = True
 
 
+class TCPLikeTransport(StringTransport):
+    """
+    A L{StringTransport} that acts as Twisted's TCP transport does where a
+    splice relies on it: a write past C{bufferSize} pauses the registered
+    producer and L{drain} (the peer reading everything) resumes it;
+    C{loseWriteConnection} (a FIN) is recorded and a write after it fails the
+    test; a producer may be unregistered twice.
+    """
+
+    bufferSize = 64 * 1024
+    write_closed = False
+    no_delay = False
+
+    def __init__(self) -> None:
+        # Lenient: TCP lets a producer be paused or resumed after
+        # loseConnection, and so does the splice.
+        super().__init__(lenient=True)
+
+    def write(self, data: bytes) -> None:
+        if self.write_closed:
+            raise AssertionError(f"{data!r} written after loseWriteConnection")
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.bufferSize:
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        """
+        Everything written since the last drain; the buffer is empty again,
+        so the producer may go on.
+        """
+        data = self.value()
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return data
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
 def listen(factory: Any, test: Any) -> int:
     """
     Serve C{factory} on 127.0.0.1 for the duration of C{test}; its port.
@@ -164,6 +235,29 @@ async def settle(value: Callable[[], int], timeout: float = 10.0) -> int:
         last = current
         await deferLater(reactor, 0.2, lambda: None)
     raise AssertionError("the value kept changing")
+
+
+#: What the daemon may hold for one slow reader, in the tests that check it.
+BUFFER_BOUND = 512 * 1024
+
+
+async def assert_flow_controlled(
+    test: Any, source: Source, bridge: Any, reader: Counter
+) -> None:
+    """
+    With C{reader} not reading, C{source} is made to wait before its end
+    while the one connection of C{bridge} (a L{BridgeFactory}) holds under
+    L{BUFFER_BOUND}; once C{reader} reads again, every byte arrives.
+    """
+    stalled_at = await settle(lambda: source.sent)
+    test.assertLess(stalled_at, source.total)
+    (local,) = bridge.connections
+    assert local.ingress is not None
+    held = unsent(local.transport) + unsent(local.ingress.transport.transport)
+    test.assertLess(held, BUFFER_BOUND)
+    reader.transport.resumeProducing()
+    await reader.lost
+    test.assertEqual(reader.count, source.total)
 
 
 def unused_port() -> int:

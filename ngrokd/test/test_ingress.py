@@ -8,12 +8,12 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from attrs import frozen
 from OpenSSL.SSL import Context
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
@@ -26,7 +26,7 @@ from ngrokd.datapath.ingress import (
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.ngrok.identity import generate_key, make_csr
-from ngrokd.ngrok.trust import IOpenSSLTrustRoot, PartialChainTrust
+from ngrokd.ngrok.trust import PartialChainTrust
 from ngrokd.pem import parse_certificates
 from ngrokd.test.helpers import Recorder, connect, listen, wait_until
 
@@ -43,17 +43,14 @@ class Answer(Protocol):
         self.transport.write(self.reply)  # type: ignore[union-attr]
 
 
-@implementer(IOpenSSLTrustRoot)
-class WithoutPartialChain:
+@frozen
+class WithoutPartialChain(PartialChainTrust):
     """
     Trusts C{certificates} the way plain OpenSSL does: only self-signed
     roots may be anchors.
     """
 
-    def __init__(self, certificates: Any) -> None:
-        self.certificates = certificates
-
-    def _addCACertsToContext(self, context: Context) -> None:
+    def add_to_context(self, context: Context) -> None:
         store = context.get_cert_store()
         assert store is not None
         for certificate in self.certificates:
@@ -136,9 +133,9 @@ class ConnectorTrustTests(TestCase):
             self.assertEqual(upgraded.response, wire.ConnResponse("ep_1", "tcp"))
             upgraded.transport.abortConnection()
             with self.assertRaises(TLSFailed):
-                await self.connector(port, WithoutPartialChain(anchor)).connect(
-                    wire.ConnRequest("svc.ns", 80)
-                )
+                await self.connector(
+                    port, WithoutPartialChain(anchor, system=False)
+                ).connect(wire.ConnRequest("svc.ns", 80))
 
         return ensureDeferred(run())
 

@@ -1,0 +1,349 @@
+"""
+Tests for L{ngrokd.datapath.bridge}: the local side of each connection, in
+memory for the moments loopback cannot stage (a client leaving mid-connect,
+a refusal, a response frame followed by bytes in one read), and over real
+mutual TLS to the devcloud's ingress for flow control towards a backend.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ngrokd.datapath import wire
+from ngrokd.datapath.bridge import REJECT_LINGER, BridgeFactory, LocalProtocol
+from ngrokd.datapath.ingress import IngressConnector, IngressProtocol
+from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.devcloud.cloud import Cloud
+from ngrokd.devcloud.ingress import IngressFactory, server_options, tls_factory
+from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.ngrok.identity import generate_key, make_csr
+from ngrokd.ngrok.trust import PartialChainTrust
+from ngrokd.pem import parse_certificates
+from ngrokd.test.helpers import (
+    Counter,
+    Source,
+    TCPLikeTransport,
+    assert_flow_controlled,
+    connect,
+    listen,
+    wait_until,
+)
+
+REFUSAL = wire.ConnResponse(
+    error_code="ERR_NGROK_3200", error_message="endpoint db.test:5432 not found"
+)
+
+
+class UpgradingConnector:
+    """
+    Stands in for L{IngressConnector} once TCP and TLS are up: every connect
+    is a real L{IngressProtocol} on a L{TCPLikeTransport}, upgraded (or
+    refused) when the test feeds it the ingress's answer.
+    """
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.connections: list[IngressProtocol] = []
+
+    def connect(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
+        protocol = IngressProtocol(request, self.clock, 10.0, 10.0)
+        protocol.makeConnection(TCPLikeTransport())
+        self.connections.append(protocol)
+        return protocol.upgraded
+
+
+class BridgeTestCase(SynchronousTestCase):
+    """
+    A bridge for C{url} whose connections go through an L{UpgradingConnector}.
+    """
+
+    url = "tcp://db.test:5432"
+    rewrite_host: str | None = None
+
+    def setUp(self) -> None:
+        self.connector = UpgradingConnector()
+        self.factory = BridgeFactory(
+            parse_endpoint_url(self.url),
+            cast(IngressConnector, self.connector),
+            self.rewrite_host,
+        )
+        self.addCleanup(self.assertNoTimersLeft)
+
+    def assertNoTimersLeft(self) -> None:
+        self.assertEqual(self.connector.clock.getDelayedCalls(), [])
+
+    def accept(self) -> tuple[LocalProtocol, TCPLikeTransport]:
+        local = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = TCPLikeTransport()
+        local.makeConnection(transport)
+        return local, transport
+
+    def answer(self, response: wire.ConnResponse, after: bytes = b"") -> Any:
+        """
+        The ingress's answer to the last connection, in one read with
+        C{after}; the ingress side's transport.
+        """
+        ingress = self.connector.connections[-1]
+        ingress.dataReceived(wire.encode_response(response) + after)
+        return ingress.transport
+
+
+class UpgradeTests(BridgeTestCase):
+    """
+    The accepted connection waits, unread, for its ingress leg.
+    """
+
+    def test_pausedUntilUpgraded(self) -> None:
+        """
+        The client is not read from until the ingress has answered; what it
+        sent meanwhile follows the request, and reading resumes.
+        """
+        local, transport = self.accept()
+        self.assertEqual(
+            (transport.producerState, transport.no_delay), ("paused", True)
+        )
+        local.dataReceived(b"early")
+        ingress = self.answer(wire.ConnResponse("ep_1", "tcp"))
+        self.assertEqual(
+            ingress.value(),
+            wire.encode_request(wire.ConnRequest("db.test", 5432)) + b"early",
+        )
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIs(local.ingress, self.connector.connections[0])
+
+    def test_bytesAfterResponseDelivered(self) -> None:
+        """
+        Bytes from the backend that arrive in the same read as the response
+        frame reach the client.
+        """
+        _, transport = self.accept()
+        self.answer(wire.ConnResponse("ep_1", "tcp"), after=b"greeting")
+        self.assertEqual(transport.value(), b"greeting")
+
+    def test_clientLeavesDuringUpgrade(self) -> None:
+        """
+        A client that leaves before the ingress answers closes the ingress
+        connection, and is not counted as an error.
+        """
+        local, _ = self.accept()
+        local.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(self.connector.connections[0].transport.disconnected)
+        stats = self.factory.stats
+        self.assertEqual(
+            (stats.connections_open, stats.connections_total, stats.errors),
+            (0, 1, 0),
+        )
+        self.assertEqual(self.factory.connections, set())
+
+    def test_clientAbortEndsIngress(self) -> None:
+        """
+        A client that drops its connection once bridged closes the ingress
+        leg, and the bytes each way are counted.
+        """
+        local, _ = self.accept()
+        local.dataReceived(b"1234")
+        ingress = self.answer(wire.ConnResponse("ep_1", "tcp"), after=b"123456")
+        local.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(ingress.disconnecting)
+        stats = self.factory.stats
+        self.assertEqual(
+            (stats.connections_open, stats.bytes_up, stats.bytes_down), (0, 4, 6)
+        )
+
+
+class HostRewriteTests(BridgeTestCase):
+    """
+    With a rewrite host set, only connections that speak HTTP are rewritten.
+    """
+
+    rewrite_host = "db.test:5432"
+    request = b"GET / HTTP/1.1\r\nHost: 10.107.0.2:5432\r\n\r\n"
+
+    def forwarded(self, proto: str) -> bytes:
+        local, _ = self.accept()
+        ingress = self.answer(wire.ConnResponse("ep_1", proto))
+        ingress.clear()
+        local.dataReceived(self.request)
+        return cast(bytes, ingress.value())
+
+    def test_tcpUntouched(self) -> None:
+        """
+        Bytes on a TCP endpoint pass as sent, even when they look like HTTP.
+        """
+        self.assertEqual(self.forwarded("tcp"), self.request)
+
+    def test_httpRewritten(self) -> None:
+        """
+        The ingress's word that the endpoint speaks HTTP turns the rewrite
+        on.
+        """
+        self.assertEqual(
+            self.forwarded("http"), b"GET / HTTP/1.1\r\nHost: db.test:5432\r\n\r\n"
+        )
+
+
+class RefusedTCPTests(BridgeTestCase):
+    """
+    A TCP client whose connection cannot be carried is disconnected.
+    """
+
+    def test_refused(self) -> None:
+        """
+        A refusal disconnects the client without a byte; the endpoint
+        counts the error with ngrok's code.
+        """
+        local, transport = self.accept()
+        local.dataReceived(b"lost")
+        self.answer(REFUSAL)
+        self.assertEqual((transport.value(), transport.disconnecting), (b"", True))
+        self.assertEqual(self.factory.stats.errors, 1)
+        self.assertIn("ERR_NGROK_3200", self.factory.stats.last_error)
+
+    def test_noCertificateYet(self) -> None:
+        """
+        A connection accepted before the daemon has its certificate is
+        disconnected, and the reason is kept for status.
+        """
+        connector = IngressConnector(MemoryReactorClock(), "127.0.0.1", 443, None)
+        self.factory.connector = connector
+        _, transport = self.accept()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.factory.stats.last_error, "no client certificate yet")
+
+
+class RefusedHTTPTests(BridgeTestCase):
+    """
+    An HTTP client whose connection cannot be carried is told why.
+    """
+
+    url = "http://web.test"
+
+    def refused(self) -> tuple[LocalProtocol, TCPLikeTransport]:
+        local, transport = self.accept()
+        self.answer(REFUSAL)
+        return local, transport
+
+    def test_badGateway(self) -> None:
+        """
+        The client gets a complete 502 naming ngrok's error code and message,
+        then the end of the stream.
+        """
+        local, transport = self.refused()
+        head, body = transport.value().split(b"\r\n\r\n", 1)
+        self.assertTrue(head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), head)
+        self.assertIn(b"ERR_NGROK_3200: endpoint db.test:5432 not found", body)
+        length = re.search(rb"\r\nContent-Length: (\d+)", head)
+        assert length is not None
+        self.assertEqual(int(length.group(1)), len(body))
+        self.assertTrue(transport.write_closed)
+        local.connectionLost(Failure(ConnectionLost()))
+
+    def test_requestReadAndDiscarded(self) -> None:
+        """
+        The rest of the request is read (closing with unread input would
+        reset the connection and lose the answer) and goes nowhere; the
+        connection closes when the client is done.
+        """
+        local, transport = self.refused()
+        local.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(
+            (transport.producerState, transport.disconnecting), ("producing", False)
+        )
+        local.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        local.connectionLost(Failure(ConnectionLost()))
+
+    def test_lingerBounded(self) -> None:
+        """
+        A client that never closes is cut off after C{REJECT_LINGER}
+        seconds, not before.
+        """
+        local, transport = self.refused()
+        self.connector.clock.advance(REJECT_LINGER - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.connector.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+        local.connectionLost(Failure(ConnectionLost()))
+
+
+class DialTests(SynchronousTestCase):
+    """
+    The bridge with the real connector, dialling on a memory reactor.
+    """
+
+    def test_clientLeavesDuringDial(self) -> None:
+        """
+        A client that leaves while the ingress is still being dialled stops
+        the dial, and is not counted as an error.
+        """
+        memory = MemoryReactorClock()
+        connector = IngressConnector(
+            memory, "127.0.0.1", 443, PartialChainTrust(system=False)
+        )
+        ca = CertificateAuthority.create("dial test")
+        key_pem = generate_key()
+        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        factory = BridgeFactory(parse_endpoint_url("http://web.test"), connector, None)
+        local = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = TCPLikeTransport()
+        local.makeConnection(transport)
+        [dial] = memory.connectors
+        local.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(dial.stoppedConnecting)
+        stats = factory.stats
+        self.assertEqual((stats.errors, stats.failures, stats.last_error), (0, {}, ""))
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(memory.getDelayedCalls(), [])
+
+
+class BridgeOverTLSTests(TestCase):
+    """
+    The bridge to the devcloud's ingress over real mutual TLS on 127.0.0.1.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        ca = CertificateAuthority.create("bridge test root")
+        cert, key = ca.issue_server(["127.0.0.1"])
+        self.cloud = Cloud(ca, [], "127.0.0.1:443")
+        ingress = IngressFactory(self.cloud, reactor)
+        self.addCleanup(ingress.close_all)
+        port = listen(
+            tls_factory(ingress, server_options(cert, key, ca.cert_pem)), self
+        )
+        trust = PartialChainTrust(parse_certificates(ca.cert_pem, "ca"), system=False)
+        self.connector = IngressConnector(reactor, "127.0.0.1", port, trust)
+        key_pem = generate_key()
+        operator = self.cloud.register(
+            "test", "{}", ["bindings"], "global", {}, [], make_csr(key_pem)
+        )
+        self.connector.use_certificate(operator.cert.cert_pem, key_pem)
+
+    async def test_slowBackend(self) -> None:
+        """
+        A backend that does not read makes the local client wait instead of
+        making the daemon buffer: the bridge holds under 512 KiB for it, and
+        every byte arrives once the backend reads again.
+        """
+        backend = Counter(on_connected=lambda p: p.transport.pauseProducing())
+        backend_port = listen(Factory.forProtocol(lambda: backend), self)
+        url = "tcp://bulk.test:9"
+        self.cloud.add_endpoint(url, ("127.0.0.1", backend_port))
+        factory = BridgeFactory(parse_endpoint_url(url), self.connector, None)
+        source = Source(64 * 1024 * 1024)
+        await connect(listen(factory, self), source)
+        await wait_until(lambda: backend.transport is not None, "the backend leg")
+        await assert_flow_controlled(self, source, factory, backend)
+        self.assertTrue(backend.read_closed)
