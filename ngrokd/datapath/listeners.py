@@ -46,6 +46,9 @@ class Listener:
     factory: BridgeFactory
     port: IListeningPort | None = None
     error: str = ""
+    #: Who held the port at the last failed bind that could tell: a later
+    #: lookup that finds nobody (a process scan is racy) keeps them.
+    holders: tuple[str, ...] = ()
 
     @property
     def listening(self) -> bool:
@@ -181,7 +184,7 @@ class ListenerSet:
         spec = listener.spec
 
         def listening(port: IListeningPort) -> None:
-            listener.port, listener.error = port, ""
+            listener.port, listener.error, listener.holders = port, "", ()
             self.log.info(
                 "listening for {url} on {address}:{port}",
                 url=key,
@@ -208,6 +211,9 @@ class ListenerSet:
             return []
 
         def record(failure: Failure, owners: list[str]) -> None:
+            if in_use(failure):
+                owners = owners or list(listener.holders)
+                listener.holders = tuple(owners)
             reason = describe_listen_error(failure, spec, owners)
             if reason != listener.error:
                 self.log.error(

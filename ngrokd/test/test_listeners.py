@@ -10,6 +10,9 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ngrokd.datapath.ingress import IngressConnector
@@ -72,6 +75,31 @@ class ListenerSetTests(TestCase):
         await self.listeners.reconcile(specs)
         self.assertTrue(busy.listening)
         self.assertEqual(busy.error, "")
+
+    async def test_holderKeptWhenLookupFindsNobody(self) -> None:
+        """
+        When a later lookup of who holds the port finds nobody (scanning
+        processes races with them), the reason keeps the holder found
+        before, and the unchanged failure is not logged again.
+        """
+        _, port = self.holder()
+        answers = [["pid 42 (postgres)"], []]
+        listeners = ListenerSet(
+            reactor,
+            IngressConnector(reactor, "127.0.0.1", 1),
+            find_owners=lambda address, port: succeed(answers.pop(0)),
+        )
+        self.addCleanup(listeners.stop)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        specs = {"tcp://busy.test:1": _spec("tcp://busy.test:1", "127.0.0.1", port)}
+        await listeners.reconcile(specs)
+        await listeners.reconcile(specs)
+        busy = listeners.listeners["tcp://busy.test:1"]
+        self.assertEqual(
+            busy.error, f"127.0.0.1:{port} is already in use by pid 42 (postgres)"
+        )
+        failures = [e for e in logged if "cannot listen" in e.get("log_format", "")]
+        self.assertEqual(len(failures), 1)
 
     async def test_freedBindReused(self) -> None:
         """
