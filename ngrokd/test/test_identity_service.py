@@ -378,8 +378,12 @@ class RenewalTests(ServiceTestCase):
         self.clock.pump([CHECK_INTERVAL] * (24 * 9 - 2))
         self.assertEqual(self.requests.seen, [])
         # The certificate's times are whole seconds of the wall clock when
-        # it was issued: its renewal falls due in the hour after 9 days.
-        self.clock.pump([CHECK_INTERVAL] * 3)
+        # it was issued: its renewal falls due at the check at 9 days or the
+        # one after.
+        for _ in range(3):
+            if self.requests.seen:
+                break
+            self.clock.advance(CHECK_INTERVAL)
         self.assertEqual(self.requests.seen, ["PATCH kubernetes_operators/ID"])
         self.assertEqual(service.state, REGISTERED)
 
