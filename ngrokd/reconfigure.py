@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_reconfigure -*-
+# -*- test-case-name: ngrokd.test.test_reload -*-
 """
 What a changed configuration means for a running daemon: which changed keys
 apply at once, which wait for a restart.
