@@ -294,7 +294,8 @@ class IngressConnector:
         A new connection to the ingress, upgraded for C{request}.
         """
         if self._creator is None:
-            raise IngressError("no client certificate yet")
+            missing = "client certificate" if self._certificate is None else "CA trust"
+            raise IngressError(f"no {missing} yet")
         endpoint = HalfCloseableTLSClientEndpoint(
             self._creator,
             HostnameEndpoint(
