@@ -125,6 +125,9 @@ class ServerConfig:
     socket_group: str = ""
     #: The group whose members may run commands that change the daemon.
     admin_group: str = ""
+    #: Host names, besides C{localhost} and IP addresses, that the web page
+    #: answers to (its defence against DNS rebinding).
+    web_hosts: tuple[str, ...] = ()
 
 
 @frozen
@@ -397,6 +400,21 @@ def _selectors(node: yaml.Node, key: str, ctx: _Context) -> tuple[str, ...]:
     return tuple(_name(item, f"{key}[{i}]", ctx) for i, item in enumerate(node.value))
 
 
+def _hostnames(node: yaml.Node, key: str, ctx: _Context) -> tuple[str, ...]:
+    """
+    Bare host names (no port, scheme or path), lowercased.
+    """
+    if not isinstance(node, yaml.SequenceNode):
+        ctx.fail(node, key, f"must be a list of host names, got {_shown(node)}")
+    names = []
+    for i, item in enumerate(node.value):
+        name = _name(item, f"{key}[{i}]", ctx)
+        if any(c in name for c in " /:[]@"):
+            ctx.fail(item, f"{key}[{i}]", f"must be a bare host name, got {name!r}")
+        names.append(name.lower().rstrip("."))
+    return tuple(names)
+
+
 def _overrides(node: yaml.Node, key: str, ctx: _Context) -> dict[str, str]:
     """
     Hostname to listen mode; the hostname is bare, as in the endpoint's URL.
@@ -509,6 +527,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "server.client_key": (_path, None),
     "server.renew_before_days": (_days, 30.0),
     "server.health_address": (_listen_address, "127.0.0.1:8081"),
+    "server.web_hosts": (_hostnames, ()),
     "bound_endpoints.poll_interval": (_poll_interval, 30.0),
     "bound_endpoints.selectors": (_selectors, ("true",)),
     "net.interface_name": (_interface_name, "ngrokd0"),

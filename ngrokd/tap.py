@@ -91,14 +91,25 @@ def build_daemon(config: Config, reactor: Any) -> Daemon:
     daemon.reconfigured.append(
         lambda new: log_level.set_level(level_named(new.server.log_level))
     )
+    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
     if config.server.health_address:
         from ngrokd.control.health import HealthService
         from ngrokd.control.metrics import DaemonMetrics
+        from ngrokd.control.web import WebPage
 
-        registry = DaemonMetrics(daemon).registry
-        health = HealthService(config.server.health_address, daemon, registry, reactor)
+        metrics = DaemonMetrics(daemon)
+        web = WebPage(
+            daemon.daemon_status,
+            daemon.endpoint_status,
+            feed,
+            metrics.upgrade_percentiles,
+            config.server.web_hosts,
+            reactor,
+        )
+        health = HealthService(
+            config.server.health_address, daemon, metrics.registry, reactor, web
+        )
         health.setServiceParent(daemon)
-    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
     feed.setServiceParent(daemon)
     ControlService(daemon, feed, reactor).setServiceParent(daemon)
     ConfigWatcher(config.path, daemon.reload, reactor).setServiceParent(daemon)

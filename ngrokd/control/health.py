@@ -9,7 +9,8 @@ the daemon is registered, has applied one poll and has every planned
 listener up, 503 with the reason before. C{/status} is the whole picture
 as JSON: the original's fields, then ours. C{/metrics} is the Prometheus
 exposition of L{ngrokd.control.metrics}. C{/health} and C{/ready} are the
-original's names for the first two.
+original's names for the first two. C{/} is the web page of
+L{ngrokd.control.web}.
 
 Only C{GET} and C{HEAD} are answered; request bodies are dropped unread and
 idle connections closed, so a client cannot make the server hold memory. A
@@ -37,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from ngrokd.control.web import WebPage, plain_text
 from ngrokd.endpoints import join_host_port
 from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
 
@@ -202,7 +204,7 @@ class _Page(Resource):
     def render(self, request: Request) -> bytes:
         if request.method not in self.allowedMethods:
             request.setHeader(b"Allow", b", ".join(self.allowedMethods))
-            return _text(request, 405, "only GET and HEAD are answered here\n")
+            return plain_text(request, 405, "only GET and HEAD are answered here\n")
         request.setHeader(b"Cache-Control", b"no-store")
         return self.page(request)
 
@@ -210,15 +212,9 @@ class _Page(Resource):
         raise NotImplementedError
 
 
-def _text(request: Request, code: int, text: str) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-    return text.encode("utf-8")
-
-
 class _Alive(_Page):
     def page(self, request: Request) -> bytes:
-        return _text(request, 200, "healthy\n")
+        return plain_text(request, 200, "healthy\n")
 
 
 class _Ready(_Page):
@@ -227,8 +223,8 @@ class _Ready(_Page):
             self._daemon.daemon_status(), self._daemon.endpoint_status()
         )
         if reason:
-            return _text(request, 503, reason)
-        return _text(request, 200, "ready\n")
+            return plain_text(request, 503, reason)
+        return plain_text(request, 200, "ready\n")
 
 
 class _Status(_Page):
@@ -245,14 +241,6 @@ class _Metrics(_Page):
     def page(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._registry)
-
-
-class _Index(_Page):
-    isLeaf = False
-
-    def page(self, request: Request) -> bytes:
-        paths = sorted(name.decode() for name in self.children if name)
-        return _text(request, 200, "".join(f"/{path}\n" for path in paths))
 
 
 class _BodylessRequest(Request):
@@ -284,11 +272,13 @@ class _QuietSite(Site):
         pass
 
 
-def health_site(daemon: StatusSource, registry: CollectorRegistry) -> Site:
+def health_site(
+    daemon: StatusSource, registry: CollectorRegistry, web: WebPage
+) -> Site:
     """
-    The pages, on a site.
+    The pages, on a site, with the web page at C{/}.
     """
-    root = _Index(daemon)
+    root = Resource()
     alive, ready = _Alive(daemon), _Ready(daemon)
     for name, page in [
         (b"healthz", alive),
@@ -299,14 +289,15 @@ def health_site(daemon: StatusSource, registry: CollectorRegistry) -> Site:
         (b"metrics", _Metrics(daemon, registry)),
     ]:
         root.putChild(name, page)
-    root.putChild(b"", root)
+    web.add_to(root)
     return _QuietSite(root, timeout=IDLE_TIMEOUT)
 
 
 class HealthService(Service):
     """
-    Serves L{health_site} on C{address} while running. C{port} is the
-    listening port once bound; C{error} says why binding failed.
+    Serves L{health_site} on C{address} while running, and keeps the web
+    page's history. C{port} is the listening port once bound; C{error} says
+    why binding failed.
     """
 
     log = Logger()
@@ -318,11 +309,13 @@ class HealthService(Service):
         daemon: StatusSource,
         registry: CollectorRegistry,
         reactor: Any,
+        web: WebPage,
     ) -> None:
         self.address = address
         self._daemon = daemon
         self._registry = registry
         self._reactor = reactor
+        self.web = web
         self.port: IListeningPort | None = None
         self.error = ""
         self._listening: Deferred[None] | None = None
@@ -332,8 +325,9 @@ class HealthService(Service):
         host, port = split_address(self.address)
         kind = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint: IStreamServerEndpoint = kind(self._reactor, port, interface=host)
+        self.web.start()
         listening: Deferred[Any] = endpoint.listen(
-            health_site(self._daemon, self._registry)
+            health_site(self._daemon, self._registry, self.web)
         )
         self._listening = listening.addCallbacks(self._listened, self._failed)
 
@@ -367,6 +361,7 @@ class HealthService(Service):
         Service.stopService(self)
         if self._listening is not None:
             self._listening.cancel()
+        self.web.stop()
         port, self.port = self.port, None
         if port is None:
             return None

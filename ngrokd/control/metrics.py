@@ -15,7 +15,7 @@ L{DaemonMetrics}, and the data path does not even read the clock for it.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -51,6 +51,30 @@ def poll_result(error: BaseException | None) -> str:
     if isinstance(error, APIResponseInvalid):
         return "invalid"
     return "error"
+
+
+def histogram_quantile(
+    q: float, buckets: Sequence[tuple[float, float]]
+) -> float | None:
+    """
+    The C{q}-quantile of a histogram given as C{(upper bound, cumulative
+    count)} pairs ending with C{+Inf}, estimated as Prometheus'
+    C{histogram_quantile} does: linearly within the bucket that holds it, and
+    the highest finite bound when it falls in the C{+Inf} bucket. C{None}
+    without observations.
+    """
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank and count > below:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
 
 
 class DaemonMetrics:
@@ -101,6 +125,19 @@ class DaemonMetrics:
 
     def polled(self, seconds: float, error: BaseException | None) -> None:
         self.poll_seconds.labels(poll_result(error)).observe(seconds)
+
+    def upgrade_percentiles(self) -> tuple[float | None, float | None]:
+        """
+        The median and 99th percentile of the time to upgrade, over every
+        endpoint since the start, estimated from the histogram's buckets.
+        """
+        (family,) = self.upgrade_seconds.collect()
+        buckets = [
+            (float(sample.labels["le"]), sample.value)
+            for sample in family.samples
+            if sample.name.endswith("_bucket")
+        ]
+        return histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
 
     # The collector: read at each scrape
 

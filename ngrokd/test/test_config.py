@@ -1120,6 +1120,45 @@ class HealthAddressTests(ConfigTestCase):
         )
 
 
+class WebHostsTests(ConfigTestCase):
+    """
+    C{server.web_hosts} lists the extra names the web page answers to.
+    """
+
+    def test_default(self) -> None:
+        """
+        Without the key, no name beyond C{localhost} is allowed.
+        """
+        self.assertEqual(parse("").config.server.web_hosts, ())
+
+    def test_accepted(self) -> None:
+        """
+        Names are kept lowercased, without a trailing dot.
+        """
+        server = parse(
+            "server:\n  web_hosts: [Ngrokd.Example., box.lan]\n"
+        ).config.server
+        self.assertEqual(server.web_hosts, ("ngrokd.example", "box.lan"))
+
+    def test_refused(self) -> None:
+        """
+        A name with a port or scheme, an empty name, or a string instead of
+        a list is refused, naming the item.
+        """
+        self.assertRefused(
+            "server:\n  web_hosts: [ok.lan, 'box.lan:8081']\n",
+            "2: server.web_hosts[1]: must be a bare host name, got 'box.lan:8081'",
+        )
+        self.assertRefused(
+            "server:\n  web_hosts: ['']\n",
+            "2: server.web_hosts[0]: must not be empty",
+        )
+        self.assertRefused(
+            "server:\n  web_hosts: box.lan\n",
+            "2: server.web_hosts: must be a list of host names, got 'box.lan'",
+        )
+
+
 class LoadConfigTests(SynchronousTestCase):
     """
     L{load_config} reads the file, and names it when it cannot.

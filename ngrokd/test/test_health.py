@@ -319,8 +319,7 @@ class StatusTests(DaemonHealthTestCase):
         """
         C{HEAD} answers like C{GET} without a body; any other method is
         refused with 405 and the methods allowed, its body unread; an
-        unknown path is 404;
-        C{/} lists the paths.
+        unknown path is 404.
         """
 
         async def run() -> None:
@@ -334,11 +333,6 @@ class StatusTests(DaemonHealthTestCase):
                 self.assertEqual(refused.code, 405, method)
                 self.assertEqual(refused.header("allow"), "GET, HEAD")
             self.assertEqual((await http(self.url(daemon, "/nothing"))).code, 404)
-            index = await http(self.url(daemon, "/"))
-            self.assertEqual(
-                (index.code, index.body),
-                (200, b"/health\n/healthz\n/metrics\n/ready\n/readyz\n/status\n"),
-            )
 
         return ensureDeferred(run())
 

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd import __version__
-from ngrokd.control.metrics import poll_result
+from ngrokd.control.metrics import histogram_quantile, poll_result
 from ngrokd.daemon import Daemon
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable
 from ngrokd.test.helpers import Recorder, connect, wait_until
@@ -185,4 +185,29 @@ class PollResultTests(SynchronousTestCase):
                 poll_result(ValueError()),
             ],
             ["ok", "unavailable", "api_error", "invalid", "error"],
+        )
+
+
+class HistogramQuantileTests(SynchronousTestCase):
+    """
+    Percentiles read from a histogram's buckets, as Prometheus reads them.
+    """
+
+    def test_interpolated(self) -> None:
+        """
+        The quantile lies within its bucket, in proportion to its rank.
+        """
+        buckets = [(0.1, 2.0), (0.5, 6.0), (1.0, 10.0), (float("inf"), 10.0)]
+        self.assertEqual(histogram_quantile(0.5, buckets), 0.4)
+        self.assertAlmostEqual(histogram_quantile(0.1, buckets) or 0, 0.05)
+        self.assertAlmostEqual(histogram_quantile(0.99, buckets) or 0, 0.9875)
+
+    def test_edges(self) -> None:
+        """
+        No observations give no answer; one beyond the last finite bound
+        gives that bound, not infinity.
+        """
+        self.assertIsNone(histogram_quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]))
+        self.assertEqual(
+            histogram_quantile(0.99, [(1.0, 1.0), (float("inf"), 4.0)]), 1.0
         )
