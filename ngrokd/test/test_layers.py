@@ -21,9 +21,11 @@ CORE = {
     "ngrokd.atomic",
     "ngrokd.config",
     "ngrokd.endpoints",
+    "ngrokd.events",
     "ngrokd.logs",
     "ngrokd.pem",
     "ngrokd.plan",
+    "ngrokd.reconfigure",
     "ngrokd.retry",
     "ngrokd.status",
 }
