@@ -62,8 +62,11 @@ from twisted.logger import (
 )
 
 from ngrokd.config import load_config
+from ngrokd.control.client import connect
+from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import status_json
 from ngrokd.control.metrics import DaemonMetrics
+from ngrokd.control.server import ControlService
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 
@@ -99,6 +102,8 @@ class Report:
     metrics_scrape: float
     metrics_bytes: int
     status_render: float
+    ctl_list: float
+    ctl_rows: int
     rss_before_daemon: int
     peak_rss: int
     machine: str
@@ -238,6 +243,8 @@ async def run(args: argparse.Namespace, workdir: str) -> Report:
             started = time.perf_counter()
             status_json(daemon)
             status_render = time.perf_counter() - started
+            progress("ngrokctl list over the control socket")
+            ctl_list, ctl_rows = await _list_over_socket(daemon)
         finally:
             await daemon.stopService()
     finally:
@@ -252,11 +259,36 @@ async def run(args: argparse.Namespace, workdir: str) -> Report:
         metrics_scrape=metrics_scrape,
         metrics_bytes=metrics_bytes,
         status_render=status_render,
+        ctl_list=ctl_list,
+        ctl_rows=ctl_rows,
         rss_before_daemon=rss_before,
         peak_rss=_peak_rss(),
         machine=f"{platform.machine()} {os.cpu_count()} CPUs,"
         f" {platform.python_implementation()} {platform.python_version()}",
     )
+
+
+async def _list_over_socket(daemon: Daemon) -> tuple[float, int]:
+    """
+    How long C{ngrokctl list} takes to fetch every row over the real control
+    socket and AMP, and how many rows came.
+    """
+    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+    control = ControlService(daemon, feed, reactor)
+    control.startService()
+    try:
+        await control.whenListening()
+        client = await connect(reactor, daemon.config.server.socket_path)
+        try:
+            started = time.perf_counter()
+            rows = [row async for row in client.endpoints()]
+            return time.perf_counter() - started, len(rows)
+        finally:
+            client.close()
+    finally:
+        stopping = control.stopService()
+        if stopping is not None:
+            await stopping
 
 
 def table(report: Report) -> str:
@@ -279,6 +311,10 @@ def table(report: Report) -> str:
             f"{report.metrics_scrape:.3f} s, {report.metrics_bytes / MiB:.1f} MiB",
         ),
         ("/status document", f"{report.status_render:.3f} s"),
+        (
+            "ngrokctl list, every page over the socket",
+            f"{report.ctl_list:.3f} s, {report.ctl_rows} rows",
+        ),
         (
             "RSS before the daemon (devcloud)",
             f"{report.rss_before_daemon / MiB:.0f} MiB",
