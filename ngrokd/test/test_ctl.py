@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -24,6 +25,7 @@ from ngrokd.control.client import (
     EXIT_NOT_RUNNING,
     EXIT_OK,
     EXIT_PERMISSION,
+    EXIT_RESTART,
     EXIT_VERSION,
 )
 from ngrokd.control.render import duration, endpoint_table, size
@@ -389,6 +391,57 @@ class ConfigEditTests(DaemonFixture, TestCase):
             self.assertIn("server.log_level", ran.err)
             with open(self.devcloud.config_path) as f:
                 self.assertEqual(f.read(), self.original)
+
+        return ensureDeferred(run())
+
+
+class ReloadTests(DaemonFixture, TestCase):
+    """
+    C{ngrokctl reload}: what it applied, refused, or left for a restart.
+    """
+
+    def setUp(self) -> None:
+        self.devcloud = self.start_devcloud(self)
+        self.socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        with open(self.devcloud.config_path) as f:
+            text = f.read()
+        self.original = re.sub(
+            r"(?m)^  socket_path:.*$",
+            f"  socket_path: {self.socket}\n  health_address: ''",
+            text,
+        )
+        self.save(self.original)
+
+    def save(self, text: str) -> None:
+        with open(self.devcloud.config_path, "w") as f:
+            f.write(text)
+
+    def test_outcomes(self) -> Deferred[None]:
+        """
+        No change exits 0; a hot change is applied and named; an invalid
+        file exits 1 with the reason and changes nothing; a restart-only
+        change exits 7 naming the key.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon(self, self.devcloud, self.socket)
+            ran = await ngrokctl(self.socket, "reload")
+            self.assertEqual((ran.code, ran.out), (EXIT_OK, "no changes\n"))
+            self.save(self.original.replace("log_level: info", "log_level: warn"))
+            ran = await ngrokctl(self.socket, "reload")
+            self.assertEqual(
+                (ran.code, ran.out), (EXIT_OK, "applied: server.log_level\n")
+            )
+            self.save(self.original.replace("log_level: info", "log_level: loud"))
+            ran = await ngrokctl(self.socket, "reload")
+            self.assertEqual(ran.code, EXIT_FAILED)
+            self.assertIn("not reloaded, nothing changed", ran.err)
+            self.assertIn("server.log_level", ran.err)
+            self.assertEqual(daemon.config.server.log_level, "warn")
+            self.save(self.original.replace("net:\n", "net:\n  subnet: 10.99.0.0/16\n"))
+            ran = await ngrokctl(self.socket, "reload")
+            self.assertEqual(ran.code, EXIT_RESTART)
+            self.assertIn("applied only at a restart: net.subnet", ran.err)
 
         return ensureDeferred(run())
 
