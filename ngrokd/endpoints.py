@@ -8,10 +8,16 @@ decides the hostname local clients use, the port they connect to, and the
 C{host}/C{port} of the C{ConnRequest}: always the URL's hostname alone (the Go
 original sent C{host:port} and broke every tcp endpoint) and its port with the
 scheme's default filled in.
+
+The hostname comes from the API, which we do not control, and ends up in
+the hosts file and in listening sockets: only a DNS name is accepted (RFC
+1123 labels of letters, digits and hyphens, punycode for other scripts, 253
+characters in all), so that no URL can add a second name to a hosts line.
 """
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from attrs import frozen
@@ -19,6 +25,13 @@ from attrs import frozen
 DEFAULT_PORTS = {"http": 80, "https": 443, "tls": 443}
 SCHEMES = frozenset({"http", "https", "tcp", "tls"})
 HTTP_SCHEMES = frozenset({"http", "https"})
+#: The longest DNS name, without a final dot (RFC 1035 section 2.3.4).
+MAX_HOSTNAME = 253
+#: One RFC 1123 label, lowercase: 1 to 63 letters, digits or hyphens, with
+#: no hyphen at either end.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+#: How much of a refused URL an error quotes.
+_QUOTED = 100
 
 
 class EndpointURLError(ValueError):
@@ -70,39 +83,72 @@ class BoundEndpoint:
     target: EndpointTarget
 
 
+def is_dns_name(host: str) -> bool:
+    """
+    Whether C{host} (lowercase) is a DNS name ngrokd may bind and write to
+    the hosts file: dot-separated RFC 1123 labels, at most 253 characters.
+    """
+    return (
+        len(host) <= MAX_HOSTNAME
+        and host.isascii()
+        and all(_LABEL.fullmatch(label) for label in host.split("."))
+    )
+
+
+def _quoted(text: str) -> str:
+    """
+    C{text} quoted for an error message, cut short if it is long.
+    """
+    if len(text) <= _QUOTED:
+        return repr(text)
+    return f"{text[:_QUOTED]!r}... ({len(text)} characters)"
+
+
 def parse_endpoint_url(url: str, proto: str = "") -> EndpointTarget:
     """
     Parse a bound endpoint URL. A URL without a scheme takes C{proto}
     (ngrok's operator does the same, defaulting to https).
     """
+    shown = _quoted(url)
     text = url.strip()
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise EndpointURLError(f"{shown}: holds whitespace or control characters")
     if "://" not in text:
         text = f"{proto or 'https'}://{text}"
     try:
         parts = urlsplit(text)
         explicit_port = parts.port
     except ValueError as e:
-        raise EndpointURLError(f"{url!r}: {e}") from None
+        raise EndpointURLError(f"{shown}: {e}") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise EndpointURLError(
-            f"{url!r}: scheme {scheme!r} is not one of {', '.join(sorted(SCHEMES))}"
+            f"{shown}: scheme {_quoted(scheme)} is not one of"
+            f" {', '.join(sorted(SCHEMES))}"
         )
     if proto and proto.lower() != scheme:
-        raise EndpointURLError(f"{url!r}: its scheme disagrees with proto {proto!r}")
+        raise EndpointURLError(
+            f"{shown}: its scheme disagrees with proto {_quoted(proto)}"
+        )
     host = (parts.hostname or "").lower()
     if not host:
-        raise EndpointURLError(f"{url!r}: no hostname")
+        raise EndpointURLError(f"{shown}: no hostname")
     if "*" in host:
-        raise EndpointURLError(f"{url!r}: a wildcard hostname cannot be bound locally")
+        raise EndpointURLError(f"{shown}: a wildcard hostname cannot be bound locally")
+    if not parts.netloc.isascii() or not is_dns_name(host):
+        raise EndpointURLError(
+            f"{shown}: the hostname is not a DNS name (labels of letters,"
+            f" digits and hyphens, punycode for other scripts, at most"
+            f" {MAX_HOSTNAME} characters)"
+        )
     if explicit_port is not None:
         port = explicit_port
     elif scheme in DEFAULT_PORTS:
         port = DEFAULT_PORTS[scheme]
     else:
-        raise EndpointURLError(f"{url!r}: a {scheme} URL must give its port")
+        raise EndpointURLError(f"{shown}: a {scheme} URL must give its port")
     if not 1 <= port <= 65535:
-        raise EndpointURLError(f"{url!r}: port {port} is out of range")
+        raise EndpointURLError(f"{shown}: port {port} is out of range")
     return EndpointTarget(scheme=scheme, host=host, port=port)
 
 

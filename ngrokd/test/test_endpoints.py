@@ -78,3 +78,69 @@ class ParseEndpointURLTests(SynchronousTestCase):
             parse_endpoint_url("http://web.prod").url,
             parse_endpoint_url("http://web.prod:80").url,
         )
+
+
+class HostnameTests(SynchronousTestCase):
+    """
+    Only DNS names are accepted as hostnames: a URL from the API must not
+    become a hosts line holding a second name, nor a name no resolver takes.
+    """
+
+    def test_dnsNames(self) -> None:
+        """
+        Names of any shape made of RFC 1123 labels are accepted, punycode
+        and digits included, up to 253 characters.
+        """
+        longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+        for host in [
+            "controller.example.com",
+            "web.prod",
+            "localhost",
+            "xn--bcher-kva.example",
+            "3com.example",
+            "a-b.c-d",
+            "10.0.0.1",
+            longest,
+        ]:
+            self.assertEqual(parse_endpoint_url(f"tcp://{host}:80").host, host)
+        self.assertEqual(len(longest), 253)
+
+    def test_notDNSNames(self) -> None:
+        """
+        Whitespace, control characters, other characters than letters,
+        digits and hyphens, empty or overlong labels, names over 253
+        characters and non-ASCII names are refused, naming the URL.
+        """
+        for url in [
+            "http://x victim.example",
+            "http://x\tvictim.example",
+            "http://x\nvictim.example",
+            "http://web.prod\x00",
+            "http://web\x7f.prod",
+            "http://under_score.prod",
+            "http://-web.prod",
+            "http://web-.prod",
+            "http://web..prod",
+            "http://web.prod.",
+            "http://" + "a" * 64 + ".prod",
+            "http://" + ".".join(["a" * 63] * 4),
+            "http://bücher.example",
+            "http://\u212aelvin.example",
+            "http://web.prod%20x",
+        ]:
+            with self.assertRaises(EndpointURLError, msg=repr(url)) as caught:
+                parse_endpoint_url(url)
+            self.assertIn(repr(url)[:50], str(caught.exception))
+
+    def test_longURLQuotedShort(self) -> None:
+        """
+        A huge URL is named by its start and length, not copied whole into
+        the error (and so into the log and status).
+        """
+        url = "http://" + "a" * 70_000 + ".example"
+        with self.assertRaises(EndpointURLError) as caught:
+            parse_endpoint_url(url)
+        message = str(caught.exception)
+        self.assertLess(len(message), 400)
+        self.assertIn("70015 characters", message)
+        self.assertIn("not a DNS name", message)

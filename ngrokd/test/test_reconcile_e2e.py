@@ -471,6 +471,36 @@ class EndpointChangeTests(ReconcileEndToEnd):
 
         return ensureDeferred(run())
 
+    def test_hostileHostnamesSkipped(self) -> Deferred[None]:
+        """
+        A hostname holding a space (which would add a second name to its
+        hosts line) or too long for DNS gets no listener and one warning
+        each; a name of another shape than C{service.namespace} is served.
+        """
+
+        async def run() -> None:
+            self.cloud.add_endpoint(
+                "tcp://controller.example.com:7002", ("127.0.0.1", self.echo_port)
+            )
+            self.cloud.faults.extra_endpoints.extend(
+                [
+                    {"id": "ep_space", "url": "tcp://x victim.example:7003"},
+                    {"id": "ep_long", "url": f"tcp://{'a' * 300}.example:7004"},
+                ]
+            )
+            daemon = await self.start_daemon(expected=3)
+            await self.polls(daemon, 3)
+            self.assertEqual(len(self.logged("skipping endpoint ep_space")), 1)
+            self.assertEqual(len(self.logged("skipping endpoint ep_long")), 1)
+            rows = {row.id: row for row in daemon.endpoint_status()}
+            for id, reason in [("ep_space", "whitespace"), ("ep_long", "DNS name")]:
+                self.assertEqual(rows[id].state, FAILED)
+                self.assertIn(reason, rows[id].reason)
+            self.assertEqual(self.listening(daemon), 3)
+            await self.echo(daemon, "tcp://controller.example.com:7002")
+
+        return ensureDeferred(run())
+
     def test_failedEndpointVisibleAndRetried(self) -> Deferred[None]:
         """
         An endpoint whose port is taken is shown as failed with the reason,
