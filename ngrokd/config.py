@@ -43,6 +43,8 @@ _MAX_SECONDS = 1e9
 _MAX_DAYS = 3650
 #: A CA bundle larger than this is some other file (the system's is < 1 MiB).
 _MAX_CA_BUNDLE = 16 * 2**20
+#: A larger count limit is a mistake.
+_MAX_COUNT = 1_000_000
 _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
@@ -138,6 +140,10 @@ class DiscoveryConfig:
 
     poll_interval: float
     selectors: tuple[str, ...]
+    #: More endpoints than this in one poll fail the poll.
+    max_endpoints: int = 10000
+    #: Seconds allowed for one whole poll, every page included.
+    poll_timeout: float = 120.0
 
 
 @frozen
@@ -294,6 +300,19 @@ def _port(node: yaml.Node, key: str, ctx: _Context) -> int:
     value = ctx.value(node, key)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         ctx.fail(node, key, f"must be a port number 1..65535, got {_shown(node)}")
+    return value
+
+
+def _count(node: yaml.Node, key: str, ctx: _Context) -> int:
+    value = ctx.value(node, key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 < value <= _MAX_COUNT
+    ):
+        ctx.fail(
+            node, key, f"must be a whole number 1..{_MAX_COUNT}, got {_shown(node)}"
+        )
     return value
 
 
@@ -530,6 +549,8 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "server.web_hosts": (_hostnames, ()),
     "bound_endpoints.poll_interval": (_poll_interval, 30.0),
     "bound_endpoints.selectors": (_selectors, ("true",)),
+    "bound_endpoints.max_endpoints": (_count, 10000),
+    "bound_endpoints.poll_timeout": (_seconds, 120.0),
     "net.interface_name": (_interface_name, "ngrokd0"),
     "net.subnet": (_subnet, None),
     "net.listen_interface": (_mode, "virtual"),

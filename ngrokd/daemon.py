@@ -62,6 +62,19 @@ class ReloadResult:
     error: str = ""
 
 
+#: The keys the API client is made with: a reload that changes one makes a
+#: new client.
+_API_CLIENT_KEYS = frozenset(
+    {
+        "api.url",
+        "api.ca_bundle",
+        "api.timeout",
+        "bound_endpoints.max_endpoints",
+        "bound_endpoints.poll_timeout",
+    }
+)
+
+
 class Daemon(MultiService):
     """
     The whole daemon, as one service tree.
@@ -84,13 +97,7 @@ class Daemon(MultiService):
         self._reactor = reactor
         self.api_key = config.api.key
         self._api_tls = LateTrustPolicy()
-        self.api: NgrokAPI = make_api(
-            reactor,
-            config.api.url,
-            lambda: self.api_key,
-            self._api_tls,
-            config.api.timeout,
-        )
+        self.api: NgrokAPI = self._api_client(lambda: self.api_key)
         ingress = config.ingress
         self.connector = IngressConnector(
             reactor,
@@ -273,7 +280,7 @@ class Daemon(MultiService):
         """
         self.config = config
         pool = self._reactor.getThreadPool()
-        if changed.keys() & {"api.url", "api.ca_bundle", "api.timeout"}:
+        if changed.keys() & _API_CLIENT_KEYS:
             tls = LateTrustPolicy()
             tls.use(
                 await deferToThreadPool(
@@ -281,13 +288,7 @@ class Daemon(MultiService):
                 )
             )
             old, self._api_tls = self.api, tls
-            self.api = make_api(
-                self._reactor,
-                config.api.url,
-                lambda: self.api_key,
-                tls,
-                config.api.timeout,
-            )
+            self.api = self._api_client(lambda: self.api_key)
             self.identity_service.use_api(self.api)
             await old.close()
         if "ingress.ca_bundle" in changed:
@@ -333,10 +334,7 @@ class Daemon(MultiService):
         key = key.strip()
         if not key:
             return fail(NoAPIKey())
-        api = self.config.api
-        trial = make_api(
-            self._reactor, api.url, lambda: key, self._api_tls, api.timeout
-        )
+        trial = self._api_client(lambda: key)
 
         def accepted(_: object) -> None:
             self.api_key = key
@@ -355,6 +353,18 @@ class Daemon(MultiService):
         trying.addCallback(accepted)
         trying.addBoth(close)
         return trying
+
+    def _api_client(self, key_provider: Callable[[], str]) -> NgrokAPI:
+        api, discovery = self.config.api, self.config.bound_endpoints
+        return make_api(
+            self._reactor,
+            api.url,
+            key_provider,
+            self._api_tls,
+            api.timeout,
+            max_items=discovery.max_endpoints,
+            listing_timeout=discovery.poll_timeout,
+        )
 
     def _use_identity(self, identity: Identity) -> None:
         """

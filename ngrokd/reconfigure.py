@@ -35,6 +35,8 @@ HOT = frozenset(
         "server.renew_before_days",
         "bound_endpoints.poll_interval",
         "bound_endpoints.selectors",
+        "bound_endpoints.max_endpoints",
+        "bound_endpoints.poll_timeout",
         "net.listen_interface",
         "net.overrides",
         "net.start_port",

@@ -12,6 +12,13 @@ the API key, even where ngrok quotes it back (it does, for a wrong key).
 The key is read from a callable for every request, so a key set at run time
 takes effect at once. Timeouts use the given clock, not treq's (which uses
 the global reactor).
+
+An answer is input we do not control, so everything read from it is
+bounded: the size of a body (L{MAX_BODY}), the length of each string
+(L{MAX_STRING}, certificates L{MAX_PEM}), the number of items in a listing,
+and the time a whole listing may take. An answer beyond one of them is an
+L{APIResponseInvalid} (or L{APIUnavailable} for the time) naming the limit;
+nothing of it is used.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from attrs import frozen
 from OpenSSL.SSL import Error as TLSError
+from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
@@ -69,6 +77,17 @@ _HINTS = {
 }
 
 _REDACTED = "[redacted]"
+
+#: The largest body read from the API, in bytes: a page of 100 endpoints is
+#: tens of kilobytes.
+MAX_BODY = 4 * 1024 * 1024
+#: The longest string taken from an answer (ids, URLs, error messages...).
+MAX_STRING = 4096
+#: The longest certificate (PEM, with its chain) taken from an answer.
+MAX_PEM = 65536
+#: The default limits of one listing: how many items, and how many seconds.
+MAX_ITEMS = 10000
+LISTING_TIMEOUT = 120.0
 
 
 def _redact(text: str, key: str) -> str:
@@ -247,7 +266,7 @@ class _Fields:
             raise self._invalid(name, "not an object")
         return _Fields(self._url, value, f"{self._path}{name}.")
 
-    def string(self, name: str, required: bool = True) -> str:
+    def string(self, name: str, required: bool = True, limit: int = MAX_STRING) -> str:
         value = self._value(name, required)
         if value is None:
             return ""
@@ -255,6 +274,8 @@ class _Fields:
             raise self._invalid(name, f"not a string: {type(value).__name__}")
         if required and not value:
             raise self._invalid(name, "empty")
+        if len(value) > limit:
+            raise self._invalid(name, f"longer than {limit} characters ({len(value)})")
         return value
 
     def strings(self, name: str) -> tuple[str, ...]:
@@ -263,6 +284,11 @@ class _Fields:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self._invalid(name, "not a list of strings")
+        for i, item in enumerate(value):
+            if len(item) > MAX_STRING:
+                raise self._invalid(
+                    f"{name}[{i}]", f"longer than {MAX_STRING} characters ({len(item)})"
+                )
         return tuple(value)
 
     def time(self, name: str) -> datetime.datetime:
@@ -290,7 +316,7 @@ def _operator(fields: _Fields) -> Operator:
     cert = binding.child("cert")
     return Operator(
         id=fields.string("id"),
-        cert_pem=cert.string("cert").encode("ascii", "replace"),
+        cert_pem=cert.string("cert", limit=MAX_PEM).encode("ascii", "replace"),
         not_before=cert.time("not_before"),
         not_after=cert.time("not_after"),
         ingress_endpoint=binding.string("ingress_endpoint", required=False),
@@ -333,14 +359,37 @@ def _failure_reason(failure: Failure) -> str:
     return failure.getErrorMessage() or type(error).__name__
 
 
+async def _read_body(response: Any, url: str) -> bytes:
+    """
+    The body of C{response}, refused (and the connection closed) as soon as
+    it proves longer than L{MAX_BODY}.
+    """
+    chunks: list[bytes] = []
+    size = 0
+
+    def received(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > MAX_BODY or (
+            isinstance(response.length, int) and response.length > MAX_BODY
+        ):
+            raise APIResponseInvalid(url, "body", f"larger than {MAX_BODY} bytes")
+        chunks.append(data)
+
+    await collect(response, received)
+    return b"".join(chunks)
+
+
 class NgrokAPI:
     """
     ngrok's API at C{base_url}, authenticated with the key C{key_provider}
     returns at each request.
 
     @param http: a treq C{HTTPClient} (or C{StubTreq}).
-    @param clock: times out each request after C{timeout} seconds.
+    @param clock: times out each request after C{timeout} seconds, and
+        each listing after C{listing_timeout}.
     @param max_pages: more pages than this in one listing is an error.
+    @param max_items: more items than this in one listing is an error.
     @param pool: the connection pool to close in L{close}, if any.
     """
 
@@ -353,6 +402,8 @@ class NgrokAPI:
         timeout: float = 30.0,
         max_pages: int = 1000,
         pool: HTTPConnectionPool | None = None,
+        max_items: int = MAX_ITEMS,
+        listing_timeout: float = LISTING_TIMEOUT,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._key_provider = key_provider
@@ -361,6 +412,8 @@ class NgrokAPI:
         self._timeout = timeout
         self._max_pages = max_pages
         self._pool = pool
+        self._max_items = max_items
+        self._listing_timeout = listing_timeout
 
     def close(self) -> Deferred[None]:
         """
@@ -428,7 +481,7 @@ class NgrokAPI:
         Every operator of the account (to find one whose id was lost).
         """
         url = f"{self._base_url}/kubernetes_operators"
-        return Deferred.fromCoroutine(self._list(url, "operators", _operator))
+        return self._listing(url, "operators", _operator)
 
     def bound_endpoints(self, operator_id: str) -> Deferred[list[ApiEndpoint]]:
         """
@@ -436,12 +489,30 @@ class NgrokAPI:
         until it is null or a page is empty.
         """
         url = self._operator_url(operator_id) + "/bound_endpoints"
-        return Deferred.fromCoroutine(self._list(url, "endpoints", _endpoint))
+        return self._listing(url, "endpoints", _endpoint)
 
     def _parse_operator(self, document: Any, url: str) -> Operator:
         return _operator(_Fields(url, document))
 
     # Mechanics
+
+    def _listing(
+        self, url: str, name: str, parse: Callable[[_Fields], T]
+    ) -> Deferred[list[T]]:
+        """
+        Every item of a paged listing, within the listing's time limit.
+        """
+        listing = Deferred.fromCoroutine(self._list(url, name, parse))
+        listing.addTimeout(self._listing_timeout, self._clock)
+
+        def too_slow(failure: Failure) -> Failure:
+            failure.trap(TimeoutError)
+            raise APIUnavailable(
+                url,
+                f"the listing of {name} did not end within {self._listing_timeout:g}s",
+            )
+
+        return listing.addErrback(too_slow)
 
     async def _list(
         self, url: str, name: str, parse: Callable[[_Fields], T]
@@ -464,6 +535,10 @@ class NgrokAPI:
             if not items:
                 break
             found.extend(parse(item) for item in items)
+            if len(found) > self._max_items:
+                raise APIResponseInvalid(
+                    url, name, f"more than {self._max_items} {name} in one listing"
+                )
             following = page.string("next_page_uri", required=False)
             next_url = self._follow(next_url, following) if following else None
         return found
@@ -518,7 +593,7 @@ class NgrokAPI:
             response = await self._http.request(
                 method, url, headers=headers, data=data, allow_redirects=False
             )
-            return response, await response.content()
+            return response, await _read_body(response, url)
         except ConnectingCancelledError:
             raise CancelledError() from None
         except (ResponseFailed, RequestTransmissionFailed) as e:
@@ -585,6 +660,9 @@ def make_api(
     key_provider: Callable[[], str],
     tls_policy: IPolicyForHTTPS,
     timeout: float = 30.0,
+    *,
+    max_items: int = MAX_ITEMS,
+    listing_timeout: float = LISTING_TIMEOUT,
 ) -> NgrokAPI:
     """
     The API client ngrokd runs with: HTTPS verified by C{tls_policy},
@@ -601,4 +679,13 @@ def make_api(
         connectTimeout=timeout,
         pool=pool,
     )
-    return NgrokAPI(url, key_provider, HTTPClient(agent), reactor, timeout, pool=pool)
+    return NgrokAPI(
+        url,
+        key_provider,
+        HTTPClient(agent),
+        reactor,
+        timeout,
+        pool=pool,
+        max_items=max_items,
+        listing_timeout=listing_timeout,
+    )

@@ -22,6 +22,8 @@ from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
 from ngrokd.ngrok.api import (
+    MAX_BODY,
+    MAX_STRING,
     APIError,
     APIResponseInvalid,
     APIUnavailable,
@@ -82,9 +84,11 @@ def _page(*ids: str, next_page: str | None = None) -> tuple[int, Any, dict[str, 
     return 200, {"endpoints": endpoints, "uri": "", "next_page_uri": next_page}, {}
 
 
-def _client(resource: Resource, clock: Clock, key: Any = lambda: KEY) -> NgrokAPI:
+def _client(
+    resource: Resource, clock: Clock, key: Any = lambda: KEY, **limits: Any
+) -> NgrokAPI:
     return NgrokAPI(
-        BASE, key, cast(HTTPRequester, StubTreq(resource)), clock, timeout=10
+        BASE, key, cast(HTTPRequester, StubTreq(resource)), clock, 10, **limits
     )
 
 
@@ -351,3 +355,78 @@ class PaginationTests(SynchronousTestCase):
         self.assertEqual(error.field, "next_page_uri")
         self.assertIn("elsewhere.test", str(error))
         self.assertEqual(len(resource.requests), 1)
+
+
+class BoundedAnswerTests(SynchronousTestCase):
+    """
+    Nothing read from an answer is unbounded: an answer beyond a limit is
+    refused with an error naming the limit, and nothing of it is used.
+    """
+
+    def refused(self, *answers: tuple[int, Any, dict[str, str]]) -> Any:
+        api = _client(Scripted(*answers), Clock(), max_items=3)
+        return self.failureResultOf(
+            api.bound_endpoints("k8sop_1"), APIResponseInvalid
+        ).value
+
+    def test_bodyTooLarge(self) -> None:
+        """
+        A body larger than L{MAX_BODY} is refused.
+        """
+        body = b'{"endpoints": [], "pad": "' + b"x" * MAX_BODY + b'"}'
+        error = self.refused((200, body, {}))
+        self.assertEqual(error.field, "body")
+        self.assertIn(f"larger than {MAX_BODY} bytes", str(error))
+
+    def test_stringTooLong(self) -> None:
+        """
+        A string longer than L{MAX_STRING} is refused, naming the field.
+        """
+        page = {"endpoints": [{"id": "ep_1", "url": "tcp://" + "a" * 70_000}]}
+        error = self.refused((200, page, {}))
+        self.assertEqual(error.field, "endpoints[0].url")
+        self.assertIn(f"longer than {MAX_STRING} characters (70006)", str(error))
+        self.assertLess(len(str(error)), 300)
+
+    def test_tooManyItems(self) -> None:
+        """
+        More items than the limit in one listing (over several pages) is an
+        error, not a truncated list.
+        """
+        error = self.refused(
+            _page("a", "b", next_page=f"{BASE}/kubernetes_operators?p=2"),
+            _page("c", "d"),
+        )
+        self.assertIn("more than 3 endpoints", str(error))
+
+    def test_listingDeadline(self) -> None:
+        """
+        A listing whose pages each come in time, but which takes longer than
+        its deadline as a whole, fails as an unavailable API.
+        """
+        clock = Clock()
+        cloud = Cloud(CertificateAuthority.create("t"), {KEY}, "ingress:443")
+        cloud.page_size = 1
+        for n in range(4):
+            cloud.add_endpoint(f"tcp://e{n}.test:80", ("127.0.0.1", 1))
+        operator = cloud.register(
+            "d", "{}", ["bindings"], "global", {}, ["true"], make_csr(generate_key())
+        )
+        cloud.faults.next_delay(8, count=4)
+        stub = StubTreq(api_resource(cloud, BASE, clock))
+        api = NgrokAPI(
+            BASE,
+            lambda: KEY,
+            cast(HTTPRequester, stub),
+            clock,
+            timeout=10,
+            listing_timeout=20,
+        )
+        d = api.bound_endpoints(operator.id)
+        for _ in range(2):
+            clock.advance(8)
+            stub.flush()
+        self.assertNoResult(d)
+        clock.advance(4)
+        error = self.failureResultOf(d, APIUnavailable).value
+        self.assertIn("the listing of endpoints did not end within 20s", str(error))

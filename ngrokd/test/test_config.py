@@ -644,6 +644,34 @@ class ValidationTests(ConfigTestCase):
                 parse(f"net:\n  start_port: {port}\n").config.net.start_port, port
             )
 
+    def test_discoveryLimits(self) -> None:
+        """
+        The most endpoints in one poll is a whole number, and the time a
+        whole poll may take a number of seconds.
+        """
+        config = parse(
+            "bound_endpoints:\n  max_endpoints: 50000\n  poll_timeout: 600\n"
+        ).config
+        self.assertEqual(
+            (config.bound_endpoints.max_endpoints, config.bound_endpoints.poll_timeout),
+            (50000, 600.0),
+        )
+        defaults = parse("").config.bound_endpoints
+        self.assertEqual(
+            (defaults.max_endpoints, defaults.poll_timeout), (10000, 120.0)
+        )
+        for value, shown in [("0", "0"), ("1.5", "1.5"), ("2000000", "2000000")]:
+            self.assertRefused(
+                f"bound_endpoints:\n  max_endpoints: {value}\n",
+                "2: bound_endpoints.max_endpoints: must be a whole number"
+                f" 1..1000000, got {shown}",
+            )
+        self.assertRefused(
+            "bound_endpoints:\n  poll_timeout: 0\n",
+            "2: bound_endpoints.poll_timeout: must be a positive number of"
+            " seconds, got 0",
+        )
+
     def test_unreadableValue(self) -> None:
         """
         A value whose explicit YAML tag does not fit it is refused.

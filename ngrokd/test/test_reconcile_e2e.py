@@ -24,10 +24,11 @@ from twisted.trial.unittest import TestCase
 
 from ngrokd.config import Config, load_config
 from ngrokd.daemon import Daemon
+from ngrokd.devcloud.cloud import Faults
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
-from ngrokd.ngrok.api import APIError
+from ngrokd.ngrok.api import MAX_BODY, MAX_STRING, APIError
 from ngrokd.ngrok.identity_service import (
     OPERATOR_DELETED,
     REGISTERED,
@@ -382,6 +383,97 @@ class FailedPollTests(ReconcileEndToEnd):
                 )
             )
             self.assertTrue(self.logged("does not have the Kubernetes Operators"))
+
+        return ensureDeferred(run())
+
+
+class HostileAnswerTests(ReconcileEndToEnd):
+    """
+    Answers beyond the API client's limits fail the poll with an error that
+    names the limit, and the last good endpoints stay served.
+    """
+
+    def test_hugeBody(self) -> Deferred[None]:
+        """
+        A body larger than the client reads.
+        """
+        body = b'{"endpoints": [], "pad": "' + b"x" * MAX_BODY + b'"}'
+
+        async def run() -> None:
+            await self.survive(
+                lambda d: self.cloud.faults.next_body(
+                    body, count=2, path_contains="bound_endpoints"
+                )
+            )
+            self.assertTrue(self.logged(f"larger than {MAX_BODY} bytes"))
+
+        return ensureDeferred(run())
+
+    def test_hugeString(self) -> Deferred[None]:
+        """
+        A 70 kB endpoint URL.
+        """
+        extra: dict[str, object] = {
+            "id": "ep_huge",
+            "url": f"tcp://{'a' * 70_000}.test:1",
+        }
+
+        async def run() -> None:
+            await self.survive(
+                lambda d: self.cloud.faults.extra_endpoints.append(extra),
+                repair=lambda d: self.cloud.faults.extra_endpoints.clear(),
+            )
+            (line,) = self.logged(POLL_FAILED)
+            self.assertIn(f"longer than {MAX_STRING} characters", line)
+            self.assertLess(len(line), 1000)
+
+        return ensureDeferred(run())
+
+    def test_tooManyEndpoints(self) -> Deferred[None]:
+        """
+        More endpoints than C{bound_endpoints.max_endpoints}.
+        """
+        extra: list[dict[str, object]] = [
+            {"id": f"ep_{n}", "url": f"tcp://e{n}.test:1"} for n in range(3)
+        ]
+        config = self.config()
+        config = attrs.evolve(
+            config,
+            bound_endpoints=attrs.evolve(config.bound_endpoints, max_endpoints=4),
+        )
+
+        async def run() -> None:
+            await self.survive(
+                lambda d: self.cloud.faults.extra_endpoints.extend(extra),
+                repair=lambda d: self.cloud.faults.extra_endpoints.clear(),
+                config=config,
+            )
+            self.assertTrue(self.logged("more than 4 endpoints"))
+
+        return ensureDeferred(run())
+
+    def test_slowListing(self) -> Deferred[None]:
+        """
+        Pages that each come within C{api.timeout}, but not the whole
+        listing within C{bound_endpoints.poll_timeout}.
+        """
+        config = self.config(timeout=2.0)
+        config = attrs.evolve(
+            config,
+            bound_endpoints=attrs.evolve(config.bound_endpoints, poll_timeout=0.5),
+        )
+
+        def slow(daemon: Daemon) -> None:
+            self.cloud.page_size = 1
+            self.cloud.faults.next_delay(0.3, count=6, path_contains="bound")
+
+        def fast(daemon: Daemon) -> None:
+            self.cloud.page_size = 100
+            self.cloud.faults = Faults()
+
+        async def run() -> None:
+            await self.survive(slow, failures=1, repair=fast, config=config)
+            self.assertTrue(self.logged("did not end within 0.5s"))
 
         return ensureDeferred(run())
 
