@@ -32,7 +32,6 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from attrs import frozen
 from OpenSSL.SSL import Error as TLSError
-from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
@@ -48,14 +47,18 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol as BodyProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IPolicyForHTTPS
 
 from ngrokd import __version__
@@ -359,25 +362,57 @@ def _failure_reason(failure: Failure) -> str:
     return failure.getErrorMessage() or type(error).__name__
 
 
-async def _read_body(response: Any, url: str) -> bytes:
+class _BoundedBody(BodyProtocol):
     """
-    The body of C{response}, refused (and the connection closed) as soon as
-    it proves longer than L{MAX_BODY}.
+    Collects a response body up to L{MAX_BODY} bytes. A longer one, or a
+    cancel, aborts the response (closing its connection), so that no body
+    goes on arriving after its reader gave up.
     """
-    chunks: list[bytes] = []
-    size = 0
 
-    def received(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > MAX_BODY or (
-            isinstance(response.length, int) and response.length > MAX_BODY
-        ):
-            raise APIResponseInvalid(url, "body", f"larger than {MAX_BODY} bytes")
-        chunks.append(data)
+    transport: Any
 
-    await collect(response, received)
-    return b"".join(chunks)
+    def __init__(self, url: str, finished: Deferred[bytes]) -> None:
+        self._url = url
+        self._finished: Deferred[bytes] | None = finished
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def abort(self) -> None:
+        self._finished = None
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        finished = self._finished
+        if finished is None:
+            return
+        self._size += len(data)
+        if self._size > MAX_BODY:
+            self.abort()
+            finished.errback(
+                APIResponseInvalid(self._url, "body", f"larger than {MAX_BODY} bytes")
+            )
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        finished, self._finished = self._finished, None
+        if finished is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(b"".join(self._chunks))
+        else:
+            finished.errback(reason)
+
+
+def _read_body(response: Any, url: str) -> Deferred[bytes]:
+    """
+    The body of C{response}, refused as soon as it proves longer than
+    L{MAX_BODY}; cancelling the read aborts the response.
+    """
+    reading: Deferred[bytes] = Deferred(lambda _: body.abort())
+    body = _BoundedBody(url, reading)
+    response.deliverBody(body)
+    return reading
 
 
 class NgrokAPI:
