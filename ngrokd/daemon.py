@@ -37,6 +37,7 @@ from ngrokd.host.allocation import IPAddress
 from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
+from ngrokd.host.statelock import StateLock
 from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
@@ -108,6 +109,7 @@ class Daemon(MultiService):
             insecure_skip_verify=ingress.insecure_skip_verify,
         )
         server = config.server
+        self.state_lock = StateLock(server.state_dir)
         self.identity_service = IdentityService(
             IdentityStore(server.state_dir, server.client_cert, server.client_key),
             self.api,
@@ -156,6 +158,12 @@ class Daemon(MultiService):
     # Lifecycle
 
     def startService(self) -> None:
+        """
+        Take the state directory, then start. Another daemon on the same
+        state raises L{StateDirectoryLocked} here, before anything of the
+        machine is touched.
+        """
+        self.state_lock.acquire()
         self._started = self._reactor.seconds()
         self._load_files()
         super().startService()
@@ -188,10 +196,13 @@ class Daemon(MultiService):
         # Listeners go before the hosts section and the addresses they use,
         # which the hosts and interface services remove when they stop.
         self._stopping = True
-        await self._idle()
-        await self.listeners.stop()
-        await super().stopService()
-        await self.api.close()
+        try:
+            await self._idle()
+            await self.listeners.stop()
+            await super().stopService()
+            await self.api.close()
+        finally:
+            self.state_lock.release()
 
     # Status
 
