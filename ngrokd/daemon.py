@@ -75,6 +75,9 @@ _API_CLIENT_KEYS = frozenset(
     }
 )
 
+#: Seconds a stop may take as a whole (listeners, hosts file, addresses).
+STOP_TIMEOUT = 60.0
+
 
 class Daemon(MultiService):
     """
@@ -189,8 +192,34 @@ class Daemon(MultiService):
         )
 
     def stopService(self) -> Deferred[None]:
+        """
+        Stop, within L{STOP_TIMEOUT} seconds as a whole: when a part takes
+        longer, the stop fires all the same and says so (the state directory
+        stays locked until that part is done, or the process ends).
+        """
         stopping: Deferred[Any] = Deferred.fromCoroutine(self._stop())
-        return stopping
+        bounded: Deferred[None] = Deferred()
+
+        def cut() -> None:
+            self.log.error(
+                "stopping took longer than {seconds:g}s; stopped without waiting"
+                " for the rest (a hosts-file section or addresses left behind"
+                " are replaced at the next start)",
+                seconds=STOP_TIMEOUT,
+            )
+            bounded.callback(None)
+
+        timer = self._reactor.callLater(STOP_TIMEOUT, cut)
+
+        def finished(result: Failure | None) -> None:
+            if timer.active():
+                timer.cancel()
+                bounded.callback(result)
+            elif isinstance(result, Failure):
+                self.log.failure("stopping failed", result)
+
+        stopping.addBoth(finished)
+        return bounded
 
     async def _stop(self) -> None:
         # Listeners go before the hosts section and the addresses they use,

@@ -25,6 +25,7 @@ import fcntl
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from ipaddress import ip_address
 from typing import Any
@@ -187,6 +188,11 @@ class HostsFileError(Exception):
 _IN_PLACE_ERRORS = (errno.EBUSY, errno.EXDEV)
 #: Bounded retries when another writer replaces the file while we wait.
 _LOCK_ATTEMPTS = 20
+#: Seconds a write waits for the file's lock: any local user who can read
+#: the file can hold a lock on it, and must not freeze the daemon.
+LOCK_TIMEOUT = 10.0
+#: Seconds between two tries for the lock.
+_LOCK_POLL = 0.05
 
 
 class HostsFile:
@@ -195,8 +201,9 @@ class HostsFile:
     C{fsync}): call them from a thread.
 
     Each call locks the file (C{flock}, shared with other cooperating
-    writers), reads it afresh, and writes only if the section changes, so
-    edits others make between two calls are kept. The new text replaces the
+    writers; waiting at most C{lock_timeout} seconds for it), reads it
+    afresh, and writes only if the section changes, so edits others make
+    between two calls are kept. The new text replaces the
     file atomically, through a temporary file in the same directory that
     gets the file's mode, owner, group and extended attributes (such as its
     SELinux label). Where that cannot work (the file is a mount point, or
@@ -206,9 +213,10 @@ class HostsFile:
 
     log = Logger()
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, lock_timeout: float = LOCK_TIMEOUT) -> None:
         self.path = path
         self._in_place = False
+        self._lock_timeout = lock_timeout
 
     def write(self, mapping: Mapping[str, IPAddress]) -> bool:
         """
@@ -263,6 +271,7 @@ class HostsFile:
         another writer may have replaced it while we waited for the lock.
         """
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        deadline = time.monotonic() + self._lock_timeout
         for _ in range(_LOCK_ATTEMPTS):
             try:
                 fd = os.open(path, flags, 0o644)
@@ -273,7 +282,12 @@ class HostsFile:
             except OSError as e:
                 raise HostsFileError(path, "open", e) from e
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not _lock(fd, deadline):
+                    raise BlockingIOError(
+                        errno.EWOULDBLOCK,
+                        "another process has held its lock for more than"
+                        f" {self._lock_timeout:g}s",
+                    )
                 if os.path.samestat(os.fstat(fd), os.stat(path)):
                     return fd
             except FileNotFoundError:
@@ -377,6 +391,21 @@ class HostsFile:
             os.fsync(fd)
         except OSError as e:
             raise HostsFileError(path, f"{step} (in place)", e) from e
+
+
+def _lock(fd: int, deadline: float) -> bool:
+    """
+    Lock C{fd} exclusively, trying until C{deadline} (of L{time.monotonic});
+    whether it is locked.
+    """
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+        time.sleep(_LOCK_POLL)
 
 
 def _write_all(fd: int, data: bytes) -> None:

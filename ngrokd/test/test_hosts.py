@@ -8,7 +8,10 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 from ipaddress import ip_address
 from typing import Any
 
@@ -318,6 +321,80 @@ class HostsFileTests(SynchronousTestCase):
             self.content(),
             (HOSTS + "10.0.0.9\tmine\n\n" + SECTION).encode("ascii"),
         )
+
+
+#: A reader that holds a shared lock on a file through a read-only
+#: descriptor, as any local user who can read /etc/hosts can.
+_READER = """
+import fcntl, sys, time
+f = open(sys.argv[1], "rb")
+fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+class LockHeldByReaderTests(SynchronousTestCase):
+    """
+    Another process holding the hosts file's lock delays a write by at most
+    the lock timeout, and a stop with it.
+    """
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "hosts")
+        with open(self.path, "w") as f:
+            f.write(HOSTS + "\n" + SECTION)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READER, self.path],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+
+        def stop() -> None:
+            reader.kill()
+            reader.wait()
+            assert reader.stdout is not None
+            reader.stdout.close()
+
+        self.addCleanup(stop)
+        assert reader.stdout is not None
+        self.assertEqual(reader.stdout.readline(), b"locked\n")
+
+    def test_writeGivesUp(self) -> None:
+        """
+        The write fails after the lock timeout, naming the file and why,
+        and leaves it as it was.
+        """
+        started = time.monotonic()
+        error = self.assertRaises(
+            HostsFileError, HostsFile(self.path, lock_timeout=0.5).write, MAPPING
+        )
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(
+            str(error),
+            f"cannot lock {os.path.realpath(self.path)}: another process has held"
+            " its lock for"
+            " more than 0.5s",
+        )
+        with open(self.path) as f:
+            self.assertEqual(f.read(), HOSTS + "\n" + SECTION)
+
+    def test_stopEnds(self) -> None:
+        """
+        A stop that cannot remove the section ends all the same, with the
+        reason logged.
+        """
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        service = HostsService(ThreadReactor(), self.path)
+        service.file = HostsFile(self.path, lock_timeout=0.5)
+        service.running = True
+        self.assertIsNone(self.successResultOf(service.stopService()))
+        (error,) = [m for m in map(formatEvent, events) if "cannot lock" in m]
+        self.assertIn("more than 0.5s", error)
 
 
 class ThreadReactor(MemoryReactorClock):

@@ -22,12 +22,14 @@ from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
+from ngrokd import daemon as daemon_module
 from ngrokd.config import Config, load_config
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.cloud import Faults
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
+from ngrokd.host.statelock import StateDirectoryLocked, StateLock
 from ngrokd.ngrok.api import MAX_BODY, MAX_STRING, APIError
 from ngrokd.ngrok.identity_service import (
     OPERATOR_DELETED,
@@ -474,6 +476,37 @@ class HostileAnswerTests(ReconcileEndToEnd):
         async def run() -> None:
             await self.survive(slow, failures=1, repair=fast, config=config)
             self.assertTrue(self.logged("did not end within 0.5s"))
+
+        return ensureDeferred(run())
+
+
+class StopTests(ReconcileEndToEnd):
+    """
+    A stop is bounded as a whole.
+    """
+
+    def test_stuckStopCut(self) -> Deferred[None]:
+        """
+        A part of the daemon that never finishes stopping delays the stop by
+        at most the stop timeout; the stop says so, and the state directory
+        is free again.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon()
+            self.patch(daemon_module, "STOP_TIMEOUT", 0.5)
+            stuck: Deferred[None] = Deferred()
+            daemon.hosts.stopService = lambda: stuck  # type: ignore[method-assign]
+            started = reactor.seconds()
+            await daemon.stopService()
+            self.assertLess(reactor.seconds() - started, 10)
+            self.assertEqual(len(self.logged("stopping took longer than 0.5s")), 1)
+            lock = StateLock(daemon.config.server.state_dir)
+            self.assertRaises(StateDirectoryLocked, lock.acquire)
+            stuck.callback(None)
+            await wait_until(lambda: not daemon.state_lock.held, "the rest")
+            lock.acquire()
+            lock.release()
 
         return ensureDeferred(run())
 
