@@ -49,6 +49,14 @@ _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
 _MERGE = "tag:yaml.org,2002:merge"
+#: The largest config file read, in characters: PyYAML composes a few
+#: hundred kilobytes a second, and a real config is a few kilobytes.
+MAX_CONFIG_SIZE = 256 * 1024
+#: Nesting deeper than this is refused before it is built (the settings
+#: nest three deep; PyYAML recurses once per level).
+MAX_DEPTH = 32
+#: Unknown keys warned about one by one; more are counted in one warning.
+_MAX_UNKNOWN = 20
 #: Keys the Go ngrokd once read, with what replaced them.
 _RETIRED = {
     "network_accessible": "no longer read; network access is chosen by "
@@ -60,6 +68,44 @@ class ConfigError(Exception):
     """
     The configuration file cannot be read or holds a value ngrokd refuses.
     """
+
+
+class _TooDeep(Exception):
+    """
+    The document nests deeper than L{MAX_DEPTH}, at C{line} under C{key}.
+    """
+
+    def __init__(self, line: int, key: str) -> None:
+        super().__init__(line, key)
+        self.line = line
+        self.key = key
+
+
+class _Loader(yaml.SafeLoader):
+    """
+    PyYAML's safe loader, refusing nesting deeper than L{MAX_DEPTH} before
+    its recursion builds it.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._keys: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if isinstance(index, yaml.ScalarNode):
+            self._keys.append(f".{index.value}")
+        elif isinstance(index, int):
+            self._keys.append(f"[{index}]")
+        else:
+            self._keys.append("")
+        try:
+            if len(self._keys) > MAX_DEPTH:
+                key = "".join(self._keys).lstrip(".")
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _TooDeep(event.start_mark.line + 1, key)
+            return super().compose_node(parent, index)
+        finally:
+            self._keys.pop()
 
 
 def _frozen_mapping(mapping: Mapping[str, str]) -> Mapping[str, str]:
@@ -616,13 +662,17 @@ def _read(root: yaml.Node, ctx: _Context) -> dict[str, Any]:
             root, "", f"the file must be a mapping of settings, got {_shown(root)}"
         )
     found: dict[str, Any] = {}
+    unknown = 0
 
     def take(section: str, name_node: yaml.ScalarNode, value_node: yaml.Node) -> None:
+        nonlocal unknown
         key = _join(section, name_node.value)
         if key not in _FIELDS or key.rpartition(".")[0] != section:
-            hint = _suggestion(name_node.value, section)
-            message = "unknown key, ignored" + (f" ({hint})" if hint else "")
-            ctx.warn(name_node, key, message)
+            unknown += 1
+            if unknown <= _MAX_UNKNOWN:
+                hint = _suggestion(name_node.value, section)
+                message = "unknown key, ignored" + (f" ({hint})" if hint else "")
+                ctx.warn(name_node, key, message)
         elif value_node.tag != _NULL:
             found[key] = _FIELDS[key][0](value_node, key, ctx)
             ctx.locations[key] = ctx._where(name_node, key)
@@ -634,6 +684,8 @@ def _read(root: yaml.Node, ctx: _Context) -> dict[str, Any]:
         elif value_node.tag != _NULL:
             for pair in _pairs(value_node, section, ctx):
                 take(section, *pair)
+    if unknown > _MAX_UNKNOWN:
+        ctx.warn(root, "", f"{unknown - _MAX_UNKNOWN} more unknown keys, ignored")
     return found
 
 
@@ -651,8 +703,18 @@ def parse_config(
     @raise ConfigError: naming the file, line and key of the first bad value.
     """
     ctx = _Context(path, platform)
+    if len(text) > MAX_CONFIG_SIZE:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_SIZE} characters; a config file"
+            " holds a few settings"
+        )
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
+    except _TooDeep as e:
+        where = f"{path}:{e.line}: {e.key}" if e.key else f"{path}:{e.line}"
+        raise ConfigError(
+            f"{where}: nested more than {MAX_DEPTH} levels deep"
+        ) from None
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else 1
         context = f" ({e.context})" if e.context else ""
@@ -728,7 +790,7 @@ def load_config(
     path = os.path.abspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_SIZE + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
     except UnicodeDecodeError as e:

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.config import (
+    MAX_CONFIG_SIZE,
+    MAX_DEPTH,
     ApiConfig,
     Config,
     ConfigError,
@@ -1437,3 +1439,64 @@ class RoundTripTests(SynchronousTestCase):
             parse_config(yaml.safe_dump(nested), PATH, {}, "darwin")
         except ConfigError as e:
             self.assertTrue(str(e).startswith(f"{PATH}:"), str(e))
+
+
+class BoundedConfigTests(ConfigTestCase):
+    """
+    A config file's size and nesting are bounded, with an error naming the
+    file, the line and the key, not a traceback or minutes of parsing.
+    """
+
+    def test_deepFlowNesting(self) -> None:
+        """
+        20,000 nested flow lists are refused at the first level too deep.
+        """
+        self.assertRefused(
+            "net:\n  overrides:\n    x: " + "[" * 20000,
+            "3: net.overrides.x"
+            + "[0]" * (MAX_DEPTH - 3)
+            + f": nested more than {MAX_DEPTH} levels deep",
+        )
+
+    def test_deepBlockNesting(self) -> None:
+        """
+        Mappings nested by indentation are refused the same way.
+        """
+        text = "".join(" " * depth + f"k{depth}:\n" for depth in range(300))
+        keys = ".".join(f"k{depth}" for depth in range(MAX_DEPTH - 1))
+        self.assertRefused(
+            text,
+            f"{MAX_DEPTH}: {keys}: nested more than {MAX_DEPTH} levels deep",
+        )
+
+    def test_deepEnoughAccepted(self) -> None:
+        """
+        Nesting up to the limit is read as usual (here, an unknown key).
+        """
+        text = "x: " + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "\n"
+        self.assertEqual(len(parse(text).warnings), 1)
+
+    def test_tooLarge(self) -> None:
+        """
+        A file larger than L{MAX_CONFIG_SIZE}, such as 400,000 unknown keys,
+        is refused before it is parsed; from disk, no more than that is read.
+        """
+        text = "".join(f"k{n}: 1\n" for n in range(400_000))
+        self.assertRefused(
+            text,
+            f" larger than {MAX_CONFIG_SIZE} characters; a config file holds a"
+            " few settings",
+        )
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        error = self.assertRaises(ConfigError, load_config, path, {}, "linux")
+        self.assertIn(f"{path}: larger than {MAX_CONFIG_SIZE}", str(error))
+
+    def test_unknownKeysCounted(self) -> None:
+        """
+        Past twenty, unknown keys are counted in one warning, not listed.
+        """
+        warnings = parse("".join(f"k{n}: 1\n" for n in range(1000))).warnings
+        self.assertEqual(len(warnings), 21)
+        self.assertEqual(warnings[-1], f"{PATH}:1: 980 more unknown keys, ignored")
