@@ -135,6 +135,14 @@ class SecondDaemonTests(SynchronousTestCase):
         self.addCleanup(stop)
         return process
 
+    def write_hosts(self, text: str) -> None:
+        with open(self.hosts, "w") as f:
+            f.write(text)
+
+    def read_hosts(self) -> str:
+        with open(self.hosts) as f:
+            return f.read()
+
     def output(self, name: str) -> str:
         with open(os.path.join(self.base, f"{name}.log"), errors="replace") as f:
             return f.read()
@@ -145,17 +153,17 @@ class SecondDaemonTests(SynchronousTestCase):
         which pid holds it, and leaves the hosts file alone; once the first
         has stopped, the lock is free.
         """
-        first = self.daemon("first")
-        wait_for(lambda: "waiting for an API key" in self.output("first"), "start")
         section = render("127.0.0.1\tlocalhost\n", {"a.test": ip_address("10.107.0.2")})
-        with open(self.hosts, "w") as f:
-            f.write(section)
+        self.write_hosts(section)
+        first = self.daemon("first")
+        # The first daemon removes a section left from before, once started.
+        wait_for(lambda: self.read_hosts() != section, "the first daemon's start")
+        self.write_hosts(section)
         second = self.daemon("second")
         self.assertEqual(second.wait(PROCESS_TIMEOUT), 1)
         output = self.output("second")
         self.assertIn(f"another ngrokd (pid {first.pid}) holds", output)
-        with open(self.hosts) as f:
-            self.assertEqual(f.read(), section)
+        self.assertEqual(self.read_hosts(), section)
         self.assertIsNone(first.poll())
         first.send_signal(signal.SIGTERM)
         first.wait(PROCESS_TIMEOUT)
