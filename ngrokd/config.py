@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -119,7 +120,8 @@ class ApiConfig:
     """
 
     url: str
-    key: str
+    #: Never shown: not in the repr, nor in an error about its value.
+    key: str = field(repr=False)
     ca_bundle: str | None
     #: Seconds allowed for one API request.
     timeout: float = 30.0
@@ -243,12 +245,13 @@ class LoadedConfig:
 @attrs.define
 class _Context:
     """
-    What the checks need: where the file is, the platform, and where to put
-    warnings.
+    What the checks need: where the file is, its permission bits (when
+    known), the platform, and where to put warnings.
     """
 
     path: str
     platform: str
+    mode: int | None = None
     warnings: list[str] = attrs.Factory(list)
     locations: dict[str, str] = attrs.Factory(dict)
     constructor: SafeConstructor = attrs.Factory(SafeConstructor)
@@ -293,6 +296,26 @@ def _string(node: yaml.Node, key: str, ctx: _Context) -> str:
     if not isinstance(value, str):
         hint = " (quote it to make it a string)" if value is not None else ""
         ctx.fail(node, key, f"must be a string, got {_shown(node)}{hint}")
+    return value
+
+
+def _secret(node: yaml.Node, key: str, ctx: _Context) -> str:
+    """
+    A string that must never be shown, not even when it is refused.
+    """
+    if not isinstance(node, yaml.ScalarNode) or node.tag != _STR:
+        kind = "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+        if isinstance(node, yaml.ScalarNode):
+            kind = "a value of another type (quote it to make it a string)"
+        ctx.fail(node, key, f"must be a string, got {kind}; the value is not shown")
+    value: str = node.value
+    if value and ctx.mode is not None and ctx.mode & 0o044:
+        ctx.warn(
+            node,
+            key,
+            f"the file is readable by group or others (mode {ctx.mode:04o}):"
+            f" chmod 600 {ctx.path}, or give the key in NGROK_API_KEY",
+        )
     return value
 
 
@@ -574,7 +597,7 @@ def _api_url(node: yaml.Node, key: str, ctx: _Context) -> str:
 #: Every key: its check, and its default (None: computed in L{parse_config}).
 _FIELDS: dict[str, tuple[_Check, object]] = {
     "api.url": (_api_url, "https://api.ngrok.com"),
-    "api.key": (_string, ""),
+    "api.key": (_secret, ""),
     "api.ca_bundle": (_optional_path, None),
     "api.timeout": (_seconds, 30.0),
     "api.reregister_if_deleted": (_bool, False),
@@ -690,7 +713,11 @@ def _read(root: yaml.Node, ctx: _Context) -> dict[str, Any]:
 
 
 def parse_config(
-    text: str, path: str, environ: Mapping[str, str], platform: str
+    text: str,
+    path: str,
+    environ: Mapping[str, str],
+    platform: str,
+    mode: int | None = None,
 ) -> LoadedConfig:
     """
     The configuration in C{text}, the contents of the file at C{path}.
@@ -698,11 +725,12 @@ def parse_config(
     A key that is absent or null takes its default. C{NGROK_API_KEY} in
     C{environ} is the API key when the file gives none; C{NGROKD_HOSTS_PATH}
     replaces C{net.hosts_file}. C{platform} is a C{sys.platform} value: on
-    C{"darwin"} the default subnet is 127.0.0.0/8.
+    C{"darwin"} the default subnet is 127.0.0.0/8. C{mode}, the file's
+    permission bits, makes an API key in a file others can read a warning.
 
     @raise ConfigError: naming the file, line and key of the first bad value.
     """
-    ctx = _Context(path, platform)
+    ctx = _Context(path, platform, mode)
     if len(text) > MAX_CONFIG_SIZE:
         raise ConfigError(
             f"{path}: larger than {MAX_CONFIG_SIZE} characters; a config file"
@@ -790,12 +818,13 @@ def load_config(
     path = os.path.abspath(path)
     try:
         with open(path, encoding="utf-8") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             text = f.read(MAX_CONFIG_SIZE + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}")
-    loaded = parse_config(text, path, environ, platform)
+    loaded = parse_config(text, path, environ, platform, mode)
     check_ca_bundles(loaded)
     return loaded
 

@@ -14,7 +14,9 @@ works.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -182,14 +184,30 @@ class Daemon(MultiService):
     def _load_files(self) -> None:
         """
         Read what the config names and the state directory holds: the CA
-        bundles (checked when the config was loaded) and the allocations.
+        bundles (checked when the config was loaded) and the allocations;
+        and say so if the client key is readable by others.
         """
         config = self.config
+        self._check_key_mode(config.server.client_key)
         self._api_tls.use(load_trust(config.api.ca_bundle))
         self.connector.use_trust(load_trust(config.ingress.ca_bundle))
         self.allocations = self._saved = allocation.load(
             config.server.state_dir, config.net.subnet
         )
+
+    def _check_key_mode(self, path: str) -> None:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            return  # not written yet, or unreadable: the identity says why
+        if mode & 0o044:
+            self.log.warn(
+                "the client key {path} is readable by group or others (mode"
+                " {mode:04o}): anyone who reads it can use this machine's"
+                " bindings; chmod 600 {path}",
+                path=path,
+                mode=mode,
+            )
 
     def stopService(self) -> Deferred[None]:
         """
@@ -300,7 +318,7 @@ class Daemon(MultiService):
             )
             return ReloadResult(error=str(e))
         for warning in loaded.warnings:
-            self.log.warn("{warning}", warning=warning)
+            self.log.warn("{problem}", problem=warning)
         found = changes(self.config, loaded.config)
         self.config_error = ""
         self.restart_pending = tuple(sorted(found.restart))

@@ -70,7 +70,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     for warning in options.loaded.warnings:
-        _log.warn("{warning}", warning=warning)
+        _log.warn("{problem}", problem=warning)
     return build_daemon(options.loaded.config, reactor)
 
 

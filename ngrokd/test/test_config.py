@@ -727,12 +727,33 @@ class ValidationTests(ConfigTestCase):
         hinted to be quoted.
         """
         self.assertRefused(
-            "api:\n  key: 12345\n",
-            "2: api.key: must be a string, got 12345 (quote it to make it a string)",
+            "net:\n  hosts_file: 12345\n",
+            "2: net.hosts_file: must be a string, got 12345 (quote it to make it"
+            " a string)",
         )
         self.assertRefused(
             "server:\n  socket_path: [a]\n",
             "2: server.socket_path: must be a string, got a list",
+        )
+
+    def test_keyNeverShown(self) -> None:
+        """
+        The API key is not in the configuration's repr, nor in the error
+        about a key of the wrong type (an unquoted all-digits key, a key
+        with a wrong tag, a list).
+        """
+        config = parse("api:\n  key: '8675309secret'\n").config
+        self.assertEqual(config.api.key, "8675309secret")
+        self.assertNotIn("8675309secret", repr(config))
+        self.assertNotIn("8675309secret", repr(config.api))
+        for value in ["86753090", "8675309.5", "!!int 86753", "[86753]", "{a: 86753}"]:
+            error = self.assertRaises(ConfigError, parse, f"api:\n  key: {value}\n")
+            self.assertNotIn("86753", str(error))
+            self.assertIn(f"{PATH}:2: api.key: must be a string, got", str(error))
+        self.assertRefused(
+            "api:\n  key: 86753090\n",
+            "2: api.key: must be a string, got a value of another type (quote it"
+            " to make it a string); the value is not shown",
         )
 
     def test_emptyPaths(self) -> None:
@@ -1229,6 +1250,30 @@ class LoadConfigTests(SynchronousTestCase):
             str(error),
             f"{path}: cannot read the config file: No such file or directory",
         )
+
+    def test_keyInFileOthersCanRead(self) -> None:
+        """
+        An API key in a file that group or others can read is a warning
+        naming the file, line and mode; without a key, or with mode 0600,
+        there is none.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("net:\n  start_port: 10000\napi:\n  key: 'k'\n")
+        os.chmod(path, 0o644)
+        self.assertEqual(
+            load_config(path, {}, "linux").warnings,
+            (
+                f"{path}:4: api.key: the file is readable by group or others"
+                f" (mode 0644): chmod 600 {path}, or give the key in NGROK_API_KEY",
+            ),
+        )
+        os.chmod(path, 0o600)
+        self.assertEqual(load_config(path, {}, "linux").warnings, ())
+        with open(path, "w") as f:
+            f.write("api:\n  key: ''\n")
+        os.chmod(path, 0o644)
+        self.assertEqual(load_config(path, {}, "linux").warnings, ())
 
     def test_directory(self) -> None:
         """

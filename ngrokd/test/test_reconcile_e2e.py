@@ -753,6 +753,24 @@ class IdentityTests(ReconcileEndToEnd):
 
         return ensureDeferred(run())
 
+    def test_keyReadableByOthers(self) -> Deferred[None]:
+        """
+        A client key that group or others can read is said at start, naming
+        the file and its mode; the key written at registration is 0600.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon()
+            await daemon.stopService()
+            key = daemon.config.server.client_key
+            self.assertEqual(self.logged("is readable by group or others"), [])
+            os.chmod(key, 0o640)
+            await self.start_daemon()
+            (line,) = self.logged("is readable by group or others")
+            self.assertIn(f"{key} is readable by group or others (mode 0640)", line)
+
+        return ensureDeferred(run())
+
     def test_restartReuses(self) -> Deferred[None]:
         """
         A restart after a renewal uses the renewed identity and the same
