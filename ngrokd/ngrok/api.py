@@ -113,7 +113,8 @@ class APIError(Exception):
     """
     ngrok answered with an error: HTTP C{status}, ngrok's C{error_code} (not
     every error has one), its message, its operation id (what ngrok's support
-    asks for), and for 429/503 the C{Retry-After} delay in seconds if given.
+    asks for), for 429/503 the C{Retry-After} delay in seconds if given, and
+    the C{request} it answered (C{"GET /kubernetes_operators/..."}).
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class APIError(Exception):
         message: str,
         operation_id: str | None,
         retry_after: float | None = None,
+        request: str = "",
     ) -> None:
         super().__init__(status, error_code, message, operation_id)
         self.status = status
@@ -130,9 +132,12 @@ class APIError(Exception):
         self.message = message
         self.operation_id = operation_id
         self.retry_after = retry_after
+        self.request = request
 
     def __str__(self) -> str:
         text = f"ngrok API error {self.status}"
+        if self.request:
+            text += f" for {self.request}"
         if self.error_code:
             text += f" {self.error_code}"
         text += f": {self.message}"
@@ -195,6 +200,11 @@ class PaginationError(APIResponseInvalid):
     Following C{next_page_uri} does not end: a page names one already read,
     or there are more pages than any account should have.
     """
+
+
+#: The failures an API call is expected to have; any other is a fault in
+#: ngrokd, to be logged with its traceback.
+EXPECTED_FAILURES = (APIError, APIUnavailable, APIResponseInvalid, NoAPIKey)
 
 
 @frozen
@@ -613,7 +623,7 @@ class NgrokAPI:
         d = Deferred.fromCoroutine(self._exchange(method, url, headers, data))
         d.addTimeout(self._timeout, self._clock)
         d.addErrback(self._unavailable, url, key)
-        d.addCallback(self._decode, url, key)
+        d.addCallback(self._decode, f"{method} {urlsplit(url).path}", url, key)
         return d
 
     async def _exchange(
@@ -648,11 +658,13 @@ class NgrokAPI:
         )
         raise APIUnavailable(url, _redact(_failure_reason(failure), key))
 
-    def _decode(self, exchange: tuple[Any, bytes], url: str, key: str) -> Any:
+    def _decode(
+        self, exchange: tuple[Any, bytes], request: str, url: str, key: str
+    ) -> Any:
         response, raw = exchange
         status: int = response.code
         if status >= 300:
-            raise self._error(response, raw, key)
+            raise self._error(response, raw, request, key)
         if not raw.strip():
             return None
         try:
@@ -660,7 +672,7 @@ class NgrokAPI:
         except ValueError as e:
             raise APIResponseInvalid(url, "body", f"not JSON ({e})") from None
 
-    def _error(self, response: Any, raw: bytes, key: str) -> APIError:
+    def _error(self, response: Any, raw: bytes, request: str, key: str) -> APIError:
         status: int = response.code
         retry_after = None
         if status in (429, 503):
@@ -674,7 +686,9 @@ class NgrokAPI:
         if not isinstance(document, dict):
             text = raw.decode("utf-8", "replace").strip()[:200]
             message = text or response.phrase.decode("ascii", "replace")
-            return APIError(status, None, _redact(message, key), header_id, retry_after)
+            return APIError(
+                status, None, _redact(message, key), header_id, retry_after, request
+            )
         details = document.get("details")
         operation_id = (
             details.get("operation_id") if isinstance(details, dict) else None
@@ -686,6 +700,7 @@ class NgrokAPI:
             _redact(str(document.get("msg") or ""), key),
             operation_id if isinstance(operation_id, str) else header_id,
             retry_after,
+            request,
         )
 
 

@@ -5,7 +5,8 @@ Polling the ngrok API for the bound endpoints.
 A failed poll changes nothing that is being served: the last good list stays
 in force, the failure is logged when its kind differs from the previous one
 (not at every poll, and not because ngrok gave each answer a new operation
-id), and the next poll backs off exponentially with jitter, up to a cap,
+id; a failure that is not one of the API's, a fault of ngrokd, once with its
+traceback), and the next poll backs off exponentially with jitter, up to a cap,
 honouring C{Retry-After}. The first success returns to the normal interval.
 The next poll is scheduled only once the previous result has been applied,
 so a slow reconcile never overlaps the next poll.
@@ -23,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.ngrok.api import failure_kind
+from ngrokd.ngrok.api import EXPECTED_FAILURES, failure_kind
 from ngrokd.retry import (
     FIRST_BACKOFF,
     MAX_BACKOFF,
@@ -140,10 +141,18 @@ class EndpointDiscoveryService(Service):
         error = failure.getErrorMessage()
         kind = failure_kind(failure.value)
         delay = self.retry_delay(getattr(failure.value, "retry_after", None))
-        if kind != self._last_kind:
+        if kind != self._last_kind and failure.check(*EXPECTED_FAILURES):
             self.log.warn(
                 "polling the bound endpoints failed: {error}; keeping the last"
                 " known endpoints, next try in {delay:.1f}s",
+                error=error,
+                delay=delay,
+            )
+        elif kind != self._last_kind:
+            self.log.failure(
+                "polling the bound endpoints failed unexpectedly: {error}; keeping"
+                " the last known endpoints, next try in {delay:.1f}s",
+                failure,
                 error=error,
                 delay=delay,
             )

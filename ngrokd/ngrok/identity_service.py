@@ -39,9 +39,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.ngrok.api import APIError, Operator, failure_kind
+from ngrokd.ngrok.api import EXPECTED_FAILURES, APIError, Operator, failure_kind
 from ngrokd.ngrok.identity import (
     Identity,
+    IdentityError,
     IdentityStore,
     IdentityUnreadable,
     OperatorAPI,
@@ -334,11 +335,13 @@ class IdentityService(Service):
             doing = "cannot register with ngrok"
         else:
             doing = "cannot update the identity with ngrok"
+        expected = failure.check(*EXPECTED_FAILURES, IdentityError, OSError)
         self._report(
             NOT_REGISTERED if self.identity is None else self._registered_state(),
             f"{doing}: {failure.getErrorMessage()}",
             failure_kind(failure.value),
             retry_in=delay,
+            unexpected=None if expected else failure,
         )
         self._schedule(delay)
 
@@ -456,8 +459,9 @@ class IdentityService(Service):
             return self._until_next_check()
         error = OperatorDeleted(
             operator_id,
-            f"its endpoints cannot be discovered or reached. To register this"
-            f" machine again, set api.reregister_if_deleted: true in"
+            f"its endpoints can no longer be discovered (those found before are"
+            f" still served, as they were). To register this machine again, set"
+            f" api.reregister_if_deleted: true in"
             f" {self._config_path}, or delete {self._store.operator_id_path} and"
             " restart ngrokd",
         )
@@ -584,17 +588,30 @@ class IdentityService(Service):
             self._logged = ("", "")
 
     def _report(
-        self, state: str, error: str, kind: str, retry_in: float | None = None
+        self,
+        state: str,
+        error: str,
+        kind: str,
+        retry_in: float | None = None,
+        unexpected: Failure | None = None,
     ) -> None:
         """
         Enter C{state} with the problem C{error}, and log it unless it is the
-        same C{kind} of problem in the same state as last time.
+        same C{kind} of problem in the same state as last time; an
+        C{unexpected} failure (a fault of ngrokd) with its traceback.
         """
         self.state, self.error = state, error
         if (state, kind) == self._logged:
             return
         self._logged = (state, kind)
-        if state == WAITING_FOR_KEY:
+        if unexpected is not None:
+            self.log.failure(
+                "{error}; retrying in {delay:.1f}s",
+                unexpected,
+                error=error,
+                delay=retry_in,
+            )
+        elif state == WAITING_FOR_KEY:
             self.log.warn("{error}", error=error)
         elif retry_in is None:
             self.log.error("{error}", error=error)

@@ -396,3 +396,46 @@ class _Counting(Resource):
     def render(self, request: Any) -> Any:
         self.requests += 1
         return self.wrapped.render(request)
+
+
+class UnexpectedFailureTests(DiscoveryTestCase):
+    """
+    A failure that is not the API's is a fault of ngrokd.
+    """
+
+    def test_onceWithTraceback(self) -> None:
+        """
+        It is logged once with its traceback, however many polls meet it;
+        polling goes on and recovers.
+        """
+        script = Script(*[lambda: fail(ZeroDivisionError("broken"))] * 3)
+        service = self.start(script)
+        self.clock.pump([MAX_BACKOFF] * 3)
+        self.assertEqual(script.calls, 4)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(service.failures, 0)
+        self.assertEqual(self.delivered, [["ep"]])
+
+
+class RequestNamedTests(SynchronousTestCase):
+    """
+    An error answer names the request it answered.
+    """
+
+    def test_methodAndPath(self) -> None:
+        """
+        The message gives the method and the path (not the query).
+        """
+        cloud = Cloud(CertificateAuthority.create("t"), {"k"}, "ingress:443")
+        cloud.faults.next_status(500)
+        api = NgrokAPI(
+            "https://api.test",
+            lambda: "k",
+            cast(HTTPRequester, StubTreq(api_resource(cloud, "https://api.test"))),
+            Clock(),
+        )
+        error = self.failureResultOf(api.bound_endpoints("k8sop_1"), APIError).value
+        self.assertIn(
+            "ngrok API error 500 for GET /kubernetes_operators/k8sop_1/bound_endpoints",
+            str(error),
+        )

@@ -13,7 +13,7 @@ import time
 from typing import Any, cast
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -331,6 +331,37 @@ class FailureTests(ServiceTestCase):
         self.clock.pump([2, 4, 8])
         self.assertEqual(service.state, REGISTERED)
         self.assertEqual(len(self.logged(LogLevel.error)), 1)
+
+    def test_unexpectedFailureOnceWithTraceback(self) -> None:
+        """
+        A failure that is not the API's (a fault of ngrokd) is logged once
+        with its traceback, however often the retries meet it, and retried.
+        """
+        calls: list[int] = []
+
+        def broken() -> Deferred[Any]:
+            calls.append(1)
+            return fail(ZeroDivisionError("broken"))
+
+        self.api.operators = broken  # type: ignore[method-assign]
+        service = self.start()
+        self.clock.pump([2, 4, 8, 16])
+        self.assertEqual(len(calls), 5)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(service.state, NOT_REGISTERED)
+        self.assertIn("cannot register with ngrok: broken", service.error)
+
+    def test_deletedStillServing(self) -> None:
+        """
+        The report of a deleted operator does not say its endpoints cannot
+        be reached: those found before are still served.
+        """
+        service = self.registered()
+        operator_id = service.status().operator_id
+        self.cloud.delete_operator(operator_id)
+        service.check_operator(operator_id)
+        self.assertNotIn("reached", service.error)
+        self.assertIn("those found before are still served", service.error)
 
     def test_stop(self) -> None:
         """
