@@ -43,7 +43,7 @@ from ngrokd.host.statelock import StateLock
 from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
-from ngrokd.ngrok.identity_service import IdentityService
+from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
 from ngrokd.ngrok.trust import LateTrustPolicy, load_trust
 from ngrokd.plan import Plan, plan, wanted_allocations
 from ngrokd.reconfigure import applied, changes
@@ -257,8 +257,13 @@ class Daemon(MultiService):
         """
         What every endpoint of the last good poll is doing.
         """
+        identity = self.identity_service
         return endpoint_status(
-            self.endpoints, self.skipped, self.plan, self.listeners.listeners
+            self.endpoints,
+            self.skipped,
+            self.plan,
+            self.listeners.listeners,
+            certificate_problem=identity.error if identity.state == EXPIRED else "",
         )
 
     def daemon_status(self) -> DaemonStatus:
@@ -422,6 +427,7 @@ class Daemon(MultiService):
             api.timeout,
             max_items=discovery.max_endpoints,
             listing_timeout=discovery.poll_timeout,
+            on_answer=lambda: self.identity_service.api_answered(),
         )
 
     def _use_identity(self, identity: Identity) -> None:

@@ -6,7 +6,8 @@ Every endpoint of the last good poll has a row, those that could not be
 served too (the original hid them): an unreadable URL, no address or port
 left for it, a listening socket refused (port in use, address missing). A
 listening endpoint whose last forwarded connection failed says why, since
-"listening" alone would hide an upstream that refuses. L{endpoint_status}
+"listening" alone would hide an upstream that refuses; while the client
+certificate is expired, every listening endpoint says that. L{endpoint_status}
 is a pure function of the daemon's state.
 """
 
@@ -166,6 +167,7 @@ def endpoint_status(
     skipped: Mapping[str, str],
     plan: Plan,
     listeners: Mapping[str, ListenerState],
+    certificate_problem: str = "",
 ) -> tuple[EndpointStatus, ...]:
     """
     A row per endpoint, ordered by URL then id.
@@ -175,18 +177,24 @@ def endpoint_status(
         out, by id (the reason names the URL).
     @param plan: the plan made from C{endpoints}.
     @param listeners: the listeners, by normalised URL.
+    @param certificate_problem: why the client certificate cannot work now
+        (it expired): the reason of every listening endpoint, whose
+        connections all fail for it.
     """
     rows = [
         EndpointStatus(id=id, url="", listen_address="", state=FAILED, reason=reason)
         for id, reason in skipped.items()
     ]
     for endpoint in endpoints.values():
-        rows.append(_row(endpoint, plan, listeners))
+        rows.append(_row(endpoint, plan, listeners, certificate_problem))
     return tuple(sorted(rows, key=lambda row: (row.url, row.id)))
 
 
 def _row(
-    endpoint: BoundEndpoint, plan: Plan, listeners: Mapping[str, ListenerState]
+    endpoint: BoundEndpoint,
+    plan: Plan,
+    listeners: Mapping[str, ListenerState],
+    certificate_problem: str,
 ) -> EndpointStatus:
     key = endpoint.target.url
     failure = plan.failures.get(key)
@@ -204,7 +212,9 @@ def _row(
     stats = listener.stats
     if listener.listening:
         state, reason = LISTENING, ""
-        if stats.last_error:
+        if certificate_problem:
+            reason = certificate_problem
+        elif stats.last_error:
             reason = f"last connection failed: {stats.last_error}"
     elif listener.error:
         state, reason = FAILED, listener.error

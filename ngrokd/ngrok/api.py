@@ -436,6 +436,8 @@ class NgrokAPI:
     @param max_pages: more pages than this in one listing is an error.
     @param max_items: more items than this in one listing is an error.
     @param pool: the connection pool to close in L{close}, if any.
+    @param on_answer: called after every successful answer: the API is
+        reachable (so that work waiting for it need not wait out a backoff).
     """
 
     def __init__(
@@ -449,7 +451,9 @@ class NgrokAPI:
         pool: HTTPConnectionPool | None = None,
         max_items: int = MAX_ITEMS,
         listing_timeout: float = LISTING_TIMEOUT,
+        on_answer: Callable[[], object] = lambda: None,
     ) -> None:
+        self._on_answer = on_answer
         self._base_url = base_url.rstrip("/")
         self._key_provider = key_provider
         self._http = http
@@ -665,6 +669,7 @@ class NgrokAPI:
         status: int = response.code
         if status >= 300:
             raise self._error(response, raw, request, key)
+        self._on_answer()
         if not raw.strip():
             return None
         try:
@@ -713,6 +718,7 @@ def make_api(
     *,
     max_items: int = MAX_ITEMS,
     listing_timeout: float = LISTING_TIMEOUT,
+    on_answer: Callable[[], object] = lambda: None,
 ) -> NgrokAPI:
     """
     The API client ngrokd runs with: HTTPS verified by C{tls_policy},
@@ -738,4 +744,5 @@ def make_api(
         pool=pool,
         max_items=max_items,
         listing_timeout=listing_timeout,
+        on_answer=on_answer,
     )

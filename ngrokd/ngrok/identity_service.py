@@ -13,7 +13,10 @@ moments, one at a time:
     API client makes);
   - it renews the certificate when it comes within C{renew_before} of its
     end (or past half its life, for certificates shorter than twice that),
-    checked at start and then at least every C{check_interval} seconds;
+    checked at start and then at least every C{check_interval} seconds; a
+    renewal that failed because the API was down is retried as soon as any
+    call to the API succeeds (L{IdentityService.api_answered}), not after
+    its backoff, since connections fail once the certificate expires;
   - when ngrok no longer has the operator (deleted in the dashboard) it says
     so and what to do, or registers afresh when told to.
 
@@ -39,7 +42,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.ngrok.api import EXPECTED_FAILURES, APIError, Operator, failure_kind
+from ngrokd.ngrok.api import (
+    EXPECTED_FAILURES,
+    APIError,
+    APIUnavailable,
+    Operator,
+    failure_kind,
+)
 from ngrokd.ngrok.identity import (
     Identity,
     IdentityError,
@@ -191,6 +200,8 @@ class IdentityService(Service):
         self.error = ""
         self._logged: tuple[str, str] = ("", "")
         self._failures = 0
+        #: Whether the last failure was the API being down or overloaded.
+        self._api_was_down = False
         #: ngrok's selectors for our operator, once known.
         self._ngrok_selectors: tuple[str, ...] | None = None
         self._reported_ingress: str | None = None
@@ -268,6 +279,25 @@ class IdentityService(Service):
             self._ngrok_selectors = None
             self._kick()
 
+    def api_answered(self) -> None:
+        """
+        A call to ngrok's API succeeded. If the last pass failed because the
+        API was down and the certificate is due for renewal, run a pass now
+        rather than after its backoff.
+        """
+        if (
+            self.running
+            and self._api_was_down
+            and not self._lock.locked
+            and not self._queued
+            and self.identity is not None
+            and self.state != OPERATOR_DELETED
+            and self._has_key()
+            and self._due()
+        ):
+            self.log.info("the ngrok API answers again; renewing the certificate now")
+            self._kick()
+
     def renew_now(self) -> Deferred[Identity]:
         """
         Renew the certificate now, whatever its expiry; fires with the new
@@ -320,6 +350,7 @@ class IdentityService(Service):
     def _pass_done(self, delay: float | None) -> None:
         self._current = None
         self._failures = 0
+        self._api_was_down = False
         if delay is not None and self.running:
             self._schedule(delay)
 
@@ -328,6 +359,10 @@ class IdentityService(Service):
         if not self.running:
             return  # cancelled by stopService
         self._failures += 1
+        error = failure.value
+        self._api_was_down = isinstance(error, APIUnavailable) or (
+            isinstance(error, APIError) and (error.status >= 500 or error.status == 429)
+        )
         delay = backoff_delay(self._failures, FIRST_RETRY, MAX_BACKOFF, self._jitter)
         if failure.check(IdentityUnreadable):
             doing = "cannot use the stored identity"

@@ -440,6 +440,52 @@ class RenewalTests(ServiceTestCase):
         self.assertEqual(service.error, "")
         self.assertEqual(len(self.logged(LogLevel.error)), 1)
 
+    def test_renewedWhenTheAPIAnswersAgain(self) -> None:
+        """
+        A renewal that failed while the API was down runs as soon as any
+        call to the API succeeds, not after its backoff; a call that fails,
+        or a certificate not yet due, starts nothing.
+        """
+        answered: list[IdentityService] = []
+
+        def on_answer() -> None:
+            for listener in answered:
+                listener.api_answered()
+
+        self.api = NgrokAPI(
+            "https://api.test",
+            lambda: self.key,
+            cast(HTTPRequester, StubTreq(self.requests)),
+            self.clock,
+            on_answer=on_answer,
+        )
+        service = self.registered()
+        answered.append(service)
+        operator_id = service.status().operator_id
+        self.successResultOf(self.api.get_operator(operator_id))
+        self.assertEqual(self.requests.seen, ["GET kubernetes_operators/ID"])
+        first = service.identity
+        self.cloud.faults.next_status(503, count=4)
+        while "PATCH kubernetes_operators/ID" not in self.requests.seen:
+            self.advance(CHECK_INTERVAL)
+        self.clock.pump([2, 4])
+        self.assertIs(service.identity, first)
+        self.assertIn("cannot update the identity with ngrok", service.error)
+        del self.requests.seen[:]
+        self.failureResultOf(self.api.get_operator(operator_id), APIError)
+        self.assertEqual(self.requests.seen, ["GET kubernetes_operators/ID"])
+        self.successResultOf(self.api.get_operator(operator_id))
+        self.assertEqual(
+            self.requests.seen,
+            [
+                "GET kubernetes_operators/ID",
+                "GET kubernetes_operators/ID",
+                "PATCH kubernetes_operators/ID",
+            ],
+        )
+        self.assertFalse(same(service.identity, first))
+        self.assertEqual(service.error, "")
+
     def test_expired(self) -> None:
         """
         An expired certificate is reported with its date; without a key it

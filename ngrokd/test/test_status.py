@@ -114,6 +114,33 @@ class EndpointStatusTests(SynchronousTestCase):
         self.assertEqual(row.reason, "last connection failed: ERR_NGROK_3200: offline")
         self.assertEqual(row.errors, 3)
 
+    def test_certificateExpired(self) -> None:
+        """
+        While the client certificate is expired, every listening endpoint
+        says so, rather than the failure of its last connection.
+        """
+        stats = EndpointStats(errors=1, last_error="TLS failed: alert")
+        expired = "the certificate /etc/ngrokd/tls.crt expired at 2026-01-01"
+        by_url = {
+            x.spec.target.url: x
+            for x in [
+                _listener("10.107.0.2", 5432, "tcp://db.prod:5432", stats=stats),
+                _listener("10.107.0.3", 80, "http://web.prod", listening=False),
+            ]
+        }
+        plan = Plan({url: x.spec for url, x in by_url.items()}, {})
+        endpoints = [
+            _endpoint("ep_1", "tcp://db.prod:5432"),
+            _endpoint("ep_2", "http://web.prod"),
+        ]
+        rows = endpoint_status(
+            {e.id: e for e in endpoints}, {}, plan, by_url, certificate_problem=expired
+        )
+        self.assertEqual(
+            [(row.state, row.reason) for row in rows],
+            [(STARTING, ""), (LISTENING, expired)],
+        )
+
     def test_bindFailed(self) -> None:
         """
         A listener that could not bind is failed with the reason, at the
