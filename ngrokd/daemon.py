@@ -40,6 +40,7 @@ from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
 from ngrokd.host.statelock import StateLock
+from ngrokd.ngrok import lastgood
 from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
@@ -133,7 +134,7 @@ class Daemon(MultiService):
         self.hosts = HostsService(reactor, config.net.hosts_file)
         self.discovery = EndpointDiscoveryService(
             self._fetch,
-            self.reconcile,
+            self._poll_answered,
             reactor,
             config.bound_endpoints.poll_interval,
         )
@@ -159,6 +160,13 @@ class Daemon(MultiService):
         self.restart_pending: tuple[str, ...] = ()
         #: Called with the configuration after each reload.
         self.reconfigured: list[Callable[[Config], object]] = []
+        #: Whether the endpoints served are those kept from an earlier run,
+        #: not yet confirmed by a poll.
+        self.stale = False
+        #: The operator and endpoints last kept in the state directory.
+        self._kept: tuple[str, list[ApiEndpoint]] | None = None
+        self._keeping = DeferredLock()
+        self._keep_error = ""
 
     # Lifecycle
 
@@ -194,6 +202,7 @@ class Daemon(MultiService):
         self.allocations = self._saved = allocation.load(
             config.server.state_dir, config.net.subnet
         )
+        self._kept = lastgood.load(config.server.state_dir)
 
     def _check_key_mode(self, path: str) -> None:
         try:
@@ -264,6 +273,7 @@ class Daemon(MultiService):
             self.plan,
             self.listeners.listeners,
             certificate_problem=identity.error if identity.state == EXPIRED else "",
+            stale=self.stale,
         )
 
     def daemon_status(self) -> DaemonStatus:
@@ -295,6 +305,7 @@ class Daemon(MultiService):
             ),
             config_error=self.config_error,
             restart_pending=self.restart_pending,
+            stale=self.stale,
         )
 
     # Reload
@@ -440,6 +451,7 @@ class Daemon(MultiService):
         if not self.running:
             return
         if self.discovery.parent is None:
+            self._serve_kept(identity.operator_id)
             self.discovery.setServiceParent(self)
         elif polled is not None and polled != identity.operator_id:
             self.discovery.poll_now()
@@ -459,6 +471,59 @@ class Daemon(MultiService):
             return failure
 
         return self.api.bound_endpoints(operator_id).addErrback(failed)
+
+    def _serve_kept(self, operator_id: str) -> None:
+        """
+        Until the first good poll, serve the endpoints an earlier run kept
+        for this operator, marked stale: the API may be down while the
+        ingress works.
+        """
+        kept = self._kept
+        if kept is None or kept[0] != operator_id:
+            return
+        self.stale = True
+        self.log.info(
+            "serving the {count} endpoints of the last good poll, kept in"
+            " {path}, until the ngrok API answers",
+            count=len(kept[1]),
+            path=os.path.join(self.config.server.state_dir, lastgood.LAST_GOOD),
+        )
+        self.reconcile(kept[1])
+
+    def _poll_answered(self, found: list[ApiEndpoint]) -> Deferred[None]:
+        """
+        A good poll: serve it (no longer stale), and keep it for a restart
+        if it changed, off the reactor thread (it waits for fsync), one
+        write at a time.
+        """
+        self.stale = False
+        operator_id = self._polled_operator
+        if operator_id is not None and self._kept != (operator_id, found):
+            self._kept = (operator_id, found)
+            self._keeping.run(
+                deferToThreadPool,
+                self._reactor,
+                self._reactor.getThreadPool(),
+                lastgood.save,
+                self.config.server.state_dir,
+                operator_id,
+                found,
+            ).addCallbacks(self._kept_saved, self._keep_failed)
+        return self.reconcile(found)
+
+    def _kept_saved(self, _: object) -> None:
+        self._keep_error = ""
+
+    def _keep_failed(self, failure: Failure) -> None:
+        failure.trap(AtomicWriteError)
+        self._kept = None
+        if str(failure.value) != self._keep_error:
+            self._keep_error = str(failure.value)
+            self.log.error(
+                "{error}; a restart while the ngrok API is down will serve"
+                " nothing until it answers",
+                error=self._keep_error,
+            )
 
     def reconcile(self, found: list[ApiEndpoint]) -> Deferred[None]:
         """

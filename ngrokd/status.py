@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+import attrs
 from attrs import frozen
 
 from ngrokd.endpoints import BoundEndpoint, join_host_port
@@ -91,6 +92,9 @@ class EndpointStatus:
     bytes_up: int = 0
     bytes_down: int = 0
     mode: str = ""
+    #: The endpoint comes from the list an earlier run kept, not yet
+    #: confirmed by the API (down since the start).
+    stale: bool = False
 
 
 @frozen
@@ -129,6 +133,9 @@ class DaemonStatus:
     config_error: str = ""
     #: Changed config keys that wait for a restart.
     restart_pending: tuple[str, ...] = ()
+    #: The endpoints served are the list an earlier run kept, not yet
+    #: confirmed by the API (down since the start).
+    stale: bool = False
 
     @property
     def registered(self) -> bool:
@@ -168,6 +175,7 @@ def endpoint_status(
     plan: Plan,
     listeners: Mapping[str, ListenerState],
     certificate_problem: str = "",
+    stale: bool = False,
 ) -> tuple[EndpointStatus, ...]:
     """
     A row per endpoint, ordered by URL then id.
@@ -180,6 +188,8 @@ def endpoint_status(
     @param certificate_problem: why the client certificate cannot work now
         (it expired): the reason of every listening endpoint, whose
         connections all fail for it.
+    @param stale: C{endpoints} is the list an earlier run kept, not (yet)
+        confirmed by the API: every row says so.
     """
     rows = [
         EndpointStatus(id=id, url="", listen_address="", state=FAILED, reason=reason)
@@ -187,6 +197,8 @@ def endpoint_status(
     ]
     for endpoint in endpoints.values():
         rows.append(_row(endpoint, plan, listeners, certificate_problem))
+    if stale:
+        rows = [attrs.evolve(row, stale=True) for row in rows]
     return tuple(sorted(rows, key=lambda row: (row.url, row.id)))
 
 

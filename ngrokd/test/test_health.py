@@ -310,6 +310,7 @@ class StatusTests(DaemonHealthTestCase):
                     "bytes_up": 5,
                     "bytes_down": 5,
                     "mode": "127.0.0.1",
+                    "stale": False,
                 },
             )
 

@@ -30,6 +30,7 @@ from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
 from ngrokd.host.statelock import StateDirectoryLocked, StateLock
+from ngrokd.ngrok import lastgood
 from ngrokd.ngrok.api import MAX_BODY, MAX_STRING, APIError
 from ngrokd.ngrok.identity_service import (
     OPERATOR_DELETED,
@@ -476,6 +477,57 @@ class HostileAnswerTests(ReconcileEndToEnd):
         async def run() -> None:
             await self.survive(slow, failures=1, repair=fast, config=config)
             self.assertTrue(self.logged("did not end within 0.5s"))
+
+        return ensureDeferred(run())
+
+
+class RestartDuringOutageTests(ReconcileEndToEnd):
+    """
+    A restart while the API is down serves the endpoints of the last good
+    poll, marked stale, until the API answers.
+    """
+
+    def test_servedStaleUntilTheAPIAnswers(self) -> Deferred[None]:
+        async def run() -> None:
+            daemon = await self.start_daemon()
+            await self.polls(daemon, 1)
+            self.assertFalse(any(row.stale for row in daemon.endpoint_status()))
+            await daemon.stopService()
+            self.cloud.faults.next_status(503, count=10_000)
+            again = await self.start_daemon()
+            rows = again.endpoint_status()
+            self.assertEqual([row.stale for row in rows], [True, True])
+            self.assertEqual({row.state for row in rows}, {LISTENING})
+            await self.echo(again)
+            self.assertEqual(len(self.logged("serving the 2 endpoints of the last")), 1)
+            self.assertEqual(again.discovery.last_success, None)
+            self.cloud.faults = Faults()
+            again.discovery.poll_now()
+            await self.next_poll(again)
+            self.assertEqual(
+                [row.stale for row in again.endpoint_status()], [False] * 2
+            )
+
+        return ensureDeferred(run())
+
+    def test_otherOperatorsListNotServed(self) -> Deferred[None]:
+        """
+        The list kept for another operator is not served.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon()
+            await self.polls(daemon, 1)
+            await daemon.stopService()
+            state_dir = daemon.config.server.state_dir
+            kept = lastgood.load(state_dir)
+            assert kept is not None
+            lastgood.save(state_dir, "k8sop_other", kept[1])
+            self.cloud.faults.next_status(503, count=10_000)
+            again = await self.start_daemon(expected=0)
+            await wait_until(lambda: again.discovery.failures >= 2, "failed polls")
+            self.assertEqual(again.endpoint_status(), ())
+            self.assertEqual(self.listening(again), 0)
 
         return ensureDeferred(run())
 
