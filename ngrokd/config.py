@@ -206,6 +206,8 @@ class NetConfig:
     start_port: int
     overrides: Mapping[str, str] = field(converter=_frozen_mapping, hash=False)
     hosts_file: str
+    #: Seconds an address or port given up is kept from other endpoints.
+    reuse_after: float = 3600.0
 
 
 @frozen
@@ -355,6 +357,17 @@ def _days(node: yaml.Node, key: str, ctx: _Context) -> float:
         ctx.fail(node, key, f"must be a number of days, 0 or more, got {_shown(node)}")
     if not value <= _MAX_DAYS:
         ctx.fail(node, key, f"must be at most {_MAX_DAYS} days, got {value}")
+    return float(value)
+
+
+def _delay(node: yaml.Node, key: str, ctx: _Context) -> float:
+    value = ctx.value(node, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        ctx.fail(
+            node, key, f"must be a number of seconds, 0 or more, got {_shown(node)}"
+        )
+    if not value <= _MAX_SECONDS:
+        ctx.fail(node, key, f"must be at most {_MAX_SECONDS:g} seconds, got {value}")
     return float(value)
 
 
@@ -626,6 +639,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "net.start_port": (_port, 9080),
     "net.overrides": (_overrides, {}),
     "net.hosts_file": (_path, "/etc/hosts"),
+    "net.reuse_after": (_delay, 3600.0),
 }
 _SECTIONS = {key.partition(".")[0] for key in _FIELDS if "." in key}
 

@@ -594,7 +594,13 @@ class Daemon(MultiService):
             endpoints.values(), net.listen_interface, net.overrides
         )
         result = allocation.allocate(
-            self.allocations, wanted_ips, wanted_ports, net.subnet, net.start_port
+            self.allocations,
+            wanted_ips,
+            wanted_ports,
+            net.subnet,
+            net.start_port,
+            now=self._reactor.seconds(),
+            hold=net.reuse_after,
         )
         self.allocations = result.allocations
         await self._save_allocations()

@@ -40,6 +40,7 @@ HOT = frozenset(
         "net.listen_interface",
         "net.overrides",
         "net.start_port",
+        "net.reuse_after",
     }
 )
 

@@ -252,7 +252,8 @@ class ListenerSet:
         if port is None:
             return succeed(None)
         self.log.info(
-            "stopped listening on {address}:{port}",
+            "stopped listening for {url} on {address}:{port}",
+            url=listener.spec.target.url,
             address=listener.spec.address,
             port=listener.spec.port,
         )

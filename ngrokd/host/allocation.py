@@ -10,10 +10,16 @@ and are told apart by port, so every C{(hostname, port)} needs a port of its
 own (fault 14). Both must stay put across polls and restarts, because
 clients, DNS caches and firewall rules remember them.
 
-L{allocate} is a pure function of the previous allocations and of what is
-wanted now. L{load} and L{save} keep the result in the state directory, in
-the original's files and formats (and read its older port format), so an
-upgrade keeps every address. A damaged state file never stops the daemon: it
+An address or port that an endpoint gives up is held back from other
+endpoints for a while (C{net.reuse_after}), unless nothing else is left: a
+client still using it must not silently reach another service. The same
+endpoint coming back within that time gets it again.
+
+L{allocate} is a pure function of the previous allocations, of what is
+wanted now, and of the time. L{load} and L{save} keep the result in the
+state directory, in the original's files and formats (and read its older
+port format), so an upgrade keeps every address, and what is held back in
+C{released.json}. A damaged state file never stops the daemon: it
 is moved aside and the allocations start afresh.
 """
 
@@ -37,9 +43,10 @@ IPNetwork = IPv4Network | IPv6Network
 #: A bound endpoint as the allocator sees it: its hostname and URL port.
 EndpointKey = tuple[str, int]
 
-#: File names in the state directory (the Go ngrokd's).
+#: File names in the state directory (the Go ngrokd's, and ngrokd's own).
 IP_MAPPINGS = "ip_mappings.json"
 NETWORK_PORTS = "network_ports.json"
+RELEASED = "released.json"
 #: The state files are not secret; the original wrote them 0644 too.
 STATE_FILE_MODE = 0o644
 STATE_DIR_MODE = 0o755
@@ -67,6 +74,15 @@ class Allocations:
     ips: Mapping[str, IPAddress] = field(factory=dict, converter=_frozen)
     network_ports: Mapping[EndpointKey, int] = field(factory=dict, converter=_frozen)
     legacy_network_ports: Mapping[str, int] = field(factory=dict, converter=_frozen)
+    #: Addresses given up, held back from other hostnames: by the hostname
+    #: that had it, the address and when (POSIX time) it was given up.
+    released_ips: Mapping[str, tuple[IPAddress, float]] = field(
+        factory=dict, converter=_frozen
+    )
+    #: Network ports given up, likewise, by endpoint.
+    released_ports: Mapping[EndpointKey, tuple[int, float]] = field(
+        factory=dict, converter=_frozen
+    )
 
 
 @frozen
@@ -108,6 +124,8 @@ def allocate(
     wanted_ports: Iterable[EndpointKey],
     subnet: IPNetwork,
     start_port: int,
+    now: float = 0.0,
+    hold: float = 0.0,
 ) -> AllocationResult:
     """
     Allocate an address to every hostname of C{wanted_ips} and a network port
@@ -116,111 +134,146 @@ def allocate(
     A hostname keeps its previous address if that address is usable in
     C{subnet}; an endpoint keeps its previous port if it lies between
     C{start_port} and 65535 (so changing either setting moves what no longer
-    fits it). What is no longer wanted is released. Newcomers, in sorted
-    order, get the lowest free address from C{.2} of C{subnet} and the lowest
-    free port from C{start_port}. Should C{previous} give one address (or
-    port) to several, the first in sorted order keeps it. So no two hostnames
-    ever share an address, no two endpoints a port, and the result depends
-    only on the sets wanted, not on their order.
+    fits it). What is no longer wanted is released, and held back for
+    C{hold} seconds from C{now}: a hostname or endpoint that comes back
+    within that time gets its value again, and newcomers get the lowest
+    value from C{.2} of C{subnet} (from C{start_port}) that is neither in
+    use nor held; only when none is left do they get a held one. Should
+    C{previous} give one address (or port) to several, the first in sorted
+    order keeps it. So no two hostnames ever share an address, no two
+    endpoints a port, and the result depends only on the sets wanted (and
+    the time), not on their order.
 
     When the subnet or the port range is full, the hostnames or endpoints
     left over are reported in L{AllocationResult.errors}; all others are
     still allocated.
     """
     errors: dict[str | EndpointKey, str] = {}
-    ips = _allocate_ips(previous.ips, set(wanted_ips), subnet, errors)
-    ports = _allocate_ports(
+    make = IPv4Address if subnet.version == 4 else IPv6Address
+    ip_values, released_ips = _allocate(
+        {host: int(ip) for host, ip in previous.ips.items() if is_usable(ip, subnet)},
+        {},
+        {
+            host: (int(ip), when)
+            for host, (ip, when) in previous.released_ips.items()
+            if is_usable(ip, subnet)
+        },
+        set(wanted_ips),
+        usable_addresses(subnet),
+        (now, hold),
+        errors,
+        lambda host: (
+            f"no address left for {host}: all {len(usable_addresses(subnet))}"
+            f" usable addresses of {subnet} are in use"
+        ),
+    )
+    ports, released_ports = _allocate(
         previous.network_ports,
         previous.legacy_network_ports,
+        previous.released_ports,
         set(wanted_ports),
-        start_port,
+        range(start_port, MAX_PORT + 1),
+        (now, hold),
+        errors,
+        lambda key: (
+            f"no network port left for {key[0]}:{key[1]}: all ports from "
+            f"{start_port} to {MAX_PORT} are in use"
+        ),
+    )
+    return AllocationResult(
+        Allocations(
+            {host: make(value) for host, value in ip_values.items()},
+            ports,
+            released_ips={
+                host: (make(value), when)
+                for host, (value, when) in released_ips.items()
+            },
+            released_ports=released_ports,
+        ),
         errors,
     )
-    return AllocationResult(Allocations(ips, ports), errors)
-
-
-def _allocate_ips(
-    previous: Mapping[str, IPAddress],
-    wanted: set[str],
-    subnet: IPNetwork,
-    errors: dict[str | EndpointKey, str],
-) -> dict[str, IPAddress]:
-    usable = usable_addresses(subnet)
-    ips: dict[str, IPAddress] = {}
-    used: set[int] = set()
-    for hostname in sorted(wanted & previous.keys()):
-        ip = previous[hostname]
-        if is_usable(ip, subnet) and int(ip) not in used:
-            ips[hostname] = ip
-            used.add(int(ip))
-    make = IPv4Address if subnet.version == 4 else IPv6Address
-    handed = _hand_out(wanted - ips.keys(), usable, used)
-    for hostname in sorted(wanted - ips.keys()):
-        if hostname in handed:
-            ips[hostname] = make(handed[hostname])
-        else:
-            errors[hostname] = (
-                f"no address left for {hostname}: all {len(usable)} usable "
-                f"addresses of {subnet} are in use"
-            )
-    return ips
 
 
 #: What gets a value: a hostname (an address) or an endpoint (a port).
 K = TypeVar("K", str, tuple[str, int])
 
 
+def _allocate(
+    previous: Mapping[K, int],
+    legacy: Mapping[str, int],
+    released: Mapping[K, tuple[int, float]],
+    wanted: set[K],
+    usable: range,
+    clock: tuple[float, float],
+    errors: dict[str | EndpointKey, str],
+    no_value: Callable[[K], str],
+) -> tuple[dict[K, int], dict[K, tuple[int, float]]]:
+    """
+    The values of L{allocate}, for addresses or ports (as integers), and
+    what is held back after it; why those left without a value have none
+    goes to C{errors}.
+
+    @param legacy: the original's ports by hostname alone, each given to its
+        hostname's lowest wanted endpoint port.
+    @param clock: the time now, and how long a released value is held.
+    """
+    now, hold = clock
+    values: dict[K, int] = {}
+    used: set[int] = set()
+
+    def keep(key: K, value: int) -> None:
+        if value in usable and value not in used:
+            values[key] = value
+            used.add(value)
+
+    for key in sorted(wanted & previous.keys()):
+        keep(key, previous[key])
+    if legacy:
+        lowest: dict[str, K] = {}
+        for key in sorted(wanted):
+            lowest.setdefault(key[0], key)
+        for hostname in sorted(legacy.keys() & lowest.keys()):
+            if lowest[hostname] not in values:
+                keep(lowest[hostname], legacy[hostname])
+    held = {
+        key: (value, when)
+        for key, (value, when) in released.items()
+        if now - when < hold and key not in values
+    }
+    for key in sorted(wanted & held.keys()):
+        if key not in values:
+            keep(key, held[key][0])
+    if hold > 0:
+        for key in previous.keys() - wanted:
+            held.setdefault(key, (previous[key], now))
+    held = {key: entry for key, entry in held.items() if key not in values}
+    newcomers = wanted - values.keys()
+    handed = _hand_out(newcomers, usable, used | {v for v, _ in held.values()})
+    used.update(handed.values())
+    handed.update(_hand_out(newcomers - handed.keys(), usable, used))
+    values.update(handed)
+    for key in sorted(wanted - values.keys()):
+        errors[key] = no_value(key)
+    taken = set(values.values())
+    return values, {k: entry for k, entry in held.items() if entry[0] not in taken}
+
+
 def _hand_out(newcomers: set[K], usable: range, used: set[int]) -> dict[K, int]:
     """
     Give each of C{newcomers}, in sorted order, the lowest value of
-    C{usable} not in C{used} (which it extends); those left when C{usable}
-    runs out get none.
+    C{usable} not in C{used}; those left when C{usable} runs out get none.
     """
     handed: dict[K, int] = {}
+    taken = set(used)
     candidate = usable.start
     for key in sorted(newcomers):
-        while candidate in used:
+        while candidate in taken:
             candidate += 1
         if candidate not in usable:
             break
         handed[key] = candidate
-        used.add(candidate)
+        taken.add(candidate)
     return handed
-
-
-def _allocate_ports(
-    previous: Mapping[EndpointKey, int],
-    legacy: Mapping[str, int],
-    wanted: set[EndpointKey],
-    start_port: int,
-    errors: dict[str | EndpointKey, str],
-) -> dict[EndpointKey, int]:
-    usable = range(start_port, MAX_PORT + 1)
-    ports: dict[EndpointKey, int] = {}
-    used: set[int] = set()
-
-    def keep(key: EndpointKey, port: int) -> None:
-        if port in usable and port not in used:
-            ports[key] = port
-            used.add(port)
-
-    for key in sorted(wanted & previous.keys()):
-        keep(key, previous[key])
-    lowest: dict[str, int] = {}
-    for hostname, port in sorted(wanted):
-        lowest.setdefault(hostname, port)
-    for hostname in sorted(legacy.keys() & lowest.keys()):
-        key = (hostname, lowest[hostname])
-        if key not in ports:
-            keep(key, legacy[hostname])
-    newcomers = wanted - ports.keys()
-    ports.update(_hand_out(newcomers, usable, used))
-    for key in sorted(newcomers - ports.keys()):
-        errors[key] = (
-            f"no network port left for {key[0]}:{key[1]}: all ports from "
-            f"{start_port} to {MAX_PORT} are in use"
-        )
-    return ports
 
 
 class CorruptStateFile(Exception):
@@ -336,6 +389,68 @@ def decode_network_ports(
     return ports, legacy, warnings
 
 
+def encode_released(allocations: Allocations) -> bytes:
+    """
+    C{released.json}: what is held back, and since when (POSIX time):
+    C{{"ips": {hostname: [address, time]}, "network_ports": {"hostname:port":
+    [port, time]}}}.
+    """
+    return _encode(
+        {
+            "ips": {
+                host: [str(ip), when]
+                for host, (ip, when) in allocations.released_ips.items()
+            },
+            "network_ports": {
+                f"{h}:{p}": [port, when]
+                for (h, p), (port, when) in allocations.released_ports.items()
+            },
+        }
+    )
+
+
+def decode_released(
+    data: bytes, subnet: IPNetwork
+) -> tuple[dict[str, tuple[IPAddress, float]], dict[EndpointKey, tuple[int, float]]]:
+    """
+    Read C{released.json}; entries that are not what L{encode_released}
+    writes are left out (they are only held back, never in use).
+
+    @raise CorruptStateFile: if C{data} is not one JSON object.
+    """
+    content = _decode_object(data)
+    ips: dict[str, tuple[IPAddress, float]] = {}
+    ports: dict[EndpointKey, tuple[int, float]] = {}
+    for host, entry in _entries(content.get("ips")):
+        try:
+            ip = ip_address(entry[0])
+        except ValueError:
+            continue
+        if host and ip in subnet:
+            ips[host] = (ip, entry[1])
+    for key, entry in _entries(content.get("network_ports")):
+        hostname, _, port = key.rpartition(":")
+        if hostname and port.isdigit() and _is_port(entry[0]):
+            ports[(hostname, int(port))] = (entry[0], entry[1])
+    return ips, ports
+
+
+def _entries(section: object) -> list[tuple[str, tuple[Any, float]]]:
+    """
+    The C{[value, time]} entries of one section of C{released.json}.
+    """
+    if not isinstance(section, dict):
+        return []
+    return [
+        (key, (entry[0], float(entry[1])))
+        for key, entry in section.items()
+        if isinstance(entry, list)
+        and len(entry) == 2
+        and type(entry[1]) in (int, float)
+        and isinstance(entry[0], str | int)
+    ]
+
+
 def _is_port(value: object) -> bool:
     return type(value) is int and 1 <= value <= MAX_PORT
 
@@ -357,23 +472,40 @@ def load(
     ips: dict[str, IPAddress] = {}
     ports: dict[EndpointKey, int] = {}
     legacy: dict[str, int] = {}
-    data = _read_state_file(ip_path, now)
-    if data is not None:
-        try:
-            ips, warnings = decode_ips(data, subnet)
-        except CorruptStateFile as e:
-            _move_aside(ip_path, str(e), now)
-        else:
-            _warn_all(ip_path, warnings)
-    data = _read_state_file(ports_path, now)
-    if data is not None:
-        try:
-            ports, legacy, warnings = decode_network_ports(data)
-        except CorruptStateFile as e:
-            _move_aside(ports_path, str(e), now)
-        else:
-            _warn_all(ports_path, warnings)
-    return Allocations(ips, ports, legacy)
+    found_ips = _decoded(ip_path, lambda data: decode_ips(data, subnet), now)
+    if found_ips is not None:
+        ips, warnings = found_ips
+        _warn_all(ip_path, warnings)
+    found_ports = _decoded(ports_path, decode_network_ports, now)
+    if found_ports is not None:
+        ports, legacy, warnings = found_ports
+        _warn_all(ports_path, warnings)
+    released = _decoded(
+        os.path.join(state_dir, RELEASED),
+        lambda data: decode_released(data, subnet),
+        now,
+    )
+    return Allocations(ips, ports, legacy, *(released or ({}, {})))
+
+
+D = TypeVar("D")
+
+
+def _decoded(
+    path: str, decode: Callable[[bytes], D], now: Callable[[], float]
+) -> D | None:
+    """
+    C{decode} of the file at C{path}; C{None} when there is none, or when it
+    cannot be read or decoded (then it is moved aside).
+    """
+    data = _read_state_file(path, now)
+    if data is None:
+        return None
+    try:
+        return decode(data)
+    except CorruptStateFile as e:
+        _move_aside(path, str(e), now)
+        return None
 
 
 def save(state_dir: str, allocations: Allocations) -> None:
@@ -401,6 +533,11 @@ def save(state_dir: str, allocations: Allocations) -> None:
         encode_network_ports(
             allocations.network_ports, allocations.legacy_network_ports
         ),
+        STATE_FILE_MODE,
+    )
+    write_atomic(
+        os.path.join(state_dir, RELEASED),
+        encode_released(allocations),
         STATE_FILE_MODE,
     )
 

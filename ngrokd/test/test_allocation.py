@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from ngrokd.host.allocation import (
     IP_MAPPINGS,
     NETWORK_PORTS,
+    RELEASED,
     Allocations,
     allocate,
     decode_network_ports,
@@ -263,6 +264,103 @@ subnets = st.sampled_from(
 )
 
 
+class HoldTests(SynchronousTestCase):
+    """
+    What an endpoint gives up is held back from others for a while.
+    """
+
+    def test_releasedPortHeld(self) -> None:
+        """
+        A port given up in a poll is not given to a newcomer of the same
+        poll, nor later within the hold; the endpoint that had it gets it
+        back; after the hold it is free again.
+        """
+        previous = Allocations(network_ports={("a.ns", 80): 9080, ("b.ns", 80): 9081})
+        first = allocate(
+            previous, [], [("b.ns", 80), ("c.ns", 80)], SUBNET, 9080, NOW, 60
+        )
+        self.assertEqual(
+            first.allocations.network_ports, {("b.ns", 80): 9081, ("c.ns", 80): 9082}
+        )
+        self.assertEqual(first.allocations.released_ports, {("a.ns", 80): (9080, NOW)})
+        wanted = [("b.ns", 80), ("c.ns", 80), ("d.ns", 80)]
+        later = allocate(first.allocations, [], wanted, SUBNET, 9080, NOW + 59, 60)
+        self.assertEqual(later.allocations.network_ports[("d.ns", 80)], 9083)
+        back = allocate(
+            later.allocations, [], [*wanted, ("a.ns", 80)], SUBNET, 9080, NOW + 59, 60
+        )
+        self.assertEqual(back.allocations.network_ports[("a.ns", 80)], 9080)
+        self.assertEqual(back.allocations.released_ports, {})
+        expired = allocate(
+            later.allocations, [], [*wanted, ("e.ns", 80)], SUBNET, 9080, NOW + 60, 60
+        )
+        self.assertEqual(expired.allocations.network_ports[("e.ns", 80)], 9080)
+        self.assertEqual(expired.allocations.released_ports, {})
+
+    def test_releasedAddressHeld(self) -> None:
+        """
+        The same for addresses.
+        """
+        previous = Allocations({"a.ns": ip("10.107.0.2"), "b.ns": ip("10.107.0.3")})
+        result = allocate(previous, ["b.ns", "c.ns"], [], SUBNET, 9080, NOW, 60)
+        self.assertEqual(
+            ips(result.allocations), {"b.ns": "10.107.0.3", "c.ns": "10.107.0.4"}
+        )
+        self.assertEqual(
+            result.allocations.released_ips, {"a.ns": (ip("10.107.0.2"), NOW)}
+        )
+
+    def test_heldGivenWhenNothingElseLeft(self) -> None:
+        """
+        When the range is exhausted, a held value is given rather than none.
+        """
+        previous = Allocations(network_ports={("a.ns", 80): 65534, ("b.ns", 80): 65535})
+        result = allocate(
+            previous, [], [("b.ns", 80), ("c.ns", 80)], SUBNET, 65534, NOW, 60
+        )
+        self.assertEqual(
+            result.allocations.network_ports, {("b.ns", 80): 65535, ("c.ns", 80): 65534}
+        )
+        self.assertEqual(result.errors, {})
+        self.assertEqual(result.allocations.released_ports, {})
+
+    def test_noHold(self) -> None:
+        """
+        With no hold, what is given up is free at once and nothing is kept.
+        """
+        previous = Allocations(network_ports={("a.ns", 80): 9080})
+        result = allocate(previous, [], [("c.ns", 80)], SUBNET, 9080, NOW, 0)
+        self.assertEqual(result.allocations.network_ports, {("c.ns", 80): 9080})
+        self.assertEqual(result.allocations.released_ports, {})
+
+    @given(
+        st.lists(st.lists(endpoint_keys, max_size=12), min_size=1, max_size=5),
+        st.lists(st.floats(0, 100), min_size=5, max_size=5),
+    )
+    def test_heldNeverGivenWhileOthersFree(self, rounds, steps) -> None:
+        """
+        Over any sequence of polls, a port held for one endpoint goes to
+        another only when the range has no other free port.
+        """
+        allocations, now, start = Allocations(), NOW, 65520
+        for wanted, step in zip(rounds, steps, strict=False):
+            now += step
+            held = {
+                port: key
+                for key, (port, when) in allocations.released_ports.items()
+                if now - when < 60
+            }
+            result = allocate(allocations, [], wanted, SUBNET, start, now, 60)
+            new = result.allocations
+            free = set(range(start, 65536)) - set(new.network_ports.values())
+            released = {port for port, _ in new.released_ports.values()}
+            for key, port in new.network_ports.items():
+                if port in held and held[port] != key:
+                    self.assertEqual(free - set(held) - released, set(), (key, port))
+            self.assertEqual(set(new.released_ports) & set(new.network_ports), set())
+            allocations = new
+
+
 class AllocationPropertyTests(SynchronousTestCase):
     """
     Properties that hold for any sequence of allocations.
@@ -417,11 +515,13 @@ class PersistenceTests(SynchronousTestCase):
             {"a.ns": ip("10.107.0.2")},
             {("a.ns", 80): 9080},
             {"b.ns": 9081},
+            {"c.ns": (ip("10.107.0.3"), NOW)},
+            {("c.ns", 80): (9082, NOW - 1.5)},
         )
         save(self.state_dir, allocations)
         loaded, messages = self.load()
         self.assertEqual((loaded, messages), (allocations, []))
-        for name in (IP_MAPPINGS, NETWORK_PORTS):
+        for name in (IP_MAPPINGS, NETWORK_PORTS, RELEASED):
             self.assertEqual(stat.S_IMODE(os.stat(self.path(name)).st_mode), 0o644)
 
     def test_missingFiles(self) -> None:

@@ -674,6 +674,21 @@ class ValidationTests(ConfigTestCase):
             " seconds, got 0",
         )
 
+    def test_reuseAfter(self) -> None:
+        """
+        The hold of released ports and addresses is a number of seconds,
+        zero allowed.
+        """
+        self.assertEqual(parse("").config.net.reuse_after, 3600.0)
+        self.assertEqual(parse("net:\n  reuse_after: 0\n").config.net.reuse_after, 0.0)
+        for value in ["-1", "'soon'", "true"]:
+            error = self.assertRaises(
+                ConfigError, parse, f"net:\n  reuse_after: {value}\n"
+            )
+            self.assertIn(
+                "2: net.reuse_after: must be a number of seconds, 0 or more", str(error)
+            )
+
     def test_unreadableValue(self) -> None:
         """
         A value whose explicit YAML tag does not fit it is refused.

@@ -648,6 +648,53 @@ class EndpointChangeTests(ReconcileEndToEnd):
 
         return ensureDeferred(run())
 
+    def test_releasedPortHeldBack(self) -> Deferred[None]:
+        """
+        A port given up in a poll does not go to an endpoint new in the
+        same poll, nor after a restart; the line that says it stopped
+        listening names the endpoint.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon()
+            released = self.port_of(daemon, OTHER)
+            self.cloud.remove_endpoint(OTHER)
+            self.cloud.add_endpoint(
+                "tcp://new.test:7002", ("127.0.0.1", self.echo_port)
+            )
+            new = parse_endpoint_url("tcp://new.test:7002").url
+            await wait_until(
+                lambda: (
+                    new in daemon.listeners.listeners
+                    and parse_endpoint_url(OTHER).url not in daemon.listeners.listeners
+                ),
+                "the new endpoint",
+            )
+            self.assertNotEqual(self.port_of(daemon, "tcp://new.test:7002"), released)
+            self.assertEqual(
+                len(
+                    self.logged(
+                        f"stopped listening for {parse_endpoint_url(OTHER).url}"
+                    )
+                ),
+                1,
+            )
+            await daemon.stopService()
+            self.cloud.add_endpoint(
+                "tcp://newer.test:7003", ("127.0.0.1", self.echo_port)
+            )
+            again = await self.start_daemon(expected=3)
+            ports = {
+                self.port_of(again, url) for url in ("tcp://newer.test:7003", ECHO)
+            }
+            self.assertNotIn(released, ports)
+            self.assertIn(
+                released,
+                {port for port, _ in again.allocations.released_ports.values()},
+            )
+
+        return ensureDeferred(run())
+
     def test_hostileHostnamesSkipped(self) -> Deferred[None]:
         """
         A hostname holding a space (which would add a second name to its
