@@ -167,6 +167,8 @@ class Daemon(MultiService):
         self._kept: tuple[str, list[ApiEndpoint]] | None = None
         self._keeping = DeferredLock()
         self._keep_error = ""
+        #: Called when the daemon begins to stop.
+        self.stopping: list[Callable[[], object]] = []
 
     # Lifecycle
 
@@ -253,6 +255,8 @@ class Daemon(MultiService):
         # which the hosts and interface services remove when they stop.
         self._stopping = True
         try:
+            for observer in self.stopping:
+                observer()
             await self._idle()
             await self.listeners.stop()
             await super().stopService()

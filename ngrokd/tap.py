@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
@@ -71,15 +72,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = default_reactor
     for warning in options.loaded.warnings:
         _log.warn("{problem}", problem=warning)
-    return build_daemon(options.loaded.config, reactor)
+    return build_daemon(options.loaded.config, reactor, os.environ)
 
 
-def build_daemon(config: Config, reactor: Any) -> Daemon:
+def build_daemon(
+    config: Config, reactor: Any, environ: Mapping[str, str] | None = None
+) -> Daemon:
     """
     The daemon with its control surfaces: the log level, the health and
-    metrics server, the event feed and the control socket.
+    metrics server, the event feed, the control socket and, when
+    C{environ} names a C{NOTIFY_SOCKET}, the systemd notifier.
     """
     from ngrokd.control.feed import EventFeed
+    from ngrokd.control.notify import SystemdNotifier
     from ngrokd.control.server import ControlService
     from ngrokd.control.watcher import ConfigWatcher
     from ngrokd.daemon import Daemon
@@ -113,4 +118,10 @@ def build_daemon(config: Config, reactor: Any) -> Daemon:
     feed.setServiceParent(daemon)
     ControlService(daemon, feed, reactor).setServiceParent(daemon)
     ConfigWatcher(config.path, daemon.reload, reactor).setServiceParent(daemon)
+    notifier = SystemdNotifier(
+        daemon.daemon_status, reactor, environ or {}, os.getpid()
+    )
+    if notifier.enabled:
+        notifier.setServiceParent(daemon)
+        daemon.stopping.append(notifier.stopping)
     return daemon

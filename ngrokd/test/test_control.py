@@ -79,6 +79,7 @@ class DaemonFixture:
         socket_path: str,
         config_path: str | None = None,
         expected: int = 2,
+        environ: dict[str, str] | None = None,
         **server: Any,
     ) -> Daemon:
         loaded = load_config(config_path or devcloud.config_path).config
@@ -88,7 +89,7 @@ class DaemonFixture:
                 loaded.server, socket_path=socket_path, health_address="", **server
             ),
         )
-        daemon = build_daemon(config, reactor)
+        daemon = build_daemon(config, reactor, environ)
         daemon.startService()
         case.addCleanup(daemon.stopService)
         await control_of(daemon).whenListening()
