@@ -5,6 +5,7 @@ a bounded wait) and an in-memory transport for the splice beneath them.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
 
+import ngrokd
 from ngrokd.status import DaemonStatus
 
 
@@ -332,3 +335,17 @@ async def wait_listening(daemon: Any, expected: int) -> None:
         ),
         f"{expected} listeners",
     )
+
+
+def source_file(*parts: str) -> str:
+    """
+    The path of a file of the source tree (C{contrib/config.yml}); the test
+    is skipped where there is none.
+    """
+    here = os.path.dirname(os.path.dirname(os.path.abspath(ngrokd.__file__)))
+    # Installed from a wheel, trial runs in the source tree's _trial_temp.
+    for top in (here, os.path.dirname(os.getcwd())):
+        candidate = os.path.join(top, *parts)
+        if os.path.exists(candidate):
+            return candidate
+    raise SkipTest(f"{'/'.join(parts)} is not in reach (no source tree)")

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-import ngrokd
 from ngrokd.config import ConfigError, parse_config
 from ngrokd.control.configfile import (
     EditResult,
@@ -24,6 +23,7 @@ from ngrokd.control.configfile import (
     store_api_key,
     validate_config,
 )
+from ngrokd.test.helpers import source_file
 
 KEY = "2xYzSecretKey_0123"
 
@@ -60,14 +60,8 @@ def _contrib_config() -> bytes:
     """
     The example configuration shipped in contrib/, from the source tree.
     """
-    here = os.path.dirname(os.path.dirname(os.path.abspath(ngrokd.__file__)))
-    # Installed from a wheel, trial runs in the source tree's _trial_temp.
-    for top in (here, os.path.dirname(os.getcwd())):
-        candidate = os.path.join(top, "contrib", "config.yml")
-        if os.path.exists(candidate):
-            with open(candidate, "rb") as f:
-                return f.read()
-    raise SkipTest("contrib/config.yml is not in reach (no source tree)")
+    with open(source_file("contrib", "config.yml"), "rb") as f:
+        return f.read()
 
 
 class _Files(SynchronousTestCase):
