@@ -3,7 +3,8 @@
 C{ngrokctl}: ask and tell a running ngrokd, over its control socket.
 
 Commands: C{status}, C{list}, C{health}, C{events}, C{reload},
-C{set-api-key}, C{config edit}. Read commands print tables, or JSON with C{-o json}.
+C{set-api-key}, C{config edit}, C{diagnose}. Read commands print tables, or
+JSON with C{-o json}.
 Errors go to stderr, each with an exit code of its own
 (L{ngrokd.control.client}): 3 when ngrokd is not running, 4 when the
 socket or the command is not allowed to this user, 5 on a timeout, 6 when
@@ -22,6 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import attrs
 from attrs import define
 from twisted.internet.task import react
 
@@ -121,6 +123,13 @@ def parser() -> argparse.ArgumentParser:
         " so that it stays out of ps and shell history.",
     )
     key.add_argument("key", nargs="?", help=argparse.SUPPRESS)
+    diagnose = read_command(
+        "diagnose", "check each hop of the path; exits 1 at the first broken one"
+    )
+    diagnose.add_argument(
+        "--config",
+        help=f"the file (default: the running daemon's, then {DEFAULT_CONFIG})",
+    )
     config = commands.add_parser("config", help="the configuration file")
     config.add_argument("action", choices=["edit"])
     config.add_argument(
@@ -142,6 +151,8 @@ async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
     try:
         if args.command == "config":
             return await _config_edit(reactor, socket, args.config, console)
+        if args.command == "diagnose":
+            return await _diagnose(reactor, socket, args, console)
         control = await connect(reactor, socket)
         try:
             return await _COMMANDS[args.command](control, args, console)
@@ -268,6 +279,24 @@ async def _config_edit(
     )
     console.say(result.message)
     return EXIT_OK if result.outcome in _EDIT_DONE else EXIT_FAILED
+
+
+async def _diagnose(reactor: Any, socket: str, args: Any, console: Console) -> int:
+    from ngrokd.control.diagnose import Diagnosis, check_lines, first_broken
+
+    path = args.config or await _daemon_config(reactor, socket) or DEFAULT_CONFIG
+    checks = await Diagnosis(reactor, path, socket).run()
+    broken = first_broken(checks)
+    if args.output == "json":
+        document = {
+            "checks": [attrs.asdict(check) for check in checks],
+            "first_broken": broken.name if broken else None,
+        }
+        console.say(json.dumps(document, indent=2))
+    else:
+        for line in check_lines(checks):
+            console.say(line)
+    return EXIT_FAILED if broken else EXIT_OK
 
 
 async def _daemon_config(reactor: Any, socket: str) -> str | None:
