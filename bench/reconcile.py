@@ -286,9 +286,7 @@ async def _list_over_socket(daemon: Daemon) -> tuple[float, int]:
         finally:
             client.close()
     finally:
-        stopping = control.stopService()
-        if stopping is not None:
-            await stopping
+        await control.stopService()
 
 
 def table(report: Report) -> str:

@@ -31,7 +31,12 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IListeningPort, ITransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IReactorTime,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -66,6 +71,11 @@ from ngrokd.status import EndpointStatus
 MAX_EVENT_WAIT = 30.0
 #: The most a legacy JSON request may hold, in bytes.
 MAX_LEGACY_REQUEST = 64 * 1024
+#: How long a control connection may stay silent, in seconds (ngrokctl's
+#: longest wait between two calls is its events wait, under a minute).
+IDLE_TIMEOUT = 120.0
+#: How many control connections may be open at once.
+MAX_CONNECTIONS = 64
 #: How long a probe of an existing socket may take, in seconds.
 PROBE_TIMEOUT = 2.0
 
@@ -360,19 +370,58 @@ def _legacy_row(row: EndpointStatus) -> dict[str, Any]:
     }
 
 
+class ControlFactory(Factory):
+    """
+    Makes control connections, at most L{MAX_CONNECTIONS} at once; each is
+    closed after L{IDLE_TIMEOUT} seconds without a byte from its peer.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        controller: Controller,
+        credentials: Callable[[Any], Peer],
+        clock: IReactorTime,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.controller = controller
+        self.credentials = credentials
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.open = 0
+
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        if self.open >= MAX_CONNECTIONS:
+            return None  # refused: the peer sees the connection close
+        return ControlProtocol(self)
+
+
 class ControlProtocol(Protocol):
     """
     Picks the protocol from the first byte, then hands everything to it.
     """
 
-    def __init__(
-        self, controller: Controller, credentials: Callable[[Any], Peer]
-    ) -> None:
-        self._controller = controller
-        self._credentials = credentials
+    def __init__(self, factory: ControlFactory) -> None:
+        self._factory = factory
+        self._controller = factory.controller
+        self._credentials = factory.credentials
         self._delegate: Protocol | None = None
+        self._idle: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._factory.open += 1
+        self._idle = self._factory.clock.callLater(
+            self._factory.idle_timeout, self._timed_out
+        )
+
+    def _timed_out(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._factory.idle_timeout)
         if self._delegate is None:
             peer = self._peer()
             delegate: Protocol
@@ -391,6 +440,9 @@ class ControlProtocol(Protocol):
             return None  # not a UNIX socket: changes are refused
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._factory.open -= 1
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
 
@@ -421,6 +473,8 @@ class ControlService(Service):
         self._description: str = daemon.config.server.socket_path
         self.controller = Controller(daemon, feed, reactor, self._description)
         self._credentials = credentials
+        #: Seconds of silence after which a control connection is closed.
+        self.idle_timeout = IDLE_TIMEOUT
         self._port: IListeningPort | None = None
         self._starting: Deferred[None] | None = None
         self._started: list[Deferred[None]] = []
@@ -463,10 +517,12 @@ class ControlService(Service):
         endpoint = await self._endpoint()
         if endpoint is None:
             return
-        factory = Factory.forProtocol(
-            lambda: ControlProtocol(self.controller, self._credentials)
+        factory = ControlFactory(
+            self.controller,
+            lambda transport: self._credentials(transport),
+            self._reactor,
+            self.idle_timeout,
         )
-        factory.noisy = False
         try:
             self._port = await endpoint.listen(factory)
         except Exception as e:
@@ -538,13 +594,13 @@ class ControlService(Service):
     def _unix(self, path: str) -> UNIXServerEndpoint:
         return UNIXServerEndpoint(self._reactor, path, mode=0o660, wantPID=False)
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         if self._starting is not None:
             self._starting.cancel()
         port, self._port = self._port, None
         if port is None:
-            return None
+            return succeed(None)
         stopping: Deferred[None] = Deferred.fromCoroutine(_stop(port))
         return stopping
 

@@ -36,7 +36,7 @@ from ngrokd.control.commands import (
 )
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.peer import Peer
-from ngrokd.control.server import ControlService, transport_peer
+from ngrokd.control.server import MAX_CONNECTIONS, ControlService, transport_peer
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.status import EndpointStatus
@@ -268,6 +268,50 @@ class ControlSocketTests(DaemonFixture, TestCase):
             os.chmod(os.path.dirname(self.path), 0o755)
             self.assertEqual(_connect_as(65534, 65534, self.path), errno.EACCES)
             self.assertEqual(_connect_as(0, 0, self.path), 0)
+
+        return ensureDeferred(run())
+
+    def test_silentConnectionClosed(self) -> Deferred[None]:
+        """
+        A connection that sends nothing (or half a request) is closed after
+        the idle timeout, and stops counting against the connection cap.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon(self, self.devcloud, self.path)
+            control = control_of(daemon)
+            await control.stopService()
+            control.idle_timeout = 0.2
+            control.startService()
+            await control.whenListening()
+            silent = Recorder()
+            await UNIXClientEndpoint(reactor, self.path).connect(
+                Factory.forProtocol(lambda: silent)
+            )
+            silent.transport.write(b'{"command": ')
+            await silent.lost
+            self.assertEqual(silent.received, b"")
+            answer = await legacy(self.path, b'{"command": "status"}')
+            self.assertTrue(answer["success"])
+
+        return ensureDeferred(run())
+
+    def test_connectionsCapped(self) -> Deferred[None]:
+        """
+        Beyond L{MAX_CONNECTIONS} open connections, a new one is closed at
+        once; the open ones keep working.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.path)
+            held = [await amp_client(self, self.path) for _ in range(MAX_CONNECTIONS)]
+            extra = Recorder()
+            await UNIXClientEndpoint(reactor, self.path).connect(
+                Factory.forProtocol(lambda: extra)
+            )
+            await extra.lost
+            status = await held[0].callRemote(Status)
+            self.assertTrue(status["status"]["registered"])
 
         return ensureDeferred(run())
 
