@@ -30,6 +30,7 @@ import yaml
 from attrs import field, frozen
 from yaml.constructor import SafeConstructor
 
+from ngrokd import instance as _instance
 from ngrokd.endpoints import join_host_port
 from ngrokd.pem import PEMError, parse_certificates
 
@@ -37,7 +38,6 @@ _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_SUBNET = ipaddress.ip_network("10.107.0.0/16")
 #: macOS binds endpoint addresses as loopback aliases, so they must be in 127/8.
 _DARWIN_SUBNET = ipaddress.IPv4Network("127.0.0.0/8")
-_DEFAULT_STATE_DIR = "/etc/ngrokd"
 #: Longer waits are mistakes (and huge integers do not fit a float).
 _MAX_SECONDS = 1e9
 #: A renewal margin longer than this is a mistake (certificates last a year).
@@ -178,6 +178,8 @@ class ServerConfig:
     #: Host names, besides C{localhost} and IP addresses, that the web page
     #: answers to (its defence against DNS rebinding).
     web_hosts: tuple[str, ...] = ()
+    #: The instance's name (C{""}: the unnamed one); see L{ngrokd.instance}.
+    instance: str = ""
 
 
 @frozen
@@ -447,6 +449,14 @@ def _interface_name(node: yaml.Node, key: str, ctx: _Context) -> str:
     return value
 
 
+def _instance_name(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = _string(node, key, ctx)
+    try:
+        return _instance.check_name(value)
+    except _instance.InstanceNameError as e:
+        ctx.fail(node, key, str(e))
+
+
 def _is_mode(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
@@ -620,7 +630,8 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.connect_timeout": (_seconds, 10.0),
     "ingress.upgrade_timeout": (_seconds, 10.0),
     "server.log_level": (_log_level, "info"),
-    "server.socket_path": (_socket, "/var/run/ngrokd.sock"),
+    "server.instance": (_instance_name, ""),
+    "server.socket_path": (_socket, None),
     "server.socket_group": (_string, ""),
     "server.admin_group": (_string, ""),
     "server.state_dir": (_path, None),
@@ -633,7 +644,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "bound_endpoints.selectors": (_selectors, ("true",)),
     "bound_endpoints.max_endpoints": (_count, 10000),
     "bound_endpoints.poll_timeout": (_seconds, 120.0),
-    "net.interface_name": (_interface_name, "ngrokd0"),
+    "net.interface_name": (_interface_name, None),
     "net.subnet": (_subnet, None),
     "net.listen_interface": (_mode, "virtual"),
     "net.start_port": (_port, 9080),
@@ -732,6 +743,7 @@ def parse_config(
     environ: Mapping[str, str],
     platform: str,
     mode: int | None = None,
+    instance: str | None = None,
 ) -> LoadedConfig:
     """
     The configuration in C{text}, the contents of the file at C{path}.
@@ -741,9 +753,17 @@ def parse_config(
     replaces C{net.hosts_file}. C{platform} is a C{sys.platform} value: on
     C{"darwin"} the default subnet is 127.0.0.0/8. C{mode}, the file's
     permission bits, makes an API key in a file others can read a warning.
+    C{instance}, the C{--instance} option, replaces C{server.instance}; a
+    named instance derives the defaults in L{ngrokd.instance} and must set
+    the numbers it uses (L{_own_numbers}).
 
     @raise ConfigError: naming the file, line and key of the first bad value.
     """
+    if instance is not None:
+        try:
+            _instance.check_name(instance)
+        except _instance.InstanceNameError as e:
+            raise ConfigError(f"--instance: {e}") from None
     ctx = _Context(path, platform, mode)
     if len(text) > MAX_CONFIG_SIZE:
         raise ConfigError(
@@ -776,12 +796,14 @@ def parse_config(
         names = (f.name for f in attrs.fields(cls))
         return cls(**{n: given[n] if n in given else get(f"{name}.{n}") for n in names})
 
+    name = get("server.instance") if instance is None else instance
     # The original's rule: the certificate's directory is the state directory.
     client_cert = found.get("server.client_cert")
     state_dir = found.get("server.state_dir") or (
-        os.path.dirname(client_cert) if client_cert else _DEFAULT_STATE_DIR
+        os.path.dirname(client_cert) if client_cert else _instance.state_dir(name)
     )
     default_subnet = _DARWIN_SUBNET if platform == "darwin" else _DEFAULT_SUBNET
+    _own_numbers(path, name, found, default_subnet)
     config = Config(
         path=path,
         api=section(
@@ -793,6 +815,8 @@ def parse_config(
         server=section(
             ServerConfig,
             "server",
+            instance=name,
+            socket_path=found.get("server.socket_path") or _instance.socket_path(name),
             state_dir=state_dir,
             client_cert=client_cert or os.path.join(state_dir, "tls.crt"),
             client_key=found.get("server.client_key")
@@ -802,11 +826,56 @@ def parse_config(
         net=section(
             NetConfig,
             "net",
+            interface_name=found.get("net.interface_name") or _interface_of(path, name),
             subnet=found.get("net.subnet", default_subnet),
             hosts_file=environ.get("NGROKD_HOSTS_PATH") or get("net.hosts_file"),
         ),
     )
     return LoadedConfig(config, tuple(ctx.warnings), ctx.locations)
+
+
+def _interface_of(path: str, name: str) -> str:
+    """
+    The interface instance C{name} derives, refused when it cannot fit.
+    """
+    interface = _instance.interface_name(name)
+    if interface is None:
+        fits = _instance.MAX_INTERFACE_NAME - len("ngrokd-")
+        raise ConfigError(
+            f"{path}: net.interface_name: instance {name!r} would use the"
+            f" interface ngrokd-{name}, longer than Linux's"
+            f" {_instance.MAX_INTERFACE_NAME} characters: set net.interface_name,"
+            f" or use an instance name of at most {fits} characters"
+        )
+    return interface
+
+
+def _own_numbers(
+    path: str, name: str, found: Mapping[str, Any], default_subnet: _IPNetwork
+) -> None:
+    """
+    Refuse a named instance that leaves to its default a number the unnamed
+    instance uses: the health address always, the subnet when an endpoint
+    may listen in virtual mode, the first port when one may listen on a
+    network address. No number derived from a name could keep any two
+    names apart.
+    """
+    if not name:
+        return
+    modes = {found.get("net.listen_interface", "virtual")}
+    modes.update(found.get("net.overrides", {}).values())
+    needed = {"server.health_address": (_FIELDS["server.health_address"][1], "")}
+    if "virtual" in modes:
+        needed["net.subnet"] = (default_subnet, " in virtual mode")
+    if modes != {"virtual"}:
+        needed["net.start_port"] = (_FIELDS["net.start_port"][1], " in network mode")
+    for key, (default, when) in needed.items():
+        if key not in found:
+            off = ', or "" for none' if key == "server.health_address" else ""
+            raise ConfigError(
+                f"{path}: {key}: instance {name!r} must set its own{when}"
+                f"{off}: the default, {default}, is the unnamed instance's"
+            )
 
 
 def default_config(
@@ -822,10 +891,12 @@ def load_config(
     path: str,
     environ: Mapping[str, str] = os.environ,
     platform: str = sys.platform,
+    instance: str | None = None,
 ) -> LoadedConfig:
     """
     Read and parse the file at C{path} (made absolute, so that relative paths
-    in it stay right if the process changes directory).
+    in it stay right if the process changes directory), as instance
+    C{instance} when given (see L{parse_config}).
 
     @raise ConfigError: the file cannot be read, or see L{parse_config}.
     """
@@ -838,7 +909,7 @@ def load_config(
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}")
-    loaded = parse_config(text, path, environ, platform, mode)
+    loaded = parse_config(text, path, environ, platform, mode, instance)
     check_ca_bundles(loaded)
     return loaded
 

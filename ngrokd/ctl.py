@@ -48,9 +48,14 @@ from ngrokd.control.render import (
     event_line,
     status_lines,
 )
+from ngrokd.instance import (
+    DEFAULT_SOCKET,
+    InstanceNameError,
+    check_name,
+    config_path,
+    socket_path,
+)
 
-DEFAULT_SOCKET = "/var/run/ngrokd.sock"
-DEFAULT_CONFIG = "/etc/ngrokd/config.yml"
 #: How a config edit ends well.
 _EDIT_DONE = (Outcome.SAVED, Outcome.UNCHANGED)
 #: How long one events call waits for something to happen, in seconds.
@@ -88,8 +93,14 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"ngrokctl {__version__}")
     top.add_argument(
         "--socket",
-        help="the daemon's control socket (default: $NGROKD_SOCKET, then"
-        f" {DEFAULT_SOCKET})",
+        help="the daemon's control socket (default: the instance's, then"
+        f" $NGROKD_SOCKET, then {DEFAULT_SOCKET})",
+    )
+    top.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="the named ngrokd instance: its socket /var/run/ngrokd-NAME.sock"
+        " and its config /etc/ngrokd/NAME/config.yml",
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -128,13 +139,15 @@ def parser() -> argparse.ArgumentParser:
     )
     diagnose.add_argument(
         "--config",
-        help=f"the file (default: the running daemon's, then {DEFAULT_CONFIG})",
+        help=f"the file (default: the running daemon's, then {config_path('')}"
+        " or the instance's)",
     )
     config = commands.add_parser("config", help="the configuration file")
     config.add_argument("action", choices=["edit"])
     config.add_argument(
         "--config",
-        help=f"the file (default: the running daemon's, then {DEFAULT_CONFIG})",
+        help=f"the file (default: the running daemon's, then {config_path('')}"
+        " or the instance's)",
     )
     return top
 
@@ -147,10 +160,20 @@ async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0) and EXIT_USAGE
-    socket = args.socket or console.environ.get("NGROKD_SOCKET") or DEFAULT_SOCKET
+    if args.instance is not None:
+        try:
+            check_name(args.instance)
+        except InstanceNameError as e:
+            console.warn(f"--instance: {e}")
+            return EXIT_USAGE
+        socket = args.socket or socket_path(args.instance)
+    else:
+        socket = args.socket or console.environ.get("NGROKD_SOCKET") or DEFAULT_SOCKET
     try:
         if args.command == "config":
-            return await _config_edit(reactor, socket, args.config, console)
+            return await _config_edit(
+                reactor, socket, args.config, args.instance or "", console
+            )
         if args.command == "diagnose":
             return await _diagnose(reactor, socket, args, console)
         control = await connect(reactor, socket)
@@ -258,10 +281,10 @@ _COMMANDS = {
 
 
 async def _config_edit(
-    reactor: Any, socket: str, path: str | None, console: Console
+    reactor: Any, socket: str, path: str | None, instance: str, console: Console
 ) -> int:
     if path is None:
-        path = await _daemon_config(reactor, socket) or DEFAULT_CONFIG
+        path = await _daemon_config(reactor, socket) or config_path(instance)
     if not os.path.exists(path):
         console.warn(f"{path} does not exist: name the file with --config")
         return EXIT_FAILED
@@ -284,8 +307,12 @@ async def _config_edit(
 async def _diagnose(reactor: Any, socket: str, args: Any, console: Console) -> int:
     from ngrokd.control.diagnose import Diagnosis, check_lines, first_broken
 
-    path = args.config or await _daemon_config(reactor, socket) or DEFAULT_CONFIG
-    checks = await Diagnosis(reactor, path, socket).run()
+    path = (
+        args.config
+        or await _daemon_config(reactor, socket)
+        or config_path(args.instance or "")
+    )
+    checks = await Diagnosis(reactor, path, socket, instance=args.instance).run()
     broken = first_broken(checks)
     if args.output == "json":
         document = {

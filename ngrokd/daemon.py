@@ -101,6 +101,8 @@ class Daemon(MultiService):
         """
         super().__init__()
         self.config = config
+        #: The C{--instance} option, kept for every reload of the file.
+        self.instance_option: str | None = None
         self._reactor = reactor
         self.api_key = config.api.key
         self._api_tls = LateTrustPolicy()
@@ -131,7 +133,9 @@ class Daemon(MultiService):
         )
         self.listeners = ListenerSet(reactor, self.connector)
         self.interface = InterfaceService(reactor, config.net, network_interface)
-        self.hosts = HostsService(reactor, config.net.hosts_file)
+        self.hosts = HostsService(
+            reactor, config.net.hosts_file, instance=config.server.instance
+        )
         self.discovery = EndpointDiscoveryService(
             self._fetch,
             self._poll_answered,
@@ -327,7 +331,11 @@ class Daemon(MultiService):
         path = self.config.path
         try:
             loaded = await deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), load_config, path
+                self._reactor,
+                self._reactor.getThreadPool(),
+                load_config,
+                path,
+                instance=self.instance_option,
             )
         except ConfigError as e:
             self.config_error = str(e)

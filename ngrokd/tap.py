@@ -16,28 +16,43 @@ from twisted.python import usage
 
 from ngrokd import __version__
 from ngrokd.config import Config, ConfigError, LoadedConfig, load_config
+from ngrokd.instance import config_path
 
 if TYPE_CHECKING:
     from ngrokd.daemon import Daemon
 
-DEFAULT_CONFIG = "/etc/ngrokd/config.yml"
+DEFAULT_CONFIG = config_path("")
 
 _log = Logger()
 
 
 class Options(usage.Options):
     """
-    C{twistd -n ngrokd --config FILE}.
+    C{twistd -n ngrokd [--instance NAME] [--config FILE]}.
     """
 
-    synopsis = "[--config FILE]"
+    synopsis = "[--instance NAME] [--config FILE]"
     longdesc = (
         "Make ngrok's Kubernetes-bound endpoints reachable from this machine: "
         "one local listener per endpoint, each connection carried to ngrok's "
         "binding ingress over mutual TLS."
     )
     optParameters = [
-        ["config", "c", DEFAULT_CONFIG, "The configuration file (YAML)."],
+        [
+            "config",
+            "c",
+            None,
+            f"The configuration file (YAML) [default: {DEFAULT_CONFIG}, or"
+            " /etc/ngrokd/NAME/config.yml for --instance NAME]",
+        ],
+        [
+            "instance",
+            "i",
+            None,
+            "Run as the named instance (a-z, 0-9, '-'): its own state"
+            " directory, socket, interface and hosts section, beside others;"
+            " replaces server.instance.",
+        ],
     ]
 
     loaded: LoadedConfig
@@ -50,14 +65,17 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
+        if self["config"] is None:
+            default = config_path(self["instance"] or "")
+            if not os.path.exists(default):
+                raise usage.UsageError(
+                    f"{default} does not exist: create it (see"
+                    " contrib/config.yml) or name another with --config"
+                )
+            self["config"] = default
         path = os.path.abspath(self["config"])
-        if not os.path.exists(path) and self["config"] == DEFAULT_CONFIG:
-            raise usage.UsageError(
-                f"{path} does not exist: create it (see contrib/config.yml) or"
-                " name another with --config"
-            )
         try:
-            self.loaded = load_config(path)
+            self.loaded = load_config(path, instance=self["instance"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -72,16 +90,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = default_reactor
     for warning in options.loaded.warnings:
         _log.warn("{problem}", problem=warning)
-    return build_daemon(options.loaded.config, reactor, os.environ)
+    return build_daemon(options.loaded.config, reactor, os.environ, options["instance"])
 
 
 def build_daemon(
-    config: Config, reactor: Any, environ: Mapping[str, str] | None = None
+    config: Config,
+    reactor: Any,
+    environ: Mapping[str, str] | None = None,
+    instance_option: str | None = None,
 ) -> Daemon:
     """
     The daemon with its control surfaces: the log level, the health and
     metrics server, the event feed, the control socket and, when
     C{environ} names a C{NOTIFY_SOCKET}, the systemd notifier.
+    C{instance_option}, the C{--instance} given, stays in force at reloads.
     """
     from ngrokd.control.feed import EventFeed
     from ngrokd.control.notify import SystemdNotifier
@@ -91,6 +113,7 @@ def build_daemon(
     from ngrokd.logs import LogLevelService, level_named
 
     daemon = Daemon(config, reactor)
+    daemon.instance_option = instance_option
     log_level = LogLevelService(level_named(config.server.log_level))
     log_level.setServiceParent(daemon)
     daemon.reconfigured.append(

@@ -17,6 +17,7 @@ threads. At most L{MAX_ENDPOINTS} endpoints are tried per kind of check.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -125,12 +126,15 @@ def virtual_names(rows: Iterable[dict[str, Any]]) -> dict[str, IPAddress]:
     return names
 
 
-def hosts_check(path: str, text: str, names: dict[str, IPAddress]) -> Check:
+def hosts_check(
+    path: str, text: str, names: dict[str, IPAddress], instance: str = ""
+) -> Check:
     """
-    Whether the hosts file's ngrokd section holds exactly C{names}.
+    Whether the hosts file's section of ngrokd instance C{instance} holds
+    exactly C{names}.
     """
     name = "hosts section matches"
-    if render(text, names) == text:
+    if render(text, names, instance) == text:
         return Check(name, PASS, f"{path}: {len(names)} names")
     missing = sorted(
         host
@@ -193,9 +197,11 @@ class Diagnosis:
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(
             datetime.UTC
         ),
+        instance: str | None = None,
     ) -> None:
         self._reactor = reactor
         self._config_path = config_path
+        self._instance = instance
         self._socket = socket_path
         self._now = now
         self.checks: list[Check] = []
@@ -233,7 +239,9 @@ class Diagnosis:
     async def _config(self) -> Config | None:
         name = "config valid"
         try:
-            loaded = await self._thread(load_config, self._config_path)
+            loaded = await self._thread(
+                load_config, self._config_path, os.environ, sys.platform, self._instance
+            )
         except ConfigError as e:
             self._add(Check(name, FAIL, str(e), "fix the file and run diagnose again"))
             return None
@@ -460,7 +468,7 @@ class Diagnosis:
         except OSError as e:
             self._add(Check("hosts section matches", FAIL, f"{path}: {e.strerror}"))
             return
-        self._add(hosts_check(path, text, names))
+        self._add(hosts_check(path, text, names, config.server.instance))
 
     async def _listener(self, row: dict[str, Any]) -> None:
         target = _connect_address(row)

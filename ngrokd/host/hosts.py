@@ -37,9 +37,10 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ngrokd.host.allocation import IPAddress
+from ngrokd.instance import hosts_markers, is_hosts_marker
 
-BEGIN = "# BEGIN ngrokd managed section"
-END = "# END ngrokd managed section"
+#: The unnamed instance's markers; a named one's carry its name.
+BEGIN, END = hosts_markers("")
 
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _ENTRY = re.compile(r"(\S+)\t(\S+)")
@@ -75,34 +76,31 @@ def _is_entry(line: str) -> bool:
     return True
 
 
-def _is_begin(line: str) -> bool:
-    return _content(line).strip() == BEGIN
-
-
 def _is_blank(line: str) -> bool:
     return _content(line) == "" and line != ""
 
 
-def _sections(lines: list[str]) -> list[tuple[int, int]]:
+def _sections(lines: list[str], begin: str, end_: str) -> list[tuple[int, int]]:
     """
-    The C{[start, end)} line ranges that are ngrokd's: from a BEGIN line to
+    The C{[start, end)} line ranges that are this instance's: from a BEGIN line to
     the next END line; or, when another BEGIN or the end of the file comes
     first, the BEGIN line and the entry lines right after it (what the
     original wrote before it was cut short). A stray END line is a section of
-    its own.
+    its own. Another instance's marker line ends an unfinished section, so
+    no instance's section ever takes in another's.
     """
     markers = [_content(line).strip() for line in lines]
     sections: list[tuple[int, int]] = []
     i = 0
     while i < len(lines):
-        if markers[i] == END:
+        if markers[i] == end_:
             sections.append((i, i + 1))
             i += 1
-        elif markers[i] == BEGIN:
+        elif markers[i] == begin:
             j = i + 1
-            while j < len(lines) and markers[j] not in (BEGIN, END):
+            while j < len(lines) and not is_hosts_marker(markers[j]):
                 j += 1
-            if j < len(lines) and markers[j] == END:
+            if j < len(lines) and markers[j] == end_:
                 end = j + 1
             else:
                 end = i + 1
@@ -115,10 +113,11 @@ def _sections(lines: list[str]) -> list[tuple[int, int]]:
     return sections
 
 
-def render(existing: str, mapping: Mapping[str, IPAddress]) -> str:
+def render(existing: str, mapping: Mapping[str, IPAddress], instance: str = "") -> str:
     """
-    C{existing} hosts-file text with the ngrokd section holding exactly
-    C{mapping}: one C{IP<TAB>hostname} line per hostname, sorted by hostname.
+    C{existing} hosts-file text with the section of ngrokd instance
+    C{instance} holding exactly C{mapping}: one C{IP<TAB>hostname} line per
+    hostname, sorted by hostname. Other instances' sections are other text.
 
     The section stays where it was (several collapse into the first). A new
     one is appended after a blank line. An empty mapping removes the section
@@ -129,10 +128,15 @@ def render(existing: str, mapping: Mapping[str, IPAddress]) -> str:
     """
     lines = _lines(existing)
     newline = next((_ending(line) for line in lines if _ending(line)), "\n")
-    sections = _sections(lines)
+    begin, end_ = hosts_markers(instance)
+    sections = _sections(lines, begin, end_)
+
+    def is_begin(line: str) -> bool:
+        return _content(line).strip() == begin
+
     keep = None
     if mapping:
-        keep = next((s for s in sections if _is_begin(lines[s[0]])), None)
+        keep = next((s for s in sections if is_begin(lines[s[0]])), None)
     out: list[str] = []
     position = 0
     for start, end in sections:
@@ -141,9 +145,9 @@ def render(existing: str, mapping: Mapping[str, IPAddress]) -> str:
         last_ending = _ending(lines[end - 1])
         if (start, end) == keep:
             own = _ending(lines[start]) or newline
-            out.extend(_section(mapping, own, last_ending))
+            out.extend(_section(mapping, own, last_ending, instance))
             continue
-        if _is_begin(lines[start]) and out and _is_blank(out[-1]):
+        if is_begin(lines[start]) and out and _is_blank(out[-1]):
             out.pop()
         if not last_ending and out:
             out[-1] = _content(out[-1])
@@ -155,17 +159,18 @@ def render(existing: str, mapping: Mapping[str, IPAddress]) -> str:
             last_ending = ""
         if out:
             out.append(newline)
-        out.extend(_section(mapping, newline, last_ending))
+        out.extend(_section(mapping, newline, last_ending, instance))
     return "".join(out)
 
 
 def _section(
-    mapping: Mapping[str, IPAddress], newline: str, last_ending: str
+    mapping: Mapping[str, IPAddress], newline: str, last_ending: str, instance: str
 ) -> list[str]:
+    begin, end = hosts_markers(instance)
     entries = [
         f"{mapping[hostname]}\t{hostname}{newline}" for hostname in sorted(mapping)
     ]
-    return [BEGIN + newline, *entries, END + last_ending]
+    return [begin + newline, *entries, end + last_ending]
 
 
 class HostsFileError(Exception):
@@ -213,8 +218,11 @@ class HostsFile:
 
     log = Logger()
 
-    def __init__(self, path: str, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(
+        self, path: str, lock_timeout: float = LOCK_TIMEOUT, instance: str = ""
+    ) -> None:
         self.path = path
+        self.instance = instance
         self._in_place = False
         self._lock_timeout = lock_timeout
 
@@ -232,7 +240,7 @@ class HostsFile:
         try:
             data = self._read(fd, path)
             old = data.decode("utf-8", "surrogateescape")
-            new = render(old, mapping).encode("utf-8", "surrogateescape")
+            new = render(old, mapping, self.instance).encode("utf-8", "surrogateescape")
             if new == data:
                 return False
             if self._in_place or not self._replace(fd, path, new):
@@ -263,7 +271,7 @@ class HostsFile:
             return False
         except OSError:
             return True
-        return render(text, {}) != text
+        return render(text, {}, self.instance) != text
 
     def _open_locked(self, path: str, create: bool) -> int | None:
         """
@@ -442,9 +450,13 @@ class HostsService(Service):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, path: str, threadpool: ThreadPool | None = None
+        self,
+        reactor: Any,
+        path: str,
+        threadpool: ThreadPool | None = None,
+        instance: str = "",
     ) -> None:
-        self.file = HostsFile(path)
+        self.file = HostsFile(path, instance=instance)
         self._reactor = reactor
         self._threadpool = threadpool
         self._lock = DeferredLock()
