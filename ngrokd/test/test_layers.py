@@ -22,6 +22,7 @@ CORE = {
     "ngrokd.config",
     "ngrokd.endpoints",
     "ngrokd.events",
+    "ngrokd.instance",
     "ngrokd.logs",
     "ngrokd.pem",
     "ngrokd.plan",
