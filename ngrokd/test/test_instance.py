@@ -6,6 +6,7 @@ its own files, socket, interface and hosts section.
 from __future__ import annotations
 
 import os
+import re
 from ipaddress import ip_address
 
 from hypothesis import given
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.config import Config, ConfigError, parse_config
 from ngrokd.control.client import EXIT_USAGE
+from ngrokd.devcloud.tap import RunningDevcloud
 from ngrokd.host.hosts import BEGIN, END, HostsFile, render
 from ngrokd.instance import (
     MAX_INTERFACE_NAME,
@@ -30,6 +32,7 @@ from ngrokd.instance import (
 )
 from ngrokd.reconfigure import HOT, changes
 from ngrokd.tap import Options
+from ngrokd.test.test_control import DaemonFixture
 from ngrokd.test.test_ctl import ngrokctl
 
 names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?", fullmatch=True)
@@ -356,5 +359,71 @@ class NgrokctlInstanceTests(TestCase):
             bad = await ngrokctl("/nonexistent/other.sock", "--instance", "Z", "status")
             self.assertEqual(bad.code, EXIT_USAGE)
             self.assertIn("--instance: must be", bad.err)
+
+        return ensureDeferred(run())
+
+
+class SideBySideTests(DaemonFixture, TestCase):
+    """
+    Two named instances, each with its own ngrok account (a devcloud each),
+    run side by side on one machine and one hosts file.
+    """
+
+    def configure(self, devcloud: RunningDevcloud, name: str, hosts: str) -> str:
+        """
+        The devcloud's config as instance C{name}'s file, with its own socket
+        and the shared hosts file.
+        """
+        socket_path = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        with open(devcloud.config_path) as f:
+            text = f.read()
+        text = re.sub(
+            r"(?m)^  socket_path:.*$",
+            f"  socket_path: {socket_path}\n  health_address: ''\n  instance: {name}",
+            text,
+        )
+        text = re.sub(r"(?m)^  hosts_file:.*$", f"  hosts_file: {hosts}", text)
+        with open(devcloud.config_path, "w") as f:
+            f.write(text)
+        return socket_path
+
+    def test_stopOneKeepsTheOther(self) -> Deferred[None]:
+        """
+        Both serve their own endpoints; stopping one leaves the other
+        serving, answering on its socket, with its state in place.
+        """
+
+        async def run() -> None:
+            hosts = os.path.abspath(self.mktemp())
+            with open(hosts, "w") as f:
+                f.write("127.0.0.1\tlocalhost\n")
+            clouds = [self.start_devcloud(self), self.start_devcloud(self)]
+            sockets = [
+                self.configure(cloud, name, hosts)
+                for cloud, name in zip(clouds, ["team-a", "team-b"], strict=True)
+            ]
+            a, b = [
+                await self.start_daemon(self, cloud, path)
+                for cloud, path in zip(clouds, sockets, strict=True)
+            ]
+            self.assertEqual(
+                (a.config.server.instance, b.config.server.instance),
+                ("team-a", "team-b"),
+            )
+            self.assertNotEqual(a.config.server.state_dir, b.config.server.state_dir)
+            ports_b = {url: x.spec.port for url, x in b.listeners.listeners.items()}
+            await a.stopService()
+            self.assertFalse(os.path.exists(sockets[0]))
+            self.assertTrue(all(x.listening for x in b.listeners.listeners.values()))
+            self.assertEqual(
+                {url: x.spec.port for url, x in b.listeners.listeners.items()},
+                ports_b,
+            )
+            ran = await ngrokctl(sockets[1], "status", "-o", "json")
+            self.assertEqual(ran.json()["endpoints"], 2)
+            state = b.config.server.state_dir
+            self.assertTrue(os.path.exists(os.path.join(state, "tls.crt")))
+            with open(hosts) as f:
+                self.assertEqual(f.read(), "127.0.0.1\tlocalhost\n")
 
         return ensureDeferred(run())
