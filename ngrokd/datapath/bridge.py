@@ -109,7 +109,7 @@ class LocalProtocol(PipeProtocol):
             self._rewriter = HostRewriter(rewrite_host)
             self.transform = self._rewrite
             self.finish_transform = self._rewriter.finish
-        splice(self, ingress)
+        splice(self, ingress, self._factory.connector.clock)
 
     def _rewrite(self, data: bytes) -> bytes:
         assert self._rewriter is not None

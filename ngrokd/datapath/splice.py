@@ -13,6 +13,15 @@ things make that correct:
    other keeps flowing; both connections close once both directions are done;
  - no lost bytes: what arrives before the join is held, with reading paused,
    and handed over at the join.
+
+Endings are passed on honestly. When one side ends cleanly (its input ended
+with a FIN or C{close_notify} and the connection closed without error) the
+other is closed gracefully; if what is written to it cannot drain within
+L{DRAIN_TIMEOUT} (its reader stopped reading), it is aborted. When one side
+ends abnormally (a reset, an error, TLS ending without C{close_notify}), the
+stream is truncated, so the other side is aborted at once: its peer sees a
+reset, not a clean end, and no connection is left holding buffers that
+nobody will read.
 """
 
 from __future__ import annotations
@@ -21,10 +30,18 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+#: Seconds a connection closed gracefully has to send what it still holds.
+DRAIN_TIMEOUT = 30.0
 
 
 @implementer(IHalfCloseableProtocol)
@@ -45,12 +62,17 @@ class PipeProtocol(Protocol):
     transform: Callable[[bytes], bytes] | None = None
     finish_transform: Callable[[], bytes] | None = None
 
+    #: Times the drain after a graceful close (set by L{splice}).
+    clock: IReactorTime | None = None
+    drain_timeout = DRAIN_TIMEOUT
+
     def __init__(self) -> None:
         self.peer: PipeProtocol | None = None
         self.bytes_received = 0
         self._held: list[bytes] = []
         self._read_done = False
         self._lost = False
+        self._drain: IDelayedCall | None = None
         self.closed: Deferred[None] = Deferred()
 
     # Before the join
@@ -87,11 +109,38 @@ class PipeProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
+        if self._drain is not None and self._drain.active():
+            self._drain.cancel()
+        self._drain = None
         peer = self.peer
         if peer is not None and not peer._lost:
-            peer.transport.unregisterProducer()
-            peer.transport.loseConnection()
+            if reason.check(ConnectionDone):
+                peer.close()
+            else:
+                peer.abort()
         self.closed.callback(None)
+
+    # Endings
+
+    def close(self) -> None:
+        """
+        Close once what was written is sent; abort if that takes longer than
+        C{drain_timeout}.
+        """
+        if self._lost:
+            return
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        # (Closing may have finished already, within loseConnection.)
+        if self.clock is not None and self._drain is None and not self._lost:
+            self._drain = self.clock.callLater(self.drain_timeout, self.abort)
+
+    def abort(self) -> None:
+        """
+        Close at once, dropping what is unsent: the peer sees a reset.
+        """
+        if not self._lost:
+            self.transport.abortConnection()
 
     # The splice
 
@@ -118,21 +167,22 @@ class PipeProtocol(Protocol):
                 peer_transport.write(rest)
         peer_transport.unregisterProducer()
         if self.peer._read_done:
-            self.transport.loseConnection()
-            peer_transport.loseConnection()
+            self.close()
+            self.peer.close()
         else:
             peer_transport.loseWriteConnection()
 
 
-def splice(a: PipeProtocol, b: PipeProtocol) -> None:
+def splice(a: PipeProtocol, b: PipeProtocol, clock: IReactorTime | None = None) -> None:
     """
     Join two connected pipes: from now on each one's input is the other's
-    output, with flow control both ways.
+    output, with flow control both ways. C{clock} times the drain of a
+    graceful close (without it, a close waits for as long as it takes).
     """
+    a.clock = b.clock = clock
     if a._lost or b._lost:
         for end in (a, b):
-            if not end._lost:
-                end.transport.loseConnection()
+            end.close()
         return
     a.transport.registerProducer(b.transport, True)
     b.transport.registerProducer(a.transport, True)

@@ -315,7 +315,7 @@ class IngressProtocol(PipeProtocol):
             endpoint_id=endpoint.id,
             backend=format_backend(endpoint.backend),
         )
-        splice(self, backend)
+        splice(self, backend, self.factory.clock)
 
     def _upstream_failed(self, failure: Failure, endpoint: CloudEndpoint) -> None:
         self._connecting = None

@@ -5,7 +5,7 @@ transport that pauses its producer when its buffer fills, as TCP does.
 
 from __future__ import annotations
 
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -184,37 +184,47 @@ class HalfCloseTests(SpliceTestCase):
 
 class AbortTests(SpliceTestCase):
     """
-    When either connection is lost, with an error or not, the other is
-    closed.
+    When either connection is lost with an error, its stream was cut short:
+    the other is reset at once. When it ends cleanly, the other is closed
+    gracefully.
     """
 
-    def assertOtherClosed(self, lost: str, other: str) -> None:
+    def assertOtherReset(self, lost: str, other: str) -> None:
         (lost_pipe, _), (other_pipe, other_transport) = (
             self.ends()[lost],
             self.ends()[other],
         )
         lost_pipe.connectionLost(Failure(ConnectionLost()))
-        self.assertTrue(other_transport.disconnecting, f"{other} was left open")
-        self.assertIsNone(other_transport.producer)
+        self.assertTrue(other_transport.disconnected, f"{other} was not reset")
         self.successResultOf(lost_pipe.closed)
         self.assertNoResult(other_pipe.closed)
 
     def test_aLost(self) -> None:
         """
-        Losing C{a}'s connection closes C{b}'s.
+        Losing C{a}'s connection resets C{b}'s.
         """
-        self.assertOtherClosed("a", "b")
+        self.assertOtherReset("a", "b")
 
     def test_bLost(self) -> None:
         """
-        Losing C{b}'s connection closes C{a}'s.
+        Losing C{b}'s connection resets C{a}'s.
         """
-        self.assertOtherClosed("b", "a")
+        self.assertOtherReset("b", "a")
 
     def test_lostAfterHalfClose(self) -> None:
         """
         A connection lost while the other direction is still open (C{a} has
-        sent all it will, C{b} dies before answering) closes C{a} too.
+        sent all it will, C{b} dies before answering) resets C{a} too.
         """
         self.a.readConnectionLost()
-        self.assertOtherClosed("b", "a")
+        self.assertOtherReset("b", "a")
+
+    def test_cleanEndClosesOther(self) -> None:
+        """
+        A connection that ends cleanly closes the other gracefully, its
+        producer unregistered first (TLS sends no close_notify otherwise).
+        """
+        self.b.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.a_transport.disconnecting)
+        self.assertFalse(self.a_transport.disconnected)
+        self.assertIsNone(self.a_transport.producer)
