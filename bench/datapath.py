@@ -1,7 +1,7 @@
 """
 The data-path benchmark: what carrying a connection through ngrokd costs.
 
-    python bench/datapath.py [--json FILE] [--concurrency 1000] [--quick]
+    python bench/datapath.py [--json FILE] [--concurrency 5000] [--quick]
 
 One run starts everything it needs on 127.0.0.1, in processes of its own: the
 backends (C{bench/_backends.py}: an echo server and a source server), the
@@ -9,7 +9,7 @@ devcloud (C{twistd -n ngrokd-devcloud}) with one endpoint per backend, and the
 daemon (C{twistd -n ngrokd}) with the config the devcloud wrote, in network
 mode. It then measures the same client code twice, through the daemon and
 straight to the backends: the time from a new connection to its first echoed
-byte, bulk throughput over one and over eight connections, and a thousand
+byte, bulk throughput over one and over eight connections, and five thousand
 connections opened at once. It reads the daemon's and the devcloud's CPU time
 and peak RSS from /proc, prints a table and, with C{--json}, writes every
 number. Every process it starts is stopped when it ends, also on Ctrl-C, and
@@ -1030,9 +1030,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=_positive,
-        default=1000,
+        default=5000,
         metavar="N",
-        help="connections opened at once (default 1000)",
+        help="connections opened at once (default 5000)",
     )
     parser.add_argument(
         "--quick",

@@ -141,6 +141,10 @@ class IngressConfig:
     insecure_skip_verify: bool
     connect_timeout: float
     upgrade_timeout: float
+    #: Dials (TCP, TLS, upgrade) in progress at once; the others queue.
+    max_pending_dials: int = 100
+    #: Seconds a connection may wait in that queue.
+    dial_queue_timeout: float = 30.0
 
     @property
     def host(self) -> str:
@@ -180,6 +184,8 @@ class ServerConfig:
     web_hosts: tuple[str, ...] = ()
     #: The instance's name (C{""}: the unnamed one); see L{ngrokd.instance}.
     instance: str = ""
+    #: Seconds open connections have to finish when the daemon stops.
+    shutdown_grace: float = 30.0
 
 
 @frozen
@@ -629,6 +635,8 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.insecure_skip_verify": (_insecure, False),
     "ingress.connect_timeout": (_seconds, 10.0),
     "ingress.upgrade_timeout": (_seconds, 10.0),
+    "ingress.max_pending_dials": (_count, 100),
+    "ingress.dial_queue_timeout": (_seconds, 30.0),
     "server.log_level": (_log_level, "info"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),
@@ -640,6 +648,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "server.renew_before_days": (_days, 30.0),
     "server.health_address": (_listen_address, "127.0.0.1:8081"),
     "server.web_hosts": (_hostnames, ()),
+    "server.shutdown_grace": (_seconds, 30.0),
     "bound_endpoints.poll_interval": (_poll_interval, 30.0),
     "bound_endpoints.selectors": (_selectors, ("true",)),
     "bound_endpoints.max_endpoints": (_count, 10000),

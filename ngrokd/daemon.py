@@ -9,21 +9,35 @@ names, and the listeners that bridge each accepted connection to the binding
 ingress. Data flows one way: poll -> parse -> allocate -> plan -> addresses ->
 listeners -> names. A failed poll or registration never stops what already
 works.
+
+Stopping is bounded: the listeners close at once, the connections already
+open get C{server.shutdown_grace} seconds to finish, the rest are reset (and
+counted), and only then do the names and addresses go. L{Daemon.stop_now}
+(a second SIGTERM or SIGINT, through L{StopOnSignal}) cuts the grace short.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import stat
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any
 
 import attrs
 from attrs import frozen
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    fail,
+    succeed,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,8 +45,9 @@ from twisted.python.failure import Failure
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
 from ngrokd.config import Config, ConfigError, load_config
+from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
-from ngrokd.datapath.listeners import ListenerSet
+from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
 from ngrokd.host import allocation
 from ngrokd.host.allocation import IPAddress
@@ -94,16 +109,20 @@ class Daemon(MultiService):
         config: Config,
         reactor: Any,
         network_interface: INetworkInterface | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
         @param network_interface: carries the virtual-mode addresses (by
             default the platform's; tests give another).
+        @param clock: times the grace given to open connections when
+            stopping (by default the reactor).
         """
         super().__init__()
         self.config = config
         #: The C{--instance} option, kept for every reload of the file.
         self.instance_option: str | None = None
         self._reactor = reactor
+        self._clock: IReactorTime = clock if clock is not None else reactor
         self.api_key = config.api.key
         self._api_tls = LateTrustPolicy()
         self.api: NgrokAPI = self._api_client(lambda: self.api_key)
@@ -115,6 +134,8 @@ class Daemon(MultiService):
             connect_timeout=ingress.connect_timeout,
             upgrade_timeout=ingress.upgrade_timeout,
             insecure_skip_verify=ingress.insecure_skip_verify,
+            max_pending=ingress.max_pending_dials,
+            queue_timeout=ingress.dial_queue_timeout,
         )
         server = config.server
         self.state_lock = StateLock(server.state_dir)
@@ -152,6 +173,10 @@ class Daemon(MultiService):
         self._applying = False
         self._applied: list[Deferred[None]] = []
         self._stopping = False
+        #: Fires to end the grace of a stop early.
+        self._cut: Deferred[None] = Deferred()
+        #: When a stop gives up waiting (moved back by the grace).
+        self._stop_deadline: IDelayedCall | None = None
         self._polled_operator: str | None = None
         self._started = 0.0
         self._polled = False
@@ -184,6 +209,13 @@ class Daemon(MultiService):
         """
         self.state_lock.acquire()
         self._started = self._reactor.seconds()
+        was, soft, hard = raise_open_file_limit()
+        self.log.info(
+            "open files: soft limit {soft} (was {was}), hard limit {hard}",
+            soft=soft,
+            was=was,
+            hard=hard,
+        )
         self._load_files()
         super().startService()
         if self.interface.parent is None:
@@ -226,9 +258,10 @@ class Daemon(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop, within L{STOP_TIMEOUT} seconds as a whole: when a part takes
-        longer, the stop fires all the same and says so (the state directory
-        stays locked until that part is done, or the process ends).
+        Stop, within L{STOP_TIMEOUT} seconds as a whole beyond the grace
+        given to open connections: when a part takes longer, the stop fires
+        all the same and says so (the state directory stays locked until
+        that part is done, or the process ends).
         """
         stopping: Deferred[Any] = Deferred.fromCoroutine(self._stop())
         bounded: Deferred[None] = Deferred()
@@ -242,7 +275,7 @@ class Daemon(MultiService):
             )
             bounded.callback(None)
 
-        timer = self._reactor.callLater(STOP_TIMEOUT, cut)
+        timer = self._stop_deadline = self._reactor.callLater(STOP_TIMEOUT, cut)
 
         def finished(result: Failure | None) -> None:
             if timer.active():
@@ -262,11 +295,56 @@ class Daemon(MultiService):
             for observer in self.stopping:
                 observer()
             await self._idle()
+            factories = [x.factory for x in self.listeners.listeners.values()]
             await self.listeners.stop()
+            await self._let_connections_finish(
+                [c for factory in factories for c in factory.connections]
+            )
+            self.connector.failures.stop()
             await super().stopService()
             await self.api.close()
         finally:
             self.state_lock.release()
+
+    def stop_now(self) -> None:
+        """
+        End the grace of a stop (now, or when it begins): reset every
+        connection still open.
+        """
+        if not self._cut.called:
+            self._cut.callback(None)
+
+    async def _let_connections_finish(self, connections: list[LocalProtocol]) -> None:
+        """
+        Give C{connections} the grace to finish, then reset the rest.
+        """
+        if not connections:
+            return
+        grace = self.config.server.shutdown_grace
+        if not self._cut.called:
+            self.log.info(
+                "stopping: {count} open connections have {grace} s to finish",
+                count=len(connections),
+                grace=grace,
+            )
+        if self._stop_deadline is not None and self._stop_deadline.active():
+            self._stop_deadline.delay(grace)
+        timer = self._clock.callLater(grace, self.stop_now)
+        finished: Deferred[Any] = DeferredList([c.closed for c in connections])
+        await DeferredList([finished, self._cut], fireOnOneCallback=True)
+        if timer.active():
+            timer.cancel()
+        left = [c for c in connections if not c.closed.called]
+        if left:
+            self.log.warn(
+                "stopping: reset {count} connections still open after the grace"
+                " of {grace} s",
+                count=len(left),
+                grace=grace,
+            )
+            for connection in left:
+                connection.abort()
+            await DeferredList([c.closed for c in left])
 
     # Status
 
@@ -665,3 +743,59 @@ class Daemon(MultiService):
             )
             return
         self._saved = allocations
+
+
+class StopOnSignal(Service):
+    """
+    SIGTERM and SIGINT: the first stops the reactor, and so the daemon, with
+    its grace for open connections; the next one ends that grace at once.
+    Installed once the reactor runs, over the reactor's own handlers (whose
+    second signal would only log a traceback).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        reactor: Any,
+        install: Callable[[int, Any], object] = signal.signal,
+    ) -> None:
+        self._daemon = daemon
+        self._reactor = reactor
+        self._install = install
+        self._received = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._install_handlers)
+
+    def _install_handlers(self) -> None:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self._install(number, self._handler)
+
+    def _handler(self, number: int, frame: FrameType | None) -> None:
+        self._reactor.callFromThread(self.received, number)
+
+    def received(self, number: int) -> None:
+        """
+        Act on signal C{number}, on the reactor thread.
+        """
+        self._received += 1
+        name = signal.Signals(number).name
+        if self._received == 1:
+            self.log.info(
+                "send {signal} again to reset open connections at once",
+                signal=name,
+            )
+            # The reactor's own handler stops it and keeps the signal, so
+            # that twistd ends by it, as systemd expects.
+            if number == signal.SIGINT:
+                self._reactor.sigInt(number)
+            else:
+                self._reactor.sigTerm(number)
+        else:
+            self.log.info(
+                "received {signal} again: resetting open connections", signal=name
+            )
+            self._daemon.stop_now()

@@ -82,15 +82,24 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
-    The daemon's service tree; nothing starts until twistd starts it.
+    The daemon's service tree; nothing starts until twistd starts it. Run
+    by twistd (on its reactor), it also takes over SIGTERM and SIGINT.
     """
+    from ngrokd.daemon import StopOnSignal
+
+    under_twistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     for warning in options.loaded.warnings:
         _log.warn("{problem}", problem=warning)
-    return build_daemon(options.loaded.config, reactor, os.environ, options["instance"])
+    daemon = build_daemon(
+        options.loaded.config, reactor, os.environ, options["instance"]
+    )
+    if under_twistd:
+        StopOnSignal(daemon, reactor).setServiceParent(daemon)
+    return daemon
 
 
 def build_daemon(

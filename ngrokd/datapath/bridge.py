@@ -23,7 +23,12 @@ from twisted.python.failure import Failure
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.httprewrite import HostRewriter
-from ngrokd.datapath.ingress import IngressConnector, IngressError, IngressProtocol
+from ngrokd.datapath.ingress import (
+    IngressConnector,
+    IngressError,
+    IngressProtocol,
+    UpgradeRefused,
+)
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.endpoints import HTTP_SCHEMES, EndpointTarget
 
@@ -118,7 +123,10 @@ class LocalProtocol(PipeProtocol):
             # An upgraded or unparseable stream: from here on bytes pass as
             # they are. Only the latter is worth a word.
             self.transform = None
-            if self._rewriter.gave_up:
+            if self._rewriter.gave_up and not self._factory.warned_unchanged:
+                # Once per endpoint: for https in network mode, say, it
+                # would be every connection.
+                self._factory.warned_unchanged = True
                 self.log.warn(
                     "{url}: passing a request on unchanged: {reason}",
                     url=self._factory.target.url,
@@ -133,15 +141,14 @@ class LocalProtocol(PipeProtocol):
         stats = self._factory.stats
         stats.errors += 1
         stats.last_error = failure.getErrorMessage()
-        kind = (
-            failure.value.kind if isinstance(failure.value, IngressError) else "other"
-        )
+        error = failure.value
+        kind = error.kind if isinstance(error, IngressError) else "other"
         stats.failures[kind] = stats.failures.get(kind, 0) + 1
-        self.log.warn(
-            "connection to {url} failed: {reason}",
-            url=self._factory.target.url,
-            reason=stats.last_error,
-            error_type=failure.value.__class__.__name__,
+        # Logged by kind per endpoint; refusals by their code too.
+        if isinstance(error, UpgradeRefused):
+            kind = f"{kind} {error.code}"
+        self._factory.connector.failures.failed(
+            self._factory.target.url, kind, stats.last_error
         )
         if not self._factory.target.is_http:
             self.transport.loseConnection()
@@ -223,6 +230,8 @@ class BridgeFactory(Factory):
         self.stats = stats if stats is not None else EndpointStats()
         self.timings = timings
         self.connections: set[LocalProtocol] = set()
+        #: Whether a request was passed on unchanged (and said so).
+        self.warned_unchanged = False
 
     def buildProtocol(self, addr: Any) -> LocalProtocol:
         return LocalProtocol(self)

@@ -7,11 +7,14 @@ the certificate check use the ingress host, no ALPN), on which the client sends
 one framed C{ConnRequest} and reads one framed C{ConnResponse}; after that the
 stream belongs to the application. L{IngressConnector.connect} returns the
 upgraded connection as a L{PipeProtocol}, or fails with one of the typed errors
-below, so callers can say exactly what went wrong.
+below, so callers can say exactly what went wrong. At most C{max_pending}
+dials (TCP, TLS and the upgrade) run at once; the others wait their turn in a
+L{DialQueue}, and their timeouts start when they leave it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from OpenSSL.SSL import Error as TLSLibraryError
@@ -37,9 +40,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ngrokd.datapath import wire
+from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
+from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.datapath.splice import PipeProtocol
 from ngrokd.ngrok.trust import client_creator
+
+#: Distinct notices remembered (and so not logged again); past this, all are
+#: forgotten.
+MAX_NOTICES_SEEN = 10_000
 
 
 class IngressError(Exception):
@@ -66,6 +75,15 @@ class TLSFailed(IngressError):
     """
 
     kind = "tls"
+
+
+class DialQueueTimeout(IngressError):
+    """
+    Too many connections were opened at once: this one waited too long for
+    its turn to dial the ingress.
+    """
+
+    kind = "queue"
 
 
 class UpgradeTimeout(IngressError):
@@ -161,13 +179,6 @@ class IngressProtocol(PipeProtocol):
         if response.refused:
             self._fail(UpgradeRefused(response.error_code, response.error_message))
             return
-        for notice in response.notices:
-            self.log.warn(
-                "ingress notice for {host}:{port}: {notice}",
-                host=self.request.host,
-                port=self.request.port,
-                notice=notice,
-            )
         self.hold(rest)
         self.upgraded.callback(self)
 
@@ -244,6 +255,8 @@ class IngressConnector:
         connect_timeout: float = 10.0,
         upgrade_timeout: float = 10.0,
         insecure_skip_verify: bool = False,
+        max_pending: int = 100,
+        queue_timeout: float = 30.0,
     ) -> None:
         self._reactor: IReactorTCP = reactor
         self.clock: IReactorTime = reactor
@@ -255,6 +268,10 @@ class IngressConnector:
         self._upgrade_timeout = upgrade_timeout
         self._certificate: ssl.PrivateCertificate | None = None
         self._creator: IOpenSSLClientConnectionCreator | None = None
+        self.queue = DialQueue(reactor, max_pending, queue_timeout)
+        #: Where the bridge reports failed connections.
+        self.failures = FailureLog(reactor)
+        self._notices_seen: set[tuple[str, int, str]] = set()
 
     def use_certificate(self, cert_pem: bytes, key_pem: bytes) -> None:
         """
@@ -291,13 +308,69 @@ class IngressConnector:
 
     def connect(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
         """
-        A new connection to the ingress, upgraded for C{request}.
+        A new connection to the ingress, upgraded for C{request}, once a dial
+        may start.
         """
         if self._creator is None:
             missing = "client certificate" if self._certificate is None else "CA trust"
             raise IngressError(f"no {missing} yet")
+        creator = self._creator
+        dialing: Deferred[IngressProtocol] | None = None
+
+        def cancel(d: Deferred[IngressProtocol]) -> None:
+            if dialing is None:
+                turn.cancel()
+            else:
+                dialing.cancel()
+
+        result: Deferred[IngressProtocol] = Deferred(cancel)
+
+        def admitted(_: object) -> None:
+            nonlocal dialing
+            dialing = self._dial(creator, request)
+            dialing.addBoth(self._dialed)
+            dialing.chainDeferred(result)
+
+        def waited_too_long(failure: Failure) -> None:
+            if failure.check(QueueTimeout):
+                result.errback(DialQueueTimeout(failure.getErrorMessage()))
+            elif not failure.check(CancelledError):
+                result.errback(failure)
+
+        turn = self.queue.acquire()
+        turn.addCallbacks(admitted, waited_too_long)
+        return result
+
+    def _dialed(self, result: object) -> object:
+        self.queue.release()
+        if isinstance(result, IngressProtocol) and result.response is not None:
+            self._notices(result.request, result.response.notices)
+        return result
+
+    def _notices(self, request: wire.ConnRequest, notices: Sequence[str]) -> None:
+        """
+        Log each notice the ingress gives once per endpoint, not on every
+        connection.
+        """
+        for notice in notices:
+            seen = (request.host, request.port, notice)
+            if seen in self._notices_seen:
+                continue
+            if len(self._notices_seen) >= MAX_NOTICES_SEEN:
+                self._notices_seen.clear()
+            self._notices_seen.add(seen)
+            self.log.warn(
+                "ingress notice for {host}:{port}: {notice}",
+                host=request.host,
+                port=request.port,
+                notice=notice,
+            )
+
+    def _dial(
+        self, creator: IOpenSSLClientConnectionCreator, request: wire.ConnRequest
+    ) -> Deferred[IngressProtocol]:
         endpoint = HalfCloseableTLSClientEndpoint(
-            self._creator,
+            creator,
             HostnameEndpoint(
                 self._reactor, self.host, self.port, timeout=self._connect_timeout
             ),

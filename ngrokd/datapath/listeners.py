@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import resource
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,27 @@ from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.endpoints import join_host_port
 from ngrokd.host.portowner import port_owners
 from ngrokd.plan import ListenSpec
+
+#: Connections the kernel queues for each listener before ngrokd accepts them,
+#: so that a burst waits instead of being refused (capped by the kernel's
+#: C{net.core.somaxconn}).
+LISTEN_BACKLOG = 4096
+
+
+def raise_open_file_limit() -> tuple[int, int, int]:
+    """
+    Raise this process's soft limit on open files to its hard limit: every
+    connection carried holds two. The soft limit before and after, and the
+    hard limit (some systems refuse a soft limit that high: then it stays).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft, soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft, hard
+    return soft, hard, hard
 
 
 @define
@@ -178,7 +200,9 @@ class ListenerSet:
     def _endpoint(self, spec: ListenSpec) -> Any:
         address = ipaddress.ip_address(spec.address)
         kind = TCP6ServerEndpoint if address.version == 6 else TCP4ServerEndpoint
-        return kind(self._reactor, spec.port, backlog=1024, interface=spec.address)
+        return kind(
+            self._reactor, spec.port, backlog=LISTEN_BACKLOG, interface=spec.address
+        )
 
     def _listen(self, key: str, listener: Listener) -> Deferred[None]:
         spec = listener.spec

@@ -62,6 +62,9 @@ ERR_UPSTREAM_FAILED = "ERR_NGROK_8012"
 REQUEST_TIMEOUT = 30.0
 #: Seconds to connect to an endpoint's backend.
 CONNECT_TIMEOUT = 10.0
+#: Connections the kernel queues before the ingress accepts them, so that a
+#: burst waits instead of being refused (capped by C{net.core.somaxconn}).
+LISTEN_BACKLOG = 4096
 #: The largest C{ConnRequest} payload accepted; real ones are a few hundred
 #: bytes even with pod annotations.
 MAX_REQUEST_SIZE = 16 * 1024

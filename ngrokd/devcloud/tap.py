@@ -47,6 +47,7 @@ from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud, InvalidEndpointURL, split_endpoint_url
 from ngrokd.devcloud.config import POLL_INTERVAL, DaemonSettings, write_daemon_config
 from ngrokd.devcloud.ingress import (
+    LISTEN_BACKLOG,
     REQUEST_TIMEOUT,
     IngressFactory,
     format_backend,
@@ -297,6 +298,7 @@ def start_devcloud(
             reactor.listenTCP(
                 ingress_port,
                 tls_factory(ingress, server_options(cert_pem, key_pem, root.cert_pem)),
+                backlog=LISTEN_BACKLOG,
                 interface=host,
             )
         )

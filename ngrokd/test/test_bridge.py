@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.bridge import REJECT_LINGER, BridgeFactory, LocalProtocol
+from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.ingress import IngressConnector, IngressProtocol
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
@@ -55,6 +56,7 @@ class UpgradingConnector:
     def __init__(self) -> None:
         self.clock = Clock()
         self.connections: list[IngressProtocol] = []
+        self.failures = FailureLog(self.clock)
 
     def connect(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
         protocol = IngressProtocol(request, self.clock, 10.0, 10.0)
@@ -79,6 +81,7 @@ class BridgeTestCase(SynchronousTestCase):
             self.rewrite_host,
         )
         self.addCleanup(self.assertNoTimersLeft)
+        self.addCleanup(self.connector.failures.stop)  # (runs first)
 
     def assertNoTimersLeft(self) -> None:
         self.assertEqual(self.connector.clock.getDelayedCalls(), [])

@@ -253,6 +253,9 @@ class DefaultTests(ConfigTestCase):
         for key, expected in [
             ("ingress.connect_timeout", "must be a positive number of seconds"),
             ("ingress.upgrade_timeout", "must be a positive number of seconds"),
+            ("ingress.dial_queue_timeout", "must be a positive number of seconds"),
+            ("ingress.max_pending_dials", "must be a whole number 1..1000000"),
+            ("server.shutdown_grace", "must be a positive number of seconds"),
             ("bound_endpoints.poll_interval", "must be a positive number of seconds"),
             ("net.start_port", "must be a port number 1..65535"),
         ]:
@@ -274,6 +277,8 @@ class DefaultTests(ConfigTestCase):
               insecure_skip_verify: true
               connect_timeout: 2.5
               upgrade_timeout: 3
+              max_pending_dials: 8
+              dial_queue_timeout: 4
             server:
               state_dir: /var/lib/ngrokd
             net:
@@ -290,6 +295,8 @@ class DefaultTests(ConfigTestCase):
                     True,
                     2.5,
                     3.0,
+                    8,
+                    4.0,
                 ),
                 "/var/lib/ngrokd",
             ),
@@ -485,6 +492,17 @@ class ValidationTests(ConfigTestCase):
             "bound_endpoints:\n  poll_interval: .inf\n",
             "2: bound_endpoints.poll_interval: must be at most 1e+09 seconds, got inf",
         )
+
+    def test_maxPendingDialsNotCount(self) -> None:
+        """
+        The dial cap must be a whole number from 1 to a million.
+        """
+        for value in ["-1", "2.5", "true", "1000001"]:
+            self.assertRefused(
+                f"ingress:\n  max_pending_dials: {value}\n",
+                "2: ingress.max_pending_dials: must be a whole number 1..1000000,"
+                f" got {value}",
+            )
 
     def test_negativeTimeouts(self) -> None:
         """
@@ -1395,6 +1413,8 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "ingress.insecure_skip_verify": _same(st.booleans()),
     "ingress.connect_timeout": _seconds,
     "ingress.upgrade_timeout": _seconds,
+    "ingress.max_pending_dials": _same(st.integers(1, 1_000_000)),
+    "ingress.dial_queue_timeout": _seconds,
     "server.log_level": st.sampled_from(
         [("debug", "debug"), ("INFO", "info"), ("warning", "warn"), ("error", "error")]
     ),
@@ -1405,6 +1425,7 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "server.health_address": st.sampled_from(
         [("", ""), ("0.0.0.0:8081", "0.0.0.0:8081"), ("[::1]:80", "[::1]:80")]
     ),
+    "server.shutdown_grace": _seconds,
     "bound_endpoints.poll_interval": _seconds,
     "bound_endpoints.selectors": st.lists(_text.filter(bool)).map(
         lambda s: (s, tuple(s))

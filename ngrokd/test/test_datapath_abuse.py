@@ -6,22 +6,30 @@ loopback, over real mutual TLS, each test named after the attack it survives.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    ReactorNotRunning,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ngrokd.config import load_config
-from ngrokd.daemon import Daemon
+from ngrokd.daemon import Daemon, StopOnSignal
 from ngrokd.datapath.splice import DRAIN_TIMEOUT, PipeProtocol, splice
+from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.test.helpers import (
@@ -31,6 +39,7 @@ from ngrokd.test.helpers import (
     connect,
     free_ports,
     listen,
+    settle,
     wait_until,
 )
 
@@ -92,14 +101,23 @@ class DataPathAbuseTests(TestCase):
         )
         self.addCleanup(self.devcloud.stop)
 
-    async def start_daemon(self, **server: Any) -> Daemon:
+    async def start_daemon(
+        self, clock: Clock | None = None, **changes: dict[str, Any]
+    ) -> Daemon:
         """
-        Start a daemon with the devcloud's config (server settings changed
-        by C{server}) and wait until every endpoint listens.
+        Start a daemon with the devcloud's config, its sections changed by
+        C{changes} (C{server={"shutdown_grace": 5}}), and wait until every
+        endpoint listens.
         """
         config = load_config(self.devcloud.config_path).config
-        config = attrs.evolve(config, server=attrs.evolve(config.server, **server))
-        daemon = Daemon(config, reactor)
+        config = attrs.evolve(
+            config,
+            **{
+                name: attrs.evolve(getattr(config, name), **values)
+                for name, values in changes.items()
+            },
+        )
+        daemon = Daemon(config, reactor, clock=clock)
         daemon.startService()
         self.addCleanup(daemon.stopService)
         await wait_until(
@@ -173,7 +191,8 @@ class DataPathAbuseTests(TestCase):
             daemon = await self.start_daemon()
             client = await self.transferring(daemon, BULK)
             (ingress,) = self.devcloud.ingress.active
-            ingress.transport.transport.loseConnection()  # TCP, under TLS
+            # What the kernel does for a killed process: a FIN, under TLS.
+            ingress.transport.transport.socket.shutdown(socket.SHUT_WR)
             await wait_until(lambda: client.reason is not None, "the client's end")
             self.assertIsNone(client.reason.check(ConnectionDone))  # type: ignore[union-attr]
             self.assertFalse(client.read_closed)
@@ -214,6 +233,118 @@ class DataPathAbuseTests(TestCase):
             await wait_until(lambda: sink.reason is not None, "the backend's end")
             self.assertIsNone(sink.reason.check(ConnectionDone))  # type: ignore[union-attr]
             self.assertFalse(sink.read_closed)
+
+        return ensureDeferred(run())
+
+    def test_burstLargerThanDialCapIsQueued(self) -> Deferred[None]:
+        """
+        A burst of more connections than C{ingress.max_pending_dials} is
+        held, not refused: no more dials than the cap reach the ingress at
+        once, the others wait with their input kept, and every one gets its
+        round trip once dials finish.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon(ingress={"max_pending_dials": 2})
+            self.devcloud.ingress.inject(ECHO, IngressFault(stall=True))
+            port = self.port_of(daemon, ECHO)
+            clients = [Recorder() for _ in range(10)]
+            for n, client in enumerate(clients):
+                await connect(port, client)
+                client.transport.write(b"burst %d" % n)
+                client.transport.loseWriteConnection()
+            ingress = self.devcloud.ingress
+            self.assertEqual(await settle(lambda: ingress.connections_total), 2)
+            self.assertEqual(daemon.connector.queue.waiting, 8)
+            self.devcloud.ingress.inject(ECHO, None)
+            await ingress.close_all()  # the two stalled dials fail
+            for n, client in enumerate(clients[2:], 2):
+                await client.lost
+                self.assertEqual(client.received, b"burst %d" % n)
+            self.assertEqual(ingress.connections_total, 10)
+
+        return ensureDeferred(run())
+
+    def test_floodOfFailuresLogsBoundedLines(self) -> Deferred[None]:
+        """
+        Thirty connections refused by the ingress make one line for the
+        first failure and (when the daemon stops) one counting the others,
+        not a line per connection.
+        """
+
+        async def run() -> None:
+            events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            daemon = await self.start_daemon()
+            self.devcloud.ingress.inject(
+                ECHO, IngressFault(error_code="ERR_NGROK_3200")
+            )
+            port = self.port_of(daemon, ECHO)
+            for _ in range(30):
+                client = Recorder()
+                await connect(port, client)
+                await client.lost
+            await daemon.stopService()
+            url = parse_endpoint_url(ECHO).url
+            failures = [
+                e.get("count")
+                for e in events
+                if e.get("url") == url and "error_type" in e
+            ]
+            self.assertEqual(failures, [None, 29])
+
+        return ensureDeferred(run())
+
+    def test_noticeOnEveryConnectionLoggedOnce(self) -> Deferred[None]:
+        """
+        A notice the ingress sends with every connection is logged once.
+        """
+
+        async def run() -> None:
+            events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            daemon = await self.start_daemon()
+            self.devcloud.ingress.inject(ECHO, IngressFault(notices=("maintenance",)))
+            for n in range(10):
+                client = Recorder()
+                await connect(self.port_of(daemon, ECHO), client)
+                client.transport.write(b"%d" % n)
+                client.transport.loseWriteConnection()
+                await client.lost
+                self.assertEqual(client.received, b"%d" % n)
+            notices = [e for e in events if e.get("notice") == "maintenance"]
+            self.assertEqual(len(notices), 1)
+
+        return ensureDeferred(run())
+
+    def test_stopLetsShortTransferFinishAndResetsLongOne(self) -> Deferred[None]:
+        """
+        On stop, the daemon stops accepting at once; a connection that
+        finishes within C{server.shutdown_grace} ends cleanly, and one still
+        open after it is reset.
+        """
+
+        async def run() -> None:
+            clock = Clock()
+            daemon = await self.start_daemon(clock, server={"shutdown_grace": 30.0})
+            port = self.port_of(daemon, ECHO)
+            short, long = Recorder(), Recorder()
+            for client in (short, long):
+                await connect(port, client)
+                client.transport.write(b"hello")
+                await wait_until(_echoed(client, b"hello"), "an echo")
+            stopping = daemon.stopService()
+            await wait_until(lambda: not daemon.listeners.listeners, "listeners gone")
+            with self.assertRaises(ConnectionRefusedError):
+                await connect(port, Recorder())
+            short.transport.write(b" world")
+            short.transport.loseWriteConnection()
+            await short.lost
+            self.assertEqual(short.received, b"hello world")
+            self.assertIsNotNone(short.reason.check(ConnectionDone))  # type: ignore[union-attr]
+            self.assertNoResult(stopping)
+            clock.advance(30)
+            await stopping
+            self.assertIsNotNone(long.reason)
+            self.assertIsNone(long.reason.check(ConnectionDone))  # type: ignore[union-attr]
 
         return ensureDeferred(run())
 
@@ -282,3 +413,63 @@ async def _fill(clients: list[socket.socket]) -> None:
             return
         await deferLater(reactor, 0.05, lambda: None)
     raise AssertionError("the clients never stopped sending")
+
+
+class DoubleSignalTests(SynchronousTestCase):
+    """
+    L{StopOnSignal}: SIGTERM or SIGINT stops gracefully; a second one stops
+    at once.
+    """
+
+    def test_secondSignalStopsAtOnce(self) -> None:
+        """
+        The first signal stops the reactor as its own handler would (and so
+        the daemon, with its grace), keeping the signal for twistd's exit;
+        the second, which the reactor alone would answer with a traceback,
+        ends the grace instead.
+        """
+        handlers: dict[int, Any] = {}
+        fake = FakeReactor()
+        daemon = cast(Daemon, fake)
+        StopOnSignal(daemon, fake, handlers.__setitem__).startService()
+        self.assertEqual(set(handlers), {signal.SIGTERM, signal.SIGINT})
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+        self.assertEqual((fake.stops, fake.cut), (1, False))
+        self.assertEqual(fake.exit_signal, signal.SIGTERM)
+        handlers[signal.SIGINT](signal.SIGINT, None)
+        self.assertEqual((fake.stops, fake.cut), (1, True))
+
+
+class FakeReactor:
+    """
+    A running reactor, as far as L{StopOnSignal} uses one (and the daemon's
+    L{Daemon.stop_now}).
+    """
+
+    stops = 0
+    cut = False
+    exit_signal = 0
+
+    def callWhenRunning(self, f: Callable[[], object]) -> None:
+        f()
+
+    def callFromThread(self, f: Callable[..., object], *args: object) -> None:
+        f(*args)
+
+    def stop(self) -> None:
+        if self.stops:
+            raise ReactorNotRunning()
+        self.stops += 1
+
+    def sigTerm(self, number: int) -> None:
+        self.exit_signal = number
+        self.callFromThread(self.stop)
+
+    sigInt = sigTerm
+
+    def stop_now(self) -> None:
+        self.cut = True
+
+
+def _echoed(client: Recorder, data: bytes) -> Callable[[], bool]:
+    return lambda: client.received == data

@@ -18,7 +18,7 @@ from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import HealthService
 from ngrokd.control.server import ControlService
 from ngrokd.control.watcher import ConfigWatcher
-from ngrokd.daemon import Daemon
+from ngrokd.daemon import Daemon, StopOnSignal
 from ngrokd.logs import LogLevelService
 from ngrokd.tap import Options, makeService
 
@@ -149,6 +149,19 @@ class OptionsTests(SynchronousTestCase):
             [type(child) for child in service],
             [LogLevelService, EventFeed, ControlService, ConfigWatcher],
         )
+
+    def test_signalsUnderTwistd(self) -> None:
+        """
+        Built for twistd (on the global reactor), the daemon also handles
+        SIGTERM and SIGINT (once started: building installs nothing).
+        """
+        state = os.path.abspath(self.mktemp())
+        path = self.config(f"server:\n  state_dir: {state}\n  health_address: ''\n")
+        options = Options()
+        options.parseOptions(["--config", path])
+        service = makeService(options)
+        assert isinstance(service, Daemon)
+        self.assertIsInstance(list(service)[-1], StopOnSignal)
 
 
 class PluginTests(SynchronousTestCase):

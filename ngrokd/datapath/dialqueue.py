@@ -1,0 +1,88 @@
+# -*- test-case-name: ngrokd.test.test_dialqueue -*-
+"""
+A bound on the dials to the ingress in progress at once.
+
+A burst of thousands of connections would otherwise start thousands of TLS
+handshakes together: each one's timeout runs while it waits for the CPU, and
+most of them time out. L{DialQueue} lets at most C{limit} dials run; the
+others wait their turn, in order, with their connection's reading paused, and
+give up after C{max_wait} seconds in the queue. A dial's own timeouts start
+only when it leaves the queue.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+
+class QueueTimeout(Exception):
+    """
+    A connection waited too long for its turn to dial.
+    """
+
+
+class DialQueue:
+    """
+    Admits at most C{limit} dials at once; each admitted one must be
+    L{release}d once its dial has finished, well or not.
+    """
+
+    def __init__(self, clock: IReactorTime, limit: int, max_wait: float) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.max_wait = max_wait
+        self.running = 0
+        #: Each waiting turn with its expiry; the order of arrival, in which
+        #: turns that left early are skipped.
+        self._waiting: dict[Deferred[None], IDelayedCall] = {}
+        self._order: deque[Deferred[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def acquire(self) -> Deferred[None]:
+        """
+        Fires when this dial may start, or fails with L{QueueTimeout} after
+        C{max_wait} seconds in the queue. Cancelling it leaves the queue.
+        """
+        if self.running < self.limit and not self._waiting:
+            self.running += 1
+            admitted: Deferred[None] = Deferred()
+            admitted.callback(None)
+            return admitted
+
+        turn: Deferred[None] = Deferred(self._leave)
+        self._waiting[turn] = self._clock.callLater(self.max_wait, self._expire, turn)
+        self._order.append(turn)
+        return turn
+
+    def release(self) -> None:
+        """
+        A dial has finished: the next waiting one may start.
+        """
+        while self._order:
+            turn = self._order.popleft()
+            timer = self._waiting.pop(turn, None)
+            if timer is not None:
+                timer.cancel()
+                turn.callback(None)
+                return
+        self.running -= 1
+
+    def _expire(self, turn: Deferred[None]) -> None:
+        del self._waiting[turn]
+        turn.errback(
+            QueueTimeout(
+                f"waited {self.max_wait:g} s for one of {self.limit} dials to the"
+                " ingress in progress"
+            )
+        )
+
+    def _leave(self, turn: Deferred[None]) -> None:
+        timer = self._waiting.pop(turn, None)
+        if timer is not None:
+            timer.cancel()
