@@ -21,7 +21,6 @@ from OpenSSL.SSL import Error as TLSLibraryError
 from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -40,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ngrokd.datapath import wire
+from ngrokd.datapath.dial import tcp_client_endpoint
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
 from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
@@ -371,8 +371,8 @@ class IngressConnector:
     ) -> Deferred[IngressProtocol]:
         endpoint = HalfCloseableTLSClientEndpoint(
             creator,
-            HostnameEndpoint(
-                self._reactor, self.host, self.port, timeout=self._connect_timeout
+            tcp_client_endpoint(
+                self._reactor, self.host, self.port, self._connect_timeout
             ),
         )
         protocol = IngressProtocol(

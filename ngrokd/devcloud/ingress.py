@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL.crypto import PKey
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -48,6 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ngrokd.datapath import wire
+from ngrokd.datapath.dial import tcp_client_endpoint
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.cloud import Cloud, CloudEndpoint, split_endpoint_url
@@ -284,11 +284,11 @@ class IngressProtocol(PipeProtocol):
             )
             return
         backend_host, backend_port = endpoint.backend
-        connector = HostnameEndpoint(
+        connector = tcp_client_endpoint(
             self.factory.reactor,
             backend_host,
             backend_port,
-            timeout=self.factory.connect_timeout,
+            self.factory.connect_timeout,
         )
         connecting = connector.connect(_BackendFactory())
         self._connecting = connecting

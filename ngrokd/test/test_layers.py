@@ -30,12 +30,14 @@ CORE = {
     "ngrokd.retry",
     "ngrokd.status",
 }
-#: What the devcloud shares with the daemon: how ngrok's side speaks.
+#: What the devcloud shares with the daemon: how ngrok's side speaks, and
+#: how a pipe's far leg is dialled.
 PROTOCOL = {
     "ngrokd.datapath.wire",
     "ngrokd.datapath.conn_header_pb2",
     "ngrokd.datapath.splice",
     "ngrokd.datapath.halfclose",
+    "ngrokd.datapath.dial",
 }
 #: The programs that run the devcloud beside the daemon.
 DEVCLOUD_USERS = {"ngrokd.demo"}
