@@ -186,6 +186,8 @@ class ServerConfig:
     instance: str = ""
     #: Seconds open connections have to finish when the daemon stops.
     shutdown_grace: float = 30.0
+    #: Reset a connection on which nothing moved for this long (None: never).
+    idle_timeout: float | None = None
 
 
 @frozen
@@ -623,7 +625,8 @@ def _api_url(node: yaml.Node, key: str, ctx: _Context) -> str:
     return value.rstrip("/")
 
 
-#: Every key: its check, and its default (None: computed in L{parse_config}).
+#: Every key: its check, and its default (None: computed in L{parse_config},
+#: or, for C{server.idle_timeout}, none).
 _FIELDS: dict[str, tuple[_Check, object]] = {
     "api.url": (_api_url, "https://api.ngrok.com"),
     "api.key": (_secret, ""),
@@ -649,6 +652,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "server.health_address": (_listen_address, "127.0.0.1:8081"),
     "server.web_hosts": (_hostnames, ()),
     "server.shutdown_grace": (_seconds, 30.0),
+    "server.idle_timeout": (_seconds, None),
     "bound_endpoints.poll_interval": (_poll_interval, 30.0),
     "bound_endpoints.selectors": (_selectors, ("true",)),
     "bound_endpoints.max_endpoints": (_count, 10000),

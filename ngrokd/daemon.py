@@ -152,7 +152,9 @@ class Daemon(MultiService):
             renew_before=datetime.timedelta(days=server.renew_before_days),
             reregister_if_deleted=config.api.reregister_if_deleted,
         )
-        self.listeners = ListenerSet(reactor, self.connector)
+        self.listeners = ListenerSet(
+            reactor, self.connector, idle_timeout=server.idle_timeout
+        )
         self.interface = InterfaceService(reactor, config.net, network_interface)
         self.hosts = HostsService(
             reactor, config.net.hosts_file, instance=config.server.instance

@@ -8,10 +8,17 @@ endpoints served on a network port the client names ngrokd's address in
 C{Host}, so every request on the connection gets the endpoint's hostname
 instead; where the client already used the endpoint's name the bytes pass
 untouched.
+
+Both legs use TCP keepalive (L{KEEPALIVE_IDLE}, L{KEEPALIVE_INTERVAL},
+L{KEEPALIVE_COUNT}), so a peer that vanished without a word (a machine
+switched off, a network cut) is noticed and its connection closed. With an
+idle timeout, a connection on which no byte moves either way for that long
+is reset.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Protocol
 
 from attrs import define, field
@@ -34,6 +41,36 @@ from ngrokd.endpoints import HTTP_SCHEMES, EndpointTarget
 
 #: Seconds a refused HTTP client has to read the 502 and close.
 REJECT_LINGER = 5.0
+#: TCP keepalive: seconds of silence before the first probe, seconds between
+#: probes, and unanswered probes before the connection is dropped: a dead
+#: peer is found within about two minutes.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 6
+#: An idle connection is checked this many times per idle timeout, so it is
+#: reset at most a quarter late.
+IDLE_CHECKS = 4
+
+
+def keep_alive(transport: Any) -> None:
+    """
+    Turn on TCP keepalive on a TCP transport, or on the TCP under a TLS
+    one, with ngrokd's timing where the platform and the socket let it be
+    set.
+    """
+    transport.setTcpKeepAlive(True)  # a TLS transport passes it on
+    tcp = getattr(transport, "transport", transport)
+    handle = tcp.getHandle()
+    if not isinstance(handle, socket.socket):
+        return
+    for name, value in [
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ]:
+        option = getattr(socket, name, None)
+        if option is not None:
+            handle.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 @define
@@ -77,12 +114,16 @@ class LocalProtocol(PipeProtocol):
         self._rewriter: HostRewriter | None = None
         self._linger: IDelayedCall | None = None
         self._accepted = 0.0
+        self._idle_check: IDelayedCall | None = None
+        self._moved = 0
+        self._idle_checks = 0
 
     def connectionMade(self) -> None:
         if self._factory.timings is not None:
             self._accepted = self._factory.connector.clock.seconds()
         self.transport.pauseProducing()
         self.transport.setTcpNoDelay(True)
+        keep_alive(self.transport)
         self._factory.connections.add(self)
         stats = self._factory.stats
         stats.connections_open += 1
@@ -114,7 +155,29 @@ class LocalProtocol(PipeProtocol):
             self._rewriter = HostRewriter(rewrite_host)
             self.transform = self._rewrite
             self.finish_transform = self._rewriter.finish
+        keep_alive(ingress.transport)
         splice(self, ingress, self._factory.connector.clock)
+        self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """
+        Reset the connection once no byte has moved either way for the
+        endpoint's idle timeout (checked a few times per timeout).
+        """
+        timeout = self._factory.idle_timeout
+        if timeout is None or self._lost:
+            return
+        assert self._ingress is not None
+        moved = self.bytes_received + self._ingress.bytes_received
+        if moved != self._moved:
+            self._moved, self._idle_checks = moved, 0
+        elif self._idle_checks == IDLE_CHECKS:
+            self.abort()
+            return
+        self._idle_checks += 1
+        self._idle_check = self._factory.connector.clock.callLater(
+            timeout / IDLE_CHECKS, self._watch_idle
+        )
 
     def _rewrite(self, data: bytes) -> bytes:
         assert self._rewriter is not None
@@ -177,8 +240,9 @@ class LocalProtocol(PipeProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        for timer in (self._linger, self._idle_check):
+            if timer is not None and timer.active():
+                timer.cancel()
         self._factory.connections.discard(self)
         stats = self._factory.stats
         stats.connections_open -= 1
@@ -211,7 +275,9 @@ class BridgeFactory(Factory):
     Builds the local side of every connection accepted for one endpoint.
 
     C{rewrite_host} is the C{Host} value HTTP requests get, or C{None} to pass
-    requests untouched; C{timings}, when given, observes every connection.
+    requests untouched; C{timings}, when given, observes every connection;
+    C{idle_timeout}, when given, resets connections on which nothing moved
+    for that many seconds.
     """
 
     noisy = False  # ListenerSet logs where it listens
@@ -223,8 +289,10 @@ class BridgeFactory(Factory):
         rewrite_host: str | None,
         stats: EndpointStats | None = None,
         timings: ConnectionTimings | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.target = target
+        self.idle_timeout = idle_timeout
         self.connector = connector
         self.rewrite_host = rewrite_host
         self.stats = stats if stats is not None else EndpointStats()

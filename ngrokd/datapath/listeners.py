@@ -134,14 +134,17 @@ class ListenerSet:
         reactor: Any,
         connector: IngressConnector,
         find_owners: Callable[[str, int], Deferred[list[str]]] | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         """
         @param find_owners: names the processes holding an address and port
             (by default L{port_owners}, in a thread of the reactor's pool).
+        @param idle_timeout: reset connections idle for this many seconds.
         """
         self._reactor = reactor
         self._connector = connector
         self._find_owners = find_owners or self._owners_in_thread
+        self._idle_timeout = idle_timeout
         self.listeners: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
@@ -173,6 +176,7 @@ class ListenerSet:
                     self._connector,
                     spec.rewrite_host,
                     timings=self.timings,
+                    idle_timeout=self._idle_timeout,
                 )
                 listener = Listener(spec, factory)
                 self.listeners[key] = listener

@@ -154,12 +154,14 @@ class TCPLikeTransport(StringTransport):
     splice relies on it: a write past C{bufferSize} pauses the registered
     producer and L{drain} (the peer reading everything) resumes it;
     C{loseWriteConnection} (a FIN) is recorded and a write after it fails the
-    test; a producer may be unregistered twice.
+    test; a producer may be unregistered twice; keepalive is recorded (there
+    is no socket to tune).
     """
 
     bufferSize = 64 * 1024
     write_closed = False
     no_delay = False
+    keep_alive = False
 
     def __init__(self) -> None:
         # Lenient: TCP lets a producer be paused or resumed after
@@ -193,6 +195,12 @@ class TCPLikeTransport(StringTransport):
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         self.no_delay = enabled
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keep_alive = enabled
+
+    def getHandle(self) -> None:
+        return None
 
 
 def listen(factory: Any, test: Any) -> int:

@@ -256,6 +256,7 @@ class DefaultTests(ConfigTestCase):
             ("ingress.dial_queue_timeout", "must be a positive number of seconds"),
             ("ingress.max_pending_dials", "must be a whole number 1..1000000"),
             ("server.shutdown_grace", "must be a positive number of seconds"),
+            ("server.idle_timeout", "must be a positive number of seconds"),
             ("bound_endpoints.poll_interval", "must be a positive number of seconds"),
             ("net.start_port", "must be a port number 1..65535"),
         ]:
@@ -1426,6 +1427,7 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
         [("", ""), ("0.0.0.0:8081", "0.0.0.0:8081"), ("[::1]:80", "[::1]:80")]
     ),
     "server.shutdown_grace": _seconds,
+    "server.idle_timeout": _seconds,
     "bound_endpoints.poll_interval": _seconds,
     "bound_endpoints.selectors": st.lists(_text.filter(bool)).map(
         lambda s: (s, tuple(s))

@@ -22,20 +22,24 @@ from twisted.internet.error import (
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ngrokd.config import load_config
 from ngrokd.daemon import Daemon, StopOnSignal
+from ngrokd.datapath.bridge import KEEPALIVE_IDLE
+from ngrokd.datapath.listeners import Listener
 from ngrokd.datapath.splice import DRAIN_TIMEOUT, PipeProtocol, splice
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.test.helpers import (
+    Counter,
     Echo,
     Recorder,
     Source,
+    TCPLikeTransport,
     connect,
     free_ports,
     listen,
@@ -63,17 +67,6 @@ def open_fds() -> int:
     How many file descriptors this process has open.
     """
     return len(os.listdir("/proc/self/fd"))
-
-
-class Counter(Recorder):
-    """
-    Counts the bytes that arrive instead of keeping them.
-    """
-
-    count = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.count += len(data)
 
 
 class DataPathAbuseTests(TestCase):
@@ -127,7 +120,10 @@ class DataPathAbuseTests(TestCase):
         return daemon
 
     def port_of(self, daemon: Daemon, url: str) -> int:
-        return daemon.listeners.listeners[parse_endpoint_url(url).url].spec.port
+        return self.listener(daemon, url).spec.port
+
+    def listener(self, daemon: Daemon, url: str) -> Listener:
+        return daemon.listeners.listeners[parse_endpoint_url(url).url]
 
     def open_connections(self, daemon: Daemon) -> int:
         """
@@ -348,6 +344,54 @@ class DataPathAbuseTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_silentlyDeadPeersProbed(self) -> Deferred[None]:
+        """
+        Both legs of a connection use TCP keepalive, so a peer that vanished
+        without a word (no FIN, no reset) is found by the kernel's probes.
+        """
+
+        if not hasattr(socket, "TCP_KEEPIDLE"):
+            raise SkipTest("the keepalive timing is set only where TCP_KEEPIDLE is")
+
+        async def run() -> None:
+            daemon = await self.start_daemon()
+            client = Recorder()
+            await connect(self.port_of(daemon, ECHO), client)
+            client.transport.write(b"ping")
+            await wait_until(_echoed(client, b"ping"), "an echo")
+            (local,) = self.listener(daemon, ECHO).factory.connections
+            assert local.ingress is not None
+            legs = [local.transport, local.ingress.transport.transport]
+            for leg in legs:
+                handle = leg.getHandle()
+                options = [
+                    handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                ]
+                self.assertEqual(options, [1, KEEPALIVE_IDLE])
+
+        return ensureDeferred(run())
+
+    def test_idleConnectionReset(self) -> Deferred[None]:
+        """
+        With C{server.idle_timeout}, a connection on which nothing moves for
+        that long is reset, and its ingress connection closed.
+        """
+
+        async def run() -> None:
+            daemon = await self.start_daemon(server={"idle_timeout": 0.5})
+            client = Recorder()
+            await connect(self.port_of(daemon, ECHO), client)
+            client.transport.write(b"ping")
+            await wait_until(_echoed(client, b"ping"), "an echo")
+            await wait_until(lambda: client.reason is not None, "the idle reset")
+            self.assertIsNone(client.reason.check(ConnectionDone))  # type: ignore[union-attr]
+            await wait_until(
+                lambda: self.open_connections(daemon) == 0, "no connections left"
+            )
+
+        return ensureDeferred(run())
+
 
 class StalledReaderTests(SynchronousTestCase):
     """
@@ -363,56 +407,17 @@ class StalledReaderTests(SynchronousTestCase):
         clock = Clock()
         a, b = PipeProtocol(), PipeProtocol()
         for end in (a, b):
-            end.makeConnection(AbortableTransport())
+            end.makeConnection(TCPLikeTransport())
         splice(a, b, clock)
         b.dataReceived(b"the rest of the reply")
         a.readConnectionLost()
         b.readConnectionLost()
         self.assertTrue(a.transport.disconnecting)
         clock.advance(DRAIN_TIMEOUT - 1)
-        self.assertFalse(a.transport.aborted)
+        self.assertFalse(a.transport.disconnected)
         clock.advance(1)
-        self.assertTrue(a.transport.aborted)
-        self.assertTrue(b.transport.aborted)
-
-
-class AbortableTransport(StringTransport):
-    """
-    A memory transport that never finishes a graceful close by itself and
-    records an abort; like TCP's, it takes an unregister without a producer.
-    """
-
-    aborted = False
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def loseWriteConnection(self) -> None:
-        pass
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-async def _fill(clients: list[socket.socket]) -> None:
-    """
-    Send on every client until nothing more is taken for a second.
-    """
-    chunk = b"x" * 65536
-    idle_rounds = 0
-    for _ in range(5000):
-        progress = False
-        for client in clients:
-            try:
-                while client.send(chunk):
-                    progress = True
-            except BlockingIOError:
-                pass
-        idle_rounds = 0 if progress else idle_rounds + 1
-        if idle_rounds == 20:
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("the clients never stopped sending")
+        self.assertTrue(a.transport.disconnected)
+        self.assertTrue(b.transport.disconnected)
 
 
 class DoubleSignalTests(SynchronousTestCase):
@@ -473,3 +478,24 @@ class FakeReactor:
 
 def _echoed(client: Recorder, data: bytes) -> Callable[[], bool]:
     return lambda: client.received == data
+
+
+async def _fill(clients: list[socket.socket]) -> None:
+    """
+    Send on every client until nothing more is taken for a second.
+    """
+    chunk = b"x" * 65536
+    idle_rounds = 0
+    for _ in range(5000):
+        progress = False
+        for client in clients:
+            try:
+                while client.send(chunk):
+                    progress = True
+            except BlockingIOError:
+                pass
+        idle_rounds = 0 if progress else idle_rounds + 1
+        if idle_rounds == 20:
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("the clients never stopped sending")
