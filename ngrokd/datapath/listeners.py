@@ -18,14 +18,16 @@ from __future__ import annotations
 import errno
 import ipaddress
 import resource
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import define
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -40,6 +42,99 @@ from ngrokd.plan import ListenSpec
 #: so that a burst waits instead of being refused (capped by the kernel's
 #: C{net.core.somaxconn}).
 LISTEN_BACKLOG = 4096
+
+
+#: Seconds a listener stops accepting when the process is out of file
+#: descriptors; the connections waiting meanwhile stay in the backlog.
+ACCEPT_BACKOFF = 1.0
+
+
+class AcceptGuard:
+    """
+    What every listener does when C{accept} fails for lack of file
+    descriptors: say so once (with the limit) until an accept works again,
+    and pause accepting for L{ACCEPT_BACKOFF} seconds. (Twisted would
+    instead accept and close every waiting connection, with a log line
+    each.)
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.exhausted = False
+        self._paused: dict[tcp.Port, IDelayedCall] = {}
+
+    def watch(self, port: IListeningPort) -> None:
+        """
+        Guard the accepts of C{port} (a TCP port of the reactor's; others,
+        as in tests, are left alone).
+        """
+        if isinstance(port, tcp.Port):
+            port.socket = GuardedSocket(port.socket, port, self)
+
+    def forget(self, port: IListeningPort) -> None:
+        """
+        C{port} stops listening: drop its pause.
+        """
+        paused = self._paused.pop(port, None)  # type: ignore[call-overload]
+        if paused is not None:
+            paused.cancel()
+
+    def out_of_files(self, port: tcp.Port, error: OSError) -> None:
+        if not self.exhausted:
+            self.exhausted = True
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            self.log.error(
+                "cannot accept connections: {reason} (open-file limit {soft},"
+                " hard limit {hard}); pausing accepts for {backoff} s at a"
+                " time until descriptors are free",
+                reason=error.strerror,
+                soft=soft,
+                hard=hard,
+                backoff=ACCEPT_BACKOFF,
+            )
+        port.stopReading()
+        if port not in self._paused:
+            self._paused[port] = self.clock.callLater(
+                ACCEPT_BACKOFF, self._resume, port
+            )
+
+    def _resume(self, port: tcp.Port) -> None:
+        del self._paused[port]
+        if port.connected and not port.disconnecting:
+            port.startReading()
+
+    def accepted(self) -> None:
+        if self.exhausted:
+            self.exhausted = False
+            self.log.info("accepting connections again")
+
+
+class GuardedSocket:
+    """
+    A listening socket whose C{accept} reports a lack of descriptors to the
+    guard and then looks to Twisted like an empty backlog.
+    """
+
+    def __init__(self, sock: socket.socket, port: tcp.Port, guard: AcceptGuard):
+        self._socket = sock
+        self._port = port
+        self._guard = guard
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            accepted = self._socket.accept()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._guard.out_of_files(self._port, e)
+            raise BlockingIOError(errno.EAGAIN, "backing off") from None
+        self._guard.accepted()
+        return accepted
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._socket, name)
 
 
 def raise_open_file_limit() -> tuple[int, int, int]:
@@ -145,6 +240,7 @@ class ListenerSet:
         self._connector = connector
         self._find_owners = find_owners or self._owners_in_thread
         self._idle_timeout = idle_timeout
+        self._guard = AcceptGuard(reactor)
         self.listeners: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
@@ -212,6 +308,7 @@ class ListenerSet:
         spec = listener.spec
 
         def listening(port: IListeningPort) -> None:
+            self._guard.watch(port)
             listener.port, listener.error, listener.holders = port, "", ()
             self.log.info(
                 "listening for {url} on {address}:{port}",
@@ -259,7 +356,7 @@ class ListenerSet:
         new.factory.rewrite_host = spec.rewrite_host
         if old_port is not None and _overlaps(listener.spec, spec):
             # The new bind would collide with the old socket: release it first.
-            before: Deferred[Any] = _stop_port(old_port)
+            before: Deferred[Any] = self._stop_port(old_port)
             old_port = None
         else:
             before = succeed(None)
@@ -270,7 +367,7 @@ class ListenerSet:
 
         def release(_: object) -> Deferred[None] | None:
             if old_port is not None:
-                return _stop_port(old_port)
+                return self._stop_port(old_port)
             return None
 
         return before.addCallback(bind).addCallback(release)
@@ -285,7 +382,12 @@ class ListenerSet:
             address=listener.spec.address,
             port=listener.spec.port,
         )
-        return _stop_port(port)
+        return self._stop_port(port)
+
+    def _stop_port(self, port: IListeningPort) -> Deferred[None]:
+        self._guard.forget(port)
+        stopping: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+        return stopping
 
 
 def _overlaps(old: ListenSpec, new: ListenSpec) -> bool:
@@ -297,8 +399,3 @@ def _overlaps(old: ListenSpec, new: ListenSpec) -> bool:
         return False
     wildcards = {"0.0.0.0", "::"}
     return old.address == new.address or bool({old.address, new.address} & wildcards)
-
-
-def _stop_port(port: IListeningPort) -> Deferred[None]:
-    stopping: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
-    return stopping

@@ -5,6 +5,7 @@ loopback, over real mutual TLS, each test named after the attack it survives.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import (
     ConnectionDone,
@@ -29,7 +30,12 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from ngrokd.config import load_config
 from ngrokd.daemon import Daemon, StopOnSignal
 from ngrokd.datapath.bridge import KEEPALIVE_IDLE
-from ngrokd.datapath.listeners import Listener
+from ngrokd.datapath.listeners import (
+    ACCEPT_BACKOFF,
+    AcceptGuard,
+    GuardedSocket,
+    Listener,
+)
 from ngrokd.datapath.splice import DRAIN_TIMEOUT, PipeProtocol, splice
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
@@ -391,6 +397,78 @@ class DataPathAbuseTests(TestCase):
             )
 
         return ensureDeferred(run())
+
+
+class OutOfFilesTests(SynchronousTestCase):
+    """
+    A listener whose process has run out of file descriptors.
+    """
+
+    def test_outOfFilesSaidOnceBacksOffAndRecovers(self) -> None:
+        """
+        Accepts that fail for lack of descriptors are said once, with the
+        limit; each pauses accepting for L{ACCEPT_BACKOFF} seconds (to
+        Twisted it looks like an empty backlog, so it closes nothing); once
+        an accept works, that is said once too.
+        """
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        clock = Clock()
+        port = FakePort()
+        guard = AcceptGuard(clock)
+        client = (socket.socket(), ("127.0.0.1", 4000))
+        self.addCleanup(client[0].close)
+        outcomes: list[Any] = [OSError(errno.EMFILE, "Too many open files")] * 3
+        listening = GuardedSocket(
+            cast(socket.socket, Scripted([*outcomes, client])),
+            cast(tcp.Port, port),
+            guard,
+        )
+        for _ in range(3):
+            with self.assertRaises(BlockingIOError):
+                listening.accept()
+            self.assertFalse(port.reading)
+            clock.advance(ACCEPT_BACKOFF)
+            self.assertTrue(port.reading)
+        self.assertIs(listening.accept(), client)
+        formats = [e["log_format"] for e in events]
+        self.assertEqual(len(formats), 2)
+        self.assertIn("open-file limit", formats[0])
+        self.assertIn("accepting connections again", formats[1])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class FakePort:
+    """
+    The part of a listening port the guard uses.
+    """
+
+    connected = True
+    disconnecting = False
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class Scripted:
+    """
+    A listening socket whose C{accept} raises or returns what it is given,
+    in order.
+    """
+
+    def __init__(self, outcomes: list[Any]) -> None:
+        self._outcomes = outcomes
+
+    def accept(self) -> Any:
+        outcome = self._outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
 
 class StalledReaderTests(SynchronousTestCase):
