@@ -144,7 +144,7 @@ class IngressConfig:
     #: Dials (TCP, TLS, upgrade) in progress at once; the others queue.
     max_pending_dials: int = 100
     #: Seconds a connection may wait in that queue.
-    dial_queue_timeout: float = 30.0
+    dial_queue_timeout: float = 60.0
 
     @property
     def host(self) -> str:
@@ -639,7 +639,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.connect_timeout": (_seconds, 10.0),
     "ingress.upgrade_timeout": (_seconds, 10.0),
     "ingress.max_pending_dials": (_count, 100),
-    "ingress.dial_queue_timeout": (_seconds, 30.0),
+    "ingress.dial_queue_timeout": (_seconds, 60.0),
     "server.log_level": (_log_level, "info"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),

@@ -256,7 +256,7 @@ class IngressConnector:
         upgrade_timeout: float = 10.0,
         insecure_skip_verify: bool = False,
         max_pending: int = 100,
-        queue_timeout: float = 30.0,
+        queue_timeout: float = 60.0,
     ) -> None:
         self._reactor: IReactorTCP = reactor
         self.clock: IReactorTime = reactor
