@@ -56,6 +56,7 @@ from ngrokd.test.helpers import (
 ECHO = "tcp://echo.test:7000"
 BULK = "tcp://bulk.test:9"
 SINK = "tcp://sink.test:10"
+SECURE = "https://secure.test"
 
 
 class FlowEcho(Echo):
@@ -91,6 +92,7 @@ class DataPathAbuseTests(TestCase):
             (ECHO, listen(Factory.forProtocol(FlowEcho), self)),
             (BULK, listen(Factory.forProtocol(lambda: self.source), self)),
             (SINK, listen(Factory.forProtocol(lambda: self.sink), self)),
+            (SECURE, listen(Factory.forProtocol(FlowEcho), self)),
         ]
         self.devcloud: RunningDevcloud = start_devcloud(
             reactor,
@@ -120,8 +122,8 @@ class DataPathAbuseTests(TestCase):
         daemon.startService()
         self.addCleanup(daemon.stopService)
         await wait_until(
-            lambda: sum(x.listening for x in daemon.listeners.listeners.values()) == 3,
-            "3 listeners",
+            lambda: sum(x.listening for x in daemon.listeners.listeners.values()) == 4,
+            "4 listeners",
         )
         return daemon
 
@@ -395,6 +397,30 @@ class DataPathAbuseTests(TestCase):
             await wait_until(
                 lambda: self.open_connections(daemon) == 0, "no connections left"
             )
+
+        return ensureDeferred(run())
+
+    def test_httpsInNetworkModeWarnsOnce(self) -> Deferred[None]:
+        """
+        An https endpoint in network mode carries TLS, which the Host
+        rewriter cannot read: the bytes pass unchanged, and that is said
+        once for the endpoint, not for every connection.
+        """
+
+        async def run() -> None:
+            events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            daemon = await self.start_daemon()
+            self.assertIsNotNone(self.listener(daemon, SECURE).spec.rewrite_host)
+            hello = b"\x16\x03\x01\x00\x05hello"
+            for _ in range(3):
+                client = Recorder()
+                await connect(self.port_of(daemon, SECURE), client)
+                client.transport.write(hello)
+                client.transport.loseWriteConnection()
+                await client.lost
+                self.assertEqual(client.received, hello)
+            warnings = [e for e in events if "unchanged" in e.get("log_format", "")]
+            self.assertEqual(len(warnings), 1)
 
         return ensureDeferred(run())
 
