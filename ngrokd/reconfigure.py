@@ -33,6 +33,7 @@ HOT = frozenset(
         "ingress.upgrade_timeout",
         "server.log_level",
         "server.renew_before_days",
+        "server.shutdown_grace",
         "bound_endpoints.poll_interval",
         "bound_endpoints.selectors",
         "bound_endpoints.max_endpoints",

@@ -260,10 +260,15 @@ async def assert_flow_controlled(
     while the one connection of C{bridge} (a L{BridgeFactory}) holds under
     L{BUFFER_BOUND}; once C{reader} reads again, every byte arrives.
     """
+    # The client is not read until the ingress leg exists: a stall before
+    # then is the dial's, not flow control's.
+    await wait_until(
+        lambda: [c.ingress is not None for c in bridge.connections] == [True],
+        "the ingress leg",
+    )
     stalled_at = await settle(lambda: source.sent)
     test.assertLess(stalled_at, source.total)
     (local,) = bridge.connections
-    assert local.ingress is not None
     held = unsent(local.transport) + unsent(local.ingress.transport.transport)
     test.assertLess(held, BUFFER_BOUND)
     reader.transport.resumeProducing()

@@ -24,8 +24,8 @@ from ngrokd.config import default_config
 from ngrokd.control.watcher import QUIET, ConfigWatcher
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import parse_endpoint_url
-from ngrokd.reconfigure import applied, changes
-from ngrokd.test.helpers import Recorder, connect, wait_until
+from ngrokd.reconfigure import HOT, applied, changes, settings
+from ngrokd.test.helpers import Recorder, connect, source_file, wait_until
 from ngrokd.test.test_control import DaemonFixture
 
 ECHO = parse_endpoint_url("tcp://echo.test:7000").url
@@ -93,6 +93,28 @@ class ChangesTests(SynchronousTestCase):
         self.assertEqual(
             restart.described(), ["net.interface_name: ngrokd0 -> x0 (needs a restart)"]
         )
+
+
+class DocumentedTests(SynchronousTestCase):
+    """
+    The configuration reference says, for every key, when a reload applies
+    it, and says it right.
+    """
+
+    def test_everyKeyListed(self) -> None:
+        """
+        Each hot key is in the "applied at once" list, every other key in
+        the "applied at the next start" list.
+        """
+        with open(source_file("docs", "configuration.rst")) as f:
+            text = " ".join(f.read().split())
+        at_once = text.split("**Applied at once**", 1)[1].split("**", 1)[0]
+        at_start = text.split("**Applied at the next start**", 1)[1].split(". ", 1)[0]
+        listed_hot = set(re.findall(r"``([\w.]+)``", at_once))
+        listed_restart = set(re.findall(r"``([\w.]+)``", at_start))
+        keys = set(settings(_config()))
+        self.assertEqual(listed_hot, HOT)
+        self.assertEqual(listed_restart, keys - HOT)
 
 
 class Counter:
@@ -246,10 +268,15 @@ class DaemonReloadTests(DaemonFixture, TestCase):
             f.write(text)
         os.rename(self.devcloud.config_path + ".new", self.devcloud.config_path)
 
-    async def echo(self, client: Recorder, data: bytes) -> None:
-        expected = client.received + data
+    async def echo(self, client: Recorder, data: bytes, sent: bytes = b"") -> None:
+        """
+        Send C{data} and wait until everything sent so far (C{sent}, then
+        C{data}) has come back.
+        """
         client.transport.write(data)
-        await wait_until(lambda: client.received == expected, f"{data!r} echoed")
+        await wait_until(
+            lambda: client.received == sent + data, f"{sent + data!r} echoed"
+        )
 
     def test_rebindKeepsConnections(self) -> Deferred[None]:
         """
@@ -273,10 +300,10 @@ class DaemonReloadTests(DaemonFixture, TestCase):
                 f"  start_port: {start_port}"
             )
             reloading = daemon.reload()
-            client.transport.write(b"during ")
+            client.transport.write(b"during ")  # while the reload runs
             result = await reloading
             self.assertEqual(result.applied, ("net.overrides",))
-            await self.echo(client, b"after")
+            await self.echo(client, b"after", sent=b"before during ")
             self.assertEqual(client.received, b"before during after")
             self.assertEqual(listeners[ECHO].spec.address, "127.0.0.2")
             self.assertIs(listeners[WEB].port, web_port)
