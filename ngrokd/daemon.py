@@ -54,7 +54,7 @@ from ngrokd.host.allocation import IPAddress
 from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
-from ngrokd.host.statelock import StateLock
+from ngrokd.host.statelock import StateDirectoryLocked, StateLock
 from ngrokd.ngrok import lastgood
 from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
@@ -139,6 +139,9 @@ class Daemon(MultiService):
         )
         server = config.server
         self.state_lock = StateLock(server.state_dir)
+        #: Run by twistd, a locked state directory ends the process with the
+        #: message alone (exit status 1), not a traceback.
+        self.exit_when_locked = False
         self.identity_service = IdentityService(
             IdentityStore(server.state_dir, server.client_cert, server.client_key),
             self.api,
@@ -209,7 +212,12 @@ class Daemon(MultiService):
         state raises L{StateDirectoryLocked} here, before anything of the
         machine is touched.
         """
-        self.state_lock.acquire()
+        try:
+            self.state_lock.acquire()
+        except StateDirectoryLocked as e:
+            if self.exit_when_locked:
+                raise SystemExit(f"ngrokd: {e}") from None
+            raise
         self._started = self._reactor.seconds()
         was, soft, hard = raise_open_file_limit()
         self.log.info(

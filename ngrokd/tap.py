@@ -98,6 +98,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options.loaded.config, reactor, os.environ, options["instance"]
     )
     if under_twistd:
+        daemon.exit_when_locked = True
         StopOnSignal(daemon, reactor).setServiceParent(daemon)
     return daemon
 

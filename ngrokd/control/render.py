@@ -76,6 +76,11 @@ def status_lines(
         when = "expired" if left <= 0 else f"in {duration(left)}"
         lines.append(f"Certificate:  expires {_when(expires)} ({when})")
     lines.append(f"Ingress:      {status['ingress_endpoint']}")
+    if status.get("stale"):
+        lines.append(
+            "Stale:        serving the endpoints kept from an earlier run until"
+            " the API answers"
+        )
     if status["poll_error"]:
         failures = status["poll_failures"]
         lines.append(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectError
@@ -28,10 +29,10 @@ from ngrokd.control.client import (
     EXIT_RESTART,
     EXIT_VERSION,
 )
-from ngrokd.control.render import duration, endpoint_table, size
+from ngrokd.control.render import duration, endpoint_table, size, status_lines
 from ngrokd.ctl import Console, run
 from ngrokd.daemon import Daemon
-from ngrokd.test.helpers import wait_until
+from ngrokd.test.helpers import ready_status, wait_until
 from ngrokd.test.test_control import DaemonFixture
 
 
@@ -500,6 +501,27 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(
             [size(n) for n in (0, 1023, 1024, 5 * 2**20)],
             ["0 B", "1023 B", "1.0 KiB", "5.0 MiB"],
+        )
+
+    def test_stale(self) -> None:
+        """
+        A daemon serving the list of an earlier run says so.
+        """
+        status = {
+            **attrs.asdict(ready_status(stale=True)),
+            "ready": True,
+            "registered": True,
+            "uptime": 60.0,
+            "not_ready_because": "",
+        }
+        lines = status_lines(status, {"listening": 2})
+        self.assertIn(
+            "Stale:        serving the endpoints kept from an earlier run until"
+            " the API answers",
+            lines,
+        )
+        self.assertNotIn(
+            "Stale", "\n".join(status_lines({**status, "stale": False}, {}))
         )
 
     def test_reasons(self) -> None:

@@ -163,6 +163,7 @@ class SecondDaemonTests(SynchronousTestCase):
         self.assertEqual(second.wait(PROCESS_TIMEOUT), 1)
         output = self.output("second")
         self.assertIn(f"another ngrokd (pid {first.pid}) holds", output)
+        self.assertNotIn("Traceback", output)
         self.assertEqual(self.read_hosts(), section)
         self.assertIsNone(first.poll())
         first.send_signal(signal.SIGTERM)
