@@ -48,29 +48,21 @@ from ngrokd.control.commands import (
     COMMANDS,
     PAGE_BYTES,
     PROTOCOL_VERSION,
-    CommandFailed,
     Events,
     Hello,
-    KeyRejected,
     ListEndpoints,
-    NotPermitted,
     Reload,
     SetAPIKey,
     Status,
 )
-from ngrokd.control.configfile import store_api_key
+from ngrokd.control.controller import Controller
 from ngrokd.control.feed import EventFeed
-from ngrokd.control.peer import Peer, may_change, peer_of, refusal
-from ngrokd.endpoints import EndpointURLError, parse_endpoint_url
-from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable, NoAPIKey
-from ngrokd.ngrok.identity import IdentityError
-from ngrokd.ngrok.identity_service import KeyRejected as OperatorNotInAccount
+from ngrokd.control.legacy import LegacyJSON
+from ngrokd.control.peer import Peer, peer_of
 from ngrokd.status import EndpointStatus
 
 #: The longest a reader may wait for events in one call, in seconds.
 MAX_EVENT_WAIT = 30.0
-#: The most a legacy JSON request may hold, in bytes.
-MAX_LEGACY_REQUEST = 64 * 1024
 #: How long a control connection may stay silent, in seconds (ngrokctl's
 #: longest wait between two calls is its events wait, under a minute).
 IDLE_TIMEOUT = 120.0
@@ -78,116 +70,6 @@ IDLE_TIMEOUT = 120.0
 MAX_CONNECTIONS = 64
 #: How long a probe of an existing socket may take, in seconds.
 PROBE_TIMEOUT = 2.0
-
-#: What an API key can fail with, each said to the user as it is.
-_KEY_FAILURES = (
-    NoAPIKey,
-    APIError,
-    APIUnavailable,
-    APIResponseInvalid,
-    OperatorNotInAccount,
-    IdentityError,
-)
-
-
-class Controller:
-    """
-    What the control socket can ask of the daemon, whatever the protocol.
-
-    @param daemon: the L{ngrokd.daemon.Daemon}.
-    @param admin_gid: members of this group may change the daemon.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        daemon: Any,
-        feed: EventFeed,
-        reactor: Any,
-        socket_description: str,
-        admin_gid: int | None = None,
-    ) -> None:
-        self.daemon = daemon
-        self.feed = feed
-        self._reactor = reactor
-        self._socket = socket_description
-        self.admin_gid = admin_gid
-        self._daemon_uid = os.geteuid()
-
-    def status(self) -> dict[str, Any]:
-        status = self.daemon.daemon_status()
-        fields = attrs.asdict(status)
-        fields.update(
-            ready=status.ready,
-            not_ready_because=status.not_ready_because,
-            registered=status.registered,
-            uptime=status.uptime,
-            config_path=self.daemon.config.path,
-            socket=self._socket,
-        )
-        return fields
-
-    def rows(self) -> tuple[EndpointStatus, ...]:
-        rows: tuple[EndpointStatus, ...] = self.daemon.endpoint_status()
-        return rows
-
-    def check_change(self, peer: Peer | None, command: str) -> None:
-        """
-        @raise NotPermitted: C{peer} may not change the daemon.
-        """
-        if peer is not None and may_change(peer, self._daemon_uid, self.admin_gid):
-            return
-        server = self.daemon.config.server
-        message = refusal(command, server.admin_group, self.daemon.config.path)
-        if peer is None:
-            message = f"{command}: this socket cannot tell who you are; " + message
-        raise NotPermitted(message)
-
-    async def set_api_key(self, peer: Peer | None, key: str) -> str:
-        """
-        Try C{key}, use it, then store it in the config file.
-
-        @raise NotPermitted: see L{check_change}.
-        @raise KeyRejected: the key does not work; nothing changed.
-        @raise CommandFailed: the key works and is in use, but was not saved.
-        """
-        self.check_change(peer, "set-api-key")
-        try:
-            await self.daemon.set_api_key(key)
-        except _KEY_FAILURES as e:
-            raise KeyRejected(f"the API key was not accepted: {e}") from None
-        path = self.daemon.config.path
-        try:
-            await deferToThreadPool(
-                self._reactor,
-                self._reactor.getThreadPool(),
-                store_api_key,
-                path,
-                key.strip(),
-            )
-        except Exception as e:
-            self.log.failure("cannot save the API key in {path}", path=path)
-            raise CommandFailed(
-                f"the API key works and is in use, but could not be saved in"
-                f" {path} ({e}): it will be lost at the next start"
-            ) from None
-        self.log.info("the new API key is saved in {path}", path=path)
-        return f"the API key works and is saved in {path}"
-
-    async def reload(self, peer: Peer | None) -> dict[str, Any]:
-        """
-        Reload the daemon's configuration.
-
-        @raise NotPermitted: see L{check_change}.
-        """
-        self.check_change(peer, "reload")
-        result = await self.daemon.reload()
-        return {
-            "applied": list(result.applied),
-            "restart": list(result.restart),
-            "error": result.error,
-        }
 
 
 def _page(rows: Sequence[EndpointStatus], start: int, limit: int) -> int:
@@ -274,100 +156,6 @@ class ControlAMP(amp.AMP):
     async def set_api_key(self, key: str) -> dict[str, Any]:
         message = await self._controller.set_api_key(self._peer, key)
         return {"message": message}
-
-
-class LegacyJSON(Protocol):
-    """
-    The original's protocol: one JSON object, one JSON line back, close.
-    """
-
-    def __init__(self, controller: Controller, peer: Peer | None) -> None:
-        self._controller = controller
-        self._peer = peer
-        self._buffer = b""
-        self._answered = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._answered:
-            return
-        self._buffer += data
-        if len(self._buffer) > MAX_LEGACY_REQUEST:
-            self._reply(error=f"request longer than {MAX_LEGACY_REQUEST} bytes")
-            return
-        text = self._buffer.decode("utf-8", "replace")
-        try:
-            request, _ = json.JSONDecoder().raw_decode(text)
-        except ValueError as e:
-            if b"\n" in self._buffer:
-                self._reply(error=f"failed to decode command: {e}")
-            return  # wait for the rest of the object
-        self._answered = True
-        Deferred.fromCoroutine(self._answer(request))
-
-    async def _answer(self, request: Any) -> None:
-        if not isinstance(request, dict):
-            self._reply(error="failed to decode command: not a JSON object")
-            return
-        command = request.get("command")
-        args = request.get("args") or []
-        if command == "status":
-            status = self._controller.status()
-            data: dict[str, Any] = {
-                "registered": status["registered"],
-                "endpoint_count": status["endpoints"],
-                "ingress_endpoint": status["ingress_endpoint"],
-            }
-            if status["operator_id"]:
-                data["operator_id"] = status["operator_id"]
-            self._reply(data=data)
-        elif command == "list":
-            self._reply(data=[_legacy_row(row) for row in self._controller.rows()])
-        elif command == "set-api-key":
-            if not args or not isinstance(args[0], str) or not args[0].strip():
-                self._reply(error="API key required")
-                return
-            try:
-                await self._controller.set_api_key(self._peer, args[0])
-            except (NotPermitted, KeyRejected, CommandFailed) as e:
-                self._reply(error=str(e))
-            else:
-                self._reply(data="API key set successfully")
-        else:
-            self._reply(error=f"unknown command: {command}")
-
-    def _reply(self, data: Any = None, error: str = "") -> None:
-        self._answered = True
-        answer: dict[str, Any] = {"success": not error}
-        if data is not None:
-            answer["data"] = data
-        if error:
-            answer["error"] = error
-        assert self.transport is not None
-        self.transport.write(json.dumps(answer).encode() + b"\n")
-        self.transport.loseConnection()
-
-
-def _legacy_row(row: EndpointStatus) -> dict[str, Any]:
-    """
-    An endpoint as the original's C{list} answer has it.
-    """
-    try:
-        target = parse_endpoint_url(row.url)
-        host, port = target.host, target.port
-    except EndpointURLError:
-        host, port = "", 0
-    address, _, listen_port = row.listen_address.rpartition(":")
-    virtual = row.mode == "virtual"
-    return {
-        "id": row.id,
-        "hostname": host,
-        "ip": address.strip("[]") if virtual else "",
-        "port": port,
-        "url": row.url,
-        "local_listener": row.listen_address,
-        "network_port": 0 if virtual or not listen_port else int(listen_port),
-        "listen_interface": row.mode,
-    }
 
 
 class ControlFactory(Factory):

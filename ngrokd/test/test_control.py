@@ -34,7 +34,9 @@ from ngrokd.control.commands import (
     SetAPIKey,
     Status,
 )
+from ngrokd.control.controller import Controller
 from ngrokd.control.feed import EventFeed
+from ngrokd.control.legacy import MAX_LEGACY_REQUEST
 from ngrokd.control.peer import Peer
 from ngrokd.control.server import MAX_CONNECTIONS, ControlService, transport_peer
 from ngrokd.daemon import Daemon
@@ -241,6 +243,25 @@ class ControlSocketTests(DaemonFixture, TestCase):
 
         return ensureDeferred(run())
 
+    def test_legacyRequestBounded(self) -> Deferred[None]:
+        """
+        A request longer than the original's protocol allows is answered
+        with an error naming the limit, not read without end.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.path)
+            request = b'{"command": "' + b"x" * MAX_LEGACY_REQUEST
+            self.assertEqual(
+                await legacy(self.path, request),
+                {
+                    "success": False,
+                    "error": f"request longer than {MAX_LEGACY_REQUEST} bytes",
+                },
+            )
+
+        return ensureDeferred(run())
+
     def test_notWorldWritable(self) -> Deferred[None]:
         """
         The socket is a socket, readable and writable by its owner and group
@@ -427,7 +448,8 @@ class PermissionTests(DaemonFixture, TestCase):
         daemon = await self.start_daemon(self, self.devcloud, self.path)
         control = control_of(daemon)
         control._credentials = lambda transport: peer
-        control.controller.admin_gid = admin_gid
+        controller: Controller = control.controller
+        controller.admin_gid = admin_gid
         return daemon
 
     def test_realCredentials(self) -> Deferred[None]:

@@ -1,0 +1,134 @@
+# -*- test-case-name: ngrokd.test.test_control -*-
+"""
+What the control socket can ask of the daemon, whatever the protocol: the
+status, the endpoint rows, and the changes (a new API key, a reload), each
+change checked against who is asking.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from ngrokd.control.commands import CommandFailed, KeyRejected, NotPermitted
+from ngrokd.control.configfile import store_api_key
+from ngrokd.control.feed import EventFeed
+from ngrokd.control.peer import Peer, may_change, refusal
+from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable, NoAPIKey
+from ngrokd.ngrok.identity import IdentityError
+from ngrokd.ngrok.identity_service import KeyRejected as OperatorNotInAccount
+from ngrokd.status import EndpointStatus
+
+#: What an API key can fail with, each said to the user as it is.
+_KEY_FAILURES = (
+    NoAPIKey,
+    APIError,
+    APIUnavailable,
+    APIResponseInvalid,
+    OperatorNotInAccount,
+    IdentityError,
+)
+
+
+class Controller:
+    """
+    What the control socket can ask of the daemon, whatever the protocol.
+
+    @param daemon: the L{ngrokd.daemon.Daemon}.
+    @param admin_gid: members of this group may change the daemon.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        daemon: Any,
+        feed: EventFeed,
+        reactor: Any,
+        socket_description: str,
+        admin_gid: int | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.feed = feed
+        self._reactor = reactor
+        self._socket = socket_description
+        self.admin_gid = admin_gid
+        self._daemon_uid = os.geteuid()
+
+    def status(self) -> dict[str, Any]:
+        status = self.daemon.daemon_status()
+        fields = attrs.asdict(status)
+        fields.update(
+            ready=status.ready,
+            not_ready_because=status.not_ready_because,
+            registered=status.registered,
+            uptime=status.uptime,
+            config_path=self.daemon.config.path,
+            socket=self._socket,
+        )
+        return fields
+
+    def rows(self) -> tuple[EndpointStatus, ...]:
+        rows: tuple[EndpointStatus, ...] = self.daemon.endpoint_status()
+        return rows
+
+    def check_change(self, peer: Peer | None, command: str) -> None:
+        """
+        @raise NotPermitted: C{peer} may not change the daemon.
+        """
+        if peer is not None and may_change(peer, self._daemon_uid, self.admin_gid):
+            return
+        server = self.daemon.config.server
+        message = refusal(command, server.admin_group, self.daemon.config.path)
+        if peer is None:
+            message = f"{command}: this socket cannot tell who you are; " + message
+        raise NotPermitted(message)
+
+    async def set_api_key(self, peer: Peer | None, key: str) -> str:
+        """
+        Try C{key}, use it, then store it in the config file.
+
+        @raise NotPermitted: see L{check_change}.
+        @raise KeyRejected: the key does not work; nothing changed.
+        @raise CommandFailed: the key works and is in use, but was not saved.
+        """
+        self.check_change(peer, "set-api-key")
+        try:
+            await self.daemon.set_api_key(key)
+        except _KEY_FAILURES as e:
+            raise KeyRejected(f"the API key was not accepted: {e}") from None
+        path = self.daemon.config.path
+        try:
+            await deferToThreadPool(
+                self._reactor,
+                self._reactor.getThreadPool(),
+                store_api_key,
+                path,
+                key.strip(),
+            )
+        except Exception as e:
+            self.log.failure("cannot save the API key in {path}", path=path)
+            raise CommandFailed(
+                f"the API key works and is in use, but could not be saved in"
+                f" {path} ({e}): it will be lost at the next start"
+            ) from None
+        self.log.info("the new API key is saved in {path}", path=path)
+        return f"the API key works and is saved in {path}"
+
+    async def reload(self, peer: Peer | None) -> dict[str, Any]:
+        """
+        Reload the daemon's configuration.
+
+        @raise NotPermitted: see L{check_change}.
+        """
+        self.check_change(peer, "reload")
+        result = await self.daemon.reload()
+        return {
+            "applied": list(result.applied),
+            "restart": list(result.restart),
+            "error": result.error,
+        }
