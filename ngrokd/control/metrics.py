@@ -143,6 +143,16 @@ class DaemonMetrics:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._endpoints()
+        handshakes = self._daemon.connector.handshakes
+        dials = CounterMetricFamily(
+            f"{PREFIX}_ingress_dials",
+            "Upgraded connections to the binding ingress, by how their TLS"
+            " handshake went: full, or resumed from an earlier connection.",
+            labels=["kind"],
+        )
+        dials.add_metric(["full"], handshakes.full)
+        dials.add_metric(["resumed"], handshakes.resumed)
+        yield dials
         status = self._daemon.daemon_status()
         ready = GaugeMetricFamily(
             f"{PREFIX}_ready", "1 when /readyz answers 200, else 0."

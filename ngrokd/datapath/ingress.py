@@ -43,6 +43,7 @@ from ngrokd.datapath.dial import tcp_client_endpoint
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
 from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
 from ngrokd.datapath.splice import PipeProtocol
 from ngrokd.ngrok.trust import client_creator
 
@@ -241,7 +242,8 @@ class IngressConnector:
 
     The TLS client settings are built once per certificate (L{use_certificate})
     and trust (L{use_trust}, given when the daemon starts: reading a CA bundle
-    is I/O) and shared by every connection.
+    is I/O) and shared by every connection, which offers to resume the TLS
+    session of the last upgraded one (L{ResumingCreator}).
     """
 
     log = Logger()
@@ -267,7 +269,9 @@ class IngressConnector:
         self._connect_timeout = connect_timeout
         self._upgrade_timeout = upgrade_timeout
         self._certificate: ssl.PrivateCertificate | None = None
-        self._creator: IOpenSSLClientConnectionCreator | None = None
+        self._creator: ResumingCreator | None = None
+        #: Upgraded connections by kind of TLS handshake.
+        self.handshakes = HandshakeCounts()
         self.queue = DialQueue(reactor, max_pending, queue_timeout)
         #: Where the bridge reports failed connections.
         self.failures = FailureLog(reactor)
@@ -298,8 +302,8 @@ class IngressConnector:
     def _rebuild(self) -> None:
         if self._certificate is None or (self._trust is None and not self._insecure):
             return
-        self._creator = client_creator(
-            self.host, self._trust, self._certificate, self._insecure
+        self._creator = ResumingCreator(
+            client_creator(self.host, self._trust, self._certificate, self._insecure)
         )
 
     @property
@@ -328,7 +332,7 @@ class IngressConnector:
         def admitted(_: object) -> None:
             nonlocal dialing
             dialing = self._dial(creator, request)
-            dialing.addBoth(self._dialed)
+            dialing.addBoth(self._dialed, creator)
             dialing.chainDeferred(result)
 
         def waited_too_long(failure: Failure) -> None:
@@ -341,10 +345,16 @@ class IngressConnector:
         turn.addCallbacks(admitted, waited_too_long)
         return result
 
-    def _dialed(self, result: object) -> object:
+    def _dialed(self, result: object, creator: ResumingCreator) -> object:
         self.queue.release()
         if isinstance(result, IngressProtocol) and result.response is not None:
+            if creator.completed(result.transport.getHandle()):
+                self.handshakes.resumed += 1
+            else:
+                self.handshakes.full += 1
             self._notices(result.request, result.response.notices)
+        elif isinstance(result, Failure) and result.check(TLSFailed):
+            creator.failed()
         return result
 
     def _notices(self, request: wire.ConnRequest, notices: Sequence[str]) -> None:

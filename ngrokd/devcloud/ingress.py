@@ -462,6 +462,9 @@ def server_options(
     TLS 1.2+ server settings serving C{cert_pem} (a leaf followed by its
     chain) with C{key_pem}; with C{client_ca_pem}, clients must present a
     certificate that CA issued.
+
+    Sessions resume with tickets: the settings build one TLS context, whose
+    ticket keys every connection through them shares.
     """
     leaf, *chain = parse_certificates(cert_pem, "server certificate")
     key = PKey.from_cryptography_key(load_pem_private_key(key_pem, None))  # type: ignore[arg-type]
@@ -477,6 +480,7 @@ def server_options(
         certificate=leaf,
         extraCertChain=chain,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        enableSessionTickets=True,
         **client_auth,
     )
 

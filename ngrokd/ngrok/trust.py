@@ -144,6 +144,7 @@ def client_creator(
     """
     TLS 1.2+ client settings for C{hostname} (SNI, and the name the server's
     certificate must carry), built once and shared by every connection.
+    Session tickets are accepted, so that a connection can resume one.
     """
     if insecure_skip_verify:
         _log.critical(
@@ -157,12 +158,16 @@ def client_creator(
             else None,
             certificate=client_certificate.original if client_certificate else None,
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            enableSessionTickets=True,
         )
         return _UnverifiedClientCreator(hostname, options)
     creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(
         hostname,
         trustRoot=trust,
         clientCertificate=client_certificate,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        extraCertificateOptions={
+            "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+            "enableSessionTickets": True,
+        },
     )
     return creator

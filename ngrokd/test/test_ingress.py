@@ -1,6 +1,7 @@
 """
-Tests for L{ngrokd.datapath.ingress} and L{ngrokd.ngrok.trust}: whom the
-connector trusts, over real TLS on loopback.
+Tests for L{ngrokd.datapath.ingress}, L{ngrokd.datapath.resumption} and
+L{ngrokd.ngrok.trust}: whom the connector trusts, and which TLS sessions it
+resumes, over real TLS on loopback.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from ngrokd.datapath.ingress import (
     TLSFailed,
     UpgradeFailed,
 )
+from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.devcloud.ingress import server_options
 from ngrokd.ngrok.identity import generate_key, make_csr
 from ngrokd.ngrok.trust import PartialChainTrust
 from ngrokd.pem import parse_certificates
@@ -57,6 +60,13 @@ class WithoutPartialChain(PartialChainTrust):
             store.add_cert(certificate)
 
 
+def trusting(ca: CertificateAuthority) -> PartialChainTrust:
+    """
+    Trust C{ca} alone.
+    """
+    return PartialChainTrust(parse_certificates(ca.cert_pem, "test"), system=False)
+
+
 class ConnectorTrustTests(TestCase):
     """
     The connector checks the ingress's certificate: chain and name.
@@ -84,9 +94,6 @@ class ConnectorTrustTests(TestCase):
         connector.use_certificate(self.client_cert, self.client_key)
         return connector
 
-    def trusting(self, ca: CertificateAuthority) -> PartialChainTrust:
-        return PartialChainTrust(parse_certificates(ca.cert_pem, "test"), system=False)
-
     def test_wrongName(self) -> Deferred[None]:
         """
         A certificate from a trusted CA for another name is refused.
@@ -94,7 +101,7 @@ class ConnectorTrustTests(TestCase):
 
         async def run() -> None:
             port = self.serve(self.root, ["elsewhere.test"], b"")
-            connector = self.connector(port, self.trusting(self.root))
+            connector = self.connector(port, trusting(self.root))
             with self.assertRaises(TLSFailed):
                 await connector.connect(wire.ConnRequest("svc.ns", 80))
 
@@ -108,7 +115,7 @@ class ConnectorTrustTests(TestCase):
         async def run() -> None:
             stranger = CertificateAuthority.create("stranger")
             port = self.serve(stranger, ["127.0.0.1"], b"")
-            connector = self.connector(port, self.trusting(self.root))
+            connector = self.connector(port, trusting(self.root))
             with self.assertRaises(TLSFailed) as caught:
                 await connector.connect(wire.ConnRequest("svc.ns", 80))
             self.assertIn("certificate verify failed", str(caught.exception))
@@ -148,7 +155,7 @@ class ConnectorTrustTests(TestCase):
         async def run() -> None:
             reply = wire.encode_response(wire.ConnResponse("ep_1", "tcp")) + b"early"
             port = self.serve(self.root, ["127.0.0.1"], reply)
-            upgraded = await self.connector(port, self.trusting(self.root)).connect(
+            upgraded = await self.connector(port, trusting(self.root)).connect(
                 wire.ConnRequest("svc.ns", 80)
             )
             local = PipeProtocol()
@@ -169,7 +176,7 @@ class ConnectorTrustTests(TestCase):
 
         async def run() -> None:
             port = self.serve(self.root, ["127.0.0.1"], b"\x03\x00\xff\xff\xff")
-            connector = self.connector(port, self.trusting(self.root))
+            connector = self.connector(port, trusting(self.root))
             with self.assertRaises(UpgradeFailed):
                 await connector.connect(wire.ConnRequest("svc.ns", 80))
 
@@ -184,9 +191,133 @@ class ConnectorTrustTests(TestCase):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            connector = self.connector(port, self.trusting(self.root))
+            connector = self.connector(port, trusting(self.root))
             with self.assertRaises(DialFailed) as caught:
                 await connector.connect(wire.ConnRequest("svc.ns", 80))
             self.assertIn(f"127.0.0.1:{port}", str(caught.exception))
+
+        return ensureDeferred(run())
+
+
+class ResumptionTests(TestCase):
+    """
+    Connections to the ingress resume the TLS session of the last one, over
+    real TLS on loopback against the devcloud's TLS settings.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.root = CertificateAuthority.create("root")
+        self.server_cert, self.server_key = self.root.issue_server(
+            ["127.0.0.1", "localhost"]
+        )
+        self.reply = wire.encode_response(wire.ConnResponse("ep_1", "tcp"))
+        self.port = self.serve()
+
+    def serve(self) -> int:
+        options = server_options(
+            self.server_cert + self.root.chain_pem, self.server_key
+        )
+        factory = HalfCloseableTLSFactory(
+            options, False, Factory.forProtocol(lambda: Answer(self.reply))
+        )
+        return listen(factory, self)
+
+    def connector(self, trust: Any, host: str = "127.0.0.1") -> IngressConnector:
+        connector = IngressConnector(reactor, host, self.port, trust, 5.0, 5.0)
+        key_pem = generate_key()
+        connector.use_certificate(
+            self.root.sign_csr(make_csr(key_pem), days=1).cert_pem, key_pem
+        )
+        return connector
+
+    async def upgrade(self, connector: IngressConnector) -> None:
+        upgraded = await connector.connect(wire.ConnRequest("svc.ns", 80))
+        upgraded.transport.abortConnection()
+        await upgraded.closed
+
+    def test_secondConnectionResumes(self) -> Deferred[None]:
+        """
+        The first connection pays a full handshake; the ones after it resume.
+        """
+
+        async def run() -> None:
+            connector = self.connector(trusting(self.root))
+            for _ in range(3):
+                await self.upgrade(connector)
+            self.assertEqual(connector.handshakes, HandshakeCounts(full=1, resumed=2))
+
+        return ensureDeferred(run())
+
+    def test_newCertificateHandshakesInFull(self) -> Deferred[None]:
+        """
+        After a certificate change the session made with the old one is not
+        offered.
+        """
+
+        async def run() -> None:
+            connector = self.connector(trusting(self.root))
+            await self.upgrade(connector)
+            key_pem = generate_key()
+            connector.use_certificate(
+                self.root.sign_csr(make_csr(key_pem), days=1).cert_pem, key_pem
+            )
+            await self.upgrade(connector)
+            await self.upgrade(connector)
+            self.assertEqual(connector.handshakes, HandshakeCounts(full=2, resumed=1))
+
+        return ensureDeferred(run())
+
+    def test_newTrustVerifiesAgain(self) -> Deferred[None]:
+        """
+        A session made under one trust does not let a connection under another
+        skip the check of the ingress's certificate.
+        """
+
+        async def run() -> None:
+            connector = self.connector(trusting(self.root))
+            await self.upgrade(connector)
+            connector.use_trust(trusting(CertificateAuthority.create("other")))
+            with self.assertRaises(TLSFailed):
+                await self.upgrade(connector)
+            self.assertEqual(connector.handshakes, HandshakeCounts(full=1, resumed=0))
+
+        return ensureDeferred(run())
+
+    def test_otherIngressHandshakesInFull(self) -> Deferred[None]:
+        """
+        A session with one ingress is not offered to another: a connector for
+        another name of the same server starts with a full handshake.
+        """
+
+        async def run() -> None:
+            await self.upgrade(self.connector(trusting(self.root)))
+            elsewhere = self.connector(trusting(self.root), "localhost")
+            await self.upgrade(elsewhere)
+            await self.upgrade(elsewhere)
+            self.assertEqual(elsewhere.handshakes, HandshakeCounts(full=1, resumed=1))
+
+        return ensureDeferred(run())
+
+    def test_failedHandshakeDropsSession(self) -> Deferred[None]:
+        """
+        After a handshake fails (here: the ingress now serves a certificate
+        from a CA the client does not trust), the session is dropped, and the
+        next connection is checked in full.
+        """
+
+        async def run() -> None:
+            connector = self.connector(trusting(self.root))
+            await self.upgrade(connector)
+            stranger = CertificateAuthority.create("stranger")
+            self.server_cert, self.server_key = stranger.issue_server(["127.0.0.1"])
+            trusted_port, self.port = self.port, self.serve()
+            connector.port = self.port
+            with self.assertRaises(TLSFailed):
+                await self.upgrade(connector)
+            connector.port = trusted_port
+            await self.upgrade(connector)
+            self.assertEqual(connector.handshakes, HandshakeCounts(full=2, resumed=0))
 
         return ensureDeferred(run())

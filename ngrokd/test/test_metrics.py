@@ -67,7 +67,8 @@ class MetricsTests(DaemonHealthTestCase):
         """
         After a failed poll, three echoed connections and one the ingress
         refuses: connections and bytes per endpoint, the refusal by kind,
-        one upgrade time per upgraded connection, one lifetime per
+        one upgrade time per upgraded connection, the first of them with a
+        full TLS handshake and the others resumed, one lifetime per
         connection, polls by result, the certificate's expiry, readiness and
         the build.
         """
@@ -106,6 +107,8 @@ class MetricsTests(DaemonHealthTestCase):
                         kind="refused",
                     ),
                     sample(samples, "ngrokd_upgrade_duration_seconds_count"),
+                    sample(samples, "ngrokd_ingress_dials_total", kind="full"),
+                    sample(samples, "ngrokd_ingress_dials_total", kind="resumed"),
                     sample(samples, "ngrokd_connection_duration_seconds_count"),
                     sample(
                         samples,
@@ -114,7 +117,7 @@ class MetricsTests(DaemonHealthTestCase):
                     ),
                     sample(samples, "ngrokd_ready"),
                 ],
-                [0, 4, total, total, 1, 3, 4, 1, 1],
+                [0, 4, total, total, 1, 3, 1, 2, 4, 1, 1],
             )
             self.assertGreaterEqual(
                 sample(
