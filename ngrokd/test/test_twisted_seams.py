@@ -13,7 +13,8 @@ import os
 import types
 from typing import Any
 
-from OpenSSL.SSL import Context
+import OpenSSL
+from OpenSSL.SSL import TLS_METHOD, Connection, Context
 from twisted.internet import ssl
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import Factory, Protocol
@@ -27,6 +28,7 @@ from zope.interface import implementer
 import ngrokd
 import twisted
 from ngrokd.datapath.halfclose import TLS_INTERNALS, HalfCloseableTLSProtocol
+from ngrokd.datapath.resumption import session_reused
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.logs import observers_of
 from ngrokd.test.helpers import unsent
@@ -359,6 +361,26 @@ class TransportBufferSeamTests(SynchronousTestCase):
                 " to measure what the daemon holds",
             ),
         )
+
+
+class SessionReusedSeamTests(SynchronousTestCase):
+    """
+    L{ngrokd.datapath.resumption.session_reused} reads pyOpenSSL's private
+    C{Connection._ssl} and calls OpenSSL through cryptography's bindings.
+    """
+
+    def test_fresh(self) -> None:
+        """
+        A connection that has not handshaken has not resumed; a change in
+        either library fails here, naming what is gone.
+        """
+        connection = Connection(Context(TLS_METHOD))
+        self.assertTrue(
+            hasattr(connection, "_ssl"),
+            f"pyOpenSSL {OpenSSL.__version__} has no Connection._ssl: ngrokd's"
+            " count of resumed handshakes (ngrokd/datapath/resumption.py) needs it",
+        )
+        self.assertFalse(session_reused(connection))
 
 
 class PrivateImportTests(SynchronousTestCase):
