@@ -92,7 +92,7 @@ class LogLevelService(Service):
         self._filter: LevelFilter | None = None
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._filter = restrict_level(self._level, self._publisher)
 
     def set_level(self, level: LogLevel) -> None:
@@ -104,7 +104,7 @@ class LogLevelService(Service):
             self._filter.set_level(level)
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         if self._filter is not None:
             self._filter.undo()
             self._filter = None

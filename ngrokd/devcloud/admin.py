@@ -116,7 +116,7 @@ class AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, cloud: Cloud, ingress: IngressFactory) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._cloud = cloud
         self._ingress = ingress
 
@@ -287,7 +287,7 @@ class DevcloudRoot(Resource):
     """
 
     def __init__(self, api: Resource, admin: AdminResource) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._api = api
         self._admin = admin
 

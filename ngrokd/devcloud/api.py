@@ -151,7 +151,7 @@ class _APIResource(Resource):
     isLeaf = True
 
     def __init__(self, cloud: Cloud, base_url: str, clock: IReactorTime | None) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._cloud = cloud
         self._base_url = base_url.rstrip("/")
         self._clock = clock

@@ -467,7 +467,7 @@ class HostsService(Service):
         Remove the section an earlier run left, if it did not stop cleanly:
         until the first reconcile nothing is served, so no name is valid.
         """
-        super().startService()
+        Service.startService(self)
         self.write({})
 
     def stopService(self) -> Deferred[None]:
@@ -476,7 +476,7 @@ class HostsService(Service):
         """
         if not self.running:
             return succeed(None)
-        super().stopService()
+        Service.stopService(self)
         removing: Deferred[Any] = self.write({})
         return removing.addCallback(lambda _: None)
 

@@ -65,11 +65,11 @@ class EndpointDiscoveryService(Service):
         self._poll_started = 0.0
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._schedule(0)
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        Service.stopService(self)
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None

@@ -213,11 +213,11 @@ class IdentityService(Service):
     # Lifecycle and controls
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._kick()
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        Service.stopService(self)
         self._cancel_timer()
         if self._current is not None:
             self._current.cancel()

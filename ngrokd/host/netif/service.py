@@ -95,7 +95,7 @@ class InterfaceService(Service):
         return ThreadPool(minthreads=0, maxthreads=1, name="ngrokd-netif")
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         if self.threadpool.joined:
             # Started again after a stop: a stopped pool cannot restart, and
             # an interface we made is bound to it.
@@ -109,7 +109,7 @@ class InterfaceService(Service):
     def stopService(self) -> Deferred[None]:
         if not self.running:
             return succeed(None)
-        super().stopService()
+        Service.stopService(self)
         stopping = self._serially(self._destroy)
         pool = self.threadpool
 
