@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -362,3 +364,41 @@ def source_file(*parts: str) -> str:
         if os.path.exists(candidate):
             return candidate
     raise SkipTest(f"{'/'.join(parts)} is not in reach (no source tree)")
+
+
+def spawn_twistd(
+    test: Any,
+    config_path: str,
+    log_path: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """
+    Run C{twistd -n ngrokd --config CONFIG_PATH} as its own process, its
+    output to C{log_path}, killed at the end of C{test} if still running.
+    """
+    log = open(log_path, "wb")  # noqa: SIM115 (closed at cleanup)
+    process = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "twistd"),
+            "-n",
+            "--pidfile=",
+            "ngrokd",
+            "--config",
+            config_path,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+    )
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+        log.close()
+
+    test.addCleanup(stop)
+    return process

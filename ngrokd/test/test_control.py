@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -46,6 +47,18 @@ from ngrokd.tap import build_daemon
 from ngrokd.test.helpers import Echo, Recorder, free_ports, listen, wait_listening
 
 
+def replace_lines(text: str, **lines: str) -> str:
+    """
+    C{text}, a config file, with the line of each key (indented in its
+    section) replaced by the given lines.
+    """
+    for key, line in lines.items():
+        text, found = re.subn(rf"(?m)^  {key}:.*$", line, text, count=1)
+        if found != 1:
+            raise AssertionError(f"no line for {key} in the config")
+    return text
+
+
 class DaemonFixture:
     """
     A devcloud with two endpoints and a daemon built as twistd builds it,
@@ -68,6 +81,22 @@ class DaemonFixture:
         )
         case.addCleanup(devcloud.stop)
         return devcloud
+
+    def own_config(
+        self, case: TestCase, devcloud: RunningDevcloud, **lines: str
+    ) -> str:
+        """
+        Make the devcloud's config file say what L{start_daemon} runs with
+        (a short socket path of its own, no health server), with the line of
+        each key in C{lines} replaced too; the socket's path.
+        """
+        socket_path = os.path.join(self.socket_dir(case), "ngrokd.sock")
+        with open(devcloud.config_path) as f:
+            text = f.read()
+        own = f"  socket_path: {socket_path}\n  health_address: ''"
+        with open(devcloud.config_path, "w") as f:
+            f.write(replace_lines(text, socket_path=own, **lines))
+        return socket_path
 
     def socket_dir(self, case: TestCase) -> str:
         directory = tempfile.mkdtemp(prefix="ngrokd-ctl-")

@@ -9,7 +9,6 @@ import errno
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 from typing import Any
@@ -403,15 +402,9 @@ class ReloadTests(DaemonFixture, TestCase):
 
     def setUp(self) -> None:
         self.devcloud = self.start_devcloud(self)
-        self.socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        self.socket = self.own_config(self, self.devcloud)
         with open(self.devcloud.config_path) as f:
-            text = f.read()
-        self.original = re.sub(
-            r"(?m)^  socket_path:.*$",
-            f"  socket_path: {self.socket}\n  health_address: ''",
-            text,
-        )
-        self.save(self.original)
+            self.original = f.read()
 
     def save(self, text: str) -> None:
         with open(self.devcloud.config_path, "w") as f:

@@ -6,7 +6,6 @@ its own files, socket, interface and hosts section.
 from __future__ import annotations
 
 import os
-import re
 from ipaddress import ip_address
 
 from hypothesis import given
@@ -374,18 +373,12 @@ class SideBySideTests(DaemonFixture, TestCase):
         The devcloud's config as instance C{name}'s file, with its own socket
         and the shared hosts file.
         """
-        socket_path = os.path.join(self.socket_dir(self), "ngrokd.sock")
-        with open(devcloud.config_path) as f:
-            text = f.read()
-        text = re.sub(
-            r"(?m)^  socket_path:.*$",
-            f"  socket_path: {socket_path}\n  health_address: ''\n  instance: {name}",
-            text,
+        return self.own_config(
+            self,
+            devcloud,
+            log_level=f"  log_level: info\n  instance: {name}",
+            hosts_file=f"  hosts_file: {hosts}",
         )
-        text = re.sub(r"(?m)^  hosts_file:.*$", f"  hosts_file: {hosts}", text)
-        with open(devcloud.config_path, "w") as f:
-            f.write(text)
-        return socket_path
 
     def test_stopOneKeepsTheOther(self) -> Deferred[None]:
         """

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from typing import Any
@@ -25,8 +24,14 @@ from ngrokd.control.watcher import QUIET, ConfigWatcher
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.reconfigure import HOT, applied, changes, settings
-from ngrokd.test.helpers import Recorder, connect, source_file, wait_until
-from ngrokd.test.test_control import DaemonFixture
+from ngrokd.test.helpers import (
+    Recorder,
+    connect,
+    source_file,
+    spawn_twistd,
+    wait_until,
+)
+from ngrokd.test.test_control import DaemonFixture, replace_lines
 
 ECHO = parse_endpoint_url("tcp://echo.test:7000").url
 WEB = parse_endpoint_url("http://web.test").url
@@ -240,18 +245,11 @@ class DaemonReloadTests(DaemonFixture, TestCase):
 
     def setUp(self) -> None:
         self.devcloud = self.start_devcloud(self)
-        self.socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
-        with open(self.devcloud.config_path) as f:
-            text = f.read()
         # The file says what the fixture runs with, so a reload sees no
         # change but the test's.
-        self.original = re.sub(
-            r"(?m)^  socket_path:.*$",
-            f"  socket_path: {self.socket}\n  health_address: ''",
-            text,
-        )
-        with open(self.devcloud.config_path, "w") as f:
-            f.write(self.original)
+        self.socket = self.own_config(self, self.devcloud)
+        with open(self.devcloud.config_path) as f:
+            self.original = f.read()
 
     async def started(self) -> Daemon:
         return await self.start_daemon(self, self.devcloud, self.socket)
@@ -260,10 +258,7 @@ class DaemonReloadTests(DaemonFixture, TestCase):
         """
         Save the config, by rename, with the line of each C{key} replaced.
         """
-        text = self.original
-        for key, line in lines.items():
-            text, found = re.subn(rf"(?m)^  {key}:.*$", line, text, count=1)
-            self.assertEqual(found, 1, key)
+        text = replace_lines(self.original, **lines)
         with open(self.devcloud.config_path + ".new", "w") as f:
             f.write(text)
         os.rename(self.devcloud.config_path + ".new", self.devcloud.config_path)
@@ -372,43 +367,14 @@ class SighupTests(DaemonFixture, TestCase):
         where the new file says; it is still running, and stops on SIGTERM.
         """
         devcloud = self.start_devcloud(self)
-        socket_path = os.path.join(self.socket_dir(self), "ngrokd.sock")
+        socket_path = self.own_config(self, devcloud)
         with open(devcloud.config_path) as f:
             text = f.read()
-        text = re.sub(
-            r"(?m)^  socket_path:.*$",
-            f"  socket_path: {socket_path}\n  health_address: ''",
-            text,
-        )
-        with open(devcloud.config_path, "w") as f:
-            f.write(text)
-        log = open(os.path.abspath(self.mktemp()), "w")  # noqa: SIM115
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
-                "-n",
-                "--pidfile=",
-                "ngrokd",
-                "--config",
-                devcloud.config_path,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.kill()
-            process.wait(30)
-            log.close()
-
-        self.addCleanup(stop)
+        log = os.path.abspath(self.mktemp())
+        process = spawn_twistd(self, devcloud.config_path, log)
 
         def output() -> str:
-            with open(log.name) as f:
+            with open(log, errors="replace") as f:
                 return f.read()[-3000:]
 
         async def listed() -> dict[str, Any]:

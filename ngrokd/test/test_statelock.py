@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from ipaddress import ip_address
@@ -23,6 +22,7 @@ from ngrokd.host.statelock import (
     StateLock,
     StateLockError,
 )
+from ngrokd.test.helpers import spawn_twistd
 
 #: Seconds a child process gets to start or stop.
 PROCESS_TIMEOUT = 30.0
@@ -109,31 +109,8 @@ class SecondDaemonTests(SynchronousTestCase):
 
     def daemon(self, name: str) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if k != "NGROK_API_KEY"}
-        log = open(os.path.join(self.base, f"{name}.log"), "wb")
-        self.addCleanup(log.close)
-        process = subprocess.Popen(
-            [
-                os.path.join(os.path.dirname(sys.executable), "twistd"),
-                "-n",
-                "--pidfile=",
-                "ngrokd",
-                "--config",
-                self.config,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.base,
-        )
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-
-        self.addCleanup(stop)
-        return process
+        log = os.path.join(self.base, f"{name}.log")
+        return spawn_twistd(self, self.config, log, env=env, cwd=self.base)
 
     def write_hosts(self, text: str) -> None:
         with open(self.hosts, "w") as f:
