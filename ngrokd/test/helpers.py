@@ -223,6 +223,19 @@ def connect(
     return connectProtocol(TCP4ClientEndpoint(reactor, host, port), protocol)
 
 
+async def exchange(port: int, data: bytes, host: str = "127.0.0.1") -> Recorder:
+    """
+    Connect to C{host}:C{port}, send C{data}, stop sending, and read until
+    the connection closes; the client, with what it received.
+    """
+    client = Recorder()
+    await connect(port, client, host)
+    client.transport.write(data)
+    client.transport.loseWriteConnection()
+    await client.lost
+    return client
+
+
 async def wait_until(
     condition: Callable[[], bool], what: str, timeout: float = 10.0
 ) -> None:

@@ -33,6 +33,7 @@ from ngrokd.test.helpers import (
     Source,
     assert_flow_controlled,
     connect,
+    exchange,
     free_ports,
     listen,
     unused_port,
@@ -97,17 +98,6 @@ class DaemonEndToEndTests(TestCase):
     def stats_of(self, daemon: Daemon, url: str) -> Any:
         return daemon.listeners.listeners[parse_endpoint_url(url).url].stats
 
-    async def exchange(self, port: int, data: bytes) -> Recorder:
-        """
-        Send C{data}, stop sending, and read until the connection closes.
-        """
-        client = Recorder()
-        await connect(port, client)
-        client.transport.write(data)
-        client.transport.loseWriteConnection()
-        await client.lost
-        return client
-
     def test_registration(self) -> Deferred[None]:
         """
         Without a certificate the daemon registers: the key is written 0600,
@@ -145,9 +135,7 @@ class DaemonEndToEndTests(TestCase):
                     f"tcp://more{n}.test:{6000 + n}", ("127.0.0.1", self.echo_port)
                 )
             daemon = await self.start_daemon(expected=7)
-            client = await self.exchange(
-                self.port_of(daemon, "tcp://more4.test:6004"), b"p"
-            )
+            client = await exchange(self.port_of(daemon, "tcp://more4.test:6004"), b"p")
             self.assertEqual(client.received, b"p")
 
         return ensureDeferred(run())
@@ -161,9 +149,7 @@ class DaemonEndToEndTests(TestCase):
         async def run() -> None:
             daemon = await self.start_daemon()
             data = os.urandom(300_000)
-            client = await self.exchange(
-                self.port_of(daemon, "tcp://echo.test:7000"), data
-            )
+            client = await exchange(self.port_of(daemon, "tcp://echo.test:7000"), data)
             self.assertEqual(client.received, data)
             stats = self.stats_of(daemon, "tcp://echo.test:7000")
             self.assertEqual((stats.bytes_up, stats.bytes_down), (len(data), len(data)))
@@ -236,14 +222,12 @@ class DaemonEndToEndTests(TestCase):
             daemon = await self.start_daemon()
             self.devcloud.cloud.remove_endpoint("tcp://echo.test:7000")
             self.devcloud.cloud.remove_endpoint("http://web.test")
-            client = await self.exchange(
-                self.port_of(daemon, "tcp://echo.test:7000"), b"x"
-            )
+            client = await exchange(self.port_of(daemon, "tcp://echo.test:7000"), b"x")
             self.assertEqual(client.received, b"")
             stats = self.stats_of(daemon, "tcp://echo.test:7000")
             self.assertEqual(stats.errors, 1)
             self.assertIn("ERR_NGROK_3200", stats.last_error)
-            web = await self.exchange(
+            web = await exchange(
                 self.port_of(daemon, "http://web.test"), b"GET / HTTP/1.1\r\n\r\n"
             )
             self.assertTrue(web.received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
@@ -251,7 +235,7 @@ class DaemonEndToEndTests(TestCase):
             self.devcloud.cloud.add_endpoint(
                 "tcp://echo.test:7000", ("127.0.0.1", self.echo_port)
             )
-            again = await self.exchange(
+            again = await exchange(
                 self.port_of(daemon, "tcp://echo.test:7000"), b"back"
             )
             self.assertEqual((again.received, stats.last_error), (b"back", ""))
@@ -268,9 +252,7 @@ class DaemonEndToEndTests(TestCase):
                 "tcp://down.test:1", ("127.0.0.1", unused_port())
             )
             daemon = await self.start_daemon(expected=3)
-            client = await self.exchange(
-                self.port_of(daemon, "tcp://down.test:1"), b"x"
-            )
+            client = await exchange(self.port_of(daemon, "tcp://down.test:1"), b"x")
             self.assertEqual(client.received, b"")
             self.assertIn(
                 "ERR_NGROK_8012", self.stats_of(daemon, "tcp://down.test:1").last_error
@@ -290,9 +272,7 @@ class DaemonEndToEndTests(TestCase):
             key_pem = generate_key()
             cert = stranger.sign_csr(make_csr(key_pem), days=1)
             daemon.connector.use_certificate(cert.cert_pem, key_pem)
-            client = await self.exchange(
-                self.port_of(daemon, "tcp://echo.test:7000"), b"x"
-            )
+            client = await exchange(self.port_of(daemon, "tcp://echo.test:7000"), b"x")
             self.assertEqual(client.received, b"")
             error = self.stats_of(daemon, "tcp://echo.test:7000").last_error
             self.assertIn("TLS", error)
@@ -315,9 +295,7 @@ class DaemonEndToEndTests(TestCase):
             self.devcloud.ingress.inject(
                 "tcp://echo.test:7000", IngressFault(stall=True)
             )
-            client = await self.exchange(
-                self.port_of(daemon, "tcp://echo.test:7000"), b"x"
-            )
+            client = await exchange(self.port_of(daemon, "tcp://echo.test:7000"), b"x")
             self.assertEqual(client.received, b"")
             self.assertIn(
                 "no upgrade response",

@@ -29,8 +29,7 @@ from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.tap import Options, makeService
 from ngrokd.test.helpers import (
     Echo,
-    Recorder,
-    connect,
+    exchange,
     free_ports,
     listen,
     wait_until,
@@ -251,11 +250,7 @@ class StatusTests(DaemonHealthTestCase):
             daemon = await self.start()
             await wait_until(lambda: daemon.daemon_status().ready, "ready")
             port = self.port_of(daemon, "tcp://echo.test:7000")
-            client = Recorder()
-            await connect(port, client)
-            client.transport.write(b"hello")
-            client.transport.loseWriteConnection()
-            await client.lost
+            client = await exchange(port, b"hello")
             self.assertEqual(client.received, b"hello")
             answer = await http(self.url(daemon, "/status"))
             self.assertEqual(answer.header("content-type"), "application/json")

@@ -16,7 +16,7 @@ from ngrokd import __version__
 from ngrokd.control.metrics import histogram_quantile, poll_result
 from ngrokd.daemon import Daemon
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable
-from ngrokd.test.helpers import Recorder, connect, wait_until
+from ngrokd.test.helpers import Recorder, connect, exchange, wait_until
 from ngrokd.test.test_health import DaemonHealthTestCase, http
 
 ECHO = "tcp://echo.test:7000"
@@ -55,11 +55,7 @@ class MetricsTests(DaemonHealthTestCase):
         }
 
     async def echo(self, port: int, data: bytes) -> Recorder:
-        client = Recorder()
-        await connect(port, client)
-        client.transport.write(data)
-        client.transport.loseWriteConnection()
-        await client.lost
+        client = await exchange(port, data)
         self.assertEqual(client.received, data)
         return client
 

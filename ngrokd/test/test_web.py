@@ -35,8 +35,7 @@ from ngrokd.control.web import MAX_STREAMS, host_allowed
 from ngrokd.status import FAILED, LISTENING, STARTING, EndpointStatus
 from ngrokd.test.browser import find_chromium, start_browser
 from ngrokd.test.helpers import (
-    Recorder,
-    connect,
+    exchange,
     ready_status,
     wait_until,
 )
@@ -98,11 +97,7 @@ class PageTests(DaemonHealthTestCase):
             daemon = await self.start()
             await wait_until(lambda: daemon.daemon_status().ready, "ready")
             port = self.port_of(daemon, ECHO)
-            client = Recorder()
-            await connect(port, client)
-            client.transport.write(b"hello")
-            client.transport.loseWriteConnection()
-            await client.lost
+            self.assertEqual((await exchange(port, b"hello")).received, b"hello")
             await wait_until(
                 lambda: daemon.endpoint_status()[0].connections_open == 0, "close"
             )
@@ -339,11 +334,7 @@ class BrowserTests(DaemonHealthTestCase):
         return ensureDeferred(run())
 
     async def echo_once(self, port: int) -> None:
-        client = Recorder()
-        await connect(port, client)
-        client.transport.write(b"ping")
-        client.transport.loseWriteConnection()
-        await client.lost
+        client = await exchange(port, b"ping")
         self.assertEqual(client.received, b"ping")
 
 
