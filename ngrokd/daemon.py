@@ -93,6 +93,16 @@ _API_CLIENT_KEYS = frozenset(
     }
 )
 
+#: The keys the identity service is told of: a reload that changes one
+#: makes it act on them (ask ngrok, renew earlier).
+_IDENTITY_KEYS = frozenset(
+    {
+        "bound_endpoints.selectors",
+        "server.renew_before_days",
+        "api.reregister_if_deleted",
+    }
+)
+
 #: Seconds a stop may take as a whole (listeners, hosts file, addresses).
 STOP_TIMEOUT = 60.0
 
@@ -472,16 +482,22 @@ class Daemon(MultiService):
                 )
             )
         ingress = config.ingress
-        self.connector.set_timeouts(ingress.connect_timeout, ingress.upgrade_timeout)
-        self.identity_service.reconfigure(
-            config.bound_endpoints.selectors,
-            datetime.timedelta(days=config.server.renew_before_days),
-            config.api.reregister_if_deleted,
-        )
+        if changed.keys() & {"ingress.connect_timeout", "ingress.upgrade_timeout"}:
+            self.connector.set_timeouts(
+                ingress.connect_timeout, ingress.upgrade_timeout
+            )
+        if changed.keys() & _IDENTITY_KEYS:
+            # It asks ngrok again: only when what it sends or decides changed.
+            self.identity_service.reconfigure(
+                config.bound_endpoints.selectors,
+                datetime.timedelta(days=config.server.renew_before_days),
+                config.api.reregister_if_deleted,
+            )
         if "api.key" in changed:
             self.api_key = config.api.key
             self.identity_service.key_changed()
-        self.discovery.set_interval(config.bound_endpoints.poll_interval)
+        if "bound_endpoints.poll_interval" in changed:
+            self.discovery.set_interval(config.bound_endpoints.poll_interval)
         for observer in self.reconfigured:
             observer(config)
         if self._found is not None and changed.keys() & _PLAN_KEYS:
