@@ -72,19 +72,22 @@ MAX_CONNECTIONS = 64
 PROBE_TIMEOUT = 2.0
 
 
-def _page(rows: Sequence[EndpointStatus], start: int, limit: int) -> int:
+def _page(
+    rows: Sequence[EndpointStatus], start: int, limit: int
+) -> list[dict[str, Any]]:
     """
-    Where the page of C{rows} that begins at C{start} ends: at most
+    The records of the page of C{rows} that begins at C{start}: at most
     C{limit} rows whose JSON fits in L{PAGE_BYTES}, and at least one.
     """
+    page: list[dict[str, Any]] = []
     size = 2
-    end = start
-    while end < len(rows) and end - start < limit:
-        size += len(json.dumps(attrs.asdict(rows[end]))) + 1
-        if size > PAGE_BYTES and end > start:
+    for row in rows[start : start + limit]:
+        record = attrs.asdict(row)
+        size += len(json.dumps(record, separators=(",", ":"))) + 1
+        if size > PAGE_BYTES and page:
             break
-        end += 1
-    return end
+        page.append(record)
+    return page
 
 
 class ControlAMP(amp.AMP):
@@ -129,10 +132,9 @@ class ControlAMP(amp.AMP):
         if cursor == 0 or not self._listing:
             self._listing = self._controller.rows()
         rows = self._listing
-        end = _page(rows, cursor, max(1, limit))
-        answer: dict[str, Any] = {
-            "endpoints": [attrs.asdict(row) for row in rows[cursor:end]]
-        }
+        page = _page(rows, cursor, max(1, limit))
+        answer: dict[str, Any] = {"endpoints": page}
+        end = cursor + len(page)
         if end < len(rows):
             answer["next"] = end
         else:
