@@ -46,6 +46,8 @@ _MAX_DAYS = 3650
 _MAX_CA_BUNDLE = 16 * 2**20
 #: A larger count limit is a mistake.
 _MAX_COUNT = 1_000_000
+#: Warm connections to the ingress: each is a socket and a TLS session.
+_MAX_POOL = 1000
 _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
@@ -145,6 +147,12 @@ class IngressConfig:
     max_pending_dials: int = 100
     #: Seconds a connection may wait in that queue.
     dial_queue_timeout: float = 60.0
+    #: The most connections kept ready (TLS done, no request yet); 0: none.
+    pool_size: int = 16
+    #: Seconds without an accepted connection after which none are kept.
+    pool_idle_timeout: float = 30.0
+    #: Seconds a ready connection is kept before it is replaced.
+    pool_max_age: float = 20.0
 
     @property
     def host(self) -> str:
@@ -408,6 +416,19 @@ def _count(node: yaml.Node, key: str, ctx: _Context) -> int:
     return value
 
 
+def _size(node: yaml.Node, key: str, ctx: _Context) -> int:
+    value = ctx.value(node, key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value <= _MAX_POOL
+    ):
+        ctx.fail(
+            node, key, f"must be a whole number 0..{_MAX_POOL}, got {_shown(node)}"
+        )
+    return value
+
+
 def _bool(node: yaml.Node, key: str, ctx: _Context) -> bool:
     value = ctx.value(node, key)
     if not isinstance(value, bool):
@@ -640,6 +661,9 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.upgrade_timeout": (_seconds, 10.0),
     "ingress.max_pending_dials": (_count, 100),
     "ingress.dial_queue_timeout": (_seconds, 60.0),
+    "ingress.pool_size": (_size, 16),
+    "ingress.pool_idle_timeout": (_seconds, 30.0),
+    "ingress.pool_max_age": (_seconds, 20.0),
     "server.log_level": (_log_level, "info"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),

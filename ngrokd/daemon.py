@@ -48,6 +48,7 @@ from ngrokd.config import Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
+from ngrokd.datapath.pool import PoolSettings
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
 from ngrokd.host import allocation
 from ngrokd.host.allocation import IPAddress
@@ -146,6 +147,7 @@ class Daemon(MultiService):
             insecure_skip_verify=ingress.insecure_skip_verify,
             max_pending=ingress.max_pending_dials,
             queue_timeout=ingress.dial_queue_timeout,
+            pool=_pool_settings(config),
         )
         server = config.server
         self.state_lock = StateLock(server.state_dir)
@@ -317,10 +319,11 @@ class Daemon(MultiService):
             await self._idle()
             factories = [x.factory for x in self.listeners.listeners.values()]
             await self.listeners.stop()
+            self.connector.pool.stop()  # nothing will take a warm connection
             await self._let_connections_finish(
                 [c for factory in factories for c in factory.connections]
             )
-            self.connector.failures.stop()
+            self.connector.stop()
             await super().stopService()
             await self.api.close()
         finally:
@@ -486,6 +489,8 @@ class Daemon(MultiService):
             self.connector.set_timeouts(
                 ingress.connect_timeout, ingress.upgrade_timeout
             )
+        if any(key.startswith("ingress.pool_") for key in changed):
+            self.connector.pool.configure(_pool_settings(config))
         if changed.keys() & _IDENTITY_KEYS:
             # It asks ngrok again: only when what it sends or decides changed.
             self.identity_service.reconfigure(
@@ -825,3 +830,10 @@ class StopOnSignal(Service):
                 "received {signal} again: resetting open connections", signal=name
             )
             self._daemon.stop_now()
+
+
+def _pool_settings(config: Config) -> PoolSettings:
+    ingress = config.ingress
+    return PoolSettings(
+        ingress.pool_size, ingress.pool_idle_timeout, ingress.pool_max_age
+    )

@@ -143,16 +143,37 @@ class DaemonMetrics:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._endpoints()
-        handshakes = self._daemon.connector.handshakes
-        dials = CounterMetricFamily(
-            f"{PREFIX}_ingress_dials",
-            "Upgraded connections to the binding ingress, by how their TLS"
-            " handshake went: full, or resumed from an earlier connection.",
-            labels=["kind"],
+        connector = self._daemon.connector
+        handshakes, pool = connector.handshakes, connector.pool
+        yield _by_label(
+            CounterMetricFamily,
+            "ingress_dials",
+            "Upgraded connections to the binding ingress, by how they got"
+            " their TLS handshake: ahead, in the warm pool (pooled), or when"
+            " accepted, resumed from an earlier connection or in full.",
+            "kind",
+            pooled=handshakes.pooled,
+            full=handshakes.full,
+            resumed=handshakes.resumed,
         )
-        dials.add_metric(["full"], handshakes.full)
-        dials.add_metric(["resumed"], handshakes.resumed)
-        yield dials
+        yield _by_label(
+            GaugeMetricFamily,
+            "ingress_pool_connections",
+            "Warm connections to the binding ingress: ready (TLS done, no"
+            " request yet), or being dialled.",
+            "state",
+            ready=pool.ready,
+            dialing=pool.dialing,
+        )
+        yield _by_label(
+            CounterMetricFamily,
+            "ingress_pool_discarded",
+            "Warm connections closed unused: by ngrokd (retired: too old,"
+            " idle, or made with an old certificate) or by the ingress (lost).",
+            "reason",
+            retired=pool.retired,
+            lost=pool.lost,
+        )
         status = self._daemon.daemon_status()
         ready = GaugeMetricFamily(
             f"{PREFIX}_ready", "1 when /readyz answers 200, else 0."
@@ -218,3 +239,19 @@ class DaemonMetrics:
             for kind, count in sorted(stats.failures.items()):
                 failures.add_metric([url, kind], count)
         yield from (opened, accepted, carried, failures)
+
+
+def _by_label(
+    family: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    label: str,
+    **values: int,
+) -> Metric:
+    """
+    A metric of ngrokd's with one sample per value of one label.
+    """
+    metric = family(f"{PREFIX}_{name}", documentation, labels=[label])
+    for value, number in values.items():
+        metric.add_metric([value], number)
+    return metric

@@ -49,8 +49,7 @@ class DialQueue:
         Fires when this dial may start, or fails with L{QueueTimeout} after
         C{max_wait} seconds in the queue. Cancelling it leaves the queue.
         """
-        if self.running < self.limit and not self._waiting:
-            self.running += 1
+        if self.try_acquire():
             admitted: Deferred[None] = Deferred()
             admitted.callback(None)
             return admitted
@@ -59,6 +58,16 @@ class DialQueue:
         self._waiting[turn] = self._clock.callLater(self.max_wait, self._expire, turn)
         self._order.append(turn)
         return turn
+
+    def try_acquire(self) -> bool:
+        """
+        Start a dial that may wait for nothing, if one may start now with
+        nobody waiting; if this says yes, L{release} it when it has finished.
+        """
+        if self.running < self.limit and not self._waiting:
+            self.running += 1
+            return True
+        return False
 
     def release(self) -> None:
         """

@@ -15,8 +15,9 @@ L{DialQueue}, and their timeouts start when they leave it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
+from attrs import define
 from OpenSSL.SSL import Error as TLSLibraryError
 from service_identity import VerificationError
 from twisted.internet import ssl
@@ -43,9 +44,12 @@ from ngrokd.datapath.dial import tcp_client_endpoint
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
 from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
 from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
 from ngrokd.datapath.splice import PipeProtocol
 from ngrokd.ngrok.trust import client_creator
+
+T = TypeVar("T")
 
 #: Distinct notices remembered (and so not logged again); past this, all are
 #: forgotten.
@@ -128,7 +132,7 @@ class IngressProtocol(PipeProtocol):
 
     def __init__(
         self,
-        request: wire.ConnRequest,
+        request: wire.ConnRequest | None,
         clock: IReactorTime,
         connect_timeout: float,
         upgrade_timeout: float,
@@ -137,6 +141,9 @@ class IngressProtocol(PipeProtocol):
         super().__init__()
         self.request = request
         self._server_name = server_name
+        #: For a connection dialled without a request (a warm one): fires
+        #: once its TLS handshake is done and it waits for L{upgrade}.
+        self.handshaken: Deferred[IngressProtocol] = Deferred(self._cancel)
         self.upgraded: Deferred[IngressProtocol] = Deferred(self._cancel)
         self.response: wire.ConnResponse | None = None
         self._clock = clock
@@ -144,6 +151,9 @@ class IngressProtocol(PipeProtocol):
         self._upgrade_timeout = upgrade_timeout
         self._reader: wire.FrameReader | None = wire.FrameReader()
         self._timer: IDelayedCall | None = None
+        self._started = clock.seconds()
+        #: Seconds from the dial to the end of the TLS handshake.
+        self.handshake_seconds: float | None = None
 
     def connectionMade(self) -> None:
         # TCP is up (the endpoint bounds that); bound the TLS handshake too.
@@ -151,19 +161,57 @@ class IngressProtocol(PipeProtocol):
             self._connect_timeout, self._timed_out, "TLS handshake"
         )
         self.transport.setTcpNoDelay(True)
-        # Sent now, it leaves with the end of the handshake: no extra round trip.
-        self.transport.write(wire.encode_request(self.request))
+        if self.request is not None:
+            # Sent now, it leaves with the end of the handshake: no extra
+            # round trip.
+            self.transport.write(wire.encode_request(self.request))
 
     def handshakeCompleted(self) -> None:
         self._stop_timer()
-        if self._reader is not None:
-            self._timer = self._clock.callLater(
-                self._upgrade_timeout, self._timed_out, "upgrade response"
-            )
+        self.handshake_seconds = self._clock.seconds() - self._started
+        if self.request is None:
+            self.handshaken.callback(self)
+        elif self._reader is not None:
+            self._await_response()
+
+    def upgrade(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
+        """
+        Send C{request} on this warm connection; fires as L{upgraded}.
+        """
+        self.request = request
+        self.transport.write(wire.encode_request(request))
+        self._await_response()
+        return self.upgraded
+
+    def close(self) -> None:
+        """
+        Close this connection before its upgrade.
+        """
+        self._reader = None
+        self._stop_timer()
+        self.transport.loseConnection()
+
+    def _await_response(self) -> None:
+        self._timer = self._clock.callLater(
+            self._upgrade_timeout, self._timed_out, "upgrade response"
+        )
+
+    @property
+    def _awaited(self) -> Deferred[IngressProtocol] | None:
+        """
+        Where a failure before the upgrade goes: nowhere while a warm
+        connection waits for its request.
+        """
+        if self.request is not None:
+            return self.upgraded
+        return None if self.handshaken.called else self.handshaken
 
     def dataReceived(self, data: bytes) -> None:
         if self._reader is None:
             super().dataReceived(data)
+            return
+        if self.request is None:
+            self._fail(UpgradeFailed("the ingress sent data before the request"))
             return
         try:
             result = self._reader.feed(data)
@@ -191,7 +239,8 @@ class IngressProtocol(PipeProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
-        if self._reader is not None and not self.upgraded.called:
+        awaited = self._awaited
+        if self._reader is not None and awaited is not None and not awaited.called:
             self._reader = None
             if reason.check(VerificationError):
                 error: IngressError = TLSFailed(
@@ -204,14 +253,15 @@ class IngressProtocol(PipeProtocol):
                     "the ingress closed the connection before answering the upgrade"
                     f" ({reason.getErrorMessage()})"
                 )
-            self.upgraded.errback(error)
+            awaited.errback(error)
         super().connectionLost(reason)
 
     def _fail(self, error: IngressError) -> None:
+        awaited = self._awaited
         self._reader = None
         self._stop_timer()
-        if not self.upgraded.called:
-            self.upgraded.errback(error)
+        if awaited is not None and not awaited.called:
+            awaited.errback(error)
         self.transport.abortConnection()
 
     def _timed_out(self, stage: str) -> None:
@@ -236,6 +286,23 @@ def _describe_tls(error: Exception) -> str:
     return "TLS handshake failed: " + (", ".join(r for r in reasons if r) or str(error))
 
 
+@define(eq=False)
+class WarmConnection:
+    """
+    A connection in the warm pool, with the TLS settings that made it.
+    """
+
+    protocol: IngressProtocol
+    creator: ResumingCreator
+
+    @property
+    def closed(self) -> Deferred[None]:
+        return self.protocol.closed
+
+    def close(self) -> None:
+        self.protocol.close()
+
+
 class IngressConnector:
     """
     Opens upgraded connections to one binding ingress with one client identity.
@@ -243,7 +310,9 @@ class IngressConnector:
     The TLS client settings are built once per certificate (L{use_certificate})
     and trust (L{use_trust}, given when the daemon starts: reading a CA bundle
     is I/O) and shared by every connection, which offers to resume the TLS
-    session of the last upgraded one (L{ResumingCreator}).
+    session of the last upgraded one (L{ResumingCreator}). A connection is
+    taken from the L{WarmPool} when one is ready; otherwise it is dialled,
+    in its turn.
     """
 
     log = Logger()
@@ -259,6 +328,7 @@ class IngressConnector:
         insecure_skip_verify: bool = False,
         max_pending: int = 100,
         queue_timeout: float = 60.0,
+        pool: PoolSettings = NO_POOL,
     ) -> None:
         self._reactor: IReactorTCP = reactor
         self.clock: IReactorTime = reactor
@@ -270,9 +340,10 @@ class IngressConnector:
         self._upgrade_timeout = upgrade_timeout
         self._certificate: ssl.PrivateCertificate | None = None
         self._creator: ResumingCreator | None = None
-        #: Upgraded connections by kind of TLS handshake.
+        #: Upgraded connections by how they got their TLS handshake.
         self.handshakes = HandshakeCounts()
         self.queue = DialQueue(reactor, max_pending, queue_timeout)
+        self.pool: WarmPool[WarmConnection] = WarmPool(reactor, self._dial_warm, pool)
         #: Where the bridge reports failed connections.
         self.failures = FailureLog(reactor)
         self._notices_seen: set[tuple[str, int, str]] = set()
@@ -299,12 +370,21 @@ class IngressConnector:
         self._trust = trust
         self._rebuild()
 
+    def stop(self) -> None:
+        """
+        Close the warm connections, dial no more of them, and log the last
+        summary of failures.
+        """
+        self.pool.stop()
+        self.failures.stop()
+
     def _rebuild(self) -> None:
         if self._certificate is None or (self._trust is None and not self._insecure):
             return
         self._creator = ResumingCreator(
             client_creator(self.host, self._trust, self._certificate, self._insecure)
         )
+        self.pool.reset()
 
     @property
     def ready(self) -> bool:
@@ -312,13 +392,59 @@ class IngressConnector:
 
     def connect(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
         """
-        A new connection to the ingress, upgraded for C{request}, once a dial
-        may start.
+        A connection to the ingress, upgraded for C{request}: a warm one if
+        the pool has one, else a new one once a dial may start.
         """
         if self._creator is None:
             missing = "client certificate" if self._certificate is None else "CA trust"
             raise IngressError(f"no {missing} yet")
-        creator = self._creator
+        warm = self.pool.take()
+        if warm is not None:
+            return self._upgrade_warm(warm, request)
+        return self._dial_in_turn(self._creator, request)
+
+    def _upgrade_warm(
+        self, warm: WarmConnection, request: wire.ConnRequest
+    ) -> Deferred[IngressProtocol]:
+        """
+        Send C{request} on a warm connection. If it fails before the
+        ingress answers, no byte of the application's has been sent: the
+        request is tried once more on a new connection.
+        """
+        upgrading = warm.protocol.upgrade(request)
+        retry: Deferred[IngressProtocol] | None = None
+
+        def cancel(d: Deferred[IngressProtocol]) -> None:
+            (upgrading if retry is None else retry).cancel()
+
+        result: Deferred[IngressProtocol] = Deferred(cancel)
+
+        def answered(outcome: IngressProtocol | Failure) -> None:
+            nonlocal retry
+            if isinstance(outcome, Failure) and outcome.check(UpgradeFailed, TLSFailed):
+                self.pool.failed()
+                creator = self._creator
+                assert creator is not None
+                retry = self._dial_in_turn(creator, request)
+                retry.chainDeferred(result)
+                return
+            self._finished(outcome, warm.creator, pooled=True)
+            if isinstance(outcome, Failure):
+                if not outcome.check(CancelledError):
+                    result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        upgrading.addBoth(answered)
+        return result
+
+    def _dial_in_turn(
+        self, creator: ResumingCreator, request: wire.ConnRequest
+    ) -> Deferred[IngressProtocol]:
+        """
+        A new connection upgraded for C{request}, dialled when the
+        L{DialQueue} lets it.
+        """
         dialing: Deferred[IngressProtocol] | None = None
 
         def cancel(d: Deferred[IngressProtocol]) -> None:
@@ -346,15 +472,52 @@ class IngressConnector:
         return result
 
     def _dialed(self, result: object, creator: ResumingCreator) -> object:
-        self.queue.release()
+        self._released(result)
+        self._finished(result, creator, pooled=False)
+        if isinstance(result, IngressProtocol) and result.handshake_seconds:
+            self.pool.handshake_took(result.handshake_seconds)
+        return result
+
+    def _finished(self, result: object, creator: ResumingCreator, pooled: bool) -> None:
+        """
+        Count an upgraded connection by its handshake, keep its TLS session
+        and log its notices; after a TLS failure, offer no session.
+        """
         if isinstance(result, IngressProtocol) and result.response is not None:
-            if creator.completed(result.transport.getHandle()):
+            assert result.request is not None  # answered, so it was sent
+            resumed = creator.completed(result.transport.getHandle())
+            if pooled:
+                self.handshakes.pooled += 1
+            elif resumed:
                 self.handshakes.resumed += 1
             else:
                 self.handshakes.full += 1
+            self.pool.upgraded()
             self._notices(result.request, result.response.notices)
         elif isinstance(result, Failure) and result.check(TLSFailed):
             creator.failed()
+
+    def _dial_warm(self) -> Deferred[WarmConnection] | None:
+        """
+        A warm connection, once its TLS handshake is done; C{None} when
+        there are no TLS settings yet or no dial may start now: warm dials
+        count against the dials in progress, and wait for none.
+        """
+        creator = self._creator
+        if creator is None or not self.queue.try_acquire():
+            return None
+
+        def handshaken(protocol: IngressProtocol) -> WarmConnection:
+            if protocol.handshake_seconds:
+                self.pool.handshake_took(protocol.handshake_seconds)
+            return WarmConnection(protocol, creator)
+
+        dialing = self._dial(creator, None)
+        dialing.addBoth(self._released)
+        return dialing.addCallback(handshaken)
+
+    def _released(self, result: T) -> T:
+        self.queue.release()
         return result
 
     def _notices(self, request: wire.ConnRequest, notices: Sequence[str]) -> None:
@@ -377,8 +540,14 @@ class IngressConnector:
             )
 
     def _dial(
-        self, creator: IOpenSSLClientConnectionCreator, request: wire.ConnRequest
+        self,
+        creator: IOpenSSLClientConnectionCreator,
+        request: wire.ConnRequest | None,
     ) -> Deferred[IngressProtocol]:
+        """
+        A new connection, upgraded for C{request}; without one, a warm
+        connection, once its TLS handshake is done.
+        """
         endpoint = HalfCloseableTLSClientEndpoint(
             creator,
             tcp_client_endpoint(
@@ -396,15 +565,17 @@ class IngressConnector:
         factory.noisy = False  # one per connection: the bridge logs what matters
         connecting = endpoint.connect(factory)
 
+        awaited = protocol.upgraded if request is not None else protocol.handshaken
+
         def cancel(d: Deferred[IngressProtocol]) -> None:
             connecting.cancel()
             if protocol.transport is not None:
-                protocol.upgraded.cancel()
+                awaited.cancel()
 
         result: Deferred[IngressProtocol] = Deferred(cancel)
 
         def connected(_: object) -> None:
-            protocol.upgraded.chainDeferred(result)
+            awaited.chainDeferred(result)
 
         def dial_failed(failure: Failure) -> None:
             if failure.check(CancelledError, ConnectingCancelledError):

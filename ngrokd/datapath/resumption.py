@@ -24,11 +24,13 @@ from zope.interface import implementer
 @define
 class HandshakeCounts:
     """
-    Upgraded connections to the ingress by how their TLS handshake went.
+    Upgraded connections to the ingress by how their TLS handshake went:
+    done ahead in the warm pool, resumed, or in full.
     """
 
     full: int = 0
     resumed: int = 0
+    pooled: int = 0
 
 
 def session_reused(connection: Connection) -> bool:

@@ -199,6 +199,7 @@ class IngressProtocol(PipeProtocol):
             return
         self.hold(rest)
         self.request = request
+        self.factory.requests_total += 1
         self._handle(request)
 
     def readConnectionLost(self) -> None:
@@ -310,14 +311,7 @@ class IngressProtocol(PipeProtocol):
             endpoint_id=endpoint.id, proto=endpoint.proto, notices=notices
         )
         self.transport.write(wire.encode_response(response))
-        self.factory.upgrades_total += 1
-        self.log.info(
-            "upgraded {peer} to {url} ({endpoint_id}), backend {backend}",
-            peer=self._peer_address,
-            url=endpoint.url,
-            endpoint_id=endpoint.id,
-            backend=format_backend(endpoint.backend),
-        )
+        self.factory.upgrades_total += 1  # counted, not logged: one per connection
         splice(self, backend, self.factory.clock)
 
     def _upstream_failed(self, failure: Failure, endpoint: CloudEndpoint) -> None:
@@ -373,7 +367,7 @@ class IngressProtocol(PipeProtocol):
 
     def _request_timed_out(self) -> None:
         self._timer = None
-        self.log.warn(
+        self.log.info(
             "closing ingress client {peer}: no ConnRequest within {timeout} s",
             peer=self._peer_address,
             timeout=self.factory.request_timeout,
@@ -391,8 +385,9 @@ class IngressFactory(Factory):
     The ingress's application protocol factory (wrap it with L{tls_factory}).
 
     C{reactor} connects to backends; C{clock} (default: the reactor) times
-    requests. C{connections_total} counts accepted connections and
-    C{upgrades_total} successful upgrades; C{active} holds open connections.
+    requests. C{connections_total} counts accepted connections,
+    C{requests_total} the requests read and C{upgrades_total} successful
+    upgrades; C{active} holds open connections.
     """
 
     def __init__(
@@ -411,6 +406,7 @@ class IngressFactory(Factory):
         self.connect_timeout = connect_timeout
         self.faults: dict[tuple[str, int], IngressFault] = {}
         self.connections_total = 0
+        self.requests_total = 0
         self.upgrades_total = 0
         self.active: set[IngressProtocol] = set()
 
@@ -418,6 +414,14 @@ class IngressFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> IngressProtocol:
         return IngressProtocol(self)
+
+    @property
+    def carrying(self) -> set[IngressProtocol]:
+        """
+        The open connections that have sent their request: not the warm ones
+        a client keeps ready.
+        """
+        return {protocol for protocol in self.active if protocol.request is not None}
 
     def connection_made(self, protocol: IngressProtocol) -> None:
         self.connections_total += 1

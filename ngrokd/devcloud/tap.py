@@ -392,6 +392,7 @@ class DevcloudSettings:
     api_key: str | None
     start_port: int
     poll_interval: float
+    request_timeout: float = REQUEST_TIMEOUT
 
 
 class DevcloudService(MultiService):
@@ -418,6 +419,7 @@ class DevcloudService(MultiService):
             api_key=s.api_key,
             start_port=s.start_port,
             poll_interval=s.poll_interval,
+            request_timeout=s.request_timeout,
         )
         super().startService()
 
@@ -477,6 +479,14 @@ class Options(usage.Options):
             "ngrokd's discovery interval in seconds, in the ngrokd.yml written.",
             float,
         ],
+        [
+            "request-timeout",
+            None,
+            REQUEST_TIMEOUT,
+            "Seconds the ingress waits for a connection's request (after TLS)"
+            " before closing it: how long an unused warm connection lives.",
+            float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -504,10 +514,11 @@ class Options(usage.Options):
             raise usage.UsageError("--state DIR is required")
         if self["start-port"] == 0:
             raise usage.UsageError("--start-port must be 1..65535, got 0")
-        if self["poll-interval"] <= 0:
-            raise usage.UsageError(
-                f"--poll-interval must be positive, got {self['poll-interval']}"
-            )
+        for option in ("poll-interval", "request-timeout"):
+            if not self[option] > 0:
+                raise usage.UsageError(
+                    f"--{option} must be positive, got {self[option]}"
+                )
         seen: dict[tuple[str, int], str] = {}
         for url, _ in self["endpoints"]:
             _, host, port = split_endpoint_url(url)
@@ -528,6 +539,7 @@ class Options(usage.Options):
             api_key=self["api-key"],
             start_port=self["start-port"],
             poll_interval=self["poll-interval"],
+            request_timeout=self["request-timeout"],
         )
 
 

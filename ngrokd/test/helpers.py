@@ -26,6 +26,13 @@ from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
 
 import ngrokd
+from ngrokd.datapath.ingress import IngressConnector
+from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.devcloud.cloud import Cloud
+from ngrokd.devcloud.ingress import IngressFactory, server_options, tls_factory
+from ngrokd.ngrok.identity import generate_key, make_csr
+from ngrokd.ngrok.trust import PartialChainTrust
+from ngrokd.pem import parse_certificates
 from ngrokd.status import DaemonStatus
 
 
@@ -221,6 +228,49 @@ def connect(
     Connect C{protocol} to C{host}:C{port}.
     """
     return connectProtocol(TCP4ClientEndpoint(reactor, host, port), protocol)
+
+
+@attrs.define
+class DevcloudIngress:
+    """
+    The devcloud's ingress on 127.0.0.1 over real mutual TLS, and a
+    connector to it with a registered operator's certificate.
+    """
+
+    cloud: Cloud
+    ingress: IngressFactory
+    connector: IngressConnector
+
+    def new_certificate(self) -> tuple[bytes, bytes]:
+        """
+        The certificate and key of a newly registered operator.
+        """
+        key_pem = generate_key()
+        operator = self.cloud.register(
+            "test", "{}", ["bindings"], "global", {}, [], make_csr(key_pem)
+        )
+        return operator.cert.cert_pem, key_pem
+
+
+def devcloud_ingress(case: Any, **connector: Any) -> DevcloudIngress:
+    """
+    Serve the devcloud's ingress for the duration of C{case}, and a
+    connector to it given C{connector}'s settings; the ingress's own
+    settings are its factory's attributes (C{request_timeout}).
+    """
+    ca = CertificateAuthority.create("test root")
+    cert, key = ca.issue_server(["127.0.0.1"])
+    cloud = Cloud(ca, [], "127.0.0.1:443")
+    ingress = IngressFactory(cloud, reactor)
+    case.addCleanup(ingress.close_all)
+    port = listen(tls_factory(ingress, server_options(cert, key, ca.cert_pem)), case)
+    trust = PartialChainTrust(parse_certificates(ca.cert_pem, "ca"), system=False)
+    harness = DevcloudIngress(
+        cloud, ingress, IngressConnector(reactor, "127.0.0.1", port, trust, **connector)
+    )
+    harness.connector.use_certificate(*harness.new_certificate())
+    case.addCleanup(harness.connector.stop)
+    return harness
 
 
 async def exchange(port: int, data: bytes, host: str = "127.0.0.1") -> Recorder:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any, cast
 
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -25,18 +24,16 @@ from ngrokd.datapath.bridge import REJECT_LINGER, BridgeFactory, LocalProtocol
 from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.ingress import IngressConnector, IngressProtocol
 from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.devcloud.cloud import Cloud
-from ngrokd.devcloud.ingress import IngressFactory, server_options, tls_factory
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.ngrok.identity import generate_key, make_csr
 from ngrokd.ngrok.trust import PartialChainTrust
-from ngrokd.pem import parse_certificates
 from ngrokd.test.helpers import (
     Counter,
     Source,
     TCPLikeTransport,
     assert_flow_controlled,
     connect,
+    devcloud_ingress,
     listen,
     wait_until,
 )
@@ -318,21 +315,8 @@ class BridgeOverTLSTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        ca = CertificateAuthority.create("bridge test root")
-        cert, key = ca.issue_server(["127.0.0.1"])
-        self.cloud = Cloud(ca, [], "127.0.0.1:443")
-        ingress = IngressFactory(self.cloud, reactor)
-        self.addCleanup(ingress.close_all)
-        port = listen(
-            tls_factory(ingress, server_options(cert, key, ca.cert_pem)), self
-        )
-        trust = PartialChainTrust(parse_certificates(ca.cert_pem, "ca"), system=False)
-        self.connector = IngressConnector(reactor, "127.0.0.1", port, trust)
-        key_pem = generate_key()
-        operator = self.cloud.register(
-            "test", "{}", ["bindings"], "global", {}, [], make_csr(key_pem)
-        )
-        self.connector.use_certificate(operator.cert.cert_pem, key_pem)
+        harness = devcloud_ingress(self)
+        self.cloud, self.connector = harness.cloud, harness.connector
 
     async def test_slowBackend(self) -> None:
         """

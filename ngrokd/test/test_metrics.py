@@ -63,8 +63,8 @@ class MetricsTests(DaemonHealthTestCase):
         """
         After a failed poll, three echoed connections and one the ingress
         refuses: connections and bytes per endpoint, the refusal by kind,
-        one upgrade time per upgraded connection, the first of them with a
-        full TLS handshake and the others resumed, one lifetime per
+        one upgrade time per upgraded connection, each counted by how it got
+        its TLS handshake (the first in full), one lifetime per
         connection, polls by result, the certificate's expiry, readiness and
         the build.
         """
@@ -103,8 +103,10 @@ class MetricsTests(DaemonHealthTestCase):
                         kind="refused",
                     ),
                     sample(samples, "ngrokd_upgrade_duration_seconds_count"),
-                    sample(samples, "ngrokd_ingress_dials_total", kind="full"),
-                    sample(samples, "ngrokd_ingress_dials_total", kind="resumed"),
+                    sum(
+                        sample(samples, "ngrokd_ingress_dials_total", kind=kind)
+                        for kind in ("full", "resumed", "pooled")
+                    ),
                     sample(samples, "ngrokd_connection_duration_seconds_count"),
                     sample(
                         samples,
@@ -113,13 +115,16 @@ class MetricsTests(DaemonHealthTestCase):
                     ),
                     sample(samples, "ngrokd_ready"),
                 ],
-                [0, 4, total, total, 1, 3, 1, 2, 4, 1, 1],
+                [0, 4, total, total, 1, 3, 3, 4, 1, 1],
             )
             self.assertGreaterEqual(
                 sample(
                     samples, "ngrokd_discovery_poll_duration_seconds_count", result="ok"
                 ),
                 1,
+            )
+            self.assertEqual(
+                sample(samples, "ngrokd_ingress_dials_total", kind="full"), 1
             )
             self.assertGreater(
                 sample(samples, "ngrokd_upgrade_duration_seconds_sum"), 0

@@ -827,7 +827,7 @@ class IdentityTests(ReconcileEndToEnd):
             await connect(self.port_of(daemon, ECHO), client)
             client.transport.write(b"before ")
             await wait_until(lambda: client.received == b"before ", "the echo")
-            (carrying,) = self.devcloud.ingress.active
+            (carrying,) = self.devcloud.ingress.carrying
             self.assertEqual(
                 carrying.transport.getPeerCertificate().get_serial_number(),
                 _serial(old.cert_pem),
@@ -840,7 +840,7 @@ class IdentityTests(ReconcileEndToEnd):
             await connect(self.port_of(daemon, ECHO), second)
             second.transport.write(b"new")
             await wait_until(lambda: second.received == b"new", "the echo")
-            (newer,) = self.devcloud.ingress.active - {carrying}
+            (newer,) = self.devcloud.ingress.carrying - {carrying}
             serial = newer.transport.getPeerCertificate().get_serial_number()
             self.assertEqual(serial, _serial(renewed.cert_pem))
             operator = self.cloud.operator_for_serial(serial)

@@ -1,0 +1,345 @@
+# -*- test-case-name: ngrokd.test.test_pool -*-
+"""
+A warm pool of connections to the binding ingress.
+
+A new connection to the ingress pays TCP, a TLS handshake and the upgrade
+before its first byte: three round trips. The C{ConnRequest} names the
+endpoint, so a connection whose TLS handshake is done and whose request is
+not yet sent serves any endpoint. L{WarmPool} keeps a few of them ready, so
+that an accepted connection pays only the upgrade's round trip.
+
+How many: the connections that the recent accept rate would take during one
+handshake, twice over, plus one (L{pool_target}), never more than the
+configured size. After a quiet period with no accepted connection the pool
+empties and dials no more, so an idle daemon holds no connection to ngrok. A
+ready connection is replaced after a maximum age, and sooner if the ingress
+was seen to close idle connections earlier than that. A connection is never
+put back after its upgrade.
+
+When a pooled connection is lost while it waits (the ingress closed it, or
+refused the certificate after the handshake), the pool dials no more until a
+connection upgrades again: a broken ingress is not dialled in a loop, and the
+connections that need it meet the failure and report it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+#: Seconds over which the accept rate is measured.
+RATE_WINDOW = 10
+#: The handshake time assumed before one has been measured.
+FIRST_HANDSHAKE_GUESS = 0.05
+#: Weight of each new handshake time in the running estimate.
+HANDSHAKE_WEIGHT = 0.2
+#: A ready connection is replaced at this fraction of the shortest idle life
+#: the ingress was seen to allow.
+IDLE_LIFE_MARGIN = 0.75
+
+
+@frozen
+class PoolSettings:
+    """
+    How the pool is sized and how long its connections live.
+    """
+
+    #: The most connections held ready; 0 turns the pool off.
+    size: int = 16
+    #: Seconds without an accepted connection after which the pool empties.
+    idle_timeout: float = 30.0
+    #: Seconds a ready connection is kept before it is replaced.
+    max_age: float = 20.0
+
+
+#: No pool: every connection is dialled when it is accepted.
+NO_POOL = PoolSettings(size=0)
+
+
+def pool_target(accepts_per_second: float, handshake_seconds: float, size: int) -> int:
+    """
+    How many connections to hold ready while connections are being accepted:
+    what the accepts of one handshake's time would take, twice over, plus
+    one; at most C{size}.
+    """
+    if size <= 0:
+        return 0
+    return min(size, 1 + math.floor(2 * accepts_per_second * handshake_seconds))
+
+
+@define
+class AcceptRate:
+    """
+    Accepts per second over the last L{RATE_WINDOW} seconds, counted in
+    one-second buckets so that a burst of thousands costs no more than one.
+    """
+
+    _buckets: list[int] = field(factory=lambda: [0] * RATE_WINDOW)
+    _second: int = 0
+    #: When the last accept was seen.
+    last: float | None = None
+
+    def _advance(self, now: float) -> None:
+        second = int(now)
+        gap = second - self._second
+        if gap >= RATE_WINDOW:
+            self._buckets = [0] * RATE_WINDOW
+        else:
+            for step in range(1, gap + 1):
+                self._buckets[(self._second + step) % RATE_WINDOW] = 0
+        self._second = max(second, self._second)
+
+    def accepted(self, now: float) -> None:
+        self._advance(now)
+        self._buckets[self._second % RATE_WINDOW] += 1
+        self.last = now
+
+    def per_second(self, now: float) -> float:
+        self._advance(now)
+        return sum(self._buckets) / RATE_WINDOW
+
+
+class PoolMember(Protocol):
+    """
+    What the pool holds: a connection that can be closed, and says when it
+    is.
+    """
+
+    @property
+    def closed(self) -> Deferred[None]: ...
+
+    def close(self) -> None: ...
+
+
+M = TypeVar("M", bound=PoolMember)
+
+
+@define(eq=False)
+class _Ready(Generic[M]):
+    connection: M
+    since: float
+    expiry: IDelayedCall | None = None
+
+
+class WarmPool(Generic[M]):
+    """
+    Ready connections, dialled with C{dial}, which fires once a connection's
+    handshake is done, or returns C{None} when no dial may start now.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        dial: Callable[[], Deferred[M] | None],
+        settings: PoolSettings = NO_POOL,
+    ) -> None:
+        self._clock = clock
+        self._dial = dial
+        self.settings = settings
+        self._rate = AcceptRate()
+        self._ready: list[_Ready[M]] = []
+        self._dialing: set[Deferred[M]] = set()
+        #: Connections made before the last L{reset} are not kept.
+        self._generation = 0
+        self._handshake_seconds = FIRST_HANDSHAKE_GUESS
+        #: The shortest idle life the ingress allowed a ready connection.
+        self._idle_life: float | None = None
+        self._paused = False
+        self._stopped = False
+        self._quiet: IDelayedCall | None = None
+        #: Connections handed out, and ready ones lost or retired unused.
+        self.taken = 0
+        self.lost = 0
+        self.retired = 0
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    @property
+    def dialing(self) -> int:
+        return len(self._dialing)
+
+    @property
+    def max_age(self) -> float:
+        """
+        How long a ready connection is kept: the setting, or less if the
+        ingress closed an idle one sooner.
+        """
+        if self._idle_life is None:
+            return self.settings.max_age
+        return min(self.settings.max_age, self._idle_life * IDLE_LIFE_MARGIN)
+
+    def configure(self, settings: PoolSettings) -> None:
+        """
+        Size and age connections by C{settings} from now on.
+        """
+        self.settings = settings
+        while len(self._ready) > settings.size:
+            self._retire(self._ready[0])
+        self._refill()
+
+    def handshake_took(self, seconds: float) -> None:
+        """
+        A dial's TCP and TLS handshake took C{seconds}: size the pool by it.
+        """
+        self._handshake_seconds += HANDSHAKE_WEIGHT * (
+            seconds - self._handshake_seconds
+        )
+
+    def take(self) -> M | None:
+        """
+        Count an accepted connection, and give it a ready connection to the
+        ingress if there is one.
+        """
+        if self.settings.size == 0:
+            return None
+        now = self._clock.seconds()
+        self._rate.accepted(now)
+        if self._quiet is None and not self._stopped:
+            self._quiet = self._clock.callLater(
+                self.settings.idle_timeout, self._check_quiet
+            )
+        taken = None
+        if self._ready:
+            entry = self._ready.pop()  # the newest: the least likely closed
+            _cancel(entry.expiry)
+            self.taken += 1
+            taken = entry.connection
+        self._refill()
+        return taken
+
+    def upgraded(self) -> None:
+        """
+        A connection to the ingress upgraded: the pool may dial again.
+        """
+        if self._paused:
+            self._paused = False
+            self._refill()
+
+    def failed(self) -> None:
+        """
+        A connection to the ingress failed before its upgrade: dial no more
+        until one upgrades.
+        """
+        self._paused = True
+
+    def reset(self) -> None:
+        """
+        The client certificate or trust changed: drop the ready connections,
+        and those being dialled when they complete, and dial new ones.
+        """
+        self._generation += 1
+        for entry in list(self._ready):
+            self._retire(entry)
+        self._paused = False
+        self._refill()
+
+    def stop(self) -> None:
+        """
+        Close every ready connection and dial no more.
+        """
+        self._stopped = True
+        _cancel(self._quiet)
+        self._quiet = None
+        for entry in list(self._ready):
+            self._retire(entry)
+        for dialing in list(self._dialing):
+            dialing.cancel()
+
+    def _wanted(self) -> int:
+        now = self._clock.seconds()
+        last = self._rate.last
+        quiet = last is None or now - last >= self.settings.idle_timeout
+        if self._stopped or self._paused or quiet:
+            return 0
+        rate = self._rate.per_second(now)
+        return pool_target(rate, self._handshake_seconds, self.settings.size)
+
+    def _refill(self) -> None:
+        missing = self._wanted() - len(self._ready) - len(self._dialing)
+        for _ in range(missing):
+            dialing = self._dial()
+            if dialing is None:
+                return
+            self._dialing.add(dialing)
+            dialing.addBoth(self._dialed, dialing, self._generation)
+
+    def _dialed(
+        self, result: M | Failure, dialing: Deferred[M], generation: int
+    ) -> None:
+        self._dialing.discard(dialing)
+        if isinstance(result, Failure):
+            if not result.check(CancelledError):
+                self.log.info(
+                    "a warm connection to the ingress failed: {reason}",
+                    reason=result.getErrorMessage(),
+                )
+                self.failed()
+            return
+        stale = generation != self._generation or self._stopped
+        if stale or len(self._ready) >= self.settings.size:
+            result.close()
+            self._refill()
+            return
+        entry: _Ready[M] = _Ready(result, self._clock.seconds())
+        entry.expiry = self._clock.callLater(self.max_age, self._expired, entry)
+        self._ready.append(entry)
+        result.closed.addBoth(self._lost, entry)
+
+    def _expired(self, entry: _Ready[M]) -> None:
+        if entry in self._ready:
+            self._retire(entry)
+            self._refill()
+
+    def _retire(self, entry: _Ready[M]) -> None:
+        self._ready.remove(entry)
+        _cancel(entry.expiry)
+        self.retired += 1
+        entry.connection.close()
+
+    def _lost(self, result: object, entry: _Ready[M]) -> None:
+        if entry not in self._ready:
+            return  # taken, or closed by the pool
+        self._ready.remove(entry)
+        _cancel(entry.expiry)
+        self.lost += 1
+        life = self._clock.seconds() - entry.since
+        if self._idle_life is None or life < self._idle_life:
+            # Said when the pool learns a shorter life, not at every loss.
+            self._idle_life = life
+            self.log.info(
+                "the ingress closed a warm connection after {seconds:.1f} s"
+                " unused; warm connections are now replaced after {max_age:.1f} s",
+                seconds=life,
+                max_age=self.max_age,
+            )
+        self.failed()
+
+    def _check_quiet(self) -> None:
+        self._quiet = None
+        last = self._rate.last
+        now = self._clock.seconds()
+        if last is not None and now - last < self.settings.idle_timeout:
+            self._quiet = self._clock.callLater(
+                last + self.settings.idle_timeout - now, self._check_quiet
+            )
+            return
+        for entry in list(self._ready):
+            self._retire(entry)
+        for dialing in list(self._dialing):
+            dialing.cancel()
+
+
+def _cancel(timer: IDelayedCall | None) -> None:
+    if timer is not None and timer.active():
+        timer.cancel()

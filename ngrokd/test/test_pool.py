@@ -1,0 +1,471 @@
+"""
+Tests for L{ngrokd.datapath.pool}: how many warm connections are kept, for
+how long, and what happens when they fail; over real TLS with the devcloud's
+ingress, and with a fake clock for timing.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ngrokd.datapath import wire
+from ngrokd.datapath.ingress import IngressProtocol, UpgradeFailed
+from ngrokd.datapath.pool import (
+    FIRST_HANDSHAKE_GUESS,
+    IDLE_LIFE_MARGIN,
+    PoolSettings,
+    WarmPool,
+    pool_target,
+)
+from ngrokd.datapath.resumption import HandshakeCounts
+from ngrokd.devcloud.ingress import IngressFault
+from ngrokd.devcloud.ingress import IngressProtocol as ServerSide
+from ngrokd.test.helpers import Echo, devcloud_ingress, listen, wait_until
+
+POOL = PoolSettings(size=4, idle_timeout=30.0, max_age=20.0)
+ECHO = "tcp://echo.test:7"
+REQUEST = wire.ConnRequest("echo.test", 7)
+
+
+class TargetTests(SynchronousTestCase):
+    """
+    L{pool_target} follows the accept rate and the handshake time.
+    """
+
+    def test_sparseAccepts(self) -> None:
+        """
+        A connection now and then keeps one ready.
+        """
+        self.assertEqual(pool_target(0.0, 0.01, 16), 1)
+        self.assertEqual(pool_target(0.1, 0.01, 16), 1)
+
+    def test_followsRateAndHandshake(self) -> None:
+        """
+        Twice what one handshake's time of accepts would take, plus one.
+        """
+        self.assertEqual(pool_target(300.0, 0.01, 16), 7)
+        self.assertEqual(pool_target(300.0, 0.02, 16), 13)
+
+    def test_bounded(self) -> None:
+        """
+        Never more than the size; a size of 0 keeps none.
+        """
+        self.assertEqual(pool_target(5000.0, 0.01, 16), 16)
+        self.assertEqual(pool_target(5000.0, 0.01, 0), 0)
+
+
+class Member:
+    """
+    A stand-in warm connection.
+    """
+
+    def __init__(self) -> None:
+        self.closed: Deferred[None] = Deferred()
+        self.was_closed = False
+
+    def close(self) -> None:
+        self.was_closed = True
+        self.closed.callback(None)
+
+    def lost(self) -> None:
+        """
+        The far side closed it.
+        """
+        self.closed.callback(None)
+
+
+class PoolTimingTests(SynchronousTestCase):
+    """
+    The pool's decisions over time, with a fake clock and fake dials.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dials: list[Deferred[Member]] = []
+        self.may_dial = True
+        self.cancelled: list[Deferred[Member]] = []
+        self.pool: WarmPool[Member] = WarmPool(self.clock, self.dial, POOL)
+
+    def dial(self) -> Deferred[Member] | None:
+        if not self.may_dial:
+            return None
+        dialing: Deferred[Member] = Deferred(self.cancelled.append)
+        self.dials.append(dialing)
+        return dialing
+
+    def complete(self) -> list[Member]:
+        """
+        Finish every dial in progress.
+        """
+        members = []
+        while self.dials:
+            member = Member()
+            self.dials.pop(0).callback(member)
+            members.append(member)
+        return members
+
+    def test_nothingBeforeFirstAccept(self) -> None:
+        """
+        A pool that never saw a connection dials nothing, however long.
+        """
+        self.clock.advance(3600)
+        self.assertEqual((self.pool.ready, self.pool.dialing, self.dials), (0, 0, []))
+
+    def test_firstAcceptDialsOne(self) -> None:
+        """
+        The first accepted connection finds nothing ready and makes the pool
+        dial one, which the next connection takes.
+        """
+        self.assertIsNone(self.pool.take())
+        self.assertEqual(len(self.dials), 1)
+        (member,) = self.complete()
+        self.assertEqual(self.pool.ready, 1)
+        self.clock.advance(1)
+        self.assertIs(self.pool.take(), member)
+
+    def test_growsWithRate(self) -> None:
+        """
+        A high accept rate makes the pool dial more, up to its size.
+        """
+        self.pool.handshake_took(1.0)
+        for _ in range(100):
+            self.pool.take()
+        self.assertEqual(len(self.dials), POOL.size)
+
+    def test_drainsWhenQuiet(self) -> None:
+        """
+        After the idle timeout without an accept, the ready connections are
+        closed and none are dialled; until then one is kept, replaced when
+        it is too old.
+        """
+        self.pool.take()
+        (first,) = self.complete()
+        self.clock.advance(POOL.max_age)
+        self.assertTrue(first.was_closed)
+        (member,) = self.complete()
+        self.clock.advance(POOL.idle_timeout - POOL.max_age - 1)
+        self.assertFalse(member.was_closed)
+        self.clock.advance(1)
+        self.assertTrue(member.was_closed)
+        self.assertEqual((self.pool.ready, self.dials), (0, []))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_acceptsPostponeDraining(self) -> None:
+        """
+        Each accept restarts the quiet period.
+        """
+        self.pool.take()
+        self.complete()
+        self.clock.advance(POOL.idle_timeout - 1)
+        self.pool.take()
+        self.complete()
+        self.clock.advance(POOL.idle_timeout - 1)
+        self.assertEqual(self.pool.ready + self.pool.dialing, 1)
+
+    def test_maxAge(self) -> None:
+        """
+        A ready connection unused for the maximum age is closed and
+        replaced while connections keep coming.
+        """
+        self.pool.take()
+        (old,) = self.complete()
+        self.clock.advance(POOL.max_age - 5)
+        self.pool.take()  # takes old
+        (member,) = self.complete()
+        self.clock.advance(POOL.max_age)
+        self.assertTrue(member.was_closed)
+        self.assertEqual(len(self.dials), 1)
+        self.assertFalse(old.was_closed)
+
+    def test_lostWhileIdleLearnsAndPauses(self) -> None:
+        """
+        A ready connection the far side closes is dropped; later ones are
+        replaced at a margin inside the life it had, and none are dialled
+        until a connection upgrades again.
+        """
+        self.pool.take()
+        (member,) = self.complete()
+        self.clock.advance(8)
+        member.lost()
+        self.assertEqual((self.pool.ready, self.pool.lost), (0, 1))
+        self.assertEqual(self.pool.max_age, 8 * IDLE_LIFE_MARGIN)
+        self.pool.take()
+        self.assertEqual(self.dials, [])
+        self.pool.upgraded()
+        (fresh,) = self.complete()
+        self.clock.advance(8 * IDLE_LIFE_MARGIN)
+        self.assertTrue(fresh.was_closed)
+
+    def test_failedDialPauses(self) -> None:
+        """
+        A warm dial that fails stops the pool until a connection upgrades:
+        a broken ingress is not dialled in a loop.
+        """
+        self.pool.take()
+        self.dials.pop().errback(UpgradeFailed("refused"))
+        self.clock.advance(1)
+        self.pool.take()
+        self.assertEqual(self.dials, [])
+        self.pool.upgraded()
+        self.assertEqual(len(self.dials), 1)
+        self.flushLoggedErrors(UpgradeFailed)
+
+    def test_busyDialsNothing(self) -> None:
+        """
+        While no dial may start, the pool dials nothing and waits for the
+        next accept.
+        """
+        self.may_dial = False
+        self.pool.take()
+        self.assertEqual(self.pool.dialing, 0)
+        self.may_dial = True
+        self.pool.take()
+        self.assertEqual(self.pool.dialing, 1)
+
+    def test_resetDropsReadyConnections(self) -> None:
+        """
+        After a reset (a new certificate), ready connections are closed and
+        new ones are dialled.
+        """
+        self.pool.take()
+        (ready,) = self.complete()
+        self.pool.reset()
+        self.assertTrue(ready.was_closed)
+        (fresh,) = self.complete()
+        self.assertEqual(self.pool.ready, 1)
+        self.assertIs(self.pool.take(), fresh)
+
+    def test_resetDropsConnectionsBeingDialled(self) -> None:
+        """
+        A connection being dialled when the pool is reset is closed when it
+        completes, and a new one is dialled.
+        """
+        self.pool.take()
+        in_flight = self.dials.pop()
+        self.pool.reset()
+        stale = Member()
+        in_flight.callback(stale)
+        self.assertTrue(stale.was_closed)
+        (fresh,) = self.complete()
+        self.assertIs(self.pool.take(), fresh)
+
+    def test_shrink(self) -> None:
+        """
+        A smaller size closes the extra ready connections; size 0 keeps none
+        and dials none.
+        """
+        self.pool.handshake_took(1.0)
+        for _ in range(100):
+            self.pool.take()
+        members = self.complete()
+        self.pool.configure(PoolSettings(size=1))
+        self.assertEqual(sum(not m.was_closed for m in members), 1)
+        self.pool.configure(PoolSettings(size=0))
+        self.assertTrue(all(m.was_closed for m in members))
+        self.assertIsNone(self.pool.take())
+        self.assertEqual(self.dials, [])
+
+    def test_stop(self) -> None:
+        """
+        Stopping closes the ready connections and leaves no timer.
+        """
+        self.pool.take()
+        (member,) = self.complete()
+        self.pool.stop()
+        self.assertTrue(member.was_closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(self.pool.take())
+        self.assertEqual(self.dials, [])
+
+    def test_stopCancelsDials(self) -> None:
+        """
+        Stopping cancels the dials in progress.
+        """
+        self.pool.take()
+        (dialing,) = self.dials
+        self.pool.stop()
+        self.assertEqual(self.cancelled, [dialing])
+        self.assertEqual(self.pool.dialing, 0)
+
+    def test_handshakeEstimate(self) -> None:
+        """
+        Measured handshake times move the estimate from its first guess:
+        slower handshakes keep more ready.
+        """
+        for _ in range(30):
+            self.pool.take()
+        self.assertEqual(len(self.dials), pool_target(3.0, FIRST_HANDSHAKE_GUESS, 4))
+        self.pool.handshake_took(1.0)
+        self.pool.take()
+        self.assertEqual(len(self.dials), 2)
+
+
+class PoolOverTLSTests(TestCase):
+    """
+    The warm pool against the devcloud's ingress over real mutual TLS.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.harness = devcloud_ingress(self, pool=POOL)
+        self.connector = self.harness.connector
+        self.pool = self.connector.pool
+        self.ingress = self.harness.ingress
+        port = listen(Factory.forProtocol(Echo), self)
+        self.harness.cloud.add_endpoint(ECHO, ("127.0.0.1", port))
+
+    def warm(self) -> list[ServerSide]:
+        """
+        The ingress's connections that have not sent a request.
+        """
+        return [p for p in self.ingress.active if p.request is None]
+
+    async def upgrade(self) -> IngressProtocol:
+        upgraded = await self.connector.connect(REQUEST)
+        self.addCleanup(_abort, upgraded)
+        assert upgraded.response is not None
+        self.assertFalse(upgraded.response.refused)
+        return upgraded
+
+    async def warmed(self) -> ServerSide:
+        """
+        Upgrade one connection, and wait for the warm one it makes.
+        """
+        await self.upgrade()
+        await wait_until(lambda: self.pool.ready == 1, "a warm connection")
+        (warm,) = self.warm()
+        return warm
+
+    def test_secondConnectionTakesWarm(self) -> Deferred[None]:
+        """
+        The first connection is dialled in full and makes the pool dial a
+        warm one; the next takes it, and the endpoint answers on it.
+        """
+
+        async def run() -> None:
+            await self.warmed()
+            await self.upgrade()
+            self.assertEqual(
+                self.connector.handshakes, HandshakeCounts(full=1, pooled=1)
+            )
+            self.assertEqual(self.ingress.requests_total, 2)
+
+        return ensureDeferred(run())
+
+    def test_quietPoolClosesEverything(self) -> Deferred[None]:
+        """
+        After the quiet period the ingress holds no connection from an idle
+        client.
+        """
+
+        async def run() -> None:
+            self.pool.configure(PoolSettings(size=4, idle_timeout=0.5))
+            carrying = await self.upgrade()
+            carrying.transport.abortConnection()
+            await wait_until(lambda: self.pool.ready == 1, "a warm connection")
+            await wait_until(lambda: not self.ingress.active, "no connection")
+            self.assertEqual((self.pool.ready, self.pool.dialing), (0, 0))
+
+        return ensureDeferred(run())
+
+    def test_ingressClosesIdle(self) -> Deferred[None]:
+        """
+        When the ingress closes unused connections sooner than the maximum
+        age, the pool notices, replaces later ones before that, and the next
+        connection is carried all the same.
+        """
+
+        async def run() -> None:
+            self.ingress.request_timeout = 0.4
+            await self.warmed()
+            await wait_until(lambda: self.pool.lost == 1, "the ingress's close")
+            self.assertLess(self.pool.max_age, 0.4)
+            await self.upgrade()
+            await wait_until(lambda: self.pool.ready == 1, "a new warm one")
+            await wait_until(lambda: self.pool.retired == 1, "replaced in time")
+            self.assertEqual(self.pool.lost, 1)
+
+        return ensureDeferred(run())
+
+    def test_closedAsTakenIsRetried(self) -> Deferred[None]:
+        """
+        A warm connection the ingress closes just as it is taken fails
+        before any application byte was sent: the request is made again on
+        a new connection, and succeeds.
+        """
+
+        async def run() -> None:
+            warm = await self.warmed()
+            warm.transport.abortConnection()
+            upgrading = self.connector.connect(REQUEST)  # before the close is read
+            upgraded = await upgrading
+            self.addCleanup(_abort, upgraded)
+            self.assertEqual(self.connector.handshakes.pooled, 0)
+            self.assertEqual(self.ingress.upgrades_total, 2)
+
+        return ensureDeferred(run())
+
+    def test_retriedOnce(self) -> Deferred[None]:
+        """
+        A request the ingress hangs up on, on a warm connection, is made
+        once more on a new one, and no more: the failure is the caller's.
+        """
+
+        async def run() -> None:
+            await self.warmed()
+            self.ingress.inject(ECHO, IngressFault(hang_up=True))
+            with self.assertRaises(UpgradeFailed):
+                await self.connector.connect(REQUEST)
+            self.assertEqual(self.ingress.requests_total, 3)
+
+        return ensureDeferred(run())
+
+    def test_dataBeforeRequestDropsWarm(self) -> Deferred[None]:
+        """
+        An ingress that speaks on a warm connection before its request is
+        not following the protocol: the connection is dropped, not taken.
+        """
+
+        async def run() -> None:
+            warm = await self.warmed()
+            warm.transport.write(b"unexpected")
+            await warm.closed
+            await wait_until(lambda: self.pool.lost == 1, "the warm one dropped")
+            await self.upgrade()
+            self.assertEqual(self.connector.handshakes.pooled, 0)
+
+        return ensureDeferred(run())
+
+    def test_renewalRefillsWithNewCertificate(self) -> Deferred[None]:
+        """
+        After a new client certificate, the warm connections made with the
+        old one are closed and new ones present the new certificate.
+        """
+
+        async def run() -> None:
+            old = await self.warmed()
+            cert_pem, key_pem = self.harness.new_certificate()
+            self.connector.use_certificate(cert_pem, key_pem)
+            await old.closed
+            await wait_until(lambda: len(self.warm()) == 1, "a new warm connection")
+            (new,) = self.warm()
+            serial = new.transport.getPeerCertificate().get_serial_number()
+            self.assertEqual(serial, _serial(cert_pem))
+            await self.upgrade()
+            self.assertEqual(self.connector.handshakes.pooled, 1)
+
+        return ensureDeferred(run())
+
+
+def _abort(connection: IngressProtocol) -> None:
+    if not connection.closed.called:
+        connection.transport.abortConnection()
+
+
+def _serial(cert_pem: bytes) -> int:
+    return x509.load_pem_x509_certificate(cert_pem).serial_number
