@@ -1,23 +1,35 @@
 # -*- test-case-name: ngrokd.test.test_dial -*-
 """
-TCP client endpoints that resolve a name only when there is one.
+TCP client endpoints that look a name up only when they must.
 
 L{HostnameEndpoint} resolves even an address, in a thread of the reactor's
 pool, at every connection: under a burst of thousands that queue of lookups
-is a cost of its own. An address is dialled directly.
+is a cost of its own. An address is dialled directly, and the ingress's name
+is looked up once and refreshed in the background (L{ResolvedName}).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+#: Seconds an answer is used before it is looked up again, in the background.
+REFRESH_AFTER = 60.0
+
+Lookup = Callable[[str], Deferred[list[str]]]
 
 
 def tcp_client_endpoint(
@@ -27,9 +39,111 @@ def tcp_client_endpoint(
     Connect to C{host} (a name or an IPv4 or IPv6 address) and C{port},
     giving up after C{timeout} seconds.
     """
+    direct = _address_endpoint(reactor, host, port, timeout)
+    if direct is None:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    return direct
+
+
+def _address_endpoint(
+    reactor: Any, host: str, port: int, timeout: float
+) -> IStreamClientEndpoint | None:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+        return None
     kind = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
     return kind(reactor, host, port, timeout=timeout)
+
+
+class ResolvedName:
+    """
+    Where to dial one host: an address at once, a name through its last
+    looked-up addresses.
+
+    Only the first dial of a name waits for a lookup. An answer older than
+    C{refresh_after} seconds is looked up again in the background while
+    dials go on using it; a lookup that fails keeps the answer it had. A dial
+    that fails moves to the next address of the answer and asks for a fresh
+    lookup.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        lookup: Lookup | None = None,
+        refresh_after: float = REFRESH_AFTER,
+    ) -> None:
+        self._reactor = reactor
+        self.host = host
+        self._lookup: Lookup = lookup or self._getaddrinfo
+        self._refresh_after = refresh_after
+        self.addresses: list[str] = []
+        self._next = 0
+        self._answered_at: float | None = None
+        self._looking = False
+        self._failing = False
+        #: Lookups started, for tests and status.
+        self.lookups = 0
+
+    def endpoint(self, port: int, timeout: float) -> IStreamClientEndpoint:
+        """
+        Dial C{port} of this host, giving up after C{timeout} seconds.
+        """
+        direct = _address_endpoint(self._reactor, self.host, port, timeout)
+        if direct is not None:
+            return direct
+        now = self._reactor.seconds()
+        if self._answered_at is None or now - self._answered_at >= self._refresh_after:
+            self._look_up()
+        if not self.addresses:
+            return HostnameEndpoint(self._reactor, self.host, port, timeout=timeout)
+        address = self.addresses[self._next % len(self.addresses)]
+        endpoint = _address_endpoint(self._reactor, address, port, timeout)
+        assert endpoint is not None
+        return endpoint
+
+    def failed(self) -> None:
+        """
+        A dial failed: use the next address, and look the name up again.
+        """
+        self._next += 1
+        if self.addresses:
+            self._look_up()
+
+    def _look_up(self) -> None:
+        if self._looking:
+            return
+        self._looking = True
+        self.lookups += 1
+        self._lookup(self.host).addCallbacks(self._answered, self._unanswered)
+
+    def _answered(self, addresses: list[str]) -> None:
+        self._looking = self._failing = False
+        self._answered_at = self._reactor.seconds()
+        if addresses and addresses != self.addresses:
+            self.addresses, self._next = addresses, 0
+
+    def _unanswered(self, failure: Failure) -> None:
+        self._looking = False
+        self._answered_at = self._reactor.seconds()  # asked again when stale
+        if self._failing:
+            return  # said when it began to fail
+        self._failing = True
+        self.log.info(
+            "looking up {host} failed: {reason}; dials use {addresses}",
+            host=self.host,
+            reason=failure.getErrorMessage(),
+            addresses=", ".join(self.addresses) or "a lookup of their own",
+        )
+
+    def _getaddrinfo(self, host: str) -> Deferred[list[str]]:
+        def addresses() -> list[str]:
+            answers = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            return list(dict.fromkeys(str(info[4][0]) for info in answers))
+
+        pool = self._reactor.getThreadPool()
+        return deferToThreadPool(self._reactor, pool, addresses)

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ngrokd.datapath import wire
-from ngrokd.datapath.dial import tcp_client_endpoint
+from ngrokd.datapath.dial import ResolvedName
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
 from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
@@ -334,6 +334,7 @@ class IngressConnector:
         self.clock: IReactorTime = reactor
         self.host = host
         self.port = port
+        self._address = ResolvedName(reactor, host)
         self._trust = trust
         self._insecure = insecure_skip_verify
         self._connect_timeout = connect_timeout
@@ -550,9 +551,7 @@ class IngressConnector:
         """
         endpoint = HalfCloseableTLSClientEndpoint(
             creator,
-            tcp_client_endpoint(
-                self._reactor, self.host, self.port, self._connect_timeout
-            ),
+            self._address.endpoint(self.port, self._connect_timeout),
         )
         protocol = IngressProtocol(
             request,
@@ -581,6 +580,7 @@ class IngressConnector:
             if failure.check(CancelledError, ConnectingCancelledError):
                 return  # the caller cancelled: the result fails with CancelledError
             if failure.check(ConnectError, DNSLookupError):
+                self._address.failed()
                 reason = failure.getErrorMessage()
                 result.errback(DialFailed(f"{self.host}:{self.port}: {reason}"))
             else:
