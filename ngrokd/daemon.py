@@ -415,6 +415,7 @@ class Daemon(MultiService):
             config_error=self.config_error,
             restart_pending=self.restart_pending,
             stale=self.stale,
+            warm_connections=self.connector.pool.ready,
         )
 
     # Reload

@@ -136,6 +136,8 @@ class DaemonStatus:
     #: The endpoints served are the list an earlier run kept, not yet
     #: confirmed by the API (down since the start).
     stale: bool = False
+    #: Connections to the ingress kept ready for the next accepted ones.
+    warm_connections: int = 0
 
     @property
     def registered(self) -> bool:

@@ -113,6 +113,7 @@ def status_document(
             "error": status.identity_error,
         },
         "ingress_endpoint": status.ingress_endpoint,
+        "warm_connections": status.warm_connections,
         "discovery": {
             "polled": status.polled,
             "last_poll": rfc3339(status.last_poll),

@@ -190,7 +190,10 @@ def render_daemon(
         ("Version", _e(status.version)),
         ("Operator", _e(status.operator_id or "not registered")),
         ("Identity", _e(identity)),
-        ("Ingress", _e(status.ingress_endpoint)),
+        (
+            "Ingress",
+            f"{_e(status.ingress_endpoint)}, {status.warm_connections} warm",
+        ),
         ("Certificate expires", expiry),
         ("Last poll", f"{poll}, {result}"),
         (

@@ -75,7 +75,11 @@ def status_lines(
         left = expires - now
         when = "expired" if left <= 0 else f"in {duration(left)}"
         lines.append(f"Certificate:  expires {_when(expires)} ({when})")
-    lines.append(f"Ingress:      {status['ingress_endpoint']}")
+    warm = status.get("warm_connections", 0)
+    lines.append(
+        f"Ingress:      {status['ingress_endpoint']}"
+        + (f", {warm} warm connection{'' if warm == 1 else 's'} ready" if warm else "")
+    )
     if status.get("stale"):
         lines.append(
             "Stale:        serving the endpoints kept from an earlier run until"

@@ -31,7 +31,7 @@ from ngrokd.control.client import (
 from ngrokd.control.render import duration, endpoint_table, size, status_lines
 from ngrokd.ctl import Console, run
 from ngrokd.daemon import Daemon
-from ngrokd.test.helpers import ready_status, wait_until
+from ngrokd.test.helpers import exchange, ready_status, wait_until
 from ngrokd.test.test_control import DaemonFixture
 
 
@@ -70,6 +70,32 @@ class CommandTests(DaemonFixture, TestCase):
 
     async def started(self) -> Daemon:
         return await self.start_daemon(self, self.devcloud, self.socket)
+
+    def test_statusWarmConnections(self) -> Deferred[None]:
+        """
+        After a connection through the daemon, C{status} says how many warm
+        connections to the ingress are ready for the next ones.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            (port,) = [
+                x.spec.port
+                for x in daemon.listeners.listeners.values()
+                if x.spec.target.scheme == "tcp"
+            ]
+            self.assertEqual((await exchange(port, b"hi")).received, b"hi")
+            await wait_until(lambda: daemon.connector.pool.ready == 1, "a warm one")
+            ran = await ngrokctl(self.socket, "status")
+            self.assertIn(
+                f"Ingress:      {self.devcloud.ingress_endpoint},"
+                " 1 warm connection ready",
+                ran.out,
+            )
+            data = (await ngrokctl(self.socket, "status", "-o", "json")).json()
+            self.assertEqual(data["warm_connections"], 1)
+
+        return ensureDeferred(run())
 
     def test_status(self) -> Deferred[None]:
         """
