@@ -4,16 +4,20 @@ The data-path benchmark: what carrying a connection through ngrokd costs.
     python bench/datapath.py [--json FILE] [--concurrency 5000] [--quick]
 
 One run starts everything it needs on 127.0.0.1, in processes of its own: the
-backends (C{bench/_backends.py}: an echo server and a source server), the
-devcloud (C{twistd -n ngrokd-devcloud}) with one endpoint per backend, and the
-daemon (C{twistd -n ngrokd}) with the config the devcloud wrote, in network
-mode. It then measures the same client code twice, through the daemon and
-straight to the backends: the time from a new connection to its first echoed
-byte, bulk throughput over one and over eight connections, and five thousand
-connections opened at once. It reads the daemon's and the devcloud's CPU time
-and peak RSS from /proc, prints a table and, with C{--json}, writes every
-number. Every process it starts is stopped when it ends, also on Ctrl-C, and
-dies with it if it is killed. Linux only (/proc, prctl).
+backends (C{bench/_backends.py}: an echo server and a source server), a
+stunnel mutual-TLS pair in front of them when stunnel is installed (the C
+baseline, C{bench/_stunnel.py}), the devcloud (C{twistd -n ngrokd-devcloud})
+with one endpoint per backend, and the daemon (C{twistd -n ngrokd}) with the
+config the devcloud wrote, in network mode. It then measures the same client
+code straight to the backends, through the stunnel pair and through the
+daemon: the time from a new connection to its first echoed byte, bulk
+throughput over one and over eight connections, and five thousand
+connections opened at once. It reads each process's CPU time and RSS from
+/proc, and the daemon's RSS and connections to the ingress once it has been
+left alone after the last phase; it prints a table, the targets the daemon is
+judged by against the stunnel pair and, with C{--json}, writes every number.
+Every process it starts is stopped when it ends, also on Ctrl-C, and dies
+with it if it is killed. Linux only (/proc, prctl).
 
 This is not a test: it asserts nothing about speed. It fails (exit status 1)
 only when the data is wrong or a connection fails.
@@ -26,6 +30,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import math
 import os
 import platform
 import resource
@@ -37,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -47,6 +53,15 @@ from typing import Any, TypeVar
 import attrs
 import OpenSSL
 from _backends import COUNT
+from _proc import PeakRss, cpu_seconds, established_to_port, status_kib
+from _stunnel import (
+    Handshakes,
+    Service,
+    count_handshakes,
+    describe_version,
+    find_stunnel,
+    write_pair,
+)
 from attrs import frozen
 from OpenSSL import SSL
 
@@ -75,6 +90,7 @@ IDLE_TIMEOUT = 30.0
 BACKENDS_TIMEOUT = 15.0
 DEVCLOUD_TIMEOUT = 30.0
 DAEMON_TIMEOUT = 90.0
+STUNNEL_TIMEOUT = 15.0
 PROBE_TIMEOUT = 5.0
 ROUND_TRIP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -257,26 +273,7 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def cpu_seconds(pid: int) -> float:
-    """
-    User plus system CPU time of process C{pid}, all threads, from /proc.
-    """
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_kib(pid: int) -> int:
-    """
-    The peak resident set size (VmHWM) of process C{pid}, in KiB.
-    """
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise BenchError(f"/proc/{pid}/status has no VmHWM line")
-
-
-# The client: the same code for both paths
+# The client: the same code for every path
 
 
 def _fast_socket(address: Address) -> socket.socket:
@@ -634,6 +631,7 @@ class Daemon:
     child: Child
     ports: dict[str, int]  # ECHO or SOURCE -> port on 127.0.0.1
     ports_from: str  # how they were found: the state file or probing
+    ingress_port: int  # the devcloud's ingress, from the config's ingressEndpoint
 
     def address(self, kind: str) -> Address:
         return (LOOPBACK, self.ports[kind])
@@ -683,7 +681,9 @@ def start_daemon(children: Children, devcloud: Devcloud) -> Daemon:
         recorded = _recorded_ports(state_dir)
         if recorded is None:
             probed = _probed_ports(config.net.start_port)
-            return None if probed is None else Daemon(child, probed, "probing")
+            if probed is None:
+                return None
+            return Daemon(child, probed, "probing", config.ingress.port)
         for kind, port in recorded.items():
             answer = identify((LOOPBACK, port))
             if answer is None:
@@ -693,9 +693,58 @@ def start_daemon(children: Children, devcloud: Devcloud) -> Daemon:
                     f"{state_dir / NETWORK_PORTS} gives {port} to the {kind}"
                     f" endpoint, but the {answer} backend answers there"
                 )
-        return Daemon(child, recorded, NETWORK_PORTS)
+        return Daemon(child, recorded, NETWORK_PORTS, config.ingress.port)
 
     return wait_until(ready, DAEMON_TIMEOUT, "ngrokd", [devcloud.child, child])
+
+
+def free_ports(count: int) -> list[int]:
+    """
+    C{count} distinct ports on 127.0.0.1 that the kernel picks as free, for
+    a program that cannot be told to pick its own and say which.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((LOOPBACK, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+@frozen
+class Stunnel:
+    client: Child
+    server: Child
+    ports: dict[str, int]  # ECHO or SOURCE -> the client's port on 127.0.0.1
+    version: str
+
+    def address(self, kind: str) -> Address:
+        return (LOOPBACK, self.ports[kind])
+
+
+def start_stunnel(
+    children: Children, workdir: Path, backends: Backends, binary: str
+) -> Stunnel:
+    """
+    Start a stunnel client and server with a service per backend; wait until
+    a round trip through each reaches the right backend.
+    """
+    ports = free_ports(2 * len(ENDPOINTS))
+    services = [
+        Service(kind, ports[2 * i], ports[2 * i + 1], backends.ports[kind])
+        for i, kind in enumerate(ENDPOINTS)
+    ]
+    files = write_pair(workdir / "stunnel", services)
+    server = children.spawn("stunnel-server", [binary, str(files.server_config)])
+    client = children.spawn("stunnel-client", [binary, str(files.client_config)])
+    entry = {s.name: s.client_port for s in services}
+
+    def ready() -> bool | None:
+        answers = all(identify((LOOPBACK, entry[kind])) == kind for kind in entry)
+        return True if answers else None
+
+    wait_until(ready, STUNNEL_TIMEOUT, "the stunnel pair", [server, client])
+    version = describe_version(server.log.read_text(errors="replace"))
+    return Stunnel(client, server, entry, version or binary)
 
 
 # The run
@@ -704,7 +753,8 @@ def start_daemon(children: Children, devcloud: Devcloud) -> Daemon:
 @frozen
 class PathResult:
     """
-    Every measurement of one path (through the daemon, or direct).
+    Every measurement of one path (through the daemon, through the stunnel
+    pair, or direct).
     """
 
     echo: Address
@@ -717,6 +767,8 @@ class PathResult:
     cpu_seconds_per_gb: dict[str, float]
     #: CPU milliseconds per connection of the concurrency phase, per process.
     cpu_ms_per_connection: dict[str, float]
+    #: The highest VmRSS (KiB) of each process during the concurrency phase.
+    concurrency_peak_rss_kib: dict[str, int]
 
 
 @frozen
@@ -727,6 +779,8 @@ class Settings:
     parallel_bytes_each: int
     concurrency: int
     direct_only: bool
+    #: How long ngrokd is left alone after the last phase before it is read.
+    settle_seconds: float
 
 
 def progress(message: str) -> None:
@@ -780,15 +834,96 @@ def measure_path(
     check()
     progress(f"{name}: {settings.concurrency} connections at once")
     before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-    concurrency = measure_concurrency(echo, settings.concurrency)
+    with PeakRss(pids) as rss:
+        concurrency = measure_concurrency(echo, settings.concurrency)
     after = {who: cpu_seconds(pid) for who, pid in pids.items()}
     per_connection = {
         who: (after[who] - before[who]) * 1000 / settings.concurrency for who in pids
     }
     check()
     return PathResult(
-        echo, source, latency, bulk_one, bulk_parallel, concurrency, cpu, per_connection
+        echo,
+        source,
+        latency,
+        bulk_one,
+        bulk_parallel,
+        concurrency,
+        cpu,
+        per_connection,
+        rss.peaks_kib,
     )
+
+
+@frozen
+class StunnelRun:
+    """
+    The stunnel pair's version, and the TLS handshakes its server completed
+    during the pair's phases (warm-up connections included).
+    """
+
+    version: str
+    handshakes: Handshakes
+
+
+def measure_stunnel(
+    pair: Stunnel, settings: Settings, processes: dict[str, Child]
+) -> tuple[PathResult, StunnelRun]:
+    """
+    L{measure_path} through the stunnel pair, and the handshakes its server
+    logged meanwhile.
+    """
+    start = pair.server.log.stat().st_size
+    result = measure_path(
+        "stunnel", pair.address(ECHO), pair.address(SOURCE), settings, processes
+    )
+    with open(pair.server.log, "rb") as log:
+        log.seek(start)
+        handshakes = count_handshakes(log.read())
+    return result, StunnelRun(pair.version, handshakes)
+
+
+@frozen
+class Snapshot:
+    """
+    ngrokd's resident memory and its connections to the ingress, at one time.
+    """
+
+    rss_kib: int
+    ingress_connections: int
+
+    @classmethod
+    def of(cls, daemon: Daemon) -> Snapshot:
+        pid = daemon.child.pid
+        return cls(
+            status_kib(pid, "VmRSS"), established_to_port(pid, daemon.ingress_port)
+        )
+
+
+@frozen
+class AtRest:
+    """
+    ngrokd carrying nothing: after startup, before the first phase (idle),
+    and C{settle_seconds} after the last phase (settled). A daemon that lets
+    go of what the bursts took is back near its idle RSS, and holds no
+    connection to the ingress.
+    """
+
+    ingress_port: int
+    settle_seconds: float
+    idle: Snapshot
+    settled: Snapshot
+
+
+def settle(seconds: float, processes: dict[str, Child]) -> None:
+    """
+    Wait C{seconds}, checking meanwhile that every process is still up.
+    """
+    deadline = time.monotonic() + seconds
+
+    def over() -> bool | None:
+        return True if time.monotonic() >= deadline else None
+
+    wait_until(over, seconds + STOP_TIMEOUT, "settling", list(processes.values()))
 
 
 @frozen
@@ -832,11 +967,19 @@ class Report:
     #: name -> pid and peak RSS (KiB) of each process, read at the end.
     processes: dict[str, dict[str, int]]
     daemon_ports_from: str | None
+    #: Through the stunnel pair; C{None} without stunnel, or with --direct-only.
+    stunnel: PathResult | None
+    stunnel_pair: StunnelRun | None
+    daemon_at_rest: AtRest | None
+
+    @property
+    def paths(self) -> dict[str, PathResult | None]:
+        return {"daemon": self.daemon, "stunnel": self.stunnel, "direct": self.direct}
 
     @property
     def failures(self) -> list[str]:
         found = []
-        for name, result in (("direct", self.direct), ("daemon", self.daemon)):
+        for name, result in self.paths.items():
             if result is not None and result.concurrency.failed:
                 c = result.concurrency
                 found.append(
@@ -846,8 +989,113 @@ class Report:
         return found
 
 
-def _ratio(daemon: float, direct: float) -> str:
-    return f"{daemon / direct:.2f}x" if direct else "-"
+@frozen
+class Target:
+    """
+    One figure the data path is judged by, and its bound: met when the value
+    is at most the bound (C{at_most}), or else at least.
+    """
+
+    what: str
+    value: float
+    bound: float
+    at_most: bool
+    shown: str  # the value, as the target's line shows it
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.bound if self.at_most else self.value >= self.bound
+
+    def line(self) -> str:
+        return f"target: {self.what}: {self.shown} ({'met' if self.met else 'missed'})"
+
+
+def _quotient(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def targets(report: Report) -> dict[str, Target]:
+    """
+    The targets this run can judge: none without the daemon, and those
+    relative to the stunnel pair only with it.
+    """
+    daemon, pair, rest = report.daemon, report.stunnel, report.daemon_at_rest
+    if daemon is None or rest is None:
+        return {}
+    found: dict[str, Target] = {}
+
+    def relative(
+        key: str,
+        what: str,
+        pick: Callable[[PathResult], float],
+        bound: float,
+        at_most: bool,
+    ) -> None:
+        """
+        ngrokd's figure over the pair's, against C{bound}.
+        """
+        value = None if pair is None else _quotient(pick(daemon), pick(pair))
+        if value is not None:
+            sign = "<=" if at_most else ">="
+            text = f"{what} {sign} {bound:.1f}x stunnel's"
+            found[key] = Target(text, value, bound, at_most, f"ratio {value:.2f}")
+
+    relative("latency_p50", "new connection p50", lambda r: r.latency.p50_ms, 0.5, True)
+    relative("latency_p99", "new connection p99", lambda r: r.latency.p99_ms, 1.0, True)
+    relative("bulk_one", "1 stream", lambda r: r.bulk_one.mb_per_s, 1.0, False)
+    streams = f"{report.settings.parallel_connections} streams"
+    relative("bulk_parallel", streams, lambda r: r.bulk_parallel.mb_per_s, 1.0, False)
+    cpu = daemon.cpu_seconds_per_gb["ngrokd"]
+    found["cpu_seconds_per_gb"] = Target(
+        "ngrokd CPU per GB <= 2 s", cpu, 2.0, True, f"{cpu:.2f} s"
+    )
+    burst = daemon.concurrency
+    found["concurrency_failed"] = Target(
+        f"{burst.connections} at once, failed = 0",
+        burst.failed,
+        0,
+        True,
+        str(burst.failed),
+    )
+    relative(
+        "concurrency_wall",
+        f"{burst.connections} at once, wall",
+        lambda r: r.concurrency.wall_seconds,
+        1.0,
+        True,
+    )
+    peak_mb = daemon.concurrency_peak_rss_kib["ngrokd"] * 1024 / 1e6
+    found["concurrency_peak_rss_mb"] = Target(
+        f"ngrokd peak RSS during the {burst.connections} at once <= 250 MB",
+        peak_mb,
+        250.0,
+        True,
+        f"{peak_mb:.1f} MB",
+    )
+    settled = rest.settled.rss_kib / rest.idle.rss_kib
+    found["settled_rss_over_idle"] = Target(
+        f"ngrokd RSS {rest.settle_seconds:g} s after the last phase <= 1.5x idle",
+        settled,
+        1.5,
+        True,
+        f"ratio {settled:.2f}",
+    )
+    connections = rest.settled.ingress_connections
+    found["settled_ingress_connections"] = Target(
+        "connections from ngrokd to the ingress after the settle period = 0",
+        connections,
+        0,
+        True,
+        str(connections),
+    )
+    return found
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    value = _quotient(numerator, denominator)
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _rows_table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -861,44 +1109,140 @@ def _rows_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def render(report: Report) -> str:
-    m, s = report.machine, report.settings
-    direct, daemon = report.direct, report.daemon
+def _header(report: Report) -> list[str]:
+    m = report.machine
     lines = [
         "ngrokd data-path benchmark",
         "",
         f"machine   {m.cpus} CPUs ({m.cpu_model}), {m.kernel}",
         f"software  {m.python}, Twisted {m.twisted}, {m.openssl}"
         f" (pyOpenSSL {m.pyopenssl})",
-        f"command   {report.command}",
     ]
-    if daemon is None:
+    pair = report.stunnel_pair
+    if pair is not None:
         lines.append(
-            f"note      the load client and the backends share these {m.cpus} CPUs"
+            f"baseline  {pair.version}, a mutual-TLS 1.3 pair that resumes sessions"
         )
-    else:
-        lines += [
-            "note      the load client, the backends, the devcloud and ngrokd share",
-            f"          these {m.cpus} CPUs; through the daemon, TLS runs in two"
-            " Python",
-            "          processes (ngrokd and the devcloud's ingress): the numbers are",
-            "          bounded by CPU here, not by the network",
-        ]
-    lines.append("")
+    elif not report.settings.direct_only:
+        lines.append(
+            "baseline  none: stunnel is not on PATH (Debian: apt-get install"
+            " stunnel4), so ngrokd's and direct figures alone"
+        )
+    lines.append(f"command   {report.command}")
+    sharing = ["the load client", "the backends"]
+    if pair is not None:
+        sharing.append("the stunnel pair")
+    if report.daemon is not None:
+        sharing += ["the devcloud", "ngrokd"]
+    note = f"{', '.join(sharing[:-1])} and {sharing[-1]} share these {m.cpus} CPUs"
+    if report.daemon is not None:
+        note += (
+            "; through the daemon, TLS runs in two Python processes (ngrokd and"
+            " the devcloud's ingress): the numbers are bounded by CPU here, not by"
+            " the network"
+        )
+    lines += textwrap.wrap(
+        note, width=79, initial_indent="note      ", subsequent_indent=" " * 10
+    )
+    return lines
+
+
+def _processes_table(report: Report) -> list[str]:
+    s = report.settings
+    measured = {name: r for name, r in report.paths.items() if r is not None}
+    lines = textwrap.wrap(
+        "CPU seconds per GB (10^9 bytes) moved in the bulk phases and CPU ms per"
+        f" connection of the {s.concurrency} at once, on each path; RSS: the"
+        f" highest during the {s.concurrency} at once (on any path), and the peak"
+        " over the whole run",
+        width=79,
+    )
+    rows = [
+        ["", "daemon", "stunnel", "direct", "daemon", "stunnel", "burst", "peak", ""],
+        ["", "s/GB", "s/GB", "s/GB", "ms/conn", "ms/conn", "RSS MiB", "RSS MiB", "pid"],
+    ]
+
+    def figure(
+        path: str, of: Callable[[PathResult], dict[str, float]], who: str
+    ) -> str:
+        result = report.paths[path]
+        value = None if result is None else of(result).get(who)
+        return "-" if value is None else f"{value:.2f}"
+
+    for who, info in report.processes.items():
+        burst = max(r.concurrency_peak_rss_kib.get(who, 0) for r in measured.values())
+        rows.append(
+            [
+                who,
+                *(
+                    figure(path, lambda r: r.cpu_seconds_per_gb, who)
+                    for path in ("daemon", "stunnel", "direct")
+                ),
+                *(
+                    figure(path, lambda r: r.cpu_ms_per_connection, who)
+                    for path in ("daemon", "stunnel")
+                ),
+                f"{burst / 1024:.1f}",
+                f"{info['peak_rss_kib'] / 1024:.1f}",
+                str(info["pid"]),
+            ]
+        )
+    return lines + _rows_table(rows)
+
+
+def _notes(report: Report) -> list[str]:
+    notes = []
+    if report.daemon_ports_from:
+        notes.append(f"daemon ports found from {report.daemon_ports_from}")
+    for name, result in report.paths.items():
+        if result is not None:
+            notes.append(
+                f"{name}: echo {result.echo[0]}:{result.echo[1]},"
+                f" source {result.source[0]}:{result.source[1]}"
+            )
+            if result.concurrency.close_errors:
+                notes.append(
+                    f"{name}: errors closing after the echo:"
+                    f" {result.concurrency.close_errors}"
+                )
+    if report.stunnel_pair is not None:
+        handshakes = report.stunnel_pair.handshakes
+        notes.append(
+            f"stunnel: its server completed {handshakes.total} TLS handshakes,"
+            f" {handshakes.resumed} of them resumed"
+        )
+    rest = report.daemon_at_rest
+    if rest is not None:
+        notes.append(
+            f"ngrokd at rest: RSS {rest.idle.rss_kib / 1024:.1f} MiB idle,"
+            f" {rest.settled.rss_kib / 1024:.1f} MiB {rest.settle_seconds:g} s"
+            " after the last phase; connections to the ingress (port"
+            f" {rest.ingress_port}): {rest.idle.ingress_connections} idle,"
+            f" {rest.settled.ingress_connections} settled"
+        )
+    return notes
+
+
+def render(report: Report) -> str:
+    s = report.settings
 
     def row(label: str, pick: Callable[[PathResult], float], fmt: str) -> list[str]:
-        d = pick(direct)
-        if daemon is None:
-            return [label, "-", format(d, fmt), "-"]
-        n = pick(daemon)
-        return [label, format(n, fmt), format(d, fmt), _ratio(n, d)]
+        values = {
+            name: None if r is None else pick(r) for name, r in report.paths.items()
+        }
+        return [
+            label,
+            *("-" if v is None else format(v, fmt) for v in values.values()),
+            _ratio(values["daemon"], values["direct"]),
+            _ratio(values["daemon"], values["stunnel"]),
+        ]
 
     lat = f"connect to first byte ({s.latency_connections} new conns)"
     one = f"bulk, 1 conn x {s.bulk_bytes // MiB} MiB"
     par = f"bulk, {s.parallel_connections} conns x {s.parallel_bytes_each // MiB} MiB"
     conc = f"{s.concurrency} conns at once, one echo each"
     rows = [
-        ["", "daemon", "direct", "daemon/direct"],
+        ["", "daemon", "stunnel", "direct", "daemon/direct", "ngrokd/stunnel"],
         row(f"{lat}, p50 (ms)", lambda r: r.latency.p50_ms, ".3f"),
         row(f"{lat}, p90 (ms)", lambda r: r.latency.p90_ms, ".3f"),
         row(f"{lat}, p99 (ms)", lambda r: r.latency.p99_ms, ".3f"),
@@ -908,62 +1252,46 @@ def render(report: Report) -> str:
         row(f"{conc}: median (s)", lambda r: r.concurrency.p50_seconds, ".3f"),
         row(f"{conc}: failed", lambda r: r.concurrency.failed, "d"),
     ]
-    lines += _rows_table(rows)
-    lines += [
-        "",
-        "CPU seconds per GB (10^9 bytes) moved in the bulk phases, CPU ms per",
-        f"connection of the {s.concurrency} at once; peak RSS",
-    ]
-    cpu_rows = [["", "daemon path", "direct path", "ms/conn", "peak RSS (MiB)", "pid"]]
-    for who, info in report.processes.items():
-        through = daemon.cpu_seconds_per_gb.get(who) if daemon else None
-        per_connection = daemon.cpu_ms_per_connection.get(who) if daemon else None
-        cpu_rows.append(
-            [
-                who,
-                "-" if through is None else f"{through:.2f}",
-                f"{direct.cpu_seconds_per_gb.get(who, 0.0):.2f}",
-                "-" if per_connection is None else f"{per_connection:.2f}",
-                f"{info['peak_rss_kib'] / 1024:.1f}",
-                str(info["pid"]),
-            ]
-        )
-    lines += _rows_table(cpu_rows)
-    extra = []
-    if report.daemon_ports_from:
-        extra.append(f"daemon ports found from {report.daemon_ports_from}")
-    for name, result in (("daemon", daemon), ("direct", direct)):
-        if result is not None:
-            extra.append(
-                f"{name}: echo {result.echo[0]}:{result.echo[1]},"
-                f" source {result.source[0]}:{result.source[1]}"
-            )
-            if result.concurrency.close_errors:
-                extra.append(
-                    f"{name}: errors closing after the echo:"
-                    f" {result.concurrency.close_errors}"
-                )
-    lines += [""] + extra
+    lines = [*_header(report), "", *_rows_table(rows)]
+    goals = [target.line() for target in targets(report).values()]
+    if goals:
+        lines += ["", *goals]
+    lines += ["", *_processes_table(report), "", *_notes(report)]
     return "\n".join(lines)
+
+
+def _ratios(over: PathResult, under: PathResult) -> dict[str, float | None]:
+    def of(pick: Callable[[PathResult], float]) -> float | None:
+        return _quotient(pick(over), pick(under))
+
+    return {
+        "latency_p50": of(lambda r: r.latency.p50_ms),
+        "latency_p99": of(lambda r: r.latency.p99_ms),
+        "bulk_one": of(lambda r: r.bulk_one.mb_per_s),
+        "bulk_parallel": of(lambda r: r.bulk_parallel.mb_per_s),
+        "concurrency_wall": of(lambda r: r.concurrency.wall_seconds),
+    }
 
 
 def as_json(report: Report) -> dict[str, Any]:
     data: dict[str, Any] = attrs.asdict(report)
-    for name in ("direct", "daemon"):
-        result = getattr(report, name)
+    for name, result in report.paths.items():
         if result is not None:
             data[name]["latency"]["warmup_connections"] = WARMUP_CONNECTIONS
     if report.daemon is not None:
-        d, n = report.direct, report.daemon
-        data["ratios_daemon_over_direct"] = {
-            "latency_p50": n.latency.p50_ms / d.latency.p50_ms,
-            "latency_p99": n.latency.p99_ms / d.latency.p99_ms,
-            "bulk_one": n.bulk_one.mb_per_s / d.bulk_one.mb_per_s,
-            "bulk_parallel": n.bulk_parallel.mb_per_s / d.bulk_parallel.mb_per_s,
-            "concurrency_wall": n.concurrency.wall_seconds / d.concurrency.wall_seconds
-            if d.concurrency.wall_seconds
-            else None,
+        data["ratios_daemon_over_direct"] = _ratios(report.daemon, report.direct)
+        if report.stunnel is not None:
+            data["ratios_daemon_over_stunnel"] = _ratios(report.daemon, report.stunnel)
+    data["targets"] = {
+        key: {
+            "what": target.what,
+            "value": target.value,
+            "bound": target.bound,
+            "compare": "<=" if target.at_most else ">=",
+            "met": target.met,
         }
+        for key, target in targets(report).items()
+    }
     data["failures"] = report.failures
     return data
 
@@ -978,11 +1306,24 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
         parallel_bytes_each=(16 if quick else 128) * MiB,
         concurrency=args.concurrency,
         direct_only=args.direct_only,
+        settle_seconds=args.settle if args.settle is not None else (5 if quick else 60),
     )
     machine = Machine.here(fd_limit)
     progress(f"working in {workdir}")
+    stunnel = None if args.direct_only else find_stunnel()
+    if stunnel is None and not args.direct_only:
+        progress("stunnel is not on PATH: no C baseline, ngrokd and direct alone")
     backends_child, backends = start_backends(children, workdir)
     processes = {"backends": backends_child}
+    pair: Stunnel | None = None
+    if stunnel is not None:
+        progress(f"starting a stunnel pair ({stunnel})")
+        pair = start_stunnel(children, workdir, backends, stunnel)
+        processes = {
+            "stunnel client": pair.client,
+            "stunnel server": pair.server,
+            **processes,
+        }
     daemon: Daemon | None = None
     if not args.direct_only:
         progress("starting the devcloud")
@@ -990,13 +1331,22 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
         progress(f"starting ngrokd with {devcloud.config}")
         daemon = start_daemon(children, devcloud)
         processes = {"ngrokd": daemon.child, "devcloud": devcloud.child, **processes}
+    idle = None if daemon is None else Snapshot.of(daemon)
     direct = measure_path(
         "direct", backends.address(ECHO), backends.address(SOURCE), settings, processes
     )
-    through = None
-    if daemon is not None:
+    through_pair = stunnel_run = None
+    if pair is not None:
+        through_pair, stunnel_run = measure_stunnel(pair, settings, processes)
+    through = at_rest = None
+    if daemon is not None and idle is not None:
         through = measure_path(
             "daemon", daemon.address(ECHO), daemon.address(SOURCE), settings, processes
+        )
+        progress(f"leaving ngrokd alone for {settings.settle_seconds:g}s")
+        settle(settings.settle_seconds, processes)
+        at_rest = AtRest(
+            daemon.ingress_port, settings.settle_seconds, idle, Snapshot.of(daemon)
         )
     pids = _pids(processes)
     return Report(
@@ -1006,10 +1356,13 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
         direct,
         through,
         {
-            name: {"pid": pid, "peak_rss_kib": peak_rss_kib(pid)}
+            name: {"pid": pid, "peak_rss_kib": status_kib(pid, "VmHWM")}
             for name, pid in pids.items()
         },
         daemon.ports_from if daemon else None,
+        through_pair,
+        stunnel_run,
+        at_rest,
     )
 
 
@@ -1017,6 +1370,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds")
     return value
 
 
@@ -1037,13 +1397,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="50 latency samples, 64 MiB and 8 x 16 MiB bulk",
+        help="50 latency samples, 64 MiB and 8 x 16 MiB bulk, a 5 s settle",
     )
     parser.add_argument(
         "--latency",
         type=_positive,
         metavar="N",
         help="sequential new connections for the latency (default 300, quick 50)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long ngrokd is left alone after the last phase before its RSS"
+        " and its connections to the ingress are read (default 60, quick 5)",
     )
     parser.add_argument(
         "--direct-only",
