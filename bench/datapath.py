@@ -94,6 +94,8 @@ STUNNEL_TIMEOUT = 15.0
 PROBE_TIMEOUT = 5.0
 ROUND_TRIP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+#: Before ngrokd's idle figures are read: its readiness probes' legs close.
+IDLE_PAUSE = 1.0
 #: A bulk phase may take this long plus its bytes at this rate (bytes/s).
 BULK_SLACK, BULK_MIN_RATE = 60.0, 2_000_000
 
@@ -1331,7 +1333,10 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
         progress(f"starting ngrokd with {devcloud.config}")
         daemon = start_daemon(children, devcloud)
         processes = {"ngrokd": daemon.child, "devcloud": devcloud.child, **processes}
-    idle = None if daemon is None else Snapshot.of(daemon)
+    idle = None
+    if daemon is not None:
+        settle(IDLE_PAUSE, processes)
+        idle = Snapshot.of(daemon)
     direct = measure_path(
         "direct", backends.address(ECHO), backends.address(SOURCE), settings, processes
     )
