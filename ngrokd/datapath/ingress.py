@@ -493,8 +493,10 @@ class IngressConnector:
                 self.handshakes.resumed += 1
             else:
                 self.handshakes.full += 1
-            self.pool.upgraded()
+            self.pool.answered()
             self._notices(result.request, result.response.notices)
+        elif isinstance(result, Failure) and result.check(UpgradeRefused):
+            self.pool.answered()
         elif isinstance(result, Failure) and result.check(TLSFailed):
             creator.failed()
 

@@ -16,10 +16,14 @@ ready connection is replaced after a maximum age, and sooner if the ingress
 was seen to close idle connections earlier than that. A connection is never
 put back after its upgrade.
 
+A taken connection is replaced once the ingress has answered its request,
+not when it is taken: a handshake started meanwhile would compete with that
+request for the CPU, here and at the ingress.
+
 When a pooled connection is lost while it waits (the ingress closed it, or
-refused the certificate after the handshake), the pool dials no more until a
-connection upgrades again: a broken ingress is not dialled in a loop, and the
-connections that need it meet the failure and report it.
+refused the certificate after the handshake), the pool dials no more until
+the ingress answers a request again: a broken ingress is not dialled in a
+loop, and the connections that need it meet the failure and report it.
 """
 
 from __future__ import annotations
@@ -209,27 +213,27 @@ class WarmPool(Generic[M]):
             self._quiet = self._clock.callLater(
                 self.settings.idle_timeout, self._check_quiet
             )
-        taken = None
-        if self._ready:
-            entry = self._ready.pop()  # the newest: the least likely closed
-            _cancel(entry.expiry)
-            self.taken += 1
-            taken = entry.connection
-        self._refill()
-        return taken
+        if not self._ready:
+            return None
+        entry = self._ready.pop()  # the newest: the least likely closed
+        _cancel(entry.expiry)
+        self.taken += 1
+        return entry.connection
 
-    def upgraded(self) -> None:
+    def answered(self) -> None:
         """
-        A connection to the ingress upgraded: the pool may dial again.
+        The ingress answered a request (upgraded or refused): the pool may
+        dial again, and replaces what was taken. Not sooner: a handshake dialled while a
+        connection waits for its answer would compete with it for the CPU,
+        here and at the ingress.
         """
-        if self._paused:
-            self._paused = False
-            self._refill()
+        self._paused = False
+        self._refill()
 
     def failed(self) -> None:
         """
-        A connection to the ingress failed before its upgrade: dial no more
-        until one upgrades.
+        A connection to the ingress failed before its answer: dial no more
+        until the ingress answers a request.
         """
         self._paused = True
 
