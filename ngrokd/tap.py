@@ -83,9 +83,11 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     The daemon's service tree; nothing starts until twistd starts it. Run
-    by twistd (on its reactor), it also takes over SIGTERM and SIGINT.
+    by twistd (on its reactor), it also takes over SIGTERM and SIGINT, and
+    gives the C heap's freed memory back after a storm of connections.
     """
     from ngrokd.daemon import StopOnSignal
+    from ngrokd.host.memory import MemoryTrimmer
 
     under_twistd = reactor is None
     if reactor is None:
@@ -100,6 +102,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if under_twistd:
         daemon.exit_when_locked = True
         StopOnSignal(daemon, reactor).setServiceParent(daemon)
+        # The process's own heap: one per process, so only under twistd.
+        MemoryTrimmer(
+            reactor, lambda: daemon.listeners.connections_open
+        ).setServiceParent(daemon)
     return daemon
 
 

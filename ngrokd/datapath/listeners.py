@@ -245,6 +245,13 @@ class ListenerSet:
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
 
+    @property
+    def connections_open(self) -> int:
+        """
+        Accepted connections open now, over every listener.
+        """
+        return sum(x.stats.connections_open for x in self.listeners.values())
+
     def _owners_in_thread(self, address: str, port: int) -> Deferred[list[str]]:
         return deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), port_owners, address, port

@@ -19,6 +19,7 @@ from ngrokd.control.health import HealthService
 from ngrokd.control.server import ControlService
 from ngrokd.control.watcher import ConfigWatcher
 from ngrokd.daemon import Daemon, StopOnSignal
+from ngrokd.host.memory import MemoryTrimmer
 from ngrokd.logs import LogLevelService
 from ngrokd.tap import Options, makeService
 
@@ -153,7 +154,8 @@ class OptionsTests(SynchronousTestCase):
     def test_signalsUnderTwistd(self) -> None:
         """
         Built for twistd (on the global reactor), the daemon also handles
-        SIGTERM and SIGINT (once started: building installs nothing).
+        SIGTERM and SIGINT (once started: building installs nothing), and
+        trims its heap after storms.
         """
         state = os.path.abspath(self.mktemp())
         path = self.config(f"server:\n  state_dir: {state}\n  health_address: ''\n")
@@ -161,7 +163,10 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         service = makeService(options)
         assert isinstance(service, Daemon)
-        self.assertIsInstance(list(service)[-1], StopOnSignal)
+        self.assertEqual(
+            [type(child) for child in list(service)[-2:]],
+            [StopOnSignal, MemoryTrimmer],
+        )
 
 
 class PluginTests(SynchronousTestCase):

@@ -1,0 +1,130 @@
+"""
+Tests for L{ngrokd.host.memory}: when the C heap is trimmed, and that a trim
+gives memory back to the system.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from ngrokd.host.memory import (
+    CHECK_INTERVAL,
+    MemoryTrimmer,
+    MiB,
+    glibc_malloc_trim,
+    resident_bytes,
+    should_trim,
+)
+from ngrokd.test.test_hosts import ThreadReactor
+
+
+class ShouldTrimTests(SynchronousTestCase):
+    """
+    L{should_trim} waits for growth and for the storm to pass.
+    """
+
+    def test_grownAndPassed(self) -> None:
+        """
+        Grown by half, and the connections gone: trim.
+        """
+        self.assertTrue(should_trim(300 * MiB, 60 * MiB, 0, 5000))
+
+    def test_stillGrowing(self) -> None:
+        """
+        While connections keep coming, their memory is in use.
+        """
+        self.assertFalse(should_trim(300 * MiB, 60 * MiB, 5000, 100))
+
+    def test_notGrown(self) -> None:
+        """
+        Less than half again since the last trim is left alone.
+        """
+        self.assertFalse(should_trim(80 * MiB, 60 * MiB, 0, 5000))
+
+
+class MemoryTrimmerTests(SynchronousTestCase):
+    """
+    L{MemoryTrimmer} trims in a thread after a storm, and only then.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ThreadReactor()
+        self.resident = [60 * MiB]
+        self.open = [0]
+        self.trimmed = 0
+        self.trimmer = MemoryTrimmer(
+            self.reactor, lambda: self.open[0], lambda: self.resident[0], self.trim
+        )
+
+    def trim(self) -> None:
+        self.trimmed += 1
+        self.resident[0] = 70 * MiB
+
+    def look(self, resident: int, open_now: int) -> None:
+        self.resident[0], self.open[0] = resident, open_now
+        self.reactor.advance(CHECK_INTERVAL)
+
+    def test_afterStorm(self) -> None:
+        """
+        A burst raises the resident size; once its connections close, the
+        heap is trimmed once, and what it gave back is counted.
+        """
+        self.trimmer.startService()
+        self.look(300 * MiB, 5000)
+        self.assertEqual(self.trimmed, 0)
+        self.look(300 * MiB, 0)
+        self.assertEqual(self.trimmed, 1)
+        self.assertEqual(self.trimmer.freed, 230 * MiB)
+        self.look(75 * MiB, 0)
+        self.assertEqual(self.trimmed, 1)
+
+    def test_stopLeavesNoTimer(self) -> None:
+        """
+        A stopped trimmer looks no more.
+        """
+        self.trimmer.startService()
+        self.trimmer.stopService()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_unavailable(self) -> None:
+        """
+        Where the resident size cannot be read, nothing is scheduled.
+        """
+        trimmer = MemoryTrimmer(self.reactor, lambda: 0, lambda: None, self.trim)
+        trimmer.startService()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        trimmer.stopService()
+
+
+class RealTrimTests(SynchronousTestCase):
+    """
+    The C library's C{malloc_trim} gives freed heap memory back.
+    """
+
+    def test_givesBack(self) -> None:
+        """
+        Blocks malloc'ed, written and freed below one still in use stay
+        resident until a trim, which gives them back.
+        """
+        trim = glibc_malloc_trim()
+        if trim is None or resident_bytes() is None:
+            raise SkipTest("no malloc_trim or no /proc here")
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        blocks = [libc.malloc(4096) for _ in range(16_000)]  # 64 MiB
+        pin = libc.malloc(4096)  # keeps the freed blocks off the heap's top
+        for block in blocks:
+            ctypes.memset(block, 1, 4096)
+        for block in blocks:
+            libc.free(block)
+        before = resident_bytes()
+        trim()
+        after = resident_bytes()
+        libc.free(pin)
+        assert before is not None and after is not None
+        self.assertGreater(before - after, 32 * MiB)
