@@ -1,6 +1,6 @@
 # -*- test-case-name: ngrokd.test.test_halfclose,ngrokd.test.test_twisted_seams -*-
 """
-TLS with half-close.
+TLS with half-close, in big chunks.
 
 Twisted's TLS transport closes the whole connection on the first
 C{close_notify} and has no C{loseWriteConnection} (twisted issue 5341), so a
@@ -9,6 +9,14 @@ reply it is still waiting for. Here C{loseWriteConnection} sends C{close_notify}
 and keeps reading, and a peer's C{close_notify} becomes C{readConnectionLost}
 for a protocol that provides L{IHalfCloseableProtocol}. When both directions
 have closed, the TCP connection is closed.
+
+Twisted's TLS transport works a record (16 KiB) at a time: it copies each
+16 KiB of a write out before encrypting it, writes each record to TCP on its
+own, and hands each record received to the protocol on its own. That Python
+work per record is most of what moving bulk data costs. Here a write is
+encrypted in place and all its records go to TCP as one write, and the
+records one TCP read brings are handed to the protocol as one piece (of at
+most L{DELIVER_SIZE} bytes).
 """
 
 from __future__ import annotations
@@ -29,17 +37,35 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+#: The most cleartext handed to the protocol in one C{dataReceived}.
+DELIVER_SIZE = 128 * 1024
+#: OpenSSL's output is read in pieces of at least this size (Twisted's).
+SEND_READ = 2**15
+#: What TLS adds to a record, at most: header, padding and tag.
+RECORD_OVERHEAD = 256
+#: Cleartext asked of OpenSSL per C{SSL_read}: a record is at most 16 KiB,
+#: so one call returns one record.
+RECORD_READ = 2**15
+
 #: Every private member of L{TLSMemoryBIOProtocol} that
 #: L{HalfCloseableTLSProtocol} overrides, reads or calls, and what for: Twisted
-#: offers no public way in (twisted issue 5341).
+#: offers no public way in (twisted issue 5341), nor a way to choose how much
+#: it encrypts, sends or delivers at once.
 #: L{ngrokd.test.test_twisted_seams} checks each against the installed Twisted.
 TLS_INTERNALS = {
     "_checkHandshakeStatus": "overridden: runs as the handshake advances, so a"
     " close_notify asked for during the handshake goes out once it is done",
     "_unbufferPendingWrites": "overridden: runs when writes held during the"
     " handshake are encrypted, so a close_notify goes out after them",
-    "_flushReceiveBIO": "overridden: reads the cleartext and meets the peer's"
-    " close_notify, which becomes readConnectionLost",
+    "_flushReceiveBIO": "overridden: reads the cleartext, hands it on in big"
+    " pieces and meets the peer's close_notify, which becomes"
+    " readConnectionLost",
+    "_write": "overridden: encrypts what the protocol writes without copying"
+    " it in 16 KiB slices, and sends the records in one TCP write (Twisted's"
+    " makes one per record)",
+    "_flushSendBIO": "overridden: sends all OpenSSL produced in one TCP write"
+    " (Twisted's reads 32 KiB of it); called: after reading",
+    "_bufferedWrite": "called: holds a write OpenSSL cannot take yet",
     "_handshakeDone": "read: no close_notify before the handshake is done",
     "_appSendBuffer": "read: no close_notify while writes wait to be encrypted",
     "_lostTLSConnection": "read: nothing to send or read once TLS is gone",
@@ -49,7 +75,6 @@ TLS_INTERNALS = {
     " have sent one",
     "_tlsShutdownFinished": "called: ends the connection after a TLS error or"
     " once both directions are closed",
-    "_flushSendBIO": "called: sends what OpenSSL produced while reading",
 }
 
 
@@ -101,20 +126,75 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
         super()._unbufferPendingWrites()
         self._sendCloseNotifyIfReady()
 
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection:
+            return
+        view = memoryview(data)
+        sent = 0
+        while sent < len(view):
+            try:
+                # One record per call (pyOpenSSL asks for partial writes).
+                sent += self._tlsConnection.send(view[sent:])
+            except WantReadError:
+                # Not until the handshake is done: keep the rest, as Twisted
+                # does.
+                self._bufferedWrite(bytes(view[sent:]))
+                break
+            except Error:
+                self._tlsShutdownFinished(Failure())
+                return
+        self._flushSendBIO(len(view) + (len(view) // 2**14 + 1) * RECORD_OVERHEAD)
+
+    def _flushSendBIO(self, expected: int = SEND_READ) -> None:
+        """
+        Send what OpenSSL produced, in one write: C{expected} is how much
+        that is likely to be.
+        """
+        size = max(expected, SEND_READ)
+        pieces = []
+        while True:
+            try:
+                piece = self._tlsConnection.bio_read(size)
+            except WantReadError:
+                break
+            pieces.append(piece)
+            if len(piece) < size:
+                break
+        if pieces:
+            assert self.transport is not None
+            self.transport.writeSequence(pieces)
+
     def _flushReceiveBIO(self) -> None:
+        received: list[bytes] = []
+        size = 0
         while not self._lostTLSConnection and not self._readClosed:
             try:
-                data = self._tlsConnection.recv(2**15)
+                data = self._tlsConnection.recv(RECORD_READ)
             except WantReadError:
                 break
             except ZeroReturnError:
+                self._deliver(received)
                 self._peerClosedWrite()
             except Error:
+                self._deliver(received)
                 self._tlsShutdownFinished(Failure())
             else:
-                if not self._aborted:
-                    ProtocolWrapper.dataReceived(self, data)
+                received.append(data)
+                size += len(data)
+                if size >= DELIVER_SIZE:
+                    self._deliver(received)
+                    size = 0
+        self._deliver(received)
         self._flushSendBIO()
+
+    def _deliver(self, received: list[bytes]) -> None:
+        """
+        Hand what was read to the protocol as one piece, and empty
+        C{received}.
+        """
+        if received and not self._aborted:
+            ProtocolWrapper.dataReceived(self, b"".join(received))
+        received.clear()
 
     def _peerClosedWrite(self) -> None:
         halfCloseable = IHalfCloseableProtocol(self.wrappedProtocol, None)

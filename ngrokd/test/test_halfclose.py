@@ -4,6 +4,7 @@ Tests for L{ngrokd.datapath.halfclose}, over real TLS on loopback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor, ssl
@@ -15,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from ngrokd.datapath.halfclose import (
+    DELIVER_SIZE,
     HalfCloseableTLSClientEndpoint,
     HalfCloseableTLSFactory,
 )
@@ -35,6 +37,24 @@ class NotHalfCloseable(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reason = reason
         self.lost.callback(None)
+
+
+#: Cleartext in one TLS record, at most.
+RECORD = 16 * 1024
+
+
+class Pieces(Recorder):
+    """
+    Records the size of each piece as well.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sizes: list[int] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sizes.append(len(data))
+        super().dataReceived(data)
 
 
 class HalfCloseTests(TestCase):
@@ -95,27 +115,37 @@ class HalfCloseTests(TestCase):
         self.assertTrue(server.read_closed)
 
     @inlineCallbacks
+    def serverFirst(self, greeting: bytes, answer: Callable[[bytes], bytes]):
+        """
+        The server sends C{greeting} and stops sending; the client, once it
+        has read all of it, sends C{answer(what it read)} and closes. Fires
+        with the client and the server, both closed.
+        """
+
+        def greet(server: Recorder) -> None:
+            server.transport.write(greeting)
+            server.transport.loseWriteConnection()
+
+        port = self.listen(lambda: Pieces(on_connected=greet))
+
+        def reply(client: Recorder) -> None:
+            client.transport.write(answer(client.received))
+            client.transport.loseConnection()
+
+        client = Pieces(on_read_closed=reply)
+        yield self.connect(port, client)
+        yield client.lost
+        server = self.serverProtocols[0]
+        yield server.lost
+        return client, server
+
+    @inlineCallbacks
     def test_serverHalfClose(self):
         """
         A server that stops sending still gets what the client sends after,
         and the client sees the close as C{readConnectionLost}.
         """
-
-        def greet(server: Recorder) -> None:
-            server.transport.write(b"hello")
-            server.transport.loseWriteConnection()
-
-        port = self.listen(lambda: Recorder(on_connected=greet))
-
-        def answer(client: Recorder) -> None:
-            client.transport.write(b"got " + client.received)
-            client.transport.loseConnection()
-
-        client = Recorder(on_read_closed=answer)
-        yield self.connect(port, client)
-        yield client.lost
-        server = self.serverProtocols[0]
-        yield server.lost
+        client, server = yield self.serverFirst(b"hello", lambda got: b"got " + got)
         self.assertEqual((client.received, client.read_closed), (b"hello", True))
         self.assertEqual(server.received, b"got hello")
 
@@ -141,6 +171,21 @@ class HalfCloseTests(TestCase):
         client.reason.trap(ConnectionDone)
         self.assertEqual(client.received, b"still here")
         self.assertEqual(self.serverProtocols[0].received, b"a")
+
+    @inlineCallbacks
+    def test_bigWrites(self):
+        """
+        Writes of megabytes, made before the handshake is done and after,
+        arrive whole and in order; the records a read brings are handed on
+        together, in pieces of at most L{DELIVER_SIZE}.
+        """
+        pattern = bytes(range(251)) * 12_000  # ~3 MB, no run repeats a record
+        client, server = yield self.serverFirst(pattern, lambda got: got[::-1])
+        self.assertEqual(client.received, pattern)
+        self.assertEqual(server.received, pattern[::-1])
+        for side in (client, server):
+            self.assertGreater(max(side.sizes), RECORD)
+            self.assertLessEqual(max(side.sizes), DELIVER_SIZE)
 
     @inlineCallbacks
     def test_notHalfCloseable(self):

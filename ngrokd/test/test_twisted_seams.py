@@ -61,6 +61,10 @@ class RecordingTLS(TLSMemoryBIOProtocol):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[str, object]] = []
 
+    def _write(self, data: bytes) -> None:
+        self.calls.append(("_write", data))
+        super()._write(data)
+
 
 def _recording(name: str, state: str, copy: Any) -> Any:
     def hook(self: RecordingTLS) -> None:
@@ -75,6 +79,7 @@ for _name, _state, _copy in [
     ("_checkHandshakeStatus", "_handshakeDone", bool),
     ("_unbufferPendingWrites", "_appSendBuffer", list),
     ("_flushReceiveBIO", "_lostTLSConnection", bool),
+    ("_flushSendBIO", "_handshakeDone", bool),
 ]:
     if hasattr(TLSMemoryBIOProtocol, _name):
         setattr(RecordingTLS, _name, _recording(_name, _state, _copy))
@@ -206,6 +211,28 @@ class HalfCloseSeamTests(SynchronousTestCase):
             half_close_needs("_unbufferPendingWrites"),
         )
         self.assertEqual(self.server_app.received, b"early")
+
+    def test_writeHook(self) -> None:
+        """
+        C{write} encrypts through C{_write}, and a write held during the
+        handshake goes through it again once the handshake is done; OpenSSL's
+        output goes out through C{_flushSendBIO}, the handshake's too.
+        """
+        self.client.write(b"early")
+        self.pump()
+        self.client.write(b"later")
+        self.pump()
+        self.assertEqual(
+            [data for name, data in self.client.calls if name == "_write"],
+            [b"early", b"early", b"later"],
+            half_close_needs("_write"),
+        )
+        self.assertEqual(self.server_app.received, b"earlylater")
+        self.assertIn(
+            ("_flushSendBIO", False),
+            self.client.calls,
+            half_close_needs("_flushSendBIO"),
+        )
 
     def test_closeNotify(self) -> None:
         """
