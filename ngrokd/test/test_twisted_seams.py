@@ -10,13 +10,15 @@ import ast
 import inspect
 import io
 import os
+import socket
 import types
 from typing import Any
 
 import OpenSSL
 from OpenSSL.SSL import TLS_METHOD, Connection, Context
-from twisted.internet import ssl
+from twisted.internet import ssl, tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import ILogObserver, LogBeginner, LogEvent, LogPublisher
@@ -29,6 +31,7 @@ import ngrokd
 import twisted
 from ngrokd.datapath.halfclose import TLS_INTERNALS, HalfCloseableTLSProtocol
 from ngrokd.datapath.resumption import session_reused
+from ngrokd.datapath.splice import read_in_chunks
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.logs import observers_of
 from ngrokd.test.helpers import unsent
@@ -386,6 +389,83 @@ class TransportBufferSeamTests(SynchronousTestCase):
                 "FileDescriptor's write buffer (dataBuffer, offset, _tempDataLen)",
                 "the slow-reader tests (ngrokd/test/helpers.py, unsent) need it"
                 " to measure what the daemon holds",
+            ),
+        )
+
+
+class Pieces(Protocol):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sizes.append(len(data))
+
+
+@implementer(IPushProducer)
+class Producer:
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class TCPChunkSeamTests(SynchronousTestCase):
+    """
+    C{bufferSize} on Twisted's TCP transport, which
+    L{ngrokd.datapath.splice.read_in_chunks} sets.
+    """
+
+    def setUp(self) -> None:
+        ours, self.theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(self.theirs.close)
+        self.received = Pieces()
+        self.transport = tcp.Connection(ours, self.received, MemoryReactor())
+        self.transport.connected = True  # as an accepted connection is
+        self.received.makeConnection(self.transport)
+        read_in_chunks(self.transport, 1000)
+
+    def test_readSize(self) -> None:
+        """
+        A read takes up to C{bufferSize} bytes off the socket.
+        """
+        self.theirs.sendall(b"x" * 2500)
+        for _ in range(3):
+            self.transport.doRead()
+        self.assertEqual(
+            self.received.sizes,
+            [1000, 1000, 500],
+            changed(
+                "what tcp.Connection.bufferSize means to doRead",
+                "ngrokd's splice (ngrokd/datapath/splice.py, read_in_chunks)"
+                " sets it to read in big chunks",
+            ),
+        )
+
+    def test_bufferBound(self) -> None:
+        """
+        A write that leaves more than C{bufferSize} bytes unsent pauses the
+        registered producer.
+        """
+        producer = Producer()
+        self.transport.registerProducer(producer, True)
+        self.transport.write(b"x" * 1000)
+        paused = [producer.paused]
+        self.transport.write(b"x")
+        paused.append(producer.paused)
+        self.assertEqual(
+            paused,
+            [False, True],
+            changed(
+                "what tcp.Connection.bufferSize means to write",
+                "ngrokd's splice (ngrokd/datapath/splice.py, read_in_chunks)"
+                " relies on it to bound what a slow reader makes it hold",
             ),
         )
 
