@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -14,6 +15,7 @@ from ngrokd.host.memory import (
     CHECK_INTERVAL,
     MemoryTrimmer,
     MiB,
+    glibc_keep_heap,
     glibc_malloc_trim,
     resident_bytes,
     should_trim,
@@ -128,3 +130,31 @@ class RealTrimTests(SynchronousTestCase):
         libc.free(pin)
         assert before is not None and after is not None
         self.assertGreater(before - after, 32 * MiB)
+
+    def test_keepHeap(self) -> None:
+        """
+        With glibc's thresholds raised, two megabytes of buffers of the size
+        bulk forwarding uses, allocated, written and freed again and again,
+        reuse the same pages: glibc no longer trims them after each round
+        only to fault fresh zeroed pages in at the next.
+        """
+        if not glibc_keep_heap():
+            raise SkipTest("no mallopt here")
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        size = 100 * 1024
+
+        def faults() -> int:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(50):
+                blocks = [libc.malloc(size) for _ in range(20)]
+                for block in blocks:
+                    ctypes.memset(block, 1, size)
+                for block in reversed(blocks):
+                    libc.free(block)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        faults()
+        self.assertLess(faults(), 500)
