@@ -124,14 +124,17 @@ class Source(asyncio.Protocol):
         return not self._sent_all
 
 
-def _write_portfile(path: str, ports: dict[str, int]) -> None:
+def write_portfile(path: str, ports: dict[str, int]) -> None:
+    """
+    Write C{ports} to C{path} as JSON, atomically: the file appears whole.
+    """
     partial = path + ".partial"
     with open(partial, "w", encoding="utf-8") as f:
         json.dump(ports, f)
     os.replace(partial, path)
 
 
-def _port(server: asyncio.Server) -> int:
+def listening_port(server: asyncio.Server) -> int:
     port: int = server.sockets[0].getsockname()[1]
     return port
 
@@ -143,7 +146,9 @@ async def serve(portfile: str) -> None:
     loop = asyncio.get_running_loop()
     echo = await loop.create_server(Echo, "127.0.0.1", 0, backlog=BACKLOG)
     source = await loop.create_server(Source, "127.0.0.1", 0, backlog=BACKLOG)
-    _write_portfile(portfile, {"echo": _port(echo), "source": _port(source)})
+    write_portfile(
+        portfile, {"echo": listening_port(echo), "source": listening_port(source)}
+    )
     async with echo, source:
         await asyncio.gather(echo.serve_forever(), source.serve_forever())
 
