@@ -52,13 +52,19 @@ class Service:
     """
     One service of the pair: plaintext in at C{client_port}, TLS between
     C{client_port}'s stunnel and C{server_port}, plaintext out to
-    C{backend_port}, all on 127.0.0.1.
+    C{backend_port}, all on 127.0.0.1. With a C{relay_port}, the client
+    connects there, to a relay that carries the TLS leg to C{server_port}.
     """
 
     name: str
     client_port: int
     server_port: int
     backend_port: int
+    relay_port: int | None = None
+
+    @property
+    def client_connects_to(self) -> int:
+        return self.server_port if self.relay_port is None else self.relay_port
 
 
 @frozen
@@ -120,7 +126,7 @@ def write_pair(directory: Path, services: Sequence[Service]) -> PairFiles:
         directory,
         "client",
         ["client = yes", f"checkIP = {LOOPBACK}"],
-        _sections((s.name, s.client_port, s.server_port) for s in services),
+        _sections((s.name, s.client_port, s.client_connects_to) for s in services),
     )
     # Info-level logging on the server only: it names each resumed handshake.
     server = _config(

@@ -45,6 +45,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -52,8 +53,10 @@ from typing import Any, TypeVar
 
 import attrs
 import OpenSSL
+import yaml
 from _backends import COUNT
 from _proc import PeakRss, cpu_seconds, established_to_port, status_kib
+from _relay import WINDOW
 from _stunnel import (
     Handshakes,
     Service,
@@ -64,6 +67,7 @@ from _stunnel import (
 )
 from attrs import frozen
 from OpenSSL import SSL
+from prometheus_client.parser import text_string_to_metric_families
 
 import twisted
 from ngrokd.config import ConfigError, load_config
@@ -88,6 +92,7 @@ WARMUP_CONNECTIONS = 5
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
 BACKENDS_TIMEOUT = 15.0
+RELAY_TIMEOUT = 15.0
 DEVCLOUD_TIMEOUT = 30.0
 DAEMON_TIMEOUT = 90.0
 STUNNEL_TIMEOUT = 15.0
@@ -96,10 +101,14 @@ ROUND_TRIP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 #: Before ngrokd's idle figures are read: its readiness probes' legs close.
 IDLE_PAUSE = 1.0
+#: The longest --delay, in ms: a round trip stays well within every bound.
+MAX_DELAY_MS = 1000.0
 #: A bulk phase may take this long plus its bytes at this rate (bytes/s).
 BULK_SLACK, BULK_MIN_RATE = 60.0, 2_000_000
 
 RECV_SIZE = 1024 * 1024
+#: The most of ngrokd's /metrics read.
+METRICS_LIMIT = 4 * MiB
 PR_SET_PDEATHSIG = 1
 
 
@@ -539,10 +548,10 @@ class Backends:
         return (LOOPBACK, self.ports[kind])
 
 
-def start_backends(children: Children, workdir: Path) -> tuple[Child, Backends]:
-    portfile = workdir / "backends.json"
-    script = Path(__file__).with_name("_backends.py")
-    child = children.spawn("backends", [sys.executable, str(script), str(portfile)])
+def wait_for_ports(child: Child, portfile: Path, timeout: float) -> dict[str, int]:
+    """
+    The ports a child of ours writes to C{portfile} once it listens.
+    """
 
     def ports() -> dict[str, int] | None:
         if not portfile.exists():
@@ -550,7 +559,14 @@ def start_backends(children: Children, workdir: Path) -> tuple[Child, Backends]:
         loaded: dict[str, int] = json.loads(portfile.read_text())
         return loaded
 
-    backends = Backends(wait_until(ports, BACKENDS_TIMEOUT, "the backends", [child]))
+    return wait_until(ports, timeout, child.name, [child])
+
+
+def start_backends(children: Children, workdir: Path) -> tuple[Child, Backends]:
+    portfile = workdir / "backends.json"
+    script = Path(__file__).with_name("_backends.py")
+    child = children.spawn("backends", [sys.executable, str(script), str(portfile)])
+    backends = Backends(wait_for_ports(child, portfile, BACKENDS_TIMEOUT))
     for kind in ENDPOINTS:
         if identify(backends.address(kind)) != kind:
             raise NotReady(
@@ -572,6 +588,7 @@ def twistd() -> str:
 class Devcloud:
     child: Child
     config: Path  # the ngrokd config it wrote
+    ingress_port: int  # its ingress's, on 127.0.0.1, from that config
 
 
 def _free_range(start: int, count: int) -> bool:
@@ -625,7 +642,63 @@ def start_devcloud(children: Children, workdir: Path, backends: Backends) -> Dev
         return config if config.exists() else None
 
     config = wait_until(written, DEVCLOUD_TIMEOUT, "the devcloud", [child])
-    return Devcloud(child, config)
+    try:
+        ingress = load_config(str(config)).config.ingress
+    except ConfigError as e:
+        raise BenchError(f"the devcloud's config does not load: {e}") from None
+    if ingress.host != LOOPBACK:
+        raise BenchError(
+            f"the devcloud's ingress is {ingress.endpoint}, not on {LOOPBACK}"
+        )
+    return Devcloud(child, config, ingress.port)
+
+
+@frozen
+class Relay:
+    """
+    The relay that adds the link's delay, with a port per route.
+    """
+
+    child: Child
+    ports: dict[str, int]  # route -> the relay's port on 127.0.0.1
+
+
+#: The relay's route to the devcloud's ingress; the pair's are per service.
+INGRESS_ROUTE = "ingress"
+
+
+def stunnel_route(service: Service) -> str:
+    return f"stunnel-{service.name}"
+
+
+def start_relay(
+    children: Children, workdir: Path, delay_ms: float, routes: dict[str, int]
+) -> Relay:
+    """
+    Start the relay with a listener per route (name -> target port).
+    """
+    portfile = workdir / "relay.json"
+    script = Path(__file__).with_name("_relay.py")
+    argv = [sys.executable, str(script), f"{delay_ms:g}", str(portfile)]
+    argv += [f"{name}={port}" for name, port in routes.items()]
+    child = children.spawn("relay", argv)
+    return Relay(child, wait_for_ports(child, portfile, RELAY_TIMEOUT))
+
+
+def write_daemon_config(workdir: Path, devcloud: Devcloud, ingress_port: int) -> Path:
+    """
+    ngrokd's configuration: the devcloud's, with the ingress at
+    C{ingress_port} on 127.0.0.1 (the devcloud's own, or the relay's) and
+    the health and metrics server on a free port, so that the metrics read
+    are this daemon's.
+    """
+    config = yaml.safe_load(devcloud.config.read_text())
+    config["ingressEndpoint"] = f"{LOOPBACK}:{ingress_port}"
+    config.setdefault("server", {})["health_address"] = f"{LOOPBACK}:{free_ports(1)[0]}"
+    path = workdir / "ngrokd.yaml"
+    path.touch(mode=0o600)  # it holds the devcloud's API key
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 @frozen
@@ -633,7 +706,10 @@ class Daemon:
     child: Child
     ports: dict[str, int]  # ECHO or SOURCE -> port on 127.0.0.1
     ports_from: str  # how they were found: the state file or probing
-    ingress_port: int  # the devcloud's ingress, from the config's ingressEndpoint
+    #: Where it dials the ingress (the relay's port with a delay), from its
+    #: config's ingressEndpoint.
+    ingress_port: int
+    health_address: str  # its health and metrics server, host:port
 
     def address(self, kind: str) -> Address:
         return (LOOPBACK, self.ports[kind])
@@ -666,18 +742,19 @@ def _probed_ports(start_port: int) -> dict[str, int] | None:
     return found if len(found) == len(ENDPOINTS) else None
 
 
-def start_daemon(children: Children, devcloud: Devcloud) -> Daemon:
+def start_daemon(children: Children, devcloud: Devcloud, config_path: Path) -> Daemon:
     """
-    Start ngrokd with the devcloud's config; wait until both endpoints'
-    listeners carry a round trip to the right backend.
+    Start ngrokd with C{config_path} (L{write_daemon_config}); wait until
+    both endpoints' listeners carry a round trip to the right backend.
     """
     try:
-        config = load_config(str(devcloud.config)).config
+        config = load_config(str(config_path)).config
     except ConfigError as e:
-        raise BenchError(f"the devcloud's config does not load: {e}") from None
+        raise BenchError(f"ngrokd's config does not load: {e}") from None
     state_dir = Path(config.server.state_dir)
-    argv = [twistd(), "-n", "--pidfile=", "ngrokd", "--config", str(devcloud.config)]
+    argv = [twistd(), "-n", "--pidfile=", "ngrokd", "--config", str(config_path)]
     child = children.spawn("ngrokd", argv)
+    ingress_port, health = config.ingress.port, config.server.health_address
 
     def ready() -> Daemon | None:
         recorded = _recorded_ports(state_dir)
@@ -685,7 +762,7 @@ def start_daemon(children: Children, devcloud: Devcloud) -> Daemon:
             probed = _probed_ports(config.net.start_port)
             if probed is None:
                 return None
-            return Daemon(child, probed, "probing", config.ingress.port)
+            return Daemon(child, probed, "probing", ingress_port, health)
         for kind, port in recorded.items():
             answer = identify((LOOPBACK, port))
             if answer is None:
@@ -695,7 +772,7 @@ def start_daemon(children: Children, devcloud: Devcloud) -> Daemon:
                     f"{state_dir / NETWORK_PORTS} gives {port} to the {kind}"
                     f" endpoint, but the {answer} backend answers there"
                 )
-        return Daemon(child, recorded, NETWORK_PORTS, config.ingress.port)
+        return Daemon(child, recorded, NETWORK_PORTS, ingress_port, health)
 
     return wait_until(ready, DAEMON_TIMEOUT, "ngrokd", [devcloud.child, child])
 
@@ -723,18 +800,24 @@ class Stunnel:
         return (LOOPBACK, self.ports[kind])
 
 
-def start_stunnel(
-    children: Children, workdir: Path, backends: Backends, binary: str
-) -> Stunnel:
+def stunnel_services(backends: Backends) -> list[Service]:
     """
-    Start a stunnel client and server with a service per backend; wait until
-    a round trip through each reaches the right backend.
+    A stunnel service per backend, each on two free ports.
     """
     ports = free_ports(2 * len(ENDPOINTS))
-    services = [
+    return [
         Service(kind, ports[2 * i], ports[2 * i + 1], backends.ports[kind])
         for i, kind in enumerate(ENDPOINTS)
     ]
+
+
+def start_stunnel(
+    children: Children, workdir: Path, services: Sequence[Service], binary: str
+) -> Stunnel:
+    """
+    Start a stunnel client and server with these services; wait until a
+    round trip through each reaches the right backend.
+    """
     files = write_pair(workdir / "stunnel", services)
     server = children.spawn("stunnel-server", [binary, str(files.server_config)])
     client = children.spawn("stunnel-client", [binary, str(files.client_config)])
@@ -783,6 +866,8 @@ class Settings:
     direct_only: bool
     #: How long ngrokd is left alone after the last phase before it is read.
     settle_seconds: float
+    #: Added each way on the TLS legs by the relay (0: no relay).
+    delay_ms: float
 
 
 def progress(message: str) -> None:
@@ -801,10 +886,12 @@ def measure_path(
     source: Address,
     settings: Settings,
     processes: dict[str, Child],
+    around_latency: contextlib.AbstractContextManager[object] | None = None,
 ) -> PathResult:
     """
     Every measurement, against the echo and source servers at these
-    addresses; C{processes} must stay up meanwhile.
+    addresses; C{processes} must stay up meanwhile. The latency phase runs
+    inside C{around_latency}, if any.
     """
     watch = list(processes.values())
 
@@ -816,7 +903,8 @@ def measure_path(
         f"{name}: {settings.latency_connections} new connections,"
         f" connect to first byte ({echo[0]}:{echo[1]})"
     )
-    latency = measure_latency(echo, settings.latency_connections)
+    with around_latency or contextlib.nullcontext():
+        latency = measure_latency(echo, settings.latency_connections)
     check()
     pids = _pids(processes)
     before = {who: cpu_seconds(pid) for who, pid in pids.items()}
@@ -882,6 +970,67 @@ def measure_stunnel(
         log.seek(start)
         handshakes = count_handshakes(log.read())
     return result, StunnelRun(pair.version, handshakes)
+
+
+@frozen
+class Dials:
+    """
+    ngrokd's upgraded connections to the ingress by how their TLS handshake
+    was made (C{ngrokd_ingress_dials_total}): ahead, in its warm pool
+    (pooled), or when accepted, resumed or in full.
+    """
+
+    pooled: int
+    resumed: int
+    full: int
+
+    @classmethod
+    def scrape(cls, health_address: str) -> Dials:
+        """
+        The counts now, from ngrokd's C{/metrics}.
+        """
+        url = f"http://{health_address}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as answer:
+                text = answer.read(METRICS_LIMIT).decode("utf-8")
+        except (OSError, ValueError) as e:
+            raise BenchError(f"reading ngrokd's metrics at {url}: {e}") from None
+        counts = {
+            sample.labels.get("kind"): int(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "ngrokd_ingress_dials_total"
+        }
+        kinds = [f.name for f in attrs.fields(cls)]
+        if not all(kind in counts for kind in kinds):
+            raise BenchError(
+                f"{url} does not count ngrokd_ingress_dials_total of each kind"
+                f" {kinds}: {counts}"
+            )
+        return cls(*(counts[kind] for kind in kinds))
+
+    def __sub__(self, earlier: Dials) -> Dials:
+        return Dials(
+            self.pooled - earlier.pooled,
+            self.resumed - earlier.resumed,
+            self.full - earlier.full,
+        )
+
+
+class DialsDuring:
+    """
+    ngrokd's L{Dials} during a phase: C{counted} once it is over.
+    """
+
+    def __init__(self, health_address: str) -> None:
+        self._health_address = health_address
+        self.counted: Dials | None = None
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        before = Dials.scrape(self._health_address)
+        yield
+        self.counted = Dials.scrape(self._health_address) - before
 
 
 @frozen
@@ -973,6 +1122,8 @@ class Report:
     stunnel: PathResult | None
     stunnel_pair: StunnelRun | None
     daemon_at_rest: AtRest | None
+    #: ngrokd's dials during its latency phase, warm-up connections included.
+    daemon_latency_dials: Dials | None
 
     @property
     def paths(self) -> dict[str, PathResult | None]:
@@ -1130,14 +1281,29 @@ def _header(report: Report) -> list[str]:
             "baseline  none: stunnel is not on PATH (Debian: apt-get install"
             " stunnel4), so ngrokd's and direct figures alone"
         )
+    delay = report.settings.delay_ms
+    if delay:
+        legs = "ngrokd→ingress" + (" and stunnel→stunnel" if pair else "")
+        lines.append(f"link      {legs} through a relay adding {delay:g} ms each way")
     lines.append(f"command   {report.command}")
     sharing = ["the load client", "the backends"]
     if pair is not None:
         sharing.append("the stunnel pair")
     if report.daemon is not None:
         sharing += ["the devcloud", "ngrokd"]
+    if delay:
+        sharing.append("the relay")
     note = f"{', '.join(sharing[:-1])} and {sharing[-1]} share these {m.cpus} CPUs"
-    if report.daemon is not None:
+    if report.daemon is not None and delay:
+        cap = WINDOW / (delay / 1000) / 1e6
+        note += (
+            "; through the daemon, TLS runs in two Python processes (ngrokd and"
+            " the devcloud's ingress); the relay's delay adds to every round trip"
+            " on the TLS legs, and it holds at most"
+            f" {WINDOW // MiB} MiB in flight each way per connection (one"
+            f" connection: at most {cap:.0f} MB/s)"
+        )
+    elif report.daemon is not None:
         note += (
             "; through the daemon, TLS runs in two Python processes (ngrokd and"
             " the devcloud's ingress): the numbers are bounded by CPU here, not by"
@@ -1213,13 +1379,24 @@ def _notes(report: Report) -> list[str]:
             f"stunnel: its server completed {handshakes.total} TLS handshakes,"
             f" {handshakes.resumed} of them resumed"
         )
+    dials = report.daemon_latency_dials
+    if dials is not None:
+        count = report.settings.latency_connections + WARMUP_CONNECTIONS
+        notes.append(
+            f"ngrokd: its dials to the ingress during the latency phase ({count}"
+            f" connections, warm-up included): {dials.pooled} pooled,"
+            f" {dials.resumed} resumed, {dials.full} full"
+        )
     rest = report.daemon_at_rest
     if rest is not None:
+        port = f"port {rest.ingress_port}"
+        if report.settings.delay_ms:
+            port = f"through the relay, {port}"
         notes.append(
             f"ngrokd at rest: RSS {rest.idle.rss_kib / 1024:.1f} MiB idle,"
             f" {rest.settled.rss_kib / 1024:.1f} MiB {rest.settle_seconds:g} s"
-            " after the last phase; connections to the ingress (port"
-            f" {rest.ingress_port}): {rest.idle.ingress_connections} idle,"
+            f" after the last phase; connections to the ingress ({port}):"
+            f" {rest.idle.ingress_connections} idle,"
             f" {rest.settled.ingress_connections} settled"
         )
     return notes
@@ -1309,6 +1486,7 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
         concurrency=args.concurrency,
         direct_only=args.direct_only,
         settle_seconds=args.settle if args.settle is not None else (5 if quick else 60),
+        delay_ms=args.delay,
     )
     machine = Machine.here(fd_limit)
     progress(f"working in {workdir}")
@@ -1316,23 +1494,38 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
     if stunnel is None and not args.direct_only:
         progress("stunnel is not on PATH: no C baseline, ngrokd and direct alone")
     backends_child, backends = start_backends(children, workdir)
-    processes = {"backends": backends_child}
-    pair: Stunnel | None = None
-    if stunnel is not None:
-        progress(f"starting a stunnel pair ({stunnel})")
-        pair = start_stunnel(children, workdir, backends, stunnel)
-        processes = {
-            "stunnel client": pair.client,
-            "stunnel server": pair.server,
-            **processes,
-        }
-    daemon: Daemon | None = None
+    devcloud: Devcloud | None = None
     if not args.direct_only:
         progress("starting the devcloud")
         devcloud = start_devcloud(children, workdir, backends)
-        progress(f"starting ngrokd with {devcloud.config}")
-        daemon = start_daemon(children, devcloud)
-        processes = {"ngrokd": daemon.child, "devcloud": devcloud.child, **processes}
+    services = [] if stunnel is None else stunnel_services(backends)
+    relay: Relay | None = None
+    if devcloud is not None and settings.delay_ms:
+        routes = {stunnel_route(s): s.server_port for s in services}
+        routes[INGRESS_ROUTE] = devcloud.ingress_port
+        progress(f"starting a relay adding {settings.delay_ms:g} ms each way")
+        relay = start_relay(children, workdir, settings.delay_ms, routes)
+        services = [
+            attrs.evolve(s, relay_port=relay.ports[stunnel_route(s)]) for s in services
+        ]
+    pair: Stunnel | None = None
+    if stunnel is not None:
+        progress(f"starting a stunnel pair ({stunnel})")
+        pair = start_stunnel(children, workdir, services, stunnel)
+    daemon: Daemon | None = None
+    if devcloud is not None:
+        ingress = devcloud.ingress_port if relay is None else relay.ports[INGRESS_ROUTE]
+        config = write_daemon_config(workdir, devcloud, ingress)
+        progress(f"starting ngrokd with {config}")
+        daemon = start_daemon(children, devcloud, config)
+    processes: dict[str, Child] = {}
+    if daemon is not None and devcloud is not None:
+        processes.update(ngrokd=daemon.child, devcloud=devcloud.child)
+    if relay is not None:
+        processes["relay"] = relay.child
+    if pair is not None:
+        processes.update({"stunnel client": pair.client, "stunnel server": pair.server})
+    processes["backends"] = backends_child
     idle = None
     if daemon is not None:
         settle(IDLE_PAUSE, processes)
@@ -1343,10 +1536,16 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
     through_pair = stunnel_run = None
     if pair is not None:
         through_pair, stunnel_run = measure_stunnel(pair, settings, processes)
-    through = at_rest = None
+    through = at_rest = dials = None
     if daemon is not None and idle is not None:
+        dials = DialsDuring(daemon.health_address)
         through = measure_path(
-            "daemon", daemon.address(ECHO), daemon.address(SOURCE), settings, processes
+            "daemon",
+            daemon.address(ECHO),
+            daemon.address(SOURCE),
+            settings,
+            processes,
+            around_latency=dials.counting(),
         )
         progress(f"leaving ngrokd alone for {settings.settle_seconds:g}s")
         settle(settings.settle_seconds, processes)
@@ -1368,6 +1567,7 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
         through_pair,
         stunnel_run,
         at_rest,
+        None if dials is None else dials.counted,
     )
 
 
@@ -1382,6 +1582,15 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= MAX_DELAY_MS:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a delay from 0 to {MAX_DELAY_MS} milliseconds"
+        )
     return value
 
 
@@ -1418,6 +1627,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         " and its connections to the ingress are read (default 60, quick 5)",
     )
     parser.add_argument(
+        "--delay",
+        type=_milliseconds,
+        default=0.0,
+        metavar="MS",
+        help="carry ngrokd's leg to the ingress and the stunnel pair's TLS leg"
+        " through a relay that adds MS milliseconds each way (default 0: no"
+        " relay)",
+    )
+    parser.add_argument(
         "--direct-only",
         action="store_true",
         help="measure only the direct path (no devcloud, no daemon)",
@@ -1427,7 +1645,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="keep the working directory (logs, state) after a good run",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.direct_only and args.delay:
+        parser.error("--delay delays the TLS legs, which --direct-only does not run")
+    return args
 
 
 @contextlib.contextmanager
