@@ -83,12 +83,17 @@ class AcceptRate:
     """
     Accepts per second over the last L{RATE_WINDOW} seconds, counted in
     one-second buckets so that a burst of thousands costs no more than one.
+    Until accepts have come for a whole window, the rate is over the time
+    since they began (at least a second), so that it is right from the
+    first second, not a tenth of itself.
     """
 
     _buckets: list[int] = field(factory=lambda: [0] * RATE_WINDOW)
     _second: int = 0
     #: When the last accept was seen.
     last: float | None = None
+    #: When the accepts now counted began.
+    _since: float = 0.0
 
     def _advance(self, now: float) -> None:
         second = int(now)
@@ -101,13 +106,16 @@ class AcceptRate:
         self._second = max(second, self._second)
 
     def accepted(self, now: float) -> None:
+        if self.last is None or now - self.last >= RATE_WINDOW:
+            self._since = now
         self._advance(now)
         self._buckets[self._second % RATE_WINDOW] += 1
         self.last = now
 
     def per_second(self, now: float) -> float:
         self._advance(now)
-        return sum(self._buckets) / RATE_WINDOW
+        span = min(RATE_WINDOW, max(1.0, now - self._since))
+        return sum(self._buckets) / span
 
 
 class PoolMember(Protocol):

@@ -17,6 +17,7 @@ from ngrokd.datapath.ingress import IngressProtocol, UpgradeFailed
 from ngrokd.datapath.pool import (
     FIRST_HANDSHAKE_GUESS,
     IDLE_LIFE_MARGIN,
+    AcceptRate,
     PoolSettings,
     WarmPool,
     pool_target,
@@ -308,12 +309,40 @@ class PoolTimingTests(SynchronousTestCase):
         Measured handshake times move the estimate from its first guess:
         slower handshakes keep more ready.
         """
-        for _ in range(30):
+        for _ in range(5):
             self.accept()
-        self.assertEqual(len(self.dials), pool_target(3.0, FIRST_HANDSHAKE_GUESS, 4))
+        self.assertEqual(len(self.dials), pool_target(5.0, FIRST_HANDSHAKE_GUESS, 4))
         self.pool.handshake_took(1.0)
         self.accept()
-        self.assertEqual(len(self.dials), 2)
+        self.assertEqual(len(self.dials), 3)
+
+
+class AcceptRateTests(SynchronousTestCase):
+    """
+    L{AcceptRate} is right from the first second and forgets old accepts.
+    """
+
+    def test_firstSecond(self) -> None:
+        """
+        Twenty accepts in the first half second are twenty a second, not
+        two: the window is not yet full.
+        """
+        rate = AcceptRate()
+        for n in range(20):
+            rate.accepted(100.0 + n / 40)
+        self.assertEqual(rate.per_second(100.5), 20.0)
+
+    def test_steady(self) -> None:
+        """
+        Five a second for twenty seconds are five a second; ten seconds
+        after they stop, none.
+        """
+        rate = AcceptRate()
+        for n in range(100):
+            rate.accepted(100.0 + n / 5)
+        # The second now beginning has none yet: nine seconds of five.
+        self.assertEqual(rate.per_second(120.0), 4.5)
+        self.assertEqual(rate.per_second(131.0), 0.0)
 
 
 class PoolOverTLSTests(TestCase):
