@@ -53,14 +53,15 @@ _M_MMAP_THRESHOLD = -3
 
 
 def should_trim(
-    resident: int, after_last_trim: int, open_now: int, open_before: int
+    resident: int, after_last_trim: int, open_now: int, open_peak: int
 ) -> bool:
     """
     Whether to trim now: the resident size grew by half since the last trim,
-    and the connections are no longer growing (fewer or as many as at the
-    last look), so that what they freed can be given back.
+    and at most half the connections of the peak since then are still open,
+    so that what the others freed can be given back (while they are all
+    open, their memory is in use).
     """
-    return resident >= GROWTH * after_last_trim and open_now <= open_before
+    return resident >= GROWTH * after_last_trim and 2 * open_now <= open_peak
 
 
 def resident_bytes() -> int | None:
@@ -137,7 +138,7 @@ class MemoryTrimmer(Service):
         self._tune = trim is None
         self._loop: LoopingCall | None = None
         self._after_last_trim: int | None = None
-        self._open_before = 0
+        self._open_peak = 0
         #: Trims done, and the bytes they gave back in all.
         self.trims = 0
         self.freed = 0
@@ -164,13 +165,13 @@ class MemoryTrimmer(Service):
     def _look(self) -> Deferred[None] | None:
         resident = self._resident()
         open_now = self._connections_open()
-        open_before, self._open_before = self._open_before, open_now
+        self._open_peak = max(self._open_peak, open_now)
         if resident is None:
             return None
         if self._after_last_trim is None:
             self._after_last_trim = resident
             return None
-        if not should_trim(resident, self._after_last_trim, open_now, open_before):
+        if not should_trim(resident, self._after_last_trim, open_now, self._open_peak):
             return None
         trim = self._trim
         assert trim is not None
@@ -181,6 +182,7 @@ class MemoryTrimmer(Service):
     def _trimmed(self, _: object, before: int, open_now: int) -> None:
         after = self._resident() or before
         self._after_last_trim = after
+        self._open_peak = open_now
         self.trims += 1
         self.freed += max(0, before - after)
         self.log.info(
