@@ -27,6 +27,7 @@ from ngrokd.reconfigure import HOT, applied, changes, settings
 from ngrokd.test.helpers import (
     Recorder,
     connect,
+    exchange,
     source_file,
     spawn_twistd,
     wait_until,
@@ -307,6 +308,30 @@ class DaemonReloadTests(DaemonFixture, TestCase):
             await self.echo(fresh, b"new")
             fresh.transport.loseConnection()
             client.transport.loseConnection()
+
+        return ensureDeferred(run())
+
+    def test_poolResized(self) -> Deferred[None]:
+        """
+        A new pool size applies at once: with 0, the warm connection is
+        closed and the ingress holds nothing but the connections carrying
+        data.
+        """
+
+        async def run() -> None:
+            daemon = await self.started()
+            port = daemon.listeners.listeners[ECHO].spec.port
+            self.assertEqual((await exchange(port, b"hi")).received, b"hi")
+            pool = daemon.connector.pool
+            await wait_until(lambda: pool.ready == 1, "a warm connection")
+            self.rewrite(upgrade_timeout="  upgrade_timeout: 10\n  pool_size: 0")
+            result = await daemon.reload()
+            self.assertEqual(result.applied, ("ingress.pool_size",))
+            self.assertEqual(pool.ready, 0)
+            ingress = self.devcloud.ingress
+            await wait_until(lambda: ingress.active == ingress.carrying, "closed")
+            self.assertEqual((await exchange(port, b"again")).received, b"again")
+            self.assertEqual(pool.ready + pool.dialing, 0)
 
         return ensureDeferred(run())
 
