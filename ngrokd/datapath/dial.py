@@ -86,8 +86,6 @@ class ResolvedName:
         self._answered_at: float | None = None
         self._looking = False
         self._failing = False
-        #: Lookups started, for tests and status.
-        self.lookups = 0
 
     def endpoint(self, port: int, timeout: float) -> IStreamClientEndpoint:
         """
@@ -118,7 +116,6 @@ class ResolvedName:
         if self._looking:
             return
         self._looking = True
-        self.lookups += 1
         self._lookup(self.host).addCallbacks(self._answered, self._unanswered)
 
     def _answered(self, addresses: list[str]) -> None:

@@ -143,7 +143,9 @@ class IngressProtocol(PipeProtocol):
         self._server_name = server_name
         #: For a connection dialled without a request (a warm one): fires
         #: once its TLS handshake is done and it waits for L{upgrade}.
-        self.handshaken: Deferred[IngressProtocol] = Deferred(self._cancel)
+        self.handshaken: Deferred[IngressProtocol] | None = (
+            Deferred(self._cancel) if request is None else None
+        )
         self.upgraded: Deferred[IngressProtocol] = Deferred(self._cancel)
         self.response: wire.ConnResponse | None = None
         self._clock = clock
@@ -169,7 +171,7 @@ class IngressProtocol(PipeProtocol):
     def handshakeCompleted(self) -> None:
         self._stop_timer()
         self.handshake_seconds = self._clock.seconds() - self._started
-        if self.request is None:
+        if self.handshaken is not None and self.request is None:
             self.handshaken.callback(self)
         elif self._reader is not None:
             self._await_response()
@@ -202,7 +204,7 @@ class IngressProtocol(PipeProtocol):
         Where a failure before the upgrade goes: nowhere while a warm
         connection waits for its request.
         """
-        if self.request is not None:
+        if self.handshaken is None or self.request is not None:
             return self.upgraded
         return None if self.handshaken.called else self.handshaken
 
@@ -475,8 +477,6 @@ class IngressConnector:
     def _dialed(self, result: object, creator: ResumingCreator) -> object:
         self._released(result)
         self._finished(result, creator, pooled=False)
-        if isinstance(result, IngressProtocol) and result.handshake_seconds:
-            self.pool.handshake_took(result.handshake_seconds)
         return result
 
     def _finished(self, result: object, creator: ResumingCreator, pooled: bool) -> None:
@@ -510,14 +510,18 @@ class IngressConnector:
         if creator is None or not self.queue.try_acquire():
             return None
 
-        def handshaken(protocol: IngressProtocol) -> WarmConnection:
-            if protocol.handshake_seconds:
-                self.pool.handshake_took(protocol.handshake_seconds)
-            return WarmConnection(protocol, creator)
-
         dialing = self._dial(creator, None)
         dialing.addBoth(self._released)
-        return dialing.addCallback(handshaken)
+        return dialing.addCallback(WarmConnection, creator)
+
+    def _handshake_timed(self, protocol: IngressProtocol) -> IngressProtocol:
+        """
+        Size the warm pool by how long C{protocol}'s TCP and TLS handshake
+        took.
+        """
+        if protocol.handshake_seconds is not None:
+            self.pool.handshake_took(protocol.handshake_seconds)
+        return protocol
 
     def _released(self, result: T) -> T:
         self.queue.release()
@@ -566,7 +570,7 @@ class IngressConnector:
         factory.noisy = False  # one per connection: the bridge logs what matters
         connecting = endpoint.connect(factory)
 
-        awaited = protocol.upgraded if request is not None else protocol.handshaken
+        awaited = protocol.handshaken or protocol.upgraded
 
         def cancel(d: Deferred[IngressProtocol]) -> None:
             connecting.cancel()
@@ -576,7 +580,7 @@ class IngressConnector:
         result: Deferred[IngressProtocol] = Deferred(cancel)
 
         def connected(_: object) -> None:
-            awaited.chainDeferred(result)
+            awaited.addCallback(self._handshake_timed).chainDeferred(result)
 
         def dial_failed(failure: Failure) -> None:
             if failure.check(CancelledError, ConnectingCancelledError):

@@ -168,8 +168,7 @@ class WarmPool(Generic[M]):
         self._paused = False
         self._stopped = False
         self._quiet: IDelayedCall | None = None
-        #: Connections handed out, and ready ones lost or retired unused.
-        self.taken = 0
+        #: Ready connections lost, or retired unused.
         self.lost = 0
         self.retired = 0
 
@@ -225,15 +224,14 @@ class WarmPool(Generic[M]):
             return None
         entry = self._ready.pop()  # the newest: the least likely closed
         _cancel(entry.expiry)
-        self.taken += 1
         return entry.connection
 
     def answered(self) -> None:
         """
         The ingress answered a request (upgraded or refused): the pool may
-        dial again, and replaces what was taken. Not sooner: a handshake dialled while a
-        connection waits for its answer would compete with it for the CPU,
-        here and at the ingress.
+        dial again, and replaces what was taken. Not sooner: a handshake
+        dialled while a connection waits for its answer would compete with
+        it for the CPU, here and at the ingress.
         """
         self._paused = False
         self._refill()
@@ -252,7 +250,7 @@ class WarmPool(Generic[M]):
         """
         self._generation += 1
         for entry in list(self._ready):
-            self._retire(entry)
+            self._retire(entry)  # those being dialled are stale when done
         self._paused = False
         self._refill()
 
@@ -263,16 +261,26 @@ class WarmPool(Generic[M]):
         self._stopped = True
         _cancel(self._quiet)
         self._quiet = None
+        self._empty()
+
+    def _empty(self) -> None:
         for entry in list(self._ready):
             self._retire(entry)
         for dialing in list(self._dialing):
             dialing.cancel()
 
+    def _quiet_for(self, now: float) -> float | None:
+        """
+        How much longer until the pool is quiet: C{None} once it is.
+        """
+        last = self._rate.last
+        if last is None or now - last >= self.settings.idle_timeout:
+            return None
+        return last + self.settings.idle_timeout - now
+
     def _wanted(self) -> int:
         now = self._clock.seconds()
-        last = self._rate.last
-        quiet = last is None or now - last >= self.settings.idle_timeout
-        if self._stopped or self._paused or quiet:
+        if self._stopped or self._paused or self._quiet_for(now) is None:
             return 0
         rate = self._rate.per_second(now)
         return pool_target(rate, self._handshake_seconds, self.settings.size)
@@ -339,17 +347,11 @@ class WarmPool(Generic[M]):
 
     def _check_quiet(self) -> None:
         self._quiet = None
-        last = self._rate.last
-        now = self._clock.seconds()
-        if last is not None and now - last < self.settings.idle_timeout:
-            self._quiet = self._clock.callLater(
-                last + self.settings.idle_timeout - now, self._check_quiet
-            )
-            return
-        for entry in list(self._ready):
-            self._retire(entry)
-        for dialing in list(self._dialing):
-            dialing.cancel()
+        left = self._quiet_for(self._clock.seconds())
+        if left is None:
+            self._empty()
+        else:
+            self._quiet = self._clock.callLater(left, self._check_quiet)
 
 
 def _cancel(timer: IDelayedCall | None) -> None:
