@@ -403,30 +403,23 @@ def _port(node: yaml.Node, key: str, ctx: _Context) -> int:
     return value
 
 
-def _count(node: yaml.Node, key: str, ctx: _Context) -> int:
+def _whole(node: yaml.Node, key: str, ctx: _Context, low: int, high: int) -> int:
     value = ctx.value(node, key)
     if (
         isinstance(value, bool)
         or not isinstance(value, int)
-        or not 0 < value <= _MAX_COUNT
+        or not low <= value <= high
     ):
-        ctx.fail(
-            node, key, f"must be a whole number 1..{_MAX_COUNT}, got {_shown(node)}"
-        )
+        ctx.fail(node, key, f"must be a whole number {low}..{high}, got {_shown(node)}")
     return value
+
+
+def _count(node: yaml.Node, key: str, ctx: _Context) -> int:
+    return _whole(node, key, ctx, 1, _MAX_COUNT)
 
 
 def _size(node: yaml.Node, key: str, ctx: _Context) -> int:
-    value = ctx.value(node, key)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 0 <= value <= _MAX_POOL
-    ):
-        ctx.fail(
-            node, key, f"must be a whole number 0..{_MAX_POOL}, got {_shown(node)}"
-        )
-    return value
+    return _whole(node, key, ctx, 0, _MAX_POOL)
 
 
 def _bool(node: yaml.Node, key: str, ctx: _Context) -> bool:

@@ -505,6 +505,18 @@ class ValidationTests(ConfigTestCase):
                 f" got {value}",
             )
 
+    def test_poolSize(self) -> None:
+        """
+        The warm pool's size is a whole number from 0 (no pool) to 1,000.
+        """
+        loaded = parse("ingress:\n  pool_size: 0\n")
+        self.assertEqual(loaded.config.ingress.pool_size, 0)
+        for value in ["-1", "2.5", "true", "1001"]:
+            self.assertRefused(
+                f"ingress:\n  pool_size: {value}\n",
+                f"2: ingress.pool_size: must be a whole number 0..1000, got {value}",
+            )
+
     def test_negativeTimeouts(self) -> None:
         """
         Negative timeouts are refused.
@@ -1416,6 +1428,9 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "ingress.upgrade_timeout": _seconds,
     "ingress.max_pending_dials": _same(st.integers(1, 1_000_000)),
     "ingress.dial_queue_timeout": _seconds,
+    "ingress.pool_size": _same(st.integers(0, 1000)),
+    "ingress.pool_idle_timeout": _seconds,
+    "ingress.pool_max_age": _seconds,
     "server.log_level": st.sampled_from(
         [("debug", "debug"), ("INFO", "info"), ("warning", "warn"), ("error", "error")]
     ),
