@@ -31,6 +31,7 @@ from attrs import frozen
 
 from ngrokd.atomic import write_atomic
 from ngrokd.config import ConfigError, check_ca_bundles, parse_config
+from ngrokd.readfile import read_regular
 
 #: A config file larger than this is some other file.
 MAX_CONFIG_BYTES = 2**20
@@ -39,13 +40,12 @@ MAX_CONFIG_BYTES = 2**20
 def _read(path: str) -> tuple[str, bytes]:
     """
     The text and bytes of the config file at C{path}, refusing one that is
-    too large or not UTF-8.
+    not a regular file (a FIFO would block), too large, or not UTF-8.
 
     @raise ConfigError: naming C{path}.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data, _ = read_regular(path, MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
     if len(data) > MAX_CONFIG_BYTES:

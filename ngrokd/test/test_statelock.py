@@ -11,7 +11,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from ipaddress import ip_address
-from textwrap import dedent
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -22,7 +21,7 @@ from ngrokd.host.statelock import (
     StateLock,
     StateLockError,
 )
-from ngrokd.test.helpers import spawn_twistd
+from ngrokd.test.helpers import offline_config, spawn_twistd
 
 #: Seconds a child process gets to start or stop.
 PROCESS_TIMEOUT = 30.0
@@ -88,23 +87,7 @@ class SecondDaemonTests(SynchronousTestCase):
         os.makedirs(base)
         self.state = os.path.join(base, "state")
         self.hosts = os.path.join(base, "hosts")
-        self.config = os.path.join(base, "config.yml")
-        with open(self.config, "w") as f:
-            f.write(
-                dedent(
-                    f"""\
-                    api:
-                      url: https://127.0.0.1:1
-                    server:
-                      state_dir: {self.state}
-                      socket_path: {base}/ngrokd.sock
-                      health_address: ""
-                    net:
-                      listen_interface: "127.0.0.1"
-                      hosts_file: {self.hosts}
-                    """
-                )
-            )
+        self.config = offline_config(base, os.path.join(base, "ngrokd.sock"))
         self.base = base
 
     def daemon(self, name: str) -> subprocess.Popen[bytes]:
