@@ -61,7 +61,7 @@ from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
-from ngrokd.ngrok.trust import LateTrustPolicy, load_trust
+from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
 from ngrokd.plan import Plan, plan, wanted_allocations
 from ngrokd.reconfigure import applied, changes
 from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
@@ -257,8 +257,8 @@ class Daemon(MultiService):
         """
         config = self.config
         self._check_key_mode(config.server.client_key)
-        self._api_tls.use(load_trust(config.api.ca_bundle))
-        self.connector.use_trust(load_trust(config.ingress.ca_bundle))
+        self._api_tls.use(load_api_trust(config.api.ca_bundle))
+        self.connector.use_trust(load_ingress_trust(config.ingress.ca_bundle))
         self.allocations = self._saved = allocation.load(
             config.server.state_dir, config.net.subnet
         )
@@ -472,7 +472,7 @@ class Daemon(MultiService):
             tls = LateTrustPolicy()
             tls.use(
                 await deferToThreadPool(
-                    self._reactor, pool, load_trust, config.api.ca_bundle
+                    self._reactor, pool, load_api_trust, config.api.ca_bundle
                 )
             )
             old, self._api_tls = self.api, tls
@@ -482,7 +482,7 @@ class Daemon(MultiService):
         if "ingress.ca_bundle" in changed:
             self.connector.use_trust(
                 await deferToThreadPool(
-                    self._reactor, pool, load_trust, config.ingress.ca_bundle
+                    self._reactor, pool, load_ingress_trust, config.ingress.ca_bundle
                 )
             )
         ingress = config.ingress
