@@ -59,7 +59,7 @@ class StateLockTests(SynchronousTestCase):
         error = self.assertRaises(StateDirectoryLocked, second.acquire)
         self.assertEqual(error.pid, os.getpid())
         self.assertIn(f"pid {os.getpid()}", str(error))
-        self.assertIn(os.path.join(self.state, LOCK_FILE), str(error))
+        self.assertIn(f"holds {self.state}:", str(error))
         self.assertFalse(second.held)
         first.release()
         second.acquire()
@@ -131,6 +131,23 @@ class SecondDaemonTests(SynchronousTestCase):
         lock = StateLock(self.state)
         lock.acquire()
         lock.release()
+
+    def test_lockFileDeleted(self) -> None:
+        """
+        With the lock file deleted under a running daemon, a second one on
+        the same state still refuses, saying another daemon holds it.
+        """
+        first = self.daemon("first")
+        wait_for(lambda: "waiting for an API key" in self.output("first"), "start")
+        os.unlink(os.path.join(self.state, LOCK_FILE))
+        second = self.daemon("second")
+        self.assertEqual(second.wait(PROCESS_TIMEOUT), 1, self.output("second"))
+        output = self.output("second")
+        self.assertIn(f"another ngrokd (another process) holds {self.state}", output)
+        self.assertNotIn("Traceback", output)
+        self.assertIsNone(first.poll())
+        first.send_signal(signal.SIGTERM)
+        first.wait(PROCESS_TIMEOUT)
 
     def test_killedHolderFreesTheLock(self) -> None:
         """
