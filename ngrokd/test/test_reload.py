@@ -22,6 +22,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.config import default_config
+from ngrokd.control.configfile import store_api_key
 from ngrokd.control.watcher import QUIET, ConfigWatcher
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import parse_endpoint_url
@@ -209,6 +210,45 @@ class WatcherTests(TestCase):
                 f.write("x")
             await self.settle()
             self.assertEqual(self.reloads.seen, [])
+
+        return ensureDeferred(run())
+
+
+class SymlinkWatcherTests(TestCase):
+    """
+    L{ConfigWatcher}, real inotify, on a config that is a symbolic link to
+    a file elsewhere (one that configuration management owns).
+    """
+
+    def setUp(self) -> None:
+        if not sys.platform.startswith("linux"):
+            self.skipTest("inotify is Linux-only")
+        base = os.path.abspath(self.mktemp())
+        self.managed = os.path.join(base, "managed", "ngrokd.yml")
+        os.makedirs(os.path.dirname(self.managed))
+        with open(self.managed, "w") as f:
+            f.write("net:\n  start_port: 9080\n")
+        self.path = os.path.join(base, "etc", "config.yml")
+        os.makedirs(os.path.dirname(self.path))
+        os.symlink(self.managed, self.path)
+        self.reloads = Counter(self.path)
+        watcher = ConfigWatcher(self.path, self.reloads, reactor, handle_sighup=False)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+
+    def test_targetReplaced(self) -> Deferred[None]:
+        """
+        A save of the file the link names (here by C{ngrokctl set-api-key},
+        which writes through the link) reloads it once.
+        """
+
+        async def run() -> None:
+            await deferLater(reactor, QUIET * 3, lambda: None)
+            store_api_key(self.path, "a-key")
+            await deferLater(reactor, QUIET * 3, lambda: None)
+            self.assertEqual(len(self.reloads.seen), 1)
+            self.assertIn('key: "a-key"', self.reloads.seen[0])
+            self.assertTrue(os.path.islink(self.path))
 
         return ensureDeferred(run())
 
