@@ -7,7 +7,9 @@ A plain C{open()} of a FIFO waits for a writer, and a read of one (or of a
 device) waits for data, as long as it takes: a thread doing either never
 returns, and a process that joins its threads at exit never ends. So the
 file is opened without blocking, checked to be a regular file before a
-byte is read, and read up to a bound.
+byte is read, and read up to a bound. And where even that could wait (a
+hung network filesystem), L{in_own_thread} reads in a thread that nothing
+waits for: not the reactor's pool, whose threads a stop joins.
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.python.failure import Failure
+
+_T = TypeVar("_T")
 
 _FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _KINDS = (
@@ -60,3 +71,35 @@ def read_regular(path: str, most: int) -> tuple[bytes, os.stat_result]:
         return b"".join(chunks), status
     finally:
         os.close(fd)
+
+
+def in_own_thread(
+    reactor: IReactorFromThreads,
+    clock: IReactorTime,
+    seconds: float,
+    work: Callable[[], _T],
+    late: Callable[[], Exception],
+) -> Deferred[_T]:
+    """
+    Call C{work} in a daemon thread of its own, which neither a stop nor
+    the process's exit waits for; the result, or C{late()} as the failure
+    once C{seconds} have passed without one (the thread is then left to
+    end when it can, and what it returns is dropped).
+    """
+    result: Deferred[_T] = Deferred()
+
+    def run() -> None:
+        try:
+            value = work()
+        except BaseException:
+            failure = Failure()
+            reactor.callFromThread(result.errback, failure)
+        else:
+            reactor.callFromThread(result.callback, value)
+
+    def timed_out(failure: Failure) -> Failure:
+        failure.trap(TimeoutError)
+        return Failure(late())
+
+    threading.Thread(target=run, name="ngrokd read", daemon=True).start()
+    return result.addTimeout(seconds, clock).addErrback(timed_out)

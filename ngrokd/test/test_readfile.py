@@ -6,10 +6,26 @@ waiting on it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.readfile import NotRegularFile, read_regular
+
+#: A program whose read waits forever (a plain open of a FIFO), given up
+#: after a moment; then it stops its reactor and should end.
+_STUCK = """
+import sys
+from twisted.internet import reactor
+from ngrokd.readfile import in_own_thread
+done = in_own_thread(
+    reactor, reactor, 0.2, lambda: open(sys.argv[1]).read(), lambda: OSError("late")
+)
+done.addErrback(lambda failure: print(failure.getErrorMessage(), flush=True))
+done.addBoth(lambda _: reactor.stop())
+reactor.run()
+"""
 
 
 class ReadRegularTests(SynchronousTestCase):
@@ -55,3 +71,20 @@ class ReadRegularTests(SynchronousTestCase):
             error = self.assertRaises(NotRegularFile, read_regular, path, 10)
             self.assertEqual(error.strerror, f"not a regular file but {kind}")
         self.assertRaises(FileNotFoundError, read_regular, self.path("none"), 10)
+
+
+class InOwnThreadTests(SynchronousTestCase):
+    def test_stuckReadDoesNotHoldTheExit(self) -> None:
+        """
+        A read that never returns fails with the caller's error once its
+        time is up, and the process still ends when its reactor stops.
+        """
+        fifo = os.path.abspath(self.mktemp())
+        os.mkfifo(fifo)
+        ran = subprocess.run(
+            [sys.executable, "-c", _STUCK, fifo],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual((ran.returncode, ran.stdout), (0, "late\n"), ran.stderr)
