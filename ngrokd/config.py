@@ -32,7 +32,8 @@ from yaml.constructor import SafeConstructor
 
 from ngrokd import instance as _instance
 from ngrokd.endpoints import join_host_port
-from ngrokd.pem import PEMError, parse_certificates
+from ngrokd.pem import MAX_BUNDLE, PEMError, parse_certificates
+from ngrokd.readfile import read_regular
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_SUBNET = ipaddress.ip_network("10.107.0.0/16")
@@ -42,8 +43,6 @@ _DARWIN_SUBNET = ipaddress.IPv4Network("127.0.0.0/8")
 _MAX_SECONDS = 1e9
 #: A renewal margin longer than this is a mistake (certificates last a year).
 _MAX_DAYS = 3650
-#: A CA bundle larger than this is some other file (the system's is < 1 MiB).
-_MAX_CA_BUNDLE = 16 * 2**20
 #: A larger count limit is a mistake.
 _MAX_COUNT = 1_000_000
 #: Warm connections to the ingress: each is a socket and a TLS session.
@@ -796,10 +795,7 @@ def parse_config(
             raise ConfigError(f"--instance: {e}") from None
     ctx = _Context(path, platform, mode)
     if len(text) > MAX_CONFIG_SIZE:
-        raise ConfigError(
-            f"{path}: larger than {MAX_CONFIG_SIZE} characters; a config file"
-            " holds a few settings"
-        )
+        raise _too_large(path)
     try:
         root = yaml.compose(text, Loader=_Loader)
     except _TooDeep as e:
@@ -908,6 +904,13 @@ def _own_numbers(
             )
 
 
+def _too_large(path: str) -> ConfigError:
+    return ConfigError(
+        f"{path}: larger than {MAX_CONFIG_SIZE} characters; a config file"
+        " holds a few settings"
+    )
+
+
 def default_config(
     path: str, environ: Mapping[str, str], platform: str
 ) -> LoadedConfig:
@@ -931,14 +934,19 @@ def load_config(
     @raise ConfigError: the file cannot be read, or see L{parse_config}.
     """
     path = os.path.abspath(path)
+    # A character is at most 4 bytes of UTF-8: more is over the limit.
+    most = 4 * MAX_CONFIG_SIZE
     try:
-        with open(path, encoding="utf-8") as f:
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-            text = f.read(MAX_CONFIG_SIZE + 1)
+        data, status = read_regular(path, most + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
+    if len(data) > most:
+        raise _too_large(path)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text: {e}")
+        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")
+    mode = stat.S_IMODE(status.st_mode)
     loaded = parse_config(text, path, environ, platform, mode, instance)
     check_ca_bundles(loaded)
     return loaded
@@ -957,16 +965,15 @@ def check_ca_bundles(loaded: LoadedConfig) -> None:
         if not path:
             continue
         try:
-            with open(path, "rb") as f:
-                pem = f.read(_MAX_CA_BUNDLE + 1)
+            pem, _ = read_regular(path, MAX_BUNDLE + 1)
         except OSError as e:
             raise ConfigError(
                 f"{loaded.where(key)}: cannot read {path}: {e.strerror or e}"
             ) from None
-        if len(pem) > _MAX_CA_BUNDLE:
+        if len(pem) > MAX_BUNDLE:
             raise ConfigError(
                 f"{loaded.where(key)}: {path} is larger than"
-                f" {_MAX_CA_BUNDLE // 2**20} MiB: not a CA bundle"
+                f" {MAX_BUNDLE // 2**20} MiB: not a CA bundle"
             )
         try:
             parse_certificates(pem, path)

@@ -28,6 +28,7 @@ from attrs import define
 from twisted.internet.task import react
 
 from ngrokd import __version__
+from ngrokd.config import ConfigError
 from ngrokd.control.client import (
     EXIT_FAILED,
     EXIT_OK,
@@ -38,7 +39,9 @@ from ngrokd.control.client import (
     connect,
 )
 from ngrokd.control.configfile import (
+    MAX_API_KEY,
     Outcome,
+    api_key_problem,
     edit_config,
     editor_command,
     validate_config,
@@ -176,6 +179,8 @@ async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
             )
         if args.command == "diagnose":
             return await _diagnose(reactor, socket, args, console)
+        if args.command == "set-api-key":
+            args.key = _api_key(args, console)
         control = await connect(reactor, socket)
         try:
             return await _COMMANDS[args.command](control, args, console)
@@ -184,6 +189,9 @@ async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
     except ControlError as e:
         console.warn(str(e))
         return e.code
+    except _BadInput as e:
+        console.warn(str(e))
+        return EXIT_USAGE
 
 
 async def _status(control: Control, args: Any, console: Console) -> int:
@@ -235,21 +243,45 @@ async def _events(control: Control, args: Any, console: Console) -> int:
             return EXIT_OK
 
 
-async def _set_api_key(control: Control, args: Any, console: Console) -> int:
-    key = args.key
+class _BadInput(Exception):
+    """
+    What the user gave cannot be used: C{str(error)} says why.
+    """
+
+
+def _api_key(args: Any, console: Console) -> str:
+    """
+    The key to set: from the command line (with a warning), a prompt on a
+    terminal, or one line of stdin, read no further than the longest key.
+
+    @raise _BadInput: none, or not a key (L{api_key_problem}).
+    """
+    key: str | None = args.key
     if key is not None:
         console.warn(
             "a key given on the command line shows in ps and in shell history;"
             " pipe it in instead: ngrokctl set-api-key < keyfile"
         )
-    elif console.stdin.isatty():
-        key = getpass.getpass("ngrok API key: ", stream=console.err)
-    else:
-        key = console.stdin.readline()
-    if not key.strip():
-        console.warn("no API key given")
-        return EXIT_USAGE
-    console.say(await control.set_api_key(key.strip()))
+    try:
+        if key is None and console.stdin.isatty():
+            key = getpass.getpass("ngrok API key: ", stream=console.err)
+        elif key is None:
+            # One character over the longest key, and its line break: enough
+            # to tell a key too long, however much more follows.
+            key = console.stdin.readline(MAX_API_KEY + 2)
+    except UnicodeDecodeError:
+        raise _BadInput("refusing the API key: it is not UTF-8 text") from None
+    key = key.strip()
+    if not key:
+        raise _BadInput("no API key given")
+    problem = api_key_problem(key)
+    if problem is not None:
+        raise _BadInput(f"refusing the API key: {problem}")
+    return key
+
+
+async def _set_api_key(control: Control, args: Any, console: Console) -> int:
+    console.say(await control.set_api_key(args.key))
     return EXIT_OK
 
 
@@ -297,9 +329,13 @@ async def _config_edit(
         console.err.flush()
         return console.stdin.readline().strip().lower() not in ("n", "no")
 
-    result = edit_config(
-        path, editor_command(console.environ), validate_config, ask_again
-    )
+    try:
+        result = edit_config(
+            path, editor_command(console.environ), validate_config, ask_again
+        )
+    except (ConfigError, OSError) as e:
+        console.warn(str(e))
+        return EXIT_FAILED
     console.say(result.message)
     return EXIT_OK if result.outcome in _EDIT_DONE else EXIT_FAILED
 

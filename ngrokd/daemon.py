@@ -24,6 +24,7 @@ import signal
 import socket
 import stat
 from collections.abc import Callable, Mapping
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -61,8 +62,9 @@ from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
-from ngrokd.ngrok.trust import LateTrustPolicy, load_trust
+from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
 from ngrokd.plan import Plan, plan, wanted_allocations
+from ngrokd.readfile import in_own_thread
 from ngrokd.reconfigure import applied, changes
 from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
 
@@ -106,6 +108,8 @@ _IDENTITY_KEYS = frozenset(
 
 #: Seconds a stop may take as a whole (listeners, hosts file, addresses).
 STOP_TIMEOUT = 60.0
+#: Seconds a reload waits for the config file to be read.
+READ_TIMEOUT = 30.0
 
 
 class Daemon(MultiService):
@@ -257,8 +261,8 @@ class Daemon(MultiService):
         """
         config = self.config
         self._check_key_mode(config.server.client_key)
-        self._api_tls.use(load_trust(config.api.ca_bundle))
-        self.connector.use_trust(load_trust(config.ingress.ca_bundle))
+        self._api_tls.use(load_api_trust(config.api.ca_bundle))
+        self.connector.use_trust(load_ingress_trust(config.ingress.ca_bundle))
         self.allocations = self._saved = allocation.load(
             config.server.state_dir, config.net.subnet
         )
@@ -432,12 +436,14 @@ class Daemon(MultiService):
     async def _reload(self) -> ReloadResult:
         path = self.config.path
         try:
-            loaded = await deferToThreadPool(
+            # Not in the reactor's pool: a stop would wait for a read that
+            # never ends (a hung filesystem), and the process with it.
+            loaded = await in_own_thread(
                 self._reactor,
-                self._reactor.getThreadPool(),
-                load_config,
-                path,
-                instance=self.instance_option,
+                self._clock,
+                READ_TIMEOUT,
+                partial(load_config, path, instance=self.instance_option),
+                lambda: ConfigError(f"{path}: not read within {READ_TIMEOUT:g}s"),
             )
         except ConfigError as e:
             self.config_error = str(e)
@@ -472,7 +478,7 @@ class Daemon(MultiService):
             tls = LateTrustPolicy()
             tls.use(
                 await deferToThreadPool(
-                    self._reactor, pool, load_trust, config.api.ca_bundle
+                    self._reactor, pool, load_api_trust, config.api.ca_bundle
                 )
             )
             old, self._api_tls = self.api, tls
@@ -482,7 +488,7 @@ class Daemon(MultiService):
         if "ingress.ca_bundle" in changed:
             self.connector.use_trust(
                 await deferToThreadPool(
-                    self._reactor, pool, load_trust, config.ingress.ca_bundle
+                    self._reactor, pool, load_ingress_trust, config.ingress.ca_bundle
                 )
             )
         ingress = config.ingress

@@ -11,6 +11,8 @@ import re
 from cryptography import x509
 from OpenSSL.crypto import X509
 
+#: A CA bundle larger than this is some other file (the system's is < 1 MiB).
+MAX_BUNDLE = 16 * 2**20
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )

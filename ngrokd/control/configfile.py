@@ -31,26 +31,33 @@ from attrs import frozen
 
 from ngrokd.atomic import write_atomic
 from ngrokd.config import ConfigError, check_ca_bundles, parse_config
+from ngrokd.readfile import read_regular
 
 #: A config file larger than this is some other file.
 MAX_CONFIG_BYTES = 2**20
+#: ngrok's API keys are about 50 characters: a longer one is something else.
+MAX_API_KEY = 512
 
 
-def _read(path: str) -> tuple[str, bytes]:
+def _read(path: str) -> tuple[bytes, os.stat_result]:
     """
-    The text and bytes of the config file at C{path}, refusing one that is
-    too large or not UTF-8.
+    The bytes and status of the config file at C{path} (through a symbolic
+    link), refusing one that is not a regular file (a FIFO would block) or
+    is too large.
 
     @raise ConfigError: naming C{path}.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data, status = read_regular(path, MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-    return _decode(data, path), data
+        raise _too_large(path)
+    return data, status
+
+
+def _too_large(path: str) -> ConfigError:
+    return ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
 
 
 def _decode(data: bytes, path: str) -> str:
@@ -60,12 +67,11 @@ def _decode(data: bytes, path: str) -> str:
         raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")
 
 
-def _ownership(path: str) -> tuple[int, tuple[int, int]]:
+def _ownership(status: os.stat_result) -> tuple[int, tuple[int, int]]:
     """
-    The permission bits and C{(uid, gid)} a rewrite of C{path} keeps.
+    The permission bits and C{(uid, gid)} a rewrite of the file keeps.
     """
-    info = os.stat(path)
-    return stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid)
+    return stat.S_IMODE(status.st_mode), (status.st_uid, status.st_gid)
 
 
 def _compose(text: str, path: str) -> yaml.Node | None:
@@ -167,21 +173,43 @@ def _settings(text: str) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def store_api_key(path: str, key: str) -> None:
+def api_key_problem(key: str) -> str | None:
+    """
+    Why C{key} cannot be an ngrok API key (empty, too long, or holding a
+    character that is not printable, such as a byte that was not UTF-8),
+    never showing it; C{None} when it may be one.
+    """
+    if not key:
+        return "it is empty"
+    if len(key) > MAX_API_KEY:
+        return f"it is longer than {MAX_API_KEY} characters"
+    if not key.isprintable():
+        return "it holds unprintable characters or bytes that are not UTF-8"
+    return None
+
+
+def store_api_key(path: str, key: str) -> int | None:
     """
     Set C{api.key} in the config file at C{path} to C{key}, quoted so that
     it stays a string, leaving every other byte of the file as it was, and
-    replace the file atomically with the same mode and owner.
+    replace the file atomically (the target of a symbolic link, so that
+    the link stays) with the same owner and mode, less what group and
+    others had: the file now holds a secret.
 
     Blocking: call it in a thread. No message ever holds the key.
 
-    @raise ConfigError: the file cannot be read, is not valid YAML, or its
-        C{api} is not a mapping; naming the file, never the key.
+    @return: the former mode when group or others could read or write the
+        file, else C{None}.
+    @raise ConfigError: the key is not one (L{api_key_problem}), or the
+        file cannot be read, is not valid YAML, or its C{api} is not a
+        mapping; naming the file, never the key.
     @raise ngrokd.atomic.AtomicWriteError: the file cannot be replaced.
     """
-    if not key or not key.isprintable():
-        raise ConfigError(f"{path}: refusing an empty or unprintable API key")
-    text, _ = _read(path)
+    problem = api_key_problem(key)
+    if problem is not None:
+        raise ConfigError(f"{path}: refusing the API key: {problem}")
+    data, status = _read(path)
+    text = _decode(data, path)
     root = _compose(text, path)
     updated = _with_key(text, root, json.dumps(key, ensure_ascii=False), path)
     try:
@@ -196,8 +224,10 @@ def store_api_key(path: str, key: str) -> None:
             f"{path}: cannot set api.key without changing other settings;"
             " set it by hand"
         )
-    mode, owner = _ownership(path)
-    write_atomic(path, updated.encode("utf-8"), mode, owner=owner)
+    mode, owner = _ownership(status)
+    private = mode & ~0o077
+    write_atomic(os.path.realpath(path), updated.encode("utf-8"), private, owner)
+    return mode if private != mode else None
 
 
 def editor_command(environ: Mapping[str, str]) -> list[str]:
@@ -276,45 +306,74 @@ def edit_config(
 ) -> EditResult:
     """
     Let the user edit the config file at C{path} with C{editor}, and replace
-    it only with a copy that C{validate} accepts.
+    it only with a copy that C{validate} accepts. A symbolic link stays:
+    the file it points to is the one replaced (configuration management
+    may own it).
 
-    The copy is private (0600) and in the same directory; it is removed
-    whatever happens. While the copy is invalid, C{ask_again(error)} chooses
-    between editing it again and leaving the file as it was.
+    The copy is private (0600) and beside the file; it is removed
+    whatever happens. While the copy is invalid (or not UTF-8),
+    C{ask_again(error)} chooses between editing it again and leaving the
+    file as it was. An editor that leaves no regular file where the copy
+    was (it removed it, or left a FIFO) ends the edit.
 
-    @raise ConfigError: the file cannot be read.
+    @raise ConfigError: the file cannot be read, or no copy can be made.
     @raise ngrokd.atomic.AtomicWriteError: the valid copy cannot replace it.
     """
-    _, original = _read(path)
-    mode, owner = _ownership(path)
-    directory, name = os.path.split(os.path.abspath(path))
+    original, status = _read(path)
+    mode, owner = _ownership(status)
+    target = os.path.realpath(path)
+    directory, name = os.path.split(target)
     # Not ".tmp": write_atomic removes those as leftovers of its own writes.
-    fd, copy = tempfile.mkstemp(prefix=f".{name}.edit-", suffix=".yml", dir=directory)
+    try:
+        fd, copy = tempfile.mkstemp(
+            prefix=f".{name}.edit-", suffix=".yml", dir=directory
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"{path}: cannot make a copy to edit in {directory}: {e.strerror or e}"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(original)
         while True:
             try:
-                status = run([*editor, copy])
+                status_code = run([*editor, copy])
             except OSError as e:
                 why = f"cannot run {editor[0]}: {e.strerror or e}"
                 return EditResult(Outcome.EDITOR_FAILED, path, error=why)
-            if status != 0:
-                return EditResult(Outcome.EDITOR_FAILED, path, editor_status=status)
-            _, edited = _read(copy)
+            if status_code != 0:
+                return EditResult(
+                    Outcome.EDITOR_FAILED, path, editor_status=status_code
+                )
+            try:
+                edited, _ = read_regular(copy, MAX_CONFIG_BYTES + 1)
+            except OSError as e:
+                why = f"the editor left no file to read at {copy}: {e.strerror or e}"
+                return EditResult(Outcome.EDITOR_FAILED, path, error=why)
             if edited == original:
                 return EditResult(Outcome.UNCHANGED, path)
             try:
+                if len(edited) > MAX_CONFIG_BYTES:
+                    raise _too_large(path)
                 error = validate(_decode(edited, path), path)
             except ConfigError as e:
                 error = str(e)
             if error is None:
-                write_atomic(path, edited, mode, owner=owner)
+                write_atomic(target, edited, mode, owner=owner)
                 return EditResult(Outcome.SAVED, path)
             if not ask_again(error):
                 return EditResult(Outcome.ABANDONED, path, error=error)
     finally:
-        try:
-            os.unlink(copy)
-        except FileNotFoundError:
-            pass
+        _remove_copy(copy)
+
+
+def _remove_copy(copy: str) -> None:
+    """
+    Remove the edited copy, or whatever the editor left in its place.
+    """
+    try:
+        os.unlink(copy)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        os.rmdir(copy)

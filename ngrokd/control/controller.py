@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ngrokd.control.commands import CommandFailed, KeyRejected, NotPermitted
-from ngrokd.control.configfile import store_api_key
+from ngrokd.control.configfile import api_key_problem, store_api_key
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.peer import Peer, may_change, refusal
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable, NoAPIKey
@@ -97,13 +97,16 @@ class Controller:
         @raise CommandFailed: the key works and is in use, but was not saved.
         """
         self.check_change(peer, "set-api-key")
+        problem = api_key_problem(key.strip())
+        if problem is not None:
+            raise KeyRejected(f"refusing the API key: {problem}")
         try:
             await self.daemon.set_api_key(key)
         except _KEY_FAILURES as e:
             raise KeyRejected(f"the API key was not accepted: {e}") from None
         path = self.daemon.config.path
         try:
-            await deferToThreadPool(
+            former = await deferToThreadPool(
                 self._reactor,
                 self._reactor.getThreadPool(),
                 store_api_key,
@@ -117,7 +120,20 @@ class Controller:
                 f" {path} ({e}): it will be lost at the next start"
             ) from None
         self.log.info("the new API key is saved in {path}", path=path)
-        return f"the API key works and is saved in {path}"
+        saved = f"the API key works and is saved in {path}"
+        if former is None:
+            return saved
+        self.log.warn(
+            "{path} let group or others read or write it (mode {former:04o}):"
+            " now {mode:04o}, as it holds the API key",
+            path=path,
+            former=former,
+            mode=former & ~0o077,
+        )
+        return (
+            f"{saved}; it let group or others read or write it (mode"
+            f" {former:04o}): now {former & ~0o077:04o}, as it holds the key"
+        )
 
     async def reload(self, peer: Peer | None) -> dict[str, Any]:
         """

@@ -39,7 +39,7 @@ from ngrokd.endpoints import EndpointURLError, parse_endpoint_url
 from ngrokd.host.allocation import IPAddress
 from ngrokd.host.hosts import render
 from ngrokd.ngrok.api import APIError, APIUnavailable, NoAPIKey, make_api
-from ngrokd.ngrok.trust import LateTrustPolicy, load_trust
+from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
 from ngrokd.plan import VIRTUAL
 
 PASS = "pass"
@@ -278,7 +278,7 @@ class Diagnosis:
         name = "API reachable, key accepted"
         tls = LateTrustPolicy()
         try:
-            tls.use(await self._thread(load_trust, config.api.ca_bundle))
+            tls.use(await self._thread(load_api_trust, config.api.ca_bundle))
         except Exception as e:
             self._add(Check(name, FAIL, str(e), "fix api.ca_bundle"))
             return
@@ -356,7 +356,7 @@ class Diagnosis:
             return
         ca = ingress.ca_bundle or "the system's trust and /etc/ssl/certs/ngrok"
         try:
-            trust = await self._thread(load_trust, ingress.ca_bundle)
+            trust = await self._thread(load_ingress_trust, ingress.ca_bundle)
         except Exception as e:
             self._add(
                 Check("ingress TLS verifies", FAIL, str(e), "fix ingress.ca_bundle")

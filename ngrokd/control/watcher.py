@@ -2,9 +2,10 @@
 """
 Reload the configuration when its file is saved, or on SIGHUP.
 
-On Linux, inotify watches the config's directory, so an editor that saves
-by writing a new file and renaming it over the old one (vim, and
-C{ngrokctl config edit}) is seen, and a file is looked at only once its
+On Linux, inotify watches the config's directory (and, for a symbolic
+link, the directory of the file it names), so an editor that saves by
+writing a new file and renaming it over the old one (vim, and C{ngrokctl
+config edit}) is seen, and a file is looked at only once its
 writer has closed it: a half-written file is never read. Elsewhere the file
 is polled (its inode, size and change time). A burst of events becomes one
 reload once the directory has been quiet for a moment.
@@ -73,6 +74,8 @@ class ConfigWatcher(Service):
         self._notifier: Any = None
         self._poller: LoopingCall | None = None
         self._seen: tuple[int, int, int] | None = None
+        #: The file the config's path names, links followed.
+        self._target = self._path
         self._previous_handler: Any = None
 
     def startService(self) -> None:
@@ -82,11 +85,7 @@ class ConfigWatcher(Service):
 
             self._notifier = inotify.INotify(self._reactor)
             self._notifier.startReading()
-            self._notifier.watch(
-                FilePath(os.path.dirname(self._path)),
-                mask=inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO,
-                callbacks=[self._notified],
-            )
+            self._watch()
         else:
             self._seen = _fingerprint(self._path)
             self._poller = LoopingCall(self._poll)
@@ -111,8 +110,32 @@ class ConfigWatcher(Service):
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
         self._reactor.callFromThread(self.trigger, "SIGHUP")
 
+    def _watch(self) -> None:
+        """
+        Watch the config's directory and, when the config is a symbolic
+        link, that of the file it names (where C{set-api-key}, C{config
+        edit} and configuration management write).
+        """
+        from twisted.internet import inotify
+
+        self._target = os.path.realpath(self._path)
+        for directory in {os.path.dirname(self._path), os.path.dirname(self._target)}:
+            try:
+                self._notifier.watch(
+                    FilePath(directory),
+                    mask=inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO,
+                    callbacks=[self._notified],
+                )
+            except inotify.INotifyError as e:
+                self.log.warn(
+                    "cannot watch {directory} for changes to the config: {error}",
+                    directory=directory,
+                    error=str(e),
+                )
+
     def _notified(self, ignored: object, path: FilePath[Any], mask: int) -> None:
-        if os.fsdecode(path.path) == self._path:
+        if os.fsdecode(path.path) in (self._path, self._target):
+            self._watch()  # the link may name another file now
             self._settle()
 
     def _poll(self) -> None:

@@ -4,11 +4,13 @@ One daemon per state directory.
 
 Two daemons on the same state would share one link, one hosts-file section
 and one set of allocations, and the stop of either would remove what the
-other serves. So a daemon takes an exclusive lock on a file in the state
-directory before it touches anything else, and holds it until it has
-stopped; a second one refuses to start, naming the holder's pid. The lock
-is C{flock}'s: the kernel drops it when its holder dies, even by kill -9,
-so a stale lock file never blocks a start.
+other serves. So a daemon takes an exclusive lock on the state directory
+itself before it touches anything else, and holds it until it has stopped;
+a second one refuses to start, naming the holder's pid, which the holder
+writes in a file there. The directory, not that file, is locked: a file
+deleted while locked would let the next daemon create and lock a new one
+of the same name. The lock is C{flock}'s: the kernel drops it when its
+holder dies, even by kill -9, so nothing stale ever blocks a start.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import errno
 import fcntl
 import os
 
-#: The lock file in the state directory; it holds the holder's pid.
+from ngrokd.readfile import read_regular
+
+#: The file in the state directory that names the holder's pid.
 LOCK_FILE = "ngrokd.lock"
 _MODE = 0o644
 _DIRECTORY_MODE = 0o755
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class StateDirectoryLocked(Exception):
     """
-    Another process holds the state directory's lock: its C{pid}, when the
-    lock file names one.
+    Another process holds the lock on the state directory C{path}: its
+    C{pid}, when the lock file names one.
     """
 
     def __init__(self, path: str, pid: int | None) -> None:
@@ -44,7 +49,8 @@ class StateDirectoryLocked(Exception):
 
 class StateLockError(Exception):
     """
-    The lock file could not be created or locked.
+    The state directory could not be made or locked, or the lock file
+    written.
     """
 
     def __init__(self, path: str, cause: OSError) -> None:
@@ -72,30 +78,29 @@ class StateLock:
 
     def acquire(self) -> None:
         """
-        Take the lock (creating the directory if needed) and write our pid
-        into the file; a no-op when already held.
+        Lock the state directory (creating it if needed) and write our pid
+        into the lock file; a no-op when already held.
 
         @raise StateDirectoryLocked: another process holds it.
-        @raise StateLockError: the file cannot be made or locked.
+        @raise StateLockError: the directory cannot be made or locked, or
+            the file written.
         """
         if self._fd is not None:
             return
         try:
             os.makedirs(self.state_dir, _DIRECTORY_MODE, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _MODE)
+            fd = os.open(self.state_dir, _DIRECTORY_FLAGS)
         except OSError as e:
-            raise StateLockError(self.path, e) from e
+            raise StateLockError(self.state_dir, e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            pid = _read_pid(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StateDirectoryLocked(self.path, pid) from None
-            raise StateLockError(self.path, e) from e
+                raise StateDirectoryLocked(self.state_dir, _read_pid(self.path))
+            raise StateLockError(self.state_dir, e) from e
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _write_pid(self.path)
         except OSError as e:
             os.close(fd)
             raise StateLockError(self.path, e) from e
@@ -111,9 +116,21 @@ class StateLock:
             os.close(fd)
 
 
-def _read_pid(fd: int) -> int | None:
+def _write_pid(path: str) -> None:
+    # Not through a link: the daemon is root, and the state directory could
+    # hold one to a file it must not truncate.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, _MODE)
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        data, _ = read_regular(path, 32)
     except OSError:
         return None
+    text = data.decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else None

@@ -4,7 +4,8 @@ Which servers ngrokd trusts, and the TLS client settings built from that.
 
 ngrok's binding ingress chains to ngrok's private I{intermediate} CA. Go accepts
 an intermediate as a trust anchor; OpenSSL does so only with the partial-chain
-flag, which every trust root here sets.
+flag, which the ingress's trust sets, and only it: the API is verified as a
+browser verifies a site, up to a root.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from ngrokd.pem import PEMError, parse_certificates
+from ngrokd.pem import MAX_BUNDLE, PEMError, parse_certificates
+from ngrokd.readfile import read_regular
 
 #: Where the Go ngrokd (and ngrok's operator image) looks for ngrok's CA.
 NGROK_CA_DIR = "/etc/ssl/certs/ngrok"
@@ -66,28 +68,50 @@ class PartialChainTrust:
         store.set_flags(X509StoreFlags.PARTIAL_CHAIN)
 
 
-def load_trust(ca_bundle: str | None, ca_dir: str = NGROK_CA_DIR) -> PartialChainTrust:
+def load_ingress_trust(
+    ca_bundle: str | None, ca_dir: str = NGROK_CA_DIR
+) -> PartialChainTrust:
     """
-    The configured CA bundle alone when there is one; otherwise the platform's
-    store plus every PEM file in C{ca_dir}, as the Go ngrokd reads it.
+    What verifies the binding ingress: the configured CA bundle alone when
+    there is one; otherwise the platform's store plus every PEM file in
+    C{ca_dir}, as the Go ngrokd reads it. Any of them anchors a chain.
     """
     if ca_bundle:
-        try:
-            with open(ca_bundle, "rb") as f:
-                pem = f.read()
-        except OSError as e:
-            raise PEMError(f"{ca_bundle}: {e.strerror}") from None
-        return PartialChainTrust(parse_certificates(pem, ca_bundle), system=False)
+        return PartialChainTrust(_bundle(ca_bundle), system=False)
     extra: list[X509] = []
     if os.path.isdir(ca_dir):
         for name in sorted(os.listdir(ca_dir)):
             path = os.path.join(ca_dir, name)
             try:
-                with open(path, "rb") as f:
-                    extra.extend(parse_certificates(f.read(), path))
-            except (OSError, PEMError) as e:
+                extra.extend(_bundle(path))
+            except PEMError as e:
                 _log.warn("skipping CA file {path}: {error}", path=path, error=str(e))
     return PartialChainTrust(tuple(extra), system=True)
+
+
+def load_api_trust(ca_bundle: str | None) -> IOpenSSLTrustRoot:
+    """
+    What verifies ngrok's API: the configured CA bundle, else the platform's
+    store, each as a browser trusts it: the chain must reach a root there.
+    Never partial chains, which would let any intermediate in the store (or
+    ngrok's ingress CA) vouch for C{api.ngrok.com}.
+    """
+    trust: IOpenSSLTrustRoot = (
+        ssl.trustRootFromCertificates([ssl.Certificate(x) for x in _bundle(ca_bundle)])
+        if ca_bundle
+        else ssl.platformTrust()
+    )
+    return trust
+
+
+def _bundle(path: str) -> tuple[X509, ...]:
+    try:
+        pem, _ = read_regular(path, MAX_BUNDLE + 1)
+    except OSError as e:
+        raise PEMError(f"{path}: {e.strerror or e}") from None
+    if len(pem) > MAX_BUNDLE:
+        raise PEMError(f"{path}: larger than {MAX_BUNDLE // 2**20} MiB")
+    return parse_certificates(pem, path)
 
 
 @implementer(IPolicyForHTTPS)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from textwrap import dedent
 from typing import Any
 
 import attrs
@@ -427,6 +428,32 @@ def source_file(*parts: str) -> str:
         if os.path.exists(candidate):
             return candidate
     raise SkipTest(f"{'/'.join(parts)} is not in reach (no source tree)")
+
+
+def offline_config(base: str, socket_path: str) -> str:
+    """
+    Write C{base}/config.yml for a daemon that needs nothing of ngrok: no
+    API key (it waits for one), its state, hosts file and control socket
+    its own; the file's path.
+    """
+    path = os.path.join(base, "config.yml")
+    with open(path, "w") as f:
+        f.write(
+            dedent(
+                f"""\
+                api:
+                  url: https://127.0.0.1:1
+                server:
+                  state_dir: {base}/state
+                  socket_path: {socket_path}
+                  health_address: ""
+                net:
+                  listen_interface: "127.0.0.1"
+                  hosts_file: {base}/hosts
+                """
+            )
+        )
+    return path
 
 
 def spawn_twistd(

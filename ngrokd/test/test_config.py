@@ -1329,7 +1329,32 @@ class LoadConfigTests(SynchronousTestCase):
         os.mkdir(path)
         error = self.assertRaises(ConfigError, load_config, path, {}, "linux")
         self.assertEqual(
-            str(error), f"{path}: cannot read the config file: Is a directory"
+            str(error),
+            f"{path}: cannot read the config file: not a regular file but a directory",
+        )
+
+    def test_fifo(self) -> None:
+        """
+        A FIFO at the config's path, or at a CA bundle's, is refused at
+        once, naming it: reading it would wait for a writer forever.
+        """
+        base = os.path.abspath(self.mktemp())
+        os.mkdir(base)
+        fifo = os.path.join(base, "fifo")
+        os.mkfifo(fifo)
+        error = self.assertRaises(ConfigError, load_config, fifo, {}, "linux")
+        self.assertEqual(
+            str(error),
+            f"{fifo}: cannot read the config file: not a regular file but a FIFO",
+        )
+        path = os.path.join(base, "config.yml")
+        with open(path, "w") as f:
+            f.write(f"ingress:\n  ca_bundle: {fifo}\n")
+        error = self.assertRaises(ConfigError, load_config, path, {}, "linux")
+        self.assertEqual(
+            str(error),
+            f"{path}:2: ingress.ca_bundle: cannot read {fifo}: not a regular file"
+            " but a FIFO",
         )
 
     def test_notUTF8(self) -> None:

@@ -52,6 +52,14 @@ if "replace" in step:
     assert old in text, old
     with open(target, "w") as f:
         f.write(text.replace(old, new))
+if "append" in step:
+    with open(target, "ab") as f:
+        f.write(bytes.fromhex(step["append"]))
+if step.get("remove"):
+    os.unlink(target)
+if step.get("fifo"):
+    os.unlink(target)
+    os.mkfifo(target)
 sys.exit(step.get("exit", 0))
 """
 
@@ -232,15 +240,37 @@ class StoreApiKeyTests(_Files):
         """
         self.assertStored("# nothing yet", f'# nothing yet\napi:\n  key: "{KEY}"\n')
 
-    def test_modeKept(self) -> None:
+    def test_modeTightened(self) -> None:
         """
-        The file keeps its mode: a group-readable file stays so, a private
-        one stays private.
+        A file group or others could read loses their access once it holds
+        the key, and the former mode is returned to be told; a private one
+        stays as it was.
         """
-        for mode in (0o640, 0o600):
+        for mode, former, after in ((0o644, 0o644, 0o600), (0o600, None, 0o600)):
             self.write("api:\n  key: old\n", mode)
-            store_api_key(self.path, KEY)
-            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), mode)
+            self.assertEqual(store_api_key(self.path, KEY), former)
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), after)
+
+    def test_symlinkKept(self) -> None:
+        """
+        A config that is a symbolic link stays one: the key is written to
+        the file it points to, which keeps its owner, and nothing is left
+        beside either.
+        """
+        elsewhere = os.path.abspath(self.mktemp())
+        os.mkdir(elsewhere)
+        target = os.path.join(elsewhere, "managed.yml")
+        with open(target, "w") as f:
+            f.write("api:\n  key: old\n")
+        os.chmod(target, 0o600)
+        os.symlink(target, self.path)
+        store_api_key(self.path, KEY)
+        self.assertEqual(os.readlink(self.path), target)
+        with open(target) as f:
+            self.assertEqual(f.read(), f'api:\n  key: "{KEY}"\n')
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o600)
+        self.assertOnlyConfigLeft()
+        self.assertEqual(os.listdir(elsewhere), ["managed.yml"])
 
     def test_ownerKept(self) -> None:
         """
@@ -292,10 +322,24 @@ class StoreApiKeyTests(_Files):
 
     def test_badKey(self) -> None:
         """
-        An empty key or one with a line break is refused, without showing it.
+        An empty key, one with a line break or a byte that was not UTF-8,
+        and a megabyte of key, are refused, without showing them.
         """
         self.assertRefused("api:\n  key: old\n", "unprintable", key="abc\ndef")
+        self.assertRefused("api:\n  key: old\n", "not UTF-8", key="abc\udcffdef")
         self.assertRefused("api:\n  key: old\n", "empty", key="")
+        self.assertRefused("api:\n  key: old\n", "longer than 512", key="k" * 2**20)
+
+    def test_fifo(self) -> None:
+        """
+        A FIFO at the config's path is refused at once, naming it.
+        """
+        os.mkfifo(self.path)
+        e = self.assertRaises(ConfigError, store_api_key, self.path, KEY)
+        self.assertEqual(
+            str(e),
+            f"{self.path}: cannot read the config file: not a regular file but a FIFO",
+        )
 
 
 class EditorCommandTests(SynchronousTestCase):
@@ -502,6 +546,57 @@ class EditConfigTests(_Files):
         self.edit({"replace": ["9080", "9090"]})
         info = os.stat(self.path)
         self.assertEqual((info.st_uid, info.st_gid), (65534, 65533))
+
+    def test_symlinkKept(self) -> None:
+        """
+        A config that is a symbolic link stays one: the edit is saved in the
+        file it points to, which keeps its mode.
+        """
+        elsewhere = os.path.abspath(self.mktemp())
+        os.mkdir(elsewhere)
+        target = os.path.join(elsewhere, "managed.yml")
+        os.rename(self.path, target)
+        os.symlink(target, self.path)
+        result = self.edit({"replace": ["9080", "9090"]})
+        self.assertEqual(result.outcome, Outcome.SAVED)
+        self.assertEqual(os.readlink(self.path), target)
+        with open(target) as f:
+            self.assertEqual(f.read(), self.ORIGINAL.replace("9080", "9090"))
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o640)
+        self.assertEqual(os.listdir(elsewhere), ["managed.yml"])
+
+    def test_notUTF8(self) -> None:
+        """
+        A copy the editor left not UTF-8 is an invalid edit: offered again,
+        and the file is left as it was.
+        """
+        result = self.edit({"append": "ff0a"}, again=False)
+        self.assertEqual(result.outcome, Outcome.ABANDONED)
+        self.assertEqual(
+            self.questions,
+            [f"{self.path}: not UTF-8 text: invalid start byte at byte 46"],
+        )
+        self.assertEqual(self.read().decode(), self.ORIGINAL)
+
+    def test_copyRemoved(self) -> None:
+        """
+        An editor that removes the copy ends the edit, saying so.
+        """
+        result = self.edit({"remove": True})
+        self.assertEqual(result.outcome, Outcome.EDITOR_FAILED)
+        self.assertIn("the editor left no file to read at", result.message)
+        self.assertIn("No such file or directory", result.message)
+        self.assertEqual(self.read().decode(), self.ORIGINAL)
+
+    def test_copyLeftAsFifo(self) -> None:
+        """
+        An editor that leaves a FIFO in place of the copy ends the edit at
+        once (reading it would wait forever), and the FIFO is removed.
+        """
+        result = self.edit({"fifo": True})
+        self.assertEqual(result.outcome, Outcome.EDITOR_FAILED)
+        self.assertIn("not a regular file but a FIFO", result.message)
+        self.assertEqual(self.read().decode(), self.ORIGINAL)
 
     def test_copyRemovedOnError(self) -> None:
         """

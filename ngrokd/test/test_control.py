@@ -253,7 +253,8 @@ class ControlSocketTests(DaemonFixture, TestCase):
     def test_legacyErrors(self) -> Deferred[None]:
         """
         An unknown command, a request that is not JSON and a key-less
-        C{set-api-key} each get the original's error answer.
+        C{set-api-key} each get the original's error answer; a key that
+        cannot be one is refused before ngrok is asked.
         """
 
         async def run() -> None:
@@ -268,6 +269,16 @@ class ControlSocketTests(DaemonFixture, TestCase):
             self.assertEqual(
                 await legacy(self.path, b'{"command": "set-api-key", "args": []}'),
                 {"success": False, "error": "API key required"},
+            )
+            self.assertEqual(
+                await legacy(
+                    self.path, b'{"command": "set-api-key", "args": ["a\\nb"]}'
+                ),
+                {
+                    "success": False,
+                    "error": "refusing the API key: it holds unprintable characters"
+                    " or bytes that are not UTF-8",
+                },
             )
 
         return ensureDeferred(run())

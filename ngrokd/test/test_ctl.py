@@ -26,6 +26,7 @@ from ngrokd.control.client import (
     EXIT_OK,
     EXIT_PERMISSION,
     EXIT_RESTART,
+    EXIT_USAGE,
     EXIT_VERSION,
 )
 from ngrokd.control.render import duration, endpoint_table, size, status_lines
@@ -310,6 +311,29 @@ class APIKeyTests(DaemonFixture, TestCase):
 
         return ensureDeferred(run())
 
+    def test_readableConfigMadePrivate(self) -> Deferred[None]:
+        """
+        Saving the key in a config others can read makes it private (0600)
+        and tells the user so, on stdout with the rest of the answer.
+        """
+
+        async def run() -> None:
+            await self.waiting()
+            os.chmod(self.config, 0o644)
+            ran = await ngrokctl(
+                self.socket, "set-api-key", stdin=self.devcloud.api_key + "\n"
+            )
+            self.assertEqual(ran.code, EXIT_OK, ran.err)
+            self.assertEqual(
+                ran.out,
+                f"the API key works and is saved in {self.config}; it let group or"
+                " others read or write it (mode 0644): now 0600, as it holds the"
+                " key\n",
+            )
+            self.assertEqual(os.stat(self.config).st_mode & 0o777, 0o600)
+
+        return ensureDeferred(run())
+
     def test_wrongKey(self) -> Deferred[None]:
         """
         A key ngrok refuses changes nothing: exit 1, the reason on stderr,
@@ -486,6 +510,137 @@ class ProgramTests(SynchronousTestCase):
         self.assertEqual(ran.stdout, "")
         self.assertIn("ngrokd is not running", ran.stderr)
         self.assertNotIn("Traceback", ran.stderr)
+
+
+#: An editor that does to the copy it is given what argv[1] says.
+_BAD_EDITOR = """
+import os, sys
+how, path = sys.argv[1], sys.argv[-1]
+if how == "latin-1":
+    with open(path, "ab") as f:
+        f.write("# caf\\u00e9\\n".encode("latin-1"))
+elif how == "remove":
+    os.unlink(path)
+elif how == "fifo":
+    os.unlink(path)
+    os.mkfifo(path)
+"""
+
+
+class BadInputTests(SynchronousTestCase):
+    """
+    C{python -m ngrokd.ctl} given what it cannot use: each gets one line
+    on stderr and an exit code, never a traceback, and none waits.
+    """
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.config = os.path.join(self.base, "config.yml")
+        self.original = "net:\n  start_port: 9080\n"
+        with open(self.config, "w") as f:
+            f.write(self.original)
+        self.editor = os.path.join(self.base, "editor.py")
+        with open(self.editor, "w") as f:
+            f.write(_BAD_EDITOR)
+
+    def ngrokctl(
+        self, *argv: str, stdin: bytes = b"", environ: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        ran = subprocess.run(
+            [sys.executable, "-m", "ngrokd.ctl", "--socket", "/nonexistent/s", *argv],
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, **(environ or {})},
+        )
+        return subprocess.CompletedProcess(
+            ran.args,
+            ran.returncode,
+            ran.stdout.decode("utf-8", "replace"),
+            ran.stderr.decode("utf-8", "replace"),
+        )
+
+    def assertOneLine(self, text: str, start: str) -> None:
+        self.assertNotIn("Traceback", text)
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertTrue(text.startswith(start), text)
+
+    def test_keyTooLong(self) -> None:
+        """
+        A megabyte of key is refused before the daemon is asked: exit 2.
+        """
+        ran = self.ngrokctl("set-api-key", stdin=b"k" * 2**20 + b"\n")
+        self.assertEqual(ran.returncode, EXIT_USAGE, ran.stderr)
+        self.assertEqual(
+            ran.stderr,
+            "ngrokctl: refusing the API key: it is longer than 512 characters\n",
+        )
+
+    def test_keyNotUTF8(self) -> None:
+        """
+        A key that is not UTF-8 is refused: exit 2, one line.
+        """
+        for locale in ("C.UTF-8", "C"):
+            ran = self.ngrokctl(
+                "set-api-key", stdin=b"caf\xe9-key\n", environ={"LC_ALL": locale}
+            )
+            self.assertEqual(ran.returncode, EXIT_USAGE, ran.stderr)
+            self.assertOneLine(ran.stderr, "ngrokctl: refusing the API key: ")
+            self.assertIn("UTF-8", ran.stderr)
+
+    def edit(self, how: str) -> subprocess.CompletedProcess[str]:
+        visual = f"{sys.executable} {self.editor} {how}"
+        ran = self.ngrokctl(
+            "config", "edit", "--config", self.config, environ={"VISUAL": visual}
+        )
+        self.assertEqual(ran.returncode, EXIT_FAILED, ran.stderr)
+        with open(self.config) as f:
+            self.assertEqual(f.read(), self.original)
+        self.assertEqual(sorted(os.listdir(self.base)), ["config.yml", "editor.py"])
+        return ran
+
+    def test_editorWritesLatin1(self) -> None:
+        """
+        An edit that is not UTF-8 is refused as an invalid edit, with no
+        terminal to offer it again on: exit 1, the file as it was.
+        """
+        ran = self.edit("latin-1")
+        self.assertOneLine(ran.stderr, f"ngrokctl: {self.config}: not UTF-8 text")
+        self.assertIn("left as it was", ran.stdout)
+
+    def test_editorRemovesTheCopy(self) -> None:
+        """
+        An editor that removes the copy: exit 1, saying so.
+        """
+        ran = self.edit("remove")
+        self.assertEqual(ran.stderr, "")
+        self.assertOneLine(ran.stdout, f"{self.config}: left as it was: the editor")
+        self.assertIn("No such file", ran.stdout)
+
+    def test_editorLeavesAFifo(self) -> None:
+        """
+        An editor that leaves a FIFO in place of the copy: exit 1 at once,
+        saying so, and the FIFO is removed.
+        """
+        ran = self.edit("fifo")
+        self.assertEqual(ran.stderr, "")
+        self.assertOneLine(ran.stdout, f"{self.config}: left as it was: the editor")
+        self.assertIn("not a regular file but a FIFO", ran.stdout)
+
+    def test_configIsAFifo(self) -> None:
+        """
+        A FIFO at the config's path is refused at once, naming it: exit 1.
+        """
+        os.unlink(self.config)
+        os.mkfifo(self.config)
+        ran = self.ngrokctl("config", "edit", "--config", self.config)
+        self.assertEqual(ran.returncode, EXIT_FAILED, ran.stderr)
+        self.assertEqual(
+            ran.stderr,
+            f"ngrokctl: {self.config}: cannot read the config file: not a regular"
+            " file but a FIFO\n",
+        )
 
 
 class ErrorTests(SynchronousTestCase):

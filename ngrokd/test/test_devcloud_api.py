@@ -39,7 +39,7 @@ from ngrokd.ngrok.api import (
     make_api,
 )
 from ngrokd.ngrok.identity import generate_key, key_public_key, make_csr
-from ngrokd.ngrok.trust import load_trust
+from ngrokd.ngrok.trust import load_api_trust
 
 API_KEY = "2devcloudtestkey_abcdefghijklmnop"
 INGRESS = "127.0.0.1:4443"
@@ -49,7 +49,7 @@ def _policy(ca_bundle: str) -> BrowserLikePolicyForHTTPS:
     """
     HTTPS verified against the CA in C{ca_bundle}, as the daemon's API client.
     """
-    return BrowserLikePolicyForHTTPS(load_trust(ca_bundle))
+    return BrowserLikePolicyForHTTPS(load_api_trust(ca_bundle))
 
 
 class _ConnectionTracker(WrappingFactory):

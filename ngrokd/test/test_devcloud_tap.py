@@ -36,7 +36,7 @@ from ngrokd.devcloud.tap import (
     makeService,
     start_devcloud,
 )
-from ngrokd.ngrok.trust import client_creator, load_trust
+from ngrokd.ngrok.trust import client_creator, load_api_trust, load_ingress_trust
 from ngrokd.test.test_devcloud_ingress import Peer, new_csr, register, split_response
 
 #: The real reactor, for loopback I/O (untyped: it provides many interfaces).
@@ -249,7 +249,7 @@ class DevcloudServiceTests(TestCase):
         from treq.client import HTTPClient
 
         pool = HTTPConnectionPool(reactor, persistent=False)
-        policy = BrowserLikePolicyForHTTPS(load_trust(ca_bundle))
+        policy = BrowserLikePolicyForHTTPS(load_api_trust(ca_bundle))
         return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
 
     @inlineCallbacks
@@ -380,7 +380,9 @@ class DevcloudServiceTests(TestCase):
             operator["binding"]["cert"]["cert"].encode() + key_pem
         )
         creator = client_creator(
-            config.ingress.host, load_trust(config.ingress.ca_bundle), certificate
+            config.ingress.host,
+            load_ingress_trust(config.ingress.ca_bundle),
+            certificate,
         )
         client = Peer()
         tcp = TCP4ClientEndpoint(reactor, config.ingress.host, config.ingress.port)
@@ -553,7 +555,7 @@ class DevcloudServiceTests(TestCase):
         service, devcloud = self.start()
         certificate = register(devcloud.cloud)[0]
         creator = client_creator(
-            "127.0.0.1", load_trust(devcloud.ingress_ca_path), certificate
+            "127.0.0.1", load_ingress_trust(devcloud.ingress_ca_path), certificate
         )
         client = Peer()
         ingress = TCP4ClientEndpoint(reactor, "127.0.0.1", devcloud.ingress_address[1])

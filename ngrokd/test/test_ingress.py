@@ -6,6 +6,7 @@ resumes, over real TLS on loopback.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -28,10 +29,18 @@ from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.ingress import server_options
+from ngrokd.devcloud.tap import start_devcloud
+from ngrokd.ngrok.api import APIUnavailable, make_api
 from ngrokd.ngrok.identity import generate_key, make_csr
-from ngrokd.ngrok.trust import PartialChainTrust
+from ngrokd.ngrok.trust import (
+    LateTrustPolicy,
+    PartialChainTrust,
+    load_api_trust,
+    load_ingress_trust,
+)
 from ngrokd.pem import parse_certificates
-from ngrokd.test.helpers import Recorder, connect, listen, wait_until
+from ngrokd.test.helpers import Echo, Recorder, connect, listen, wait_until
+from ngrokd.test.test_devcloud_ingress import new_csr
 
 
 class Answer(Protocol):
@@ -137,7 +146,9 @@ class ConnectorTrustTests(TestCase):
             upgraded = await self.connector(
                 port, PartialChainTrust(anchor, system=False)
             ).connect(wire.ConnRequest("svc.ns", 80))
-            self.assertEqual(upgraded.response, wire.ConnResponse("ep_1", "tcp"))
+            response = upgraded.response
+            assert response is not None
+            self.assertEqual((response.error_code, response.proto), ("", "tcp"))
             upgraded.transport.abortConnection()
             with self.assertRaises(TLSFailed):
                 await self.connector(
@@ -319,5 +330,78 @@ class ResumptionTests(TestCase):
             connector.port = trusted_port
             await self.upgrade(connector)
             self.assertEqual(connector.handshakes, HandshakeCounts(full=2, resumed=0))
+
+        return ensureDeferred(run())
+
+
+class TrustScopeTests(TestCase):
+    """
+    With no CA bundle configured, the platform's store verifies both the
+    API and the ingress; an intermediate in it anchors the ingress's chain
+    only. Here the platform's store is the devcloud's intermediate alone
+    (C{SSL_CERT_FILE}), and both the devcloud's API and its ingress serve
+    a certificate from that intermediate.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        echo = listen(Factory.forProtocol(Echo), self)
+        self.devcloud = start_devcloud(
+            reactor,
+            os.path.abspath(self.mktemp()),
+            [("tcp://echo.test:7000", ("127.0.0.1", echo))],
+        )
+        self.addCleanup(self.devcloud.stop)
+        self.empty = os.path.abspath(self.mktemp())
+        os.makedirs(self.empty)
+        for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+            self.addCleanup(self.restore, name, os.environ.get(name))
+        os.environ["SSL_CERT_DIR"] = self.empty
+
+    def restore(self, name: str, value: str | None) -> None:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+    async def operators(self) -> Any:
+        policy = LateTrustPolicy()
+        policy.use(load_api_trust(None))
+        key = self.devcloud.api_key
+        api = make_api(reactor, self.devcloud.api_url, lambda: key, policy, 10.0)
+        try:
+            return await api.operators()
+        finally:
+            await api.close()
+
+    def test_intermediateAnchorsTheIngressOnly(self) -> Deferred[None]:
+        """
+        The API client refuses a chain that stops at the intermediate in
+        the store (and accepts it once the store holds the root); the
+        ingress connector accepts it.
+        """
+
+        async def run() -> None:
+            os.environ["SSL_CERT_FILE"] = self.devcloud.ingress_ca_path
+            with self.assertRaises(APIUnavailable) as caught:
+                await self.operators()
+            self.assertIn("certificate verify failed", str(caught.exception))
+            key_pem, csr_pem = new_csr()
+            operator = self.devcloud.cloud.register(
+                "test", "{}", ["bindings"], "global", {}, ["true"], csr_pem
+            )
+            host, port = self.devcloud.ingress_address
+            connector = IngressConnector(
+                reactor, host, port, load_ingress_trust(None, self.empty), 5.0, 5.0
+            )
+            connector.use_certificate(operator.cert.cert_pem, key_pem)
+            upgraded = await connector.connect(wire.ConnRequest("echo.test", 7000))
+            response = upgraded.response
+            assert response is not None
+            self.assertEqual((response.error_code, response.proto), ("", "tcp"))
+            upgraded.transport.abortConnection()
+            os.environ["SSL_CERT_FILE"] = self.devcloud.api_ca_path
+            self.assertIsInstance(await self.operators(), list)
 
         return ensureDeferred(run())

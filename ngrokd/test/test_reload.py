@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.config import default_config
+from ngrokd.control.configfile import store_api_key
 from ngrokd.control.watcher import QUIET, ConfigWatcher
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import parse_endpoint_url
@@ -28,6 +31,7 @@ from ngrokd.test.helpers import (
     Recorder,
     connect,
     exchange,
+    offline_config,
     source_file,
     spawn_twistd,
     wait_until,
@@ -206,6 +210,45 @@ class WatcherTests(TestCase):
                 f.write("x")
             await self.settle()
             self.assertEqual(self.reloads.seen, [])
+
+        return ensureDeferred(run())
+
+
+class SymlinkWatcherTests(TestCase):
+    """
+    L{ConfigWatcher}, real inotify, on a config that is a symbolic link to
+    a file elsewhere (one that configuration management owns).
+    """
+
+    def setUp(self) -> None:
+        if not sys.platform.startswith("linux"):
+            self.skipTest("inotify is Linux-only")
+        base = os.path.abspath(self.mktemp())
+        self.managed = os.path.join(base, "managed", "ngrokd.yml")
+        os.makedirs(os.path.dirname(self.managed))
+        with open(self.managed, "w") as f:
+            f.write("net:\n  start_port: 9080\n")
+        self.path = os.path.join(base, "etc", "config.yml")
+        os.makedirs(os.path.dirname(self.path))
+        os.symlink(self.managed, self.path)
+        self.reloads = Counter(self.path)
+        watcher = ConfigWatcher(self.path, self.reloads, reactor, handle_sighup=False)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+
+    def test_targetReplaced(self) -> Deferred[None]:
+        """
+        A save of the file the link names (here by C{ngrokctl set-api-key},
+        which writes through the link) reloads it once.
+        """
+
+        async def run() -> None:
+            await deferLater(reactor, QUIET * 3, lambda: None)
+            store_api_key(self.path, "a-key")
+            await deferLater(reactor, QUIET * 3, lambda: None)
+            self.assertEqual(len(self.reloads.seen), 1)
+            self.assertIn('key: "a-key"', self.reloads.seen[0])
+            self.assertTrue(os.path.islink(self.path))
 
         return ensureDeferred(run())
 
@@ -442,6 +485,61 @@ class SighupTests(DaemonFixture, TestCase):
                 self.assertLess(time.monotonic(), deadline, "no exit after SIGTERM")
                 await deferLater(reactor, 0.1, lambda: None)
             # twistd ends by the signal it stopped for, as systemd expects.
+            self.assertEqual(process.returncode, -signal.SIGTERM, output())
+
+        return ensureDeferred(run())
+
+
+class FifoConfigTests(TestCase):
+    """
+    C{twistd -n ngrokd} as a process whose config file is replaced by a
+    FIFO: nothing ever writes to it, so opening it to read would wait
+    forever.
+    """
+
+    def test_fifoRefusedAndStopPrompt(self) -> Deferred[None]:
+        """
+        The reload the replacement sets off, C{ngrokctl reload} and SIGHUP
+        each refuse the FIFO, naming the path; the process keeps answering,
+        and SIGTERM stops it.
+        """
+        from ngrokd.test.test_ctl import ngrokctl
+
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        socket_dir = tempfile.mkdtemp(prefix="ngrokd-fifo-")
+        self.addCleanup(shutil.rmtree, socket_dir, True)
+        socket_path = os.path.join(socket_dir, "ngrokd.sock")
+        config = offline_config(base, socket_path)
+        log = os.path.join(base, "ngrokd.log")
+        env = {k: v for k, v in os.environ.items() if k != "NGROK_API_KEY"}
+        process = spawn_twistd(self, config, log, env=env, cwd=base)
+
+        def output() -> str:
+            with open(log, errors="replace") as f:
+                return f.read()
+
+        async def run() -> None:
+            await wait_until(
+                lambda: (
+                    "waiting for an API key" in output() or process.poll() is not None
+                ),
+                "the daemon's start",
+                timeout=30,
+            )
+            self.assertIsNone(process.poll(), output())
+            fifo = os.path.join(base, "config.fifo")
+            os.mkfifo(fifo)
+            os.replace(fifo, config)
+            refused = f"{config}: cannot read the config file: not a regular file"
+            await wait_until(lambda: refused in output(), "the watcher's reload")
+            ran = await ngrokctl(socket_path, "reload")
+            self.assertEqual((ran.code, ran.out), (1, ""), ran.err)
+            self.assertIn(refused, ran.err)
+            process.send_signal(signal.SIGHUP)
+            await wait_until(lambda: output().count(refused) >= 3, "SIGHUP's reload")
+            process.send_signal(signal.SIGTERM)
+            await wait_until(lambda: process.poll() is not None, "the stop", 30)
             self.assertEqual(process.returncode, -signal.SIGTERM, output())
 
         return ensureDeferred(run())

@@ -11,7 +11,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from ipaddress import ip_address
-from textwrap import dedent
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -22,7 +21,7 @@ from ngrokd.host.statelock import (
     StateLock,
     StateLockError,
 )
-from ngrokd.test.helpers import spawn_twistd
+from ngrokd.test.helpers import offline_config, spawn_twistd
 
 #: Seconds a child process gets to start or stop.
 PROCESS_TIMEOUT = 30.0
@@ -60,7 +59,7 @@ class StateLockTests(SynchronousTestCase):
         error = self.assertRaises(StateDirectoryLocked, second.acquire)
         self.assertEqual(error.pid, os.getpid())
         self.assertIn(f"pid {os.getpid()}", str(error))
-        self.assertIn(os.path.join(self.state, LOCK_FILE), str(error))
+        self.assertIn(f"holds {self.state}:", str(error))
         self.assertFalse(second.held)
         first.release()
         second.acquire()
@@ -88,23 +87,7 @@ class SecondDaemonTests(SynchronousTestCase):
         os.makedirs(base)
         self.state = os.path.join(base, "state")
         self.hosts = os.path.join(base, "hosts")
-        self.config = os.path.join(base, "config.yml")
-        with open(self.config, "w") as f:
-            f.write(
-                dedent(
-                    f"""\
-                    api:
-                      url: https://127.0.0.1:1
-                    server:
-                      state_dir: {self.state}
-                      socket_path: {base}/ngrokd.sock
-                      health_address: ""
-                    net:
-                      listen_interface: "127.0.0.1"
-                      hosts_file: {self.hosts}
-                    """
-                )
-            )
+        self.config = offline_config(base, os.path.join(base, "ngrokd.sock"))
         self.base = base
 
     def daemon(self, name: str) -> subprocess.Popen[bytes]:
@@ -148,6 +131,23 @@ class SecondDaemonTests(SynchronousTestCase):
         lock = StateLock(self.state)
         lock.acquire()
         lock.release()
+
+    def test_lockFileDeleted(self) -> None:
+        """
+        With the lock file deleted under a running daemon, a second one on
+        the same state still refuses, saying another daemon holds it.
+        """
+        first = self.daemon("first")
+        wait_for(lambda: "waiting for an API key" in self.output("first"), "start")
+        os.unlink(os.path.join(self.state, LOCK_FILE))
+        second = self.daemon("second")
+        self.assertEqual(second.wait(PROCESS_TIMEOUT), 1, self.output("second"))
+        output = self.output("second")
+        self.assertIn(f"another ngrokd (another process) holds {self.state}", output)
+        self.assertNotIn("Traceback", output)
+        self.assertIsNone(first.poll())
+        first.send_signal(signal.SIGTERM)
+        first.wait(PROCESS_TIMEOUT)
 
     def test_killedHolderFreesTheLock(self) -> None:
         """

@@ -24,7 +24,6 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import ILogObserver, LogBeginner, LogEvent, LogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
 import ngrokd
@@ -309,15 +308,6 @@ class TrustRootSeamTests(SynchronousTestCase):
         """
         creator = ssl.optionsForClientTLS("ingress.test", trustRoot=self.trust())
         self.assertHookCalled(creator, "optionsForClientTLS")
-
-    def test_browserLikePolicy(self) -> None:
-        """
-        The API client's TLS settings reach L{PartialChainTrust} through the
-        hook.
-        """
-        policy = BrowserLikePolicyForHTTPS(self.trust())
-        creator = policy.creatorForNetloc(b"api.test", 443)
-        self.assertHookCalled(creator, "BrowserLikePolicyForHTTPS")
 
 
 @implementer(ILogObserver)
