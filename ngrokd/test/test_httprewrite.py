@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.datapath.httprewrite import MAX_HEAD, HostRewriter, InvalidHost
+from ngrokd.datapath.httpframing import MAX_HEAD
+from ngrokd.datapath.httprewrite import HostRewriter, InvalidHost
 
 HOST = "web.prod"
 
