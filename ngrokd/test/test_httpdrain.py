@@ -171,11 +171,13 @@ class DrainTests(SynchronousTestCase):
         stream = b"".join(responses)
         pieces = _split(stream, [cut % (len(stream) + 1) for cut in cuts])
         out = []
+        fed = 0
         for n, piece in enumerate(pieces):
             if n == drain_at:
                 exchanges.drain()
-            self.assertFalse(exchanges.ended)
+            self.assertEqual(exchanges.ended, fed == len(stream) and drain_at <= n)
             out.append(exchanges.downstream(piece))
+            fed += len(piece)
         self.assertEqual(b"".join(out).replace(b"Connection: close\r\n", b""), stream)
         self.assertEqual(exchanges.ended, drain_at < len(pieces))
 
