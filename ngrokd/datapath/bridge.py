@@ -9,6 +9,12 @@ C{Host}, so every request on the connection gets the endpoint's hostname
 instead; where the client already used the endpoint's name the bytes pass
 untouched.
 
+HTTP connections are framed both ways (L{ngrokd.datapath.httpdrain}) so
+that, when the daemon stops, each ends at a response boundary within the
+grace it gets: at once if it is idle between requests, else once the answers
+to the requests already begun are complete, the last one saying
+C{Connection: close}.
+
 Both legs use TCP keepalive (L{KEEPALIVE_IDLE}, L{KEEPALIVE_INTERVAL},
 L{KEEPALIVE_COUNT}), so a peer that vanished without a word (a machine
 switched off, a network cut) is noticed and its connection closed. With an
@@ -29,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ngrokd.datapath import wire
-from ngrokd.datapath.httprewrite import HostRewriter
+from ngrokd.datapath.httpdrain import Exchanges
 from ngrokd.datapath.ingress import (
     IngressConnector,
     IngressError,
@@ -39,7 +45,8 @@ from ngrokd.datapath.ingress import (
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.endpoints import HTTP_SCHEMES, EndpointTarget
 
-#: Seconds a refused HTTP client has to read the 502 and close.
+#: Seconds an HTTP client we hang up on (after a 502, or at a response
+#: boundary when stopping) has to read our last answer and close.
 REJECT_LINGER = 5.0
 #: TCP keepalive: seconds of silence before the first probe, seconds between
 #: probes, and unanswered probes before the connection is dropped: a dead
@@ -110,8 +117,8 @@ class LocalProtocol(PipeProtocol):
         self._factory = factory
         self._connecting: Deferred[IngressProtocol] | None = None
         self._ingress: IngressProtocol | None = None
-        self._rejecting = False
-        self._rewriter: HostRewriter | None = None
+        self._hanging_up = False
+        self._exchanges: Exchanges | None = None
         self._linger: IDelayedCall | None = None
         self._accepted = 0.0
         self._idle_check: IDelayedCall | None = None
@@ -150,11 +157,14 @@ class LocalProtocol(PipeProtocol):
         self._factory.stats.last_error = ""  # the endpoint works again
         if self._factory.timings is not None:
             self._factory.timings.upgraded(self._elapsed())
-        rewrite_host = self._factory.rewrite_host
-        if rewrite_host is not None and _speaks_http(ingress, self._factory.target):
-            self._rewriter = HostRewriter(rewrite_host)
-            self.transform = self._rewrite
-            self.finish_transform = self._rewriter.finish
+        if _speaks_http(ingress, self._factory.target):
+            exchanges = self._exchanges = Exchanges(self._factory.rewrite_host)
+            self.transform = self._upstream
+            self.finish_transform = exchanges.upstream_done
+            ingress.transform = self._downstream
+            ingress.finish_transform = exchanges.responses.finish
+            if self._factory.draining:
+                exchanges.drain()
         keep_alive(ingress.transport)
         splice(self, ingress, self._factory.connector.clock)
         self._watch_idle()
@@ -179,23 +189,88 @@ class LocalProtocol(PipeProtocol):
             timeout / IDLE_CHECKS, self._watch_idle
         )
 
-    def _rewrite(self, data: bytes) -> bytes:
-        assert self._rewriter is not None
-        out = self._rewriter.feed(data)
-        if self._rewriter.passthrough:
+    def _upstream(self, data: bytes) -> bytes:
+        exchanges = self._exchanges
+        assert exchanges is not None
+        out = exchanges.upstream(data)
+        requests = exchanges.requests
+        if requests.passthrough:
             # An upgraded or unparseable stream: from here on bytes pass as
-            # they are. Only the latter is worth a word.
+            # they are. Only the latter is worth a word, where it costs the
+            # Host rewrite.
             self.transform = None
-            if self._rewriter.gave_up and not self._factory.warned_unchanged:
+            if (
+                requests.gave_up
+                and self._factory.rewrite_host is not None
+                and not self._factory.warned_unchanged
+            ):
                 # Once per endpoint: for https in network mode, say, it
                 # would be every connection.
                 self._factory.warned_unchanged = True
                 self.log.warn(
                     "{url}: passing a request on unchanged: {reason}",
                     url=self._factory.target.url,
-                    reason=self._rewriter.gave_up,
+                    reason=requests.gave_up,
                 )
         return out
+
+    def _downstream(self, data: bytes) -> bytes:
+        exchanges = self._exchanges
+        assert exchanges is not None and self._ingress is not None
+        out = exchanges.downstream(data)
+        if exchanges.responses.passthrough:
+            self._ingress.transform = None
+        elif exchanges.ended:
+            if out:
+                self.transport.write(out)
+            self._end_at_boundary()
+            return b""
+        return out
+
+    def drain(self) -> None:
+        """
+        The daemon is stopping: end an HTTP connection at a response
+        boundary (at once if it is idle between requests); anything else
+        keeps the grace.
+        """
+        exchanges = self._exchanges
+        if exchanges is not None and not self._hanging_up:
+            exchanges.drain()
+            if exchanges.ended:
+                self._end_at_boundary()
+
+    def _end_at_boundary(self) -> None:
+        """
+        The last answer is complete: close the ingress leg, and hang up on
+        the client once that answer is sent.
+        """
+        ingress = self._ingress
+        assert ingress is not None
+        self.transform = ingress.transform = None
+        if self._lost:
+            return
+        ingress.peer = None  # its end is not the client's any more
+        ingress.close()
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """
+        Send our FIN once what was written is out, then read and discard what
+        the client still sends until it closes, for at most L{REJECT_LINGER}
+        seconds: closing with unread input would reset the connection and
+        could lose the answer (RFC 9112 section 9.6).
+        """
+        self._hanging_up = True
+        self.transport.unregisterProducer()
+        if self._read_done:
+            self.transport.loseConnection()
+            return
+        self.transport.loseWriteConnection()
+        self.transport.resumeProducing()
+        self._linger = self._factory.connector.clock.callLater(
+            REJECT_LINGER,
+            self.transport.abortConnection,
+        )
 
     def _failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -216,23 +291,16 @@ class LocalProtocol(PipeProtocol):
         if not self._factory.target.is_http:
             self.transport.loseConnection()
             return
-        # Say why, then read and discard the request: closing with unread
-        # input would reset the connection and lose the answer.
-        self._rejecting = True
+        # Say why, then read and discard the request.
         self.transport.write(_bad_gateway(stats.last_error))
-        self.transport.loseWriteConnection()
-        self.transport.resumeProducing()
-        self._linger = self._factory.connector.clock.callLater(
-            REJECT_LINGER,
-            self.transport.abortConnection,
-        )
+        self._hang_up()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._rejecting:
+        if not self._hanging_up:
             super().dataReceived(data)
 
     def readConnectionLost(self) -> None:
-        if self._rejecting:
+        if self._hanging_up:
             self.transport.loseConnection()
         else:
             super().readConnectionLost()
@@ -300,6 +368,17 @@ class BridgeFactory(Factory):
         self.connections: set[LocalProtocol] = set()
         #: Whether a request was passed on unchanged (and said so).
         self.warned_unchanged = False
+        #: Whether the grace of a stop has started.
+        self.draining = False
 
     def buildProtocol(self, addr: Any) -> LocalProtocol:
         return LocalProtocol(self)
+
+    def drain(self) -> None:
+        """
+        The grace of a stop starts: HTTP connections, open and to come, end
+        at their next response boundary (L{LocalProtocol.drain}).
+        """
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()

@@ -297,12 +297,16 @@ class ListenerSet:
 
     def stop(self) -> Deferred[None]:
         """
-        Stop every listener; accepted connections carry on.
+        Stop every listener; accepted connections carry on, but HTTP ones
+        end at their next response boundary (the grace of a stop starts).
         """
         listeners, self.listeners = list(self.listeners.values()), {}
-        return DeferredList(
+        stopping = DeferredList(
             [self._stop(listener) for listener in listeners], consumeErrors=True
-        ).addCallback(lambda _: None)
+        )
+        for listener in listeners:
+            listener.factory.drain()
+        return stopping.addCallback(lambda _: None)
 
     def _endpoint(self, spec: ListenSpec) -> Any:
         address = ipaddress.ip_address(spec.address)

@@ -277,6 +277,102 @@ class RefusedHTTPTests(BridgeTestCase):
         local.connectionLost(Failure(ConnectionLost()))
 
 
+class DrainTests(BridgeTestCase):
+    """
+    When the grace of a stop starts, an HTTP connection ends at a response
+    boundary; a TCP one carries on.
+    """
+
+    url = "http://web.test"
+    request = b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def bridged(self, proto: str = "http") -> tuple[LocalProtocol, Any, Any]:
+        """
+        An accepted connection, upgraded: it, its transport and the
+        ingress's.
+        """
+        local, transport = self.accept()
+        ingress = self.answer(wire.ConnResponse("ep_1", proto))
+        ingress.clear()
+        return local, transport, ingress
+
+    def assertHungUp(self, local: LocalProtocol, transport: Any, ingress: Any) -> None:
+        """
+        The client got our FIN and is still read (what it sends goes
+        nowhere) until it closes; the ingress leg is closed.
+        """
+        self.assertEqual(
+            (transport.write_closed, transport.producerState, ingress.disconnecting),
+            (True, "producing", True),
+        )
+        local.dataReceived(self.request)
+        self.assertEqual(ingress.value(), b"")
+        local.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.connector.connections[-1].connectionLost(Failure(ConnectionLost()))
+        local.connectionLost(Failure(ConnectionLost()))
+
+    def test_idleClosedAtOnce(self) -> None:
+        """
+        A connection idle between requests is hung up on at once, its last
+        response complete.
+        """
+        local, transport, ingress = self.bridged()
+        local.dataReceived(self.request)
+        self.assertEqual(ingress.value(), self.request)
+        ingress.clear()
+        self.connector.connections[-1].dataReceived(self.response)
+        self.factory.drain()
+        self.assertEqual(transport.value(), self.response)
+        self.assertHungUp(local, transport, ingress)
+
+    def test_inFlightAnsweredThenClosed(self) -> None:
+        """
+        A request in flight is answered in full, the answer saying
+        C{Connection: close}, and then the connection is hung up on.
+        """
+        local, transport, ingress = self.bridged()
+        local.dataReceived(self.request)
+        ingress.clear()
+        self.factory.drain()
+        self.assertFalse(transport.write_closed)
+        self.connector.connections[-1].dataReceived(self.response)
+        self.assertEqual(
+            transport.value(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        )
+        self.assertHungUp(local, transport, ingress)
+
+    def test_acceptedBeforeUpgrade(self) -> None:
+        """
+        A connection still waiting for its ingress leg when the grace starts
+        gets its first request answered, then ends.
+        """
+        local, transport = self.accept()
+        self.factory.drain()
+        local.dataReceived(self.request)
+        ingress = self.answer(wire.ConnResponse("ep_1", "http"))
+        self.assertTrue(ingress.value().endswith(self.request))
+        ingress.clear()
+        self.assertFalse(transport.write_closed)
+        self.connector.connections[-1].dataReceived(self.response)
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertHungUp(local, transport, ingress)
+
+    def test_tcpCarriesOn(self) -> None:
+        """
+        A TCP connection keeps the grace.
+        """
+        local, transport, ingress = self.bridged("tcp")
+        self.factory.drain()
+        local.dataReceived(self.request)
+        self.assertEqual(
+            (ingress.value(), transport.write_closed), (self.request, False)
+        )
+        local.connectionLost(Failure(ConnectionLost()))
+
+
 class DialTests(SynchronousTestCase):
     """
     The bridge with the real connector, dialling on a memory reactor.

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.datapath.httprewrite import MAX_HEAD, HostRewriter, InvalidHost
+from ngrokd.datapath.httpframing import MAX_HEAD
+from ngrokd.datapath.httprewrite import HostRewriter, InvalidHost
 
 HOST = "web.prod"
 
@@ -326,6 +327,17 @@ class BodyTests(SynchronousTestCase):
         self.assertEqual(rewriter.feed(self._CHUNKED), self._CHUNKED_OUT)
         self.assertIsNone(rewriter.gave_up)
 
+    def test_chunksNotCopied(self) -> None:
+        """
+        A read of whole chunks and their framing is passed on as the very
+        same object, however many chunks it holds.
+        """
+        rewriter = HostRewriter(HOST)
+        rewriter.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunks = b"".join(b"%x\r\n%s\r\n" % (n, b"x" * n) for n in range(1, 40))
+        self.assertIs(rewriter.feed(chunks), chunks)
+        self.assertIsNone(rewriter.gave_up)
+
     def test_chunkedBytewise(self) -> None:
         """
         A chunked body arriving a byte at a time gives the same stream, and
@@ -375,6 +387,36 @@ class BodyTests(SynchronousTestCase):
             rewriter.feed(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
             b"GET / HTTP/1.1\r\nHost: web.prod\r\n\r\n",
         )
+
+
+class CountTests(SynchronousTestCase):
+    """
+    It counts the requests a client begins, and can stop before one.
+    """
+
+    def test_noHostFramesOnly(self) -> None:
+        """
+        Given no host, every byte passes as sent, and requests are framed
+        and counted all the same.
+        """
+        methods: list[bytes] = []
+        rewriter = HostRewriter(None, methods.append)
+        request = b"HEAD /a HTTP/1.1\r\nhost: x\r\nContent-Length: 1\r\n\r\n1"
+        self.assertEqual(rewriter.feed(request + b"GET /b HTTP/1.1\r\n"), request)
+        self.assertEqual((rewriter.begun, methods), (2, [b"HEAD"]))
+
+    def test_stopAfter(self) -> None:
+        """
+        After C{stop_after(n)}, the nth request passes in full, and nothing
+        from the next one's first byte on.
+        """
+        rewriter = HostRewriter(HOST)
+        rewriter.feed(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+        rewriter.stop_after(1)
+        self.assertEqual(rewriter.feed(b"cd\r\nGET / HTTP/1.1\r\n\r\n"), b"cd\r\n")
+        self.assertTrue(rewriter.stopped)
+        self.assertEqual(rewriter.feed(b"more"), b"")
+        self.assertEqual(rewriter.begun, 1)
 
 
 class SwitchTests(SynchronousTestCase):
