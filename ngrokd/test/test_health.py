@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -22,7 +23,11 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from ngrokd.config import LoadedConfig, load_config
-from ngrokd.control.health import HealthService, go_duration, rfc3339
+from ngrokd.control.health import (
+    HealthService,
+    go_duration,
+    rfc3339,
+)
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
@@ -49,13 +54,17 @@ class Answer:
         return json.loads(self.body)
 
 
-async def http(url: str, method: bytes = b"GET", body: bytes = b"") -> Answer:
+async def http(
+    url: str, method: bytes = b"GET", body: bytes = b"", host: str | None = None
+) -> Answer:
     """
-    One request on a connection of its own, closed after the answer.
+    One request on a connection of its own, closed after the answer; with
+    C{host} as its C{Host} header when given.
     """
     producer = FileBodyProducer(BytesIO(body)) if body else None
+    headers = Headers({b"Host": [host.encode()]}) if host else None
     response = await Agent(reactor).request(
-        method, url.encode("ascii"), bodyProducer=producer
+        method, url.encode("ascii"), headers, producer
     )
     body = await readBody(response)
     return Answer(response.code, response.headers, body)
@@ -331,6 +340,81 @@ class StatusTests(DaemonHealthTestCase):
             self.assertEqual((await http(self.url(daemon, "/nothing"))).code, 404)
 
         return ensureDeferred(run())
+
+
+class ForeignHostTests(DaemonHealthTestCase):
+    """
+    The C{Host} rule holds on the paths probes and scrapers use, as on the
+    page: a name that is not an address, C{localhost} or one of
+    C{server.web_hosts} (what a DNS-rebinding page sends) gets 403, and
+    what probes send is answered.
+    """
+
+    def host_rule_on(
+        self, paths: list[str], check: Callable[[Answer], object]
+    ) -> Deferred[None]:
+        """
+        On each of C{paths} of a ready daemon, foreign names get 403 with
+        nothing of the status, and addresses and C{localhost} get 200 and
+        an answer that passes C{check}.
+        """
+
+        async def run() -> None:
+            daemon = await self.start()
+            await wait_until(lambda: daemon.daemon_status().ready, "ready")
+            operator = daemon.daemon_status().operator_id.encode()
+            port = self.health(daemon).address.rpartition(":")[2]
+            for path in paths:
+                url = self.url(daemon, path)
+                for name in [f"rebind.test:{port}", "localhost.rebind.test"]:
+                    refused = await http(url, host=name)
+                    self.assertEqual(refused.code, 403, (path, name))
+                    self.assertIn(b"server.web_hosts", refused.body)
+                    self.assertNotIn(operator, refused.body)
+                for name in [f"127.0.0.1:{port}", f"localhost:{port}", "[::1]:8081"]:
+                    answered = await http(url, host=name)
+                    self.assertEqual(answered.code, 200, (path, name))
+                    check(answered)
+
+        return ensureDeferred(run())
+
+    def test_status(self) -> Deferred[None]:
+        """
+        C{/status}, with the operator id and every endpoint, is refused to
+        a foreign name.
+        """
+        return self.host_rule_on(
+            ["/status"],
+            lambda answer: self.assertTrue(answer.json()["identity"]["operator_id"]),
+        )
+
+    def test_metrics(self) -> Deferred[None]:
+        """
+        C{/metrics} is refused to a foreign name.
+        """
+        return self.host_rule_on(
+            ["/metrics"], lambda answer: self.assertIn(b"ngrokd_ready 1.0", answer.body)
+        )
+
+    def test_readyz(self) -> Deferred[None]:
+        """
+        C{/readyz} (and the original's C{/ready}) is refused to a foreign
+        name.
+        """
+        return self.host_rule_on(
+            ["/readyz", "/ready"],
+            lambda answer: self.assertEqual(answer.body, b"ready\n"),
+        )
+
+    def test_healthz(self) -> Deferred[None]:
+        """
+        C{/healthz} (and the original's C{/health}) is refused to a foreign
+        name too: one rule for every path.
+        """
+        return self.host_rule_on(
+            ["/healthz", "/health"],
+            lambda answer: self.assertEqual(answer.body, b"healthy\n"),
+        )
 
 
 class AddressTests(DaemonHealthTestCase):
