@@ -13,9 +13,10 @@ original's names for the first two. C{/} is the web page of
 L{ngrokd.control.web}.
 
 Only C{GET} and C{HEAD} are answered, and only to the C{Host} names of
-L{ngrokd.control.httpsite}; request bodies are dropped unread and idle
-connections closed, so a client cannot make the server hold memory. A port
-that cannot be bound is logged with what to do; the daemon carries on.
+L{ngrokd.control.httpsite}; request bodies are dropped unread, slow
+requests and idle connections closed, and connections capped, so a client
+cannot make the server hold memory or descriptors. A port that cannot be
+bound is logged with what to do; the daemon carries on.
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ def health_site(
     clock: IReactorTime,
 ) -> HealthSite:
     """
-    The pages, on a site with C{clock}'s time, with the web page at C{/}.
+    The pages, on a site with C{clock}'s time, with the web page at C{/};
+    the site's own counts join C{registry}.
     """
     root = Resource()
     alive, ready = _Alive(daemon), _Ready(daemon)
@@ -270,7 +272,9 @@ def health_site(
     ]:
         root.putChild(name, page)
     web.add_to(root)
-    return HealthSite(root, web.names, clock, IDLE_TIMEOUT)
+    site = HealthSite(root, web.names, clock, IDLE_TIMEOUT)
+    registry.register(site)
+    return site
 
 
 class HealthService(Service):
