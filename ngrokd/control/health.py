@@ -12,9 +12,11 @@ exposition of L{ngrokd.control.metrics}. C{/health} and C{/ready} are the
 original's names for the first two. C{/} is the web page of
 L{ngrokd.control.web}.
 
-Only C{GET} and C{HEAD} are answered; request bodies are dropped unread and
-idle connections closed, so a client cannot make the server hold memory. A
-port that cannot be bound is logged with what to do; the daemon carries on.
+Only C{GET} and C{HEAD} are answered, and only to the C{Host} names of
+L{ngrokd.control.httpsite}; request bodies are dropped unread, slow
+requests and idle connections closed, and connections capped, so a client
+cannot make the server hold memory or descriptors. A port that cannot be
+bound is logged with what to do; the daemon carries on.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
-from io import BytesIO
 from typing import Any, Protocol
 
 import attrs
@@ -32,12 +33,17 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
+from ngrokd.control.httpsite import HealthSite
 from ngrokd.control.web import WebPage, plain_text
 from ngrokd.endpoints import join_host_port
 from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
@@ -244,40 +250,15 @@ class _Metrics(_Page):
         return generate_latest(self._registry)
 
 
-class _BodylessRequest(Request):
-    """
-    A request whose body is dropped as it arrives: no page reads one, and
-    an unread body must not fill memory or a temporary file.
-    """
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        pass
-
-
-class _QuietSite(Site):
-    """
-    A site that writes no access log: probes every few seconds would drown
-    the daemon's own messages.
-    """
-
-    noisy = False
-    requestFactory = _BodylessRequest
-
-    def __init__(self, root: Resource, timeout: float) -> None:
-        Site.__init__(self, root, timeout=timeout)
-
-    def log(self, request: object) -> None:
-        pass
-
-
 def health_site(
-    daemon: StatusSource, registry: CollectorRegistry, web: WebPage
-) -> Site:
+    daemon: StatusSource,
+    registry: CollectorRegistry,
+    web: WebPage,
+    clock: IReactorTime,
+) -> HealthSite:
     """
-    The pages, on a site, with the web page at C{/}.
+    The pages, on a site with C{clock}'s time, with the web page at C{/};
+    the site's own counts join C{registry}.
     """
     root = Resource()
     alive, ready = _Alive(daemon), _Ready(daemon)
@@ -291,14 +272,16 @@ def health_site(
     ]:
         root.putChild(name, page)
     web.add_to(root)
-    return _QuietSite(root, timeout=IDLE_TIMEOUT)
+    site = HealthSite(root, web.names, clock, IDLE_TIMEOUT)
+    registry.register(site)
+    return site
 
 
 class HealthService(Service):
     """
     Serves L{health_site} on C{address} while running, and keeps the web
-    page's history. C{port} is the listening port once bound; C{error} says
-    why binding failed.
+    page's history. C{site} is what it serves, C{port} the listening port
+    once bound; C{error} says why binding failed.
     """
 
     log = Logger()
@@ -313,10 +296,9 @@ class HealthService(Service):
         web: WebPage,
     ) -> None:
         self.address = address
-        self._daemon = daemon
-        self._registry = registry
         self._reactor = reactor
         self.web = web
+        self.site = health_site(daemon, registry, web, reactor)
         self.port: IListeningPort | None = None
         self.error = ""
         self._listening: Deferred[None] | None = None
@@ -327,9 +309,7 @@ class HealthService(Service):
         kind = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint: IStreamServerEndpoint = kind(self._reactor, port, interface=host)
         self.web.start()
-        listening: Deferred[Any] = endpoint.listen(
-            health_site(self._daemon, self._registry, self.web)
-        )
+        listening: Deferred[Any] = endpoint.listen(self.site)
         self._listening = listening.addCallbacks(self._listened, self._failed)
 
     def _listened(self, port: IListeningPort) -> None:

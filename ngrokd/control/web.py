@@ -3,13 +3,13 @@
 The web page at C{/} of the health server: the daemon, its endpoints and a
 live feed of events, for a person at this machine.
 
-It is read-only and safe by default. It answers only when the C{Host}
-header is an IP address, C{localhost} or a name in C{server.web_hosts}, so
-a web site whose name is made to resolve to this machine (DNS rebinding)
-cannot read it. It sends no CORS headers, forbids framing, and its Content
-Security Policy allows only its own script and style files. It shows no
-secret (the API key is never on it), and only C{GET} and C{HEAD} are
-answered.
+It is read-only and safe by default. The server answers only when the
+C{Host} header passes L{host_allowed} (L{ngrokd.control.httpsite} applies
+it to every path), so a web site whose name is made to resolve to this
+machine (DNS rebinding) cannot read it. It sends no CORS headers, forbids
+framing, and its Content Security Policy allows only its own script and
+style files. It shows no secret (the API key is never on it), and only
+C{GET} and C{HEAD} are answered.
 
 The events arrive over server-sent events at C{/events}: at most
 L{MAX_STREAMS} streams at once, each waiting a bounded time for the feed,
@@ -103,29 +103,46 @@ def plain_text(request: Request, code: int, text: str) -> bytes:
     return text.encode("utf-8")
 
 
+def _secure(request: Request) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        request.setHeader(name, value)
+
+
+class ForeignHost(Resource):
+    """
+    What every path answers to a C{Host} that L{host_allowed} refuses: 403,
+    saying which names are answered.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        Resource.__init__(self)
+
+    def render(self, request: Request) -> bytes:
+        _secure(request)
+        return plain_text(
+            request,
+            403,
+            "this server answers only to IP addresses, localhost and the"
+            " names in server.web_hosts\n",
+        )
+
+
 class _Guarded(Resource):
     """
-    A leaf that refuses foreign C{Host} names and methods other than
-    C{GET} and C{HEAD}, and sends the security headers on every answer.
+    A leaf that refuses methods other than C{GET} and C{HEAD}, and sends
+    the security headers on every answer.
     """
 
     isLeaf = True
     allowedMethods = (b"GET", b"HEAD")
 
-    def __init__(self, names: Collection[str]) -> None:
+    def __init__(self) -> None:
         Resource.__init__(self)
-        self._names = names
 
     def render(self, request: Request) -> bytes | int:
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
-        if not host_allowed(request.getHeader(b"host"), self._names):
-            return plain_text(
-                request,
-                403,
-                "this page answers only to IP addresses, localhost and the"
-                " names in server.web_hosts\n",
-            )
+        _secure(request)
         if request.method not in self.allowedMethods:
             request.setHeader(b"Allow", b", ".join(self.allowedMethods))
             return plain_text(request, 405, "only GET and HEAD are answered here\n")
@@ -140,8 +157,8 @@ class _Static(_Guarded):
     The page's script and style sheet, read from the package once.
     """
 
-    def __init__(self, names: Collection[str]) -> None:
-        super().__init__(names)
+    def __init__(self) -> None:
+        super().__init__()
         self._files: dict[bytes, bytes] = {}
 
     def page(self, request: Request) -> bytes:
@@ -163,7 +180,7 @@ class _Dashboard(_Guarded):
     """
 
     def __init__(self, web: WebPage) -> None:
-        super().__init__(web.names)
+        super().__init__()
         self._web = web
 
     def page(self, request: Request) -> bytes:
@@ -177,7 +194,7 @@ class _Events(_Guarded):
     """
 
     def __init__(self, web: WebPage) -> None:
-        super().__init__(web.names)
+        super().__init__()
         self._web = web
 
     def page(self, request: Request) -> bytes | int:
@@ -371,7 +388,7 @@ class WebPage:
         """
         root.putChild(b"", _Dashboard(self))
         root.putChild(b"events", _Events(self))
-        root.putChild(b"static", _Static(self.names))
+        root.putChild(b"static", _Static())
 
     def start(self) -> None:
         """

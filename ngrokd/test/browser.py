@@ -1,7 +1,8 @@
 """
 Headless Chromium for the tests, driven over the DevTools protocol on a
-pipe (no extra package): open a page, read its DOM as it changes, take a
-screenshot. Every run has a fresh profile and a bounded end.
+pipe (no extra package): open a page (or a document of the test's own, as
+if a web site served it), read its DOM as it changes, take a screenshot.
+Every run has a fresh profile and a bounded end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -66,6 +68,9 @@ class _Pipe(ProcessProtocol):
         self._buffer = b""
         self._next_id = 1
         self._pending: dict[int, Deferred[dict[str, Any]]] = {}
+        #: What to do with each kind of event: called with its parameters
+        #: and session.
+        self.on_event: dict[str, Callable[[dict[str, Any], str], object]] = {}
         self.errors = b""
         self.ended: Deferred[None] = Deferred()
 
@@ -95,6 +100,10 @@ class _Pipe(ProcessProtocol):
         while b"\0" in self._buffer:
             message, _, self._buffer = self._buffer.partition(b"\0")
             reply = json.loads(message)
+            handler = self.on_event.get(reply.get("method", ""))
+            if handler is not None:
+                handler(reply.get("params", {}), reply.get("sessionId", ""))
+                continue
             answer = self._pending.pop(reply.get("id", 0), None)
             if answer is None:
                 continue
@@ -124,9 +133,14 @@ class Browser:
         self._pipe = pipe
         self._process = process
 
-    async def open(self, url: str, width: int = 1200, height: int = 900) -> str:
+    async def open(
+        self, url: str, width: int = 1200, height: int = 900, document: bytes = b""
+    ) -> str:
         """
         A new tab of C{width} x C{height} CSS pixels at C{url}; its session.
+        With C{document}, the tab gets that HTML for C{url} itself, as if
+        the site at C{url} had served it; what it loads next comes from the
+        network.
         """
         target = await self._pipe.call("Target.createTarget", {"url": "about:blank"})
         attached = await self._pipe.call(
@@ -139,8 +153,31 @@ class Browser:
             {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
             session,
         )
+        if document:
+            self._serve(session, url, document)
+            patterns = [{"urlPattern": url, "requestStage": "Request"}]
+            await self._pipe.call("Fetch.enable", {"patterns": patterns}, session)
         await self._pipe.call("Page.navigate", {"url": url}, session)
         return session
+
+    def _serve(self, session: str, url: str, document: bytes) -> None:
+        def paused(params: dict[str, Any], paused_in: str) -> None:
+            if paused_in != session:
+                return
+            answer = {"requestId": params["requestId"]}
+            if params["request"]["url"] != url:
+                self._pipe.call("Fetch.continueRequest", answer, session)
+                return
+            answer |= {
+                "responseCode": 200,
+                "responseHeaders": [
+                    {"name": "Content-Type", "value": "text/html; charset=utf-8"}
+                ],
+                "body": base64.b64encode(document).decode("ascii"),
+            }
+            self._pipe.call("Fetch.fulfillRequest", answer, session)
+
+        self._pipe.on_event["Fetch.requestPaused"] = paused
 
     async def evaluate(self, session: str, expression: str) -> Any:
         """
@@ -193,9 +230,10 @@ class Browser:
                 killer.cancel()
 
 
-def start_browser(binary: str, profile: str) -> Browser:
+def start_browser(binary: str, profile: str, flags: Sequence[str] = ()) -> Browser:
     """
-    Chromium with a fresh profile in C{profile}, driven over a pipe.
+    Chromium with a fresh profile in C{profile} and C{flags} besides
+    L{FLAGS}, driven over a pipe.
     """
     os.makedirs(profile, exist_ok=True)
     pipe = _Pipe()
@@ -205,6 +243,7 @@ def start_browser(binary: str, profile: str) -> Browser:
         [
             binary,
             *FLAGS,
+            *flags,
             f"--user-data-dir={profile}",
             "--remote-debugging-pipe",
             "about:blank",

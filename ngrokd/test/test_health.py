@@ -8,13 +8,17 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
 import attrs
+from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -22,16 +26,34 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from ngrokd.config import LoadedConfig, load_config
-from ngrokd.control.health import HealthService, go_duration, rfc3339
+from ngrokd.control.feed import EventFeed
+from ngrokd.control.health import (
+    IDLE_TIMEOUT,
+    HealthService,
+    go_duration,
+    health_site,
+    rfc3339,
+)
+from ngrokd.control.httpsite import (
+    MAX_CONNECTIONS,
+    MAX_PER_PEER,
+    REFUSED_LOG_INTERVAL,
+    REQUEST_DEADLINE,
+    REQUEST_TIMEOUT_ANSWER,
+)
+from ngrokd.control.web import STREAM_WAIT, WebPage
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.status import DaemonStatus, EndpointStatus
 from ngrokd.tap import Options, makeService
 from ngrokd.test.helpers import (
     Echo,
+    Recorder,
     exchange,
     free_ports,
     listen,
+    ready_status,
     wait_until,
 )
 
@@ -49,13 +71,17 @@ class Answer:
         return json.loads(self.body)
 
 
-async def http(url: str, method: bytes = b"GET", body: bytes = b"") -> Answer:
+async def http(
+    url: str, method: bytes = b"GET", body: bytes = b"", host: str | None = None
+) -> Answer:
     """
-    One request on a connection of its own, closed after the answer.
+    One request on a connection of its own, closed after the answer; with
+    C{host} as its C{Host} header when given.
     """
     producer = FileBodyProducer(BytesIO(body)) if body else None
+    headers = Headers({b"Host": [host.encode()]}) if host else None
     response = await Agent(reactor).request(
-        method, url.encode("ascii"), bodyProducer=producer
+        method, url.encode("ascii"), headers, producer
     )
     body = await readBody(response)
     return Answer(response.code, response.headers, body)
@@ -333,6 +359,81 @@ class StatusTests(DaemonHealthTestCase):
         return ensureDeferred(run())
 
 
+class ForeignHostTests(DaemonHealthTestCase):
+    """
+    The C{Host} rule holds on the paths probes and scrapers use, as on the
+    page: a name that is not an address, C{localhost} or one of
+    C{server.web_hosts} (what a DNS-rebinding page sends) gets 403, and
+    what probes send is answered.
+    """
+
+    def host_rule_on(
+        self, paths: list[str], check: Callable[[Answer], object]
+    ) -> Deferred[None]:
+        """
+        On each of C{paths} of a ready daemon, foreign names get 403 with
+        nothing of the status, and addresses and C{localhost} get 200 and
+        an answer that passes C{check}.
+        """
+
+        async def run() -> None:
+            daemon = await self.start()
+            await wait_until(lambda: daemon.daemon_status().ready, "ready")
+            operator = daemon.daemon_status().operator_id.encode()
+            port = self.health(daemon).address.rpartition(":")[2]
+            for path in paths:
+                url = self.url(daemon, path)
+                for name in [f"rebind.test:{port}", "localhost.rebind.test"]:
+                    refused = await http(url, host=name)
+                    self.assertEqual(refused.code, 403, (path, name))
+                    self.assertIn(b"server.web_hosts", refused.body)
+                    self.assertNotIn(operator, refused.body)
+                for name in [f"127.0.0.1:{port}", f"localhost:{port}", "[::1]:8081"]:
+                    answered = await http(url, host=name)
+                    self.assertEqual(answered.code, 200, (path, name))
+                    check(answered)
+
+        return ensureDeferred(run())
+
+    def test_status(self) -> Deferred[None]:
+        """
+        C{/status}, with the operator id and every endpoint, is refused to
+        a foreign name.
+        """
+        return self.host_rule_on(
+            ["/status"],
+            lambda answer: self.assertTrue(answer.json()["identity"]["operator_id"]),
+        )
+
+    def test_metrics(self) -> Deferred[None]:
+        """
+        C{/metrics} is refused to a foreign name.
+        """
+        return self.host_rule_on(
+            ["/metrics"], lambda answer: self.assertIn(b"ngrokd_ready 1.0", answer.body)
+        )
+
+    def test_readyz(self) -> Deferred[None]:
+        """
+        C{/readyz} (and the original's C{/ready}) is refused to a foreign
+        name.
+        """
+        return self.host_rule_on(
+            ["/readyz", "/ready"],
+            lambda answer: self.assertEqual(answer.body, b"ready\n"),
+        )
+
+    def test_healthz(self) -> Deferred[None]:
+        """
+        C{/healthz} (and the original's C{/health}) is refused to a foreign
+        name too: one rule for every path.
+        """
+        return self.host_rule_on(
+            ["/healthz", "/health"],
+            lambda answer: self.assertEqual(answer.body, b"healthy\n"),
+        )
+
+
 class AddressTests(DaemonHealthTestCase):
     """
     Where the health server listens, and what happens when it cannot.
@@ -432,3 +533,268 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(rfc3339(1.5), "1970-01-01T00:00:01.500000Z")
         self.assertEqual(rfc3339(0), "1970-01-01T00:00:00Z")
         self.assertIsNone(rfc3339(None))
+
+
+class _Status:
+    """
+    A daemon's status, for a site without a daemon.
+    """
+
+    def daemon_status(self) -> DaemonStatus:
+        return ready_status()
+
+    def endpoint_status(self) -> tuple[EndpointStatus, ...]:
+        return ()
+
+
+class SiteTestCase(TestCase):
+    """
+    The health server's site on a real loopback port, its timers on a
+    L{Clock}: clients from several loopback addresses, held as long as the
+    test likes.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        status = _Status()
+        self.feed = EventFeed(status.daemon_status, status.endpoint_status, self.clock)
+        self.feed.startService()
+        self.addCleanup(self.feed.stopService)
+        self.web = WebPage(
+            status.daemon_status,
+            status.endpoint_status,
+            self.feed,
+            lambda: (None, None),
+            (),
+            self.clock,
+        )
+        self.registry = CollectorRegistry()
+        self.site = health_site(status, self.registry, self.web, self.clock)
+        # Last: every connection closed before the test ends.
+        self.addCleanup(self.all_closed)
+        self.port = listen(self.site, self)
+
+    async def all_closed(self) -> None:
+        self.web.stop()
+        await wait_until(lambda: not self.site.open, "every connection closed")
+
+    async def connect(self, source: str = "127.0.0.1", accepted: bool = True) -> Any:
+        """
+        A client connected from C{source}; when C{accepted}, once the
+        server has it.
+        """
+        before = self.site.open[source]
+        client = Recorder()
+        endpoint = TCP4ClientEndpoint(
+            reactor, "127.0.0.1", self.port, bindAddress=(source, 0)
+        )
+        await connectProtocol(endpoint, client)
+        self.addCleanup(lambda: client.transport.loseConnection() and None)
+        if accepted:
+            await wait_until(lambda: self.site.open[source] > before, "the accept")
+        return client
+
+    async def answered(self, source: str = "127.0.0.1") -> bytes:
+        """
+        The answer to C{GET /healthz} on a new connection from C{source}.
+        """
+        client = await self.connect(source)
+        client.transport.write(
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        await client.lost
+        return bytes(client.received)
+
+    async def refused(self, source: str = "127.0.0.1") -> None:
+        """
+        A connection from C{source} is closed as it is accepted, unanswered.
+        """
+        client = await self.connect(source, accepted=False)
+        await wait_until(lambda: client.lost.called, "the refused connection closed")
+        self.assertEqual(client.received, b"")
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+class RequestDeadlineTests(SiteTestCase):
+    """
+    A request must arrive whole within L{REQUEST_DEADLINE} seconds of its
+    first byte, however it trickles in; then the connection is closed with
+    408.
+    """
+
+    async def trickle(self, client: Any, pieces: list[bytes]) -> None:
+        """
+        Send C{pieces} one every quarter of the deadline, each read by the
+        server (its idle timer restarted), the connection open meanwhile.
+        """
+        step = REQUEST_DEADLINE / len(pieces)
+        for piece in pieces:
+            client.transport.write(piece)
+            await wait_until(
+                lambda: any(
+                    call.getTime() == self.clock.seconds() + IDLE_TIMEOUT
+                    for call in self.clock.getDelayedCalls()
+                ),
+                "the server to read",
+            )
+            self.assertFalse(client.lost.called)
+            self.clock.advance(step)
+
+    async def assert_timed_out(self, client: Any) -> None:
+        await wait_until(lambda: client.lost.called, "the connection closed")
+        self.assertTrue(
+            client.received.endswith(REQUEST_TIMEOUT_ANSWER), client.received
+        )
+        self.assertEqual(self.metric("ngrokd_http_requests_timed_out_total"), 1)
+
+    def test_trickledHead(self) -> Deferred[None]:
+        """
+        A client that sends its header lines slowly, each well within the
+        idle timeout, is closed at the deadline.
+        """
+
+        async def run() -> None:
+            client = await self.connect()
+            lines = [b"GET /status HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n"]
+            await self.trickle(client, lines + [b"X-Slow: 1\r\n"] * 2)
+            await self.assert_timed_out(client)
+
+        return ensureDeferred(run())
+
+    def test_trickledBody(self) -> Deferred[None]:
+        """
+        A whole head then a body sent slowly is closed at the deadline too.
+        """
+
+        async def run() -> None:
+            client = await self.connect()
+            head = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            body = [b"Content-Length: 9\r\n\r\n", b"b", b"o", b"d"]
+            await self.trickle(client, [head + body[0], *body[1:]])
+            await self.assert_timed_out(client)
+
+        return ensureDeferred(run())
+
+    def test_nextRequest(self) -> Deferred[None]:
+        """
+        On a kept-alive connection the next request has its own deadline,
+        from its first byte: the idle time before it does not count.
+        """
+
+        async def run() -> None:
+            client = await self.connect()
+            client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await wait_until(lambda: b"healthy\n" in client.received, "the answer")
+            client.received = b""
+            self.clock.advance(IDLE_TIMEOUT / 2)
+            self.assertFalse(client.lost.called)
+            await self.trickle(
+                client, [b"GET /status HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n"]
+            )
+            await self.assert_timed_out(client)
+
+        return ensureDeferred(run())
+
+    def test_eventStreamOutlivesDeadline(self) -> Deferred[None]:
+        """
+        An event stream, whose request arrived in time, stays open past the
+        deadline and goes on receiving.
+        """
+
+        async def run() -> None:
+            client = await self.connect()
+            client.transport.write(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await wait_until(lambda: b"retry: 2000" in client.received, "the stream")
+            self.clock.advance(STREAM_WAIT)
+            self.assertGreater(STREAM_WAIT, REQUEST_DEADLINE)
+            await wait_until(lambda: b": waiting" in client.received, "a keep-alive")
+            self.assertFalse(client.lost.called)
+            self.assertEqual(self.metric("ngrokd_http_requests_timed_out_total"), 0)
+
+        return ensureDeferred(run())
+
+
+class ConnectionCapTests(SiteTestCase):
+    """
+    Connections are capped per peer address and in all; one past a cap is
+    closed at accept, counted and logged at most once a minute.
+    """
+
+    def test_perPeer(self) -> Deferred[None]:
+        """
+        Past L{MAX_PER_PEER} connections from one address (an event stream
+        among them) the next from it is refused, while another address is
+        answered; once one closes, the address is answered again, and the
+        event stream goes on.
+        """
+
+        async def run() -> None:
+            stream = await self.connect()
+            stream.transport.write(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await wait_until(lambda: bool(self.web.streams), "the stream")
+            held = [await self.connect() for _ in range(MAX_PER_PEER - 1)]
+            await self.refused()
+            self.assertIn(b" 200 OK", await self.answered("127.0.0.2"))
+            self.assertEqual(
+                self.metric("ngrokd_http_connections_refused_total", limit="peer"), 1
+            )
+            self.assertEqual(self.metric("ngrokd_http_connections_open"), MAX_PER_PEER)
+            held[0].transport.loseConnection()
+            await wait_until(
+                lambda: self.site.open["127.0.0.1"] < MAX_PER_PEER, "the close"
+            )
+            self.assertIn(b" 200 OK", await self.answered())
+            # The idle ones time out; the stream, whose request came, not.
+            self.clock.advance(STREAM_WAIT)
+            await wait_until(lambda: b": waiting" in stream.received, "a keep-alive")
+            self.assertFalse(stream.lost.called)
+
+        return ensureDeferred(run())
+
+    def test_total(self) -> Deferred[None]:
+        """
+        Past L{MAX_CONNECTIONS} in all, a connection from a new address is
+        refused too.
+        """
+
+        async def run() -> None:
+            for n in range(MAX_CONNECTIONS):
+                await self.connect(f"127.0.0.{2 + n // MAX_PER_PEER}")
+            await self.refused("127.0.1.1")
+            self.assertEqual(
+                self.metric("ngrokd_http_connections_refused_total", limit="total"), 1
+            )
+
+        return ensureDeferred(run())
+
+    def test_loggedAtMostOnceAMinute(self) -> Deferred[None]:
+        """
+        The first refusal is logged with the peer and the limit; the next
+        within L{REFUSED_LOG_INTERVAL} only counted, then told in the next
+        line.
+        """
+
+        async def run() -> None:
+            events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            for _ in range(MAX_PER_PEER):
+                await self.connect()
+            for _ in range(3):
+                await self.refused()
+            # The held connections time out meanwhile: hold as many again.
+            self.clock.advance(REFUSED_LOG_INTERVAL)
+            await wait_until(lambda: not self.site.open, "the held ones closed")
+            for _ in range(MAX_PER_PEER):
+                await self.connect()
+            await self.refused()
+            lines = [e for e in events if "peer" in e and "why" in e]
+            self.assertEqual(
+                [(e["peer"], e["count"], e["log_level"]) for e in lines],
+                [("127.0.0.1", 1, LogLevel.warn), ("127.0.0.1", 3, LogLevel.warn)],
+            )
+            self.assertIn("16 connections from this address", lines[0]["why"])
+
+        return ensureDeferred(run())
