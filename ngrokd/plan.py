@@ -85,10 +85,15 @@ class Plan:
     """
     Listeners by normalised endpoint URL, and the endpoints that could not get
     one (with the reason).
+
+    @ivar refused: the failures that no change on this machine would fix
+        (two endpoints that need one socket): listed, but they do not make
+        the daemon unready.
     """
 
     specs: Mapping[str, ListenSpec]
     failures: Mapping[str, str]
+    refused: frozenset[str] = frozenset()
 
     def virtual_names(self) -> dict[str, str]:
         """
@@ -116,7 +121,7 @@ class Plan:
                     f"address {spec.address} for {spec.target.host} could not be"
                     f" set up: {missing[spec.address]}"
                 )
-        return Plan(specs, dict(sorted(failures.items())))
+        return Plan(specs, dict(sorted(failures.items())), self.refused)
 
 
 @frozen
@@ -217,6 +222,7 @@ def plan(
     specs: dict[str, ListenSpec] = {}
     failures: dict[str, str] = {}
     served_by: dict[tuple[str, int], str] = {}
+    refused: set[str] = set()
     for url, target in sorted(targets(endpoints).items()):
         mode = listen_mode(target.host, listen_interface, overrides)
         if mode == VIRTUAL:
@@ -254,6 +260,7 @@ def plan(
             failures[url] = (
                 f"{target.host}:{target.port} is already served by {served_by[bind]}"
             )
+            refused.add(url)
         else:
             served_by[bind] = url
-    return Plan(specs, failures)
+    return Plan(specs, failures, frozenset(refused))

@@ -76,7 +76,7 @@ def status_text(status: DaemonStatus) -> str:
     """
     counts = (
         f"{status.endpoints} endpoints,"
-        f" {status.listeners_up} of {status.listeners_planned} listeners up"
+        f" {status.listeners_up} of {status.listeners_wanted} listeners up"
     )
     if status.ready:
         return f"ready: {counts}"

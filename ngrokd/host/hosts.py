@@ -38,6 +38,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ngrokd.host.allocation import IPAddress
 from ngrokd.instance import hosts_markers, is_hosts_marker
+from ngrokd.problems import Problems
 
 #: The unnamed instance's markers; a named one's carry its name.
 BEGIN, END = hosts_markers("")
@@ -439,11 +440,13 @@ class HostsService(Service):
     reactor's), in the order they were asked for. Each one reads the file and
     changes it only when its section differs from the names, so a section
     that someone else removed or changed is put back at the next L{write}
-    while an unchanged file is never rewritten. A write that fails is logged
-    (once, while it keeps failing the same way) and tried again at the next
-    L{write}.
+    while an unchanged file is never rewritten. A write that fails is a
+    problem of C{problems} (said once, summarised while it goes on, shown in
+    status) and is tried again at the next L{write}. A section that cannot
+    be removed when the service stops is logged with the names it holds.
 
     @ivar error: why the last write failed (empty when it worked).
+    @ivar written: the names the section holds, as last written.
     """
 
     name = "hosts"
@@ -455,12 +458,16 @@ class HostsService(Service):
         path: str,
         threadpool: ThreadPool | None = None,
         instance: str = "",
+        problems: Problems | None = None,
     ) -> None:
         self.file = HostsFile(path, instance=instance)
         self._reactor = reactor
         self._threadpool = threadpool
+        self._problems = problems if problems is not None else Problems(reactor)
+        self._what = f"writing the names to {path}"
         self._lock = DeferredLock()
         self.error = ""
+        self.written: dict[str, IPAddress] = {}
 
     def startService(self) -> None:
         """
@@ -501,9 +508,9 @@ class HostsService(Service):
         d = deferToThreadPool(self._reactor, pool, self._write_file, wanted)
 
         def written(changed: bool) -> bool:
-            if self.error:
-                self.log.info("{path} can be written again", path=self.file.path)
-                self.error = ""
+            self._problems.cleared(self._what)
+            self.error = ""
+            self.written = wanted
             if changed and wanted:
                 self.log.info(
                     "wrote {count} names to the ngrokd section of {path}",
@@ -518,13 +525,29 @@ class HostsService(Service):
 
         def failed(failure: Any) -> bool:
             failure.trap(HostsFileError)
-            reason = str(failure.value)
-            if reason != self.error:
-                self.log.error(
-                    "{error}; endpoint names do not resolve until it can be written",
-                    error=reason,
+            self.error = str(failure.value)
+            if not self.running and not wanted:
+                self._left(self.error)
+            else:
+                self._problems.failed(
+                    self._what,
+                    self.error,
+                    "endpoint names do not resolve until it can be written",
                 )
-            self.error = reason
             return False
 
         return d.addCallbacks(written, failed)
+
+    def _left(self, error: str) -> None:
+        """
+        Say what stays in the file after the section could not be removed
+        at a stop.
+        """
+        names = ", ".join(f"{name} {ip}" for name, ip in sorted(self.written.items()))
+        self.log.error(
+            "stopping: {error}; the ngrokd section of {path} stays, with"
+            " {names}, until the next start replaces it",
+            error=error,
+            path=self.file.path,
+            names=names or "the names an earlier run wrote",
+        )

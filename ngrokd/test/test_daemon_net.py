@@ -7,6 +7,7 @@ overlap. Also the listen-mode decisions of L{ngrokd.plan} they rely on.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 from collections.abc import Set
@@ -20,6 +21,13 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.config import load_config
+from ngrokd.control.controller import Controller
+from ngrokd.control.feed import EventFeed
+from ngrokd.control.health import readiness_text, status_document
+from ngrokd.control.metrics import DaemonMetrics
+from ngrokd.control.notify import wants_ready
+from ngrokd.control.page import render_daemon
+from ngrokd.control.render import status_lines
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
@@ -27,6 +35,8 @@ from ngrokd.host.hosts import BEGIN
 from ngrokd.host.netif import NotPermitted
 from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.ngrok.api import ApiEndpoint
+from ngrokd.ngrok.identity import Identity
+from ngrokd.ngrok.identity_service import REGISTERED, WAITING_FOR_KEY
 from ngrokd.plan import client_address, plan, uses_virtual
 from ngrokd.test.test_hosts import ThreadReactor
 
@@ -113,11 +123,9 @@ def _endpoints(*urls: str) -> list[ApiEndpoint]:
     return [ApiEndpoint(f"ep_{url}", url, "") for url in urls]
 
 
-class ReconcileTests(SynchronousTestCase):
+class ReconcileFixture(SynchronousTestCase):
     """
-    A reconcile sets up an endpoint's address, then its listener, then its
-    name, and takes them away in the opposite order, only when no endpoint
-    of the hostname is left.
+    A daemon whose network pieces are in memory, its hosts file a real file.
     """
 
     def make_daemon(
@@ -167,6 +175,14 @@ class ReconcileTests(SynchronousTestCase):
     def hosts(self) -> str:
         with open(self.hosts_path) as f:
             return f.read()
+
+
+class ReconcileTests(ReconcileFixture):
+    """
+    A reconcile sets up an endpoint's address, then its listener, then its
+    name, and takes them away in the opposite order, only when no endpoint
+    of the hostname is left.
+    """
 
     def test_addressThenListenersThenName(self) -> None:
         """
@@ -394,8 +410,10 @@ class ReconcileTests(SynchronousTestCase):
 
     def test_stopWaitsForReconcile(self) -> None:
         """
-        A stop while a reconcile is applied lets it finish, then tears down;
-        results that arrive after the stop began are ignored.
+        A stop while a reconcile is applied waits for the step under way,
+        then tears down; that reconcile starts no listener and writes no
+        name once the stop began, and results that arrive after it are
+        ignored.
         """
         daemon = self.make_daemon()
         gate = self.interface.gate = Deferred()
@@ -405,10 +423,221 @@ class ReconcileTests(SynchronousTestCase):
         self.assertNoResult(stopping)
         gate.callback(None)
         self.successResultOf(stopping)
+        self.assertEqual(self.recorder.kinds(), ["addresses", "destroy"])
+
+
+class ReadinessTests(ReconcileFixture):
+    """
+    Readiness is what is served: every way an endpoint can fail, before it
+    is planned or after, holds it back, except what no change on this
+    machine would fix; and C{/readyz}, C{ngrokctl health} (the control
+    socket's status), C{ngrokd_ready} and systemd agree.
+    """
+
+    def registered(self, daemon: Daemon, not_after: float = 4102444800.0) -> None:
+        """
+        Give C{daemon} an identity valid until C{not_after}.
+        """
+        when = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
+        identity = Identity("k8sop_1", b"", b"", when, when)
+        daemon.identity_service.identity = identity
+        daemon.identity_service.state = REGISTERED
+
+    def readiness(self, daemon: Daemon) -> tuple[bool, str]:
+        """
+        Whether C{daemon} is ready, as each surface says it, which must
+        agree; and what C{/readyz} says.
+        """
+        status = daemon.daemon_status()
+        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        control = Controller(daemon, feed, self.reactor, "test")
+        metrics = DaemonMetrics(daemon).registry.get_sample_value("ngrokd_ready")
+        surfaces = [status.ready, control.status()["ready"], metrics == 1.0]
+        if status.identity_state != WAITING_FOR_KEY:
+            # Waiting for a key, the start is done for systemd all the same.
+            surfaces.append(wants_ready(status))
+        self.assertEqual(len(set(surfaces)), 1, surfaces)
+        return status.ready, readiness_text(status, daemon.endpoint_status())
+
+    def test_ready(self) -> None:
+        """
+        Registered, polled, every endpoint listening and named: ready.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reconcile(daemon, "http://a.test", "tcp://b.test:7000")
+        self.assertEqual(self.readiness(daemon), (True, "ready\n"))
+
+    def test_virtualModeUnavailable(self) -> None:
+        """
+        Without the privilege to make the interface, every virtual-mode
+        endpoint fails before it is planned: not ready, each named with the
+        reason.
+        """
+        daemon = self.make_daemon(interface_failure=NotPermitted("create link ngrokd0"))
+        self.registered(daemon)
+        self.reconcile(daemon, "http://a.test", "tcp://b.test:7000")
+        ready, text = self.readiness(daemon)
+        self.assertFalse(ready)
+        lines = text.splitlines()
+        self.assertEqual(lines[0], "not ready: 0 of 2 listeners are up")
+        self.assertEqual([line.split(":", 1)[0] for line in lines[1:]], ["http", "tcp"])
+        self.assertIn("CAP_NET_ADMIN", lines[1])
+
+    def test_addressRefused(self) -> None:
+        """
+        An address that cannot be set up holds readiness back.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.interface.refused = {A}
+        self.reconcile(daemon, "http://a.test", "http://b.test")
         self.assertEqual(
-            self.recorder.kinds(),
-            ["addresses", "listen", "hosts", "stop", "hosts", "destroy"],
+            self.readiness(daemon)[1].splitlines()[0],
+            "not ready: 1 of 2 listeners are up",
         )
+
+    def test_subnetFull(self) -> None:
+        """
+        A hostname that finds no address left holds readiness back.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reconcile(daemon, *[f"http://h{n:03}.test" for n in range(254)])
+        ready, text = self.readiness(daemon)
+        self.assertEqual(
+            text.splitlines(),
+            [
+                "not ready: 253 of 254 listeners are up",
+                "http://h253.test: no address left for h253.test: all 253 usable"
+                " addresses of 10.107.0.0/24 are in use",
+            ],
+        )
+
+    def test_portInUse(self) -> None:
+        """
+        A port another program holds holds readiness back.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reactor.taken = {("10.107.0.2", 5432)}
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        self.assertEqual(
+            self.readiness(daemon)[1].splitlines()[0],
+            "not ready: 1 of 2 listeners are up",
+        )
+
+    def test_hostsFileNotWritable(self) -> None:
+        """
+        Every listener up but the names unwritten is not ready: no name
+        resolves, and status shows the problem. Once the file can be
+        written, the daemon is ready and the problem gone.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        os.remove(self.hosts_path)
+        os.mkdir(self.hosts_path)
+        self.reconcile(daemon, "http://a.test")
+        ready, text = self.readiness(daemon)
+        self.assertFalse(ready)
+        self.assertIn("not ready: endpoint names do not resolve: cannot", text)
+        self.assertIn(self.hosts_path, text)
+        self.assertEqual(
+            [p.what for p in daemon.daemon_status().problems],
+            [f"writing the names to {self.hosts_path}"],
+        )
+        os.rmdir(self.hosts_path)
+        self.reconcile(daemon, "http://a.test")
+        self.assertEqual(self.readiness(daemon), (True, "ready\n"))
+        self.assertEqual(daemon.daemon_status().problems, ())
+
+    def test_noIdentity(self) -> None:
+        """
+        Without an identity, or with an expired certificate, listeners up
+        are not enough.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test")
+        self.assertFalse(self.readiness(daemon)[0])
+        self.registered(daemon, not_after=self.reactor.seconds())
+        ready, text = self.readiness(daemon)
+        self.assertFalse(ready)
+        self.assertTrue(
+            text.startswith("not ready: the client certificate has expired")
+        )
+
+    def test_notOursToFix(self) -> None:
+        """
+        Endpoints no change on this machine would serve (an unreadable URL,
+        two endpoints that need one socket) are listed, and the daemon is
+        ready.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reconcile(daemon, "http://a.test:443", "tls://a.test", "ftp://c.test")
+        ready, text = self.readiness(daemon)
+        self.assertTrue(ready, text)
+        lines = text.splitlines()
+        self.assertEqual(lines[0], "ready")
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(all(line.startswith("not served: ") for line in lines[1:]))
+        self.assertIn("is already served by http://a.test:443", text)
+
+
+class StateSaveTests(ReconcileFixture):
+    """
+    A state file that cannot be saved is said once, then summarised, shown
+    in status until it can, and said when it can again.
+    """
+
+    def test_allocationsCannotBeSaved(self) -> None:
+        """
+        A day of polls that cannot save the allocations logs the error once
+        and a summary each hour; C{ngrokctl status}, C{/status} and the web
+        page show it; once the file can be written it is saved, said, and
+        gone from status.
+        """
+        daemon = self.make_daemon()
+        blocked = os.path.join(self.state_dir, IP_MAPPINGS)
+        os.mkdir(blocked)
+        polls = 2880
+        for _ in range(polls):
+            self.reconcile(daemon, "http://a.test")
+            self.reactor.advance(30)
+        said = [formatEvent(e) for e in self.events if blocked in formatEvent(e)]
+        self.assertEqual(len(said), 24, said[:3])
+        self.assertIn("the addresses and ports given out since the last save", said[0])
+        self.assertIn("still failing, 121 times since", said[1])
+        status = daemon.daemon_status()
+        (problem,) = status.problems
+        self.assertEqual(
+            (problem.what, problem.count), ("saving the addresses and ports", polls)
+        )
+        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        control = Controller(daemon, feed, self.reactor, "test")
+        lines = status_lines(control.status(), {})
+        (shown,) = [line for line in lines if "saving" in line]
+        self.assertTrue(
+            shown.startswith(
+                f"Problem:      saving the addresses and ports: cannot write {blocked}"
+            ),
+            shown,
+        )
+        self.assertIn(f"{polls} times", shown)
+        document = status_document(status, daemon.endpoint_status())
+        self.assertEqual(document["problems"][0]["count"], polls)
+        self.assertIn(blocked, render_daemon(status, (None, None)))
+        os.rmdir(blocked)
+        self.reconcile(daemon, "http://a.test")
+        self.assertEqual(
+            [formatEvent(e) for e in self.events if "works again" in formatEvent(e)],
+            [
+                "saving the addresses and ports works again, after failing 2880"
+                " times since 1970-01-01 00:00:00 UTC"
+            ],
+        )
+        self.assertEqual(daemon.daemon_status().problems, ())
+        self.assertTrue(os.path.isfile(blocked))
 
 
 class ListenModeTests(SynchronousTestCase):

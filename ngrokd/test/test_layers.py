@@ -26,6 +26,7 @@ CORE = {
     "ngrokd.logs",
     "ngrokd.pem",
     "ngrokd.plan",
+    "ngrokd.problems",
     "ngrokd.readfile",
     "ngrokd.reconfigure",
     "ngrokd.retry",

@@ -18,12 +18,15 @@ allocations at each step of the save and reads what is left.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from ipaddress import ip_network
@@ -33,7 +36,7 @@ from urllib.parse import quote
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.host import allocation
+from ngrokd.host import allocation, hosts
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
 from ngrokd.host.hosts import BEGIN, END
 from ngrokd.test.namespace import Namespace, namespace
@@ -47,6 +50,8 @@ STOP_TIMEOUT = 10.0
 #: The daemon polls the devcloud this often (seconds), so changes show fast.
 POLL_INTERVAL = 0.3
 SUBNET = "10.107.0.0/24"
+#: The daemon's health server, on the namespace's own loopback.
+HEALTH = "127.0.0.1:8081"
 START_PORT = 9080
 
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
@@ -151,6 +156,17 @@ request = urllib.request.Request(
              "Content-Type": "application/json"})
 with urllib.request.urlopen(request, context=context, timeout=10) as answer:
     print(json.dumps(answer.status))
+"""
+
+
+#: GETs argv[1]; prints its status and body.
+_GET = r"""
+import json, sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as answer:
+        print(json.dumps([answer.status, answer.read().decode()]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, e.read().decode()]))
 """
 
 
@@ -296,10 +312,11 @@ class World:
         self.config_path = os.path.join(self.dir, "ngrokd.yml")
         with open(os.path.join(devcloud_dir, "ngrokd.yml")) as f:
             config = yaml.safe_load(f)
-        config["server"].update(
-            state_dir=self.state_dir,
-            socket_path=os.path.join(self.state_dir, "ngrokd.sock"),
-        )
+        # A short path: a UNIX socket's must fit in 108 bytes.
+        sockets = tempfile.mkdtemp(prefix="ngrokd-ctl-")
+        case.addCleanup(shutil.rmtree, sockets, True)
+        self.socket_path = os.path.join(sockets, "ngrokd.sock")
+        config["server"].update(state_dir=self.state_dir, socket_path=self.socket_path)
         config["bound_endpoints"]["poll_interval"] = POLL_INTERVAL
         config["net"] = {
             "interface_name": "ngrokd0",
@@ -309,6 +326,7 @@ class World:
             "overrides": overrides or {},
             "hosts_file": "/etc/hosts",
         }
+        config["server"]["health_address"] = HEALTH
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
 
@@ -322,12 +340,40 @@ class World:
         self.case.addCleanup(process.stop)
         return process
 
-    def start_daemon(self) -> Process:
+    def start_daemon(self, wrapper: Sequence[str] = ()) -> Process:
+        """
+        Start the daemon, its command line after C{wrapper} (such as
+        C{setpriv} with its options).
+        """
         self.daemons += 1
         self.daemon = self.spawn(
-            f"ngrokd-{self.daemons}", [*_TWISTD, "ngrokd", "--config", self.config_path]
+            f"ngrokd-{self.daemons}",
+            [*wrapper, *_TWISTD, "ngrokd", "--config", self.config_path],
         )
         return self.daemon
+
+    def ngrokctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{ngrokctl} against the daemon's control socket.
+        """
+        ngrokctl = os.path.join(os.path.dirname(sys.executable), "ngrokctl")
+        env = dict(os.environ, NGROKD_SOCKET=self.socket_path)
+        return subprocess.run(
+            [ngrokctl, *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            env=env,
+            check=False,
+        )
+
+    def get(self, path: str) -> tuple[int, str]:
+        """
+        The status and body of C{GET path} on the daemon's health server.
+        """
+        status, body = self.python(_GET, f"http://{HEALTH}{path}")
+        return status, body
 
     def explain(self) -> str:
         daemon = self.daemon.tail() if self.daemon else ""
@@ -645,13 +691,85 @@ class VirtualModeTests(SynchronousTestCase):
         self.assertTrue(results[1].startswith("error"), results)
 
 
+class StopTests(SynchronousTestCase):
+    """
+    Stopping while something the stop needs is held by another process.
+    """
+
+    def test_hostsFileLocked(self) -> None:
+        """
+        SIGTERM while another process holds the hosts file's lock (and a
+        poll's write of the names waits for it): the listeners close at
+        once, not when that write gives up; the section the stop cannot
+        remove is logged with its names, and left for the next start.
+        """
+        world = World(self, [("http://a.test", "web"), ("tcp://b.test:7000", "echo")])
+        daemon = world.start_daemon()
+        names = ["10.107.0.2\ta.test", "10.107.0.3\tb.test"]
+        world.wait(lambda: world.section() == names, "the names")
+        world.wait(lambda: "10.107.0.3:7000" in world.listening(), "b.test served")
+        gave_up = "another process has held its lock"
+        with open(world.hosts_path, "rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            # Each poll writes the names: the next one now waits for the lock.
+            time.sleep(3 * POLL_INTERVAL)
+            daemon.signal(signal.SIGTERM)
+            world.wait(
+                lambda: not {"10.107.0.2:80", "10.107.0.3:7000"} & world.listening(),
+                "the listeners closed",
+            )
+            self.assertEqual(world.logged(gave_up), [], world.explain())
+            daemon.wait(timeout=3 * hosts.LOCK_TIMEOUT)
+            (left,) = world.logged("stopping: cannot lock /etc/hosts")
+            self.assertIn(gave_up, left)
+            self.assertIn(
+                "the ngrokd section of /etc/hosts stays, with a.test 10.107.0.2,"
+                " b.test 10.107.0.3, until the next start replaces it",
+                left,
+            )
+        self.assertEqual(world.section(), names)
+
+
+class ReadinessTests(SynchronousTestCase):
+    """
+    Readiness of a daemon that serves nothing it should, seen as a health
+    check, a monitor and an operator see it.
+    """
+
+    def test_withoutNetAdmin(self) -> None:
+        """
+        Run without C{CAP_NET_ADMIN} in virtual mode, every endpoint fails
+        before it is planned, each with the reason; C{/readyz} answers 503,
+        C{ngrokctl health} exits 1 and C{ngrokd_ready} is 0.
+        """
+        world = World(self, [("http://a.test", "web"), ("tcp://b.test:7000", "echo")])
+        world.start_daemon(
+            ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", "--"]
+        )
+        world.wait(
+            lambda: len(world.logged("cannot serve ")) == 2, "both endpoints failed"
+        )
+        status, body = world.get("/readyz")
+        self.assertEqual(
+            (status, body.splitlines()[0]), (503, "not ready: 0 of 2 listeners are up")
+        )
+        health = world.ngrokctl("health")
+        self.assertEqual(
+            (health.returncode, health.stdout),
+            (1, "not ready: 0 of 2 listeners are up\n"),
+            health.stderr,
+        )
+        metrics = world.get("/metrics")[1].splitlines()
+        self.assertIn("ngrokd_ready 0.0", metrics)
+
+
 #: Saves C{NEW} in the state directory argv[1] and stops for good at the
 #: argv[2]-th step of the save (a file, directory or rename call), saying
 #: which; prints the number of steps when it gets to the end.
 _SAVE = r"""
 import os, signal, sys, tempfile
 from ipaddress import ip_address
-from ngrokd.host import allocation
+from ngrokd.host import allocation, hosts
 state_dir, stop_at = sys.argv[1], int(sys.argv[2])
 steps = 0
 def trap(name, real):
