@@ -241,6 +241,19 @@ class DevcloudIngress:
     cloud: Cloud
     ingress: IngressFactory
     connector: IngressConnector
+    #: The ingress's TLS server factory and its listening port.
+    server: Any
+    port: Any
+
+    async def restart(self) -> None:
+        """
+        Restart the ingress as a deploy does: stop listening, close every
+        connection, and listen again on the same port.
+        """
+        number = self.port.getHost().port
+        await self.port.stopListening()
+        await self.ingress.close_all()
+        self.port = reactor.listenTCP(number, self.server, interface="127.0.0.1")
 
     def new_certificate(self) -> tuple[bytes, bytes]:
         """
@@ -264,11 +277,13 @@ def devcloud_ingress(case: Any, **connector: Any) -> DevcloudIngress:
     cloud = Cloud(ca, [], "127.0.0.1:443")
     ingress = IngressFactory(cloud, reactor)
     case.addCleanup(ingress.close_all)
-    port = listen(tls_factory(ingress, server_options(cert, key, ca.cert_pem)), case)
+    server: Any = tls_factory(ingress, server_options(cert, key, ca.cert_pem))
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    number = int(port.getHost().port)  # type: ignore[attr-defined]
     trust = PartialChainTrust(parse_certificates(ca.cert_pem, "ca"), system=False)
-    harness = DevcloudIngress(
-        cloud, ingress, IngressConnector(reactor, "127.0.0.1", port, trust, **connector)
-    )
+    connecting = IngressConnector(reactor, "127.0.0.1", number, trust, **connector)
+    harness = DevcloudIngress(cloud, ingress, connecting, server, port)
+    case.addCleanup(lambda: harness.port.stopListening())
     harness.connector.use_certificate(*harness.new_certificate())
     case.addCleanup(harness.connector.stop)
     return harness
