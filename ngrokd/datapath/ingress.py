@@ -158,9 +158,11 @@ class IngressProtocol(PipeProtocol):
         self.handshake_seconds: float | None = None
 
     def connectionMade(self) -> None:
-        # TCP is up (the endpoint bounds that); bound the TLS handshake too.
+        # TCP is up (the endpoint bounds that); the TLS handshake has what
+        # is left of the same budget.
+        left = self._started + self._connect_timeout - self._clock.seconds()
         self._timer = self._clock.callLater(
-            self._connect_timeout, self._timed_out, "TLS handshake"
+            max(0.0, left), self._timed_out, "TLS handshake"
         )
         self.transport.setTcpNoDelay(True)
         if self.request is not None:
