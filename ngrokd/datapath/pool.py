@@ -381,11 +381,7 @@ class WarmPool(Generic[M]):
         self._dialing.discard(dialing)
         if isinstance(result, Failure):
             if not result.check(CancelledError):
-                self.log.info(
-                    "a warm connection to the ingress failed: {reason}",
-                    reason=result.getErrorMessage(),
-                )
-                self.failed()
+                self.failed()  # the dialler logs it
             return
         stale = generation != self._generation or self._stopped
         if stale or len(self._ready) >= self.settings.size:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -477,11 +478,18 @@ def spawn_twistd(
     log_path: str,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
+    open_files: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """
     Run C{twistd -n ngrokd --config CONFIG_PATH} as its own process, its
-    output to C{log_path}, killed at the end of C{test} if still running.
+    output to C{log_path}, killed at the end of C{test} if still running;
+    with C{open_files}, that is its limit on open files (soft and hard).
     """
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     log = open(log_path, "wb")  # noqa: SIM115 (closed at cleanup)
     process = subprocess.Popen(
         [
@@ -497,6 +505,7 @@ def spawn_twistd(
         stderr=subprocess.STDOUT,
         env=env,
         cwd=cwd,
+        preexec_fn=limit,
     )
 
     def stop() -> None:
