@@ -90,13 +90,15 @@ def is_numeric(name: str) -> bool:
     literal, a name whose last label is all digits, or one made only of
     the numbers C{inet_aton} accepts (C{2130706433}, C{0x7f.0.0.1}).
     """
+    labels = name.split(".")
+    if _DIGITS.fullmatch(labels[-1]) or all(_NUMBER.fullmatch(x) for x in labels):
+        return True
+    if ":" not in name:
+        return False  # an IPv4 literal ends in digits; IPv6 needs a colon
     try:
         ip_address(name)
     except ValueError:
-        labels = name.split(".")
-        return bool(_DIGITS.fullmatch(labels[-1])) or all(
-            _NUMBER.fullmatch(label) for label in labels
-        )
+        return False
     return True
 
 
