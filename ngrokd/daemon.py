@@ -57,6 +57,7 @@ from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
 from ngrokd.host.statelock import StateDirectoryLocked, StateLock
+from ngrokd.names import name_rules
 from ngrokd.ngrok import lastgood
 from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
@@ -69,8 +70,16 @@ from ngrokd.readfile import in_own_thread
 from ngrokd.reconfigure import applied, changes
 from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
 
-#: The keys that change where endpoints listen.
-_PLAN_KEYS = frozenset({"net.listen_interface", "net.overrides", "net.start_port"})
+#: The keys that change where endpoints listen, or which names may be claimed.
+_PLAN_KEYS = frozenset(
+    {
+        "net.listen_interface",
+        "net.overrides",
+        "net.start_port",
+        "net.allowed_domains",
+        "api.url",
+    }
+)
 
 
 @frozen
@@ -727,8 +736,9 @@ class Daemon(MultiService):
         """
         Allocate (and persist), then set up the addresses, then listen, then
         write the names: a name resolves only once its address and listener
-        exist. Addresses no hostname uses any more go last, after their
-        listeners and names.
+        exist. A name the hosts file already sets, or that is otherwise not
+        ours (L{ngrokd.names}), gets none of them. Addresses no hostname uses
+        any more go last, after their listeners and names.
         """
         endpoints: dict[str, BoundEndpoint] = {}
         skipped: dict[str, str] = {}
@@ -745,8 +755,9 @@ class Daemon(MultiService):
             endpoints[record.id] = BoundEndpoint(record.id, record.url, target)
         self.endpoints, self.skipped = endpoints, skipped
         net = self.config.net
+        names = name_rules(self.config, await self.hosts.pinned())
         wanted_ips, wanted_ports = wanted_allocations(
-            endpoints.values(), net.listen_interface, net.overrides
+            endpoints.values(), net.listen_interface, net.overrides, names
         )
         result = allocation.allocate(
             self.allocations,
@@ -766,6 +777,7 @@ class Daemon(MultiService):
             self.allocations.ips,
             self.allocations.network_ports,
             result.errors,
+            names,
         )
         addresses = frozenset(self.allocations.ips.values())
         missing = await self.interface.ensure(addresses | self._addresses)

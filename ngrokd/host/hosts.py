@@ -10,12 +10,13 @@ its END marker was missing, matched markers as substrings, and replaced the
 file's inode, losing its mode, owner and label, and never updating it at all
 where it is a bind mount (fault 23).
 
-L{render} is the pure part. L{HostsFile} reads, renders and writes under a
-lock, atomically where it can and in place where the file is a mount point.
-L{HostsService} runs it off the reactor thread for the daemon: it replaces
-a section a crashed run left (at start), writes only when the names change
-(the original rewrote the file at every poll), and removes the section on a
-clean stop.
+L{render} and L{pinned_names} are the pure parts. L{HostsFile} reads,
+renders and writes under a lock, atomically where it can and in place where
+the file is a mount point. L{HostsService} runs it off the reactor thread
+for the daemon: it replaces a section a crashed run left (at start), writes
+only when the names change (the original rewrote the file at every poll),
+removes the section on a clean stop, and reads the names set outside the
+section, which ngrokd must not claim (L{ngrokd.names}).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -42,6 +44,8 @@ from ngrokd.problems import Problems
 
 #: The unnamed instance's markers; a named one's carry its name.
 BEGIN, END = hosts_markers("")
+
+_T = TypeVar("_T")
 
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _ENTRY = re.compile(r"(\S+)\t(\S+)")
@@ -174,6 +178,26 @@ def _section(
     return [begin + newline, *entries, end + last_ending]
 
 
+def pinned_names(existing: str, instance: str = "") -> frozenset[str]:
+    """
+    The names C{existing} hosts-file text sets outside the section of ngrokd
+    instance C{instance}, lowercase: those of the administrator's lines and
+    of other instances' sections. Every name of a line counts, aliases too,
+    and a line counts even when its address is not one, since its writer
+    meant the name.
+    """
+    lines = _lines(existing)
+    begin, end = hosts_markers(instance)
+    names: set[str] = set()
+    position = 0
+    for start, stop in [*_sections(lines, begin, end), (len(lines), len(lines))]:
+        for line in lines[position:start]:
+            fields = line.partition("#")[0].split()
+            names.update(name.lower().removesuffix(".") for name in fields[1:])
+        position = stop
+    return frozenset(names)
+
+
 class HostsFileError(Exception):
     """
     The hosts file could not be read or written.
@@ -266,13 +290,43 @@ class HostsFile:
         writing. When the file cannot be read, C{True}: L{write} says why.
         """
         try:
-            with open(self.path, "rb") as f:
-                text = f.read().decode("utf-8", "surrogateescape")
-        except FileNotFoundError:
-            return False
-        except OSError:
+            text = self._read_text()
+        except HostsFileError:
             return True
         return render(text, {}, self.instance) != text
+
+    def pinned(self) -> frozenset[str]:
+        """
+        The names the file sets outside this instance's section
+        (L{pinned_names}), from a read that needs no write access and takes
+        no lock. No file sets none.
+
+        @raise HostsFileError: the file cannot be read.
+        """
+        return pinned_names(self._read_text(), self.instance)
+
+    def _read_text(self) -> str:
+        """
+        The file's text (C{""} when there is no file), opened so that a
+        FIFO in its place cannot block the read.
+
+        @raise HostsFileError: the file cannot be read, or is not a file.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return ""
+        except OSError as e:
+            raise HostsFileError(self.path, "open", e) from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise HostsFileError(
+                    self.path, "read", OSError(errno.EINVAL, "not a regular file")
+                )
+            data = self._read(fd, self.path)
+        finally:
+            os.close(fd)
+        return data.decode("utf-8", "surrogateescape")
 
     def _open_locked(self, path: str, create: bool) -> int | None:
         """
@@ -445,6 +499,9 @@ class HostsService(Service):
     status) and is tried again at the next L{write}. A section that cannot
     be removed when the service stops is logged with the names it holds.
 
+    L{pinned} reads the names set outside the section the same way, one
+    read or write at a time.
+
     @ivar error: why the last write failed (empty when it worked).
     @ivar written: the names the section holds, as last written.
     """
@@ -468,6 +525,10 @@ class HostsService(Service):
         self._lock = DeferredLock()
         self.error = ""
         self.written: dict[str, IPAddress] = {}
+        #: The names of the last read that worked, and why the last read
+        #: failed (empty when it worked).
+        self._pinned: frozenset[str] = frozenset()
+        self._read_error = ""
 
     def startService(self) -> None:
         """
@@ -496,16 +557,7 @@ class HostsService(Service):
             is logged, not passed on.
         """
         wanted = {name: ip_address(ip) for name, ip in mapping.items()}
-        return self._lock.run(self._write, wanted)
-
-    def _write_file(self, wanted: dict[str, IPAddress]) -> bool:
-        if not wanted and not self.file.has_section():
-            return False
-        return self.file.write(wanted)
-
-    def _write(self, wanted: dict[str, IPAddress]) -> Deferred[bool]:
-        pool = self._threadpool or self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, self._write_file, wanted)
+        d = self._in_thread(self._write_file, wanted)
 
         def written(changed: bool) -> bool:
             self._problems.cleared(self._what)
@@ -551,3 +603,41 @@ class HostsService(Service):
             path=self.file.path,
             names=names or "the names an earlier run wrote",
         )
+
+    def pinned(self) -> Deferred[frozenset[str]]:
+        """
+        The names the file sets outside ngrokd's section, read afresh. When
+        it cannot be read, the names of the last read that worked (the
+        reason is logged once, while it stays the same).
+        """
+
+        def read(names: frozenset[str]) -> frozenset[str]:
+            self._pinned, self._read_error = names, ""
+            return names
+
+        def failed(failure: Any) -> frozenset[str]:
+            failure.trap(HostsFileError)
+            reason = str(failure.value)
+            if reason != self._read_error:
+                self.log.error(
+                    "{error}; the names it sets are not known, so only those"
+                    " of its last read are kept from endpoints",
+                    error=reason,
+                )
+            self._read_error = reason
+            return self._pinned
+
+        return self._in_thread(self.file.pinned).addCallbacks(read, failed)
+
+    def _write_file(self, wanted: dict[str, IPAddress]) -> bool:
+        if not wanted and not self.file.has_section():
+            return False
+        return self.file.write(wanted)
+
+    def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """
+        Run C{work} in the pool once the reads and writes asked for before
+        it are done.
+        """
+        pool = self._threadpool or self._reactor.getThreadPool()
+        return self._lock.run(deferToThreadPool, self._reactor, pool, work, *args)

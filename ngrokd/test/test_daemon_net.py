@@ -31,13 +31,14 @@ from ngrokd.control.render import status_lines
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
-from ngrokd.host.hosts import BEGIN
+from ngrokd.host.hosts import BEGIN, END
 from ngrokd.host.netif import NotPermitted
 from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.ngrok.api import ApiEndpoint
 from ngrokd.ngrok.identity import Identity
 from ngrokd.ngrok.identity_service import REGISTERED, WAITING_FOR_KEY
 from ngrokd.plan import client_address, plan, uses_virtual
+from ngrokd.status import FAILED, LISTENING
 from ngrokd.test.test_hosts import ThreadReactor
 
 A = ip_address("10.107.0.2")
@@ -176,6 +177,21 @@ class ReconcileFixture(SynchronousTestCase):
         with open(self.hosts_path) as f:
             return f.read()
 
+    def assertGivenUp(self, gone: Any, kept: str, kept_address: Any) -> None:
+        """
+        The recorded changes gave up the port 80 listener on C{gone}, then
+        its name (only C{kept} is named), then its address, in that order.
+        """
+        self.assertEqual(
+            self.recorder.events,
+            [
+                ("addresses", frozenset({gone, kept_address})),
+                ("stop", str(gone), 80),
+                ("hosts", {kept: kept_address}),
+                ("addresses", frozenset({kept_address})),
+            ],
+        )
+
 
 class ReconcileTests(ReconcileFixture):
     """
@@ -233,15 +249,7 @@ class ReconcileTests(ReconcileFixture):
         self.reconcile(daemon, "http://a.test", "http://b.test")
         del self.recorder.events[:]
         self.reconcile(daemon, "http://b.test")
-        self.assertEqual(
-            self.recorder.events,
-            [
-                ("addresses", frozenset({A, B})),
-                ("stop", "10.107.0.2", 80),
-                ("hosts", {"b.test": B}),
-                ("addresses", frozenset({B})),
-            ],
-        )
+        self.assertGivenUp(A, "b.test", B)
         self.assertEqual(self.interface.present, {B})
 
     def test_stableAcrossRestart(self) -> None:
@@ -355,6 +363,104 @@ class ReconcileTests(ReconcileFixture):
             {
                 "http://h253.test:80": "no address left for h253.test: all 253"
                 " usable addresses of 10.107.0.0/24 are in use"
+            },
+        )
+
+    def test_namesNotOursRefused(self) -> None:
+        """
+        Endpoints whose names are not ngrokd's to claim (localhost, an IP
+        literal, the API's and the ingress's hosts, a name the administrator
+        set in the hosts file) get no address, no listener and no hosts
+        line; each fails with its reason in status, logged once however
+        often it is polled, and does not count against readiness; the
+        other endpoint is served, and the administrator's line stays.
+        """
+        daemon = self.make_daemon()
+        with open(self.hosts_path, "a") as f:
+            f.write("192.0.2.10\tpinned.test\n")
+        refused = {
+            "http://localhost": "it names this machine itself (RFC 6761)",
+            "tcp://192.0.2.77:5432": "it reads as an IP address, not a name",
+            "https://api.ngrok.com": "it is the ngrok API's host (api.url),"
+            " which ngrokd must reach",
+            "tls://kubernetes-binding-ingress.ngrok.io": "it is the binding"
+            " ingress's host (ingressEndpoint), which ngrokd must reach",
+            "http://pinned.test": "the hosts file sets it outside ngrokd's"
+            " section, and that address stays",
+        }
+        for _ in range(3):
+            self.reconcile(daemon, "http://a.test", *refused)
+        self.assertEqual(
+            [e for e in self.recorder.events if e[0] != "addresses"][:2],
+            [("listen", "10.107.0.2", 80), ("hosts", {"a.test": A})],
+        )
+        self.assertEqual(
+            {e for e in self.recorder.events if e[0] == "addresses"},
+            {("addresses", frozenset({A}))},
+        )
+        self.assertEqual(set(daemon.allocations.ips), {"a.test"})
+        self.assertEqual(
+            self.hosts(),
+            f"127.0.0.1\tlocalhost\n192.0.2.10\tpinned.test\n\n{BEGIN}\n"
+            f"10.107.0.2\ta.test\n{END}\n",
+        )
+        rows = {row.url: row for row in daemon.endpoint_status()}
+        self.assertEqual(rows["http://a.test"].state, LISTENING)
+        for url, why in refused.items():
+            host = parse_endpoint_url(url).host
+            reason = f"{host} is not ngrokd's to claim: {why}"
+            self.assertEqual(
+                (rows[url].state, rows[url].reason, rows[url].listen_address),
+                (FAILED, reason, ""),
+            )
+            logged = [
+                formatEvent(e)
+                for e in self.events
+                if formatEvent(e).startswith(f"cannot serve {url}")
+            ]
+            self.assertEqual(len(logged), 1, url)
+        status = daemon.daemon_status()
+        self.assertEqual((status.listeners_planned, status.listeners_up), (1, 1))
+
+    def test_pinnedLaterTakesTheNameBack(self) -> None:
+        """
+        A name the administrator sets in the hosts file while ngrokd serves
+        it is given up at the next poll: its listener stops, its line and
+        address go, and it fails with the reason; the other name stays.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test", "http://b.test")
+        with open(self.hosts_path, "r+") as f:
+            text = f.read()
+            f.seek(0)
+            f.write("192.0.2.10 b.test\n" + text)
+        del self.recorder.events[:]
+        self.reconcile(daemon, "http://a.test", "http://b.test")
+        self.assertGivenUp(B, "a.test", A)
+        self.assertTrue(self.hosts().startswith("192.0.2.10 b.test\n127.0.0.1"))
+        self.assertIn(
+            "the hosts file sets it outside", daemon.plan.failures["http://b.test:80"]
+        )
+
+    def test_allowedDomainsReloaded(self) -> None:
+        """
+        A reload that sets C{net.allowed_domains} applies at once: names
+        outside those domains lose their listener and line, names inside
+        keep theirs.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test", "http://b.prod")
+        with open(daemon.config.path, "a") as f:
+            f.write("  allowed_domains: [prod]\n")
+        del self.recorder.events[:]
+        result = self.successResultOf(daemon.reload())
+        self.assertEqual(result.applied, ("net.allowed_domains",))
+        self.assertGivenUp(A, "b.prod", B)
+        self.assertEqual(
+            daemon.plan.failures,
+            {
+                "http://a.test:80": "a.test is not ngrokd's to claim: it is"
+                " outside net.allowed_domains (prod)"
             },
         )
 

@@ -24,6 +24,7 @@ CORE = {
     "ngrokd.events",
     "ngrokd.instance",
     "ngrokd.logs",
+    "ngrokd.names",
     "ngrokd.pem",
     "ngrokd.plan",
     "ngrokd.problems",

@@ -36,6 +36,7 @@ from urllib.parse import quote
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
+from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host import allocation, hosts
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
 from ngrokd.host.hosts import BEGIN, END
@@ -274,14 +275,21 @@ class World:
         endpoints: Sequence[tuple[str, str]],
         subnet: str = SUBNET,
         overrides: dict[str, str] | None = None,
+        hosts: str = HOSTS,
+        devcloud_host: str = "127.0.0.1",
     ) -> None:
+        """
+        @param hosts: the hosts file's text before anything runs.
+        @param devcloud_host: the name or address the devcloud's API and
+            ingress listen on, and the daemon's configuration names them by.
+        """
         self.case = case
         self.ns: Namespace = namespace(case)
         self.dir = os.path.abspath(case.mktemp())
         os.makedirs(self.dir)
         self.hosts_path = os.path.join(self.dir, "hosts")
         with open(self.hosts_path, "w") as f:
-            f.write(HOSTS)
+            f.write(hosts)
         self.state_dir = os.path.join(self.dir, "state")
         self.subnet = ip_network(subnet)
         self.daemon: Process | None = None
@@ -298,6 +306,8 @@ class World:
             "0",
             "--ingress-port",
             "0",
+            "--host",
+            devcloud_host,
         ]
         for url, backend in endpoints:
             argv += ["--endpoint", f"{url}=127.0.0.1:{self.ports[backend]}"]
@@ -417,6 +427,16 @@ class World:
     def logged(self, text: str) -> list[str]:
         assert self.daemon is not None
         return [line for line in self.daemon.output().splitlines() if text in line]
+
+    def ngrokctl_json(self, *args: str) -> Any:
+        """
+        What C{ngrokctl ARGS -o json} prints, over the daemon's socket.
+        """
+        argv = ["-m", "ngrokd.ctl", "--socket", self.socket_path, *args, "-o", "json"]
+        result = self.ns.run([sys.executable, *argv], self.hosts_path)
+        if result.returncode != 0:
+            raise AssertionError(f"ngrokctl {args} failed:\n{result.stderr}")
+        return json.loads(result.stdout)
 
     def state(self, name: str) -> Any:
         with open(os.path.join(self.state_dir, name)) as f:
@@ -690,6 +710,77 @@ class VirtualModeTests(SynchronousTestCase):
         self.assertEqual(results[0], "host=h1.test\n")
         self.assertTrue(results[1].startswith("error"), results)
 
+    def test_namesNotOurs(self) -> None:
+        """
+        Endpoints named C{localhost}, as the API's and ingress's own host
+        (here C{api.test}, which the administrator set in the hosts file so
+        that the daemon reaches the devcloud), or as a name the administrator
+        set to an address of their own, get no address, listener or hosts
+        line: the administrator's addresses stay what the resolver answers,
+        the daemon keeps reaching ngrok, and C{ngrokctl list} gives each
+        one's reason, logged once. The other endpoint is served by name.
+        """
+        world = World(
+            self,
+            [
+                ("http://a.test", "web"),
+                ("http://localhost", "web"),
+                ("http://api.test", "web"),
+                ("tcp://pinned.test:7000", "echo"),
+            ],
+            hosts=HOSTS + "127.0.0.1\tapi.test\n192.0.2.77\tpinned.test\n",
+            devcloud_host="api.test",
+        )
+        world.start_daemon()
+        world.wait(
+            lambda: world.section() == ["10.107.0.2\ta.test"], "a.test named alone"
+        )
+        self.assertEqual(world.client(["http", "a.test", 80]), ["host=a.test\n"])
+        for name, address in (
+            ("pinned.test", "192.0.2.77"),
+            ("api.test", "127.0.0.1"),
+            ("localhost", "127.0.0.1"),
+        ):
+            getent = world.ns.run(["getent", "ahostsv4", name], world.hosts_path)
+            self.assertEqual(
+                {line.split()[0] for line in getent.stdout.splitlines()},
+                {address},
+                name,
+            )
+        claim = " is not ngrokd's to claim: "
+        reasons = {
+            "http://localhost": "localhost"
+            + claim
+            + "it names this machine itself (RFC 6761)",
+            "http://api.test": "api.test"
+            + claim
+            + "it is the ngrok API's host (api.url), which ngrokd must reach",
+            "tcp://pinned.test:7000": "pinned.test"
+            + claim
+            + "the hosts file sets it outside ngrokd's section, and that address"
+            " stays",
+        }
+        rows = {row["url"]: row for row in world.ngrokctl_json("list")}
+        self.assertEqual(rows["http://a.test"]["state"], "listening")
+        self.assertEqual(
+            {url: (rows[url]["state"], rows[url]["reason"]) for url in reasons},
+            {url: ("failed", reason) for url, reason in reasons.items()},
+        )
+        time.sleep(3 * POLL_INTERVAL)
+        for url, reason in reasons.items():
+            normalised = parse_endpoint_url(url).url
+            self.assertEqual(
+                len(world.logged(f"cannot serve {normalised}: {reason}")), 1, url
+            )
+        self.assertEqual(
+            world.addresses(),
+            {("ngrokd0" if world.link_kind() else "lo"): {"10.107.0.2/32"}},
+        )
+        self.assertEqual(
+            {a for a in world.listening() if a.startswith("10.107.")},
+            {"10.107.0.2:80"},
+        )
+
 
 class StopTests(SynchronousTestCase):
     """
@@ -769,6 +860,7 @@ class ReadinessTests(SynchronousTestCase):
 _SAVE = r"""
 import os, signal, sys, tempfile
 from ipaddress import ip_address
+from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host import allocation, hosts
 state_dir, stop_at = sys.argv[1], int(sys.argv[2])
 steps = 0
