@@ -677,17 +677,24 @@ class ReadinessTests(ReconcileFixture):
     def test_notOursToFix(self) -> None:
         """
         Endpoints no change on this machine would serve (an unreadable URL,
-        two endpoints that need one socket) are listed, and the daemon is
-        ready.
+        two endpoints that need one socket, a name that is not ngrokd's to
+        claim) are listed, and the daemon is ready.
         """
         daemon = self.make_daemon()
         self.registered(daemon)
-        self.reconcile(daemon, "http://a.test:443", "tls://a.test", "ftp://c.test")
+        self.reconcile(
+            daemon,
+            "http://a.test:443",
+            "tls://a.test",
+            "ftp://c.test",
+            "http://localhost",
+        )
         ready, text = self.readiness(daemon)
         self.assertTrue(ready, text)
         lines = text.splitlines()
         self.assertEqual(lines[0], "ready")
-        self.assertEqual(len(lines), 3, lines)
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn("localhost is not ngrokd's to claim", text)
         self.assertTrue(all(line.startswith("not served: ") for line in lines[1:]))
         self.assertIn("is already served by http://a.test:443", text)
 
