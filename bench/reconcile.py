@@ -273,7 +273,7 @@ async def _list_over_socket(daemon: Daemon) -> tuple[float, int]:
     How long C{ngrokctl list} takes to fetch every row over the real control
     socket and AMP, and how many rows came.
     """
-    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+    feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
     control = ControlService(daemon, feed, reactor)
     control.startService()
     try:

@@ -39,12 +39,14 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
+from ngrokd.board import StatusBoard
 from ngrokd.config import Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
@@ -68,7 +70,7 @@ from ngrokd.plan import Plan, plan, wanted_allocations
 from ngrokd.problems import Problems
 from ngrokd.readfile import in_own_thread
 from ngrokd.reconfigure import applied, changes
-from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
+from ngrokd.status import DaemonStatus, EndpointStatus
 
 #: The keys that change where endpoints listen, or which names may be claimed.
 _PLAN_KEYS = frozenset(
@@ -115,6 +117,9 @@ _IDENTITY_KEYS = frozenset(
         "api.reregister_if_deleted",
     }
 )
+
+#: Status rows made in one turn of the reactor after a reconcile.
+ROWS_AT_ONCE = 500
 
 #: Seconds a stop may take as a whole (listeners, hosts file, addresses).
 STOP_TIMEOUT = 60.0
@@ -188,6 +193,9 @@ class Daemon(MultiService):
         self.listeners = ListenerSet(
             reactor, self.connector, idle_timeout=server.idle_timeout
         )
+        #: Every endpoint's status row, kept as its facts change.
+        self.board = StatusBoard(lambda: self.listeners.listeners, self._overlay)
+        self.listeners.on_change = self.board.listener_changed
         #: What keeps failing (state files, the hosts file), for status.
         self.problems = Problems(reactor)
         self.interface = InterfaceService(reactor, config.net, network_interface)
@@ -411,24 +419,35 @@ class Daemon(MultiService):
 
     def endpoint_status(self) -> tuple[EndpointStatus, ...]:
         """
-        What every endpoint of the last good poll is doing.
+        What every endpoint of the last good poll is doing (the kept rows).
+        """
+        return self.board.rows()
+
+    def _overlay(self) -> tuple[str, bool]:
+        """
+        What every row shows of the daemon: the expired certificate, the
+        endpoints kept from an earlier run.
         """
         identity = self.identity_service
-        return endpoint_status(
-            self.endpoints,
-            self.skipped,
-            self.plan,
-            self.listeners.listeners,
-            certificate_problem=identity.error if identity.state == EXPIRED else "",
-            stale=self.stale,
-        )
+        return identity.error if identity.state == EXPIRED else "", self.stale
+
+    async def _make_rows(self) -> None:
+        """
+        Make the status rows a reconcile changed, L{ROWS_AT_ONCE} at a
+        time, with a turn of the reactor between: connections keep flowing
+        while thousands change.
+        """
+        board = self.board
+        board.refresh(ROWS_AT_ONCE)
+        while board.pending:
+            await deferLater(self._reactor, 0, lambda: None)
+            board.refresh(ROWS_AT_ONCE)
 
     def daemon_status(self) -> DaemonStatus:
         """
         The daemon as a whole, now.
         """
         identity = self.identity_service.status()
-        listeners = self.listeners.listeners
         specs = self.plan.specs
         expires = identity.not_after
         return DaemonStatus(
@@ -446,17 +465,13 @@ class Daemon(MultiService):
             poll_failures=self.discovery.failures,
             endpoints=len(self.endpoints) + len(self.skipped),
             listeners_planned=len(specs),
-            listeners_up=sum(
-                1 for key in specs if key in listeners and listeners[key].listening
-            ),
+            listeners_up=self.board.listeners_up,
             config_error=self.config_error,
             restart_pending=self.restart_pending,
             stale=self.stale,
             warm_connections=self.connector.pool.ready,
             listeners_unplanned=len(self.plan.failures) - len(self.plan.refused),
-            names_error=(
-                self.hosts.error if any(s.virtual for s in specs.values()) else ""
-            ),
+            names_error=self.hosts.error if self.board.virtual else "",
             problems=self.problems.current(),
         )
 
@@ -754,6 +769,7 @@ class Daemon(MultiService):
                 continue
             endpoints[record.id] = BoundEndpoint(record.id, record.url, target)
         self.endpoints, self.skipped = endpoints, skipped
+        self.board.reconciled(endpoints, skipped, self.plan)
         net = self.config.net
         names = name_rules(self.config, await self.hosts.pinned())
         wanted_ips, wanted_ports = wanted_allocations(
@@ -788,6 +804,8 @@ class Daemon(MultiService):
         self.plan = planned.without_addresses(
             {str(ip): reason for ip, reason in missing.items()}
         )
+        self.board.reconciled(self.endpoints, self.skipped, self.plan)
+        await self._make_rows()
         for url, reason in self.plan.failures.items():
             if previous.failures.get(url) != reason:
                 self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)

@@ -135,7 +135,7 @@ def build_daemon(
     daemon.reconfigured.append(
         lambda new: log_level.set_level(level_named(new.server.log_level))
     )
-    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+    feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
     if config.server.health_address:
         from ngrokd.control.health import HealthService
         from ngrokd.control.metrics import DaemonMetrics
@@ -144,14 +144,19 @@ def build_daemon(
         metrics = DaemonMetrics(daemon)
         web = WebPage(
             daemon.daemon_status,
-            daemon.endpoint_status,
+            daemon.board,
             feed,
             metrics.upgrade_percentiles,
             config.server.web_hosts,
             reactor,
         )
         health = HealthService(
-            config.server.health_address, daemon, metrics.registry, reactor, web
+            config.server.health_address,
+            daemon,
+            metrics.registry,
+            reactor,
+            web,
+            metrics.endpoint_series,
         )
         health.setServiceParent(daemon)
     feed.setServiceParent(daemon)

@@ -22,8 +22,9 @@ bound is logged with what to do; the daemon carries on.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -38,18 +39,33 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamServerEndpoint,
 )
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
+from ngrokd.control.held import REQUESTS
 from ngrokd.control.httpsite import HealthSite
+from ngrokd.control.slices import SlicedBody, batched, slicer
 from ngrokd.control.web import WebPage, plain_text
 from ngrokd.endpoints import join_host_port
 from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
 
 #: Seconds an idle HTTP connection is kept.
 IDLE_TIMEOUT = 60
+#: Endpoints of C{/status} written in one piece.
+ROWS_AT_ONCE = 200
+
+
+class KeptRows(Protocol):
+    """
+    The kept status rows (L{ngrokd.board.StatusBoard}), as C{/status}
+    reads them.
+    """
+
+    def rows(self) -> tuple[EndpointStatus, ...]: ...
+    def count(self, state: str) -> int: ...
 
 
 class StatusSource(Protocol):
@@ -57,6 +73,8 @@ class StatusSource(Protocol):
     What the server reads: the daemon's status values.
     """
 
+    @property
+    def board(self) -> KeptRows: ...
     def daemon_status(self) -> DaemonStatus: ...
     def endpoint_status(self) -> tuple[EndpointStatus, ...]: ...
 
@@ -152,8 +170,44 @@ def status_json(daemon: StatusSource) -> bytes:
     L{status_document} of C{daemon} now, as one line of JSON (compact, as
     the original's: the encoder written in C does not indent).
     """
-    document = status_document(daemon.daemon_status(), daemon.endpoint_status())
-    return json.dumps(document).encode("utf-8") + b"\n"
+    return b"".join(StatusPieces().pieces(daemon))
+
+
+class StatusPieces:
+    """
+    The C{/status} JSON in pieces, byte for byte L{status_document} as
+    C{json.dumps} writes it, from a snapshot of the kept rows: the
+    daemon's part, then the endpoints L{ROWS_AT_ONCE} at a time. Each row's
+    text is kept while the row is the same, so that only the rows that
+    changed are written again.
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[str, tuple[EndpointStatus, bytes]] = {}
+
+    def pieces(self, daemon: StatusSource) -> Iterator[bytes]:
+        status = daemon.daemon_status()
+        board = daemon.board
+        rows = board.rows()
+        document = status_document(status, ())
+        document["healthy"] = status.ready and board.count(FAILED) == 0
+        head = json.dumps(document)
+        # The endpoints come last: write up to their opening brace.
+        yield head[: -len("}}")].encode("utf-8")
+        if len(self._texts) > 2 * len(rows):
+            self._texts = {}
+        texts, separator = self._texts, b""
+        for batch in batched(rows, ROWS_AT_ONCE):
+            parts = []
+            for row in batch:
+                kept = texts.get(row.id)
+                if kept is None or kept[0] is not row:
+                    text = json.dumps({row.id: _endpoint_document(row)})[1:-1]
+                    kept = texts[row.id] = (row, text.encode("utf-8"))
+                parts.append(separator + kept[1])
+                separator = b", "
+            yield b"".join(parts)
+        yield b"}}\n"
 
 
 def _endpoint_document(row: EndpointStatus) -> dict[str, Any]:
@@ -211,33 +265,40 @@ def _decimal(value: int, scale: int) -> str:
 class _Page(Resource):
     """
     A leaf that answers C{GET} and C{HEAD} only (any other method gets 405
-    and C{Allow}), with no caching.
+    and C{Allow}), with no caching; its work on the reactor is timed as
+    C{name}'s.
     """
 
     isLeaf = True
     allowedMethods = (b"GET", b"HEAD")
+    name = ""
 
     def __init__(self, daemon: StatusSource) -> None:
         Resource.__init__(self)
         self._daemon = daemon
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         if request.method not in self.allowedMethods:
             request.setHeader(b"Allow", b", ".join(self.allowedMethods))
             return plain_text(request, 405, "only GET and HEAD are answered here\n")
         request.setHeader(b"Cache-Control", b"no-store")
-        return self.page(request)
+        with REQUESTS.timing(f"GET {self.name}"):
+            return self.page(request)
 
-    def page(self, request: Request) -> bytes:
+    def page(self, request: Request) -> bytes | int:
         raise NotImplementedError
 
 
 class _Alive(_Page):
+    name = "/healthz"
+
     def page(self, request: Request) -> bytes:
         return plain_text(request, 200, "healthy\n")
 
 
 class _Ready(_Page):
+    name = "/readyz"
+
     def page(self, request: Request) -> bytes:
         status = self._daemon.daemon_status()
         text = readiness_text(status, self._daemon.endpoint_status())
@@ -245,19 +306,55 @@ class _Ready(_Page):
 
 
 class _Status(_Page):
-    def page(self, request: Request) -> bytes:
+    """
+    C{/status}, written in slices (L{ngrokd.control.slices}).
+    """
+
+    name = "/status"
+
+    def __init__(self, daemon: StatusSource, slices: Cooperator) -> None:
+        super().__init__(daemon)
+        self._slices = slices
+        self._pieces = StatusPieces()
+
+    def page(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", b"application/json")
-        return status_json(self._daemon)
+        if request.method == b"HEAD":
+            return b""
+        SlicedBody(
+            request, self._pieces.pieces(self._daemon), self._slices, "GET /status"
+        )
+        return NOT_DONE_YET
 
 
 class _Metrics(_Page):
-    def __init__(self, daemon: StatusSource, registry: CollectorRegistry) -> None:
+    """
+    C{/metrics}: the registry, then the per-endpoint series in slices.
+    """
+
+    name = "/metrics"
+
+    def __init__(
+        self,
+        daemon: StatusSource,
+        registry: CollectorRegistry,
+        per_endpoint: Callable[[], Iterable[bytes]],
+        slices: Cooperator,
+    ) -> None:
         super().__init__(daemon)
         self._registry = registry
+        self._per_endpoint = per_endpoint
+        self._slices = slices
 
-    def page(self, request: Request) -> bytes:
+    def page(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)
+        if request.method == b"HEAD":
+            return b""
+        pieces = itertools.chain(
+            [generate_latest(self._registry)], self._per_endpoint()
+        )
+        SlicedBody(request, pieces, self._slices, "GET /metrics")
+        return NOT_DONE_YET
 
 
 def health_site(
@@ -265,20 +362,23 @@ def health_site(
     registry: CollectorRegistry,
     web: WebPage,
     clock: IReactorTime,
+    per_endpoint: Callable[[], Iterable[bytes]] = tuple,
 ) -> HealthSite:
     """
     The pages, on a site with C{clock}'s time, with the web page at C{/};
-    the site's own counts join C{registry}.
+    the site's own counts join C{registry}, and C{/metrics} ends with the
+    pieces of C{per_endpoint}.
     """
     root = Resource()
     alive, ready = _Alive(daemon), _Ready(daemon)
+    slices = slicer(clock)
     for name, page in [
         (b"healthz", alive),
         (b"health", alive),
         (b"readyz", ready),
         (b"ready", ready),
-        (b"status", _Status(daemon)),
-        (b"metrics", _Metrics(daemon, registry)),
+        (b"status", _Status(daemon, slices)),
+        (b"metrics", _Metrics(daemon, registry, per_endpoint, slices)),
     ]:
         root.putChild(name, page)
     web.add_to(root)
@@ -304,11 +404,12 @@ class HealthService(Service):
         registry: CollectorRegistry,
         reactor: Any,
         web: WebPage,
+        per_endpoint: Callable[[], Iterable[bytes]] = tuple,
     ) -> None:
         self.address = address
         self._reactor = reactor
         self.web = web
-        self.site = health_site(daemon, registry, web, reactor)
+        self.site = health_site(daemon, registry, web, reactor, per_endpoint)
         self.port: IListeningPort | None = None
         self.error = ""
         self._listening: Deferred[None] | None = None

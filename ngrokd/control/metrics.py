@@ -3,9 +3,14 @@
 Prometheus metrics, prefixed C{ngrokd_}, in a registry of their own.
 
 Counting costs the data path nothing: the per-endpoint numbers are the
-counters the listeners already keep for status, read when Prometheus
-scrapes (bytes of connections still open included, so a long session is
-seen before it ends). Only what needs a distribution is observed as it
+counters the listeners already keep for status, and the totals the same
+counts for every listener, those gone included; they are read when
+Prometheus scrapes (bytes of connections still open included, so a long
+session is seen before it ends). The per-endpoint series are read from the
+counters themselves, without a status row, and written as text in pieces
+(L{EndpointSeries}), which C{/metrics} writes between the reactor's turns;
+C{server.metrics_per_endpoint} caps how many endpoints have them (the
+first in URL order; 0: none). Only what needs a distribution is observed as it
 happens, once per connection or poll, never per byte: the time from accept
 to an upgraded connection, the lifetime of each connection, and each
 discovery poll's duration and result. Without a health server there is no
@@ -15,15 +20,19 @@ L{DaemonMetrics}, and the data path does not even read the clock for it.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 import twisted
 from ngrokd import __version__
+from ngrokd.board import STATES
+from ngrokd.control.slices import batched
+from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable
 
 if TYPE_CHECKING:
@@ -142,7 +151,7 @@ class DaemonMetrics:
     # The collector: read at each scrape
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._endpoints()
+        yield from self._totals()
         connector = self._daemon.connector
         handshakes, pool = connector.handshakes, connector.pool
         yield _by_label(
@@ -202,43 +211,179 @@ class DaemonMetrics:
         )
         yield build
 
-    def _endpoints(self) -> Iterator[Metric]:
-        labels = ["url"]
-        opened = GaugeMetricFamily(
-            f"{PREFIX}_endpoint_connections_open",
-            "Local connections open now.",
-            labels=labels,
+    def _totals(self) -> Iterator[Metric]:
+        daemon = self._daemon
+        totals = daemon.listeners.totals
+        up, down = _in_flight(totals, daemon.listeners.listeners.values())
+        yield GaugeMetricFamily(
+            f"{PREFIX}_connections_open",
+            "Local connections open now, every endpoint's.",
+            value=totals.connections_open,
         )
-        accepted = CounterMetricFamily(
-            f"{PREFIX}_endpoint_connections",
-            "Local connections accepted.",
-            labels=labels,
+        yield CounterMetricFamily(
+            f"{PREFIX}_connections",
+            "Local connections accepted, every endpoint's.",
+            value=totals.connections_total,
         )
-        carried = CounterMetricFamily(
-            f"{PREFIX}_endpoint_bytes",
-            "Bytes carried: up from local clients to the endpoint, down back.",
-            labels=["url", "direction"],
+        yield _by_label(
+            CounterMetricFamily,
+            "bytes",
+            "Bytes carried for every endpoint: up from local clients, down back.",
+            "direction",
+            up=up,
+            down=down,
         )
-        failures = CounterMetricFamily(
-            f"{PREFIX}_endpoint_upstream_failures",
-            "Connections that could not be carried to the endpoint, by kind"
+        yield _by_label(
+            CounterMetricFamily,
+            "upstream_failures",
+            "Connections that could not be carried, every endpoint's, by kind"
             " (dial, tls, timeout, upgrade, refused, other).",
-            labels=["url", "kind"],
+            "kind",
+            **dict(sorted(totals.failures.items())),
         )
-        for url, listener in self._daemon.listeners.listeners.items():
-            stats = listener.stats
-            up, down = stats.bytes_up, stats.bytes_down
+        board = daemon.board
+        yield _by_label(
+            GaugeMetricFamily,
+            "endpoints",
+            "Bound endpoints, by state.",
+            "state",
+            **{state: board.count(state) for state in STATES},
+        )
+        cap = daemon.config.server.metrics_per_endpoint
+        yield GaugeMetricFamily(
+            f"{PREFIX}_endpoints_without_series",
+            "Endpoints with a listener whose own series are left out"
+            " (server.metrics_per_endpoint); the totals count them.",
+            value=max(0, len(daemon.listeners.listeners) - cap),
+        )
+
+    def endpoint_series(self) -> Iterator[bytes]:
+        """
+        The per-endpoint series, as exposition text in pieces.
+        """
+        return EndpointSeries(
+            self._daemon.listeners.listeners,
+            self._daemon.config.server.metrics_per_endpoint,
+        ).pieces()
+
+
+class Carried(Protocol):
+    """
+    A listener as the metrics read it.
+    """
+
+    @property
+    def stats(self) -> EndpointStats: ...
+    @property
+    def factory(self) -> BridgeFactory: ...
+
+
+def _in_flight(stats: EndpointStats, listeners: Iterable[Carried]) -> tuple[int, int]:
+    """
+    The bytes of C{stats}, with those of the connections still open on
+    C{listeners}.
+    """
+    up, down = stats.bytes_up, stats.bytes_down
+    for listener in listeners:
+        if listener.stats.connections_open:
             for connection in listener.factory.connections:
                 up += connection.bytes_received
                 if connection.ingress is not None:
                     down += connection.ingress.bytes_received
-            opened.add_metric([url], stats.connections_open)
-            accepted.add_metric([url], stats.connections_total)
-            carried.add_metric([url, "up"], up)
-            carried.add_metric([url, "down"], down)
-            for kind, count in sorted(stats.failures.items()):
-                failures.add_metric([url, kind], count)
-        yield from (opened, accepted, carried, failures)
+    return up, down
+
+
+#: A sample's value as C{generate_latest} writes it.
+_number = cast(Callable[[float], str], floatToGoString)
+
+#: The per-endpoint families: name, type, help.
+_FAMILIES = (
+    ("endpoint_connections_open", "gauge", "Local connections open now."),
+    ("endpoint_connections_total", "counter", "Local connections accepted."),
+    (
+        "endpoint_bytes_total",
+        "counter",
+        "Bytes carried: up from local clients to the endpoint, down back.",
+    ),
+    (
+        "endpoint_upstream_failures_total",
+        "counter",
+        "Connections that could not be carried to the endpoint, by kind"
+        " (dial, tls, timeout, upgrade, refused, other).",
+    ),
+)
+
+#: Endpoints written in one piece.
+ENDPOINTS_AT_ONCE = 250
+
+
+class EndpointSeries:
+    """
+    The per-endpoint series of the first C{cap} listeners in URL order, as
+    the text C{generate_latest} would write for them, made a few hundred
+    endpoints at a time: each piece reads the counters as they are then
+    (they only grow; Prometheus takes each sample as read).
+    """
+
+    def __init__(self, listeners: Mapping[str, Carried], cap: int) -> None:
+        self._listeners = listeners
+        self._cap = cap
+
+    def pieces(self) -> Iterator[bytes]:
+        if self._cap <= 0:
+            return
+        urls = sorted(self._listeners)[: self._cap]
+        writers = (self._open, self._accepted, self._bytes, self._failures)
+        for family, lines in zip(_FAMILIES, writers, strict=True):
+            yield _header(*family)
+            for batch in batched(urls, ENDPOINTS_AT_ONCE):
+                yield self._lines(batch, lines)
+
+    def _lines(
+        self, urls: list[str], lines: Callable[[str, Carried], Iterator[str]]
+    ) -> bytes:
+        text: list[str] = []
+        for url in urls:
+            listener = self._listeners.get(url)
+            if listener is not None:
+                text.extend(lines(_label(url), listener))
+        return "".join(text).encode("utf-8")
+
+    @staticmethod
+    def _open(url: str, listener: Carried) -> Iterator[str]:
+        value = _number(listener.stats.connections_open)
+        yield f'{PREFIX}_endpoint_connections_open{{url="{url}"}} {value}\n'
+
+    @staticmethod
+    def _accepted(url: str, listener: Carried) -> Iterator[str]:
+        value = _number(listener.stats.connections_total)
+        yield f'{PREFIX}_endpoint_connections_total{{url="{url}"}} {value}\n'
+
+    @staticmethod
+    def _bytes(url: str, listener: Carried) -> Iterator[str]:
+        up, down = _in_flight(listener.stats, [listener])
+        name = f"{PREFIX}_endpoint_bytes_total"
+        yield f'{name}{{direction="up",url="{url}"}} {_number(up)}\n'
+        yield f'{name}{{direction="down",url="{url}"}} {_number(down)}\n'
+
+    @staticmethod
+    def _failures(url: str, listener: Carried) -> Iterator[str]:
+        name = f"{PREFIX}_endpoint_upstream_failures_total"
+        for kind, count in sorted(listener.stats.failures.items()):
+            yield f'{name}{{kind="{_label(kind)}",url="{url}"}} {_number(count)}\n'
+
+
+def _header(name: str, kind: str, documentation: str) -> bytes:
+    return (
+        f"# HELP {PREFIX}_{name} {documentation}\n# TYPE {PREFIX}_{name} {kind}\n"
+    ).encode()
+
+
+def _label(value: str) -> str:
+    """
+    A label value as the exposition format escapes it.
+    """
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def _by_label(

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from importlib import resources
+from typing import Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -31,10 +32,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from ngrokd.control.feed import Event, EventFeed
+from ngrokd.control.feed import Event, EventFeed, WatchedRows
 from ngrokd.control.history import ConnectionHistory
-from ngrokd.control.page import EVENTS_SHOWN, PageData, parse_query, render_page, select
-from ngrokd.status import DaemonStatus, EndpointStatus
+from ngrokd.control.page import (
+    EVENTS_SHOWN,
+    IndexedRows,
+    PageData,
+    parse_query,
+    render_page,
+    select,
+)
+from ngrokd.status import DaemonStatus
 
 #: Event streams open at once; more are refused with 503.
 MAX_STREAMS = 8
@@ -337,6 +345,12 @@ def _message(event: Event) -> bytes:
     return f"id: {event.id}\ndata: {data}\n\n".encode()
 
 
+class KeptRows(IndexedRows, WatchedRows, Protocol):
+    """
+    The kept rows, as the page reads them.
+    """
+
+
 class WebPage:
     """
     What the page reads, and the event streams it has open.
@@ -347,16 +361,16 @@ class WebPage:
     def __init__(
         self,
         daemon_status: Callable[[], DaemonStatus],
-        endpoint_status: Callable[[], Sequence[EndpointStatus]],
+        rows: KeptRows,
         feed: EventFeed,
         upgrade_percentiles: Callable[[], tuple[float | None, float | None]],
         names: Collection[str],
         clock: IReactorTime,
     ) -> None:
         self._daemon_status = daemon_status
-        self._endpoint_status = endpoint_status
+        self._rows = rows
         self.feed = feed
-        self.history = ConnectionHistory(endpoint_status, clock)
+        self.history = ConnectionHistory(rows, clock)
         self._upgrade = upgrade_percentiles
         self.names = frozenset(names)
         self.clock = clock
@@ -367,14 +381,13 @@ class WebPage:
         What one request for the page shows.
         """
         query = parse_query(args)
-        rows = self._endpoint_status()
-        chosen = select(rows, query)
+        chosen = select(self._rows, query)
         last = self.feed.last_id
         return PageData(
             status=self._daemon_status(),
             query=query,
             selection=chosen,
-            total=len(rows),
+            total=len(self._rows),
             sparklines={row.id: self.history.accepted(row.id) for row in chosen.rows},
             interval=self.history.interval,
             events=self.feed.after(max(0, last - EVENTS_SHOWN)),

@@ -20,6 +20,7 @@ import ipaddress
 import resource
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from attrs import define
@@ -279,6 +280,15 @@ class ListenerSet:
         self.listeners: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
+        #: Called with a listener's URL when it is added, removed, listens,
+        #: fails, or counts a connection.
+        self.on_change: Callable[[str], object] | None = None
+        #: What every listener has carried, those gone included.
+        self.totals = EndpointStats()
+
+    def _changed(self, key: str) -> None:
+        if self.on_change is not None:
+            self.on_change(key)
 
     @property
     def connections_open(self) -> int:
@@ -298,7 +308,10 @@ class ListenerSet:
         Listeners no longer wanted stop first, so that what they free (an
         address and port handed to another endpoint) can be bound at once.
         """
-        gone = [self.listeners.pop(k) for k in list(self.listeners) if k not in specs]
+        gone = []
+        for key in [k for k in self.listeners if k not in specs]:
+            gone.append(self.listeners.pop(key))
+            self._changed(key)
         stopping = DeferredList(
             [self._stop(listener) for listener in gone], consumeErrors=True
         )
@@ -309,15 +322,20 @@ class ListenerSet:
         for key, spec in specs.items():
             current = self.listeners.get(key)
             if current is None:
+                stats = EndpointStats(
+                    totals=self.totals, on_change=partial(self._changed, key)
+                )
                 factory = BridgeFactory(
                     spec.target,
                     self._connector,
                     spec.rewrite_host,
+                    stats=stats,
                     timings=self.timings,
                     idle_timeout=self._idle_timeout,
                 )
                 listener = Listener(spec, factory)
                 self.listeners[key] = listener
+                self._changed(key)
                 work.append(self._listen(key, listener))
             elif current.spec.bind != spec.bind:
                 work.append(self._rebind(key, current, spec))
@@ -326,6 +344,7 @@ class ListenerSet:
                     current.spec = spec
                     current.factory.target = spec.target
                     current.factory.rewrite_host = spec.rewrite_host
+                    self._changed(key)
                 if not current.listening:
                     work.append(self._listen(key, current))
         return DeferredList(work, consumeErrors=True).addCallback(lambda _: None)
@@ -335,7 +354,10 @@ class ListenerSet:
         Stop every listener; accepted connections carry on, but HTTP ones
         end at their next response boundary (the grace of a stop starts).
         """
-        listeners, self.listeners = list(self.listeners.values()), {}
+        kept, self.listeners = self.listeners, {}
+        listeners = list(kept.values())
+        for key in kept:
+            self._changed(key)
         stopping = DeferredList(
             [self._stop(listener) for listener in listeners], consumeErrors=True
         )
@@ -356,6 +378,7 @@ class ListenerSet:
         def listening(port: IListeningPort) -> None:
             self._guard.watch(port)
             listener.port, listener.error, listener.holders = port, "", ()
+            self._changed(key)
             self.log.info(
                 "listening for {url} on {address}:{port}",
                 url=key,
@@ -391,6 +414,7 @@ class ListenerSet:
                     "cannot listen for {url}: {reason}", url=key, reason=reason
                 )
             listener.port, listener.error = None, reason
+            self._changed(key)
 
         d: Deferred[Any] = self._endpoint(spec).listen(listener.factory)
         return d.addCallbacks(listening, failed)
@@ -407,6 +431,7 @@ class ListenerSet:
         else:
             before = succeed(None)
         self.listeners[key] = new
+        self._changed(key)
 
         def bind(_: object) -> Deferred[None]:
             return self._listen(key, new)

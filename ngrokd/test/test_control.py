@@ -26,6 +26,7 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
+from ngrokd.board import StatusBoard
 from ngrokd.config import default_config, load_config
 from ngrokd.control.commands import (
     PAGE_BYTES,
@@ -408,7 +409,7 @@ class ControlSocketTests(DaemonFixture, TestCase):
 
             globalLogPublisher.addObserver(observe)
             self.addCleanup(globalLogPublisher.removeObserver, observe)
-            feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+            feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
             second = ControlService(daemon, feed, reactor)
             second.startService()
             self.addCleanup(second.stopService)
@@ -586,7 +587,7 @@ class PagingTests(TestCase):
                 server=attrs.evolve(defaults.config.server, socket_path=path),
             )
             daemon = SimpleNamespace(config=config, endpoint_status=lambda: rows)
-            feed = EventFeed(lambda: None, lambda: (), reactor)  # type: ignore[arg-type,return-value]
+            feed = EventFeed(lambda: None, StatusBoard(dict), reactor)  # type: ignore[arg-type,return-value]
             service = ControlService(daemon, feed, reactor)
             service.startService()
             self.addCleanup(service.stopService)

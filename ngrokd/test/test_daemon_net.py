@@ -555,7 +555,7 @@ class ReadinessTests(ReconcileFixture):
         agree; and what C{/readyz} says.
         """
         status = daemon.daemon_status()
-        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        feed = EventFeed(daemon.daemon_status, daemon.board, self.reactor)
         control = Controller(daemon, feed, self.reactor, "test")
         metrics = DaemonMetrics(daemon).registry.get_sample_value("ngrokd_ready")
         surfaces = [status.ready, control.status()["ready"], metrics == 1.0]
@@ -728,7 +728,7 @@ class StateSaveTests(ReconcileFixture):
         self.assertEqual(
             (problem.what, problem.count), ("saving the addresses and ports", polls)
         )
-        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        feed = EventFeed(daemon.daemon_status, daemon.board, self.reactor)
         control = Controller(daemon, feed, self.reactor, "test")
         lines = status_lines(control.status(), {})
         (shown,) = [line for line in lines if "saving" in line]
