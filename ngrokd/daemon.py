@@ -52,7 +52,7 @@ from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
 from ngrokd.datapath.pool import PoolSettings
-from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
+from ngrokd.endpoints import BoundEndpoint
 from ngrokd.host import allocation
 from ngrokd.host.allocation import IPAddress
 from ngrokd.host.hosts import HostsService
@@ -66,10 +66,11 @@ from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
 from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
-from ngrokd.plan import Plan, plan, wanted_allocations
+from ngrokd.plan import Plan
 from ngrokd.problems import Problems
 from ngrokd.readfile import in_own_thread
 from ngrokd.reconfigure import applied, changes
+from ngrokd.replan import Replanner
 from ngrokd.status import DaemonStatus, EndpointStatus
 
 #: The keys that change where endpoints listen, or which names may be claimed.
@@ -118,8 +119,12 @@ _IDENTITY_KEYS = frozenset(
     }
 )
 
-#: Status rows made in one turn of the reactor after a reconcile.
+#: Endpoints parsed, or status rows made, in one turn of the reactor
+#: while a reconcile applies a large change.
 ROWS_AT_ONCE = 500
+#: With this many endpoints or more, a changed poll's allocations and plan
+#: are decided in a thread (pure functions; the reactor carries on).
+DECIDE_IN_THREAD = 1000
 
 #: Seconds a stop may take as a whole (listeners, hosts file, addresses).
 STOP_TIMEOUT = 60.0
@@ -214,6 +219,8 @@ class Daemon(MultiService):
         self.endpoints: dict[str, BoundEndpoint] = {}
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
+        #: The last poll's parsed endpoints and decisions.
+        self._replan = Replanner()
         self.allocations = self._saved = allocation.Allocations()
         #: The virtual-mode addresses the last reconcile kept.
         self._addresses: frozenset[IPAddress] = frozenset()
@@ -755,61 +762,46 @@ class Daemon(MultiService):
         ours (L{ngrokd.names}), gets none of them. Addresses no hostname uses
         any more go last, after their listeners and names.
         """
-        endpoints: dict[str, BoundEndpoint] = {}
-        skipped: dict[str, str] = {}
-        for record in found:
-            try:
-                target = parse_endpoint_url(record.url, record.proto)
-            except EndpointURLError as e:
-                skipped[record.id] = str(e)
-                if self.skipped.get(record.id) != str(e):
-                    self.log.warn(
-                        "skipping endpoint {id}: {error}", id=record.id, error=e
-                    )
-                continue
-            endpoints[record.id] = BoundEndpoint(record.id, record.url, target)
+        endpoints, skipped = await self._parse(found)
         self.endpoints, self.skipped = endpoints, skipped
         self.board.reconciled(endpoints, skipped, self.plan)
         net = self.config.net
         names = name_rules(self.config, await self.hosts.pinned())
-        wanted_ips, wanted_ports = wanted_allocations(
-            endpoints.values(), net.listen_interface, net.overrides, names
-        )
-        result = allocation.allocate(
+        decide = partial(
+            self._replan.decide,
+            endpoints,
             self.allocations,
-            wanted_ips,
-            wanted_ports,
-            net.subnet,
-            net.start_port,
-            now=self._reactor.seconds(),
-            hold=net.reuse_after,
+            net,
+            names,
+            self._reactor.seconds(),
         )
+        if len(endpoints) >= DECIDE_IN_THREAD:
+            pool = self._reactor.getThreadPool()
+            result, planned = await deferToThreadPool(self._reactor, pool, decide)
+        else:
+            result, planned = decide()
         self.allocations = result.allocations
         await self._save_allocations()
-        planned = plan(
-            endpoints.values(),
-            net.listen_interface,
-            net.overrides,
-            self.allocations.ips,
-            self.allocations.network_ports,
-            result.errors,
-            names,
-        )
         addresses = frozenset(self.allocations.ips.values())
         missing = await self.interface.ensure(addresses | self._addresses)
         if self._stopping:
             # The listeners are closed, and the names go with the stop.
             return
         previous = self.plan
-        self.plan = planned.without_addresses(
-            {str(ip): reason for ip, reason in missing.items()}
+        self.plan = self._replan.served(
+            planned, {str(ip): reason for ip, reason in missing.items()}
         )
-        self.board.reconciled(self.endpoints, self.skipped, self.plan)
+        if self.plan is not previous:
+            self.board.reconciled(self.endpoints, self.skipped, self.plan)
+            for url, reason in self.plan.failures.items():
+                if previous.failures.get(url) != reason:
+                    self.log.error(
+                        "cannot serve {url}: {reason}", url=url, reason=reason
+                    )
         await self._make_rows()
-        for url, reason in self.plan.failures.items():
-            if previous.failures.get(url) != reason:
-                self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)
-        await self.listeners.reconcile(self.plan.specs)
+        if self.plan is not previous or self.board.listeners_up < len(self.plan.specs):
+            # Unchanged and all listening, there is nothing to do.
+            await self.listeners.reconcile(self.plan.specs)
         if self._stopping:
             await self.listeners.stop()
             return
@@ -818,6 +810,32 @@ class Daemon(MultiService):
             await self.interface.ensure(addresses)
         self._addresses = addresses
         self._polled = True
+
+    async def _parse(
+        self, found: list[ApiEndpoint]
+    ) -> tuple[dict[str, BoundEndpoint], dict[str, str]]:
+        """
+        The endpoints of C{found} by id, and why the others are skipped:
+        records unchanged since the last poll keep their parsed endpoint,
+        new ones are parsed L{ROWS_AT_ONCE} at a time, with a turn of the
+        reactor between. Equal to the last poll's, the last poll's dicts.
+        """
+        endpoints: dict[str, BoundEndpoint] = {}
+        skipped: dict[str, str] = {}
+        for start in range(0, len(found), ROWS_AT_ONCE):
+            batch = found[start : start + ROWS_AT_ONCE]
+            new = self._replan.parse(batch, endpoints, skipped)
+            if new and len(found) > ROWS_AT_ONCE:
+                await deferLater(self._reactor, 0, lambda: None)
+        self._replan.parsed([*endpoints, *skipped])
+        for id, reason in skipped.items():
+            if self.skipped.get(id) != reason:
+                self.log.warn("skipping endpoint {id}: {error}", id=id, error=reason)
+        if endpoints == self.endpoints:
+            endpoints = self.endpoints
+        if skipped == self.skipped:
+            skipped = self.skipped
+        return endpoints, skipped
 
     async def _save_allocations(self) -> None:
         """

@@ -33,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from ngrokd.control.feed import Event, EventFeed, WatchedRows
+from ngrokd.control.held import REQUESTS
 from ngrokd.control.history import ConnectionHistory
 from ngrokd.control.page import (
     EVENTS_SHOWN,
@@ -145,6 +146,8 @@ class _Guarded(Resource):
 
     isLeaf = True
     allowedMethods = (b"GET", b"HEAD")
+    #: The path its work on the reactor is timed as.
+    name = ""
 
     def __init__(self) -> None:
         Resource.__init__(self)
@@ -154,7 +157,8 @@ class _Guarded(Resource):
         if request.method not in self.allowedMethods:
             request.setHeader(b"Allow", b", ".join(self.allowedMethods))
             return plain_text(request, 405, "only GET and HEAD are answered here\n")
-        return self.page(request)
+        with REQUESTS.timing(f"GET {self.name}"):
+            return self.page(request)
 
     def page(self, request: Request) -> bytes | int:
         raise NotImplementedError
@@ -164,6 +168,8 @@ class _Static(_Guarded):
     """
     The page's script and style sheet, read from the package once.
     """
+
+    name = "/static"
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,8 +190,11 @@ class _Static(_Guarded):
 
 class _Dashboard(_Guarded):
     """
-    The page: rendered from the status at each request, one page of rows.
+    The page: rendered from the kept rows at each request, one page of
+    them.
     """
+
+    name = "/"
 
     def __init__(self, web: WebPage) -> None:
         super().__init__()
@@ -200,6 +209,8 @@ class _Events(_Guarded):
     """
     C{/events}: the feed as server-sent events.
     """
+
+    name = "/events"
 
     def __init__(self, web: WebPage) -> None:
         super().__init__()

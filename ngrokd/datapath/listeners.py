@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -45,6 +46,10 @@ from ngrokd.plan import ListenSpec
 #: C{net.core.somaxconn}).
 LISTEN_BACKLOG = 4096
 
+
+#: Binds tried in one turn of the reactor while a reconcile adds many
+#: listeners.
+LISTENS_AT_ONCE = 300
 
 #: Seconds a listener stops accepting when the process is out of file
 #: descriptors; the connections waiting meanwhile stay in the backlog.
@@ -285,6 +290,8 @@ class ListenerSet:
         self.on_change: Callable[[str], object] | None = None
         #: What every listener has carried, those gone included.
         self.totals = EndpointStats()
+        #: Counts the stops, so that a reconcile under way ends at one.
+        self._stops = 0
 
     def _changed(self, key: str) -> None:
         if self.on_change is not None:
@@ -318,8 +325,23 @@ class ListenerSet:
         return stopping.addCallback(lambda _: self._apply(specs))
 
     def _apply(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._apply_in_slices(specs))
+
+    async def _apply_in_slices(self, specs: Mapping[str, ListenSpec]) -> None:
+        """
+        Bind what is new or changed, L{LISTENS_AT_ONCE} binds at a time with
+        a turn of the reactor between, so that thousands of new listeners
+        do not hold up the connections of those that listen; a stop under
+        way ends it.
+        """
         work: list[Deferred[None]] = []
+        stops, turn = self._stops, LISTENS_AT_ONCE
         for key, spec in specs.items():
+            if len(work) >= turn:
+                await deferLater(self._reactor, 0, lambda: None)
+                if self._stops != stops:
+                    break
+                turn = len(work) + LISTENS_AT_ONCE
             current = self.listeners.get(key)
             if current is None:
                 stats = EndpointStats(
@@ -347,13 +369,14 @@ class ListenerSet:
                     self._changed(key)
                 if not current.listening:
                     work.append(self._listen(key, current))
-        return DeferredList(work, consumeErrors=True).addCallback(lambda _: None)
+        await DeferredList(work, consumeErrors=True)
 
     def stop(self) -> Deferred[None]:
         """
         Stop every listener; accepted connections carry on, but HTTP ones
         end at their next response boundary (the grace of a stop starts).
         """
+        self._stops += 1
         kept, self.listeners = self.listeners, {}
         listeners = list(kept.values())
         for key in kept:
