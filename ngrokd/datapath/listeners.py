@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import resource
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -47,9 +48,10 @@ from ngrokd.plan import ListenSpec
 LISTEN_BACKLOG = 4096
 
 
-#: Binds tried in one turn of the reactor while a reconcile adds many
-#: listeners.
-LISTENS_AT_ONCE = 300
+#: While a reconcile adds many listeners, a turn of the reactor comes after
+#: this many seconds of binds (and at least this many binds).
+BIND_SLICE = 0.005
+BINDS_AT_LEAST = 32
 
 #: Seconds a listener stops accepting when the process is out of file
 #: descriptors; the connections waiting meanwhile stay in the backlog.
@@ -329,19 +331,19 @@ class ListenerSet:
 
     async def _apply_in_slices(self, specs: Mapping[str, ListenSpec]) -> None:
         """
-        Bind what is new or changed, L{LISTENS_AT_ONCE} binds at a time with
-        a turn of the reactor between, so that thousands of new listeners
-        do not hold up the connections of those that listen; a stop under
-        way ends it.
+        Bind what is new or changed, L{BIND_SLICE} seconds of binds at a
+        time with a turn of the reactor between, so that thousands of new
+        listeners do not hold up the connections of those that listen; a
+        stop under way ends it.
         """
         work: list[Deferred[None]] = []
-        stops, turn = self._stops, LISTENS_AT_ONCE
+        stops, turn, began = self._stops, BINDS_AT_LEAST, time.perf_counter()
         for key, spec in specs.items():
-            if len(work) >= turn:
+            if len(work) >= turn and time.perf_counter() - began > BIND_SLICE:
                 await deferLater(self._reactor, 0, lambda: None)
                 if self._stops != stops:
                     break
-                turn = len(work) + LISTENS_AT_ONCE
+                turn, began = len(work) + BINDS_AT_LEAST, time.perf_counter()
             current = self.listeners.get(key)
             if current is None:
                 stats = EndpointStats(

@@ -171,7 +171,18 @@ class ReconcileFixture(SynchronousTestCase):
         return daemon
 
     def reconcile(self, daemon: Daemon, *urls: str) -> None:
-        self.successResultOf(daemon.reconcile(_endpoints(*urls)))
+        self.applied(daemon.reconcile(_endpoints(*urls)))
+
+    def applied(self, reconciling: Deferred[None]) -> None:
+        """
+        Wait for a reconcile, turning the reactor while it lets others run
+        (many binds are made a few milliseconds at a time).
+        """
+        for _ in range(10_000):
+            if reconciling.called:
+                break
+            self.reactor.advance(0)
+        self.successResultOf(reconciling)
 
     def hosts(self) -> str:
         with open(self.hosts_path) as f:
