@@ -200,7 +200,7 @@ class Daemon(MultiService):
         )
         #: Every endpoint's status row, kept as its facts change.
         self.board = StatusBoard(lambda: self.listeners.listeners, self._overlay)
-        self.listeners.on_change = self.board.listener_changed
+        self.listeners.watch(self.board.listener_changed)
         #: What keeps failing (state files, the hosts file), for status.
         self.problems = Problems(reactor)
         self.interface = InterfaceService(reactor, config.net, network_interface)

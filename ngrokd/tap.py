@@ -137,7 +137,9 @@ def build_daemon(
     )
     feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
     if config.server.health_address:
-        from ngrokd.control.health import HealthService
+        from twisted.internet.threads import deferToThreadPool
+
+        from ngrokd.control.health import HealthService, Scraped
         from ngrokd.control.metrics import DaemonMetrics
         from ngrokd.control.web import WebPage
 
@@ -156,7 +158,12 @@ def build_daemon(
             metrics.registry,
             reactor,
             web,
-            metrics.endpoint_series,
+            Scraped(
+                before=lambda: deferToThreadPool(
+                    reactor, reactor.getThreadPool(), metrics.process.refresh
+                ),
+                per_endpoint=metrics.endpoint_series,
+            ),
         )
         health.setServiceParent(daemon)
     feed.setServiceParent(daemon)

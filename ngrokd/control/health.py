@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import attrs
+from attrs import frozen
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -55,7 +56,7 @@ from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
 #: Seconds an idle HTTP connection is kept.
 IDLE_TIMEOUT = 60
 #: Endpoints of C{/status} written in one piece.
-ROWS_AT_ONCE = 200
+ROWS_AT_ONCE = 1000
 
 
 class KeptRows(Protocol):
@@ -204,9 +205,9 @@ class StatusPieces:
                 if kept is None or kept[0] is not row:
                     text = json.dumps({row.id: _endpoint_document(row)})[1:-1]
                     kept = texts[row.id] = (row, text.encode("utf-8"))
-                parts.append(separator + kept[1])
-                separator = b", "
-            yield b"".join(parts)
+                parts.append(kept[1])
+            yield separator + b", ".join(parts)
+            separator = b", "
         yield b"}}\n"
 
 
@@ -333,28 +334,53 @@ class _Metrics(_Page):
     """
 
     name = "/metrics"
+    log = Logger()
 
     def __init__(
         self,
         daemon: StatusSource,
         registry: CollectorRegistry,
-        per_endpoint: Callable[[], Iterable[bytes]],
+        scraped: Scraped,
         slices: Cooperator,
     ) -> None:
         super().__init__(daemon)
         self._registry = registry
-        self._per_endpoint = per_endpoint
+        self._scraped = scraped
         self._slices = slices
 
     def page(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         if request.method == b"HEAD":
             return b""
-        pieces = itertools.chain(
-            [generate_latest(self._registry)], self._per_endpoint()
-        )
-        SlicedBody(request, pieces, self._slices, "GET /metrics")
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+        ready = self._scraped.before()
+        ready.addCallback(lambda _: None if gone else self._answer(request))
+        ready.addErrback(self._failed, request)
         return NOT_DONE_YET
+
+    def _answer(self, request: Request) -> None:
+        with REQUESTS.timing("GET /metrics"):
+            head = generate_latest(self._registry)
+        pieces = itertools.chain([head], self._scraped.per_endpoint())
+        SlicedBody(request, pieces, self._slices, "GET /metrics")
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        self.log.failure("answering GET /metrics failed", failure)
+        request.setResponseCode(500)
+        request.finish()
+
+
+@frozen
+class Scraped:
+    """
+    What C{/metrics} adds to its registry: C{before} each scrape (a
+    L{Deferred}: the work may be done in a thread), and the pieces of text
+    of C{per_endpoint} after the registry's.
+    """
+
+    before: Callable[[], Deferred[None]] = lambda: succeed(None)
+    per_endpoint: Callable[[], Iterable[bytes]] = tuple
 
 
 def health_site(
@@ -362,12 +388,12 @@ def health_site(
     registry: CollectorRegistry,
     web: WebPage,
     clock: IReactorTime,
-    per_endpoint: Callable[[], Iterable[bytes]] = tuple,
+    scraped: Scraped = Scraped(),
 ) -> HealthSite:
     """
     The pages, on a site with C{clock}'s time, with the web page at C{/};
-    the site's own counts join C{registry}, and C{/metrics} ends with the
-    pieces of C{per_endpoint}.
+    the site's own counts join C{registry}, and C{/metrics} adds
+    C{scraped}.
     """
     root = Resource()
     alive, ready = _Alive(daemon), _Ready(daemon)
@@ -378,7 +404,7 @@ def health_site(
         (b"readyz", ready),
         (b"ready", ready),
         (b"status", _Status(daemon, slices)),
-        (b"metrics", _Metrics(daemon, registry, per_endpoint, slices)),
+        (b"metrics", _Metrics(daemon, registry, scraped, slices)),
     ]:
         root.putChild(name, page)
     web.add_to(root)
@@ -404,12 +430,12 @@ class HealthService(Service):
         registry: CollectorRegistry,
         reactor: Any,
         web: WebPage,
-        per_endpoint: Callable[[], Iterable[bytes]] = tuple,
+        scraped: Scraped = Scraped(),
     ) -> None:
         self.address = address
         self._reactor = reactor
         self.web = web
-        self.site = health_site(daemon, registry, web, reactor, per_endpoint)
+        self.site = health_site(daemon, registry, web, reactor, scraped)
         self.port: IListeningPort | None = None
         self.error = ""
         self._listening: Deferred[None] | None = None

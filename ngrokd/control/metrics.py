@@ -31,7 +31,6 @@ from prometheus_client.utils import floatToGoString
 import twisted
 from ngrokd import __version__
 from ngrokd.board import STATES
-from ngrokd.control.slices import batched
 from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable
 
@@ -119,7 +118,11 @@ class DaemonMetrics:
             buckets=POLL_BUCKETS,
             registry=self.registry,
         )
-        ProcessCollector(namespace=PREFIX, registry=self.registry)
+        #: The process's own facts, read in a thread before each scrape.
+        self.process = ProcessFacts()
+        self.registry.register(self.process)
+        self._series = EndpointSeries()
+        daemon.listeners.watch(self._series.changed)
         self.registry.register(self)
         daemon.listeners.timings = self
         daemon.discovery.on_poll = self.polled
@@ -261,10 +264,10 @@ class DaemonMetrics:
         """
         The per-endpoint series, as exposition text in pieces.
         """
-        return EndpointSeries(
+        return self._series.pieces(
             self._daemon.listeners.listeners,
             self._daemon.config.server.metrics_per_endpoint,
-        ).pieces()
+        )
 
 
 class Carried(Protocol):
@@ -285,16 +288,23 @@ def _in_flight(stats: EndpointStats, listeners: Iterable[Carried]) -> tuple[int,
     """
     up, down = stats.bytes_up, stats.bytes_down
     for listener in listeners:
-        if listener.stats.connections_open:
-            for connection in listener.factory.connections:
-                up += connection.bytes_received
-                if connection.ingress is not None:
-                    down += connection.ingress.bytes_received
+        for connection in listener.factory.connections:
+            up += connection.bytes_received
+            if connection.ingress is not None:
+                down += connection.ingress.bytes_received
     return up, down
 
 
-#: A sample's value as C{generate_latest} writes it.
-_number = cast(Callable[[float], str], floatToGoString)
+_go_float = cast(Callable[[float], str], floatToGoString)
+
+
+def _number(value: int) -> str:
+    """
+    A count as C{generate_latest} writes it (a float, in Go's exponent
+    form from seven digits on).
+    """
+    return f"{value}.0" if 0 <= value < 1_000_000 else _go_float(value)
+
 
 #: The per-endpoint families: name, type, help.
 _FAMILIES = (
@@ -313,64 +323,94 @@ _FAMILIES = (
     ),
 )
 
-#: Endpoints written in one piece.
-ENDPOINTS_AT_ONCE = 250
+#: Endpoints whose text is kept as one piece.
+ENDPOINTS_AT_ONCE = 1000
+
+#: One endpoint's lines, or those of a piece of them: a text per family.
+Lines = tuple[bytes, bytes, bytes, bytes]
 
 
 class EndpointSeries:
     """
     The per-endpoint series of the first C{cap} listeners in URL order, as
-    the text C{generate_latest} would write for them, made a few hundred
-    endpoints at a time: each piece reads the counters as they are then
-    (they only grow; Prometheus takes each sample as read).
+    the text C{generate_latest} would write for them.
+
+    The text is kept, in pieces of L{ENDPOINTS_AT_ONCE} endpoints, and a
+    piece is made again only when one of its endpoints counted something
+    since (L{changed}, which the listeners call), or has connections open
+    (their bytes grow without a change); so a scrape of 10,000 endpoints of
+    which a few are busy makes the text of those few pieces and joins the
+    rest. Each piece reads the counters as they are then (they only grow;
+    Prometheus takes each sample as read).
     """
 
-    def __init__(self, listeners: Mapping[str, Carried], cap: int) -> None:
-        self._listeners = listeners
-        self._cap = cap
+    def __init__(self) -> None:
+        #: The URLs with series, in order; all the listeners' URLs; the cap.
+        self._urls: list[str] = []
+        self._known: set[str] = set()
+        self._cap = 0
+        self._pieces: list[Lines | None] = []
+        self._changed: set[str] = set()
+        #: The endpoints with connections open at the last scrape.
+        self._open: set[str] = set()
 
-    def pieces(self) -> Iterator[bytes]:
-        if self._cap <= 0:
+    def changed(self, url: str) -> None:
+        """
+        The listener of C{url} counted something, or came or went.
+        """
+        self._changed.add(url)
+
+    def pieces(self, listeners: Mapping[str, Carried], cap: int) -> Iterator[bytes]:
+        if cap <= 0:
             return
-        urls = sorted(self._listeners)[: self._cap]
-        writers = (self._open, self._accepted, self._bytes, self._failures)
-        for family, lines in zip(_FAMILIES, writers, strict=True):
-            yield _header(*family)
-            for batch in batched(urls, ENDPOINTS_AT_ONCE):
-                yield self._lines(batch, lines)
+        if self._known != listeners.keys() or self._cap != cap:
+            self._urls = sorted(listeners)[:cap]
+            self._known, self._cap = set(listeners), cap
+            self._pieces = [None] * -(-len(self._urls) // ENDPOINTS_AT_ONCE)
+        urls = self._urls
+        count = len(self._pieces)
+        changed, self._changed = self._changed | self._open, set()
+        self._open = set()
+        for n in range(count):
+            some = urls[n * ENDPOINTS_AT_ONCE : (n + 1) * ENDPOINTS_AT_ONCE]
+            if self._pieces[n] is None or not changed.isdisjoint(some):
+                self._pieces[n] = self._make(some, listeners)
+                yield b""  # a turn of the reactor
+        made = [piece for piece in self._pieces if piece is not None]
+        for n, family in enumerate(_FAMILIES):
+            yield _header(*family) + b"".join([piece[n] for piece in made])
 
-    def _lines(
-        self, urls: list[str], lines: Callable[[str, Carried], Iterator[str]]
-    ) -> bytes:
-        text: list[str] = []
+    def _make(self, urls: list[str], listeners: Mapping[str, Carried]) -> Lines:
+        lines: list[list[str]] = [[], [], [], []]
         for url in urls:
-            listener = self._listeners.get(url)
-            if listener is not None:
-                text.extend(lines(_label(url), listener))
-        return "".join(text).encode("utf-8")
-
-    @staticmethod
-    def _open(url: str, listener: Carried) -> Iterator[str]:
-        value = _number(listener.stats.connections_open)
-        yield f'{PREFIX}_endpoint_connections_open{{url="{url}"}} {value}\n'
-
-    @staticmethod
-    def _accepted(url: str, listener: Carried) -> Iterator[str]:
-        value = _number(listener.stats.connections_total)
-        yield f'{PREFIX}_endpoint_connections_total{{url="{url}"}} {value}\n'
-
-    @staticmethod
-    def _bytes(url: str, listener: Carried) -> Iterator[str]:
-        up, down = _in_flight(listener.stats, [listener])
-        name = f"{PREFIX}_endpoint_bytes_total"
-        yield f'{name}{{direction="up",url="{url}"}} {_number(up)}\n'
-        yield f'{name}{{direction="down",url="{url}"}} {_number(down)}\n'
-
-    @staticmethod
-    def _failures(url: str, listener: Carried) -> Iterator[str]:
-        name = f"{PREFIX}_endpoint_upstream_failures_total"
-        for kind, count in sorted(listener.stats.failures.items()):
-            yield f'{name}{{kind="{_label(kind)}",url="{url}"}} {_number(count)}\n'
+            listener = listeners.get(url)
+            if listener is None:
+                continue
+            stats = listener.stats
+            if stats.connections_open:
+                self._open.add(url)
+            label = _label(url)
+            up, down = _in_flight(stats, [listener])
+            lines[0].append(
+                f"{PREFIX}_endpoint_connections_open"
+                f'{{url="{label}"}} {_number(stats.connections_open)}\n'
+            )
+            lines[1].append(
+                f"{PREFIX}_endpoint_connections_total"
+                f'{{url="{label}"}} {_number(stats.connections_total)}\n'
+            )
+            name = f"{PREFIX}_endpoint_bytes_total"
+            lines[2].append(
+                f'{name}{{direction="up",url="{label}"}} {_number(up)}\n'
+                f'{name}{{direction="down",url="{label}"}} {_number(down)}\n'
+            )
+            name = f"{PREFIX}_endpoint_upstream_failures_total"
+            lines[3].extend(
+                f'{name}{{kind="{_label(kind)}",url="{label}"}} {_number(count)}\n'
+                for kind, count in sorted(stats.failures.items())
+            )
+        texts = ["".join(family).encode("utf-8") for family in lines]
+        return texts[0], texts[1], texts[2], texts[3]
 
 
 def _header(name: str, kind: str, documentation: str) -> bytes:
@@ -384,6 +424,28 @@ def _label(value: str) -> str:
     A label value as the exposition format escapes it.
     """
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class ProcessFacts:
+    """
+    The process's CPU time, memory and open files (C{ProcessCollector}'s
+    C{ngrokd_process_*}), read by L{refresh} in a thread, not when the
+    scrape is rendered: counting the open files lists C{/proc/self/fd}, an
+    entry per listener and connection.
+    """
+
+    def __init__(self) -> None:
+        self._collector = ProcessCollector(namespace=PREFIX, registry=None)
+        self._families: list[Metric] = []
+
+    def refresh(self) -> None:
+        """
+        Read the facts now (blocking: in a thread).
+        """
+        self._families = list(self._collector.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 def _by_label(

@@ -102,6 +102,8 @@ class EndpointStats:
     failures: dict[str, int] = field(factory=dict)
     totals: EndpointStats | None = field(default=None, eq=False, repr=False)
     on_change: Callable[[], object] | None = field(default=None, eq=False, repr=False)
+    #: Counts the changes, so that a reader may keep what it made of them.
+    changes: int = field(default=0, eq=False, repr=False)
 
     def opened(self) -> None:
         for stats in self._counted():
@@ -135,6 +137,7 @@ class EndpointStats:
         return (self,) if self.totals is None else (self, self.totals)
 
     def _changed(self) -> None:
+        self.changes += 1
         if self.on_change is not None:
             self.on_change()
 

@@ -287,17 +287,22 @@ class ListenerSet:
         self.listeners: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
-        #: Called with a listener's URL when it is added, removed, listens,
-        #: fails, or counts a connection.
-        self.on_change: Callable[[str], object] | None = None
+        self._watchers: list[Callable[[str], object]] = []
         #: What every listener has carried, those gone included.
         self.totals = EndpointStats()
         #: Counts the stops, so that a reconcile under way ends at one.
         self._stops = 0
 
+    def watch(self, watcher: Callable[[str], object]) -> None:
+        """
+        Call C{watcher} with a listener's URL when it is added, removed,
+        listens, fails, or counts a connection.
+        """
+        self._watchers.append(watcher)
+
     def _changed(self, key: str) -> None:
-        if self.on_change is not None:
-            self.on_change(key)
+        for watcher in self._watchers:
+            watcher(key)
 
     @property
     def connections_open(self) -> int:

@@ -47,7 +47,7 @@ class HoldWatchTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events)
         self.addCleanup(globalLogPublisher.removeObserver, self.events)
         self.ticks = Ticks()
-        self.watch = HoldWatch(timer=self.ticks)
+        self.watch = HoldWatch(timer=self.ticks, clock=self.ticks)
 
     def hold(self, request: str, seconds: float) -> None:
         with self.watch.timing(request):
@@ -70,7 +70,7 @@ class HoldWatchTests(SynchronousTestCase):
         self.assertEqual(self.warnings(), [])
         self.hold("GET /metrics", 0.035)
         (line,) = self.warnings()
-        self.assertIn("GET /metrics held the reactor for 35 ms (over 20 ms)", line)
+        self.assertIn("GET /metrics held the reactor for 35 ms (over 20 ms;", line)
         self.hold("GET /metrics", 0.05)
         self.hold("GET /metrics", 0.05)
         self.hold("ngrokctl list", 0.05)

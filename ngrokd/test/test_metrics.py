@@ -7,6 +7,7 @@ Prometheus parses it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -249,22 +250,39 @@ class EndpointSeriesTests(SynchronousTestCase):
         Every family and sample, labels escaped and values formatted alike.
         """
         urls = ["tcp://a.b:1", 'http://we"ird\\name', "tcp://c.d:12345"]
+        series = EndpointSeries()
         listeners = {}
         for n, url in enumerate(urls):
             stats = EndpointStats(
-                connections_open=n,
-                connections_total=10**n * 12345,
+                connections_total=10**n * 12345 + n,
                 bytes_up=n * 1000,
                 bytes_down=n * 10**9,
                 failures={"refused": n, "dial": 1} if n else {},
+                on_change=partial(series.changed, url),
             )
             factory = BridgeFactory(
                 parse_endpoint_url("tcp://x.y:1"), cast(Any, None), None, stats
             )
             listeners[url] = SimpleNamespace(stats=stats, factory=factory)
-        text = b"".join(EndpointSeries(listeners, 10).pieces())
+        for _ in range(2):  # made, then kept
+            text = b"".join(series.pieces(listeners, 10))
+            self.assertEqual(text, generate_latest(_OldCollector(listeners)))
+        self.assertEqual(b"".join(series.pieces(listeners, 0)), b"")
+        # Counted since: made again, and again while the connection is open.
+        listeners[urls[1]].stats.opened()
+        for _ in range(2):
+            text = b"".join(series.pieces(listeners, 10))
+            self.assertEqual(text, generate_latest(_OldCollector(listeners)))
+        self.assertIn(b'_connections_open{url="http://we\\"ird\\\\name"} 1.0', text)
+        listeners[urls[1]].stats.closed(5, 6)
+        text = b"".join(series.pieces(listeners, 10))
         self.assertEqual(text, generate_latest(_OldCollector(listeners)))
-        self.assertEqual(b"".join(EndpointSeries(listeners, 0).pieces()), b"")
+        # Capped: the first URL in order.
+        first = min(urls)
+        self.assertEqual(
+            b"".join(series.pieces(listeners, 1)),
+            generate_latest(_OldCollector({first: listeners[first]})),
+        )
 
 
 class _OldCollector:
