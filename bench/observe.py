@@ -310,7 +310,7 @@ def held(log: Path) -> tuple[tuple[str, int], ...]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Report:
-    raise_file_limit(args.endpoints + 10000)
+    raise_file_limit(args.endpoints + 2000)
     children = Children(workdir)
     try:
         progress("starting the echo backend")

@@ -83,8 +83,9 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     The daemon's service tree; nothing starts until twistd starts it. Run
-    by twistd (on its reactor), it also takes over SIGTERM and SIGINT, and
-    gives the C heap's freed memory back after a storm of connections.
+    by twistd (on its reactor), it also takes over SIGTERM and SIGINT, gives
+    the C heap's freed memory back after a storm of connections, and keeps
+    what each changed reconcile made out of the garbage collector's way.
     """
     from ngrokd.daemon import StopOnSignal
     from ngrokd.host.memory import MemoryTrimmer
@@ -101,6 +102,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     if under_twistd:
         daemon.exit_when_locked = True
+        daemon.freeze_after_changes = True
         StopOnSignal(daemon, reactor).setServiceParent(daemon)
         # The process's own heap: one per process, so only under twistd.
         MemoryTrimmer(

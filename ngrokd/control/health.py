@@ -65,7 +65,8 @@ class KeptRows(Protocol):
     reads them.
     """
 
-    def rows(self) -> tuple[EndpointStatus, ...]: ...
+    def keys(self, state: str = "") -> Sequence[tuple[str, str]]: ...
+    def row(self, id: str) -> EndpointStatus | None: ...
     def count(self, state: str) -> int: ...
 
 
@@ -177,10 +178,10 @@ def status_json(daemon: StatusSource) -> bytes:
 class StatusPieces:
     """
     The C{/status} JSON in pieces, byte for byte L{status_document} as
-    C{json.dumps} writes it, from a snapshot of the kept rows: the
-    daemon's part, then the endpoints L{ROWS_AT_ONCE} at a time. Each row's
-    text is kept while the row is the same, so that only the rows that
-    changed are written again.
+    C{json.dumps} writes it, from the kept rows: the daemon's part, then
+    the endpoints of that moment, L{ROWS_AT_ONCE} at a time, each row as it
+    is when its piece is made. Each row's text is kept while the row is the
+    same, so that only the rows that changed are written again.
     """
 
     def __init__(self) -> None:
@@ -189,25 +190,28 @@ class StatusPieces:
     def pieces(self, daemon: StatusSource) -> Iterator[bytes]:
         status = daemon.daemon_status()
         board = daemon.board
-        rows = board.rows()
+        ids = [id for _, id in board.keys()]
         document = status_document(status, ())
         document["healthy"] = status.ready and board.count(FAILED) == 0
         head = json.dumps(document)
         # The endpoints come last: write up to their opening brace.
         yield head[: -len("}}")].encode("utf-8")
-        if len(self._texts) > 2 * len(rows):
+        if len(self._texts) > 2 * len(ids):
             self._texts = {}
         texts, separator = self._texts, b""
-        for batch in batched(rows, ROWS_AT_ONCE):
+        for batch in batched(ids, ROWS_AT_ONCE):
             parts = []
-            for row in batch:
+            for row in map(board.row, batch):
+                if row is None:
+                    continue  # gone since
                 kept = texts.get(row.id)
                 if kept is None or kept[0] is not row:
                     text = json.dumps({row.id: _endpoint_document(row)})[1:-1]
                     kept = texts[row.id] = (row, text.encode("utf-8"))
                 parts.append(kept[1])
-            yield separator + b", ".join(parts)
-            separator = b", "
+            if parts:
+                yield separator + b", ".join(parts)
+                separator = b", "
         yield b"}}\n"
 
 

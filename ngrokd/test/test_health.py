@@ -598,21 +598,6 @@ class AddressTests(DaemonHealthTestCase):
         return ensureDeferred(run())
 
 
-class _Kept:
-    """
-    Rows kept as given.
-    """
-
-    def __init__(self, rows: list[EndpointStatus]) -> None:
-        self.index = RowIndex.of(rows)
-
-    def rows(self) -> tuple[EndpointStatus, ...]:
-        return tuple(self.index.in_order())
-
-    def count(self, state: str) -> int:
-        return self.index.count(state)
-
-
 class _Rows:
     """
     A daemon's status and kept rows, given.
@@ -620,13 +605,13 @@ class _Rows:
 
     def __init__(self, status: DaemonStatus, rows: list[EndpointStatus]) -> None:
         self.status = status
-        self.board = _Kept(rows)
+        self.board = RowIndex.of(rows)
 
     def daemon_status(self) -> DaemonStatus:
         return self.status
 
     def endpoint_status(self) -> tuple[EndpointStatus, ...]:
-        return self.board.rows()
+        return tuple(self.board.in_order())
 
 
 class StreamedStatusTests(SynchronousTestCase):
@@ -659,14 +644,14 @@ class StreamedStatusTests(SynchronousTestCase):
         source = _Rows(ready_status(), rows)
         pieces = StatusPieces()
         for _ in range(2):
-            expected = status_document(source.status, source.board.rows())
+            expected = status_document(source.status, source.endpoint_status())
             written = list(pieces.pieces(source))
             self.assertGreater(len(written), 3)
             self.assertEqual(
                 b"".join(written), json.dumps(expected).encode("utf-8") + b"\n"
             )
             self.assertFalse(json.loads(b"".join(written))["healthy"])
-            source.board.index.put(attrs.evolve(rows[5], errors=9))
+            source.board.put(attrs.evolve(rows[5], errors=9))
 
     def test_healthyAndEmpty(self) -> None:
         """
