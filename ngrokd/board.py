@@ -163,6 +163,12 @@ class RowIndex:
             self._states[rows[key[1]].state].append(key)
         self._searchable = False
 
+    def rows_of(self, ids: Iterable[str]) -> list[EndpointStatus]:
+        """
+        The rows of C{ids} there are, in that order.
+        """
+        return [row for row in map(self._rows.get, ids) if row is not None]
+
     def in_order(self) -> list[EndpointStatus]:
         """
         Every row, in order.
@@ -417,6 +423,16 @@ class StatusBoard:
 
     def keys(self, state: str = "") -> Sequence[Key]:
         return self._index.keys(state)
+
+    def rows_of(self, ids: Iterable[str]) -> list[EndpointStatus]:
+        """
+        The rows of C{ids} there are, in that order.
+        """
+        problem, stale = self._overlay()
+        found = self._index.rows_of(ids)
+        if problem or stale:
+            return [shown(row, problem, stale) for row in found]
+        return found
 
     def count(self, state: str) -> int:
         return self._index.count(state)

@@ -56,7 +56,7 @@ from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
 #: Seconds an idle HTTP connection is kept.
 IDLE_TIMEOUT = 60
 #: Endpoints of C{/status} written in one piece.
-ROWS_AT_ONCE = 1000
+ROWS_AT_ONCE = 250
 
 
 class KeptRows(Protocol):
@@ -66,7 +66,7 @@ class KeptRows(Protocol):
     """
 
     def keys(self, state: str = "") -> Sequence[tuple[str, str]]: ...
-    def row(self, id: str) -> EndpointStatus | None: ...
+    def rows_of(self, ids: Iterable[str]) -> list[EndpointStatus]: ...
     def count(self, state: str) -> int: ...
 
 
@@ -201,9 +201,7 @@ class StatusPieces:
         texts, separator = self._texts, b""
         for batch in batched(ids, ROWS_AT_ONCE):
             parts = []
-            for row in map(board.row, batch):
-                if row is None:
-                    continue  # gone since
+            for row in board.rows_of(batch):  # those not gone since
                 kept = texts.get(row.id)
                 if kept is None or kept[0] is not row:
                     text = json.dumps({row.id: _endpoint_document(row)})[1:-1]

@@ -324,7 +324,7 @@ _FAMILIES = (
 )
 
 #: Endpoints whose text is kept as one piece.
-ENDPOINTS_AT_ONCE = 1000
+ENDPOINTS_AT_ONCE = 500
 
 #: One endpoint's lines, or those of a piece of them: a text per family.
 Lines = tuple[bytes, bytes, bytes, bytes]
