@@ -62,8 +62,8 @@ class RecordingInterface(MemoryInterface):
     A memory interface that records each change and can be held mid-change.
     """
 
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__(ip_network("10.107.0.0/24"))
+    def __init__(self, recorder: Recorder, subnet6: Any = None) -> None:
+        super().__init__(ip_network("10.107.0.0/24"), subnet6=subnet6)
         self.recorder = recorder
         self.gate: Deferred[None] | None = None
         self.refused: set[Any] = set()
@@ -134,7 +134,11 @@ class ReconcileFixture(SynchronousTestCase):
         listen_interface: str = "virtual",
         overrides: str = "{}",
         interface_failure: Exception | None = None,
+        subnet6: str = "",
     ) -> Daemon:
+        """
+        @param subnet6: C{net.subnet6}; by default none (IPv4 alone).
+        """
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         self.state_dir = os.path.join(base, "state")
@@ -148,11 +152,14 @@ class ReconcileFixture(SynchronousTestCase):
                 f"net:\n  listen_interface: {listen_interface!r}\n"
                 f"  subnet: 10.107.0.0/24\n  start_port: 9080\n"
                 f"  hosts_file: {self.hosts_path}\n  overrides: {overrides}\n"
+                f"  subnet6: {subnet6!r}\n"
             )
         config = load_config(config_path, environ={}).config
         self.recorder = Recorder()
         self.reactor = NetworkReactor(self.recorder)
-        self.interface = RecordingInterface(self.recorder)
+        self.interface = RecordingInterface(
+            self.recorder, ip_network(subnet6) if subnet6 else None
+        )
         self.interface.failure = interface_failure
         daemon = Daemon(config, self.reactor, self.interface)
         real_write = daemon.hosts.file.write
@@ -187,7 +194,7 @@ class ReconcileFixture(SynchronousTestCase):
             [
                 ("addresses", frozenset({gone, kept_address})),
                 ("stop", str(gone), 80),
-                ("hosts", {kept: kept_address}),
+                ("hosts", {kept: (kept_address,)}),
                 ("addresses", frozenset({kept_address})),
             ],
         )
@@ -213,7 +220,7 @@ class ReconcileTests(ReconcileFixture):
                 ("addresses", frozenset({A})),
                 ("listen", "10.107.0.2", 80),
                 ("listen", "10.107.0.2", 5432),
-                ("hosts", {"a.test": A}),
+                ("hosts", {"a.test": (A,)}),
             ],
         )
         self.assertIn(f"{BEGIN}\n10.107.0.2\ta.test\n", self.hosts())
@@ -233,7 +240,7 @@ class ReconcileTests(ReconcileFixture):
             [
                 ("addresses", frozenset({A})),
                 ("stop", "10.107.0.2", 5432),
-                ("hosts", {"a.test": A}),
+                ("hosts", {"a.test": (A,)}),
             ],
         )
         self.assertEqual(self.interface.present, {A})
@@ -305,7 +312,7 @@ class ReconcileTests(ReconcileFixture):
             self.assertIn("address 10.107.0.2 for a.test could not be set up", reason)
             self.assertIn("root or CAP_NET_ADMIN", reason)
         self.assertIn(("listen", "10.107.0.3", 80), self.recorder.events)
-        self.assertEqual(self.recorder.events[-1], ("hosts", {"b.test": B}))
+        self.assertEqual(self.recorder.events[-1], ("hosts", {"b.test": (B,)}))
 
     def test_noPrivilege(self) -> None:
         """
@@ -392,7 +399,7 @@ class ReconcileTests(ReconcileFixture):
             self.reconcile(daemon, "http://a.test", *refused)
         self.assertEqual(
             [e for e in self.recorder.events if e[0] != "addresses"][:2],
-            [("listen", "10.107.0.2", 80), ("hosts", {"a.test": A})],
+            [("listen", "10.107.0.2", 80), ("hosts", {"a.test": (A,)})],
         )
         self.assertEqual(
             {e for e in self.recorder.events if e[0] == "addresses"},
@@ -498,7 +505,7 @@ class ReconcileTests(ReconcileFixture):
             self.successResultOf(d)
         self.assertEqual(set(daemon.plan.specs), {"http://c.test:80"})
         names = [e[1] for e in self.recorder.events if e[0] == "hosts"]
-        self.assertEqual(names, [{"a.test": A}, {"c.test": B}])
+        self.assertEqual(names, [{"a.test": (A,)}, {"c.test": (B,)}])
 
     def test_cancelledWaitOnly(self) -> None:
         """
@@ -794,7 +801,7 @@ class ListenModeTests(SynchronousTestCase):
                 "http://n.ns:80": "127.0.0.1:9080",
             },
         )
-        self.assertEqual(result.virtual_names(), {"a.ns": "10.107.0.2"})
+        self.assertEqual(result.virtual_names(), {"a.ns": (ip_address("10.107.0.2"),)})
 
     def test_usesVirtual(self) -> None:
         """

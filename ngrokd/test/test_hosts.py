@@ -615,7 +615,7 @@ class HostsServiceTests(SynchronousTestCase):
         self.successResultOf(self.service.stopService())
         self.assertEqual(self.content(), HOSTS)
         self.successResultOf(self.service.stopService())
-        self.assertEqual(self.writes, [MAPPING, {}])
+        self.assertEqual(self.writes, [{n: (ip,) for n, ip in MAPPING.items()}, {}])
 
     def test_noSectionNoWriteAccess(self) -> None:
         """
