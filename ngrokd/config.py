@@ -22,7 +22,7 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -510,12 +510,9 @@ def _mode(node: yaml.Node, key: str, ctx: _Context) -> str:
 
 def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
     value = _string(node, key, ctx)
-    try:
-        if "/" not in value:
-            raise ValueError("no prefix length")
-        subnet = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        ctx.fail(node, key, f"must be a CIDR block like 10.107.0.0/16, got {value!r}")
+    subnet = _block(
+        node, key, ctx, value, ipaddress.ip_network, "a CIDR block like 10.107.0.0/16"
+    )
     if subnet.num_addresses < 4:
         ctx.fail(
             node,
@@ -523,8 +520,6 @@ def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
             f"{value} is too small: it needs a gateway (.1) and at least one "
             "endpoint address (.2); use a prefix of /30 or shorter",
         )
-    if subnet.network_address != ipaddress.ip_interface(value).ip:
-        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
     if ctx.platform == "darwin" and not (
         isinstance(subnet, ipaddress.IPv4Network) and subnet.subnet_of(_DARWIN_SUBNET)
     ):
@@ -537,6 +532,32 @@ def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
     return subnet
 
 
+_N = TypeVar("_N", bound=_IPNetwork)
+
+
+def _block(
+    node: yaml.Node,
+    key: str,
+    ctx: _Context,
+    value: str,
+    kind: Callable[..., _N],
+    expected: str,
+) -> _N:
+    """
+    C{value} read by C{kind} as a block with a prefix length; host bits
+    set are read as its network, with a warning.
+    """
+    try:
+        if "/" not in value:
+            raise ValueError("no prefix length")
+        subnet = kind(value, strict=False)
+    except ValueError:
+        ctx.fail(node, key, f"must be {expected}, got {value!r}")
+    if subnet.network_address != ipaddress.ip_interface(value).ip:
+        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
+    return subnet
+
+
 def _subnet6(node: yaml.Node, key: str, ctx: _Context) -> ipaddress.IPv6Network | str:
     """
     C{auto}, C{""} (no IPv6 addresses) or an IPv6 block; macOS has none.
@@ -544,17 +565,14 @@ def _subnet6(node: yaml.Node, key: str, ctx: _Context) -> ipaddress.IPv6Network 
     value = _string(node, key, ctx).strip()
     if value in (SUBNET6_AUTO, SUBNET6_OFF):
         return value
-    try:
-        if "/" not in value:
-            raise ValueError("no prefix length")
-        subnet = ipaddress.IPv6Network(value, strict=False)
-    except ValueError:
-        ctx.fail(
-            node,
-            key,
-            f'must be auto, "" (no IPv6) or an IPv6 block like fd6e:6772:6f6b::/64,'
-            f" got {value!r}",
-        )
+    subnet = _block(
+        node,
+        key,
+        ctx,
+        value,
+        ipaddress.IPv6Network,
+        'auto, "" (no IPv6) or an IPv6 block like fd6e:6772:6f6b::/64',
+    )
     if subnet.prefixlen > _MAX_PREFIX6:
         ctx.fail(
             node,
@@ -562,8 +580,6 @@ def _subnet6(node: yaml.Node, key: str, ctx: _Context) -> ipaddress.IPv6Network 
             f"{value} is too small: use a prefix of /{_MAX_PREFIX6} or shorter"
             " (/64 is usual)",
         )
-    if subnet.network_address != ipaddress.ip_interface(value).ip:
-        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
     if ctx.platform == "darwin":
         ctx.warn(
             node,

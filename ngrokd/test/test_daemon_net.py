@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import errno
 import os
+import time
 from collections.abc import Set
 from ipaddress import ip_address, ip_network
 from typing import Any
@@ -30,7 +31,7 @@ from ngrokd.control.page import render_daemon
 from ngrokd.control.render import status_lines
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
-from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
+from ngrokd.host.allocation import IP6_MAPPINGS, IP_MAPPINGS, NETWORK_PORTS
 from ngrokd.host.hosts import BEGIN, END
 from ngrokd.host.netif import NotPermitted
 from ngrokd.host.netif.memory import MemoryInterface
@@ -43,6 +44,8 @@ from ngrokd.test.test_hosts import ThreadReactor
 
 A = ip_address("10.107.0.2")
 B = ip_address("10.107.0.3")
+SUBNET6 = "fd6e:6772:6f6b::/64"
+A6 = ip_address("fd6e:6772:6f6b::2")
 
 
 class Recorder:
@@ -176,6 +179,15 @@ class ReconcileFixture(SynchronousTestCase):
         self.addCleanup(daemon.stopService)
         del self.recorder.events[:]
         return daemon
+
+    def registered(self, daemon: Daemon, not_after: float = 4102444800.0) -> None:
+        """
+        Give C{daemon} an identity valid until C{not_after}.
+        """
+        when = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
+        identity = Identity("k8sop_1", b"", b"", when, when)
+        daemon.identity_service.identity = identity
+        daemon.identity_service.state = REGISTERED
 
     def reconcile(self, daemon: Daemon, *urls: str) -> None:
         self.successResultOf(daemon.reconcile(_endpoints(*urls)))
@@ -460,7 +472,19 @@ class ReconcileTests(ReconcileFixture):
         with open(daemon.config.path, "a") as f:
             f.write("  allowed_domains: [prod]\n")
         del self.recorder.events[:]
-        result = self.successResultOf(daemon.reload())
+        reloading = daemon.reload()
+        # The file is read in a thread of its own: wait for it, bounded.
+        done: list[object] = []
+
+        def finished(result: Any) -> Any:
+            done.append(result)
+            return result
+
+        reloading.addBoth(finished)
+        deadline = time.monotonic() + 10
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        result = self.successResultOf(reloading)
         self.assertEqual(result.applied, ("net.allowed_domains",))
         self.assertGivenUp(A, "b.prod", B)
         self.assertEqual(
@@ -546,15 +570,6 @@ class ReadinessTests(ReconcileFixture):
     machine would fix; and C{/readyz}, C{ngrokctl health} (the control
     socket's status), C{ngrokd_ready} and systemd agree.
     """
-
-    def registered(self, daemon: Daemon, not_after: float = 4102444800.0) -> None:
-        """
-        Give C{daemon} an identity valid until C{not_after}.
-        """
-        when = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
-        identity = Identity("k8sop_1", b"", b"", when, when)
-        daemon.identity_service.identity = identity
-        daemon.identity_service.state = REGISTERED
 
     def readiness(self, daemon: Daemon) -> tuple[bool, str]:
         """
@@ -760,6 +775,91 @@ class StateSaveTests(ReconcileFixture):
         )
         self.assertEqual(daemon.daemon_status().problems, ())
         self.assertTrue(os.path.isfile(blocked))
+
+
+class IPv6Tests(ReconcileFixture):
+    """
+    Names with an IPv6 address too, and a machine without IPv6.
+    """
+
+    def test_bothAddresses(self) -> None:
+        """
+        A hostname's IPv4 and IPv6 addresses are set up first, then every
+        port of it listens on both, then both its lines are written; the
+        IPv6 address is saved in ip6_mappings.json.
+        """
+        daemon = self.make_daemon(subnet6=SUBNET6)
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        self.assertEqual(
+            self.recorder.events,
+            [
+                ("addresses", frozenset({A, A6})),
+                ("listen", "10.107.0.2", 80),
+                ("listen", "10.107.0.2", 5432),
+                ("listen", str(A6), 80),
+                ("listen", str(A6), 5432),
+                ("hosts", {"a.test": (A, A6)}),
+            ],
+        )
+        self.assertIn(f"{BEGIN}\n10.107.0.2\ta.test\n{A6}\ta.test\n{END}", self.hosts())
+        with open(os.path.join(self.state_dir, IP6_MAPPINGS)) as f:
+            self.assertEqual(f.read(), f'{{\n  "a.test": "{A6}"\n}}')
+        self.assertEqual(daemon.plan.name_addresses(), {"a.test": ((A,), (A6,))})
+        rows = daemon.endpoint_status()
+        self.assertEqual([row.addresses for row in rows], [("10.107.0.2", str(A6))] * 2)
+        status = daemon.daemon_status()
+        self.assertEqual((status.ipv6_subnet, status.ipv6_error), (SUBNET6, ""))
+
+    def test_withoutIPv6(self) -> None:
+        """
+        When the IPv6 addresses cannot be added (no IPv6 here), the IPv4
+        ones serve: the endpoint listens on IPv4, its IPv4 line is written,
+        the daemon is ready, says so once for many reconciles, and status
+        says why; once IPv6 works, the names get it.
+        """
+        daemon = self.make_daemon(subnet6=SUBNET6)
+        self.interface.no_ipv6 = "cannot add fd6e:6772:6f6b::2: no IPv6 here"
+        self.registered(daemon)
+        for _ in range(3):
+            self.reconcile(daemon, "http://a.test")
+        self.assertEqual(self.interface.present, {A})
+        self.assertEqual(
+            {e for e in self.recorder.events if e[0] == "listen"},
+            {("listen", "10.107.0.2", 80)},
+        )
+        self.assertEqual(self.recorder.events[-1], ("hosts", {"a.test": (A,)}))
+        (row,) = daemon.endpoint_status()
+        self.assertEqual((row.state, row.addresses), (LISTENING, ("10.107.0.2",)))
+        status = daemon.daemon_status()
+        self.assertEqual(
+            status.ipv6_error, "cannot add fd6e:6772:6f6b::2: no IPv6 here"
+        )
+        self.assertTrue(status.ready, status.not_ready_because)
+        self.assertIn(
+            "<dt>IPv6</dt><dd>unavailable, names are IPv4 only: cannot add",
+            render_daemon(status, (None, None)),
+        )
+        said = [e for e in self.events if "IPv6 is unavailable" in formatEvent(e)]
+        self.assertEqual(len(said), 1)
+        self.interface.no_ipv6 = ""
+        self.reconcile(daemon, "http://a.test")
+        self.assertEqual(self.interface.present, {A, A6})
+        self.assertEqual(self.recorder.events[-1], ("hosts", {"a.test": (A, A6)}))
+        self.assertEqual(daemon.daemon_status().ipv6_error, "")
+
+    def test_ipv6BindFailsAlone(self) -> None:
+        """
+        An endpoint whose IPv6 socket cannot be bound keeps listening on
+        IPv4, its row saying why; the daemon stays ready.
+        """
+        daemon = self.make_daemon(subnet6=SUBNET6)
+        self.registered(daemon)
+        self.reactor.taken.add((str(A6), 80))
+        self.reconcile(daemon, "http://a.test")
+        (row,) = daemon.endpoint_status()
+        self.assertEqual((row.state, row.addresses), (LISTENING, ("10.107.0.2",)))
+        self.assertIn(f"[{A6}]:80 is already in use", row.ipv6_error)
+        self.assertTrue(daemon.daemon_status().ready)
 
 
 class ListenModeTests(SynchronousTestCase):
