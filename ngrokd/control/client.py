@@ -4,8 +4,9 @@ The client side of the control socket, as C{ngrokctl} uses it.
 
 Every way of not getting an answer is one L{ControlError} with a sentence
 for the user and the exit code C{ngrokctl} gives it: the daemon is not
-running, the socket refuses this user, the daemon is too slow, or the two
-sides do not speak the same protocol version.
+running, the socket refuses this user, the daemon is too slow or serves
+too many connections already, or the two sides do not speak the same
+protocol version.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ngrokd.control.commands import (
     Reload,
     SetAPIKey,
     Status,
+    TooManyConnections,
 )
 
 #: Exit codes of C{ngrokctl}, one per way of failing.
@@ -154,6 +156,8 @@ class Control:
             ) from None
         except NotPermitted as e:
             raise ControlError(str(e), EXIT_PERMISSION) from None
+        except TooManyConnections as e:
+            raise ControlError(f"ngrokd on {self._socket}: {e}", EXIT_TIMEOUT) from None
         except (KeyRejected, CommandFailed) as e:
             raise ControlError(str(e)) from None
 
