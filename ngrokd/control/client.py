@@ -90,15 +90,17 @@ async def connect(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Contro
 
 
 def _connect_error(socket: str, error: ConnectError) -> ControlError:
-    os_error = error.osError if isinstance(error.osError, OSError) else None
-    code = os_error.errno if os_error else None
-    if code == errno.EACCES:
+    # Twisted gives the errno itself for a failed connect(), an OSError
+    # for some other failures, nothing for a refused connection.
+    os_error = error.osError
+    code = os_error.errno if isinstance(os_error, OSError) else os_error
+    if code in (errno.EACCES, errno.EPERM):
         return ControlError(
             f"permission denied on {socket}: ngrokctl needs to be in the"
             " socket's group (server.socket_group) or run as root",
             EXIT_PERMISSION,
         )
-    if code in (errno.ENOENT, errno.ECONNREFUSED) or os_error is None:
+    if code in (errno.ENOENT, errno.ECONNREFUSED) or code is None:
         return ControlError(
             f"ngrokd is not running (nothing answers on {socket}); start it,"
             " or name its socket with --socket or NGROKD_SOCKET",
