@@ -4,8 +4,9 @@ The client side of the control socket, as C{ngrokctl} uses it.
 
 Every way of not getting an answer is one L{ControlError} with a sentence
 for the user and the exit code C{ngrokctl} gives it: the daemon is not
-running, the socket refuses this user, the daemon is too slow, or the two
-sides do not speak the same protocol version.
+running, the socket refuses this user, the daemon is too slow or serves
+too many connections already, or the two sides do not speak the same
+protocol version.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ngrokd.control.commands import (
     Reload,
     SetAPIKey,
     Status,
+    TooManyConnections,
 )
 
 #: Exit codes of C{ngrokctl}, one per way of failing.
@@ -88,15 +90,17 @@ async def connect(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Contro
 
 
 def _connect_error(socket: str, error: ConnectError) -> ControlError:
-    os_error = error.osError if isinstance(error.osError, OSError) else None
-    code = os_error.errno if os_error else None
-    if code == errno.EACCES:
+    # Twisted gives the errno itself for a failed connect(), an OSError
+    # for some other failures, nothing for a refused connection.
+    os_error = error.osError
+    code = os_error.errno if isinstance(os_error, OSError) else os_error
+    if code in (errno.EACCES, errno.EPERM):
         return ControlError(
             f"permission denied on {socket}: ngrokctl needs to be in the"
             " socket's group (server.socket_group) or run as root",
             EXIT_PERMISSION,
         )
-    if code in (errno.ENOENT, errno.ECONNREFUSED) or os_error is None:
+    if code in (errno.ENOENT, errno.ECONNREFUSED) or code is None:
         return ControlError(
             f"ngrokd is not running (nothing answers on {socket}); start it,"
             " or name its socket with --socket or NGROKD_SOCKET",
@@ -154,6 +158,8 @@ class Control:
             ) from None
         except NotPermitted as e:
             raise ControlError(str(e), EXIT_PERMISSION) from None
+        except TooManyConnections as e:
+            raise ControlError(f"ngrokd on {self._socket}: {e}", EXIT_TIMEOUT) from None
         except (KeyRejected, CommandFailed) as e:
             raise ControlError(str(e)) from None
 
