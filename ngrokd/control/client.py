@@ -12,6 +12,8 @@ protocol version.
 from __future__ import annotations
 
 import errno
+import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,11 +61,28 @@ class ControlError(Exception):
         self.code = code
 
 
+#: The longest UNIX socket path the kernel takes, in bytes (C{sun_path}
+#: holds 108 on Linux, 104 on macOS, with its final NUL).
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
+
+
 def client_endpoint(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Any:
     """
     A path (the usual case) or a Twisted client endpoint description.
+
+    @raise ControlError: a path too long for a UNIX socket, which Twisted
+        would fail on with a traceback rather than an error.
     """
-    if socket.startswith(("unix:", "tcp:")):
+    if socket.startswith("tcp:"):
+        return clientFromString(reactor, socket)
+    path = socket.removeprefix("unix:").split(":", 1)[0]
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ControlError(
+            f"{path}: a UNIX socket's path can be at most {MAX_SOCKET_PATH}"
+            f" bytes, this one is {len(os.fsencode(path))}",
+            EXIT_USAGE,
+        )
+    if socket.startswith("unix:"):
         return clientFromString(reactor, socket)
     return UNIXClientEndpoint(reactor, socket, timeout=timeout)
 

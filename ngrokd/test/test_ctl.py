@@ -577,6 +577,21 @@ class BadInputTests(SynchronousTestCase):
             "ngrokctl: refusing the API key: it is longer than 512 characters\n",
         )
 
+    def test_socketPathTooLong(self) -> None:
+        """
+        A socket path longer than a UNIX socket's can be is named in one
+        line: exit 2, not a traceback and "not running".
+        """
+        path = "/tmp/" + "s" * 120
+        ran = subprocess.run(
+            [sys.executable, "-m", "ngrokd.ctl", "--socket", path, "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(ran.returncode, EXIT_USAGE, ran.stderr)
+        self.assertOneLine(ran.stderr, f"ngrokctl: {path}: a UNIX socket's path")
+
     def test_keyNotUTF8(self) -> None:
         """
         A key that is not UTF-8 is refused: exit 2, one line.
