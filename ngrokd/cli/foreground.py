@@ -20,8 +20,7 @@ from typing import Any
 
 from twisted.application.service import ServiceMaker
 from twisted.python import usage
-from twisted.scripts._twistd_unix import ServerOptions
-from twisted.scripts.twistd import runApp
+from twisted.scripts.twistd import ServerOptions, runApp  # type: ignore[attr-defined]
 
 #: The daemon's service maker, as the plugin in C{twisted/plugins} names it.
 _MAKER = ServiceMaker(

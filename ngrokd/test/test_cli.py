@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,11 +25,17 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import twisted
+from ngrokd import __main__ as as_module
 from ngrokd import __version__
 from ngrokd.cli import ctl_parser, daemon_parser
+from ngrokd.cli.completion import completion_script
+from ngrokd.cli.foreground import twistd_arguments
+from ngrokd.cli.main import main
 from ngrokd.cli.main import run as ngrokd_main
+from ngrokd.cli.options import anywhere, misplaced
+from ngrokd.cli.version import version_text
 from ngrokd.control.client import EXIT_USAGE
-from ngrokd.test.helpers import spawn
+from ngrokd.test.helpers import source_file, spawn
 from ngrokd.test.test_control import DaemonFixture
 from ngrokd.test.test_ctl import ngrokctl
 
@@ -116,6 +124,25 @@ class CtlOptionsTests(SynchronousTestCase):
         error = self.assertRaises(UsageError, self.ctl, "--config", "F", "status")
         self.assertIn("--config is for config and diagnose, not status", str(error))
 
+    def test_misplacedOnlyWhenGiven(self) -> None:
+        """
+        An option nobody gave, or one that applies everywhere, is never
+        misplaced.
+        """
+        import argparse
+
+        options = (
+            anywhere("--socket"),
+            anywhere("-o", "--output", applies={"list"}),
+        )
+        given = argparse.Namespace(socket="/s", output=None)
+        self.assertIsNone(misplaced(options, "reload", given))
+        given.output = "json"
+        self.assertIsNone(misplaced(options, "list", given))
+        self.assertEqual(
+            misplaced(options, "reload", given), "-o/--output is for list, not reload"
+        )
+
     def test_usageExitCode(self) -> None:
         """
         ngrokctl exits 2 on a misplaced option, as on any usage error.
@@ -199,6 +226,7 @@ class VersionTests(SynchronousTestCase):
                 stdin=subprocess.DEVNULL,
             )
             self.assertEqual(ran.returncode, 0, ran.stderr)
+            self.assertEqual(ran.stdout, version_text(name) + "\n")
             first, second = ran.stdout.splitlines()
             self.assertEqual(first, f"{name} {__version__}")
             for part in (
@@ -207,6 +235,28 @@ class VersionTests(SynchronousTestCase):
                 openssl,
             ):
                 self.assertIn(part, second)
+
+
+class ModuleTests(SynchronousTestCase):
+    """
+    C{python -m ngrokd}, which the installed service runs.
+    """
+
+    def test_sameProgram(self) -> None:
+        """
+        C{python -m ngrokd} is the C{ngrokd} console script's program.
+        """
+        self.assertIs(as_module.main, main)
+        ran = subprocess.run(
+            [sys.executable, "-m", "ngrokd", "--version"],
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(
+            (ran.returncode, ran.stdout), (0, version_text("ngrokd") + "\n")
+        )
 
 
 class ForegroundTests(DaemonFixture, TestCase):
@@ -249,6 +299,17 @@ class ForegroundTests(DaemonFixture, TestCase):
             self.assertEqual(process.returncode, -signal.SIGTERM, output())
 
         return ensureDeferred(run())
+
+    def test_asTheUnitRunsTwistd(self) -> None:
+        """
+        C{ngrokd run --config FILE} hands twistd the very arguments the
+        unit in C{contrib/} gives it.
+        """
+        with open(source_file("contrib", "systemd", "ngrokd.service")) as f:
+            (line,) = re.findall(r"(?m)^ExecStart=(.*)$", f.read())
+        program, *arguments = shlex.split(line)
+        self.assertEqual(program, "twistd")
+        self.assertEqual(twistd_arguments("/etc/ngrokd/config.yml", None), arguments)
 
     def test_badConfigOneLine(self) -> None:
         """
@@ -304,12 +365,14 @@ class CompletionTests(SynchronousTestCase):
             f.write(out.getvalue())
         return path
 
-    def bash_complete(self, program: str, line: str) -> list[str]:
+    def bash_complete(
+        self, program: str, line: str, path: str | None = None, cwd: str | None = None
+    ) -> list[str]:
         """
         What bash offers for C{line} (the word being typed last) with the
-        program's completion script loaded.
+        program's completion script (or the one at C{path}) loaded.
         """
-        path = self.script(program, "bash")
+        path = path or self.script(program, "bash")
         command = (
             f"source {path}\n"
             f"COMP_LINE={line!r}; COMP_POINT=${{#COMP_LINE}}\n"
@@ -325,6 +388,7 @@ class CompletionTests(SynchronousTestCase):
             text=True,
             timeout=PROCESS_TIMEOUT,
             stdin=subprocess.DEVNULL,
+            cwd=cwd,
         )
         self.assertEqual((ran.returncode, ran.stderr), (0, ""))
         return ran.stdout.split()
@@ -344,6 +408,22 @@ class CompletionTests(SynchronousTestCase):
         )
         self.assertEqual(self.bash_complete("ngrokd", "ngrokd ins"), ["install"])
         self.assertIn("--force", self.bash_complete("ngrokd", "ngrokd install --"))
+
+    def test_configCompletesFiles(self) -> None:
+        """
+        The value of C{--config} completes as a file name.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "work.yml"), "w"):
+            pass
+        path = os.path.join(directory, "completion.bash")
+        with open(path, "w") as f:
+            f.write(completion_script(ctl_parser.parser(), "bash"))
+        offered = self.bash_complete(
+            "ngrokctl", "ngrokctl diagnose --config w", path, directory
+        )
+        self.assertEqual(offered, ["work.yml"])
 
     def test_fish(self) -> None:
         """

@@ -23,6 +23,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ngrokd.cli import daemon_parser
 from ngrokd.cli.main import run
+from ngrokd.cli.service import EXIT_PERMISSION
+from ngrokd.cli.units import protects_home
 from ngrokd.control.client import EXIT_NOT_RUNNING
 from ngrokd.test.helpers import source_file
 
@@ -248,7 +250,7 @@ class SystemdInstallTests(ServiceFixture, SynchronousTestCase):
         self.systemd_runs()
         for command in ("install", "uninstall", "start", "stop", "restart"):
             ran = self.ngrokd(command, euid=1000)
-            self.assertEqual(ran.code, 4, command)
+            self.assertEqual(ran.code, EXIT_PERMISSION, command)
             self.assertIn("needs root", ran.err)
             self.assertIn(f"sudo ngrokd {command}", ran.err)
         self.assertFalse(os.path.exists(self.at("/etc")))
@@ -356,6 +358,22 @@ class SystemdInstallTests(ServiceFixture, SynchronousTestCase):
         self.assertIn("\nProtectHome=read-only\n", unit)
         self.assertNotIn("ProtectHome=yes", unit)
         self.assertIn(f"{prefix} can be changed by others than root", ran.err)
+
+
+class HomeTests(SynchronousTestCase):
+    """
+    L{protects_home}: which installations C{ProtectHome=yes} would hide.
+    """
+
+    def test_homes(self) -> None:
+        """
+        Paths in /home, /root and /run/user are hidden; others, names that
+        only begin alike included, are not.
+        """
+        for hidden in ("/home/u/.local/bin/python", "/root/venv", "/run/user/1000/x"):
+            self.assertFalse(protects_home(["/usr/bin/python3", hidden]), hidden)
+        for seen in ("/opt/pipx/venvs/ngrokd", "/homeless/venv", "/rooted/x", "/usr"):
+            self.assertTrue(protects_home([seen]), seen)
 
 
 class SystemdControlTests(ServiceFixture, SynchronousTestCase):
