@@ -163,9 +163,11 @@ class DNSServer:
     def set_table(self, table: NameTable) -> None:
         """
         Answer from C{table} from now on: every later query sees all of it.
+        The answers kept are kept only while the table stays the same.
         """
+        if table != self._table:
+            self._cache.clear()
         self._table = table
-        self._cache.clear()
 
     def received(
         self, data: bytes, source: str, reply: Reply, tcp: bool
