@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -26,6 +27,9 @@ from ngrokd.dns.protocols import TCPFactory, UDPListener
 from ngrokd.dns.server import DEFAULT_LIMITS, DNSServer, Limits
 from ngrokd.dns.table import EMPTY_TABLE, NameTable
 from ngrokd.dns.upstreams import Address, Upstreams, choose_upstreams
+
+#: Tries at a free port for both UDP and TCP, for port 0.
+PORT_ATTEMPTS = 20
 
 
 class DNSService(Service):
@@ -75,15 +79,7 @@ class DNSService(Service):
         """
         try:
             for host, port in self._listen:
-                udp = self._reactor.listenUDP(
-                    port, UDPListener(self.server), interface=host
-                )
-                self._ports.append(udp)
-                bound = udp.getHost().port
-                self._ports.append(
-                    self._reactor.listenTCP(bound, self._tcp, interface=host)
-                )
-                self.addresses.append((host, bound))
+                self._listen_on(host, port)
         except Exception:
             for listening in self._ports:
                 listening.stopListening()
@@ -100,6 +96,25 @@ class DNSService(Service):
                 "DNS server: names not ours get SERVFAIL: {reason}",
                 reason=self.upstreams.reason,
             )
+
+    def _listen_on(self, host: str, port: int) -> None:
+        # Port 0: the UDP port the kernel picks may be taken for TCP; then
+        # another, a bounded number of times.
+        for attempt in range(PORT_ATTEMPTS):
+            udp = self._reactor.listenUDP(
+                port, UDPListener(self.server), interface=host
+            )
+            bound = udp.getHost().port
+            try:
+                tcp = self._reactor.listenTCP(bound, self._tcp, interface=host)
+            except CannotListenError:
+                udp.stopListening()
+                if port != 0 or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                continue
+            self._ports += [udp, tcp]
+            self.addresses.append((host, bound))
+            return
 
     def stopService(self) -> Deferred[object]:
         """

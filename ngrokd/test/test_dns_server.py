@@ -25,6 +25,7 @@ from twisted.names.error import DomainError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.dns.answer import AnswerKind
+from ngrokd.dns.forward import Forwarder
 from ngrokd.dns.protocols import TCPFactory
 from ngrokd.dns.server import DNSServer, Limits
 from ngrokd.dns.service import DNSService
@@ -133,6 +134,7 @@ class ServerTestsMixin:
         )
         service.startService()
         self.addCleanup(service.stopService)
+        self.service = service
         self.port = service.addresses[0][1]
         self.resolver = client.Resolver(
             servers=[("127.0.0.1", self.port)], reactor=reactor
@@ -299,6 +301,29 @@ class UpstreamDownTests(ServerTestsMixin, TestCase):
         self.assertEqual(message.rCode, dns.ESERVER)
         self.assertEqual(service.server.counters.forward_failures, 1)
         self.flushLoggedErrors()
+
+
+class ForwarderTests(ServerTestsMixin, TestCase):
+    """
+    The upstreams are asked in turn.
+    """
+
+    async def test_nextUpstream(self) -> None:
+        """
+        When the first upstream does not answer within its share of the
+        time, the second is asked, and its answer is the forward's.
+        """
+        self.start()
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        upstream = self.service.upstreams.servers[0]
+        forwarder = Forwarder([silent.getsockname(), upstream], reactor, 1.0)
+        self.addCleanup(forwarder.stop)
+        message = await forwarder.forward(dns.Query("www.example.org"), tcp=False)
+        self.assertEqual(_records(message), [(dns.A, "192.0.2.1")])
+        self.assertEqual(self.upstream.asked, 1)
+        self.assertGreater(len(silent.recv(512, socket.MSG_DONTWAIT)), 12)
 
 
 class EDNSTests(ServerTestsMixin, TestCase):
