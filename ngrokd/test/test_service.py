@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from textwrap import dedent
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -77,10 +78,13 @@ class ServiceFixture:
                 f.write(_FAKE)
             os.chmod(path, 0o755)
         self.calls_file = os.path.join(bin_dir, "calls")
+        sockets = tempfile.mkdtemp(prefix="ngrokd-service-")
+        case.addCleanup(shutil.rmtree, sockets, True)
         self.environ = {
             "PATH": f"{bin_dir}:{os.defpath}",
             "FAKE_CALLS": self.calls_file,
-            "NGROKD_SOCKET": os.path.join(bin_dir, "no-daemon.sock"),
+            # Short (a UNIX socket path has at most 107 bytes), and unused.
+            "NGROKD_SOCKET": os.path.join(sockets, "no-daemon.sock"),
         }
 
     def systemd_runs(self) -> None:
