@@ -16,6 +16,7 @@ from functools import partial
 from ipaddress import ip_address, ip_network
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 if not sys.platform.startswith("linux"):
@@ -23,9 +24,13 @@ if not sys.platform.startswith("linux"):
 
 from jeepney import HeaderFields
 
+from ngrokd.host.dbus import CallTimedOut, Disconnected, ErrorReply
 from ngrokd.host.resolved import (
+    BUS_NAME,
     MAX_DOMAINS,
     LinkSettings,
+    ResolvedError,
+    ResolvedLink,
     TooManyDomains,
     Upstream,
     choose_upstreams,
@@ -153,6 +158,164 @@ class UpstreamTests(SynchronousTestCase):
                 Upstream(ip("2001:db8::53"), 53, 2, ""),
                 Upstream(ip("192.0.2.54"), 53, 0, ""),
             ),
+        )
+
+
+class FakeBus:
+    """
+    Stands in for a L{DBusConnection}: records each call, answered when the
+    test says.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, Deferred]] = []
+        self.signal: Any = None
+
+    def call(self, message, timeout: float = 10.0) -> Deferred:
+        d: Deferred = Deferred()
+        member = message.header.fields[HeaderFields.member]
+        self.calls.append((member, message.body, d))
+        return d
+
+    def subscribe(self, rule, callback) -> Deferred:
+        self.rule = rule
+        self.signal = callback
+        return succeed(None)
+
+    def members(self) -> list[str]:
+        return [member for member, _, _ in self.calls]
+
+    def answer(self, failing: dict[str, Exception] | None = None) -> list[str]:
+        """
+        Answer the calls as they come, failing those named in C{failing};
+        give the members answered.
+        """
+        answered = []
+        while any(not d.called for _, _, d in self.calls):
+            member, _, d = next(c for c in self.calls if not c[2].called)
+            answered.append(member)
+            if failing and member in failing:
+                d.errback(failing[member])
+            else:
+                d.callback(())
+        return answered
+
+
+SETUP = [
+    "SetLinkDomains",
+    "SetLinkDefaultRoute",
+    "SetLinkLLMNR",
+    "SetLinkMulticastDNS",
+    "SetLinkDNSSEC",
+    "SetLinkDNSOverTLS",
+    "SetLinkDNS",
+    "FlushCaches",
+]
+
+
+class ResolvedLinkTests(SynchronousTestCase):
+    """
+    L{ResolvedLink}'s order of events, with the bus faked.
+    """
+
+    def setUp(self) -> None:
+        self.bus = FakeBus()
+        self.link = ResolvedLink(
+            self.bus, LinkSettings(7, (ip(OUR_SERVER),), ("web.prod",))
+        )
+
+    def test_start(self) -> None:
+        """
+        start() watches resolved's bus name, then makes the calls in order,
+        one after the other; then error is None.
+        """
+        d = self.link.start()
+        self.assertEqual(self.bus.rule.arg_conditions, {0: (BUS_NAME, "string")})
+        self.assertEqual(self.bus.members(), ["SetLinkDomains"])
+        self.assertEqual(self.bus.answer(), SETUP)
+        self.successResultOf(d)
+        self.assertIsNone(self.link.error)
+
+    def test_refused(self) -> None:
+        """
+        A refusal fails start() with the D-Bus error's name in the reason,
+        kept in error; the calls after it are not made.
+        """
+        d = self.link.start()
+        denied = ErrorReply(
+            "SetLinkDNS", "org.freedesktop.DBus.Error.AccessDenied", "not allowed"
+        )
+        self.bus.answer({"SetLinkDNS": denied})
+        failure = self.failureResultOf(d, ResolvedError)
+        self.assertEqual(
+            failure.value.dbus_name, "org.freedesktop.DBus.Error.AccessDenied"
+        )
+        self.assertEqual(
+            self.link.error,
+            "link 7: SetLinkDNS: org.freedesktop.DBus.Error.AccessDenied: not allowed",
+        )
+        self.assertNotIn("FlushCaches", self.bus.members())
+
+    def test_flushFails(self) -> None:
+        """
+        A cache that cannot be flushed does not fail the registration.
+        """
+        d = self.link.start()
+        self.bus.answer({"FlushCaches": CallTimedOut("FlushCaches: no reply")})
+        self.successResultOf(d)
+        self.assertIsNone(self.link.error)
+
+    def test_restarts(self) -> None:
+        """
+        resolved leaving the bus is said in error; its return makes the
+        calls again. Owner changes during an apply make one more apply, not
+        one each.
+        """
+        self.link.start()
+        self.bus.answer()
+        self.bus.signal((BUS_NAME, ":1.4", ""))
+        self.assertEqual(self.link.error, "systemd-resolved stopped")
+        self.bus.signal((BUS_NAME, "", ":1.5"))
+        self.assertEqual(self.bus.members()[-1], "SetLinkDomains")
+        for owner in (":1.6", ":1.7", ":1.8"):
+            self.bus.signal((BUS_NAME, "", owner))
+        self.assertEqual(self.bus.answer(), SETUP + SETUP)
+        self.assertIsNone(self.link.error)
+
+    def test_stop(self) -> None:
+        """
+        stop() reverts the link once the apply under way has ended, and no
+        owner change applies anything after it; a resolved that is not
+        running has nothing to revert.
+        """
+        self.link.start()
+        stopped = self.link.stop()
+        self.assertNoResult(stopped)
+        self.assertEqual(
+            self.bus.answer(
+                {
+                    "RevertLink": ErrorReply(
+                        "RevertLink", "org.freedesktop.DBus.Error.NameHasNoOwner", ""
+                    )
+                }
+            ),
+            SETUP + ["RevertLink"],
+        )
+        self.successResultOf(stopped)
+        self.bus.signal((BUS_NAME, "", ":1.9"))
+        self.assertEqual(self.bus.answer(), [])
+
+    def test_revertFails(self) -> None:
+        """
+        A refused revert fails stop() with the reason.
+        """
+        self.link.start()
+        self.bus.answer()
+        stopped = self.link.stop()
+        self.bus.answer({"RevertLink": Disconnected("the bus closed the connection")})
+        failure = self.failureResultOf(stopped, ResolvedError)
+        self.assertEqual(
+            str(failure.value), "cannot revert link 7: the bus closed the connection"
         )
 
 
