@@ -15,6 +15,8 @@ import time
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from ngrokd.test.namespace import end_process
+
 #: How long the bus and the peer may take to start.
 START_TIMEOUT = 10.0
 
@@ -59,7 +61,7 @@ class Bus:
         self.path = path
 
     def stop(self) -> None:
-        _end(self.process)
+        end_process(self.process)
 
 
 def start_bus(case: SynchronousTestCase, auth: str = "EXTERNAL") -> Bus:
@@ -84,7 +86,7 @@ def start_bus(case: SynchronousTestCase, auth: str = "EXTERNAL") -> Bus:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    case.addCleanup(_end, process)
+    case.addCleanup(end_process, process)
     _wait_line(process, "dbus-daemon")
     return Bus(process, path)
 
@@ -108,7 +110,7 @@ class Peer:
         _wait_line(self.process, "the test's D-Bus peer")
 
     def stop(self) -> None:
-        _end(self.process)
+        end_process(self.process)
 
 
 def _wait_line(process: subprocess.Popen[bytes], what: str) -> bytes:
@@ -117,23 +119,10 @@ def _wait_line(process: subprocess.Popen[bytes], what: str) -> bytes:
     ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
     line = process.stdout.readline() if ready else b""
     if not line or time.monotonic() > deadline:
-        _end(process)
+        end_process(process)
         assert process.stderr is not None
         raise AssertionError(f"{what} did not start: {process.stderr.read()!r}")
     return line
-
-
-def _end(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    for pipe in (process.stdout, process.stderr):
-        if pipe is not None:
-            pipe.close()
 
 
 _PEER = """

@@ -32,7 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import ngrokd
 from ngrokd.test.dbusdaemon import bus_config
-from ngrokd.test.namespace import Namespace, namespace
+from ngrokd.test.namespace import Namespace, end_process, namespace
 
 #: What every skip for want of resolved starts with (CI fails a root run
 #: that skipped any).
@@ -210,14 +210,4 @@ class ResolvedNamespace:
                     os.kill(int(read.stdout.strip()), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        holder = self._holder
-        assert holder.stdin is not None
-        holder.stdin.close()
-        try:
-            holder.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            holder.wait()
-        for pipe in (holder.stdout, holder.stderr):
-            if pipe is not None:
-                pipe.close()
+        end_process(self._holder)

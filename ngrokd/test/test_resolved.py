@@ -14,7 +14,7 @@ import sys
 import time
 from functools import partial
 from ipaddress import ip_address, ip_network
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -24,7 +24,7 @@ if not sys.platform.startswith("linux"):
 
 from jeepney import HeaderFields
 
-from ngrokd.host.dbus import CallTimedOut, Disconnected, ErrorReply
+from ngrokd.host.dbus import CallTimedOut, DBusConnection, Disconnected, ErrorReply
 from ngrokd.host.resolved import (
     BUS_NAME,
     MAX_DOMAINS,
@@ -37,6 +37,7 @@ from ngrokd.host.resolved import (
     link_calls,
     routing_domains,
 )
+from ngrokd.test.namespace import end_process
 from ngrokd.test.resolvedns import ResolvedNamespace
 
 OUR_SERVER = "10.107.0.1"
@@ -221,7 +222,8 @@ class ResolvedLinkTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.bus = FakeBus()
         self.link = ResolvedLink(
-            self.bus, LinkSettings(7, (ip(OUR_SERVER),), ("web.prod",))
+            cast(DBusConnection, self.bus),
+            LinkSettings(7, (ip(OUR_SERVER),), ("web.prod",)),
         )
 
     def test_start(self) -> None:
@@ -389,15 +391,7 @@ class RealResolvedTests(SynchronousTestCase):
             text=True,
         )
 
-        def end() -> None:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            for pipe in (process.stdin, process.stdout, process.stderr):
-                if pipe is not None:
-                    pipe.close()
-
-        self.addCleanup(end)
+        self.addCleanup(end_process, process)
         return process
 
     def answer(self, process: subprocess.Popen[str], command: str | None = None) -> Any:
@@ -541,6 +535,9 @@ class Commands(LineReceiver):
     delimiter = b"\\n"
     def lineReceived(self, line):
         defer.ensureDeferred(command(line.decode().strip()))
+    def connectionLost(self, reason):
+        if reactor.running:
+            reactor.stop()
 
 async def command(line):
     if line == "status":
