@@ -31,7 +31,7 @@ from attrs import field, frozen
 from yaml.constructor import SafeConstructor
 
 from ngrokd import instance as _instance
-from ngrokd.endpoints import join_host_port
+from ngrokd.endpoints import is_dns_name, join_host_port
 from ngrokd.pem import MAX_BUNDLE, PEMError, parse_certificates
 from ngrokd.readfile import read_regular
 
@@ -225,6 +225,8 @@ class NetConfig:
     hosts_file: str
     #: Seconds an address or port given up is kept from other endpoints.
     reuse_after: float = 3600.0
+    #: The domains virtual-mode names must be in, lowercase (empty: any).
+    allowed_domains: tuple[str, ...] = ()
 
 
 @frozen
@@ -547,6 +549,34 @@ def _hostnames(node: yaml.Node, key: str, ctx: _Context) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _domains(node: yaml.Node, key: str, ctx: _Context) -> tuple[str, ...]:
+    """
+    DNS domains, lowercased, without a leading or final dot, each once.
+    """
+    if not isinstance(node, yaml.SequenceNode):
+        ctx.fail(node, key, f"must be a list of domains, got {_shown(node)}")
+    domains: dict[str, None] = {}
+    for i, item in enumerate(node.value):
+        where = f"{key}[{i}]"
+        value = _name(item, where, ctx)
+        domain = value.lower().removeprefix(".").removesuffix(".")
+        if domain.startswith("*."):
+            ctx.fail(
+                item,
+                where,
+                f"write the domain alone: {domain[2:]!r} takes in every name under it",
+            )
+        if not is_dns_name(domain):
+            ctx.fail(
+                item,
+                where,
+                f"must be a DNS domain like example.internal (labels of letters,"
+                f" digits and hyphens), got {value!r}",
+            )
+        domains[domain] = None
+    return tuple(domains)
+
+
 def _overrides(node: yaml.Node, key: str, ctx: _Context) -> dict[str, str]:
     """
     Hostname to listen mode; the hostname is bare, as in the endpoint's URL.
@@ -680,6 +710,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "net.overrides": (_overrides, {}),
     "net.hosts_file": (_path, "/etc/hosts"),
     "net.reuse_after": (_delay, 3600.0),
+    "net.allowed_domains": (_domains, ()),
 }
 _SECTIONS = {key.partition(".")[0] for key in _FIELDS if "." in key}
 

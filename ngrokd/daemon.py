@@ -57,6 +57,7 @@ from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
 from ngrokd.host.statelock import StateDirectoryLocked, StateLock
+from ngrokd.names import name_rules
 from ngrokd.ngrok import lastgood
 from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
@@ -64,12 +65,21 @@ from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
 from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
 from ngrokd.plan import Plan, plan, wanted_allocations
+from ngrokd.problems import Problems
 from ngrokd.readfile import in_own_thread
 from ngrokd.reconfigure import applied, changes
 from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
 
-#: The keys that change where endpoints listen.
-_PLAN_KEYS = frozenset({"net.listen_interface", "net.overrides", "net.start_port"})
+#: The keys that change where endpoints listen, or which names may be claimed.
+_PLAN_KEYS = frozenset(
+    {
+        "net.listen_interface",
+        "net.overrides",
+        "net.start_port",
+        "net.allowed_domains",
+        "api.url",
+    }
+)
 
 
 @frozen
@@ -110,6 +120,10 @@ _IDENTITY_KEYS = frozenset(
 STOP_TIMEOUT = 60.0
 #: Seconds a reload waits for the config file to be read.
 READ_TIMEOUT = 30.0
+
+#: What fails when a state file cannot be written, for status and the log.
+_SAVING = "saving the addresses and ports"
+_KEEPING = "keeping the last good list of endpoints"
 
 
 class Daemon(MultiService):
@@ -174,9 +188,14 @@ class Daemon(MultiService):
         self.listeners = ListenerSet(
             reactor, self.connector, idle_timeout=server.idle_timeout
         )
+        #: What keeps failing (state files, the hosts file), for status.
+        self.problems = Problems(reactor)
         self.interface = InterfaceService(reactor, config.net, network_interface)
         self.hosts = HostsService(
-            reactor, config.net.hosts_file, instance=config.server.instance
+            reactor,
+            config.net.hosts_file,
+            instance=config.server.instance,
+            problems=self.problems,
         )
         self.discovery = EndpointDiscoveryService(
             self._fetch,
@@ -216,7 +235,6 @@ class Daemon(MultiService):
         #: The operator and endpoints last kept in the state directory.
         self._kept: tuple[str, list[ApiEndpoint]] | None = None
         self._keeping = DeferredLock()
-        self._keep_error = ""
         #: Called when the daemon begins to stop.
         self.stopping: list[Callable[[], object]] = []
 
@@ -295,9 +313,10 @@ class Daemon(MultiService):
         def cut() -> None:
             self.log.error(
                 "stopping took longer than {seconds:g}s; stopped without waiting"
-                " for the rest (a hosts-file section or addresses left behind"
-                " are replaced at the next start)",
+                " for the rest, which may leave {left} (replaced at the next"
+                " start)",
                 seconds=STOP_TIMEOUT,
+                left=self._left_behind(),
             )
             bounded.callback(None)
 
@@ -314,13 +333,14 @@ class Daemon(MultiService):
         return bounded
 
     async def _stop(self) -> None:
-        # Listeners go before the hosts section and the addresses they use,
+        # Listeners go first, at once: what comes after may wait (a
+        # reconcile under way, a hosts file another process keeps locked).
+        # They go before the hosts section and the addresses they use,
         # which the hosts and interface services remove when they stop.
         self._stopping = True
         try:
             for observer in self.stopping:
                 observer()
-            await self._idle()
             factories = [x.factory for x in self.listeners.listeners.values()]
             await self.listeners.stop()
             self.connector.pool.stop()  # nothing will take a warm connection
@@ -328,10 +348,24 @@ class Daemon(MultiService):
                 [c for factory in factories for c in factory.connections]
             )
             self.connector.stop()
+            await self._idle()
             await super().stopService()
             await self.api.close()
         finally:
             self.state_lock.release()
+
+    def _left_behind(self) -> str:
+        """
+        The names and addresses a stop that gives up may leave.
+        """
+        names = ", ".join(
+            f"{name} {ip}" for name, ip in sorted(self.hosts.written.items())
+        )
+        addresses = ", ".join(sorted(str(ip) for ip in self._addresses))
+        return (
+            f"the names {names or '(none)'} in {self.hosts.file.path} and the"
+            f" addresses {addresses or '(none)'}"
+        )
 
     def stop_now(self) -> None:
         """
@@ -395,6 +429,7 @@ class Daemon(MultiService):
         """
         identity = self.identity_service.status()
         listeners = self.listeners.listeners
+        specs = self.plan.specs
         expires = identity.not_after
         return DaemonStatus(
             version=__version__,
@@ -410,16 +445,19 @@ class Daemon(MultiService):
             poll_error=self.discovery.last_error,
             poll_failures=self.discovery.failures,
             endpoints=len(self.endpoints) + len(self.skipped),
-            listeners_planned=len(self.plan.specs),
+            listeners_planned=len(specs),
             listeners_up=sum(
-                1
-                for key in self.plan.specs
-                if key in listeners and listeners[key].listening
+                1 for key in specs if key in listeners and listeners[key].listening
             ),
             config_error=self.config_error,
             restart_pending=self.restart_pending,
             stale=self.stale,
             warm_connections=self.connector.pool.ready,
+            listeners_unplanned=len(self.plan.failures) - len(self.plan.refused),
+            names_error=(
+                self.hosts.error if any(s.virtual for s in specs.values()) else ""
+            ),
+            problems=self.problems.current(),
         )
 
     # Reload
@@ -640,18 +678,16 @@ class Daemon(MultiService):
         return self.reconcile(found)
 
     def _kept_saved(self, _: object) -> None:
-        self._keep_error = ""
+        self.problems.cleared(_KEEPING)
 
     def _keep_failed(self, failure: Failure) -> None:
         failure.trap(AtomicWriteError)
         self._kept = None
-        if str(failure.value) != self._keep_error:
-            self._keep_error = str(failure.value)
-            self.log.error(
-                "{error}; a restart while the ngrok API is down will serve"
-                " nothing until it answers",
-                error=self._keep_error,
-            )
+        self.problems.failed(
+            _KEEPING,
+            str(failure.value),
+            "a restart while the ngrok API is down will serve nothing until it answers",
+        )
 
     def reconcile(self, found: list[ApiEndpoint]) -> Deferred[None]:
         """
@@ -700,8 +736,9 @@ class Daemon(MultiService):
         """
         Allocate (and persist), then set up the addresses, then listen, then
         write the names: a name resolves only once its address and listener
-        exist. Addresses no hostname uses any more go last, after their
-        listeners and names.
+        exist. A name the hosts file already sets, or that is otherwise not
+        ours (L{ngrokd.names}), gets none of them. Addresses no hostname uses
+        any more go last, after their listeners and names.
         """
         endpoints: dict[str, BoundEndpoint] = {}
         skipped: dict[str, str] = {}
@@ -718,8 +755,9 @@ class Daemon(MultiService):
             endpoints[record.id] = BoundEndpoint(record.id, record.url, target)
         self.endpoints, self.skipped = endpoints, skipped
         net = self.config.net
+        names = name_rules(self.config, await self.hosts.pinned())
         wanted_ips, wanted_ports = wanted_allocations(
-            endpoints.values(), net.listen_interface, net.overrides
+            endpoints.values(), net.listen_interface, net.overrides, names
         )
         result = allocation.allocate(
             self.allocations,
@@ -739,9 +777,13 @@ class Daemon(MultiService):
             self.allocations.ips,
             self.allocations.network_ports,
             result.errors,
+            names,
         )
         addresses = frozenset(self.allocations.ips.values())
         missing = await self.interface.ensure(addresses | self._addresses)
+        if self._stopping:
+            # The listeners are closed, and the names go with the stop.
+            return
         previous = self.plan
         self.plan = planned.without_addresses(
             {str(ip): reason for ip, reason in missing.items()}
@@ -750,6 +792,9 @@ class Daemon(MultiService):
             if previous.failures.get(url) != reason:
                 self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)
         await self.listeners.reconcile(self.plan.specs)
+        if self._stopping:
+            await self.listeners.stop()
+            return
         await self.hosts.write(self.plan.virtual_names())
         if self._addresses - addresses:
             await self.interface.ensure(addresses)
@@ -764,6 +809,7 @@ class Daemon(MultiService):
         """
         allocations = self.allocations
         if allocations == self._saved:
+            self.problems.cleared(_SAVING)
             return
         try:
             await deferToThreadPool(
@@ -774,13 +820,15 @@ class Daemon(MultiService):
                 allocations,
             )
         except AtomicWriteError as e:
-            self.log.error(
-                "{error}; the addresses and ports given out since the last save"
-                " may change at the next start",
-                error=e,
+            self.problems.failed(
+                _SAVING,
+                str(e),
+                "the addresses and ports given out since the last save may"
+                " change at the next start",
             )
             return
         self._saved = allocations
+        self.problems.cleared(_SAVING)
 
 
 class StopOnSignal(Service):

@@ -11,6 +11,11 @@ is left out of the hosts file (the original pointed it at an address where
 nothing listened on the URL's port, fault 29), and every planned listener
 carries the address a local client should use
 (L{ListenSpec.client_address}), for status output and the docs.
+
+A virtual-mode hostname is a claim on the name, on this whole machine: one
+that L{ngrokd.names.refusal} refuses gets no address and no listener, and
+fails with that reason. A network-mode one claims no name, and so is not
+refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from attrs import frozen
 
 from ngrokd.endpoints import BoundEndpoint, EndpointTarget, join_host_port
+from ngrokd.names import NO_FACTS, NameRules, refusal
 
 VIRTUAL = "virtual"
 
@@ -85,10 +91,16 @@ class Plan:
     """
     Listeners by normalised endpoint URL, and the endpoints that could not get
     one (with the reason).
+
+    @ivar refused: the failures that are decisions, not faults (two
+        endpoints that need one socket; a name that is not ngrokd's to
+        claim, L{ngrokd.names}): listed, but they do not make the daemon
+        unready.
     """
 
     specs: Mapping[str, ListenSpec]
     failures: Mapping[str, str]
+    refused: frozenset[str] = frozenset()
 
     def virtual_names(self) -> dict[str, str]:
         """
@@ -116,7 +128,7 @@ class Plan:
                     f"address {spec.address} for {spec.target.host} could not be"
                     f" set up: {missing[spec.address]}"
                 )
-        return Plan(specs, dict(sorted(failures.items())))
+        return Plan(specs, dict(sorted(failures.items())), self.refused)
 
 
 @frozen
@@ -173,16 +185,19 @@ def wanted_allocations(
     endpoints: Iterable[BoundEndpoint],
     listen_interface: str,
     overrides: Mapping[str, str],
+    names: NameRules = NO_FACTS,
 ) -> tuple[set[str], set[tuple[str, int]]]:
     """
     What the endpoints need allocated: an address for each hostname in
-    virtual mode, a network port for each other host and port.
+    virtual mode that C{names} do not refuse, a network port for each other
+    host and port.
     """
     hosts: set[str] = set()
     ports: set[tuple[str, int]] = set()
     for target in targets(endpoints).values():
         if listen_mode(target.host, listen_interface, overrides) == VIRTUAL:
-            hosts.add(target.host)
+            if refusal(target.host, names) is None:
+                hosts.add(target.host)
         else:
             ports.add((target.host, target.port))
     return hosts, ports
@@ -202,6 +217,7 @@ def plan(
     ips: Mapping[str, IPv4Address | IPv6Address],
     network_ports: Mapping[tuple[str, int], int],
     allocation_errors: Mapping[str | tuple[str, int], str] | None = None,
+    names: NameRules = NO_FACTS,
 ) -> Plan:
     """
     In virtual mode an endpoint listens on its hostname's own address and its
@@ -212,14 +228,22 @@ def plan(
     @param allocation_errors: why a hostname got no address or an endpoint
         no port (L{ngrokd.host.allocation.AllocationResult.errors}), reported as
         its failure.
+    @param names: what decides whether a virtual-mode hostname may be
+        claimed; a refused one fails with the reason.
     """
     errors = allocation_errors or {}
     specs: dict[str, ListenSpec] = {}
     failures: dict[str, str] = {}
     served_by: dict[tuple[str, int], str] = {}
+    refused: set[str] = set()
     for url, target in sorted(targets(endpoints).items()):
         mode = listen_mode(target.host, listen_interface, overrides)
         if mode == VIRTUAL:
+            reason = refusal(target.host, names)
+            if reason is not None:
+                failures[url] = reason
+                refused.add(url)
+                continue
             ip = ips.get(target.host)
             if ip is None:
                 failures[url] = errors.get(
@@ -254,6 +278,7 @@ def plan(
             failures[url] = (
                 f"{target.host}:{target.port} is already served by {served_by[bind]}"
             )
+            refused.add(url)
         else:
             served_by[bind] = url
-    return Plan(specs, failures)
+    return Plan(specs, failures, frozenset(refused))

@@ -45,6 +45,7 @@ HOT = frozenset(
         "net.overrides",
         "net.start_port",
         "net.reuse_after",
+        "net.allowed_domains",
     }
 )
 

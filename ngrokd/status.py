@@ -21,6 +21,7 @@ from attrs import frozen
 
 from ngrokd.endpoints import BoundEndpoint, join_host_port
 from ngrokd.plan import VIRTUAL, ListenSpec, Plan
+from ngrokd.problems import Problem
 
 LISTENING = "listening"
 STARTING = "starting"
@@ -112,6 +113,12 @@ class DaemonStatus:
     @ivar poll_error: why the polls since then failed (C{""}: they did not).
     @ivar listeners_planned: the listeners the plan wants.
     @ivar listeners_up: how many of those listen.
+    @ivar listeners_unplanned: the endpoint URLs that should listen but got
+        no listener, for a reason of this machine's: no address or network
+        port was left, or the address could not be set up (their rows say
+        why). An endpoint no change here could serve (an unreadable URL,
+        two endpoints on one socket) is not counted: it is listed, and does
+        not hold readiness back.
     """
 
     version: str
@@ -138,6 +145,13 @@ class DaemonStatus:
     stale: bool = False
     #: Connections to the ingress kept ready for the next accepted ones.
     warm_connections: int = 0
+    listeners_unplanned: int = 0
+    #: Why the names of virtual-mode endpoints do not resolve: the hosts
+    #: file could not be written (C{""}: they do, or none are wanted).
+    names_error: str = ""
+    #: What keeps failing (a state file that cannot be saved, the hosts
+    #: file), until it works again.
+    problems: tuple[Problem, ...] = ()
 
     @property
     def registered(self) -> bool:
@@ -148,26 +162,47 @@ class DaemonStatus:
         return max(0.0, self.now - self.started)
 
     @property
+    def listeners_wanted(self) -> int:
+        """
+        The listeners there should be: those planned, and those that could
+        not even be planned for a reason of this machine's.
+        """
+        return self.listeners_planned + self.listeners_unplanned
+
+    @property
+    def certificate_expired(self) -> bool:
+        return self.certificate_expires is not None and (
+            self.now >= self.certificate_expires
+        )
+
+    @property
     def ready(self) -> bool:
         """
-        Registered, one poll applied, and every planned listener up (a
-        daemon with no endpoints is ready).
+        Serving what it should: see L{not_ready_because} (a daemon with no
+        endpoints is ready).
         """
         return self.not_ready_because == ""
 
     @property
     def not_ready_because(self) -> str:
         """
-        The first step towards ready that is not done (C{""}: none).
+        The first step towards ready that is not done (C{""}: none): a valid
+        identity, one poll applied, every wanted listener up, the names
+        written. This is readiness for C{/readyz}, C{ngrokctl health},
+        C{ngrokd_ready} and systemd alike.
         """
+        why = f": {self.identity_error}" if self.identity_error else ""
         if not self.registered:
-            why = f": {self.identity_error}" if self.identity_error else ""
             return f"{self.identity_state}{why}"
+        if self.certificate_expired:
+            return f"the client certificate has expired{why}"
         if not self.polled:
             why = f": {self.poll_error}" if self.poll_error else ""
             return f"the bound endpoints have not been read yet{why}"
-        if self.listeners_up != self.listeners_planned:
-            return f"{self.listeners_up} of {self.listeners_planned} listeners are up"
+        if self.listeners_up != self.listeners_wanted:
+            return f"{self.listeners_up} of {self.listeners_wanted} listeners are up"
+        if self.names_error:
+            return f"endpoint names do not resolve: {self.names_error}"
         return ""
 
 

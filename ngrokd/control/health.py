@@ -4,9 +4,9 @@ The health and metrics HTTP server, for probes, monitors and Prometheus.
 
 C{/healthz} answers 200 while the process and its reactor run, with or
 without endpoints: an idle daemon is alive, and a failed endpoint is shown
-in C{/status}, not reported as a dead process. C{/readyz} answers 200 once
-the daemon is registered, has applied one poll and has every planned
-listener up, 503 with the reason before. C{/status} is the whole picture
+in C{/status}, not reported as a dead process. C{/readyz} answers 200 while
+the daemon serves what it should (L{DaemonStatus.not_ready_because}), 503
+with the reason otherwise. C{/status} is the whole picture
 as JSON: the original's fields, then ours. C{/metrics} is the Prometheus
 exposition of L{ngrokd.control.metrics}. C{/health} and C{/ready} are the
 original's names for the first two. C{/} is the web page of
@@ -78,19 +78,21 @@ def healthy(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) -> bool:
     return status.ready and all(row.state != FAILED for row in endpoints)
 
 
-def not_ready_text(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) -> str:
+def readiness_text(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) -> str:
     """
-    Why the daemon is not ready, then every failed endpoint and why, one a
-    line; C{""} when it is ready.
+    What C{/readyz} says: C{ready}, or why the daemon is not; then every
+    failed endpoint and why, one a line. A ready daemon's failed endpoints
+    are those no change on this machine would serve (an unreadable URL, two
+    endpoints on one socket).
     """
     reason = status.not_ready_because
-    if not reason:
-        return ""
     failed = [
         f"{row.url or row.id}: {row.reason}\n"
         for row in endpoints
         if row.state == FAILED
     ]
+    if not reason:
+        return "ready\n" + "".join(f"not served: {line}" for line in failed)
     return f"not ready: {reason}\n" + "".join(failed)
 
 
@@ -129,7 +131,18 @@ def status_document(
         "listeners": {
             "planned": status.listeners_planned,
             "up": status.listeners_up,
+            "unplanned": status.listeners_unplanned,
         },
+        "names_error": status.names_error,
+        "problems": [
+            {
+                "what": problem.what,
+                "error": problem.error,
+                "since": rfc3339(problem.since),
+                "count": problem.count,
+            }
+            for problem in status.problems
+        ],
         "endpoints": {row.id: _endpoint_document(row) for row in endpoints},
     }
 
@@ -226,12 +239,9 @@ class _Alive(_Page):
 
 class _Ready(_Page):
     def page(self, request: Request) -> bytes:
-        reason = not_ready_text(
-            self._daemon.daemon_status(), self._daemon.endpoint_status()
-        )
-        if reason:
-            return plain_text(request, 503, reason)
-        return plain_text(request, 200, "ready\n")
+        status = self._daemon.daemon_status()
+        text = readiness_text(status, self._daemon.endpoint_status())
+        return plain_text(request, 200 if status.ready else 503, text)
 
 
 class _Status(_Page):

@@ -4,10 +4,12 @@ Tell systemd how the daemon does, over C{$NOTIFY_SOCKET} (C{Type=notify}).
 
 The protocol is one datagram per message to a UNIX socket, C{KEY=value}
 lines (sd_notify(3)); no library is needed. C{READY=1} goes once the daemon
-is ready (registered, one poll applied, every planned listener up), or once
-it waits for an API key: a fresh install has none, and systemd would
-otherwise time the start out and kill a daemon that only waits for
-C{ngrokctl set-api-key}. Its C{STATUS=} line then says what is missing.
+is ready (as C{/readyz} means it), once it waits for an API key (a fresh
+install has none, and systemd would otherwise time the start out and kill
+a daemon that only waits for C{ngrokctl set-api-key}), or at the latest
+L{START_WAIT} seconds after it started: the daemon retries what failed by
+itself, so a restart would fix nothing and would take down the endpoints
+that work. Its C{STATUS=} line then says what is missing.
 C{STATUS=} lines follow the daemon's state when it changes, at most one a
 second. C{WATCHDOG=1} goes at half of C{$WATCHDOG_USEC} from a reactor
 timer, so that a reactor that stops turning stops the pings and systemd
@@ -32,6 +34,9 @@ from ngrokd.status import DaemonStatus
 #: Seconds between looks at the daemon's state: the most often a
 #: C{STATUS=} line is sent.
 STATUS_INTERVAL = 1.0
+#: Seconds after which systemd is told the start is done, ready or not
+#: (below systemd's default start timeout of 90 s).
+START_WAIT = 30.0
 
 
 def notify_address(value: str) -> str | None:
@@ -61,12 +66,17 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     return int(usec) / 2_000_000
 
 
-def wants_ready(status: DaemonStatus) -> bool:
+def wants_ready(status: DaemonStatus, waited: float) -> bool:
     """
-    Whether systemd may consider the start done: the daemon is ready, or it
-    waits for an API key that only an operator can give.
+    Whether systemd may consider the start done: the daemon is ready, it
+    waits for an API key that only an operator can give, or it has tried
+    for L{START_WAIT} seconds and retries the rest by itself.
+
+    @param waited: seconds since the notifier started.
     """
-    return status.ready or status.identity_state == WAITING_FOR_KEY
+    return (
+        status.ready or status.identity_state == WAITING_FOR_KEY or waited >= START_WAIT
+    )
 
 
 def status_text(status: DaemonStatus) -> str:
@@ -76,7 +86,7 @@ def status_text(status: DaemonStatus) -> str:
     """
     counts = (
         f"{status.endpoints} endpoints,"
-        f" {status.listeners_up} of {status.listeners_planned} listeners up"
+        f" {status.listeners_up} of {status.listeners_wanted} listeners up"
     )
     if status.ready:
         return f"ready: {counts}"
@@ -112,6 +122,7 @@ class SystemdNotifier(Service):
         self._status = ""
         self._failing = False
         self._loops: list[LoopingCall] = []
+        self._started = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +134,7 @@ class SystemdNotifier(Service):
             return
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
+        self._started = self._reactor.seconds()
         self._start_loop(self._look, STATUS_INTERVAL)
         if self._watchdog_every is not None:
             self._start_loop(lambda: self.send("WATCHDOG=1"), self._watchdog_every)
@@ -152,9 +164,15 @@ class SystemdNotifier(Service):
         status = self._daemon_status()
         lines = []
         text = status_text(status)
-        if not self._ready and wants_ready(status):
+        waited = self._reactor.seconds() - self._started
+        if not self._ready and wants_ready(status, waited):
             self._ready = True
             lines.append("READY=1")
+            if not status.ready:
+                self.log.warn(
+                    "telling systemd the start is done, not ready: {why}",
+                    why=status.not_ready_because,
+                )
         if text != self._status:
             self._status = text
             lines.append(f"STATUS={text}")

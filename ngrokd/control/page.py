@@ -20,6 +20,7 @@ from attrs import frozen
 
 from ngrokd.control.feed import Event
 from ngrokd.control.history import KEEP
+from ngrokd.problems import utc as _utc
 from ngrokd.status import FAILED, LISTENING, STARTING, DaemonStatus, EndpointStatus
 
 #: Endpoint rows on one page.
@@ -198,11 +199,18 @@ def render_daemon(
         ("Last poll", f"{poll}, {result}"),
         (
             "Listeners",
-            f"{status.listeners_up} of {status.listeners_planned} up,"
+            f"{status.listeners_up} of {status.listeners_wanted} up,"
             f" {status.endpoints} endpoints",
         ),
         ("Time to upgrade", timing),
         ("Uptime", _since(status.started, status.now)),
+    ]
+    facts += [
+        (
+            "Problem",
+            f"{_e(p.what)}: {_e(p.error)} ({p.count} times since {_e(_utc(p.since))})",
+        )
+        for p in status.problems
     ]
     return "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts)
 
@@ -338,11 +346,6 @@ def _state_options(chosen: str) -> str:
 
 def _e(text: str) -> str:
     return html.escape(text, quote=True)
-
-
-def _utc(seconds: float) -> str:
-    when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    return f"{when:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def duration(seconds: float) -> str:

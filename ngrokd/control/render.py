@@ -104,6 +104,11 @@ def status_lines(
     if status.get("restart_pending"):
         pending = ", ".join(status["restart_pending"])
         lines.append(f"Config:       {pending} changed: restart ngrokd to apply")
+    for problem in status.get("problems", ()):
+        lines.append(
+            f"Problem:      {problem['what']}: {problem['error']} (failing since"
+            f" {_when(problem['since'])}, {problem['count']} times)"
+        )
     ready = "yes" if status["ready"] else f"no, {status['not_ready_because']}"
     lines.append(f"Ready:        {ready}")
     if total == 0 and status["registered"]:

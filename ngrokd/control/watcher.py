@@ -7,8 +7,9 @@ link, the directory of the file it names), so an editor that saves by
 writing a new file and renaming it over the old one (vim, and C{ngrokctl
 config edit}) is seen, and a file is looked at only once its
 writer has closed it: a half-written file is never read. Elsewhere the file
-is polled (its inode, size and change time). A burst of events becomes one
-reload once the directory has been quiet for a moment.
+is polled (its inode, size and change time). A burst of events, or of
+SIGHUPs (a script that reloads in a loop), becomes one reload once they
+have been quiet for a moment.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class ConfigWatcher(Service):
         self._timer: IDelayedCall | None = None
         self._running: Deferred[Any] | None = None
         self._again = False
+        self._why = ""
         self._notifier: Any = None
         self._poller: LoopingCall | None = None
         self._seen: tuple[int, int, int] | None = None
@@ -108,7 +110,7 @@ class ConfigWatcher(Service):
         self._timer = None
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self.trigger, "SIGHUP")
+        self._reactor.callFromThread(self._settle, "SIGHUP")
 
     def _watch(self) -> None:
         """
@@ -136,24 +138,28 @@ class ConfigWatcher(Service):
     def _notified(self, ignored: object, path: FilePath[Any], mask: int) -> None:
         if os.fsdecode(path.path) in (self._path, self._target):
             self._watch()  # the link may name another file now
-            self._settle()
+            self._settle(f"{self._path} changed")
 
     def _poll(self) -> None:
         seen = _fingerprint(self._path)
         if seen != self._seen:
             self._seen = seen
-            self._settle()
+            self._settle(f"{self._path} changed")
 
-    def _settle(self) -> None:
+    def _settle(self, why: str) -> None:
         """
-        Reload once nothing has changed for L{QUIET} seconds.
+        Reload, for C{why}, once nothing more has come (a change to the
+        file, a SIGHUP) for L{QUIET} seconds: a burst of either is one
+        reload.
         """
+        self._why = why
         if self._timer is not None and self._timer.active():
             self._timer.reset(self._quiet)
         else:
-            self._timer = self._reactor.callLater(
-                self._quiet, self.trigger, f"{self._path} changed"
-            )
+            self._timer = self._reactor.callLater(self._quiet, self._settled)
+
+    def _settled(self) -> None:
+        self.trigger(self._why)
 
     def trigger(self, why: str) -> None:
         """

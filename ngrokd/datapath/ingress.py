@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ngrokd.datapath import wire
+from ngrokd.datapath.descriptors import DescriptorReserve
 from ngrokd.datapath.dial import ResolvedName
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
 from ngrokd.datapath.failurelog import FailureLog
@@ -158,9 +159,11 @@ class IngressProtocol(PipeProtocol):
         self.handshake_seconds: float | None = None
 
     def connectionMade(self) -> None:
-        # TCP is up (the endpoint bounds that); bound the TLS handshake too.
+        # TCP is up (the endpoint bounds that); the TLS handshake has what
+        # is left of the same budget.
+        left = self._started + self._connect_timeout - self._clock.seconds()
         self._timer = self._clock.callLater(
-            self._connect_timeout, self._timed_out, "TLS handshake"
+            max(0.0, left), self._timed_out, "TLS handshake"
         )
         self.transport.setTcpNoDelay(True)
         if self.request is not None:
@@ -347,8 +350,10 @@ class IngressConnector:
         self.handshakes = HandshakeCounts()
         self.queue = DialQueue(reactor, max_pending, queue_timeout)
         self.pool: WarmPool[WarmConnection] = WarmPool(reactor, self._dial_warm, pool)
-        #: Where the bridge reports failed connections.
+        #: Where the bridge and the pool report failed connections.
         self.failures = FailureLog(reactor)
+        #: Descriptors set aside for the legs of accepted connections.
+        self.descriptors = DescriptorReserve()
         self._notices_seen: set[tuple[str, int, str]] = set()
 
     def use_certificate(self, cert_pem: bytes, key_pem: bytes) -> None:
@@ -380,6 +385,7 @@ class IngressConnector:
         """
         self.pool.stop()
         self.failures.stop()
+        self.descriptors.close()
 
     def _rebuild(self) -> None:
         if self._certificate is None or (self._trust is None and not self._insecure):
@@ -512,7 +518,20 @@ class IngressConnector:
 
         dialing = self._dial(creator, None)
         dialing.addBoth(self._released)
+        dialing.addErrback(self._warm_failed)
         return dialing.addCallback(WarmConnection, creator)
+
+    def _warm_failed(self, failure: Failure) -> Failure:
+        """
+        Log a failed warm dial as the bridge logs failed connections: a
+        flood of them makes a few lines.
+        """
+        if not failure.check(CancelledError):
+            error = failure.value
+            kind = error.kind if isinstance(error, IngressError) else "other"
+            where = f"{self.host}:{self.port} (a warm connection)"
+            self.failures.failed(where, kind, failure.getErrorMessage())
+        return failure
 
     def _handshake_timed(self, protocol: IngressProtocol) -> IngressProtocol:
         """
@@ -568,6 +587,8 @@ class IngressConnector:
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False  # one per connection: the bridge logs what matters
+        if request is not None:
+            self.descriptors.release()  # the leg of an accepted connection
         connecting = endpoint.connect(factory)
 
         awaited = protocol.handshaken or protocol.upgraded

@@ -33,6 +33,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ngrokd.datapath.bridge import BridgeFactory, ConnectionTimings, EndpointStats
+from ngrokd.datapath.descriptors import SPARE, DescriptorReserve
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.endpoints import join_host_port
 from ngrokd.host.portowner import port_owners
@@ -46,23 +47,40 @@ LISTEN_BACKLOG = 4096
 
 #: Seconds a listener stops accepting when the process is out of file
 #: descriptors; the connections waiting meanwhile stay in the backlog.
-ACCEPT_BACKOFF = 1.0
+ACCEPT_BACKOFF = 0.1
+#: Seconds of accepts without a pause before "accepting again" is said.
+ACCEPTING_AGAIN_AFTER = 10.0
 
 
 class AcceptGuard:
     """
-    What every listener does when C{accept} fails for lack of file
-    descriptors: say so once (with the limit) until an accept works again,
-    and pause accepting for L{ACCEPT_BACKOFF} seconds. (Twisted would
-    instead accept and close every waiting connection, with a log line
-    each.)
+    What every listener does when the process is short of file descriptors:
+    accept only once a descriptor is set aside for the new connection's
+    ingress leg (and one for each connection still waiting for its leg, and
+    a few more: L{DescriptorReserve}); when that or the accept itself fails
+    for want of descriptors, pause accepting for L{ACCEPT_BACKOFF} seconds,
+    and say so once (with the limit) until accepts have worked for
+    L{ACCEPTING_AGAIN_AFTER} seconds. (Twisted would instead accept and
+    close every waiting connection, with a log line each.)
     """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        reserve: DescriptorReserve | None = None,
+        owed: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """
+        @param reserve: the spares for ingress legs, none if C{None}.
+        @param owed: how many accepted connections wait for their leg.
+        """
         self.clock = clock
         self.exhausted = False
+        self._reserve = reserve
+        self._owed = owed
+        self._last_pause = 0.0
         self._paused: dict[tcp.Port, IDelayedCall] = {}
 
     def watch(self, port: IListeningPort) -> None:
@@ -81,7 +99,17 @@ class AcceptGuard:
         if paused is not None:
             paused.cancel()
 
+    def before_accept(self) -> None:
+        """
+        Set aside the descriptors an accept needs.
+
+        @raise OSError: they are not free.
+        """
+        if self._reserve is not None:
+            self._reserve.hold(self._owed() + 1 + SPARE)
+
     def out_of_files(self, port: tcp.Port, error: OSError) -> None:
+        self._last_pause = self.clock.seconds()
         if not self.exhausted:
             self.exhausted = True
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -106,15 +134,19 @@ class AcceptGuard:
             port.startReading()
 
     def accepted(self) -> None:
-        if self.exhausted:
+        if not self.exhausted:
+            return
+        if self.clock.seconds() - self._last_pause >= ACCEPTING_AGAIN_AFTER:
             self.exhausted = False
             self.log.info("accepting connections again")
 
 
 class GuardedSocket:
     """
-    A listening socket whose C{accept} reports a lack of descriptors to the
-    guard and then looks to Twisted like an empty backlog.
+    A listening socket that accepts only once the guard has set aside what
+    the connection needs, and whose lack of descriptors, in that or in the
+    accept, is reported to the guard and then looks to Twisted like an
+    empty backlog.
     """
 
     def __init__(self, sock: socket.socket, port: tcp.Port, guard: AcceptGuard):
@@ -124,6 +156,7 @@ class GuardedSocket:
 
     def accept(self) -> tuple[socket.socket, Any]:
         try:
+            self._guard.before_accept()
             accepted = self._socket.accept()
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
@@ -240,7 +273,9 @@ class ListenerSet:
         self._connector = connector
         self._find_owners = find_owners or self._owners_in_thread
         self._idle_timeout = idle_timeout
-        self._guard = AcceptGuard(reactor)
+        self._guard = AcceptGuard(
+            reactor, connector.descriptors, lambda: connector.queue.waiting
+        )
         self.listeners: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None

@@ -16,6 +16,15 @@ ready connection is replaced after a maximum age, and sooner if the ingress
 was seen to close idle connections earlier than that. A connection is never
 put back after its upgrade.
 
+What the pool learns from the ingress's closes is bounded: a connection
+closed younger than a handshake takes (an ingress restarting, a deploy)
+teaches nothing, no life under L{MIN_IDLE_LIFE} is learned, and a learned
+life drifts back to the maximum age (L{replacement_age}), so one bad
+moment does not leave the pool replacing its connections as fast as it can
+dial them.
+Should the pool still discard more warm connections than are taken
+(L{is_storm}), it dials none for L{STORM_PAUSE} seconds, and says so once.
+
 A taken connection is replaced once the ingress has answered its request,
 not when it is taken: a handshake started meanwhile would compete with that
 request for the CPU, here and at the ingress.
@@ -47,6 +56,16 @@ HANDSHAKE_WEIGHT = 0.2
 #: A ready connection is replaced at this fraction of the shortest idle life
 #: the ingress was seen to allow.
 IDLE_LIFE_MARGIN = 0.75
+#: The shortest idle life the pool learns, in seconds.
+MIN_IDLE_LIFE = 1.0
+#: Seconds in which a learned idle life gets half way back to the maximum age.
+IDLE_LIFE_HALF_LIFE = 60.0
+#: Seconds over which warm connections discarded unused are counted.
+STORM_WINDOW = 10.0
+#: Discards beyond the taken ones and the pool's size that make a storm.
+STORM_SLACK = 10
+#: Seconds the pool dials nothing after a storm of discards.
+STORM_PAUSE = 60.0
 
 
 @frozen
@@ -76,6 +95,56 @@ def pool_target(accepts_per_second: float, handshake_seconds: float, size: int) 
     if size <= 0:
         return 0
     return min(size, 1 + math.floor(2 * accepts_per_second * handshake_seconds))
+
+
+def replacement_age(learned: float, elapsed: float, max_age: float) -> float:
+    """
+    After how long a ready connection is replaced, C{elapsed} seconds after
+    the ingress was seen to allow an idle life of only C{learned} (taken as
+    at least L{MIN_IDLE_LIFE}): L{IDLE_LIFE_MARGIN} of that life at first,
+    then half way back to C{max_age} every L{IDLE_LIFE_HALF_LIFE} seconds,
+    as the close seen may have been a passing one.
+    """
+    age = max(learned, MIN_IDLE_LIFE) * IDLE_LIFE_MARGIN
+    if age >= max_age:
+        return max_age
+    return max_age - (max_age - age) * math.pow(0.5, elapsed / IDLE_LIFE_HALF_LIFE)
+
+
+def is_storm(discarded: int, taken: int, size: int) -> bool:
+    """
+    Whether C{discarded} warm connections closed unused, against C{taken}
+    ones used, in one L{STORM_WINDOW}, are the pool dialling for nothing:
+    more than one pool's worth and L{STORM_SLACK} beyond those taken.
+    """
+    return discarded - taken > size + STORM_SLACK
+
+
+@define
+class DiscardCount:
+    """
+    Warm connections discarded unused and taken, in windows of
+    L{STORM_WINDOW} seconds.
+    """
+
+    discarded: int = 0
+    taken: int = 0
+    _since: float | None = None
+
+    def _window(self, now: float) -> None:
+        if self._since is None or now - self._since >= STORM_WINDOW:
+            self._since, self.discarded, self.taken = now, 0, 0
+
+    def discard(self, now: float) -> None:
+        self._window(now)
+        self.discarded += 1
+
+    def take(self, now: float) -> None:
+        self._window(now)
+        self.taken += 1
+
+    def clear(self) -> None:
+        self._since, self.discarded, self.taken = None, 0, 0
 
 
 @define
@@ -163,8 +232,15 @@ class WarmPool(Generic[M]):
         #: Connections made before the last L{reset} are not kept.
         self._generation = 0
         self._handshake_seconds = FIRST_HANDSHAKE_GUESS
-        #: The shortest idle life the ingress allowed a ready connection.
-        self._idle_life: float | None = None
+        #: The shortest idle life the ingress allowed a ready connection
+        #: (L{replacement_age} applies the floor), and when it did.
+        self._idle_life: tuple[float, float] | None = None
+        #: The shortest idle life said in the log.
+        self._life_said: float | None = None
+        self._discards = DiscardCount()
+        #: No dials until then, after a storm of discards.
+        self._storm_until: float | None = None
+        self._storm_said = False
         self._paused = False
         self._stopped = False
         self._quiet: IDelayedCall | None = None
@@ -188,7 +264,9 @@ class WarmPool(Generic[M]):
         """
         if self._idle_life is None:
             return self.settings.max_age
-        return min(self.settings.max_age, self._idle_life * IDLE_LIFE_MARGIN)
+        learned, when = self._idle_life
+        elapsed = self._clock.seconds() - when
+        return replacement_age(learned, elapsed, self.settings.max_age)
 
     def configure(self, settings: PoolSettings) -> None:
         """
@@ -224,6 +302,7 @@ class WarmPool(Generic[M]):
             return None
         entry = self._ready.pop()  # the newest: the least likely closed
         _cancel(entry.expiry)
+        self._discards.take(now)
         return entry.connection
 
     def answered(self) -> None:
@@ -282,6 +361,8 @@ class WarmPool(Generic[M]):
         now = self._clock.seconds()
         if self._stopped or self._paused or self._quiet_for(now) is None:
             return 0
+        if self._storm_until is not None and now < self._storm_until:
+            return 0
         rate = self._rate.per_second(now)
         return pool_target(rate, self._handshake_seconds, self.settings.size)
 
@@ -300,11 +381,7 @@ class WarmPool(Generic[M]):
         self._dialing.discard(dialing)
         if isinstance(result, Failure):
             if not result.check(CancelledError):
-                self.log.info(
-                    "a warm connection to the ingress failed: {reason}",
-                    reason=result.getErrorMessage(),
-                )
-                self.failed()
+                self.failed()  # the dialler logs it
             return
         stale = generation != self._generation or self._stopped
         if stale or len(self._ready) >= self.settings.size:
@@ -319,6 +396,7 @@ class WarmPool(Generic[M]):
     def _expired(self, entry: _Ready[M]) -> None:
         if entry in self._ready:
             self._retire(entry)
+            self._discarded()
             self._refill()
 
     def _retire(self, entry: _Ready[M]) -> None:
@@ -333,23 +411,59 @@ class WarmPool(Generic[M]):
         self._ready.remove(entry)
         _cancel(entry.expiry)
         self.lost += 1
-        life = self._clock.seconds() - entry.since
-        if self._idle_life is None or life < self._idle_life:
-            # Said when the pool learns a shorter life, not at every loss.
-            self._idle_life = life
+        self._learn(self._clock.seconds() - entry.since)
+        self.failed()
+        self._discarded()
+
+    def _learn(self, life: float) -> None:
+        """
+        The ingress closed a ready connection C{life} seconds after its
+        handshake: replace the next ones sooner. A close younger than a
+        handshake is the ingress going away, not its idle timeout.
+        """
+        if life < self._handshake_seconds or life >= self.max_age / IDLE_LIFE_MARGIN:
+            return
+        self._idle_life = (life, self._clock.seconds())
+        if self._life_said is None or life < self._life_said * IDLE_LIFE_MARGIN:
+            # Said when the pool learns a much shorter life, not at every loss.
+            self._life_said = life
             self.log.info(
                 "the ingress closed a warm connection after {seconds:.1f} s"
                 " unused; warm connections are now replaced after {max_age:.1f} s",
                 seconds=life,
                 max_age=self.max_age,
             )
-        self.failed()
+
+    def _discarded(self) -> None:
+        """
+        A ready connection was closed unused: after a storm of them, dial
+        none for a while.
+        """
+        now = self._clock.seconds()
+        self._discards.discard(now)
+        count = self._discards
+        if not is_storm(count.discarded, count.taken, self.settings.size):
+            return
+        self._storm_until = now + STORM_PAUSE
+        if not self._storm_said:
+            self._storm_said = True
+            self.log.warn(
+                "{count} warm connections to the ingress were closed unused"
+                " within {window:g} s ({taken} taken); dialling none for"
+                " {pause:g} s at a time while this goes on",
+                count=count.discarded,
+                window=STORM_WINDOW,
+                taken=count.taken,
+                pause=STORM_PAUSE,
+            )
+        count.clear()
 
     def _check_quiet(self) -> None:
         self._quiet = None
         left = self._quiet_for(self._clock.seconds())
         if left is None:
             self._empty()
+            self._storm_said = False  # a storm after a quiet period is news
         else:
             self._quiet = self._clock.callLater(left, self._check_quiet)
 

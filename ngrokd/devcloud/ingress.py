@@ -38,6 +38,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHandshakeListener,
     IReactorTime,
     ITCPTransport,
     ITransport,
@@ -45,6 +46,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.dial import tcp_client_endpoint
@@ -145,6 +147,7 @@ class _BackendFactory(Factory):
         return BackendProtocol()
 
 
+@implementer(IHandshakeListener)
 class IngressProtocol(PipeProtocol):
     """
     One client connection: read the request, connect upstream, answer, splice.
@@ -173,6 +176,9 @@ class IngressProtocol(PipeProtocol):
         self._timer = self.factory.clock.callLater(
             self.factory.request_timeout, self._request_timed_out
         )
+
+    def handshakeCompleted(self) -> None:
+        self.factory.handshakes_total += 1
 
     def dataReceived(self, data: bytes) -> None:
         if self._discarding:
@@ -386,8 +392,9 @@ class IngressFactory(Factory):
 
     C{reactor} connects to backends; C{clock} (default: the reactor) times
     requests. C{connections_total} counts accepted connections,
-    C{requests_total} the requests read and C{upgrades_total} successful
-    upgrades; C{active} holds open connections.
+    C{handshakes_total} the TLS handshakes completed (what a client's
+    connections cost the ingress), C{requests_total} the requests read and
+    C{upgrades_total} successful upgrades; C{active} holds open connections.
     """
 
     def __init__(
@@ -406,6 +413,7 @@ class IngressFactory(Factory):
         self.connect_timeout = connect_timeout
         self.faults: dict[tuple[str, int], IngressFault] = {}
         self.connections_total = 0
+        self.handshakes_total = 0
         self.requests_total = 0
         self.upgrades_total = 0
         self.active: set[IngressProtocol] = set()

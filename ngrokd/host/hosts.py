@@ -10,12 +10,13 @@ its END marker was missing, matched markers as substrings, and replaced the
 file's inode, losing its mode, owner and label, and never updating it at all
 where it is a bind mount (fault 23).
 
-L{render} is the pure part. L{HostsFile} reads, renders and writes under a
-lock, atomically where it can and in place where the file is a mount point.
-L{HostsService} runs it off the reactor thread for the daemon: it replaces
-a section a crashed run left (at start), writes only when the names change
-(the original rewrote the file at every poll), and removes the section on a
-clean stop.
+L{render} and L{pinned_names} are the pure parts. L{HostsFile} reads,
+renders and writes under a lock, atomically where it can and in place where
+the file is a mount point. L{HostsService} runs it off the reactor thread
+for the daemon: it replaces a section a crashed run left (at start), writes
+only when the names change (the original rewrote the file at every poll),
+removes the section on a clean stop, and reads the names set outside the
+section, which ngrokd must not claim (L{ngrokd.names}).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -38,9 +40,12 @@ from twisted.python.threadpool import ThreadPool
 
 from ngrokd.host.allocation import IPAddress
 from ngrokd.instance import hosts_markers, is_hosts_marker
+from ngrokd.problems import Problems
 
 #: The unnamed instance's markers; a named one's carry its name.
 BEGIN, END = hosts_markers("")
+
+_T = TypeVar("_T")
 
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _ENTRY = re.compile(r"(\S+)\t(\S+)")
@@ -173,6 +178,26 @@ def _section(
     return [begin + newline, *entries, end + last_ending]
 
 
+def pinned_names(existing: str, instance: str = "") -> frozenset[str]:
+    """
+    The names C{existing} hosts-file text sets outside the section of ngrokd
+    instance C{instance}, lowercase: those of the administrator's lines and
+    of other instances' sections. Every name of a line counts, aliases too,
+    and a line counts even when its address is not one, since its writer
+    meant the name.
+    """
+    lines = _lines(existing)
+    begin, end = hosts_markers(instance)
+    names: set[str] = set()
+    position = 0
+    for start, stop in [*_sections(lines, begin, end), (len(lines), len(lines))]:
+        for line in lines[position:start]:
+            fields = line.partition("#")[0].split()
+            names.update(name.lower().removesuffix(".") for name in fields[1:])
+        position = stop
+    return frozenset(names)
+
+
 class HostsFileError(Exception):
     """
     The hosts file could not be read or written.
@@ -265,13 +290,43 @@ class HostsFile:
         writing. When the file cannot be read, C{True}: L{write} says why.
         """
         try:
-            with open(self.path, "rb") as f:
-                text = f.read().decode("utf-8", "surrogateescape")
-        except FileNotFoundError:
-            return False
-        except OSError:
+            text = self._read_text()
+        except HostsFileError:
             return True
         return render(text, {}, self.instance) != text
+
+    def pinned(self) -> frozenset[str]:
+        """
+        The names the file sets outside this instance's section
+        (L{pinned_names}), from a read that needs no write access and takes
+        no lock. No file sets none.
+
+        @raise HostsFileError: the file cannot be read.
+        """
+        return pinned_names(self._read_text(), self.instance)
+
+    def _read_text(self) -> str:
+        """
+        The file's text (C{""} when there is no file), opened so that a
+        FIFO in its place cannot block the read.
+
+        @raise HostsFileError: the file cannot be read, or is not a file.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return ""
+        except OSError as e:
+            raise HostsFileError(self.path, "open", e) from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise HostsFileError(
+                    self.path, "read", OSError(errno.EINVAL, "not a regular file")
+                )
+            data = self._read(fd, self.path)
+        finally:
+            os.close(fd)
+        return data.decode("utf-8", "surrogateescape")
 
     def _open_locked(self, path: str, create: bool) -> int | None:
         """
@@ -439,11 +494,16 @@ class HostsService(Service):
     reactor's), in the order they were asked for. Each one reads the file and
     changes it only when its section differs from the names, so a section
     that someone else removed or changed is put back at the next L{write}
-    while an unchanged file is never rewritten. A write that fails is logged
-    (once, while it keeps failing the same way) and tried again at the next
-    L{write}.
+    while an unchanged file is never rewritten. A write that fails is a
+    problem of C{problems} (said once, summarised while it goes on, shown in
+    status) and is tried again at the next L{write}. A section that cannot
+    be removed when the service stops is logged with the names it holds.
+
+    L{pinned} reads the names set outside the section the same way, one
+    read or write at a time.
 
     @ivar error: why the last write failed (empty when it worked).
+    @ivar written: the names the section holds, as last written.
     """
 
     name = "hosts"
@@ -455,12 +515,20 @@ class HostsService(Service):
         path: str,
         threadpool: ThreadPool | None = None,
         instance: str = "",
+        problems: Problems | None = None,
     ) -> None:
         self.file = HostsFile(path, instance=instance)
         self._reactor = reactor
         self._threadpool = threadpool
+        self._problems = problems if problems is not None else Problems(reactor)
+        self._what = f"writing the names to {path}"
         self._lock = DeferredLock()
         self.error = ""
+        self.written: dict[str, IPAddress] = {}
+        #: The names of the last read that worked, and why the last read
+        #: failed (empty when it worked).
+        self._pinned: frozenset[str] = frozenset()
+        self._read_error = ""
 
     def startService(self) -> None:
         """
@@ -489,21 +557,12 @@ class HostsService(Service):
             is logged, not passed on.
         """
         wanted = {name: ip_address(ip) for name, ip in mapping.items()}
-        return self._lock.run(self._write, wanted)
-
-    def _write_file(self, wanted: dict[str, IPAddress]) -> bool:
-        if not wanted and not self.file.has_section():
-            return False
-        return self.file.write(wanted)
-
-    def _write(self, wanted: dict[str, IPAddress]) -> Deferred[bool]:
-        pool = self._threadpool or self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, self._write_file, wanted)
+        d = self._in_thread(self._write_file, wanted)
 
         def written(changed: bool) -> bool:
-            if self.error:
-                self.log.info("{path} can be written again", path=self.file.path)
-                self.error = ""
+            self._problems.cleared(self._what)
+            self.error = ""
+            self.written = wanted
             if changed and wanted:
                 self.log.info(
                     "wrote {count} names to the ngrokd section of {path}",
@@ -518,13 +577,67 @@ class HostsService(Service):
 
         def failed(failure: Any) -> bool:
             failure.trap(HostsFileError)
-            reason = str(failure.value)
-            if reason != self.error:
-                self.log.error(
-                    "{error}; endpoint names do not resolve until it can be written",
-                    error=reason,
+            self.error = str(failure.value)
+            if not self.running and not wanted:
+                self._left(self.error)
+            else:
+                self._problems.failed(
+                    self._what,
+                    self.error,
+                    "endpoint names do not resolve until it can be written",
                 )
-            self.error = reason
             return False
 
         return d.addCallbacks(written, failed)
+
+    def _left(self, error: str) -> None:
+        """
+        Say what stays in the file after the section could not be removed
+        at a stop.
+        """
+        names = ", ".join(f"{name} {ip}" for name, ip in sorted(self.written.items()))
+        self.log.error(
+            "stopping: {error}; the ngrokd section of {path} stays, with"
+            " {names}, until the next start replaces it",
+            error=error,
+            path=self.file.path,
+            names=names or "the names an earlier run wrote",
+        )
+
+    def pinned(self) -> Deferred[frozenset[str]]:
+        """
+        The names the file sets outside ngrokd's section, read afresh. When
+        it cannot be read, the names of the last read that worked (the
+        reason is logged once, while it stays the same).
+        """
+
+        def read(names: frozenset[str]) -> frozenset[str]:
+            self._pinned, self._read_error = names, ""
+            return names
+
+        def failed(failure: Any) -> frozenset[str]:
+            failure.trap(HostsFileError)
+            reason = str(failure.value)
+            if reason != self._read_error:
+                self.log.error(
+                    "{error}; the names it sets are not known, so only those"
+                    " of its last read are kept from endpoints",
+                    error=reason,
+                )
+            self._read_error = reason
+            return self._pinned
+
+        return self._in_thread(self.file.pinned).addCallbacks(read, failed)
+
+    def _write_file(self, wanted: dict[str, IPAddress]) -> bool:
+        if not wanted and not self.file.has_section():
+            return False
+        return self.file.write(wanted)
+
+    def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """
+        Run C{work} in the pool once the reads and writes asked for before
+        it are done.
+        """
+        pool = self._threadpool or self._reactor.getThreadPool()
+        return self._lock.run(deferToThreadPool, self._reactor, pool, work, *args)

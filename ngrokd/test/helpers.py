@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -241,6 +242,19 @@ class DevcloudIngress:
     cloud: Cloud
     ingress: IngressFactory
     connector: IngressConnector
+    #: The ingress's TLS server factory and its listening port.
+    server: Any
+    port: Any
+
+    async def restart(self) -> None:
+        """
+        Restart the ingress as a deploy does: stop listening, close every
+        connection, and listen again on the same port.
+        """
+        number = self.port.getHost().port
+        await self.port.stopListening()
+        await self.ingress.close_all()
+        self.port = reactor.listenTCP(number, self.server, interface="127.0.0.1")
 
     def new_certificate(self) -> tuple[bytes, bytes]:
         """
@@ -264,11 +278,13 @@ def devcloud_ingress(case: Any, **connector: Any) -> DevcloudIngress:
     cloud = Cloud(ca, [], "127.0.0.1:443")
     ingress = IngressFactory(cloud, reactor)
     case.addCleanup(ingress.close_all)
-    port = listen(tls_factory(ingress, server_options(cert, key, ca.cert_pem)), case)
+    server: Any = tls_factory(ingress, server_options(cert, key, ca.cert_pem))
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    number = int(port.getHost().port)  # type: ignore[attr-defined]
     trust = PartialChainTrust(parse_certificates(ca.cert_pem, "ca"), system=False)
-    harness = DevcloudIngress(
-        cloud, ingress, IngressConnector(reactor, "127.0.0.1", port, trust, **connector)
-    )
+    connecting = IngressConnector(reactor, "127.0.0.1", number, trust, **connector)
+    harness = DevcloudIngress(cloud, ingress, connecting, server, port)
+    case.addCleanup(lambda: harness.port.stopListening())
     harness.connector.use_certificate(*harness.new_certificate())
     case.addCleanup(harness.connector.stop)
     return harness
@@ -462,11 +478,18 @@ def spawn_twistd(
     log_path: str,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
+    open_files: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """
     Run C{twistd -n ngrokd --config CONFIG_PATH} as its own process, its
-    output to C{log_path}, killed at the end of C{test} if still running.
+    output to C{log_path}, killed at the end of C{test} if still running;
+    with C{open_files}, that is its limit on open files (soft and hard).
     """
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     log = open(log_path, "wb")  # noqa: SIM115 (closed at cleanup)
     process = subprocess.Popen(
         [
@@ -482,6 +505,7 @@ def spawn_twistd(
         stderr=subprocess.STDOUT,
         env=env,
         cwd=cwd,
+        preexec_fn=limit,
     )
 
     def stop() -> None:

@@ -1256,6 +1256,58 @@ class WebHostsTests(ConfigTestCase):
         )
 
 
+class AllowedDomainsTests(ConfigTestCase):
+    """
+    C{net.allowed_domains} lists the domains virtual-mode names must be in.
+    """
+
+    def test_default(self) -> None:
+        """
+        Without the key, or with an empty list, any domain is allowed.
+        """
+        self.assertEqual(parse("").config.net.allowed_domains, ())
+        self.assertEqual(
+            parse("net:\n  allowed_domains: []\n").config.net.allowed_domains, ()
+        )
+
+    def test_accepted(self) -> None:
+        """
+        Domains are kept lowercased, without a leading or final dot, each
+        once, in the order given.
+        """
+        net = parse(
+            "net:\n  allowed_domains: [Prod, .example.internal., prod, xn--p1ai]\n"
+        ).config.net
+        self.assertEqual(net.allowed_domains, ("prod", "example.internal", "xn--p1ai"))
+
+    def test_refused(self) -> None:
+        """
+        A wildcard, a URL or address with a port, a name with a space, an
+        empty domain, or a string instead of a list is refused, naming the
+        item.
+        """
+        self.assertRefused(
+            "net:\n  allowed_domains: [prod, '*.example.internal']\n",
+            "2: net.allowed_domains[1]: write the domain alone: 'example.internal'"
+            " takes in every name under it",
+        )
+        for bad in ("https://prod", "prod:80", "a b.prod", ".", "a..b", "-a.prod"):
+            self.assertRefused(
+                f"net:\n  allowed_domains: [{bad!r}]\n",
+                "2: net.allowed_domains[0]: must be a DNS domain like"
+                " example.internal (labels of letters, digits and hyphens), got"
+                f" {bad!r}",
+            )
+        self.assertRefused(
+            "net:\n  allowed_domains: ['']\n",
+            "2: net.allowed_domains[0]: must not be empty",
+        )
+        self.assertRefused(
+            "net:\n  allowed_domains: prod\n",
+            "2: net.allowed_domains: must be a list of domains, got 'prod'",
+        )
+
+
 class LoadConfigTests(SynchronousTestCase):
     """
     L{load_config} reads the file, and names it when it cannot.
@@ -1480,6 +1532,12 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "net.start_port": _same(st.integers(1, 65535)),
     "net.overrides": _same(st.dictionaries(_names, _modes)),
     "net.hosts_file": _same(_paths),
+    "net.allowed_domains": st.lists(
+        st.from_regex(
+            r"[a-z]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z0-9]{1,8}){0,3}", fullmatch=True
+        ),
+        unique=True,
+    ).map(lambda names: (names, tuple(names))),
 }
 
 

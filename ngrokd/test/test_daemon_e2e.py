@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -22,8 +22,13 @@ from twisted.web.server import Site
 from ngrokd.config import load_config
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.devcloud.ingress import IngressFault
-from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
+from ngrokd.devcloud.ingress import (
+    IngressFactory,
+    IngressFault,
+    server_options,
+    tls_factory,
+)
+from ngrokd.devcloud.tap import RunningDevcloud, load_authorities, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.ngrok.identity import generate_key, make_csr
 from ngrokd.test.helpers import (
@@ -39,6 +44,8 @@ from ngrokd.test.helpers import (
     unused_port,
     wait_listening,
 )
+
+ECHO = "tcp://echo.test:7000"
 
 
 class HostEcho(Resource):
@@ -301,6 +308,57 @@ class DaemonEndToEndTests(TestCase):
                 "no upgrade response",
                 self.stats_of(daemon, "tcp://echo.test:7000").last_error,
             )
+
+        return ensureDeferred(run())
+
+    def test_impostorIngressGetsNothing(self) -> Deferred[None]:
+        """
+        A daemon built from a normal config (no C{insecure_skip_verify})
+        checks the ingress it dials: one whose certificate does not chain to
+        the configured CA, or chains to it but names another host, never
+        gets the request or a byte of the client's, though it would accept
+        the daemon's certificate and carry the connection. The client is
+        disconnected and the endpoint says why.
+        """
+
+        async def run() -> None:
+            root, intermediate = load_authorities(self.devcloud.state_dir)
+            stranger = CertificateAuthority.create("ngrokd devcloud Root CA")
+            for issuer, name, reason in [
+                (stranger, "127.0.0.1", "certificate verify failed"),
+                (intermediate, "elsewhere.test", "not for 127.0.0.1"),
+            ]:
+                impostor = IngressFactory(self.devcloud.cloud, reactor)
+                self.addCleanup(impostor.close_all)
+                cert_pem, key_pem = issuer.issue_server([name])
+                options = server_options(cert_pem, key_pem, root.cert_pem)
+                port = listen(tls_factory(impostor, options), self)
+                daemon = await self.start_daemon(endpoint=f"127.0.0.1:{port}")
+                self.assertFalse(daemon.config.ingress.insecure_skip_verify)
+                client = await exchange(self.port_of(daemon, ECHO), b"secret")
+                self.assertEqual(client.received, b"")
+                self.assertEqual(impostor.requests_total, 0)
+                self.assertIn(reason, self.stats_of(daemon, ECHO).last_error)
+                await daemon.stopService()
+
+        return ensureDeferred(run())
+
+    def test_ingressNeverHandshakes(self) -> Deferred[None]:
+        """
+        An ingress that accepts TCP and never answers the TLS handshake is
+        given up on after C{ingress.connect_timeout}: the client is
+        disconnected and the endpoint says why.
+        """
+
+        async def run() -> None:
+            silent = listen(Factory.forProtocol(Protocol), self)
+            daemon = await self.start_daemon(
+                endpoint=f"127.0.0.1:{silent}", connect_timeout=0.5
+            )
+            exchanged = ensureDeferred(exchange(self.port_of(daemon, ECHO), b"x"))
+            client = await exchanged.addTimeout(20, reactor)
+            self.assertEqual(client.received, b"")
+            self.assertIn("no TLS handshake", self.stats_of(daemon, ECHO).last_error)
 
         return ensureDeferred(run())
 

@@ -7,6 +7,7 @@ overlap. Also the listen-mode decisions of L{ngrokd.plan} they rely on.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 from collections.abc import Set
@@ -20,14 +21,24 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.config import load_config
+from ngrokd.control.controller import Controller
+from ngrokd.control.feed import EventFeed
+from ngrokd.control.health import readiness_text, status_document
+from ngrokd.control.metrics import DaemonMetrics
+from ngrokd.control.notify import wants_ready
+from ngrokd.control.page import render_daemon
+from ngrokd.control.render import status_lines
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
-from ngrokd.host.hosts import BEGIN
+from ngrokd.host.hosts import BEGIN, END
 from ngrokd.host.netif import NotPermitted
 from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.ngrok.api import ApiEndpoint
+from ngrokd.ngrok.identity import Identity
+from ngrokd.ngrok.identity_service import REGISTERED, WAITING_FOR_KEY
 from ngrokd.plan import client_address, plan, uses_virtual
+from ngrokd.status import FAILED, LISTENING
 from ngrokd.test.test_hosts import ThreadReactor
 
 A = ip_address("10.107.0.2")
@@ -113,11 +124,9 @@ def _endpoints(*urls: str) -> list[ApiEndpoint]:
     return [ApiEndpoint(f"ep_{url}", url, "") for url in urls]
 
 
-class ReconcileTests(SynchronousTestCase):
+class ReconcileFixture(SynchronousTestCase):
     """
-    A reconcile sets up an endpoint's address, then its listener, then its
-    name, and takes them away in the opposite order, only when no endpoint
-    of the hostname is left.
+    A daemon whose network pieces are in memory, its hosts file a real file.
     """
 
     def make_daemon(
@@ -168,6 +177,29 @@ class ReconcileTests(SynchronousTestCase):
         with open(self.hosts_path) as f:
             return f.read()
 
+    def assertGivenUp(self, gone: Any, kept: str, kept_address: Any) -> None:
+        """
+        The recorded changes gave up the port 80 listener on C{gone}, then
+        its name (only C{kept} is named), then its address, in that order.
+        """
+        self.assertEqual(
+            self.recorder.events,
+            [
+                ("addresses", frozenset({gone, kept_address})),
+                ("stop", str(gone), 80),
+                ("hosts", {kept: kept_address}),
+                ("addresses", frozenset({kept_address})),
+            ],
+        )
+
+
+class ReconcileTests(ReconcileFixture):
+    """
+    A reconcile sets up an endpoint's address, then its listener, then its
+    name, and takes them away in the opposite order, only when no endpoint
+    of the hostname is left.
+    """
+
     def test_addressThenListenersThenName(self) -> None:
         """
         A new hostname gets its address first, then its listeners (every
@@ -217,15 +249,7 @@ class ReconcileTests(SynchronousTestCase):
         self.reconcile(daemon, "http://a.test", "http://b.test")
         del self.recorder.events[:]
         self.reconcile(daemon, "http://b.test")
-        self.assertEqual(
-            self.recorder.events,
-            [
-                ("addresses", frozenset({A, B})),
-                ("stop", "10.107.0.2", 80),
-                ("hosts", {"b.test": B}),
-                ("addresses", frozenset({B})),
-            ],
-        )
+        self.assertGivenUp(A, "b.test", B)
         self.assertEqual(self.interface.present, {B})
 
     def test_stableAcrossRestart(self) -> None:
@@ -342,6 +366,104 @@ class ReconcileTests(SynchronousTestCase):
             },
         )
 
+    def test_namesNotOursRefused(self) -> None:
+        """
+        Endpoints whose names are not ngrokd's to claim (localhost, an IP
+        literal, the API's and the ingress's hosts, a name the administrator
+        set in the hosts file) get no address, no listener and no hosts
+        line; each fails with its reason in status, logged once however
+        often it is polled, and does not count against readiness; the
+        other endpoint is served, and the administrator's line stays.
+        """
+        daemon = self.make_daemon()
+        with open(self.hosts_path, "a") as f:
+            f.write("192.0.2.10\tpinned.test\n")
+        refused = {
+            "http://localhost": "it names this machine itself (RFC 6761)",
+            "tcp://192.0.2.77:5432": "it reads as an IP address, not a name",
+            "https://api.ngrok.com": "it is the ngrok API's host (api.url),"
+            " which ngrokd must reach",
+            "tls://kubernetes-binding-ingress.ngrok.io": "it is the binding"
+            " ingress's host (ingressEndpoint), which ngrokd must reach",
+            "http://pinned.test": "the hosts file sets it outside ngrokd's"
+            " section, and that address stays",
+        }
+        for _ in range(3):
+            self.reconcile(daemon, "http://a.test", *refused)
+        self.assertEqual(
+            [e for e in self.recorder.events if e[0] != "addresses"][:2],
+            [("listen", "10.107.0.2", 80), ("hosts", {"a.test": A})],
+        )
+        self.assertEqual(
+            {e for e in self.recorder.events if e[0] == "addresses"},
+            {("addresses", frozenset({A}))},
+        )
+        self.assertEqual(set(daemon.allocations.ips), {"a.test"})
+        self.assertEqual(
+            self.hosts(),
+            f"127.0.0.1\tlocalhost\n192.0.2.10\tpinned.test\n\n{BEGIN}\n"
+            f"10.107.0.2\ta.test\n{END}\n",
+        )
+        rows = {row.url: row for row in daemon.endpoint_status()}
+        self.assertEqual(rows["http://a.test"].state, LISTENING)
+        for url, why in refused.items():
+            host = parse_endpoint_url(url).host
+            reason = f"{host} is not ngrokd's to claim: {why}"
+            self.assertEqual(
+                (rows[url].state, rows[url].reason, rows[url].listen_address),
+                (FAILED, reason, ""),
+            )
+            logged = [
+                formatEvent(e)
+                for e in self.events
+                if formatEvent(e).startswith(f"cannot serve {url}")
+            ]
+            self.assertEqual(len(logged), 1, url)
+        status = daemon.daemon_status()
+        self.assertEqual((status.listeners_planned, status.listeners_up), (1, 1))
+
+    def test_pinnedLaterTakesTheNameBack(self) -> None:
+        """
+        A name the administrator sets in the hosts file while ngrokd serves
+        it is given up at the next poll: its listener stops, its line and
+        address go, and it fails with the reason; the other name stays.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test", "http://b.test")
+        with open(self.hosts_path, "r+") as f:
+            text = f.read()
+            f.seek(0)
+            f.write("192.0.2.10 b.test\n" + text)
+        del self.recorder.events[:]
+        self.reconcile(daemon, "http://a.test", "http://b.test")
+        self.assertGivenUp(B, "a.test", A)
+        self.assertTrue(self.hosts().startswith("192.0.2.10 b.test\n127.0.0.1"))
+        self.assertIn(
+            "the hosts file sets it outside", daemon.plan.failures["http://b.test:80"]
+        )
+
+    def test_allowedDomainsReloaded(self) -> None:
+        """
+        A reload that sets C{net.allowed_domains} applies at once: names
+        outside those domains lose their listener and line, names inside
+        keep theirs.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test", "http://b.prod")
+        with open(daemon.config.path, "a") as f:
+            f.write("  allowed_domains: [prod]\n")
+        del self.recorder.events[:]
+        result = self.successResultOf(daemon.reload())
+        self.assertEqual(result.applied, ("net.allowed_domains",))
+        self.assertGivenUp(A, "b.prod", B)
+        self.assertEqual(
+            daemon.plan.failures,
+            {
+                "http://a.test:80": "a.test is not ngrokd's to claim: it is"
+                " outside net.allowed_domains (prod)"
+            },
+        )
+
     def test_networkModeWritesNoNames(self) -> None:
         """
         In network mode no name goes to the hosts file (it would not lead to
@@ -394,8 +516,10 @@ class ReconcileTests(SynchronousTestCase):
 
     def test_stopWaitsForReconcile(self) -> None:
         """
-        A stop while a reconcile is applied lets it finish, then tears down;
-        results that arrive after the stop began are ignored.
+        A stop while a reconcile is applied waits for the step under way,
+        then tears down; that reconcile starts no listener and writes no
+        name once the stop began, and results that arrive after it are
+        ignored.
         """
         daemon = self.make_daemon()
         gate = self.interface.gate = Deferred()
@@ -405,10 +529,230 @@ class ReconcileTests(SynchronousTestCase):
         self.assertNoResult(stopping)
         gate.callback(None)
         self.successResultOf(stopping)
+        self.assertEqual(self.recorder.kinds(), ["addresses", "destroy"])
+
+
+class ReadinessTests(ReconcileFixture):
+    """
+    Readiness is what is served: every way an endpoint can fail, before it
+    is planned or after, holds it back, except what no change on this
+    machine would fix; and C{/readyz}, C{ngrokctl health} (the control
+    socket's status), C{ngrokd_ready} and systemd agree.
+    """
+
+    def registered(self, daemon: Daemon, not_after: float = 4102444800.0) -> None:
+        """
+        Give C{daemon} an identity valid until C{not_after}.
+        """
+        when = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
+        identity = Identity("k8sop_1", b"", b"", when, when)
+        daemon.identity_service.identity = identity
+        daemon.identity_service.state = REGISTERED
+
+    def readiness(self, daemon: Daemon) -> tuple[bool, str]:
+        """
+        Whether C{daemon} is ready, as each surface says it, which must
+        agree; and what C{/readyz} says.
+        """
+        status = daemon.daemon_status()
+        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        control = Controller(daemon, feed, self.reactor, "test")
+        metrics = DaemonMetrics(daemon).registry.get_sample_value("ngrokd_ready")
+        surfaces = [status.ready, control.status()["ready"], metrics == 1.0]
+        if status.identity_state != WAITING_FOR_KEY:
+            # Waiting for a key, the start is done for systemd all the same;
+            # within its first START_WAIT seconds, systemd is told ready
+            # exactly when the other surfaces are.
+            surfaces.append(wants_ready(status, waited=0.0))
+        self.assertEqual(len(set(surfaces)), 1, surfaces)
+        return status.ready, readiness_text(status, daemon.endpoint_status())
+
+    def test_ready(self) -> None:
+        """
+        Registered, polled, every endpoint listening and named: ready.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reconcile(daemon, "http://a.test", "tcp://b.test:7000")
+        self.assertEqual(self.readiness(daemon), (True, "ready\n"))
+
+    def test_virtualModeUnavailable(self) -> None:
+        """
+        Without the privilege to make the interface, every virtual-mode
+        endpoint fails before it is planned: not ready, each named with the
+        reason.
+        """
+        daemon = self.make_daemon(interface_failure=NotPermitted("create link ngrokd0"))
+        self.registered(daemon)
+        self.reconcile(daemon, "http://a.test", "tcp://b.test:7000")
+        ready, text = self.readiness(daemon)
+        self.assertFalse(ready)
+        lines = text.splitlines()
+        self.assertEqual(lines[0], "not ready: 0 of 2 listeners are up")
+        self.assertEqual([line.split(":", 1)[0] for line in lines[1:]], ["http", "tcp"])
+        self.assertIn("CAP_NET_ADMIN", lines[1])
+
+    def test_addressRefused(self) -> None:
+        """
+        An address that cannot be set up holds readiness back.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.interface.refused = {A}
+        self.reconcile(daemon, "http://a.test", "http://b.test")
         self.assertEqual(
-            self.recorder.kinds(),
-            ["addresses", "listen", "hosts", "stop", "hosts", "destroy"],
+            self.readiness(daemon)[1].splitlines()[0],
+            "not ready: 1 of 2 listeners are up",
         )
+
+    def test_subnetFull(self) -> None:
+        """
+        A hostname that finds no address left holds readiness back.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reconcile(daemon, *[f"http://h{n:03}.test" for n in range(254)])
+        ready, text = self.readiness(daemon)
+        self.assertEqual(
+            text.splitlines(),
+            [
+                "not ready: 253 of 254 listeners are up",
+                "http://h253.test: no address left for h253.test: all 253 usable"
+                " addresses of 10.107.0.0/24 are in use",
+            ],
+        )
+
+    def test_portInUse(self) -> None:
+        """
+        A port another program holds holds readiness back.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reactor.taken = {("10.107.0.2", 5432)}
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        self.assertEqual(
+            self.readiness(daemon)[1].splitlines()[0],
+            "not ready: 1 of 2 listeners are up",
+        )
+
+    def test_hostsFileNotWritable(self) -> None:
+        """
+        Every listener up but the names unwritten is not ready: no name
+        resolves, and status shows the problem. Once the file can be
+        written, the daemon is ready and the problem gone.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        os.remove(self.hosts_path)
+        os.mkdir(self.hosts_path)
+        self.reconcile(daemon, "http://a.test")
+        ready, text = self.readiness(daemon)
+        self.assertFalse(ready)
+        self.assertIn("not ready: endpoint names do not resolve: cannot", text)
+        self.assertIn(self.hosts_path, text)
+        self.assertEqual(
+            [p.what for p in daemon.daemon_status().problems],
+            [f"writing the names to {self.hosts_path}"],
+        )
+        os.rmdir(self.hosts_path)
+        self.reconcile(daemon, "http://a.test")
+        self.assertEqual(self.readiness(daemon), (True, "ready\n"))
+        self.assertEqual(daemon.daemon_status().problems, ())
+
+    def test_noIdentity(self) -> None:
+        """
+        Without an identity, or with an expired certificate, listeners up
+        are not enough.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test")
+        self.assertFalse(self.readiness(daemon)[0])
+        self.registered(daemon, not_after=self.reactor.seconds())
+        ready, text = self.readiness(daemon)
+        self.assertFalse(ready)
+        self.assertTrue(
+            text.startswith("not ready: the client certificate has expired")
+        )
+
+    def test_notOursToFix(self) -> None:
+        """
+        Endpoints no change on this machine would serve (an unreadable URL,
+        two endpoints that need one socket, a name that is not ngrokd's to
+        claim) are listed, and the daemon is ready.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        self.reconcile(
+            daemon,
+            "http://a.test:443",
+            "tls://a.test",
+            "ftp://c.test",
+            "http://localhost",
+        )
+        ready, text = self.readiness(daemon)
+        self.assertTrue(ready, text)
+        lines = text.splitlines()
+        self.assertEqual(lines[0], "ready")
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn("localhost is not ngrokd's to claim", text)
+        self.assertTrue(all(line.startswith("not served: ") for line in lines[1:]))
+        self.assertIn("is already served by http://a.test:443", text)
+
+
+class StateSaveTests(ReconcileFixture):
+    """
+    A state file that cannot be saved is said once, then summarised, shown
+    in status until it can, and said when it can again.
+    """
+
+    def test_allocationsCannotBeSaved(self) -> None:
+        """
+        A day of polls that cannot save the allocations logs the error once
+        and a summary each hour; C{ngrokctl status}, C{/status} and the web
+        page show it; once the file can be written it is saved, said, and
+        gone from status.
+        """
+        daemon = self.make_daemon()
+        blocked = os.path.join(self.state_dir, IP_MAPPINGS)
+        os.mkdir(blocked)
+        polls = 2880
+        for _ in range(polls):
+            self.reconcile(daemon, "http://a.test")
+            self.reactor.advance(30)
+        said = [formatEvent(e) for e in self.events if blocked in formatEvent(e)]
+        self.assertEqual(len(said), 24, said[:3])
+        self.assertIn("the addresses and ports given out since the last save", said[0])
+        self.assertIn("still failing, 121 times since", said[1])
+        status = daemon.daemon_status()
+        (problem,) = status.problems
+        self.assertEqual(
+            (problem.what, problem.count), ("saving the addresses and ports", polls)
+        )
+        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        control = Controller(daemon, feed, self.reactor, "test")
+        lines = status_lines(control.status(), {})
+        (shown,) = [line for line in lines if "saving" in line]
+        self.assertTrue(
+            shown.startswith(
+                f"Problem:      saving the addresses and ports: cannot write {blocked}"
+            ),
+            shown,
+        )
+        self.assertIn(f"{polls} times", shown)
+        document = status_document(status, daemon.endpoint_status())
+        self.assertEqual(document["problems"][0]["count"], polls)
+        self.assertIn(blocked, render_daemon(status, (None, None)))
+        os.rmdir(blocked)
+        self.reconcile(daemon, "http://a.test")
+        self.assertEqual(
+            [formatEvent(e) for e in self.events if "works again" in formatEvent(e)],
+            [
+                "saving the addresses and ports works again, after failing 2880"
+                " times since 1970-01-01 00:00:00 UTC"
+            ],
+        )
+        self.assertEqual(daemon.daemon_status().problems, ())
+        self.assertTrue(os.path.isfile(blocked))
 
 
 class ListenModeTests(SynchronousTestCase):

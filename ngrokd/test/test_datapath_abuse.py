@@ -30,8 +30,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from ngrokd.config import load_config
 from ngrokd.daemon import Daemon, StopOnSignal
 from ngrokd.datapath.bridge import KEEPALIVE_IDLE
+from ngrokd.datapath.descriptors import SPARE, DescriptorReserve
 from ngrokd.datapath.listeners import (
     ACCEPT_BACKOFF,
+    ACCEPTING_AGAIN_AFTER,
     AcceptGuard,
     GuardedSocket,
     Listener,
@@ -155,7 +157,8 @@ class DataPathAbuseTests(TestCase):
         """
         Clients that fill every buffer both ways, never read, then reset
         leave no connection to the ingress behind, and the process's open
-        files return to what they were before once the warm connections are
+        files return to what they were before (but for the descriptors set
+        aside for the next connections) once the warm connections are
         closed after the quiet period.
         """
 
@@ -180,7 +183,11 @@ class DataPathAbuseTests(TestCase):
             await wait_until(
                 lambda: self.open_connections(daemon) == 0, "no connections left"
             )
-            await wait_until(lambda: open_fds() <= baseline, "open files at baseline")
+            # The daemon keeps a few descriptors aside for the next ones.
+            spares = daemon.connector.descriptors
+            await wait_until(
+                lambda: open_fds() <= baseline + spares.held, "open files at baseline"
+            )
 
         return ensureDeferred(run())
 
@@ -439,7 +446,8 @@ class OutOfFilesTests(SynchronousTestCase):
         Accepts that fail for lack of descriptors are said once, with the
         limit; each pauses accepting for L{ACCEPT_BACKOFF} seconds (to
         Twisted it looks like an empty backlog, so it closes nothing); once
-        an accept works, that is said once too.
+        accepts have worked for L{ACCEPTING_AGAIN_AFTER} seconds, that is
+        said once too.
         """
         events = EventLoggingObserver()
         globalLogPublisher.addObserver(events)
@@ -451,7 +459,7 @@ class OutOfFilesTests(SynchronousTestCase):
         self.addCleanup(client[0].close)
         outcomes: list[Any] = [OSError(errno.EMFILE, "Too many open files")] * 3
         listening = GuardedSocket(
-            cast(socket.socket, Scripted([*outcomes, client])),
+            cast(socket.socket, Scripted([*outcomes, client, client])),
             cast(tcp.Port, port),
             guard,
         )
@@ -462,11 +470,56 @@ class OutOfFilesTests(SynchronousTestCase):
             clock.advance(ACCEPT_BACKOFF)
             self.assertTrue(port.reading)
         self.assertIs(listening.accept(), client)
+        clock.advance(ACCEPTING_AGAIN_AFTER)
+        self.assertIs(listening.accept(), client)
         formats = [e["log_format"] for e in events]
         self.assertEqual(len(formats), 2)
         self.assertIn("open-file limit", formats[0])
         self.assertIn("accepting connections again", formats[1])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_noDescriptorForTheLegLeavesConnectionInBacklog(self) -> None:
+        """
+        When no descriptor can be set aside for a connection's ingress leg,
+        the listener does not accept it: it stays in the kernel's backlog,
+        accepting pauses as when the accept itself fails, and the connection
+        is accepted once descriptors are free.
+        """
+        clock = Clock()
+        port = FakePort()
+        reserve = ShortReserve()
+        guard = AcceptGuard(clock, reserve, lambda: 2)
+        client = (socket.socket(), ("127.0.0.1", 4000))
+        self.addCleanup(client[0].close)
+        backlog = Scripted([client])
+        listening = GuardedSocket(
+            cast(socket.socket, backlog), cast(tcp.Port, port), guard
+        )
+        with self.assertRaises(BlockingIOError):
+            listening.accept()
+        self.assertEqual(backlog.outcomes, [client])
+        self.assertFalse(port.reading)
+        reserve.short = False
+        clock.advance(ACCEPT_BACKOFF)
+        self.assertIs(listening.accept(), client)
+        self.assertEqual(reserve.asked, [2 + 1 + SPARE] * 2)
+
+
+class ShortReserve(DescriptorReserve):
+    """
+    A reserve that records what it is asked to hold, and cannot while
+    C{short}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.short = True
+        self.asked: list[int] = []
+
+    def hold(self, count: int) -> None:
+        self.asked.append(count)
+        if self.short:
+            raise OSError(errno.EMFILE, "Too many open files")
 
 
 class FakePort:
@@ -492,10 +545,10 @@ class Scripted:
     """
 
     def __init__(self, outcomes: list[Any]) -> None:
-        self._outcomes = outcomes
+        self.outcomes = outcomes
 
     def accept(self) -> Any:
-        outcome = self._outcomes.pop(0)
+        outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Set
 from io import BytesIO
+from ipaddress import ip_network
 from typing import Any
 
 import attrs
@@ -45,6 +48,9 @@ from ngrokd.control.web import STREAM_WAIT, WebPage
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.host.allocation import IPAddress
+from ngrokd.host.netif.memory import MemoryInterface
+from ngrokd.host.netif.service import InterfaceService
 from ngrokd.status import DaemonStatus, EndpointStatus
 from ngrokd.tap import Options, makeService
 from ngrokd.test.helpers import (
@@ -256,6 +262,90 @@ class ReadinessTests(DaemonHealthTestCase):
                 (status["healthy"], status["ready"], row["state"], row["active"]),
                 (False, False, "failed", False),
             )
+
+        return ensureDeferred(run())
+
+
+class StallingInterface(MemoryInterface):
+    """
+    A memory interface whose address changes stall, while C{stall} is set,
+    until it fires.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(ip_network("10.107.0.0/24"))
+        self.stall: Deferred[None] | None = None
+        self.stalled = False
+
+    def ensure_addresses(self, addresses: Set[IPAddress]) -> Deferred[None]:
+        if self.stall is None:
+            return super().ensure_addresses(addresses)
+        self.stalled = True
+        return self.stall
+
+
+class StalledReconcileTests(DaemonHealthTestCase):
+    """
+    Status answers while a reconcile is stalled (the original held its lock
+    over a poll's slow work, so C{status} and C{list} hung with it: fault 30).
+    """
+
+    def test_statusWhileStalled(self) -> Deferred[None]:
+        """
+        While a reconcile waits for an interface step that does not return,
+        C{ngrokctl status}, C{ngrokctl list} and C{/status} answer, with what
+        is served.
+        """
+        from ngrokd.test.test_ctl import ngrokctl
+
+        async def run() -> None:
+            sockets = tempfile.mkdtemp(prefix="ngrokd-ctl-")
+            self.addCleanup(shutil.rmtree, sockets, True)
+            socket_path = os.path.join(sockets, "ngrokd.sock")
+            config = load_config(self.devcloud.config_path).config
+            net = attrs.evolve(
+                config.net,
+                listen_interface="virtual",
+                overrides={"echo.test": "127.0.0.1"},
+                hosts_file=os.path.abspath(self.mktemp()),
+            )
+            server = attrs.evolve(
+                config.server,
+                socket_path=socket_path,
+                health_address=f"127.0.0.1:{free_ports(1)}",
+            )
+            options = Options()
+            options.loaded = LoadedConfig(
+                attrs.evolve(config, net=net, server=server), ()
+            )
+            daemon = makeService(options, reactor)
+            assert isinstance(daemon, Daemon)
+            interface = StallingInterface()
+            daemon.interface = InterfaceService(reactor, net, interface)
+            daemon.startService()
+            self.addCleanup(daemon.stopService)
+            await wait_until(lambda: daemon.daemon_status().ready, "ready", 30)
+            stall: Deferred[None] = Deferred()
+
+            def release() -> None:
+                if not stall.called:
+                    stall.callback(None)
+
+            self.addCleanup(release)
+            interface.stall = stall
+            daemon.discovery.poll_now()
+            await wait_until(lambda: interface.stalled, "a stalled reconcile")
+            status = await ngrokctl(socket_path, "status")
+            self.assertEqual(status.code, 0, status.err)
+            self.assertIn("Ready:        yes", status.out)
+            listed = await ngrokctl(socket_path, "list", "-o", "json")
+            self.assertEqual(
+                [row["state"] for row in listed.json()], ["listening"], listed.err
+            )
+            answer = await http(self.url(daemon, "/status"))
+            self.assertEqual((answer.code, answer.json()["ready"]), (200, True))
+            self.assertFalse(stall.called)
+            stall.callback(None)
 
         return ensureDeferred(run())
 

@@ -27,6 +27,7 @@ from ngrokd.host.hosts import (
     HostsFile,
     HostsFileError,
     HostsService,
+    pinned_names,
     render,
 )
 from ngrokd.test.namespace import namespace
@@ -185,6 +186,55 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(render(text, OTHER), before + OTHER_SECTION + after)
 
 
+class PinnedNamesTests(SynchronousTestCase):
+    """
+    L{pinned_names}: the names a hosts file sets outside this instance's
+    section, which ngrokd must not claim.
+    """
+
+    def test_outsideTheSection(self) -> None:
+        """
+        Every name of every line outside the section counts, aliases too,
+        lowercase and without a final dot; comments do not, nor do the
+        section's own names.
+        """
+        text = (
+            "# 10.0.0.1 commented.out\n"
+            "127.0.0.1\tlocalhost\n"
+            "192.0.2.10 Gateway.LAN. gw  # the router\n"
+            "\n"
+            "not-an-address  still.meant\r\n"
+            "10.0.0.5\n" + SECTION + "10.0.0.9\tafter.section\n"
+        )
+        self.assertEqual(
+            pinned_names(text),
+            {"localhost", "gateway.lan", "gw", "still.meant", "after.section"},
+        )
+
+    def test_otherInstances(self) -> None:
+        """
+        Another instance's section is another writer's claim: its names
+        count for this instance, and this instance's count for it.
+        """
+        named = render(HOSTS + "\n" + SECTION, OTHER, instance="lab")
+        self.assertEqual(
+            pinned_names(named),
+            {"localhost", "ip6-localhost", "new.ns"},
+        )
+        self.assertEqual(
+            pinned_names(named, instance="lab"),
+            {"localhost", "ip6-localhost", "api.ns", "db.ns"},
+        )
+
+    def test_unfinishedSection(self) -> None:
+        """
+        A section cut short (no END line) is this instance's up to its last
+        entry line; the administrator's lines after it count.
+        """
+        text = f"{BEGIN}\n10.107.0.2\tapi.ns\n# mine\n10.0.0.9 mine.lan\n"
+        self.assertEqual(pinned_names(text), {"mine.lan"})
+
+
 class HostsFileTests(SynchronousTestCase):
     """
     L{HostsFile} rewrites only its section of a real file.
@@ -278,6 +328,36 @@ class HostsFileTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(self.path))
         self.assertTrue(self.hosts.write(MAPPING))
         self.assertEqual(self.content(), SECTION.encode("ascii"))
+
+    def test_pinnedOfMissingFile(self) -> None:
+        """
+        A hosts file that is not there sets no names.
+        """
+        self.assertEqual(self.hosts.pinned(), frozenset())
+
+    def test_pinnedOfFifo(self) -> None:
+        """
+        A FIFO in the hosts file's place is refused at once, naming the
+        file, instead of blocking the reading thread for want of a writer.
+        """
+        os.mkfifo(self.path)
+        outcome: list[object] = []
+
+        def read() -> None:
+            try:
+                outcome.append(self.hosts.pinned())
+            except HostsFileError as e:
+                outcome.append(str(e))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(5)
+        if reader.is_alive():
+            # Release the blocked open before failing.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(5)
+            self.fail("reading a FIFO in the hosts file's place blocked")
+        self.assertEqual(outcome, [f"cannot read {self.path}: not a regular file"])
 
     def test_missingDirectory(self) -> None:
         """
@@ -413,6 +493,24 @@ class ThreadReactor(MemoryReactorClock):
         return self.pool
 
 
+class HoldingThreadPool(SynchronousThreadPool):
+    """
+    Holds the work it is given until L{run_held}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Any, ...]] = []
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kw):
+        self.held.append((onResult, func, args, kw))
+
+    def run_held(self) -> None:
+        held, self.held = self.held, []
+        for onResult, func, args, kw in held:
+            super().callInThreadWithCallback(onResult, func, *args, **kw)
+
+
 class HostsServiceTests(SynchronousTestCase):
     """
     L{HostsService} keeps the section equal to the daemon's names, from
@@ -531,6 +629,50 @@ class HostsServiceTests(SynchronousTestCase):
         self.successResultOf(self.service.stopService())
         self.assertEqual(self.writes, [])
         self.assertEqual(self.content(), HOSTS)
+
+    def test_pinnedReadFresh(self) -> None:
+        """
+        L{HostsService.pinned} reads the file each time, in the pool, and
+        leaves out the section's names.
+        """
+        self.put(HOSTS + "192.0.2.10\tgateway.lan\n")
+        self.start()
+        self.successResultOf(self.service.write(MAPPING))
+        self.assertEqual(
+            self.successResultOf(self.service.pinned()),
+            {"localhost", "ip6-localhost", "gateway.lan"},
+        )
+        with open(self.path, "a") as f:
+            f.write("192.0.2.11 db.ns\n")
+        self.assertIn("db.ns", self.successResultOf(self.service.pinned()))
+
+    def test_pinnedReadInThePool(self) -> None:
+        """
+        The read is work for the pool, not done on the reactor thread.
+        """
+        self.put(HOSTS)
+        pool = HoldingThreadPool()
+        service = HostsService(ThreadReactor(), self.path, threadpool=pool)
+        reading = service.pinned()
+        self.assertNoResult(reading)
+        pool.run_held()
+        self.assertEqual(self.successResultOf(reading), {"localhost", "ip6-localhost"})
+
+    def test_pinnedReadFails(self) -> None:
+        """
+        When the file cannot be read (here: a directory took its place),
+        the names of the last good read are kept, and why is logged once
+        while it stays so.
+        """
+        self.put(HOSTS + "192.0.2.10\tgateway.lan\n")
+        self.start()
+        first = self.successResultOf(self.service.pinned())
+        os.remove(self.path)
+        os.mkdir(self.path)
+        for _ in range(3):
+            self.assertEqual(self.successResultOf(self.service.pinned()), first)
+        (error,) = [m for m in map(formatEvent, self.events) if "cannot read" in m]
+        self.assertIn(f"cannot read {self.path}: not a regular file", error)
 
     def test_failureLoggedOnceAndRetried(self) -> None:
         """

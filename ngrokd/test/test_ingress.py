@@ -15,7 +15,8 @@ from OpenSSL.SSL import Context
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
@@ -24,6 +25,7 @@ from ngrokd.datapath.ingress import (
     IngressConnector,
     TLSFailed,
     UpgradeFailed,
+    UpgradeTimeout,
 )
 from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.datapath.splice import PipeProtocol, splice
@@ -39,7 +41,14 @@ from ngrokd.ngrok.trust import (
     load_ingress_trust,
 )
 from ngrokd.pem import parse_certificates
-from ngrokd.test.helpers import Echo, Recorder, connect, listen, wait_until
+from ngrokd.test.helpers import (
+    Echo,
+    Recorder,
+    TCPLikeTransport,
+    connect,
+    listen,
+    wait_until,
+)
 from ngrokd.test.test_devcloud_ingress import new_csr
 
 
@@ -74,6 +83,38 @@ def trusting(ca: CertificateAuthority) -> PartialChainTrust:
     Trust C{ca} alone.
     """
     return PartialChainTrust(parse_certificates(ca.cert_pem, "test"), system=False)
+
+
+class ConnectBudgetTests(SynchronousTestCase):
+    """
+    C{ingress.connect_timeout} is one budget for TCP and TLS together.
+    """
+
+    def test_tlsGetsWhatTCPLeft(self) -> None:
+        """
+        A TCP connect that took 7 of 10 seconds leaves the TLS handshake 3:
+        the dial fails 10 seconds after it began, not 17.
+        """
+        memory = MemoryReactorClock()
+        connector = IngressConnector(
+            memory, "127.0.0.1", 443, PartialChainTrust(system=False), 10.0, 10.0
+        )
+        ca = CertificateAuthority.create("budget test")
+        key_pem = generate_key()
+        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
+        [(_, _, factory, tcp_timeout, _)] = memory.tcpClients
+        self.assertEqual(tcp_timeout, 10.0)
+        memory.advance(7)
+        tcp = factory.buildProtocol(None)
+        assert tcp is not None
+        tcp.makeConnection(TCPLikeTransport())
+        memory.advance(2)
+        self.assertNoResult(dialling)
+        memory.advance(1)
+        failure = self.failureResultOf(dialling, UpgradeTimeout)
+        self.assertIn("TLS handshake", failure.getErrorMessage())
+        self.assertEqual(memory.getDelayedCalls(), [])
 
 
 class ConnectorTrustTests(TestCase):

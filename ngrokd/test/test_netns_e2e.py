@@ -18,12 +18,15 @@ allocations at each step of the save and reads what is left.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from ipaddress import ip_network
@@ -33,7 +36,8 @@ from urllib.parse import quote
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.host import allocation
+from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.host import allocation, hosts
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
 from ngrokd.host.hosts import BEGIN, END
 from ngrokd.test.namespace import Namespace, namespace
@@ -47,6 +51,8 @@ STOP_TIMEOUT = 10.0
 #: The daemon polls the devcloud this often (seconds), so changes show fast.
 POLL_INTERVAL = 0.3
 SUBNET = "10.107.0.0/24"
+#: The daemon's health server, on the namespace's own loopback.
+HEALTH = "127.0.0.1:8081"
 START_PORT = 9080
 
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
@@ -154,6 +160,17 @@ with urllib.request.urlopen(request, context=context, timeout=10) as answer:
 """
 
 
+#: GETs argv[1]; prints its status and body.
+_GET = r"""
+import json, sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as answer:
+        print(json.dumps([answer.status, answer.read().decode()]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, e.read().decode()]))
+"""
+
+
 def wait_for(
     check: Callable[[], T | None],
     what: str,
@@ -258,14 +275,21 @@ class World:
         endpoints: Sequence[tuple[str, str]],
         subnet: str = SUBNET,
         overrides: dict[str, str] | None = None,
+        hosts: str = HOSTS,
+        devcloud_host: str = "127.0.0.1",
     ) -> None:
+        """
+        @param hosts: the hosts file's text before anything runs.
+        @param devcloud_host: the name or address the devcloud's API and
+            ingress listen on, and the daemon's configuration names them by.
+        """
         self.case = case
         self.ns: Namespace = namespace(case)
         self.dir = os.path.abspath(case.mktemp())
         os.makedirs(self.dir)
         self.hosts_path = os.path.join(self.dir, "hosts")
         with open(self.hosts_path, "w") as f:
-            f.write(HOSTS)
+            f.write(hosts)
         self.state_dir = os.path.join(self.dir, "state")
         self.subnet = ip_network(subnet)
         self.daemon: Process | None = None
@@ -282,6 +306,8 @@ class World:
             "0",
             "--ingress-port",
             "0",
+            "--host",
+            devcloud_host,
         ]
         for url, backend in endpoints:
             argv += ["--endpoint", f"{url}=127.0.0.1:{self.ports[backend]}"]
@@ -296,10 +322,11 @@ class World:
         self.config_path = os.path.join(self.dir, "ngrokd.yml")
         with open(os.path.join(devcloud_dir, "ngrokd.yml")) as f:
             config = yaml.safe_load(f)
-        config["server"].update(
-            state_dir=self.state_dir,
-            socket_path=os.path.join(self.state_dir, "ngrokd.sock"),
-        )
+        # A short path: a UNIX socket's must fit in 108 bytes.
+        sockets = tempfile.mkdtemp(prefix="ngrokd-ctl-")
+        case.addCleanup(shutil.rmtree, sockets, True)
+        self.socket_path = os.path.join(sockets, "ngrokd.sock")
+        config["server"].update(state_dir=self.state_dir, socket_path=self.socket_path)
         config["bound_endpoints"]["poll_interval"] = POLL_INTERVAL
         config["net"] = {
             "interface_name": "ngrokd0",
@@ -309,6 +336,7 @@ class World:
             "overrides": overrides or {},
             "hosts_file": "/etc/hosts",
         }
+        config["server"]["health_address"] = HEALTH
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
 
@@ -322,12 +350,40 @@ class World:
         self.case.addCleanup(process.stop)
         return process
 
-    def start_daemon(self) -> Process:
+    def start_daemon(self, wrapper: Sequence[str] = ()) -> Process:
+        """
+        Start the daemon, its command line after C{wrapper} (such as
+        C{setpriv} with its options).
+        """
         self.daemons += 1
         self.daemon = self.spawn(
-            f"ngrokd-{self.daemons}", [*_TWISTD, "ngrokd", "--config", self.config_path]
+            f"ngrokd-{self.daemons}",
+            [*wrapper, *_TWISTD, "ngrokd", "--config", self.config_path],
         )
         return self.daemon
+
+    def ngrokctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{ngrokctl} against the daemon's control socket.
+        """
+        ngrokctl = os.path.join(os.path.dirname(sys.executable), "ngrokctl")
+        env = dict(os.environ, NGROKD_SOCKET=self.socket_path)
+        return subprocess.run(
+            [ngrokctl, *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            env=env,
+            check=False,
+        )
+
+    def get(self, path: str) -> tuple[int, str]:
+        """
+        The status and body of C{GET path} on the daemon's health server.
+        """
+        status, body = self.python(_GET, f"http://{HEALTH}{path}")
+        return status, body
 
     def explain(self) -> str:
         daemon = self.daemon.tail() if self.daemon else ""
@@ -371,6 +427,16 @@ class World:
     def logged(self, text: str) -> list[str]:
         assert self.daemon is not None
         return [line for line in self.daemon.output().splitlines() if text in line]
+
+    def ngrokctl_json(self, *args: str) -> Any:
+        """
+        What C{ngrokctl ARGS -o json} prints, over the daemon's socket.
+        """
+        argv = ["-m", "ngrokd.ctl", "--socket", self.socket_path, *args, "-o", "json"]
+        result = self.ns.run([sys.executable, *argv], self.hosts_path)
+        if result.returncode != 0:
+            raise AssertionError(f"ngrokctl {args} failed:\n{result.stderr}")
+        return json.loads(result.stdout)
 
     def state(self, name: str) -> Any:
         with open(os.path.join(self.state_dir, name)) as f:
@@ -644,6 +710,149 @@ class VirtualModeTests(SynchronousTestCase):
         self.assertEqual(results[0], "host=h1.test\n")
         self.assertTrue(results[1].startswith("error"), results)
 
+    def test_namesNotOurs(self) -> None:
+        """
+        Endpoints named C{localhost}, as the API's and ingress's own host
+        (here C{api.test}, which the administrator set in the hosts file so
+        that the daemon reaches the devcloud), or as a name the administrator
+        set to an address of their own, get no address, listener or hosts
+        line: the administrator's addresses stay what the resolver answers,
+        the daemon keeps reaching ngrok, and C{ngrokctl list} gives each
+        one's reason, logged once. The other endpoint is served by name.
+        """
+        world = World(
+            self,
+            [
+                ("http://a.test", "web"),
+                ("http://localhost", "web"),
+                ("http://api.test", "web"),
+                ("tcp://pinned.test:7000", "echo"),
+            ],
+            hosts=HOSTS + "127.0.0.1\tapi.test\n192.0.2.77\tpinned.test\n",
+            devcloud_host="api.test",
+        )
+        world.start_daemon()
+        world.wait(
+            lambda: world.section() == ["10.107.0.2\ta.test"], "a.test named alone"
+        )
+        self.assertEqual(world.client(["http", "a.test", 80]), ["host=a.test\n"])
+        for name, address in (
+            ("pinned.test", "192.0.2.77"),
+            ("api.test", "127.0.0.1"),
+            ("localhost", "127.0.0.1"),
+        ):
+            getent = world.ns.run(["getent", "ahostsv4", name], world.hosts_path)
+            self.assertEqual(
+                {line.split()[0] for line in getent.stdout.splitlines()},
+                {address},
+                name,
+            )
+        claim = " is not ngrokd's to claim: "
+        reasons = {
+            "http://localhost": "localhost"
+            + claim
+            + "it names this machine itself (RFC 6761)",
+            "http://api.test": "api.test"
+            + claim
+            + "it is the ngrok API's host (api.url), which ngrokd must reach",
+            "tcp://pinned.test:7000": "pinned.test"
+            + claim
+            + "the hosts file sets it outside ngrokd's section, and that address"
+            " stays",
+        }
+        rows = {row["url"]: row for row in world.ngrokctl_json("list")}
+        self.assertEqual(rows["http://a.test"]["state"], "listening")
+        self.assertEqual(
+            {url: (rows[url]["state"], rows[url]["reason"]) for url in reasons},
+            {url: ("failed", reason) for url, reason in reasons.items()},
+        )
+        time.sleep(3 * POLL_INTERVAL)
+        for url, reason in reasons.items():
+            normalised = parse_endpoint_url(url).url
+            self.assertEqual(
+                len(world.logged(f"cannot serve {normalised}: {reason}")), 1, url
+            )
+        self.assertEqual(
+            world.addresses(),
+            {("ngrokd0" if world.link_kind() else "lo"): {"10.107.0.2/32"}},
+        )
+        self.assertEqual(
+            {a for a in world.listening() if a.startswith("10.107.")},
+            {"10.107.0.2:80"},
+        )
+
+
+class StopTests(SynchronousTestCase):
+    """
+    Stopping while something the stop needs is held by another process.
+    """
+
+    def test_hostsFileLocked(self) -> None:
+        """
+        SIGTERM while another process holds the hosts file's lock (and a
+        poll's write of the names waits for it): the listeners close at
+        once, not when that write gives up; the section the stop cannot
+        remove is logged with its names, and left for the next start.
+        """
+        world = World(self, [("http://a.test", "web"), ("tcp://b.test:7000", "echo")])
+        daemon = world.start_daemon()
+        names = ["10.107.0.2\ta.test", "10.107.0.3\tb.test"]
+        world.wait(lambda: world.section() == names, "the names")
+        world.wait(lambda: "10.107.0.3:7000" in world.listening(), "b.test served")
+        gave_up = "another process has held its lock"
+        with open(world.hosts_path, "rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            # Each poll writes the names: the next one now waits for the lock.
+            time.sleep(3 * POLL_INTERVAL)
+            daemon.signal(signal.SIGTERM)
+            world.wait(
+                lambda: not {"10.107.0.2:80", "10.107.0.3:7000"} & world.listening(),
+                "the listeners closed",
+            )
+            self.assertEqual(world.logged(gave_up), [], world.explain())
+            daemon.wait(timeout=3 * hosts.LOCK_TIMEOUT)
+            (left,) = world.logged("stopping: cannot lock /etc/hosts")
+            self.assertIn(gave_up, left)
+            self.assertIn(
+                "the ngrokd section of /etc/hosts stays, with a.test 10.107.0.2,"
+                " b.test 10.107.0.3, until the next start replaces it",
+                left,
+            )
+        self.assertEqual(world.section(), names)
+
+
+class ReadinessTests(SynchronousTestCase):
+    """
+    Readiness of a daemon that serves nothing it should, seen as a health
+    check, a monitor and an operator see it.
+    """
+
+    def test_withoutNetAdmin(self) -> None:
+        """
+        Run without C{CAP_NET_ADMIN} in virtual mode, every endpoint fails
+        before it is planned, each with the reason; C{/readyz} answers 503,
+        C{ngrokctl health} exits 1 and C{ngrokd_ready} is 0.
+        """
+        world = World(self, [("http://a.test", "web"), ("tcp://b.test:7000", "echo")])
+        world.start_daemon(
+            ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", "--"]
+        )
+        world.wait(
+            lambda: len(world.logged("cannot serve ")) == 2, "both endpoints failed"
+        )
+        status, body = world.get("/readyz")
+        self.assertEqual(
+            (status, body.splitlines()[0]), (503, "not ready: 0 of 2 listeners are up")
+        )
+        health = world.ngrokctl("health")
+        self.assertEqual(
+            (health.returncode, health.stdout),
+            (1, "not ready: 0 of 2 listeners are up\n"),
+            health.stderr,
+        )
+        metrics = world.get("/metrics")[1].splitlines()
+        self.assertIn("ngrokd_ready 0.0", metrics)
+
 
 #: Saves C{NEW} in the state directory argv[1] and stops for good at the
 #: argv[2]-th step of the save (a file, directory or rename call), saying
@@ -651,7 +860,8 @@ class VirtualModeTests(SynchronousTestCase):
 _SAVE = r"""
 import os, signal, sys, tempfile
 from ipaddress import ip_address
-from ngrokd.host import allocation
+from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.host import allocation, hosts
 state_dir, stop_at = sys.argv[1], int(sys.argv[2])
 steps = 0
 def trap(name, real):

@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.control.notify import (
+    START_WAIT,
     STATUS_INTERVAL,
     SystemdNotifier,
     notify_address,
@@ -104,13 +105,15 @@ class PureTests(SynchronousTestCase):
     def test_readyWhenWaitingForAKey(self) -> None:
         """
         A ready daemon, and one that waits for an API key, let systemd
-        finish the start; one still registering does not.
+        finish the start; one still registering does not, until it has
+        tried for START_WAIT seconds.
         """
-        self.assertTrue(wants_ready(READY))
+        self.assertTrue(wants_ready(READY, 0.0))
         self.assertTrue(
-            wants_ready(attrs.evolve(STARTING, identity_state=WAITING_FOR_KEY))
+            wants_ready(attrs.evolve(STARTING, identity_state=WAITING_FOR_KEY), 0.0)
         )
-        self.assertFalse(wants_ready(STARTING))
+        self.assertFalse(wants_ready(STARTING, START_WAIT - 1))
+        self.assertTrue(wants_ready(STARTING, START_WAIT))
 
     def test_statusText(self) -> None:
         """
@@ -185,6 +188,28 @@ class NotifierTests(SynchronousTestCase):
         )
         notifier.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_startDoneWhenNotReady(self) -> None:
+        """
+        A daemon that stays not ready (one endpoint's port is taken) tells
+        systemd the start is done after START_WAIT seconds, with what is
+        missing, so that systemd does not time the start out and restart a
+        daemon that serves the other endpoints; it says so in its log.
+        """
+        listener, path = systemd_socket(self)
+        partly = attrs.evolve(READY, listeners_up=1)
+        notifier, clock = self.notifier([partly], NOTIFY_SOCKET=path)
+        logged = capture_logs(self)
+        received(listener)
+        clock.advance(START_WAIT - STATUS_INTERVAL)
+        self.assertEqual(received(listener), [])
+        clock.advance(STATUS_INTERVAL)
+        self.assertEqual(
+            received(listener),
+            ["READY=1"],
+        )
+        (event,) = [e for e in logged if "start is done" in e["log_format"]]
+        self.assertEqual(event["why"], "1 of 2 listeners are up")
 
     def test_watchdog(self) -> None:
         """

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
+from ngrokd.names import NameRules
 from ngrokd.plan import (
     ListenerChanges,
     ListenSpec,
@@ -122,6 +123,50 @@ class PlanTests(SynchronousTestCase):
             },
         )
 
+    def test_refusedNames(self) -> None:
+        """
+        A virtual-mode hostname that is not ngrokd's to claim fails with the
+        reason and gets no listener, even with an address at hand; the
+        others are planned. In network mode no name is claimed, so none is
+        refused.
+        """
+        endpoints = [
+            _endpoint("http://web.prod"),
+            _endpoint("http://localhost"),
+            _endpoint("tcp://192.0.2.77:5432"),
+            _endpoint("https://api.ngrok.com"),
+            _endpoint("tcp://db.prod:5432"),
+        ]
+        ips, ports = _allocate(endpoints)
+        names = NameRules(
+            reserved={"api.ngrok.com": "the ngrok API's host (api.url)"},
+            pinned=frozenset({"db.prod"}),
+        )
+        result = plan(endpoints, "virtual", {}, ips, ports, names=names)
+        self.assertEqual(list(result.specs), ["http://web.prod:80"])
+        claim = " is not ngrokd's to claim: "
+        self.assertEqual(
+            result.failures,
+            {
+                "http://localhost:80": "localhost"
+                + claim
+                + "it names this machine itself (RFC 6761)",
+                "tcp://192.0.2.77:5432": "192.0.2.77"
+                + claim
+                + "it reads as an IP address, not a name",
+                "https://api.ngrok.com:443": "api.ngrok.com"
+                + claim
+                + "it is the ngrok API's host (api.url), which ngrokd must reach",
+                "tcp://db.prod:5432": "db.prod"
+                + claim
+                + "the hosts file sets it outside ngrokd's section, and that"
+                " address stays",
+            },
+        )
+        network = plan(endpoints, "0.0.0.0", {}, ips, ports, names=names)
+        self.assertEqual(network.failures, {})
+        self.assertEqual(len(network.specs), len(endpoints))
+
     @settings(max_examples=500)
     @given(
         urls=st.lists(_urls, max_size=30), mode=st.sampled_from(["virtual", "0.0.0.0"])
@@ -219,4 +264,21 @@ class WantedAllocationsTests(SynchronousTestCase):
         self.assertEqual(
             wanted_allocations(endpoints, "virtual", {"db.prod": "0.0.0.0"}),
             ({"web.prod"}, {("db.prod", 5432), ("db.prod", 80)}),
+        )
+
+    def test_refusedNamesGetNoAddress(self) -> None:
+        """
+        A virtual-mode hostname that is not ngrokd's to claim needs no
+        address; the same name in network mode still needs its port.
+        """
+        endpoints = [
+            _endpoint("http://web.prod"),
+            _endpoint("http://localhost"),
+            _endpoint("http://db.prod"),
+            _endpoint("http://gone.prod"),
+        ]
+        names = NameRules(pinned=frozenset({"db.prod", "gone.prod"}))
+        self.assertEqual(
+            wanted_allocations(endpoints, "virtual", {"gone.prod": "0.0.0.0"}, names),
+            ({"web.prod"}, {("gone.prod", 80)}),
         )

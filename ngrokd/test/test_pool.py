@@ -7,16 +7,24 @@ ingress, and with a fake clock for timing.
 from __future__ import annotations
 
 from cryptography import x509
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
+from ngrokd.datapath.bridge import BridgeFactory
 from ngrokd.datapath.ingress import IngressProtocol, UpgradeFailed
 from ngrokd.datapath.pool import (
     FIRST_HANDSHAKE_GUESS,
+    IDLE_LIFE_HALF_LIFE,
     IDLE_LIFE_MARGIN,
+    MIN_IDLE_LIFE,
+    STORM_PAUSE,
+    STORM_SLACK,
     AcceptRate,
     PoolSettings,
     WarmPool,
@@ -25,7 +33,8 @@ from ngrokd.datapath.pool import (
 from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.ingress import IngressProtocol as ServerSide
-from ngrokd.test.helpers import Echo, devcloud_ingress, listen, wait_until
+from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.test.helpers import Echo, devcloud_ingress, exchange, listen, wait_until
 
 POOL = PoolSettings(size=4, idle_timeout=30.0, max_age=20.0)
 ECHO = "tcp://echo.test:7"
@@ -212,6 +221,74 @@ class PoolTimingTests(SynchronousTestCase):
         (fresh,) = self.complete()
         self.clock.advance(8 * IDLE_LIFE_MARGIN)
         self.assertTrue(fresh.was_closed)
+
+    def test_lossYoungerThanHandshakeTeachesNothing(self) -> None:
+        """
+        A ready connection closed as soon as it was made (the ingress
+        restarting) says nothing of the ingress's idle timeout: the next
+        ones keep the maximum age.
+        """
+        self.accept()
+        (member,) = self.complete()
+        member.lost()
+        self.assertEqual(self.pool.max_age, POOL.max_age)
+
+    def test_learnedLifeHasAFloor(self) -> None:
+        """
+        However soon the ingress closes an idle connection, the pool keeps
+        its connections at least L{MIN_IDLE_LIFE} times the margin: it
+        never replaces them as fast as it can dial.
+        """
+        self.accept()
+        (member,) = self.complete()
+        self.clock.advance(0.3)
+        member.lost()
+        self.assertEqual(self.pool.max_age, MIN_IDLE_LIFE * IDLE_LIFE_MARGIN)
+
+    def test_learnedLifeRecovers(self) -> None:
+        """
+        A learned life drifts back to the maximum age: half way every
+        L{IDLE_LIFE_HALF_LIFE} seconds.
+        """
+        self.accept()
+        (member,) = self.complete()
+        self.clock.advance(8)
+        member.lost()
+        self.assertEqual(self.pool.max_age, 8 * IDLE_LIFE_MARGIN)
+        self.clock.advance(IDLE_LIFE_HALF_LIFE)
+        self.assertEqual(self.pool.max_age, 20 - (20 - 6) / 2)
+        self.clock.advance(20 * IDLE_LIFE_HALF_LIFE)
+        self.assertAlmostEqual(self.pool.max_age, POOL.max_age, places=3)
+
+    def test_stormOfDiscardsStopsThePoolAndIsSaidOnce(self) -> None:
+        """
+        When the ingress closes every warm connection before it is taken,
+        each accepted connection would cost two handshakes: once more of
+        them are discarded than taken, by more than the pool's size and
+        L{STORM_SLACK}, the pool dials none for L{STORM_PAUSE} seconds,
+        says so in one line, and no more when it happens again.
+        """
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+
+        def storm() -> int:
+            dialled = 0
+            for _ in range(50):  # five seconds
+                self.clock.advance(0.1)
+                self.accept()
+                for member in self.complete():
+                    dialled += 1
+                    member.lost()
+            return dialled
+
+        self.assertEqual(storm(), POOL.size + STORM_SLACK + 1)
+        for _ in range(int(STORM_PAUSE / 5) - 1):
+            self.assertEqual(storm(), 0)
+        self.assertEqual(storm() + storm(), POOL.size + STORM_SLACK + 1)
+        self.assertEqual(storm(), 0)
+        said = [e for e in events if e.get("pause") == STORM_PAUSE]
+        self.assertEqual(len(said), 1)
 
     def test_failedDialPauses(self) -> None:
         """
@@ -422,16 +499,48 @@ class PoolOverTLSTests(TestCase):
         """
 
         async def run() -> None:
-            self.ingress.request_timeout = 0.4
+            self.ingress.request_timeout = 1.2
             await self.warmed()
             await wait_until(lambda: self.pool.lost == 1, "the ingress's close")
-            self.assertLess(self.pool.max_age, 0.4)
+            self.assertLess(self.pool.max_age, 1.2)
             await self.upgrade()
             await wait_until(lambda: self.pool.ready == 1, "a new warm one")
             await wait_until(lambda: self.pool.retired == 1, "replaced in time")
             self.assertEqual(self.pool.lost, 1)
 
         return ensureDeferred(run())
+
+    def test_ingressRestartUnderLoad(self) -> Deferred[None]:
+        """
+        An ingress restarted (as a deploy does) just after the pool dialled
+        a warm connection closes it at once: the pool does not learn from
+        that a life of nothing, and the connections that follow, paced,
+        cost the ingress at most two handshakes each, not a storm of
+        warm connections dialled and discarded.
+        """
+
+        async def run() -> None:
+            bridge = BridgeFactory(parse_endpoint_url(ECHO), self.connector, None)
+            port = listen(bridge, self)
+            await self.carried(port)
+            await wait_until(lambda: self.pool.ready == 1, "a warm connection")
+            await self.harness.restart()
+            before = self.ingress.handshakes_total
+            clients = 10
+            for _ in range(clients):
+                await self.carried(port)
+                await deferLater(reactor, 0.2, lambda: None)
+            spent = self.ingress.handshakes_total - before
+            self.assertLessEqual(spent, 2 * clients)
+
+        return ensureDeferred(run())
+
+    async def carried(self, port: int) -> None:
+        """
+        One client connection through the bridge, echoed.
+        """
+        client = await exchange(port, b"ping")
+        self.assertEqual(client.received, b"ping")
 
     def test_closedAsTakenIsRetried(self) -> Deferred[None]:
         """

@@ -429,6 +429,37 @@ class SighupTests(DaemonFixture, TestCase):
     C{twistd -n ngrokd} as a process: SIGHUP reloads and never stops it.
     """
 
+    def test_sighupStormOneReload(self) -> Deferred[None]:
+        """
+        200 SIGHUPs sent 10 ms apart are one reload, once they stop coming,
+        as a burst of saves of the file is.
+        """
+        devcloud = self.start_devcloud(self)
+        self.own_config(self, devcloud)
+        log = os.path.abspath(self.mktemp())
+        process = spawn_twistd(self, devcloud.config_path, log)
+
+        async def run() -> None:
+            await wait_until(
+                lambda: _read(log).count("listening for ") == 2,
+                "the listeners",
+                timeout=30,
+            )
+            for _ in range(200):
+                process.send_signal(signal.SIGHUP)
+                time.sleep(0.01)
+            await wait_until(lambda: "has no changes" in _read(log), "a reload")
+            # Long enough for any reload still to come to begin.
+            await deferLater(reactor, 4 * QUIET, lambda: None)
+            self.assertIsNone(process.poll(), _read(log)[-3000:])
+            self.assertEqual(
+                _read(log).count("reloading the configuration: SIGHUP"),
+                1,
+                _read(log)[-3000:],
+            )
+
+        return ensureDeferred(run())
+
     def test_sighupReloads(self) -> Deferred[None]:
         """
         After an edit and SIGHUP, the running process serves the endpoint
@@ -488,6 +519,11 @@ class SighupTests(DaemonFixture, TestCase):
             self.assertEqual(process.returncode, -signal.SIGTERM, output())
 
         return ensureDeferred(run())
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
 
 
 class FifoConfigTests(TestCase):

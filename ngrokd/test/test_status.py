@@ -277,3 +277,30 @@ class DaemonStatusTests(SynchronousTestCase):
             (ready_status(listeners_up=1), "1 of 2 listeners are up"),
         ]:
             self.assertEqual((status.ready, status.not_ready_because), (False, reason))
+
+    def test_notServing(self) -> None:
+        """
+        A daemon is not ready while an endpoint that should listen does not:
+        failed before it was planned (no address, or the address could not
+        be set up), or after (port in use); nor while the names cannot be
+        written, nor with an expired certificate.
+        """
+        for status, reason in [
+            (
+                ready_status(
+                    listeners_planned=0, listeners_up=0, listeners_unplanned=5
+                ),
+                "0 of 5 listeners are up",
+            ),
+            (ready_status(listeners_unplanned=1), "2 of 3 listeners are up"),
+            (
+                ready_status(names_error="cannot lock /etc/hosts: busy"),
+                "endpoint names do not resolve: cannot lock /etc/hosts: busy",
+            ),
+            (
+                ready_status(certificate_expires=160.0, identity_error="renew it"),
+                "the client certificate has expired: renew it",
+            ),
+        ]:
+            self.assertEqual((status.ready, status.not_ready_because), (False, reason))
+        self.assertTrue(ready_status(certificate_expires=160.5).ready)

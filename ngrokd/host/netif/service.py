@@ -231,8 +231,13 @@ class InterfaceService(Service):
         try:
             await self._interface.destroy()
         except Exception as e:
+            left = await self._present(self._interface)
             self.log.error(
-                "cannot remove the virtual-mode addresses: {error}", error=_reason(e)
+                "cannot remove the virtual-mode addresses: {error}; left on"
+                " {carrier}: {addresses}",
+                error=_reason(e),
+                carrier=self._interface.describe(),
+                addresses=", ".join(sorted(str(ip) for ip in left)) or "none known",
             )
         else:
             self.log.info("removed the virtual-mode addresses")
