@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import errno
 import os
+import time
 from collections.abc import Set
 from ipaddress import ip_address, ip_network
 from typing import Any
@@ -453,7 +454,13 @@ class ReconcileTests(ReconcileFixture):
         with open(daemon.config.path, "a") as f:
             f.write("  allowed_domains: [prod]\n")
         del self.recorder.events[:]
-        result = self.successResultOf(daemon.reload())
+        # The config is read in a thread of its own: wait for it, bounded.
+        reloaded: list[Any] = []
+        daemon.reload().addBoth(reloaded.append)
+        deadline = time.monotonic() + 10
+        while not reloaded and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (result,) = reloaded
         self.assertEqual(result.applied, ("net.allowed_domains",))
         self.assertGivenUp(A, "b.prod", B)
         self.assertEqual(
