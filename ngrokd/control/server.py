@@ -69,8 +69,8 @@ from ngrokd.control.controller import Controller
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.legacy import LegacyJSON
 from ngrokd.control.peer import Peer, peer_of, privileged
-from ngrokd.datapath.failurelog import Summariser, Summary
 from ngrokd.status import EndpointStatus
+from ngrokd.summarylog import Summariser, Summary
 
 #: The longest a reader may wait for events in one call, in seconds.
 MAX_EVENT_WAIT = 30.0
