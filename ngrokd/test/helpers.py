@@ -485,6 +485,24 @@ def spawn_twistd(
     output to C{log_path}, killed at the end of C{test} if still running;
     with C{open_files}, that is its limit on open files (soft and hard).
     """
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    argv = [twistd, "-n", "--pidfile=", "ngrokd", "--config", config_path]
+    return spawn(test, argv, log_path, env, cwd, open_files)
+
+
+def spawn(
+    test: Any,
+    argv: list[str],
+    log_path: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    open_files: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """
+    Run C{argv} as its own process, its output to C{log_path}, killed at
+    the end of C{test} if still running; with C{open_files}, that is its
+    limit on open files (soft and hard).
+    """
 
     def limit() -> None:
         if open_files is not None:
@@ -492,14 +510,7 @@ def spawn_twistd(
 
     log = open(log_path, "wb")  # noqa: SIM115 (closed at cleanup)
     process = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "twistd"),
-            "-n",
-            "--pidfile=",
-            "ngrokd",
-            "--config",
-            config_path,
-        ],
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -472,19 +472,13 @@ class ReconcileTests(ReconcileFixture):
         with open(daemon.config.path, "a") as f:
             f.write("  allowed_domains: [prod]\n")
         del self.recorder.events[:]
-        reloading = daemon.reload()
-        # The file is read in a thread of its own: wait for it, bounded.
-        done: list[object] = []
-
-        def finished(result: Any) -> Any:
-            done.append(result)
-            return result
-
-        reloading.addBoth(finished)
+        # The config is read in a thread of its own: wait for it, bounded.
+        reloaded: list[Any] = []
+        daemon.reload().addBoth(reloaded.append)
         deadline = time.monotonic() + 10
-        while not done and time.monotonic() < deadline:
+        while not reloaded and time.monotonic() < deadline:
             time.sleep(0.01)
-        result = self.successResultOf(reloading)
+        (result,) = reloaded
         self.assertEqual(result.applied, ("net.allowed_domains",))
         self.assertGivenUp(A, "b.prod", B)
         self.assertEqual(

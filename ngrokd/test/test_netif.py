@@ -476,7 +476,7 @@ class LinuxInterfaceTests(
         self.successResultOf(interface.ensure_addresses({self.address(2)}))
         kind = link_kinds(self.ns)["ngrokd0"]
         self.assertIn(kind, ("dummy", "bridge"))
-        self.assertIn(f"ngrokd0 ({kind})", interface.describe())
+        self.assertIn(f"ngrokd0 ({kind}", interface.describe())
         self.assertEqual(
             addresses_by_link(self.ns, SUBNET4), {"ngrokd0": {"10.107.0.2/32"}}
         )
@@ -496,8 +496,85 @@ class LinuxInterfaceTests(
         self.assertEqual(
             addresses_by_link(self.ns, SUBNET4), {"ngrokd0": {"10.107.0.2/32"}}
         )
-        self.assertIn("ngrokd0 (bridge)", interface.describe())
+        self.assertIn("ngrokd0 (bridge", interface.describe())
         self.assertIn("no nosuchkind links", interface.describe())
+
+    def carriers(self) -> dict[str, int]:
+        """
+        Each link's carrier, as the kernel reports it (C{IFLA_CARRIER}).
+        """
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self.ns.net_path) as ipr:
+            return {
+                link.get_attr("IFLA_IFNAME"): link.get_attr("IFLA_CARRIER")
+                for link in ipr.get_links()
+            }
+
+    def test_bridgeHasCarrier(self) -> None:
+        """
+        The bridge gets a carrier (which systemd-resolved requires of a link
+        before it sends it queries) from a veth pair of its own: it keeps it
+        after another port came and went, when an empty bridge's carrier
+        follows its ports (none: on this machine's kernel a new empty bridge
+        reports one until then), and when taken down and up; describe() says
+        so; the veth pair goes with the link.
+        """
+        interface = self.make_interface(SUBNET4, link_kinds=("bridge",))
+        self.successResultOf(interface.create())
+        self.assertIn(
+            "(bridge, its carrier from veth pair ngrokd0-c0)", interface.describe()
+        )
+        must(self.ns, "ip", "link", "add", "other0", "type", "veth", "peer", "other1")
+        must(self.ns, "ip", "link", "set", "other0", "master", "ngrokd0")
+        must(self.ns, "ip", "link", "del", "other0")
+        must(self.ns, "ip", "link", "set", "ngrokd0", "down")
+        must(self.ns, "ip", "link", "set", "ngrokd0", "up")
+        self.assertEqual(self.carriers()["ngrokd0"], 1)
+        ports = ip_json(self.ns, "link", "show", "master", "ngrokd0")
+        self.assertEqual([p["ifname"] for p in ports], ["ngrokd0-c0"])
+        self.successResultOf(interface.destroy())
+        self.assertEqual(list(link_kinds(self.ns)), ["lo"])
+
+    def test_carrierNamesFit(self) -> None:
+        """
+        With a link name of the kernel's longest (15 characters), the veth
+        pair's names are cut to fit.
+        """
+        from pyroute2 import IPRoute
+
+        from ngrokd.host.netif.linux import LinuxInterface, carrier_pair
+
+        self.assertEqual(
+            carrier_pair("ngrokd-fifteen1"), ("ngrokd-fifte-c0", "ngrokd-fifte-c1")
+        )
+        interface = LinuxInterface(
+            ImmediateReactor(),
+            SynchronousThreadPool(),
+            "ngrokd-fifteen1",
+            SUBNET4,
+            link_kinds=("bridge",),
+            netlink=partial(IPRoute, netns=self.ns.net_path),
+        )
+        self.successResultOf(interface.create())
+        self.assertEqual(self.carriers()["ngrokd-fifteen1"], 1)
+        self.assertEqual(link_kinds(self.ns)["ngrokd-fifte-c0"], "veth")
+
+    def test_adoptsBridgeWithItsCarrier(self) -> None:
+        """
+        A bridge an earlier run left, with its own veth port, is adopted (that
+        port is not someone else's) and keeps its carrier.
+        """
+        self.successResultOf(
+            self.make_interface(SUBNET4, link_kinds=("bridge",)).create()
+        )
+        interface = self.make_interface(SUBNET4, link_kinds=("bridge",))
+        self.successResultOf(interface.create())
+        self.assertIn("adopted", interface.describe())
+        self.assertEqual(self.carriers()["ngrokd0"], 1)
+        self.assertEqual(
+            sorted(link_kinds(self.ns)), ["lo", "ngrokd0", "ngrokd0-c0", "ngrokd0-c1"]
+        )
 
     def test_fallbackToLoopback(self) -> None:
         """

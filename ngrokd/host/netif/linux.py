@@ -3,10 +3,10 @@
 Virtual-mode addresses on Linux, through netlink (pyroute2).
 
 The addresses go on a link of ngrokd's own, so that they are easy to tell
-from everyone else's: a dummy link where the kernel has them; else an empty
-bridge, which forwards nothing without ports but holds local addresses just
-like a dummy link; else C{lo} itself, where ngrokd's addresses are tagged with
-their own address protocol number. A link left by a run that did not stop
+from everyone else's: a dummy link where the kernel has them; else a
+bridge, which holds local addresses just like a dummy link; else C{lo}
+itself, where ngrokd's addresses are tagged with their own address protocol
+number. A link left by a run that did not stop
 cleanly is adopted; a link of that name of any other kind is refused.
 
 Each address is a host address (/32 or /128), of C{net.subnet} or of
@@ -17,6 +17,12 @@ every address of the subnet local. IPv6 addresses skip duplicate address
 detection, so they can be bound at once. Where the kernel or the link has
 no IPv6 (C{ipv6.disable=1}, C{disable_ipv6}), the IPv4 addresses are set up
 all the same and L{IPv6Unavailable} says why the IPv6 ones are not.
+
+A bridge has a carrier only while one of its ports has one, and
+systemd-resolved gives a link without a carrier no DNS scope; so the bridge
+gets one port of its own, one end of a veth pair whose other end is up and
+attached to nothing: the bridge forwards nothing to anyone, and keeps its
+carrier.
 
 A subnet inside 127.0.0.0/8 needs no change at all: Linux treats every
 address of 127/8 as local.
@@ -67,6 +73,19 @@ _IFA_F_NODAD = 0x02
 #: What adding an IPv6 address fails with where there is no IPv6: the
 #: link's C{disable_ipv6} (EACCES), a kernel without it (EAFNOSUPPORT).
 _NO_IPV6 = (errno.EACCES, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EOPNOTSUPP)
+
+
+#: The longest link name the kernel takes (C{IFNAMSIZ} less its NUL).
+_MAX_NAME = 15
+
+
+def carrier_pair(name: str) -> tuple[str, str]:
+    """
+    The names of the veth pair that gives bridge C{name} its carrier: the
+    end in the bridge, and its peer.
+    """
+    base = name[: _MAX_NAME - 3]
+    return f"{base}-c0", f"{base}-c1"
 
 
 class NetlinkFailed(NetworkInterfaceError):
@@ -213,7 +232,9 @@ class LinuxInterface:
             index = self._index(ipr)
             assert index is not None
             self._bring_up(ipr, index, remove_on_failure=True)
-            description = f"link {self._name} ({kind})"
+            description = (
+                f"link {self._name} ({kind}{self._with_carrier(ipr, kind, index)})"
+            )
             if missing:
                 description += f"; this kernel has no {' or '.join(missing)} links"
             return _Carrier(index, self._name, True, description)
@@ -227,9 +248,7 @@ class LinuxInterface:
         )
 
     def _adopt(self, ipr: Any, index: int) -> _Carrier:
-        link = ipr.get_links(index)[0]
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        kind = _kind(ipr, index)
         if kind not in self._kinds:
             raise ForeignLink(
                 self._name,
@@ -239,6 +258,7 @@ class LinuxInterface:
             other.get_attr("IFLA_IFNAME")
             for other in ipr.get_links()
             if other.get_attr("IFLA_MASTER") == index
+            and other.get_attr("IFLA_IFNAME") != carrier_pair(self._name)[0]
         ]
         if ports:
             raise ForeignLink(
@@ -249,8 +269,41 @@ class LinuxInterface:
             index,
             self._name,
             True,
-            f"link {self._name} ({kind}), adopted from an earlier run",
+            f"link {self._name} ({kind}{self._with_carrier(ipr, kind, index)}),"
+            " adopted from an earlier run",
         )
+
+    def _with_carrier(self, ipr: Any, kind: str, index: int) -> str:
+        """
+        Give a bridge its carrier (a veth pair's end as its port, both ends
+        up), and say how it went for the description.
+        """
+        if kind != "bridge":
+            return ""
+        port, peer = carrier_pair(self._name)
+        existing = self._index(ipr, port)
+        if existing is not None and _kind(ipr, existing) != "veth":
+            return f", without a carrier: {port} is not a veth link"
+        try:
+            if existing is None:
+                ipr.link("add", ifname=port, kind="veth", peer=peer)
+            ipr.link("set", index=self._index(ipr, port), master=index, state="up")
+            ipr.link("set", index=self._index(ipr, peer), state="up")
+        except NetlinkError as e:
+            self._remove_carrier(ipr)
+            why = os.strerror(e.code)
+            return f", without a carrier: cannot add veth pair {port}: {why}"
+        return f", its carrier from veth pair {port}"
+
+    def _remove_carrier(self, ipr: Any) -> None:
+        port = self._index(ipr, carrier_pair(self._name)[0])
+        if port is None or _kind(ipr, port) != "veth":
+            return
+        try:
+            ipr.link("del", index=port)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise _error(e, f"remove link {carrier_pair(self._name)[0]}") from e
 
     def _bring_up(self, ipr: Any, index: int, remove_on_failure: bool) -> None:
         try:
@@ -379,6 +432,7 @@ class LinuxInterface:
         with self._netlink() as ipr:
             if self._index(ipr, carrier.name) == carrier.index:
                 if carrier.whole:
+                    self._remove_carrier(ipr)
                     try:
                         ipr.link("del", index=carrier.index)
                     except NetlinkError as e:
@@ -399,6 +453,11 @@ def _no_ipv6_hint(code: int, link: str) -> str:
     if code == errno.EAFNOSUPPORT:
         return " (this kernel has no IPv6)"
     return ""
+
+
+def _kind(ipr: Any, index: int) -> str | None:
+    info = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
 def _error(e: NetlinkError, action: str) -> NetworkInterfaceError:
