@@ -45,14 +45,14 @@ from twisted.python.failure import Failure
 
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
-from ngrokd.config import Config, ConfigError, load_config
+from ngrokd.config import SUBNET6_AUTO, SUBNET6_OFF, Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
 from ngrokd.datapath.pool import PoolSettings
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
-from ngrokd.host import allocation
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host import allocation, ula
+from ngrokd.host.allocation import IPAddress, IPNetwork
 from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
@@ -207,6 +207,10 @@ class Daemon(MultiService):
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
         self.allocations = self._saved = allocation.Allocations()
+        #: The block of the names' IPv6 addresses (None: IPv6 is off), and
+        #: the global ID it was derived from while it is not saved yet.
+        self.subnet6: IPNetwork | None = None
+        self._unsaved_global_id: int | None = None
         #: The virtual-mode addresses the last reconcile kept.
         self._addresses: frozenset[IPAddress] = frozenset()
         self._latest: list[ApiEndpoint] | None = None
@@ -281,10 +285,27 @@ class Daemon(MultiService):
         self._check_key_mode(config.server.client_key)
         self._api_tls.use(load_api_trust(config.api.ca_bundle))
         self.connector.use_trust(load_ingress_trust(config.ingress.ca_bundle))
+        self.subnet6 = self.interface.subnet6 = self._subnet6()
         self.allocations = self._saved = allocation.load(
-            config.server.state_dir, config.net.subnet
+            config.server.state_dir, config.net.subnet, subnet6=self.subnet6
         )
         self._kept = lastgood.load(config.server.state_dir)
+
+    def _subnet6(self) -> IPNetwork | None:
+        """
+        C{net.subnet6}; for C{auto}, the block of the global ID kept in the
+        state directory, or of a new one (saved with the allocations).
+        """
+        subnet6 = self.config.net.subnet6
+        if subnet6 == SUBNET6_OFF:
+            return None
+        if subnet6 != SUBNET6_AUTO:
+            assert not isinstance(subnet6, str)
+            return subnet6
+        global_id = ula.load(self.config.server.state_dir)
+        if global_id is None:
+            global_id = self._unsaved_global_id = ula.new_global_id()
+        return ula.derive(global_id)
 
     def _check_key_mode(self, path: str) -> None:
         try:
@@ -359,7 +380,9 @@ class Daemon(MultiService):
         The names and addresses a stop that gives up may leave.
         """
         names = ", ".join(
-            f"{name} {ip}" for name, ip in sorted(self.hosts.written.items())
+            f"{name} {ip}"
+            for name, ips in sorted(self.hosts.written.items())
+            for ip in ips
         )
         addresses = ", ".join(sorted(str(ip) for ip in self._addresses))
         return (
@@ -421,6 +444,7 @@ class Daemon(MultiService):
             self.listeners.listeners,
             certificate_problem=identity.error if identity.state == EXPIRED else "",
             stale=self.stale,
+            listeners6=self.listeners.listeners6,
         )
 
     def daemon_status(self) -> DaemonStatus:
@@ -458,6 +482,8 @@ class Daemon(MultiService):
                 self.hosts.error if any(s.virtual for s in specs.values()) else ""
             ),
             problems=self.problems.current(),
+            ipv6_subnet=str(self.subnet6 or ""),
+            ipv6_error=self.interface.ipv6_error,
         )
 
     # Reload
@@ -767,6 +793,7 @@ class Daemon(MultiService):
             net.start_port,
             now=self._reactor.seconds(),
             hold=net.reuse_after,
+            subnet6=self.subnet6,
         )
         self.allocations = result.allocations
         await self._save_allocations()
@@ -778,8 +805,11 @@ class Daemon(MultiService):
             self.allocations.network_ports,
             result.errors,
             names,
+            self.allocations.ips6,
         )
-        addresses = frozenset(self.allocations.ips.values())
+        addresses = frozenset(
+            [*self.allocations.ips.values(), *self.allocations.ips6.values()]
+        )
         missing = await self.interface.ensure(addresses | self._addresses)
         if self._stopping:
             # The listeners are closed, and the names go with the stop.
@@ -791,7 +821,7 @@ class Daemon(MultiService):
         for url, reason in self.plan.failures.items():
             if previous.failures.get(url) != reason:
                 self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)
-        await self.listeners.reconcile(self.plan.specs)
+        await self.listeners.reconcile(self.plan.specs, self.plan.specs6)
         if self._stopping:
             await self.listeners.stop()
             return
@@ -807,17 +837,18 @@ class Daemon(MultiService):
         waits for fsync). When that fails they are used all the same, and
         saving is tried again at the next reconcile.
         """
-        allocations = self.allocations
-        if allocations == self._saved:
+        allocations, global_id = self.allocations, self._unsaved_global_id
+        if allocations == self._saved and global_id is None:
             self.problems.cleared(_SAVING)
             return
         try:
             await deferToThreadPool(
                 self._reactor,
                 self._reactor.getThreadPool(),
-                allocation.save,
+                _save_state,
                 self.config.server.state_dir,
                 allocations,
+                global_id,
             )
         except AtomicWriteError as e:
             self.problems.failed(
@@ -828,7 +859,20 @@ class Daemon(MultiService):
             )
             return
         self._saved = allocations
+        if self._unsaved_global_id == global_id:
+            self._unsaved_global_id = None
         self.problems.cleared(_SAVING)
+
+
+def _save_state(
+    state_dir: str, allocations: allocation.Allocations, global_id: int | None
+) -> None:
+    """
+    Save the IPv6 global ID, if new, then the allocations built on it.
+    """
+    if global_id is not None:
+        ula.save(state_dir, global_id)
+    allocation.save(state_dir, allocations)
 
 
 class StopOnSignal(Service):
