@@ -162,8 +162,11 @@ class IngressProtocol(PipeProtocol):
         self._reader: wire.FrameReader | None = wire.FrameReader()
         self._timer: IDelayedCall | None = None
         self._started = clock.seconds()
-        #: Seconds from the dial to the end of the TLS handshake.
+        #: Seconds from the dial to the end of the TLS handshake, and from
+        #: the request to its answer.
         self.handshake_seconds: float | None = None
+        self.answer_seconds: float | None = None
+        self._requested = 0.0
 
     def connectionMade(self) -> None:
         # TCP is up (the endpoint bounds that); the TLS handshake has what
@@ -208,6 +211,7 @@ class IngressProtocol(PipeProtocol):
 
     def _send_request(self) -> None:
         assert self.request is not None
+        self._requested = self._clock.seconds()
         self.transport.write(wire.encode_request(self.request))
         if self.early is not None:
             self.early.follow(self.transport.write)
@@ -256,6 +260,7 @@ class IngressProtocol(PipeProtocol):
             return
         self._end_upgrade()
         self.response = response
+        self.answer_seconds = self._clock.seconds() - self._requested
         if response.refused:
             self._fail(UpgradeRefused(response.error_code, response.error_message))
             return
@@ -541,7 +546,8 @@ class IngressConnector:
                 self.handshakes.resumed += 1
             else:
                 self.handshakes.full += 1
-            self.pool.answered()
+            # A warm connection's wait is the request's alone.
+            self.pool.answered(result.answer_seconds if pooled else None)
             self._notices(result.request, result.response.notices)
         elif isinstance(result, Failure) and result.check(UpgradeRefused):
             self.pool.answered()

@@ -9,8 +9,10 @@ not yet sent serves any endpoint. L{WarmPool} keeps a few of them ready, so
 that an accepted connection pays only the upgrade's round trip.
 
 How many (L{pool_demand}): while connections are being accepted, what the
-recent accept rate would take during one handshake, twice over, plus one
-(L{pool_target}), never more than the configured size. After a quiet
+recent accept rate would take while a taken connection is replaced (the
+wait for the ingress's answer, as it is dialled only then, and a
+handshake), twice over, plus one (L{pool_target}), never more than the
+configured size. After a quiet
 period with no accepted connection, one (the floor), so that the next
 connection after a pause pays no handshake, for as long as the linger; but
 none where a handshake costs less than L{FLOOR_MIN_HANDSHAKE}, on loopback
@@ -58,7 +60,7 @@ from twisted.python.failure import Failure
 RATE_WINDOW = 10
 #: The handshake time assumed before one has been measured.
 FIRST_HANDSHAKE_GUESS = 0.05
-#: Weight of each new handshake time in the running estimate.
+#: Weight of each new handshake (or answer) time in the running estimate.
 HANDSHAKE_WEIGHT = 0.2
 #: A ready connection is replaced at this fraction of the shortest idle life
 #: the ingress was seen to allow.
@@ -117,18 +119,21 @@ def pool_demand(
     idle: float | None,
     accepts_per_second: float,
     handshake_seconds: float,
+    answer_seconds: float,
     settings: PoolSettings,
 ) -> int:
     """
     How many connections to hold ready C{idle} seconds after the last
-    accepted connection (C{None}: none yet): L{pool_target} while
+    accepted connection (C{None}: none yet): L{pool_target} for a
+    replacement's time (C{answer_seconds}, then a handshake) while
     connections come, then the floor of one until the linger is over, where
     a handshake costs enough to be worth saving; else none.
     """
     if idle is None:
         return 0
     if idle < settings.idle_timeout:
-        return pool_target(accepts_per_second, handshake_seconds, settings.size)
+        replacing = answer_seconds + handshake_seconds
+        return pool_target(accepts_per_second, replacing, settings.size)
     if idle < settings.linger and handshake_seconds >= settings.floor_handshake:
         return min(1, settings.size)
     return 0
@@ -269,6 +274,8 @@ class WarmPool(Generic[M]):
         #: Connections made before the last L{reset} are not kept.
         self._generation = 0
         self._handshake_seconds = FIRST_HANDSHAKE_GUESS
+        #: How long a taken connection waits for its answer (estimated).
+        self._answer_seconds = 0.0
         #: The shortest idle life the ingress allowed a ready connection
         #: (L{replacement_age} applies the floor), and when it did.
         self._idle_life: tuple[float, float] | None = None
@@ -349,13 +356,16 @@ class WarmPool(Generic[M]):
         self._discards.take(now)
         return entry.connection
 
-    def answered(self) -> None:
+    def answered(self, waited: float | None = None) -> None:
         """
-        The ingress answered a request (upgraded or refused): the pool may
-        dial again, and replaces what was taken. Not sooner: a handshake
-        dialled while a connection waits for its answer would compete with
-        it for the CPU, here and at the ingress.
+        The ingress answered a request (upgraded or refused), on a taken
+        connection after C{waited} seconds: the pool may dial again, and
+        replaces what was taken. Not sooner: a handshake dialled while a
+        connection waits for its answer would compete with it for the CPU,
+        here and at the ingress; the pool is sized for that wait.
         """
+        if waited is not None:
+            self._answer_seconds += HANDSHAKE_WEIGHT * (waited - self._answer_seconds)
         self._paused = False
         self._refill()
 
@@ -404,6 +414,7 @@ class WarmPool(Generic[M]):
             self._idle(now),
             self._rate.per_second(now),
             self._handshake_seconds,
+            self._answer_seconds,
             self.settings,
         )
 

@@ -434,6 +434,20 @@ class PoolTimingTests(SynchronousTestCase):
         self.assertEqual(self.cancelled, [dialing])
         self.assertEqual(self.pool.dialing, 0)
 
+    def test_sizedForTheAnswersWait(self) -> None:
+        """
+        A taken connection is replaced once its answer has come: the longer
+        answers take, the more connections are kept for those that come
+        meanwhile.
+        """
+        for _ in range(5):
+            self.clock.advance(0.2)
+            self.pool.take()
+        self.pool.answered()
+        self.assertEqual(len(self.dials), 1)
+        self.pool.answered(waited=1.0)
+        self.assertEqual(len(self.dials), 3)
+
     def test_handshakeEstimate(self) -> None:
         """
         Measured handshake times move the estimate from its first guess:
