@@ -158,6 +158,12 @@ class IngressConfig:
     pool_idle_timeout: float = 30.0
     #: Seconds a ready connection is kept before it is replaced.
     pool_max_age: float = 20.0
+    #: Seconds after the last accepted connection during which one is kept
+    #: ready where a handshake is worth saving; none after.
+    pool_linger: float = 300.0
+    #: Send a client's first bytes right behind the request, before the
+    #: ingress answers.
+    early_data: bool = True
 
     @property
     def host(self) -> str:
@@ -748,6 +754,8 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.pool_size": (_size, 16),
     "ingress.pool_idle_timeout": (_seconds, 30.0),
     "ingress.pool_max_age": (_seconds, 20.0),
+    "ingress.pool_linger": (_seconds, 300.0),
+    "ingress.early_data": (_bool, True),
     "server.log_level": (_log_level, "info"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),

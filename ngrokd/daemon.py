@@ -166,6 +166,7 @@ class Daemon(MultiService):
             max_pending=ingress.max_pending_dials,
             queue_timeout=ingress.dial_queue_timeout,
             pool=_pool_settings(config),
+            early_data=ingress.early_data,
         )
         server = config.server
         self.state_lock = StateLock(server.state_dir)
@@ -562,6 +563,8 @@ class Daemon(MultiService):
             )
         if any(key.startswith("ingress.pool_") for key in changed):
             self.connector.pool.configure(_pool_settings(config))
+        if "ingress.early_data" in changed:
+            self.connector.early_data = ingress.early_data
         if changed.keys() & _IDENTITY_KEYS:
             # It asks ngrok again: only when what it sends or decides changed.
             self.identity_service.reconfigure(
@@ -934,5 +937,8 @@ class StopOnSignal(Service):
 def _pool_settings(config: Config) -> PoolSettings:
     ingress = config.ingress
     return PoolSettings(
-        ingress.pool_size, ingress.pool_idle_timeout, ingress.pool_max_age
+        ingress.pool_size,
+        ingress.pool_idle_timeout,
+        ingress.pool_max_age,
+        ingress.pool_linger,
     )

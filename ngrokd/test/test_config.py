@@ -1584,6 +1584,8 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "ingress.pool_size": _same(st.integers(0, 1000)),
     "ingress.pool_idle_timeout": _seconds,
     "ingress.pool_max_age": _seconds,
+    "ingress.pool_linger": _seconds,
+    "ingress.early_data": _same(st.booleans()),
     "server.log_level": st.sampled_from(
         [("debug", "debug"), ("INFO", "info"), ("warning", "warn"), ("error", "error")]
     ),
