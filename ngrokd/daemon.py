@@ -42,9 +42,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
+from ngrokd.blocking import BlockingPool, one_thread
 from ngrokd.config import Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
@@ -63,7 +65,14 @@ from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
-from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
+from ngrokd.ngrok.trust import (
+    LateTrustPolicy,
+    PartialChainTrust,
+    TrustRoot,
+    load_api_trust,
+    load_ingress_trust,
+)
+from ngrokd.pem import PEMError
 from ngrokd.plan import Plan, plan, wanted_allocations
 from ngrokd.problems import Problems
 from ngrokd.readfile import in_own_thread
@@ -124,6 +133,19 @@ READ_TIMEOUT = 30.0
 #: What fails when a state file cannot be written, for status and the log.
 _SAVING = "saving the addresses and ports"
 _KEEPING = "keeping the last good list of endpoints"
+_READING = "reading the CA and state files at start"
+
+
+@frozen
+class _Files:
+    """
+    What the daemon reads at start, in its file thread.
+    """
+
+    api_trust: TrustRoot
+    ingress_trust: PartialChainTrust
+    allocations: allocation.Allocations
+    kept: tuple[str, list[ApiEndpoint]] | None
 
 
 class Daemon(MultiService):
@@ -139,12 +161,15 @@ class Daemon(MultiService):
         reactor: Any,
         network_interface: INetworkInterface | None = None,
         clock: IReactorTime | None = None,
+        threadpool: Callable[[str], ThreadPool] = one_thread,
     ) -> None:
         """
         @param network_interface: carries the virtual-mode addresses (by
             default the platform's; tests give another).
         @param clock: times the grace given to open connections when
             stopping (by default the reactor).
+        @param threadpool: makes the pool of the thread that reads and
+            writes the daemon's files while it runs (by default one thread).
         """
         super().__init__()
         self.config = config
@@ -168,6 +193,8 @@ class Daemon(MultiService):
             pool=_pool_settings(config),
         )
         server = config.server
+        #: Reads and writes the CA and state files, off the reactor thread.
+        self.files = BlockingPool(reactor, "ngrokd-files", threadpool)
         self.state_lock = StateLock(server.state_dir)
         #: Run by twistd, a locked state directory ends the process with the
         #: message alone (exit status 1), not a traceback.
@@ -176,6 +203,7 @@ class Daemon(MultiService):
             IdentityStore(server.state_dir, server.client_cert, server.client_key),
             self.api,
             reactor,
+            in_thread=self.files.run,
             selectors=config.bound_endpoints.selectors,
             hostname=socket.gethostname(),
             has_key=lambda: bool(self.api_key.strip()),
@@ -244,7 +272,8 @@ class Daemon(MultiService):
         """
         Take the state directory, then start. Another daemon on the same
         state raises L{StateDirectoryLocked} here, before anything of the
-        machine is touched.
+        machine is touched. The identity starts once the files it needs
+        are read (L{_load_files}).
         """
         try:
             self.state_lock.acquire()
@@ -260,31 +289,57 @@ class Daemon(MultiService):
             was=was,
             hard=hard,
         )
-        self._load_files()
+        self.files.start()
         super().startService()
         if self.interface.parent is None:
             # Added (and so started) only now: they change the machine.
             self.interface.setServiceParent(self)
             self.hosts.setServiceParent(self)
+        self._load_files()
+
+    def _load_files(self) -> None:
+        """
+        Read, in the file thread, what the config names and the state
+        directory holds: the CA bundles (checked when the config was
+        loaded), the allocations and the last good list. Then start the
+        identity, which adds the discovery service once it has one:
+        nothing is served before the files are read.
+        """
+        config = self.config
+
+        def read() -> _Files:
+            self._check_key_mode(config.server.client_key)
+            return _Files(
+                load_api_trust(config.api.ca_bundle),
+                load_ingress_trust(config.ingress.ca_bundle),
+                allocation.load(config.server.state_dir, config.net.subnet),
+                lastgood.load(config.server.state_dir),
+            )
+
+        self.files.run(read).addCallbacks(self._use_files, self._files_failed)
+
+    def _use_files(self, files: _Files) -> None:
+        if self._stopping or not self.running:
+            return
+        self._api_tls.use(files.api_trust)
+        self.connector.use_trust(files.ingress_trust)
+        self.allocations = self._saved = files.allocations
+        self._kept = files.kept
         if self.identity_service.parent is None:
             # Added once running, so that an identity found at once can add
             # the discovery service without racing the start of the others.
             self.identity_service.setServiceParent(self)
 
-    def _load_files(self) -> None:
-        """
-        Read what the config names and the state directory holds: the CA
-        bundles (checked when the config was loaded) and the allocations;
-        and say so if the client key is readable by others.
-        """
-        config = self.config
-        self._check_key_mode(config.server.client_key)
-        self._api_tls.use(load_api_trust(config.api.ca_bundle))
-        self.connector.use_trust(load_ingress_trust(config.ingress.ca_bundle))
-        self.allocations = self._saved = allocation.load(
-            config.server.state_dir, config.net.subnet
+    def _files_failed(self, failure: Failure) -> None:
+        if self._stopping or not self.running:
+            return
+        if not failure.check(PEMError, OSError):
+            self.log.failure("reading the CA and state files failed", failure)
+        self.problems.failed(
+            _READING,
+            failure.getErrorMessage(),
+            "nothing is served until ngrokd is restarted with files it can read",
         )
-        self._kept = lastgood.load(config.server.state_dir)
 
     def _check_key_mode(self, path: str) -> None:
         try:
@@ -352,6 +407,8 @@ class Daemon(MultiService):
             await super().stopService()
             await self.api.close()
         finally:
+            # The files are written before another daemon may have them.
+            await self.files.stop()
             self.state_lock.release()
 
     def _left_behind(self) -> str:
