@@ -47,14 +47,14 @@ from twisted.python.threadpool import ThreadPool
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
 from ngrokd.blocking import BlockingPool, one_thread
-from ngrokd.config import Config, ConfigError, load_config
+from ngrokd.config import SUBNET6_AUTO, SUBNET6_OFF, Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
 from ngrokd.datapath.pool import PoolSettings
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
-from ngrokd.host import allocation
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host import allocation, ula
+from ngrokd.host.allocation import IPAddress, IPNetwork
 from ngrokd.host.hosts import HostsService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
@@ -144,6 +144,9 @@ class _Files:
 
     api_trust: TrustRoot
     ingress_trust: PartialChainTrust
+    subnet6: IPNetwork | None
+    #: The global ID C{subnet6} was derived from, when it is new (unsaved).
+    new_global_id: int | None
     allocations: allocation.Allocations
     kept: tuple[str, list[ApiEndpoint]] | None
 
@@ -235,6 +238,10 @@ class Daemon(MultiService):
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
         self.allocations = self._saved = allocation.Allocations()
+        #: The block of the names' IPv6 addresses (None: IPv6 is off), and
+        #: the global ID it was derived from while it is not saved yet.
+        self.subnet6: IPNetwork | None = None
+        self._unsaved_global_id: int | None = None
         #: The virtual-mode addresses the last reconcile kept.
         self._addresses: frozenset[IPAddress] = frozenset()
         self._latest: list[ApiEndpoint] | None = None
@@ -291,28 +298,30 @@ class Daemon(MultiService):
         )
         self.files.start()
         super().startService()
-        if self.interface.parent is None:
-            # Added (and so started) only now: they change the machine.
-            self.interface.setServiceParent(self)
-            self.hosts.setServiceParent(self)
         self._load_files()
 
     def _load_files(self) -> None:
         """
         Read, in the file thread, what the config names and the state
         directory holds: the CA bundles (checked when the config was
-        loaded), the allocations and the last good list. Then start the
-        identity, which adds the discovery service once it has one:
-        nothing is served before the files are read.
+        loaded), the IPv6 block's global ID, the allocations and the last
+        good list. Then start what needs them: the interface and the hosts
+        file (they change the machine), and the identity, which adds the
+        discovery service once it has one. Nothing is served before.
         """
         config = self.config
 
         def read() -> _Files:
             self._check_key_mode(config.server.client_key)
+            subnet6, new_global_id = _subnet6(config)
             return _Files(
                 load_api_trust(config.api.ca_bundle),
                 load_ingress_trust(config.ingress.ca_bundle),
-                allocation.load(config.server.state_dir, config.net.subnet),
+                subnet6,
+                new_global_id,
+                allocation.load(
+                    config.server.state_dir, config.net.subnet, subnet6=subnet6
+                ),
                 lastgood.load(config.server.state_dir),
             )
 
@@ -323,11 +332,16 @@ class Daemon(MultiService):
             return
         self._api_tls.use(files.api_trust)
         self.connector.use_trust(files.ingress_trust)
+        self.subnet6 = self.interface.subnet6 = files.subnet6
+        self._unsaved_global_id = files.new_global_id
         self.allocations = self._saved = files.allocations
         self._kept = files.kept
+        if self.interface.parent is None:
+            self.interface.setServiceParent(self)
+            self.hosts.setServiceParent(self)
         if self.identity_service.parent is None:
-            # Added once running, so that an identity found at once can add
-            # the discovery service without racing the start of the others.
+            # Added last, so that an identity found at once can add the
+            # discovery service without racing the start of the others.
             self.identity_service.setServiceParent(self)
 
     def _files_failed(self, failure: Failure) -> None:
@@ -416,7 +430,9 @@ class Daemon(MultiService):
         The names and addresses a stop that gives up may leave.
         """
         names = ", ".join(
-            f"{name} {ip}" for name, ip in sorted(self.hosts.written.items())
+            f"{name} {ip}"
+            for name, ips in sorted(self.hosts.written.items())
+            for ip in ips
         )
         addresses = ", ".join(sorted(str(ip) for ip in self._addresses))
         return (
@@ -478,6 +494,7 @@ class Daemon(MultiService):
             self.listeners.listeners,
             certificate_problem=identity.error if identity.state == EXPIRED else "",
             stale=self.stale,
+            listeners6=self.listeners.listeners6,
         )
 
     def daemon_status(self) -> DaemonStatus:
@@ -515,6 +532,8 @@ class Daemon(MultiService):
                 self.hosts.error if any(s.virtual for s in specs.values()) else ""
             ),
             problems=self.problems.current(),
+            ipv6_subnet=str(self.subnet6 or ""),
+            ipv6_error=self.interface.ipv6_error,
         )
 
     # Reload
@@ -824,6 +843,7 @@ class Daemon(MultiService):
             net.start_port,
             now=self._reactor.seconds(),
             hold=net.reuse_after,
+            subnet6=self.subnet6,
         )
         self.allocations = result.allocations
         await self._save_allocations()
@@ -835,8 +855,11 @@ class Daemon(MultiService):
             self.allocations.network_ports,
             result.errors,
             names,
+            self.allocations.ips6,
         )
-        addresses = frozenset(self.allocations.ips.values())
+        addresses = frozenset(
+            [*self.allocations.ips.values(), *self.allocations.ips6.values()]
+        )
         missing = await self.interface.ensure(addresses | self._addresses)
         if self._stopping:
             # The listeners are closed, and the names go with the stop.
@@ -848,7 +871,7 @@ class Daemon(MultiService):
         for url, reason in self.plan.failures.items():
             if previous.failures.get(url) != reason:
                 self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)
-        await self.listeners.reconcile(self.plan.specs)
+        await self.listeners.reconcile(self.plan.specs, self.plan.specs6)
         if self._stopping:
             await self.listeners.stop()
             return
@@ -864,17 +887,18 @@ class Daemon(MultiService):
         waits for fsync). When that fails they are used all the same, and
         saving is tried again at the next reconcile.
         """
-        allocations = self.allocations
-        if allocations == self._saved:
+        allocations, global_id = self.allocations, self._unsaved_global_id
+        if allocations == self._saved and global_id is None:
             self.problems.cleared(_SAVING)
             return
         try:
             await deferToThreadPool(
                 self._reactor,
                 self._reactor.getThreadPool(),
-                allocation.save,
+                _save_state,
                 self.config.server.state_dir,
                 allocations,
+                global_id,
             )
         except AtomicWriteError as e:
             self.problems.failed(
@@ -885,7 +909,39 @@ class Daemon(MultiService):
             )
             return
         self._saved = allocations
+        if self._unsaved_global_id == global_id:
+            self._unsaved_global_id = None
         self.problems.cleared(_SAVING)
+
+
+def _subnet6(config: Config) -> tuple[IPNetwork | None, int | None]:
+    """
+    C{net.subnet6}; for C{auto}, the block of the global ID kept in the
+    state directory, or of a new one, returned beside it (it is saved with
+    the allocations). This reads a file: call it off the reactor thread.
+    """
+    subnet6 = config.net.subnet6
+    if subnet6 == SUBNET6_OFF:
+        return None, None
+    if subnet6 != SUBNET6_AUTO:
+        assert not isinstance(subnet6, str)
+        return subnet6, None
+    global_id = ula.load(config.server.state_dir)
+    if global_id is None:
+        new = ula.new_global_id()
+        return ula.derive(new), new
+    return ula.derive(global_id), None
+
+
+def _save_state(
+    state_dir: str, allocations: allocation.Allocations, global_id: int | None
+) -> None:
+    """
+    Save the IPv6 global ID, if new, then the allocations built on it.
+    """
+    if global_id is not None:
+        ula.save(state_dir, global_id)
+    allocation.save(state_dir, allocations)
 
 
 class StopOnSignal(Service):

@@ -28,7 +28,7 @@ from ngrokd.dns.answer import AnswerKind
 from ngrokd.dns.forward import Forwarder
 from ngrokd.dns.protocols import TCPFactory
 from ngrokd.dns.server import DNSServer, Limits
-from ngrokd.dns.service import DNSService
+from ngrokd.dns.service import DNSService, listen_both
 from ngrokd.dns.table import build_table
 from ngrokd.dns.wire import EDNS_PAYLOAD
 
@@ -118,12 +118,10 @@ class ServerTestsMixin:
         if upstream_port is None:
             factory = server.DNSServerFactory(authorities=[self.upstream])
             factory.noisy = False
-            udp = reactor.listenUDP(
-                0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1"
+            udp, tcp, upstream_port = listen_both(
+                reactor, "127.0.0.1", 0, dns.DNSDatagramProtocol(factory), factory
             )
             self.addCleanup(udp.stopListening)
-            upstream_port = udp.getHost().port
-            tcp = reactor.listenTCP(upstream_port, factory, interface="127.0.0.1")
             self.addCleanup(tcp.stopListening)
         service = DNSService(
             [("127.0.0.1", 0)],

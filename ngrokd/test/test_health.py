@@ -422,6 +422,8 @@ class StatusTests(DaemonHealthTestCase):
                     "bytes_down": 5,
                     "mode": "127.0.0.1",
                     "stale": False,
+                    "addresses": ["127.0.0.1"],
+                    "ipv6_error": "",
                 },
             )
 

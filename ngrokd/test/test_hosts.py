@@ -53,6 +53,22 @@ class RenderTests(SynchronousTestCase):
         """
         self.assertEqual(render(HOSTS, MAPPING), HOSTS + "\n" + SECTION)
 
+    def test_bothFamilies(self) -> None:
+        """
+        A name with an IPv4 and an IPv6 address gets a line for each, IPv4
+        first, within the name's sorted place; the section parses again as
+        ngrokd's (the lines are entries), and goes whole.
+        """
+        mapping = {
+            "db.ns": (ip_address("fd00::3"), ip_address("10.107.0.3")),
+            "api.ns": ip_address("10.107.0.2"),
+        }
+        section = (
+            f"{BEGIN}\n10.107.0.2\tapi.ns\n10.107.0.3\tdb.ns\nfd00::3\tdb.ns\n{END}\n"
+        )
+        self.assertEqual(render(HOSTS, mapping), HOSTS + "\n" + section)
+        self.assertEqual(render(HOSTS + "\n" + section, {}), HOSTS)
+
     def test_emptyFile(self) -> None:
         """
         An empty file gets just the section, and loses it again.
@@ -615,7 +631,7 @@ class HostsServiceTests(SynchronousTestCase):
         self.successResultOf(self.service.stopService())
         self.assertEqual(self.content(), HOSTS)
         self.successResultOf(self.service.stopService())
-        self.assertEqual(self.writes, [MAPPING, {}])
+        self.assertEqual(self.writes, [{n: (ip,) for n, ip in MAPPING.items()}, {}])
 
     def test_noSectionNoWriteAccess(self) -> None:
         """
