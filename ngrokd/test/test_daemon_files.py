@@ -18,6 +18,7 @@ from ngrokd.config import Config, load_config
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import OPERATORS_FILE, RunningDevcloud, start_devcloud
 from ngrokd.host.allocation import IP_MAPPINGS
+from ngrokd.host.ula import GLOBAL_ID_FILE
 from ngrokd.ngrok.identity_service import REGISTERED
 from ngrokd.ngrok.lastgood import LAST_GOOD
 from ngrokd.test.helpers import Echo, free_ports, listen, wait_listening, wait_until
@@ -63,9 +64,9 @@ class DaemonFilesTests(TestCase):
     def test_offTheReactorThread(self) -> Deferred[None]:
         """
         Starting (registering), renewing the certificate, stopping and
-        starting again (loading the identity, the allocations and the last
-        good list) read and write every file in another thread than the
-        reactor's.
+        starting again (loading the identity, the IPv6 block's global ID,
+        the allocations and the last good list) read and write every file
+        in another thread than the reactor's.
         """
 
         async def run() -> None:
@@ -81,6 +82,7 @@ class DaemonFilesTests(TestCase):
                 ("read_regular", os.path.basename(self.api_ca)),
                 ("read_regular", os.path.basename(self.ingress_ca)),
                 ("read_if_exists", IP_MAPPINGS),
+                ("read_if_exists", GLOBAL_ID_FILE),
                 ("read_regular", LAST_GOOD),
                 ("read_if_exists", "tls.key"),
                 ("write_atomic", "tls.key"),
