@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -213,7 +213,7 @@ class IdentityService(Service):
         self._reported_ingress: str | None = None
         self._lock = DeferredLock()
         self._queued = False
-        self._current: Deferred[Any] | None = None
+        self._current: Deferred[float | None] | None = None
         self._timer: IDelayedCall | None = None
 
     # Lifecycle and controls
@@ -348,10 +348,8 @@ class IdentityService(Service):
         self._queued = False
         if not self.running:
             return succeed(None)
-        current: Deferred[Any] = Deferred.fromCoroutine(self._pass())
-        self._current = current
-        current.addCallbacks(self._pass_done, self._pass_failed)
-        return current
+        current = self._current = Deferred.fromCoroutine(self._pass())
+        return current.addCallbacks(self._pass_done, self._pass_failed)
 
     def _pass_done(self, delay: float | None) -> None:
         self._current = None
