@@ -109,15 +109,16 @@ class BlockingPool:
         result: Deferred[_T] = Deferred()
 
         # The caller may cancel its Deferred, which does not stop the
-        # thread: the work is done only when the thread says so. A
-        # cancelled result ignores what follows.
+        # thread: the work is done only when the thread says so, and its
+        # result is delivered before a stop hears of it. A cancelled result
+        # ignores it.
         def succeeded(value: _T) -> None:
-            self._done()
             result.callback(value)
+            self._done()
 
         def failed(failure: Failure) -> None:
-            self._done()
             result.errback(failure)
+            self._done()
 
         deferToThreadPool(self._reactor, pool, work, *args, **kwargs).addCallbacks(
             succeeded, failed

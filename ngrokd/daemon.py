@@ -197,7 +197,7 @@ class Daemon(MultiService):
         )
         server = config.server
         #: Reads and writes the CA and state files, off the reactor thread.
-        self.files = BlockingPool(reactor, "ngrokd-files", threadpool)
+        self.file_thread = BlockingPool(reactor, "ngrokd-files", threadpool)
         self.state_lock = StateLock(server.state_dir)
         #: Run by twistd, a locked state directory ends the process with the
         #: message alone (exit status 1), not a traceback.
@@ -206,7 +206,7 @@ class Daemon(MultiService):
             IdentityStore(server.state_dir, server.client_cert, server.client_key),
             self.api,
             reactor,
-            in_thread=self.files.run,
+            in_thread=self.file_thread.run,
             selectors=config.bound_endpoints.selectors,
             hostname=socket.gethostname(),
             has_key=lambda: bool(self.api_key.strip()),
@@ -279,8 +279,8 @@ class Daemon(MultiService):
         """
         Take the state directory, then start. Another daemon on the same
         state raises L{StateDirectoryLocked} here, before anything of the
-        machine is touched. The identity starts once the files it needs
-        are read (L{_load_files}).
+        machine is touched. What needs the CA and state files starts once
+        they are read (L{_load_files}).
         """
         try:
             self.state_lock.acquire()
@@ -296,7 +296,7 @@ class Daemon(MultiService):
             was=was,
             hard=hard,
         )
-        self.files.start()
+        self.file_thread.start()
         super().startService()
         self._load_files()
 
@@ -325,7 +325,9 @@ class Daemon(MultiService):
                 lastgood.load(config.server.state_dir),
             )
 
-        self.files.run(read).addCallbacks(self._use_files, self._files_failed)
+        self.file_thread.run(read).addCallback(self._use_files).addErrback(
+            self._files_failed
+        )
 
     def _use_files(self, files: _Files) -> None:
         if self._stopping or not self.running:
@@ -422,7 +424,7 @@ class Daemon(MultiService):
             await self.api.close()
         finally:
             # The files are written before another daemon may have them.
-            await self.files.stop()
+            await self.file_thread.stop()
             self.state_lock.release()
 
     def _left_behind(self) -> str:

@@ -121,3 +121,25 @@ class DaemonFilesTests(TestCase):
             self.assertFalse(daemon.state_lock.held)
 
         return ensureDeferred(run())
+
+    def test_stoppedWhileReading(self) -> Deferred[None]:
+        """
+        A daemon stopped before its files are read waits for the read,
+        then starts nothing of what needed them: no interface, hosts file
+        or identity, so nothing registers.
+        """
+
+        async def run() -> None:
+            daemon = Daemon(self.config, reactor)
+            daemon.startService()
+            # The read's result can only arrive once the reactor runs again.
+            await daemon.stopService()
+            self.assertEqual(
+                [daemon.interface.parent, daemon.hosts.parent],
+                [None, None],
+            )
+            self.assertIsNone(daemon.identity_service.parent)
+            self.assertFalse(daemon.state_lock.held)
+            self.assertEqual(self.devcloud.cloud.operators(), [])
+
+        return ensureDeferred(run())
