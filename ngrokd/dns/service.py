@@ -13,7 +13,7 @@ start says why, once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -100,7 +100,7 @@ class DNSService(Service):
 
     def _listen_on(self, host: str, port: int) -> None:
         udp, tcp, bound = listen_both(
-            self._reactor, host, port, UDPListener(self.server), self._tcp
+            self._reactor, host, port, lambda: UDPListener(self.server), self._tcp
         )
         self._ports += [udp, tcp]
         self.addresses.append((host, bound))
@@ -123,16 +123,17 @@ def listen_both(
     reactor: Any,
     host: str,
     port: int,
-    datagrams: DatagramProtocol,
+    datagrams: Callable[[], DatagramProtocol],
     streams: ServerFactory,
 ) -> tuple[IListeningPort, IListeningPort, int]:
     """
     Listen on one port number for UDP and TCP alike, and say which. With
     port 0, the UDP port the kernel picks may be taken for TCP; then
-    another, a bounded number of times.
+    another, a bounded number of times, each with a new protocol from
+    C{datagrams}.
     """
     for attempt in range(PORT_ATTEMPTS):
-        udp = reactor.listenUDP(port, datagrams, interface=host)
+        udp = reactor.listenUDP(port, datagrams(), interface=host)
         bound: int = udp.getHost().port
         try:
             tcp = reactor.listenTCP(bound, streams, interface=host)

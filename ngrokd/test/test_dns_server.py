@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -119,7 +120,11 @@ class ServerTestsMixin:
             factory = server.DNSServerFactory(authorities=[self.upstream])
             factory.noisy = False
             udp, tcp, upstream_port = listen_both(
-                reactor, "127.0.0.1", 0, dns.DNSDatagramProtocol(factory), factory
+                reactor,
+                "127.0.0.1",
+                0,
+                lambda: dns.DNSDatagramProtocol(factory),
+                factory,
             )
             self.addCleanup(udp.stopListening)
             self.addCleanup(tcp.stopListening)
@@ -446,6 +451,46 @@ class TCPLimitTests(ServerTestsMixin, TestCase):
             await deferLater(reactor, 0.05)
         self.assertEqual(service.server.counters.tcp_refused, 1)
         self.assertEqual(len(service._tcp.connections), 2)
+
+
+class _TCPTakenOnce:
+    """
+    The real reactor, but the first TCP port asked for is taken.
+    """
+
+    def __init__(self) -> None:
+        self.tcp_tries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+    def listenTCP(self, port: int, *args: Any, **kwargs: Any) -> Any:
+        self.tcp_tries += 1
+        if self.tcp_tries == 1:
+            raise CannotListenError("127.0.0.1", port, OSError("taken"))
+        return reactor.listenTCP(port, *args, **kwargs)
+
+
+class PortTests(TestCase):
+    """
+    Port 0: one port number for UDP and TCP.
+    """
+
+    async def test_takenForTCP(self) -> None:
+        """
+        When the UDP port the kernel picked is taken for TCP, another is
+        tried with a new protocol, and the service answers on it.
+        """
+        taken = _TCPTakenOnce()
+        service = DNSService([("127.0.0.1", 0)], [], taken, Limits(), TABLE)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(taken.tcp_tries, 2)
+        resolver = client.Resolver(servers=[service.addresses[0]], reactor=reactor)
+        answers, _, _ = await resolver.lookupAddress(
+            "web.default", timeout=[CLIENT_TIMEOUT]
+        )
+        self.assertEqual(answers[0].payload.dottedQuad(), "10.107.0.2")
 
 
 class TCPIdleTests(SynchronousTestCase):
