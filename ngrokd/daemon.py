@@ -42,9 +42,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
+from ngrokd.blocking import BlockingPool, one_thread
 from ngrokd.config import SUBNET6_AUTO, SUBNET6_OFF, Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
@@ -63,7 +65,14 @@ from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
-from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
+from ngrokd.ngrok.trust import (
+    LateTrustPolicy,
+    PartialChainTrust,
+    TrustRoot,
+    load_api_trust,
+    load_ingress_trust,
+)
+from ngrokd.pem import PEMError
 from ngrokd.plan import Plan, plan, wanted_allocations
 from ngrokd.problems import Problems
 from ngrokd.readfile import in_own_thread
@@ -124,6 +133,22 @@ READ_TIMEOUT = 30.0
 #: What fails when a state file cannot be written, for status and the log.
 _SAVING = "saving the addresses and ports"
 _KEEPING = "keeping the last good list of endpoints"
+_READING = "reading the CA and state files at start"
+
+
+@frozen
+class _Files:
+    """
+    What the daemon reads at start, in its file thread.
+    """
+
+    api_trust: TrustRoot
+    ingress_trust: PartialChainTrust
+    subnet6: IPNetwork | None
+    #: The global ID C{subnet6} was derived from, when it is new (unsaved).
+    new_global_id: int | None
+    allocations: allocation.Allocations
+    kept: tuple[str, list[ApiEndpoint]] | None
 
 
 class Daemon(MultiService):
@@ -139,12 +164,15 @@ class Daemon(MultiService):
         reactor: Any,
         network_interface: INetworkInterface | None = None,
         clock: IReactorTime | None = None,
+        threadpool: Callable[[str], ThreadPool] = one_thread,
     ) -> None:
         """
         @param network_interface: carries the virtual-mode addresses (by
             default the platform's; tests give another).
         @param clock: times the grace given to open connections when
             stopping (by default the reactor).
+        @param threadpool: makes the pool of the thread that reads and
+            writes the daemon's files while it runs (by default one thread).
         """
         super().__init__()
         self.config = config
@@ -169,6 +197,8 @@ class Daemon(MultiService):
             early_data=ingress.early_data,
         )
         server = config.server
+        #: Reads and writes the CA and state files, off the reactor thread.
+        self.file_thread = BlockingPool(reactor, "ngrokd-files", threadpool)
         self.state_lock = StateLock(server.state_dir)
         #: Run by twistd, a locked state directory ends the process with the
         #: message alone (exit status 1), not a traceback.
@@ -177,6 +207,7 @@ class Daemon(MultiService):
             IdentityStore(server.state_dir, server.client_cert, server.client_key),
             self.api,
             reactor,
+            in_thread=self.file_thread.run,
             selectors=config.bound_endpoints.selectors,
             hostname=socket.gethostname(),
             has_key=lambda: bool(self.api_key.strip()),
@@ -249,7 +280,8 @@ class Daemon(MultiService):
         """
         Take the state directory, then start. Another daemon on the same
         state raises L{StateDirectoryLocked} here, before anything of the
-        machine is touched.
+        machine is touched. What needs the CA and state files starts once
+        they are read (L{_load_files}).
         """
         try:
             self.state_lock.acquire()
@@ -265,48 +297,66 @@ class Daemon(MultiService):
             was=was,
             hard=hard,
         )
-        self._load_files()
+        self.file_thread.start()
         super().startService()
-        if self.interface.parent is None:
-            # Added (and so started) only now: they change the machine.
-            self.interface.setServiceParent(self)
-            self.hosts.setServiceParent(self)
-        if self.identity_service.parent is None:
-            # Added once running, so that an identity found at once can add
-            # the discovery service without racing the start of the others.
-            self.identity_service.setServiceParent(self)
+        self._load_files()
 
     def _load_files(self) -> None:
         """
-        Read what the config names and the state directory holds: the CA
-        bundles (checked when the config was loaded) and the allocations;
-        and say so if the client key is readable by others.
+        Read, in the file thread, what the config names and the state
+        directory holds: the CA bundles (checked when the config was
+        loaded), the IPv6 block's global ID, the allocations and the last
+        good list. Then start what needs them: the interface and the hosts
+        file (they change the machine), and the identity, which adds the
+        discovery service once it has one. Nothing is served before.
         """
         config = self.config
-        self._check_key_mode(config.server.client_key)
-        self._api_tls.use(load_api_trust(config.api.ca_bundle))
-        self.connector.use_trust(load_ingress_trust(config.ingress.ca_bundle))
-        self.subnet6 = self.interface.subnet6 = self._subnet6()
-        self.allocations = self._saved = allocation.load(
-            config.server.state_dir, config.net.subnet, subnet6=self.subnet6
-        )
-        self._kept = lastgood.load(config.server.state_dir)
 
-    def _subnet6(self) -> IPNetwork | None:
-        """
-        C{net.subnet6}; for C{auto}, the block of the global ID kept in the
-        state directory, or of a new one (saved with the allocations).
-        """
-        subnet6 = self.config.net.subnet6
-        if subnet6 == SUBNET6_OFF:
-            return None
-        if subnet6 != SUBNET6_AUTO:
-            assert not isinstance(subnet6, str)
-            return subnet6
-        global_id = ula.load(self.config.server.state_dir)
-        if global_id is None:
-            global_id = self._unsaved_global_id = ula.new_global_id()
-        return ula.derive(global_id)
+        def read() -> _Files:
+            self._check_key_mode(config.server.client_key)
+            subnet6, new_global_id = _subnet6(config)
+            return _Files(
+                load_api_trust(config.api.ca_bundle),
+                load_ingress_trust(config.ingress.ca_bundle),
+                subnet6,
+                new_global_id,
+                allocation.load(
+                    config.server.state_dir, config.net.subnet, subnet6=subnet6
+                ),
+                lastgood.load(config.server.state_dir),
+            )
+
+        self.file_thread.run(read).addCallback(self._use_files).addErrback(
+            self._files_failed
+        )
+
+    def _use_files(self, files: _Files) -> None:
+        if self._stopping or not self.running:
+            return
+        self._api_tls.use(files.api_trust)
+        self.connector.use_trust(files.ingress_trust)
+        self.subnet6 = self.interface.subnet6 = files.subnet6
+        self._unsaved_global_id = files.new_global_id
+        self.allocations = self._saved = files.allocations
+        self._kept = files.kept
+        if self.interface.parent is None:
+            self.interface.setServiceParent(self)
+            self.hosts.setServiceParent(self)
+        if self.identity_service.parent is None:
+            # Added last, so that an identity found at once can add the
+            # discovery service without racing the start of the others.
+            self.identity_service.setServiceParent(self)
+
+    def _files_failed(self, failure: Failure) -> None:
+        if self._stopping or not self.running:
+            return
+        if not failure.check(PEMError, OSError):
+            self.log.failure("reading the CA and state files failed", failure)
+        self.problems.failed(
+            _READING,
+            failure.getErrorMessage(),
+            "nothing is served until ngrokd is restarted with files it can read",
+        )
 
     def _check_key_mode(self, path: str) -> None:
         try:
@@ -374,6 +424,8 @@ class Daemon(MultiService):
             await super().stopService()
             await self.api.close()
         finally:
+            # The files are written before another daemon may have them.
+            await self.file_thread.stop()
             self.state_lock.release()
 
     def _left_behind(self) -> str:
@@ -865,6 +917,25 @@ class Daemon(MultiService):
         if self._unsaved_global_id == global_id:
             self._unsaved_global_id = None
         self.problems.cleared(_SAVING)
+
+
+def _subnet6(config: Config) -> tuple[IPNetwork | None, int | None]:
+    """
+    C{net.subnet6}; for C{auto}, the block of the global ID kept in the
+    state directory, or of a new one, returned beside it (it is saved with
+    the allocations). This reads a file: call it off the reactor thread.
+    """
+    subnet6 = config.net.subnet6
+    if subnet6 == SUBNET6_OFF:
+        return None, None
+    if subnet6 != SUBNET6_AUTO:
+        assert not isinstance(subnet6, str)
+        return subnet6, None
+    global_id = ula.load(config.server.state_dir)
+    if global_id is None:
+        new = ula.new_global_id()
+        return ula.derive(new), new
+    return ula.derive(global_id), None
 
 
 def _save_state(

@@ -34,8 +34,10 @@ from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ngrokd.host.allocation import IPAddress
@@ -525,7 +527,7 @@ class HostsService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorThreads,
         path: str,
         threadpool: ThreadPool | None = None,
         instance: str = "",
@@ -534,7 +536,9 @@ class HostsService(Service):
         self.file = HostsFile(path, instance=instance)
         self._reactor = reactor
         self._threadpool = threadpool
-        self._problems = problems if problems is not None else Problems(reactor)
+        self._problems = (
+            problems if problems is not None else Problems(IReactorTime(reactor))
+        )
         self._what = f"writing the names to {path}"
         self._lock = DeferredLock()
         self.error = ""
@@ -591,7 +595,7 @@ class HostsService(Service):
                 )
             return changed
 
-        def failed(failure: Any) -> bool:
+        def failed(failure: Failure) -> bool:
             failure.trap(HostsFileError)
             self.error = str(failure.value)
             if not self.running and not wanted:
@@ -633,7 +637,7 @@ class HostsService(Service):
             self._pinned, self._read_error = names, ""
             return names
 
-        def failed(failure: Any) -> frozenset[str]:
+        def failed(failure: Failure) -> frozenset[str]:
             failure.trap(HostsFileError)
             reason = str(failure.value)
             if reason != self._read_error:

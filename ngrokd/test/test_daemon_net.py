@@ -41,6 +41,7 @@ from ngrokd.ngrok.identity_service import REGISTERED, WAITING_FOR_KEY
 from ngrokd.plan import client_address, plan, uses_virtual
 from ngrokd.status import FAILED, LISTENING
 from ngrokd.test.test_hosts import ThreadReactor
+from ngrokd.test.test_netif import SynchronousThreadPool
 
 A = ip_address("10.107.0.2")
 B = ip_address("10.107.0.3")
@@ -123,6 +124,13 @@ class NetworkReactor(ThreadReactor):
         return Port(self.recorder, interface, port)
 
 
+def _at_once(name: str) -> SynchronousThreadPool:
+    """
+    The daemon's file thread, as this one: nothing here runs a reactor.
+    """
+    return SynchronousThreadPool(0, 1, name)
+
+
 def _endpoints(*urls: str) -> list[ApiEndpoint]:
     return [ApiEndpoint(f"ep_{url}", url, "") for url in urls]
 
@@ -164,7 +172,7 @@ class ReconcileFixture(SynchronousTestCase):
             self.recorder, ip_network(subnet6) if subnet6 else None
         )
         self.interface.failure = interface_failure
-        daemon = Daemon(config, self.reactor, self.interface)
+        daemon = Daemon(config, self.reactor, self.interface, threadpool=_at_once)
         real_write = daemon.hosts.file.write
 
         def write(mapping: Any) -> bool:
@@ -282,7 +290,12 @@ class ReconcileTests(ReconcileFixture):
         self.successResultOf(daemon.stopService())
         for name in (IP_MAPPINGS, NETWORK_PORTS):
             self.assertTrue(os.path.exists(os.path.join(self.state_dir, name)))
-        again = Daemon(daemon.config, self.reactor, RecordingInterface(self.recorder))
+        again = Daemon(
+            daemon.config,
+            self.reactor,
+            RecordingInterface(self.recorder),
+            threadpool=_at_once,
+        )
         again.startService()
         self.addCleanup(again.stopService)
         self.successResultOf(

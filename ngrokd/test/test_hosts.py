@@ -12,14 +12,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from ngrokd.host.hosts import (
     BEGIN,
@@ -493,20 +497,32 @@ class LockHeldByReaderTests(SynchronousTestCase):
         self.assertIn("more than 0.5s", error)
 
 
+@implementer(IReactorThreads)
 class ThreadReactor(MemoryReactorClock):
     """
-    A memory reactor whose thread pool runs work at once.
+    A memory reactor whose threads are this one: its thread pool, and
+    what a thread hands over, run work at once.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.pool = SynchronousThreadPool()
 
-    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
+    def callFromThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        callable(*args, **kwargs)
 
-    def getThreadPool(self) -> Any:
+    def callInThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        callable(*args, **kwargs)
+
+    def getThreadPool(self) -> ThreadPool:
         return self.pool
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        pass
 
 
 class HoldingThreadPool(SynchronousThreadPool):

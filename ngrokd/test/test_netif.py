@@ -14,6 +14,7 @@ from functools import partial
 from ipaddress import ip_address, ip_network
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
@@ -280,7 +281,7 @@ class DarwinInterfaceTests(NetworkInterfaceTestsMixin, SynchronousTestCase):
         self.ifconfig = FakeIfconfig()
 
     def make_interface(self, subnet):
-        return DarwinInterface(None, subnet, run=self.ifconfig)
+        return DarwinInterface(reactor, subnet, run=self.ifconfig)
 
     def observed(self, interface):
         return self.ifconfig.aliases
@@ -372,14 +373,15 @@ class FactoryTests(SynchronousTestCase):
         from ngrokd.host.netif.linux import LinuxInterface
 
         pool = ThreadPool(1, 1)
-        made = network_interface(None, pool, "ngrokd0", SUBNET4, platform="linux")
+        threads = IReactorFromThreads(reactor)
+        made = network_interface(threads, pool, "ngrokd0", SUBNET4, platform="linux")
         self.assertIsInstance(made, LinuxInterface)
-        made = network_interface(None, pool, "ngrokd0", LOOPBACK, platform="darwin")
+        made = network_interface(threads, pool, "ngrokd0", LOOPBACK, platform="darwin")
         self.assertIsInstance(made, DarwinInterface)
         self.assertRaises(
             PlatformNotSupported,
             network_interface,
-            None,
+            threads,
             pool,
             "ngrokd0",
             SUBNET4,

@@ -811,7 +811,11 @@ class IdentityTests(ReconcileEndToEnd):
 
         async def run() -> None:
             daemon = await self.start_daemon(self.config(key=""), expected=0)
-            self.assertEqual(daemon.identity_service.state, WAITING_FOR_KEY)
+            # Once the identity files are read, in their thread.
+            await wait_until(
+                lambda: daemon.identity_service.state == WAITING_FOR_KEY,
+                "waiting for an API key",
+            )
             self.assertEqual(self.cloud.operators(), [])
             with self.assertRaises(APIError) as refused:
                 await daemon.set_api_key("not-the-key")

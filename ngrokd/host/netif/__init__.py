@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Set
 from ipaddress import IPv4Network
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
@@ -159,7 +159,7 @@ def check_addresses(
 
 
 def network_interface(
-    reactor: Any,
+    reactor: IReactorFromThreads,
     threadpool: ThreadPool,
     interface_name: str,
     subnet: IPNetwork,
@@ -184,7 +184,7 @@ def network_interface(
     if platform == "darwin":
         from ngrokd.host.netif.darwin import DarwinInterface
 
-        return DarwinInterface(reactor, subnet)
+        return DarwinInterface(IReactorProcess(reactor), subnet)
     raise PlatformNotSupported(
         f"virtual mode is not supported on {platform}; set "
         f"net.listen_interface to 0.0.0.0 or an address"

@@ -25,11 +25,12 @@ says why once (and for status) until IPv6 works, and no endpoint fails for it.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Set
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping, Set
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -43,6 +44,8 @@ from ngrokd.host.netif import (
     network_interface,
 )
 from ngrokd.plan import uses_virtual
+
+_T = TypeVar("_T")
 
 #: What still works when virtual mode does not, for the log.
 NETWORK_MODE_WORKS = (
@@ -74,7 +77,7 @@ class InterfaceService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         net: NetConfig,
         interface: INetworkInterface | None = None,
         platform: str = sys.platform,
@@ -140,7 +143,7 @@ class InterfaceService(Service):
         """
         return self._serially(lambda: self._ensure(frozenset(addresses)))
 
-    def _serially(self, work: Callable[[], Any]) -> Deferred[Any]:
+    def _serially(self, work: Callable[[], Coroutine[Any, Any, _T]]) -> Deferred[_T]:
         return self._lock.run(lambda: Deferred.fromCoroutine(work()))
 
     def _make(self) -> INetworkInterface:
