@@ -438,8 +438,16 @@ def source_file(*parts: str) -> str:
     is skipped where there is none.
     """
     here = os.path.dirname(os.path.dirname(os.path.abspath(ngrokd.__file__)))
-    # Installed from a wheel, trial runs in the source tree's _trial_temp.
-    for top in (here, os.path.dirname(os.getcwd())):
+    # Installed from a wheel, tox names the source tree; trial runs in its
+    # _trial_temp (_trial_temp/N with several workers).
+    cwd = os.getcwd()
+    tops = [
+        os.environ.get("NGROKD_SOURCE_TREE", ""),
+        here,
+        os.path.dirname(cwd),
+        os.path.dirname(os.path.dirname(cwd)),
+    ]
+    for top in filter(None, tops):
         candidate = os.path.join(top, *parts)
         if os.path.exists(candidate):
             return candidate
