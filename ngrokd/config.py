@@ -48,6 +48,7 @@ _MAX_COUNT = 1_000_000
 #: Warm connections to the ingress: each is a socket and a TLS session.
 _MAX_POOL = 1000
 _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
+_LOG_FORMATS = ("text", "json")
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
 _MERGE = "tag:yaml.org,2002:merge"
@@ -195,6 +196,8 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     #: Reset a connection on which nothing moved for this long (None: never).
     idle_timeout: float | None = None
+    #: How the log is written: C{text} or C{json} lines.
+    log_format: str = "text"
 
 
 @frozen
@@ -445,6 +448,13 @@ def _log_level(node: yaml.Node, key: str, ctx: _Context) -> str:
     return "warn" if value.lower() == "warning" else value.lower()
 
 
+def _log_format(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = ctx.value(node, key)
+    if value not in _LOG_FORMATS:
+        ctx.fail(node, key, f"must be text or json; got {_shown(node)}")
+    return str(value)
+
+
 #: Twisted server endpoint types a socket_path may name instead of a path.
 _ENDPOINT_TYPES = ("unix:", "systemd:", "tcp:", "tcp6:")
 
@@ -687,6 +697,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.pool_idle_timeout": (_seconds, 30.0),
     "ingress.pool_max_age": (_seconds, 20.0),
     "server.log_level": (_log_level, "info"),
+    "server.log_format": (_log_format, "text"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),
     "server.socket_group": (_string, ""),

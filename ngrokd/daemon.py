@@ -492,7 +492,7 @@ class Daemon(MultiService):
             )
             return ReloadResult(error=str(e))
         for warning in loaded.warnings:
-            self.log.warn("{problem}", problem=warning)
+            self.log.warn("configuration: {problem}", problem=warning)
         found = changes(self.config, loaded.config)
         self.config_error = ""
         self.restart_pending = tuple(sorted(found.restart))
