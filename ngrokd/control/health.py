@@ -134,6 +134,7 @@ def status_document(
             "unplanned": status.listeners_unplanned,
         },
         "names_error": status.names_error,
+        "ipv6": {"subnet": status.ipv6_subnet, "error": status.ipv6_error},
         "problems": [
             {
                 "what": problem.what,
