@@ -54,6 +54,7 @@ _MAX_COUNT = 1_000_000
 #: Warm connections to the ingress: each is a socket and a TLS session.
 _MAX_POOL = 1000
 _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
+_LOG_FORMATS = ("text", "json")
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
 _MERGE = "tag:yaml.org,2002:merge"
@@ -207,6 +208,8 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     #: Reset a connection on which nothing moved for this long (None: never).
     idle_timeout: float | None = None
+    #: How the log is written: C{text} or C{json} lines.
+    log_format: str = "text"
 
 
 @frozen
@@ -458,6 +461,13 @@ def _log_level(node: yaml.Node, key: str, ctx: _Context) -> str:
         levels = ", ".join(sorted(_LOG_LEVELS))
         ctx.fail(node, key, f"must be one of {levels}; got {_shown(node)}")
     return "warn" if value.lower() == "warning" else value.lower()
+
+
+def _log_format(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = ctx.value(node, key)
+    if value not in _LOG_FORMATS:
+        ctx.fail(node, key, f"must be text or json; got {_shown(node)}")
+    return str(value)
 
 
 #: Twisted server endpoint types a socket_path may name instead of a path.
@@ -757,6 +767,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.pool_linger": (_seconds, 300.0),
     "ingress.early_data": (_bool, True),
     "server.log_level": (_log_level, "info"),
+    "server.log_format": (_log_format, "text"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),
     "server.socket_group": (_string, ""),

@@ -38,6 +38,7 @@ from twisted.internet.defer import (
     fail,
     succeed,
 )
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -571,7 +572,7 @@ class Daemon(MultiService):
             )
             return ReloadResult(error=str(e))
         for warning in loaded.warnings:
-            self.log.warn("{problem}", problem=warning)
+            self.log.warn("configuration: {problem}", problem=warning)
         found = changes(self.config, loaded.config)
         self.config_error = ""
         self.restart_pending = tuple(sorted(found.restart))
@@ -953,8 +954,18 @@ class StopOnSignal(Service):
     """
     SIGTERM and SIGINT: the first stops the reactor, and so the daemon, with
     its grace for open connections; the next one ends that grace at once.
-    Installed once the reactor runs, over the reactor's own handlers (whose
-    second signal would only log a traceback).
+
+    The handlers only hand the signal to the reactor thread: nothing is
+    logged and no lock is taken inside a handler, which runs in the middle
+    of whatever the main thread was doing, a log line's write included. (The
+    reactor's own handlers log there, and a second signal during that write
+    can deadlock on the log file's lock.) They are installed as the service
+    tree is prepared, before the reactor runs, so that a signal during the
+    start still stops the daemon cleanly, and again right after the reactor
+    puts its own SIGTERM handler in place as it starts. A signal in between
+    (a few instructions, while nothing logs) meets the reactor's handler,
+    which stops the reactor too: the stop asked for here then finds it
+    stopping already.
     """
 
     log = Logger()
@@ -970,9 +981,14 @@ class StopOnSignal(Service):
         self._install = install
         self._received = 0
 
-    def startService(self) -> None:
-        super().startService()
-        self._reactor.callWhenRunning(self._install_handlers)
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._install_handlers()
+        if not self._reactor.running:
+            # After the reactor's own trigger, which installs its handlers.
+            self._reactor.addSystemEventTrigger(
+                "during", "startup", self._install_handlers
+            )
 
     def _install_handlers(self) -> None:
         for number in (signal.SIGTERM, signal.SIGINT):
@@ -992,17 +1008,22 @@ class StopOnSignal(Service):
                 "send {signal} again to reset open connections at once",
                 signal=name,
             )
-            # The reactor's own handler stops it and keeps the signal, so
-            # that twistd ends by it, as systemd expects.
-            if number == signal.SIGINT:
-                self._reactor.sigInt(number)
-            else:
-                self._reactor.sigTerm(number)
+            # twistd ends by the signal the reactor keeps here (where its own
+            # handlers keep theirs), as systemd expects.
+            if self._reactor._exitSignal is None:
+                self._reactor._exitSignal = number
+            self._reactor.callFromThread(self._stop_reactor)
         else:
             self.log.info(
                 "received {signal} again: resetting open connections", signal=name
             )
             self._daemon.stop_now()
+
+    def _stop_reactor(self) -> None:
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # stopping already: the reactor's own handler took a signal
 
 
 def _pool_settings(config: Config) -> PoolSettings:

@@ -40,7 +40,7 @@ from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ngrokd.blocking import InThread
@@ -85,24 +85,6 @@ class IdentityAPI(OperatorAPI, Protocol):
     """
 
     def get_operator(self, operator_id: str) -> Deferred[Operator]: ...
-
-
-class OperatorDeleted(Exception):
-    """
-    ngrok has no operator with our id (deleted in the dashboard, or the API
-    key belongs to another account); C{remedy} says what to do.
-    """
-
-    def __init__(self, operator_id: str, remedy: str) -> None:
-        super().__init__(operator_id, remedy)
-        self.operator_id = operator_id
-        self.remedy = remedy
-
-    def __str__(self) -> str:
-        return (
-            f"operator {self.operator_id} no longer exists in the ngrok account"
-            f" of the API key (was it deleted in the dashboard?): {self.remedy}"
-        )
 
 
 class KeyRejected(Exception):
@@ -369,18 +351,19 @@ class IdentityService(Service):
         )
         delay = backoff_delay(self._failures, FIRST_RETRY, MAX_BACKOFF, self._jitter)
         if failure.check(IdentityUnreadable):
-            doing = "cannot use the stored identity"
+            problem = "cannot use the stored identity: {reason}"
         elif self.identity is None:
-            doing = "cannot register with ngrok"
+            problem = "cannot register with ngrok: {reason}"
         else:
-            doing = "cannot update the identity with ngrok"
+            problem = "cannot update the identity with ngrok: {reason}"
         expected = failure.check(*EXPECTED_FAILURES, IdentityError, OSError)
         self._report(
             NOT_REGISTERED if self.identity is None else self._registered_state(),
-            f"{doing}: {failure.getErrorMessage()}",
             failure_kind(failure.value),
+            problem,
             retry_in=delay,
             unexpected=None if expected else failure,
+            reason=failure.getErrorMessage(),
         )
         self._schedule(delay)
 
@@ -505,15 +488,18 @@ class IdentityService(Service):
             self._set_state(REGISTERING)
             await self._make_identity(self._api, None)
             return self._until_next_check()
-        error = OperatorDeleted(
-            operator_id,
-            f"its endpoints can no longer be discovered (those found before are"
-            f" still served, as they were). To register this machine again, set"
-            f" api.reregister_if_deleted: true in"
-            f" {self._config_path}, or delete {self._store.operator_id_path} and"
-            " restart ngrokd",
+        self._report(
+            OPERATOR_DELETED,
+            "deleted",
+            "operator {id} no longer exists in the ngrok account of the API key"
+            " (was it deleted in the dashboard?): its endpoints can no longer be"
+            " discovered (those found before are still served, as they were)."
+            " To register this machine again, set api.reregister_if_deleted:"
+            " true in {config}, or delete {operator_id_path} and restart ngrokd",
+            id=operator_id,
+            config=self._config_path,
+            operator_id_path=self._store.operator_id_path,
         )
-        self._report(OPERATOR_DELETED, str(error), "deleted")
         return None
 
     # State
@@ -552,10 +538,11 @@ class IdentityService(Service):
             assert self.identity is not None
             self._report(
                 self._registered_state(),
-                f"the certificate {self._store.cert_path} (valid until"
-                f" {self.identity.not_after.isoformat()}) is due for renewal,"
-                " which needs an API key",
                 "renewal without key",
+                "the certificate {cert} (valid until {not_after}) is due for"
+                " renewal, which needs an API key",
+                cert=self._store.cert_path,
+                not_after=self.identity.not_after.isoformat(),
             )
         else:
             self._settle()
@@ -587,27 +574,36 @@ class IdentityService(Service):
         if self._expired():
             self._report(
                 EXPIRED,
-                f"the certificate {self._store.cert_path} expired at"
-                f" {identity.not_after.isoformat()}: the binding ingress refuses"
-                " it until it is renewed",
                 "expired",
+                "the certificate {cert} expired at {not_after}: the binding"
+                " ingress refuses it until it is renewed",
+                cert=self._store.cert_path,
+                not_after=identity.not_after.isoformat(),
             )
         else:
             self._set_state(REGISTERED)
 
     def _wait_for_key(self, loaded: RepairNeeded | None) -> None:
-        needs = (
-            f" (the stored identity needs repair: {loaded.reason})"
-            if isinstance(loaded, RepairNeeded)
-            else ""
+        remedy = (
+            ": set api.key in {config}, NGROK_API_KEY in the environment, or run"
+            " ngrokctl set-api-key"
         )
-        self._report(
-            WAITING_FOR_KEY,
-            f"not registered, waiting for an API key{needs}: set api.key in"
-            f" {self._config_path}, NGROK_API_KEY in the environment, or run"
-            " ngrokctl set-api-key",
-            "no key",
-        )
+        if isinstance(loaded, RepairNeeded):
+            self._report(
+                WAITING_FOR_KEY,
+                "no key",
+                "not registered, waiting for an API key (the stored identity"
+                " needs repair: {repair})" + remedy,
+                config=self._config_path,
+                repair=loaded.reason,
+            )
+        else:
+            self._report(
+                WAITING_FOR_KEY,
+                "no key",
+                "not registered, waiting for an API key" + remedy,
+                config=self._config_path,
+            )
 
     def _check_ingress(self, reported: str | None) -> None:
         if not reported or reported == self._reported_ingress:
@@ -638,32 +634,30 @@ class IdentityService(Service):
     def _report(
         self,
         state: str,
-        error: str,
         kind: str,
+        problem: str,
         retry_in: float | None = None,
         unexpected: Failure | None = None,
+        **fields: object,
     ) -> None:
         """
-        Enter C{state} with the problem C{error}, and log it unless it is the
-        same C{kind} of problem in the same state as last time; an
-        C{unexpected} failure (a fault of ngrokd) with its traceback.
+        Enter C{state} with C{problem}, a log format of C{fields} (its text
+        is L{error}), and log it unless it is the same C{kind} of problem in
+        the same state as last time; an C{unexpected} failure (a fault of
+        ngrokd) with its traceback.
         """
-        self.state, self.error = state, error
+        self.state, self.error = state, problem.format(**fields)
         if (state, kind) == self._logged:
             return
         self._logged = (state, kind)
+        retrying = problem + "; retrying in {delay:.1f}s"
         if unexpected is not None:
             self.log.failure(
-                "{error}; retrying in {delay:.1f}s",
-                unexpected,
-                error=error,
-                delay=retry_in,
+                retrying, unexpected, LogLevel.critical, delay=retry_in, **fields
             )
         elif state == WAITING_FOR_KEY:
-            self.log.warn("{error}", error=error)
+            self.log.warn(problem, **fields)
         elif retry_in is None:
-            self.log.error("{error}", error=error)
+            self.log.error(problem, **fields)
         else:
-            self.log.error(
-                "{error}; retrying in {delay:.1f}s", error=error, delay=retry_in
-            )
+            self.log.error(retrying, delay=retry_in, **fields)

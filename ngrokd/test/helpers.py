@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from textwrap import dedent
 from typing import Any
@@ -478,6 +480,27 @@ def offline_config(base: str, socket_path: str) -> str:
             )
         )
     return path
+
+
+def offline_twistd(
+    test: Any, log_name: str = "ngrokd.log", environ: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """
+    Run C{twistd -n ngrokd} on an L{offline_config} of its own (its control
+    socket in a short temporary directory), with no API key in its
+    environment but C{environ}'s variables: the process, the path of its
+    log (C{log_name} in its directory) and of its control socket.
+    """
+    base = os.path.abspath(test.mktemp())
+    os.makedirs(base)
+    socket_dir = tempfile.mkdtemp(prefix="ngrokd-")
+    test.addCleanup(shutil.rmtree, socket_dir, True)
+    socket_path = os.path.join(socket_dir, "ngrokd.sock")
+    config = offline_config(base, socket_path)
+    log = os.path.join(base, log_name)
+    env = {k: v for k, v in os.environ.items() if k != "NGROK_API_KEY"}
+    env.update(environ or {})
+    return spawn_twistd(test, config, log, env=env, cwd=base), log, socket_path
 
 
 def spawn_twistd(

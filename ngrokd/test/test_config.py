@@ -801,6 +801,20 @@ class ValidationTests(ConfigTestCase):
                 f"warn, warning; got {shown}",
             )
 
+    def test_logFormat(self) -> None:
+        """
+        C{server.log_format} is C{text} (the default) or C{json}; anything
+        else is refused.
+        """
+        self.assertEqual(parse("").config.server.log_format, "text")
+        config = parse("server:\n  log_format: json\n").config
+        self.assertEqual(config.server.log_format, "json")
+        for value, shown in [("JSON", "'JSON'"), ("1", "1")]:
+            self.assertRefused(
+                f"server:\n  log_format: {value}\n",
+                f"2: server.log_format: must be text or json; got {shown}",
+            )
+
     def test_badApiURL(self) -> None:
         """
         The API URL must be http(s)://host.
@@ -1589,6 +1603,7 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "server.log_level": st.sampled_from(
         [("debug", "debug"), ("INFO", "info"), ("warning", "warn"), ("error", "error")]
     ),
+    "server.log_format": _same(st.sampled_from(["text", "json"])),
     "server.socket_path": _same(_paths),
     "server.state_dir": _same(_paths),
     "server.client_cert": _same(_paths),

@@ -544,3 +544,30 @@ class EndpointDescriptionSeamTests(SynchronousTestCase):
                 " to apply its mode to unix: and loopback to tcp:",
             ),
         )
+
+
+class ExitSignalSeamTests(SynchronousTestCase):
+    """
+    The reactor's C{_exitSignal}, which L{ngrokd.daemon.StopOnSignal} sets
+    and twistd reads to end by the signal the daemon stopped for.
+    """
+
+    def test_twistdReadsIt(self) -> None:
+        """
+        Reactors have C{_exitSignal}, and twistd's runner reads it once the
+        reactor has stopped.
+        """
+        from twisted.application.app import ApplicationRunner
+        from twisted.internet.base import ReactorBase
+
+        needed = changed(
+            "the reactor's _exitSignal",
+            "ngrokd.daemon.StopOnSignal sets it so that twistd ends by the"
+            " signal the daemon stopped for, as systemd expects",
+        )
+        self.assertTrue(hasattr(ReactorBase, "_exitSignal"), needed)
+        self.assertIn(
+            "reactor._exitSignal",
+            inspect.getsource(ApplicationRunner.startReactor),
+            needed,
+        )
