@@ -58,6 +58,7 @@ from ngrokd.control.server import (
 )
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
+from ngrokd.ngrok.identity_service import WAITING_FOR_KEY
 from ngrokd.status import EndpointStatus
 from ngrokd.tap import build_daemon
 from ngrokd.test.helpers import (
@@ -69,6 +70,7 @@ from ngrokd.test.helpers import (
     unsent,
     unused_port,
     wait_listening,
+    wait_until,
 )
 
 
@@ -150,6 +152,15 @@ class DaemonFixture:
         case.addCleanup(daemon.stopService)
         await control_of(daemon).whenListening()
         await wait_listening(daemon, expected)
+        # Its files are read in a thread: the first poll applied, or the
+        # wait for a key known.
+        await wait_until(
+            lambda: (
+                daemon.daemon_status().polled
+                or daemon.identity_service.state == WAITING_FOR_KEY
+            ),
+            "the first poll applied, or the wait for an API key",
+        )
         return daemon
 
 
