@@ -70,6 +70,13 @@ class EndpointTarget:
     def is_http(self) -> bool:
         return self.scheme in HTTP_SCHEMES
 
+    @property
+    def is_wildcard(self) -> bool:
+        """
+        Whether every name under a suffix reaches it (C{*.apps.prod}).
+        """
+        return is_wildcard(self.host)
+
 
 @frozen
 class BoundEndpoint:
@@ -93,6 +100,13 @@ def is_dns_name(host: str) -> bool:
         and host.isascii()
         and all(_LABEL.fullmatch(label) for label in host.split("."))
     )
+
+
+def is_wildcard(host: str) -> bool:
+    """
+    Whether C{host} is a wildcard name: C{*.} and a DNS name.
+    """
+    return host.startswith("*.")
 
 
 def _quoted(text: str) -> str:

@@ -32,6 +32,9 @@ from ngrokd.names import NO_FACTS, NameRules, refusal
 
 VIRTUAL = "virtual"
 
+#: A name's addresses: IPv4, then IPv6.
+NameAddresses = tuple[tuple[IPv4Address, ...], tuple[IPv6Address, ...]]
+
 
 @frozen
 class ListenSpec:
@@ -111,6 +114,25 @@ class Plan:
             spec.target.host: spec.address
             for spec in self.specs.values()
             if spec.virtual
+        }
+
+    def name_addresses(self) -> dict[str, NameAddresses]:
+        """
+        The addresses of each hostname with a virtual-mode listener, IPv4
+        and IPv6: what the names (hosts file, DNS) should say.
+        """
+        names: dict[str, tuple[set[IPv4Address], set[IPv6Address]]] = {}
+        for spec in self.specs.values():
+            if spec.virtual:
+                ip = ip_address(spec.address)
+                v4, v6 = names.setdefault(spec.target.host, (set(), set()))
+                if isinstance(ip, IPv4Address):
+                    v4.add(ip)
+                else:
+                    v6.add(ip)
+        return {
+            name: (tuple(sorted(v4)), tuple(sorted(v6)))
+            for name, (v4, v6) in names.items()
         }
 
     def without_addresses(self, missing: Mapping[str, str]) -> Plan:

@@ -152,6 +152,15 @@ class DaemonStatus:
     #: What keeps failing (a state file that cannot be saved, the hosts
     #: file), until it works again.
     problems: tuple[Problem, ...] = ()
+    #: How endpoint names reach programs (C{systemd-resolved; DNS server
+    #: on 10.107.0.1:53}, C{the hosts file}).
+    names_via: str = ""
+    #: Why the hosts file serves the names instead of the DNS server
+    #: (C{""}: it does not, or DNS was not asked for).
+    names_fallback: str = ""
+    #: C{dns.mode} names a way (not C{auto}): a fallback is not what was
+    #: configured, and the daemon is not ready.
+    names_strict: bool = False
 
     @property
     def registered(self) -> bool:
@@ -188,7 +197,8 @@ class DaemonStatus:
         """
         The first step towards ready that is not done (C{""}: none): a valid
         identity, one poll applied, every wanted listener up, the names
-        written. This is readiness for C{/readyz}, C{ngrokctl health},
+        written and resolving as C{dns.mode} says. This is readiness for
+        C{/readyz}, C{ngrokctl health},
         C{ngrokd_ready} and systemd alike.
         """
         why = f": {self.identity_error}" if self.identity_error else ""
@@ -203,6 +213,11 @@ class DaemonStatus:
             return f"{self.listeners_up} of {self.listeners_wanted} listeners are up"
         if self.names_error:
             return f"endpoint names do not resolve: {self.names_error}"
+        if self.names_fallback and self.names_strict:
+            return (
+                "endpoint names do not resolve as configured (the hosts file"
+                f" serves them meanwhile): {self.names_fallback}"
+            )
         return ""
 
 
@@ -213,6 +228,7 @@ def endpoint_status(
     listeners: Mapping[str, ListenerState],
     certificate_problem: str = "",
     stale: bool = False,
+    unnamed: Mapping[str, str] | None = None,
 ) -> tuple[EndpointStatus, ...]:
     """
     A row per endpoint, ordered by URL then id.
@@ -227,13 +243,16 @@ def endpoint_status(
         connections all fail for it.
     @param stale: C{endpoints} is the list an earlier run kept, not (yet)
         confirmed by the API: every row says so.
+    @param unnamed: why a hostname cannot be reached by name (a wildcard
+        without DNS), by hostname: the reason of its listening endpoints
+        that have no other.
     """
     rows = [
         EndpointStatus(id=id, url="", listen_address="", state=FAILED, reason=reason)
         for id, reason in skipped.items()
     ]
     for endpoint in endpoints.values():
-        rows.append(_row(endpoint, plan, listeners, certificate_problem))
+        rows.append(_row(endpoint, plan, listeners, certificate_problem, unnamed or {}))
     if stale:
         rows = [attrs.evolve(row, stale=True) for row in rows]
     return tuple(sorted(rows, key=lambda row: (row.url, row.id)))
@@ -244,6 +263,7 @@ def _row(
     plan: Plan,
     listeners: Mapping[str, ListenerState],
     certificate_problem: str,
+    unnamed: Mapping[str, str],
 ) -> EndpointStatus:
     key = endpoint.target.url
     failure = plan.failures.get(key)
@@ -265,6 +285,8 @@ def _row(
             reason = certificate_problem
         elif stats.last_error:
             reason = f"last connection failed: {stats.last_error}"
+        else:
+            reason = unnamed.get(endpoint.target.host, "")
     elif listener.error:
         state, reason = FAILED, listener.error
     else:

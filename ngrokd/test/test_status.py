@@ -304,3 +304,19 @@ class DaemonStatusTests(SynchronousTestCase):
         ]:
             self.assertEqual((status.ready, status.not_ready_because), (False, reason))
         self.assertTrue(ready_status(certificate_expires=160.5).ready)
+
+    def test_namesAsConfigured(self) -> None:
+        """
+        Names in the hosts file because DNS did not work make the daemon
+        unready when dns.mode asked for a way by name, not when it was
+        auto (the hosts file is auto's last choice).
+        """
+        strict = ready_status(
+            names_fallback="systemd-resolved stopped", names_strict=True
+        )
+        self.assertEqual(
+            strict.not_ready_because,
+            "endpoint names do not resolve as configured (the hosts file serves"
+            " them meanwhile): systemd-resolved stopped",
+        )
+        self.assertTrue(ready_status(names_fallback="systemd-resolved stopped").ready)

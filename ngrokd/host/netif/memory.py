@@ -35,6 +35,8 @@ class MemoryInterface:
         self.created = False
         self.present: set[IPAddress] = set()
         self.failure: Exception | None = None
+        #: The link's index, as L{link_index} gives it once created.
+        self.index: int | None = None
 
     def create(self) -> Deferred[None]:
         if self.failure is not None:
@@ -70,3 +72,6 @@ class MemoryInterface:
 
     def describe(self) -> str:
         return f"memory interface {self.name}" if self.created else "not created"
+
+    def link_index(self) -> int | None:
+        return self.index if self.created else None
