@@ -13,6 +13,11 @@ The hostname comes from the API, which we do not control, and ends up in
 the hosts file and in listening sockets: only a DNS name is accepted (RFC
 1123 labels of letters, digits and hyphens, punycode for other scripts, 253
 characters in all), so that no URL can add a second name to a hosts line.
+A wildcard endpoint's hostname is C{*.} and such a name (C{*.apps.prod}):
+every name under the suffix reaches it (through the DNS server: no hosts
+line can say that), and its C{ConnRequest} carries the URL's hostname as
+written, the star included; the client's own bytes (C{Host}, SNI) tell the
+ingress which name under it was meant.
 """
 
 from __future__ import annotations
@@ -147,9 +152,11 @@ def parse_endpoint_url(url: str, proto: str = "") -> EndpointTarget:
     host = (parts.hostname or "").lower()
     if not host:
         raise EndpointURLError(f"{shown}: no hostname")
-    if "*" in host:
-        raise EndpointURLError(f"{shown}: a wildcard hostname cannot be bound locally")
-    if not parts.netloc.isascii() or not is_dns_name(host):
+    if "*" in host.removeprefix("*."):
+        raise EndpointURLError(
+            f"{shown}: a wildcard is a whole first label and nothing else (*.apps.prod)"
+        )
+    if not parts.netloc.isascii() or not is_dns_name(host.removeprefix("*.")):
         raise EndpointURLError(
             f"{shown}: the hostname is not a DNS name (labels of letters,"
             f" digits and hyphens, punycode for other scripts, at most"

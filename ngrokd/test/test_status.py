@@ -101,6 +101,26 @@ class EndpointStatusTests(SynchronousTestCase):
             ),
         )
 
+    def test_wildcardWithoutDNS(self) -> None:
+        """
+        A listening endpoint whose name cannot be reached (a wildcard, when
+        DNS does not serve the system) says why, unless it has a worse
+        reason.
+        """
+        url = "http://*.apps.prod"
+        by_url = {url + ":80": _listener("10.107.0.2", 80, url)}
+        plan = Plan({key: x.spec for key, x in by_url.items()}, {})
+        (row,) = endpoint_status(
+            {"ep_1": _endpoint("ep_1", url)},
+            {},
+            plan,
+            by_url,
+            unnamed={"*.apps.prod": "no name under apps.prod reaches it"},
+        )
+        self.assertEqual(
+            (row.state, row.reason), (LISTENING, "no name under apps.prod reaches it")
+        )
+
     def test_lastConnectionFailed(self) -> None:
         """
         A listening endpoint whose last connection failed says why.
