@@ -274,6 +274,9 @@ class NameService(Service):
         self._fallback = ""
         self._probed_at: float | None = None
         self._probe: str | None = None
+        #: The names the table was last built from, and their domains.
+        self._served: dict[str, NameAddresses] | None = None
+        self._domains: tuple[str, ...] = ()
         self._stale = False
 
     # What the daemon asks
@@ -389,18 +392,23 @@ class NameService(Service):
                 await self._start_server(listen)
             assert self._server is not None
             server = ip_address(listen[0])
-            try:
-                domains = link_domains(names) if self._mode in _VIA_DNS else ()
-            except ValueError as e:
-                raise _Fallback(str(e)) from e
-            name = self._probe = probe_name(self._token, domains)
-            self._server.set_table(names_table(names, name, server))
-            if not domains:
-                # Nothing to register, nothing to check: no name needs DNS.
+            if names != self._served:
+                # A poll that changed nothing builds nothing.
+                try:
+                    domains = link_domains(names) if self._mode in _VIA_DNS else ()
+                except ValueError as e:
+                    raise _Fallback(str(e)) from e
+                self._probe = probe_name(self._token, domains)
+                self._server.set_table(names_table(names, self._probe, server))
+                self._served, self._domains = names, domains
+            domains, name = self._domains, self._probe
+            changed = False
+            if domains or self._registered is not None:
+                # No names left: our domains go too, as their answers did.
+                changed = await self._register(domains, listen)
+            if name is None:
                 self._set(dns_serves=False, fallback="")
                 return
-            changed = await self._register(domains, listen)
-            assert name is not None
             if changed or self._due():
                 await self._check(name, server)
         except _Fallback as e:

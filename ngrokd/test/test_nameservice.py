@@ -303,6 +303,19 @@ class ResolvedServiceTests(ServiceFixture):
         self.assertEqual(self.bus.members()[calls], "SetLinkDomains")
         self.assertEqual(len(self.lookups), 2)
 
+    def test_namesGone(self) -> None:
+        """
+        When the last name goes, its domains go from our link too, and the
+        server answers none of them.
+        """
+        self.apply()
+        del self.bus.calls[:]
+        self.apply({})
+        self.assertEqual(self.bus.calls[0], ("SetLinkDomains", (7, [])))
+        server = self.service._server
+        assert server is not None
+        self.assertIsNone(server.server.table.addresses("web.prod"))
+
     def test_checkFails(self) -> None:
         """
         When the system does not ask our server, the names (but the
