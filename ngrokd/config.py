@@ -22,7 +22,7 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -37,6 +37,12 @@ from ngrokd.readfile import read_regular
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_SUBNET = ipaddress.ip_network("10.107.0.0/16")
+#: C{net.subnet6}: a unique local /64 derived from the state directory
+#: (L{ngrokd.host.ula}), or none.
+SUBNET6_AUTO = "auto"
+SUBNET6_OFF = ""
+#: The longest IPv6 prefix: a longer one holds too few names to be useful.
+_MAX_PREFIX6 = 120
 #: macOS binds endpoint addresses as loopback aliases, so they must be in 127/8.
 _DARWIN_SUBNET = ipaddress.IPv4Network("127.0.0.0/8")
 #: Longer waits are mistakes (and huge integers do not fit a float).
@@ -152,6 +158,12 @@ class IngressConfig:
     pool_idle_timeout: float = 30.0
     #: Seconds a ready connection is kept before it is replaced.
     pool_max_age: float = 20.0
+    #: Seconds after the last accepted connection during which one is kept
+    #: ready where a handshake is worth saving; none after.
+    pool_linger: float = 300.0
+    #: Send a client's first bytes right behind the request, before the
+    #: ingress answers.
+    early_data: bool = True
 
     @property
     def host(self) -> str:
@@ -227,6 +239,9 @@ class NetConfig:
     reuse_after: float = 3600.0
     #: The domains virtual-mode names must be in, lowercase (empty: any).
     allowed_domains: tuple[str, ...] = ()
+    #: Where each virtual-mode name's IPv6 address comes from: a block,
+    #: L{SUBNET6_AUTO} (derived in the state directory) or L{SUBNET6_OFF}.
+    subnet6: ipaddress.IPv6Network | str = SUBNET6_AUTO
 
 
 #: How names may reach the system's resolver (C{dns.mode}).
@@ -515,19 +530,16 @@ def _mode(node: yaml.Node, key: str, ctx: _Context) -> str:
         ctx.fail(
             node,
             key,
-            f"must be virtual, 0.0.0.0 or an IP address, got {_shown(node)}",
+            f"must be virtual, 0.0.0.0, :: or an IP address, got {_shown(node)}",
         )
     return value
 
 
 def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
     value = _string(node, key, ctx)
-    try:
-        if "/" not in value:
-            raise ValueError("no prefix length")
-        subnet = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        ctx.fail(node, key, f"must be a CIDR block like 10.107.0.0/16, got {value!r}")
+    subnet = _block(
+        node, key, ctx, value, ipaddress.ip_network, "a CIDR block like 10.107.0.0/16"
+    )
     if subnet.num_addresses < 4:
         ctx.fail(
             node,
@@ -535,8 +547,6 @@ def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
             f"{value} is too small: it needs a gateway (.1) and at least one "
             "endpoint address (.2); use a prefix of /30 or shorter",
         )
-    if subnet.network_address != ipaddress.ip_interface(value).ip:
-        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
     if ctx.platform == "darwin" and not (
         isinstance(subnet, ipaddress.IPv4Network) and subnet.subnet_of(_DARWIN_SUBNET)
     ):
@@ -546,6 +556,64 @@ def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
             f"macOS virtual mode needs addresses in {_DARWIN_SUBNET}; "
             f"{subnet} is outside it",
         )
+    return subnet
+
+
+_N = TypeVar("_N", bound=_IPNetwork)
+
+
+def _block(
+    node: yaml.Node,
+    key: str,
+    ctx: _Context,
+    value: str,
+    kind: Callable[..., _N],
+    expected: str,
+) -> _N:
+    """
+    C{value} read by C{kind} as a block with a prefix length; host bits
+    set are read as its network, with a warning.
+    """
+    try:
+        if "/" not in value:
+            raise ValueError("no prefix length")
+        subnet = kind(value, strict=False)
+    except ValueError:
+        ctx.fail(node, key, f"must be {expected}, got {value!r}")
+    if subnet.network_address != ipaddress.ip_interface(value).ip:
+        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
+    return subnet
+
+
+def _subnet6(node: yaml.Node, key: str, ctx: _Context) -> ipaddress.IPv6Network | str:
+    """
+    C{auto}, C{""} (no IPv6 addresses) or an IPv6 block; macOS has none.
+    """
+    value = _string(node, key, ctx).strip()
+    if value in (SUBNET6_AUTO, SUBNET6_OFF):
+        return value
+    subnet = _block(
+        node,
+        key,
+        ctx,
+        value,
+        ipaddress.IPv6Network,
+        'auto, "" (no IPv6) or an IPv6 block like fd6e:6772:6f6b::/64',
+    )
+    if subnet.prefixlen > _MAX_PREFIX6:
+        ctx.fail(
+            node,
+            key,
+            f"{value} is too small: use a prefix of /{_MAX_PREFIX6} or shorter"
+            " (/64 is usual)",
+        )
+    if ctx.platform == "darwin":
+        ctx.warn(
+            node,
+            key,
+            "macOS virtual mode is IPv4 only (aliases of lo0 in 127.0.0.0/8); ignored",
+        )
+        return SUBNET6_OFF
     return subnet
 
 
@@ -773,6 +841,8 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.pool_size": (_size, 16),
     "ingress.pool_idle_timeout": (_seconds, 30.0),
     "ingress.pool_max_age": (_seconds, 20.0),
+    "ingress.pool_linger": (_seconds, 300.0),
+    "ingress.early_data": (_bool, True),
     "server.log_level": (_log_level, "info"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),
@@ -801,6 +871,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "dns.mode": (_dns_mode, "auto"),
     "dns.listen": (_dns_listen, ""),
     "dns.upstreams": (_dns_upstreams, ()),
+    "net.subnet6": (_subnet6, None),
 }
 _SECTIONS = {key.partition(".")[0] for key in _FIELDS if "." in key}
 
@@ -975,6 +1046,7 @@ def parse_config(
             "net",
             interface_name=found.get("net.interface_name") or _interface_of(path, name),
             subnet=found.get("net.subnet", default_subnet),
+            subnet6=_effective_subnet6(ctx, found, default_subnet),
             hosts_file=environ.get("NGROKD_HOSTS_PATH") or get("net.hosts_file"),
         ),
         dns=section(DnsConfig, "dns"),
@@ -1001,6 +1073,26 @@ def _check_dns_listen(ctx: _Context, config: Config) -> None:
             f" endpoints: use {first} (kept for the DNS server) or an address"
             " outside it"
         )
+
+
+def _effective_subnet6(
+    ctx: _Context, found: Mapping[str, Any], default_subnet: _IPNetwork
+) -> ipaddress.IPv6Network | str:
+    """
+    C{net.subnet6}, or its default (L{SUBNET6_AUTO}); none on macOS (IPv4
+    only) and where C{net.subnet} gives IPv6 addresses already.
+    """
+    subnet = found.get("net.subnet", default_subnet)
+    value: ipaddress.IPv6Network | str = found.get("net.subnet6", SUBNET6_AUTO)
+    if ctx.platform == "darwin" or value == SUBNET6_OFF or subnet.version == 4:
+        return SUBNET6_OFF if ctx.platform == "darwin" else value
+    if "net.subnet6" in found:
+        raise ConfigError(
+            f"{ctx.locations['net.subnet6']}: net.subnet {subnet} gives IPv6"
+            ' addresses already; set net.subnet6 to "" or net.subnet to an'
+            " IPv4 block"
+        )
+    return SUBNET6_OFF
 
 
 def _interface_of(path: str, name: str) -> str:

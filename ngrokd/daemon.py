@@ -43,17 +43,19 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
-from ngrokd.config import Config, ConfigError, load_config
+from ngrokd.blocking import BlockingPool, one_thread
+from ngrokd.config import SUBNET6_AUTO, SUBNET6_OFF, Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
 from ngrokd.datapath.pool import PoolSettings
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
-from ngrokd.host import allocation
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host import allocation, ula
+from ngrokd.host.allocation import IPAddress, IPNetwork
 from ngrokd.host.hosts import HostsService
 from ngrokd.host.nameservice import NameService
 from ngrokd.host.netif import INetworkInterface
@@ -65,7 +67,14 @@ from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
-from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
+from ngrokd.ngrok.trust import (
+    LateTrustPolicy,
+    PartialChainTrust,
+    TrustRoot,
+    load_api_trust,
+    load_ingress_trust,
+)
+from ngrokd.pem import PEMError
 from ngrokd.plan import Plan, plan, wanted_allocations
 from ngrokd.problems import Problems
 from ngrokd.readfile import in_own_thread
@@ -130,6 +139,22 @@ READ_TIMEOUT = 30.0
 #: What fails when a state file cannot be written, for status and the log.
 _SAVING = "saving the addresses and ports"
 _KEEPING = "keeping the last good list of endpoints"
+_READING = "reading the CA and state files at start"
+
+
+@frozen
+class _Files:
+    """
+    What the daemon reads at start, in its file thread.
+    """
+
+    api_trust: TrustRoot
+    ingress_trust: PartialChainTrust
+    subnet6: IPNetwork | None
+    #: The global ID C{subnet6} was derived from, when it is new (unsaved).
+    new_global_id: int | None
+    allocations: allocation.Allocations
+    kept: tuple[str, list[ApiEndpoint]] | None
 
 
 class Daemon(MultiService):
@@ -145,12 +170,15 @@ class Daemon(MultiService):
         reactor: Any,
         network_interface: INetworkInterface | None = None,
         clock: IReactorTime | None = None,
+        threadpool: Callable[[str], ThreadPool] = one_thread,
     ) -> None:
         """
         @param network_interface: carries the virtual-mode addresses (by
             default the platform's; tests give another).
         @param clock: times the grace given to open connections when
             stopping (by default the reactor).
+        @param threadpool: makes the pool of the thread that reads and
+            writes the daemon's files while it runs (by default one thread).
         """
         super().__init__()
         self.config = config
@@ -172,8 +200,11 @@ class Daemon(MultiService):
             max_pending=ingress.max_pending_dials,
             queue_timeout=ingress.dial_queue_timeout,
             pool=_pool_settings(config),
+            early_data=ingress.early_data,
         )
         server = config.server
+        #: Reads and writes the CA and state files, off the reactor thread.
+        self.file_thread = BlockingPool(reactor, "ngrokd-files", threadpool)
         self.state_lock = StateLock(server.state_dir)
         #: Run by twistd, a locked state directory ends the process with the
         #: message alone (exit status 1), not a traceback.
@@ -182,6 +213,7 @@ class Daemon(MultiService):
             IdentityStore(server.state_dir, server.client_cert, server.client_key),
             self.api,
             reactor,
+            in_thread=self.file_thread.run,
             selectors=config.bound_endpoints.selectors,
             hostname=socket.gethostname(),
             has_key=lambda: bool(self.api_key.strip()),
@@ -215,6 +247,10 @@ class Daemon(MultiService):
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
         self.allocations = self._saved = allocation.Allocations()
+        #: The block of the names' IPv6 addresses (None: IPv6 is off), and
+        #: the global ID it was derived from while it is not saved yet.
+        self.subnet6: IPNetwork | None = None
+        self._unsaved_global_id: int | None = None
         #: The virtual-mode addresses the last reconcile kept.
         self._addresses: frozenset[IPAddress] = frozenset()
         self._latest: list[ApiEndpoint] | None = None
@@ -252,7 +288,8 @@ class Daemon(MultiService):
         """
         Take the state directory, then start. Another daemon on the same
         state raises L{StateDirectoryLocked} here, before anything of the
-        machine is touched.
+        machine is touched. What needs the CA and state files starts once
+        they are read (L{_load_files}).
         """
         try:
             self.state_lock.acquire()
@@ -268,32 +305,67 @@ class Daemon(MultiService):
             was=was,
             hard=hard,
         )
-        self._load_files()
+        self.file_thread.start()
         super().startService()
+        self._load_files()
+
+    def _load_files(self) -> None:
+        """
+        Read, in the file thread, what the config names and the state
+        directory holds: the CA bundles (checked when the config was
+        loaded), the IPv6 block's global ID, the allocations and the last
+        good list. Then start what needs them: the interface and the hosts
+        file (they change the machine), and the identity, which adds the
+        discovery service once it has one. Nothing is served before.
+        """
+        config = self.config
+
+        def read() -> _Files:
+            self._check_key_mode(config.server.client_key)
+            subnet6, new_global_id = _subnet6(config)
+            return _Files(
+                load_api_trust(config.api.ca_bundle),
+                load_ingress_trust(config.ingress.ca_bundle),
+                subnet6,
+                new_global_id,
+                allocation.load(
+                    config.server.state_dir, config.net.subnet, subnet6=subnet6
+                ),
+                lastgood.load(config.server.state_dir),
+            )
+
+        self.file_thread.run(read).addCallback(self._use_files).addErrback(
+            self._files_failed
+        )
+
+    def _use_files(self, files: _Files) -> None:
+        if self._stopping or not self.running:
+            return
+        self._api_tls.use(files.api_trust)
+        self.connector.use_trust(files.ingress_trust)
+        self.subnet6 = self.interface.subnet6 = files.subnet6
+        self._unsaved_global_id = files.new_global_id
+        self.allocations = self._saved = files.allocations
+        self._kept = files.kept
         if self.interface.parent is None:
-            # Added (and so started) only now: they change the machine.
             self.interface.setServiceParent(self)
             self.hosts.setServiceParent(self)
             self.names.setServiceParent(self)
         if self.identity_service.parent is None:
-            # Added once running, so that an identity found at once can add
-            # the discovery service without racing the start of the others.
+            # Added last, so that an identity found at once can add the
+            # discovery service without racing the start of the others.
             self.identity_service.setServiceParent(self)
 
-    def _load_files(self) -> None:
-        """
-        Read what the config names and the state directory holds: the CA
-        bundles (checked when the config was loaded) and the allocations;
-        and say so if the client key is readable by others.
-        """
-        config = self.config
-        self._check_key_mode(config.server.client_key)
-        self._api_tls.use(load_api_trust(config.api.ca_bundle))
-        self.connector.use_trust(load_ingress_trust(config.ingress.ca_bundle))
-        self.allocations = self._saved = allocation.load(
-            config.server.state_dir, config.net.subnet
+    def _files_failed(self, failure: Failure) -> None:
+        if self._stopping or not self.running:
+            return
+        if not failure.check(PEMError, OSError):
+            self.log.failure("reading the CA and state files failed", failure)
+        self.problems.failed(
+            _READING,
+            failure.getErrorMessage(),
+            "nothing is served until ngrokd is restarted with files it can read",
         )
-        self._kept = lastgood.load(config.server.state_dir)
 
     def _check_key_mode(self, path: str) -> None:
         try:
@@ -361,6 +433,8 @@ class Daemon(MultiService):
             await super().stopService()
             await self.api.close()
         finally:
+            # The files are written before another daemon may have them.
+            await self.file_thread.stop()
             self.state_lock.release()
 
     def _left_behind(self) -> str:
@@ -368,7 +442,9 @@ class Daemon(MultiService):
         The names and addresses a stop that gives up may leave.
         """
         names = ", ".join(
-            f"{name} {ip}" for name, ip in sorted(self.hosts.written.items())
+            f"{name} {ip}"
+            for name, ips in sorted(self.hosts.written.items())
+            for ip in ips
         )
         addresses = ", ".join(sorted(str(ip) for ip in self._addresses))
         return (
@@ -430,6 +506,7 @@ class Daemon(MultiService):
             self.listeners.listeners,
             certificate_problem=identity.error if identity.state == EXPIRED else "",
             stale=self.stale,
+            listeners6=self.listeners.listeners6,
             unnamed=self.names.unnamed(list(self.plan.virtual_names())),
         )
 
@@ -471,6 +548,8 @@ class Daemon(MultiService):
             names_via=names.via,
             names_fallback=names.fallback if virtual else "",
             names_strict=names.strict,
+            ipv6_subnet=str(self.subnet6 or ""),
+            ipv6_error=self.interface.ipv6_error,
         )
 
     # Reload
@@ -549,6 +628,8 @@ class Daemon(MultiService):
             )
         if any(key.startswith("ingress.pool_") for key in changed):
             self.connector.pool.configure(_pool_settings(config))
+        if "ingress.early_data" in changed:
+            self.connector.early_data = ingress.early_data
         if changed.keys() & _IDENTITY_KEYS:
             # It asks ngrok again: only when what it sends or decides changed.
             self.identity_service.reconfigure(
@@ -783,6 +864,7 @@ class Daemon(MultiService):
             net.start_port,
             now=self._reactor.seconds(),
             hold=net.reuse_after,
+            subnet6=self.subnet6,
         )
         self.allocations = result.allocations
         await self._save_allocations()
@@ -794,8 +876,11 @@ class Daemon(MultiService):
             self.allocations.network_ports,
             result.errors,
             names,
+            self.allocations.ips6,
         )
-        addresses = frozenset(self.allocations.ips.values())
+        addresses = frozenset(
+            [*self.allocations.ips.values(), *self.allocations.ips6.values()]
+        )
         server = self.names.own_address()
         if server is not None:
             addresses |= {server}
@@ -810,7 +895,7 @@ class Daemon(MultiService):
         for url, reason in self.plan.failures.items():
             if previous.failures.get(url) != reason:
                 self.log.error("cannot serve {url}: {reason}", url=url, reason=reason)
-        await self.listeners.reconcile(self.plan.specs)
+        await self.listeners.reconcile(self.plan.specs, self.plan.specs6)
         if self._stopping:
             await self.listeners.stop()
             return
@@ -835,17 +920,18 @@ class Daemon(MultiService):
         waits for fsync). When that fails they are used all the same, and
         saving is tried again at the next reconcile.
         """
-        allocations = self.allocations
-        if allocations == self._saved:
+        allocations, global_id = self.allocations, self._unsaved_global_id
+        if allocations == self._saved and global_id is None:
             self.problems.cleared(_SAVING)
             return
         try:
             await deferToThreadPool(
                 self._reactor,
                 self._reactor.getThreadPool(),
-                allocation.save,
+                _save_state,
                 self.config.server.state_dir,
                 allocations,
+                global_id,
             )
         except AtomicWriteError as e:
             self.problems.failed(
@@ -856,7 +942,39 @@ class Daemon(MultiService):
             )
             return
         self._saved = allocations
+        if self._unsaved_global_id == global_id:
+            self._unsaved_global_id = None
         self.problems.cleared(_SAVING)
+
+
+def _subnet6(config: Config) -> tuple[IPNetwork | None, int | None]:
+    """
+    C{net.subnet6}; for C{auto}, the block of the global ID kept in the
+    state directory, or of a new one, returned beside it (it is saved with
+    the allocations). This reads a file: call it off the reactor thread.
+    """
+    subnet6 = config.net.subnet6
+    if subnet6 == SUBNET6_OFF:
+        return None, None
+    if subnet6 != SUBNET6_AUTO:
+        assert not isinstance(subnet6, str)
+        return subnet6, None
+    global_id = ula.load(config.server.state_dir)
+    if global_id is None:
+        new = ula.new_global_id()
+        return ula.derive(new), new
+    return ula.derive(global_id), None
+
+
+def _save_state(
+    state_dir: str, allocations: allocation.Allocations, global_id: int | None
+) -> None:
+    """
+    Save the IPv6 global ID, if new, then the allocations built on it.
+    """
+    if global_id is not None:
+        ula.save(state_dir, global_id)
+    allocation.save(state_dir, allocations)
 
 
 class StopOnSignal(Service):
@@ -918,5 +1036,8 @@ class StopOnSignal(Service):
 def _pool_settings(config: Config) -> PoolSettings:
     ingress = config.ingress
     return PoolSettings(
-        ingress.pool_size, ingress.pool_idle_timeout, ingress.pool_max_age
+        ingress.pool_size,
+        ingress.pool_idle_timeout,
+        ingress.pool_max_age,
+        ingress.pool_linger,
     )

@@ -34,6 +34,8 @@ HOT = frozenset(
         "ingress.pool_size",
         "ingress.pool_idle_timeout",
         "ingress.pool_max_age",
+        "ingress.pool_linger",
+        "ingress.early_data",
         "server.log_level",
         "server.renew_before_days",
         "server.shutdown_grace",

@@ -96,6 +96,12 @@ class EndpointStatus:
     #: The endpoint comes from the list an earlier run kept, not yet
     #: confirmed by the API (down since the start).
     stale: bool = False
+    #: The addresses it listens on: in virtual mode its name's IPv4 and
+    #: IPv6 addresses, else the network-mode address.
+    addresses: tuple[str, ...] = ()
+    #: Why it does not listen on its name's IPv6 address though it has one
+    #: (its socket could not be bound); it is served over IPv4.
+    ipv6_error: str = ""
 
 
 @frozen
@@ -161,6 +167,11 @@ class DaemonStatus:
     #: C{dns.mode} names a way (not C{auto}): a fallback is not what was
     #: configured, and the daemon is not ready.
     names_strict: bool = False
+    #: The block of the names' IPv6 addresses (C{""}: IPv6 is off).
+    ipv6_subnet: str = ""
+    #: Why names have no IPv6 address on this machine (C{""}: they do, or
+    #: IPv6 is off); they are served over IPv4.
+    ipv6_error: str = ""
 
     @property
     def registered(self) -> bool:
@@ -229,6 +240,7 @@ def endpoint_status(
     certificate_problem: str = "",
     stale: bool = False,
     unnamed: Mapping[str, str] | None = None,
+    listeners6: Mapping[str, ListenerState] | None = None,
 ) -> tuple[EndpointStatus, ...]:
     """
     A row per endpoint, ordered by URL then id.
@@ -246,13 +258,15 @@ def endpoint_status(
     @param unnamed: why a hostname cannot be reached by name (a wildcard
         without DNS), by hostname: the reason of its listening endpoints
         that have no other.
+    @param listeners6: the IPv6 listeners, by normalised URL.
     """
     rows = [
         EndpointStatus(id=id, url="", listen_address="", state=FAILED, reason=reason)
         for id, reason in skipped.items()
     ]
     for endpoint in endpoints.values():
-        rows.append(_row(endpoint, plan, listeners, certificate_problem, unnamed or {}))
+        row = _row(endpoint, plan, listeners, certificate_problem, unnamed or {})
+        rows.append(_with_ipv6(row, (listeners6 or {}).get(endpoint.target.url)))
     if stale:
         rows = [attrs.evolve(row, stale=True) for row in rows]
     return tuple(sorted(rows, key=lambda row: (row.url, row.id)))
@@ -275,7 +289,14 @@ def _row(
         address = join_host_port(spec.address, spec.port) if spec else ""
         client = spec.client_address if spec else ""
         return EndpointStatus(
-            endpoint.id, endpoint.url, address, STARTING, "", client, mode=_mode(spec)
+            endpoint.id,
+            endpoint.url,
+            address,
+            STARTING,
+            "",
+            client,
+            mode=_mode(spec),
+            addresses=(spec.address,) if spec else (),
         )
     address = join_host_port(listener.spec.address, listener.spec.port)
     stats = listener.stats
@@ -304,7 +325,19 @@ def _row(
         bytes_up=stats.bytes_up,
         bytes_down=stats.bytes_down,
         mode=_mode(listener.spec),
+        addresses=(listener.spec.address,),
     )
+
+
+def _with_ipv6(row: EndpointStatus, listener: ListenerState | None) -> EndpointStatus:
+    """
+    C{row} with its IPv6 listener's address, or why it does not listen.
+    """
+    if listener is None:
+        return row
+    if listener.error:
+        return attrs.evolve(row, ipv6_error=listener.error)
+    return attrs.evolve(row, addresses=(*row.addresses, listener.spec.address))
 
 
 def _mode(spec: ListenSpec | None) -> str:

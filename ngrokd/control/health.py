@@ -146,6 +146,7 @@ def status_document(
             "fallback": status.names_fallback,
             "strict": status.names_strict,
         },
+        "ipv6": {"subnet": status.ipv6_subnet, "error": status.ipv6_error},
         "problems": [
             {
                 "what": problem.what,

@@ -11,6 +11,11 @@ listening socket leaves them alone. A spec that cannot be bound stays in the
 set as failed, with the reason (for a port in use, which process holds it,
 where L{ngrokd.host.portowner} can tell), and is tried again at the next
 reconcile; the others are not affected.
+
+An endpoint may have a second listener, on its hostname's IPv6 address
+(L{ngrokd.plan.Plan.specs6}), kept the same way in
+L{ListenerSet.listeners6}. It shares the endpoint's factory, so its
+connections count with the endpoint's and are drained with them.
 """
 
 from __future__ import annotations
@@ -253,6 +258,9 @@ class ListenerSet:
     """
     Keeps the listeners equal to the latest plan. Keys are endpoint URLs
     (normalised), values their specs.
+
+    @ivar listeners: each endpoint's listener.
+    @ivar listeners6: the IPv6 listener of the endpoints that have one.
     """
 
     log = Logger()
@@ -277,6 +285,7 @@ class ListenerSet:
             reactor, connector.descriptors, lambda: connector.queue.waiting
         )
         self.listeners: dict[str, Listener] = {}
+        self.listeners6: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
 
@@ -292,35 +301,68 @@ class ListenerSet:
             self._reactor, self._reactor.getThreadPool(), port_owners, address, port
         )
 
-    def reconcile(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
+    def reconcile(
+        self,
+        specs: Mapping[str, ListenSpec],
+        specs6: Mapping[str, ListenSpec] | None = None,
+    ) -> Deferred[None]:
         """
-        Listen on C{specs} and nothing else; fires when every bind was tried.
-        Listeners no longer wanted stop first, so that what they free (an
-        address and port handed to another endpoint) can be bound at once.
+        Listen on C{specs} (and the IPv6 listeners of C{specs6}, whose keys
+        are some of C{specs}') and nothing else; fires when every bind was
+        tried. Listeners no longer wanted stop first, so that what they
+        free (an address and port handed to another endpoint) can be bound
+        at once.
         """
-        gone = [self.listeners.pop(k) for k in list(self.listeners) if k not in specs]
+        specs6 = specs6 or {}
+        gone = [
+            listeners.pop(k)
+            for listeners, wanted in (
+                (self.listeners, specs),
+                (self.listeners6, specs6),
+            )
+            for k in list(listeners)
+            if k not in wanted
+        ]
         stopping = DeferredList(
             [self._stop(listener) for listener in gone], consumeErrors=True
         )
-        return stopping.addCallback(lambda _: self._apply(specs))
+        return stopping.addCallback(lambda _: self._apply_both(specs, specs6))
 
-    def _apply(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
+    def _apply_both(
+        self, specs: Mapping[str, ListenSpec], specs6: Mapping[str, ListenSpec]
+    ) -> Deferred[None]:
+        work = [
+            self._apply(self.listeners, specs, self._new_factory),
+            self._apply(
+                self.listeners6, specs6, lambda key, _: self.listeners[key].factory
+            ),
+        ]
+        return DeferredList(work, consumeErrors=True).addCallback(lambda _: None)
+
+    def _new_factory(self, key: str, spec: ListenSpec) -> BridgeFactory:
+        return BridgeFactory(
+            spec.target,
+            self._connector,
+            spec.rewrite_host,
+            timings=self.timings,
+            idle_timeout=self._idle_timeout,
+        )
+
+    def _apply(
+        self,
+        listeners: dict[str, Listener],
+        specs: Mapping[str, ListenSpec],
+        factory_for: Callable[[str, ListenSpec], BridgeFactory],
+    ) -> Deferred[None]:
         work: list[Deferred[None]] = []
         for key, spec in specs.items():
-            current = self.listeners.get(key)
+            current = listeners.get(key)
             if current is None:
-                factory = BridgeFactory(
-                    spec.target,
-                    self._connector,
-                    spec.rewrite_host,
-                    timings=self.timings,
-                    idle_timeout=self._idle_timeout,
-                )
-                listener = Listener(spec, factory)
-                self.listeners[key] = listener
+                listener = Listener(spec, factory_for(key, spec))
+                listeners[key] = listener
                 work.append(self._listen(key, listener))
             elif current.spec.bind != spec.bind:
-                work.append(self._rebind(key, current, spec))
+                work.append(self._rebind(listeners, key, current, spec))
             else:
                 if current.spec != spec:
                     current.spec = spec
@@ -336,8 +378,10 @@ class ListenerSet:
         end at their next response boundary (the grace of a stop starts).
         """
         listeners, self.listeners = list(self.listeners.values()), {}
+        listeners6, self.listeners6 = list(self.listeners6.values()), {}
         stopping = DeferredList(
-            [self._stop(listener) for listener in listeners], consumeErrors=True
+            [self._stop(listener) for listener in listeners + listeners6],
+            consumeErrors=True,
         )
         for listener in listeners:
             listener.factory.drain()
@@ -357,10 +401,9 @@ class ListenerSet:
             self._guard.watch(port)
             listener.port, listener.error, listener.holders = port, "", ()
             self.log.info(
-                "listening for {url} on {address}:{port}",
+                "listening for {url} on {address}",
                 url=key,
-                address=spec.address,
-                port=spec.port,
+                address=join_host_port(spec.address, spec.port),
             )
 
         def failed(failure: Failure) -> Deferred[None] | None:
@@ -395,7 +438,13 @@ class ListenerSet:
         d: Deferred[Any] = self._endpoint(spec).listen(listener.factory)
         return d.addCallbacks(listening, failed)
 
-    def _rebind(self, key: str, listener: Listener, spec: ListenSpec) -> Deferred[None]:
+    def _rebind(
+        self,
+        listeners: dict[str, Listener],
+        key: str,
+        listener: Listener,
+        spec: ListenSpec,
+    ) -> Deferred[None]:
         old_port = listener.port
         new = Listener(spec, listener.factory)
         new.factory.target = spec.target
@@ -406,7 +455,7 @@ class ListenerSet:
             old_port = None
         else:
             before = succeed(None)
-        self.listeners[key] = new
+        listeners[key] = new
 
         def bind(_: object) -> Deferred[None]:
             return self._listen(key, new)
@@ -423,10 +472,9 @@ class ListenerSet:
         if port is None:
             return succeed(None)
         self.log.info(
-            "stopped listening for {url} on {address}:{port}",
+            "stopped listening for {url} on {address}",
             url=listener.spec.target.url,
-            address=listener.spec.address,
-            port=listener.spec.port,
+            address=join_host_port(listener.spec.address, listener.spec.port),
         )
         return self._stop_port(port)
 

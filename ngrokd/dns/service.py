@@ -13,13 +13,14 @@ start says why, once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol, ServerFactory
 from twisted.logger import Logger
 
 from ngrokd.dns.forward import Forwarder
@@ -98,23 +99,11 @@ class DNSService(Service):
             )
 
     def _listen_on(self, host: str, port: int) -> None:
-        # Port 0: the UDP port the kernel picks may be taken for TCP; then
-        # another, a bounded number of times.
-        for attempt in range(PORT_ATTEMPTS):
-            udp = self._reactor.listenUDP(
-                port, UDPListener(self.server), interface=host
-            )
-            bound = udp.getHost().port
-            try:
-                tcp = self._reactor.listenTCP(bound, self._tcp, interface=host)
-            except CannotListenError:
-                udp.stopListening()
-                if port != 0 or attempt == PORT_ATTEMPTS - 1:
-                    raise
-                continue
-            self._ports += [udp, tcp]
-            self.addresses.append((host, bound))
-            return
+        udp, tcp, bound = listen_both(
+            self._reactor, host, port, lambda: UDPListener(self.server), self._tcp
+        )
+        self._ports += [udp, tcp]
+        self.addresses.append((host, bound))
 
     def stopService(self) -> Deferred[object]:
         """
@@ -128,3 +117,30 @@ class DNSService(Service):
             listening.stopListening()
         self._tcp.close_all()
         return self.server.stop()
+
+
+def listen_both(
+    reactor: Any,
+    host: str,
+    port: int,
+    datagrams: Callable[[], DatagramProtocol],
+    streams: ServerFactory,
+) -> tuple[IListeningPort, IListeningPort, int]:
+    """
+    Listen on one port number for UDP and TCP alike, and say which. With
+    port 0, the UDP port the kernel picks may be taken for TCP; then
+    another, a bounded number of times, each with a new protocol from
+    C{datagrams}.
+    """
+    for attempt in range(PORT_ATTEMPTS):
+        udp = reactor.listenUDP(port, datagrams(), interface=host)
+        bound: int = udp.getHost().port
+        try:
+            tcp = reactor.listenTCP(bound, streams, interface=host)
+        except CannotListenError:
+            udp.stopListening()
+            if port != 0 or attempt == PORT_ATTEMPTS - 1:
+                raise
+            continue
+        return udp, tcp, bound
+    raise AssertionError("unreachable")

@@ -22,11 +22,10 @@ import errno
 import os
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.threadpool import ThreadPool
@@ -114,15 +113,17 @@ class ResolverFiles:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         threadpool: ThreadPool,
         directory: str = RESOLVER_DIRECTORY,
         run: Runner | None = None,
     ) -> None:
-        self._reactor: IReactorFromThreads = reactor
+        self._reactor = reactor
         self._threadpool = threadpool
         self._directory = directory
-        self._run: Runner = run or partial(getProcessOutputAndValue, reactor=reactor)
+        self._run: Runner = run or partial(
+            getProcessOutputAndValue, reactor=IReactorProcess(reactor)
+        )
         self._lock = DeferredLock()
 
     def apply(

@@ -25,7 +25,8 @@ to the ingress connector: connections already open keep theirs, new ones
 use the new one). A failure never stops the service: it is reported (in
 L{IdentityService.status} and in the log, once per change of state) and
 retried with backoff, while the last good identity stays in use. The API key
-is never read here, only whether there is one.
+is never read here, only whether there is one. The identity files are read
+and written through C{in_thread}, off the reactor thread.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import datetime
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -42,6 +43,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ngrokd.blocking import InThread
 from ngrokd.ngrok.api import (
     EXPECTED_FAILURES,
     APIError,
@@ -155,6 +157,8 @@ class IdentityService(Service):
     """
     Makes and keeps this machine's identity; see the module docstring.
 
+    @param in_thread: reads and writes the identity files (they wait for
+        C{fsync}) off the reactor thread.
     @param has_key: whether there is an API key now (the API client reads
         the key itself, at each request).
     @param on_identity: called with every identity put into use.
@@ -171,6 +175,7 @@ class IdentityService(Service):
         api: IdentityAPI,
         clock: IReactorTime,
         *,
+        in_thread: InThread,
         selectors: Sequence[str],
         hostname: str,
         has_key: Callable[[], bool],
@@ -185,6 +190,7 @@ class IdentityService(Service):
         self._store = store
         self._api = api
         self._clock = clock
+        self._in_thread = in_thread
         self._selectors = tuple(selectors)
         self._hostname = hostname
         self._has_key = has_key
@@ -207,7 +213,7 @@ class IdentityService(Service):
         self._reported_ingress: str | None = None
         self._lock = DeferredLock()
         self._queued = False
-        self._current: Deferred[Any] | None = None
+        self._current: Deferred[float | None] | None = None
         self._timer: IDelayedCall | None = None
 
     # Lifecycle and controls
@@ -342,10 +348,8 @@ class IdentityService(Service):
         self._queued = False
         if not self.running:
             return succeed(None)
-        current: Deferred[Any] = Deferred.fromCoroutine(self._pass())
-        self._current = current
-        current.addCallbacks(self._pass_done, self._pass_failed)
-        return current
+        current = self._current = Deferred.fromCoroutine(self._pass())
+        return current.addCallbacks(self._pass_done, self._pass_failed)
 
     def _pass_done(self, delay: float | None) -> None:
         self._current = None
@@ -386,7 +390,7 @@ class IdentityService(Service):
         seconds until the next pass (C{None}: only when kicked).
         """
         if self.identity is None:
-            loaded = self._store.load()
+            loaded = await self._in_thread(self._store.load)
             if isinstance(loaded, Identity):
                 self._adopt(loaded)
             elif not self._has_key():
@@ -411,10 +415,17 @@ class IdentityService(Service):
         await api.operators()
         if isinstance(loaded, RepairNeeded):
             identity = await repair(
-                api, self._store, loaded, self._selectors, self._hostname
+                api,
+                self._store,
+                loaded,
+                self._selectors,
+                self._hostname,
+                self._in_thread,
             )
         else:
-            identity = await register(api, self._store, self._selectors, self._hostname)
+            identity = await register(
+                api, self._store, self._selectors, self._hostname, self._in_thread
+            )
         self._ngrok_selectors = self._selectors
         self._adopt(identity)
 
@@ -446,7 +457,9 @@ class IdentityService(Service):
 
     async def _renew(self, api: IdentityAPI) -> Identity:
         assert self.identity is not None
-        identity = await renew(api, self._store, self.identity, self._selectors)
+        identity = await renew(
+            api, self._store, self.identity, self._selectors, self._in_thread
+        )
         self._ngrok_selectors = self._selectors
         self._adopt(identity)
         return identity
@@ -458,7 +471,7 @@ class IdentityService(Service):
 
     async def _try_api(self, api: IdentityAPI) -> None:
         if self.identity is None:
-            loaded = self._store.load()
+            loaded = await self._in_thread(self._store.load)
             if isinstance(loaded, Identity):
                 self._adopt(loaded)
             else:

@@ -585,14 +585,74 @@ class ValidationTests(ConfigTestCase):
         """
         self.assertRefused(
             "net:\n  listen_interface: eth0\n",
-            "2: net.listen_interface: must be virtual, 0.0.0.0 or an IP address, "
-            "got 'eth0'",
+            "2: net.listen_interface: must be virtual, 0.0.0.0, :: or an IP address,"
+            " got 'eth0'",
         )
         self.assertRefused(
             "net:\n  overrides:\n    db.ns: 192.168.1.500\n",
-            "3: net.overrides.db.ns: must be virtual, 0.0.0.0 or an IP address, "
-            "got '192.168.1.500'",
+            "3: net.overrides.db.ns: must be virtual, 0.0.0.0, :: or an IP address,"
+            " got '192.168.1.500'",
         )
+
+    def test_ipv6ListenModes(self) -> None:
+        """
+        C{::} and IPv6 addresses are listen modes, in C{listen_interface}
+        and in overrides.
+        """
+        net = parse(
+            'net:\n  listen_interface: "::"\n  start_port: 9100\n'
+            '  overrides:\n    db.ns: "fd00::5"\n'
+        ).config.net
+        self.assertEqual(net.listen_interface, "::")
+        self.assertEqual(dict(net.overrides), {"db.ns": "fd00::5"})
+
+    def test_subnet6(self) -> None:
+        """
+        C{net.subnet6} is C{auto} by default and when written so, C{""}
+        turns IPv6 off, and an IPv6 block is read as its network (host bits
+        set: with a warning).
+        """
+        self.assertEqual(parse("").config.net.subnet6, "auto")
+        self.assertEqual(parse("net:\n  subnet6: auto\n").config.net.subnet6, "auto")
+        self.assertEqual(parse('net:\n  subnet6: ""\n').config.net.subnet6, "")
+        loaded = parse("net:\n  subnet6: FD00:1::7/64\n")
+        self.assertEqual(
+            loaded.config.net.subnet6, ipaddress.IPv6Network("fd00:1::/64")
+        )
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: net.subnet6: FD00:1::7/64 has host bits set;"
+                " using fd00:1::/64",
+            ),
+        )
+
+    def test_subnet6Refused(self) -> None:
+        """
+        A value that is not an IPv6 block, a block longer than /120, and a
+        block beside an IPv6 C{net.subnet} are refused, naming the line.
+        """
+        for value, shown in [("10.0.0.0/8", "'10.0.0.0/8'"), ('"fd00::"', "'fd00::'")]:
+            self.assertRefused(
+                f"net:\n  subnet6: {value}\n",
+                f'2: net.subnet6: must be auto, "" (no IPv6) or an IPv6 block like'
+                f" fd6e:6772:6f6b::/64, got {shown}",
+            )
+        self.assertRefused(
+            "net:\n  subnet6: fd00::/121\n",
+            "2: net.subnet6: fd00::/121 is too small: use a prefix of /120 or"
+            " shorter (/64 is usual)",
+        )
+        self.assertEqual(
+            parse("net:\n  subnet6: fd00::/120\n").config.net.subnet6,
+            ipaddress.IPv6Network("fd00::/120"),
+        )
+        self.assertRefused(
+            "net:\n  subnet: fd00::/64\n  subnet6: fd01::/64\n",
+            "3: net.subnet6: net.subnet fd00::/64 gives IPv6 addresses already;"
+            ' set net.subnet6 to "" or net.subnet to an IPv4 block',
+        )
+        self.assertEqual(parse("net:\n  subnet: fd00::/64\n").config.net.subnet6, "")
 
     def test_booleanNotBool(self) -> None:
         """
@@ -961,6 +1021,22 @@ class PlatformTests(SynchronousTestCase):
         loaded = default_config(PATH, {}, "darwin")
         self.assertEqual(loaded.config.net.subnet, ipaddress.IPv4Network("127.0.0.0/8"))
         self.assertEqual(loaded.warnings, ())
+
+    def test_darwinIPv4Only(self) -> None:
+        """
+        On macOS virtual mode is IPv4 only: C{net.subnet6} is off by
+        default, and a block given is ignored with a warning.
+        """
+        self.assertEqual(default_config(PATH, {}, "darwin").config.net.subnet6, "")
+        loaded = parse("net:\n  subnet6: fd00::/64\n", platform="darwin")
+        self.assertEqual(loaded.config.net.subnet6, "")
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: net.subnet6: macOS virtual mode is IPv4 only (aliases"
+                " of lo0 in 127.0.0.0/8); ignored",
+            ),
+        )
 
     def test_darwinExplicitSubnetHonoured(self) -> None:
         """
@@ -1573,6 +1649,8 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "ingress.pool_size": _same(st.integers(0, 1000)),
     "ingress.pool_idle_timeout": _seconds,
     "ingress.pool_max_age": _seconds,
+    "ingress.pool_linger": _seconds,
+    "ingress.early_data": _same(st.booleans()),
     "server.log_level": st.sampled_from(
         [("debug", "debug"), ("INFO", "info"), ("warning", "warn"), ("error", "error")]
     ),

@@ -704,6 +704,19 @@ class StrangerTests(DaemonFixture, TestCase):
         return ensureDeferred(run())
 
 
+def _shown(**fields: Any) -> dict[str, Any]:
+    """
+    A ready daemon's status with C{fields}, as C{ngrokctl status} gets it.
+    """
+    return {
+        **attrs.asdict(ready_status(**fields)),
+        "ready": True,
+        "registered": True,
+        "uptime": 60.0,
+        "not_ready_because": "",
+    }
+
+
 class RenderTests(SynchronousTestCase):
     """
     The human forms of numbers and rows.
@@ -726,13 +739,7 @@ class RenderTests(SynchronousTestCase):
         """
         A daemon serving the list of an earlier run says so.
         """
-        status = {
-            **attrs.asdict(ready_status(stale=True)),
-            "ready": True,
-            "registered": True,
-            "uptime": 60.0,
-            "not_ready_because": "",
-        }
+        status = _shown(stale=True)
         lines = status_lines(status, {"listening": 2})
         self.assertIn(
             "Stale:        serving the endpoints kept from an earlier run until"
@@ -741,6 +748,53 @@ class RenderTests(SynchronousTestCase):
         )
         self.assertNotIn(
             "Stale", "\n".join(status_lines({**status, "stale": False}, {}))
+        )
+
+    def test_ipv6(self) -> None:
+        """
+        C{ngrokctl status} says where the names' IPv6 addresses come from,
+        or why there are none; C{ngrokctl list} shows each name's addresses
+        in one column and why an endpoint is not on IPv6.
+        """
+        status = _shown(ipv6_subnet="fd00::/64")
+        self.assertIn(
+            "IPv6:         names have addresses in fd00::/64",
+            status_lines(status, {}),
+        )
+        self.assertIn(
+            "IPv6:         unavailable, names are IPv4 only: no IPv6 here",
+            status_lines({**status, "ipv6_error": "no IPv6 here"}, {}),
+        )
+        self.assertNotIn(
+            "IPv6", "\n".join(status_lines({**status, "ipv6_subnet": ""}, {}))
+        )
+        row = {
+            "id": "ep_1",
+            "url": "http://web.prod",
+            "client_address": "web.prod:80",
+            "listen_address": "10.107.0.2:80",
+            "mode": "virtual",
+            "state": "listening",
+            "reason": "",
+            "connections_open": 0,
+            "connections_total": 0,
+            "errors": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "addresses": ["10.107.0.2", "fd00::2"],
+            "ipv6_error": "",
+        }
+        header, line = endpoint_table([row])[:2]
+        self.assertEqual(header.split()[-1], "ADDRESSES")
+        self.assertEqual(line.split()[-1], "10.107.0.2,fd00::2")
+        failed = {
+            **row,
+            "addresses": ["10.107.0.2"],
+            "ipv6_error": "[fd00::2]:80 in use",
+        }
+        self.assertIn(
+            "  http://web.prod: not on IPv6: [fd00::2]:80 in use",
+            endpoint_table([failed]),
         )
 
     def test_reasons(self) -> None:

@@ -163,7 +163,9 @@ class DataPathAbuseTests(TestCase):
         """
 
         async def run() -> None:
-            daemon = await self.start_daemon(ingress={"pool_idle_timeout": 1.0})
+            daemon = await self.start_daemon(
+                ingress={"pool_idle_timeout": 1.0, "pool_linger": 1.0}
+            )
             baseline = open_fds()
             clients = [
                 socket.create_connection(("127.0.0.1", self.port_of(daemon, ECHO)))

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -28,7 +29,7 @@ from ngrokd.dns.answer import AnswerKind
 from ngrokd.dns.forward import Forwarder
 from ngrokd.dns.protocols import TCPFactory
 from ngrokd.dns.server import DNSServer, Limits
-from ngrokd.dns.service import DNSService
+from ngrokd.dns.service import DNSService, listen_both
 from ngrokd.dns.table import build_table
 from ngrokd.dns.wire import EDNS_PAYLOAD
 
@@ -118,12 +119,14 @@ class ServerTestsMixin:
         if upstream_port is None:
             factory = server.DNSServerFactory(authorities=[self.upstream])
             factory.noisy = False
-            udp = reactor.listenUDP(
-                0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1"
+            udp, tcp, upstream_port = listen_both(
+                reactor,
+                "127.0.0.1",
+                0,
+                lambda: dns.DNSDatagramProtocol(factory),
+                factory,
             )
             self.addCleanup(udp.stopListening)
-            upstream_port = udp.getHost().port
-            tcp = reactor.listenTCP(upstream_port, factory, interface="127.0.0.1")
             self.addCleanup(tcp.stopListening)
         service = DNSService(
             [("127.0.0.1", 0)],
@@ -448,6 +451,46 @@ class TCPLimitTests(ServerTestsMixin, TestCase):
             await deferLater(reactor, 0.05)
         self.assertEqual(service.server.counters.tcp_refused, 1)
         self.assertEqual(len(service._tcp.connections), 2)
+
+
+class _TCPTakenOnce:
+    """
+    The real reactor, but the first TCP port asked for is taken.
+    """
+
+    def __init__(self) -> None:
+        self.tcp_tries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+    def listenTCP(self, port: int, *args: Any, **kwargs: Any) -> Any:
+        self.tcp_tries += 1
+        if self.tcp_tries == 1:
+            raise CannotListenError("127.0.0.1", port, OSError("taken"))
+        return reactor.listenTCP(port, *args, **kwargs)
+
+
+class PortTests(TestCase):
+    """
+    Port 0: one port number for UDP and TCP.
+    """
+
+    async def test_takenForTCP(self) -> None:
+        """
+        When the UDP port the kernel picked is taken for TCP, another is
+        tried with a new protocol, and the service answers on it.
+        """
+        taken = _TCPTakenOnce()
+        service = DNSService([("127.0.0.1", 0)], [], taken, Limits(), TABLE)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(taken.tcp_tries, 2)
+        resolver = client.Resolver(servers=[service.addresses[0]], reactor=reactor)
+        answers, _, _ = await resolver.lookupAddress(
+            "web.default", timeout=[CLIENT_TIMEOUT]
+        )
+        self.assertEqual(answers[0].payload.dottedQuad(), "10.107.0.2")
 
 
 class TCPIdleTests(SynchronousTestCase):

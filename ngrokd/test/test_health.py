@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -327,7 +328,9 @@ class StalledReconcileTests(DaemonHealthTestCase):
             daemon = makeService(options, reactor)
             assert isinstance(daemon, Daemon)
             interface = StallingInterface()
-            daemon.interface = InterfaceService(reactor, net, interface)
+            daemon.interface = InterfaceService(
+                IReactorFromThreads(reactor), net, interface
+            )
             daemon.startService()
             self.addCleanup(daemon.stopService)
             await wait_until(lambda: daemon.daemon_status().ready, "ready", 30)
@@ -428,6 +431,8 @@ class StatusTests(DaemonHealthTestCase):
                     "bytes_down": 5,
                     "mode": "127.0.0.1",
                     "stale": False,
+                    "addresses": ["127.0.0.1"],
+                    "ipv6_error": "",
                 },
             )
 

@@ -19,6 +19,7 @@ _ROOT = os.path.dirname(ngrokd.__file__)
 CORE = {
     "ngrokd",
     "ngrokd.atomic",
+    "ngrokd.blocking",
     "ngrokd.config",
     "ngrokd.endpoints",
     "ngrokd.events",

@@ -98,6 +98,7 @@ class EndpointStatusTests(SynchronousTestCase):
                 bytes_up=100,
                 bytes_down=2000,
                 mode="virtual",
+                addresses=("10.107.0.2",),
             ),
         )
 
@@ -119,6 +120,33 @@ class EndpointStatusTests(SynchronousTestCase):
         )
         self.assertEqual(
             (row.state, row.reason), (LISTENING, "no name under apps.prod reaches it")
+        )
+
+    def test_ipv6Listener(self) -> None:
+        """
+        An endpoint that listens on its name's IPv6 address too shows both
+        addresses; one whose IPv6 socket could not be bound shows its IPv4
+        address, listening, and why not IPv6.
+        """
+        v4 = _listener("10.107.0.2", 80, "http://web.prod", virtual=True)
+        v6 = _listener("fd00::2", 80, "http://web.prod", virtual=True)
+        url = v4.spec.target.url
+        plan = Plan({url: v4.spec}, {}, specs6={url: v6.spec})
+        endpoints = {"ep_1": _endpoint("ep_1", "http://web.prod")}
+        (row,) = endpoint_status(endpoints, {}, plan, {url: v4}, listeners6={url: v6})
+        self.assertEqual(
+            (row.state, row.addresses, row.ipv6_error),
+            (LISTENING, ("10.107.0.2", "fd00::2"), ""),
+        )
+        failed = _listener(
+            "fd00::2", 80, "http://web.prod", listening=False, error="[fd00::2]:80: no"
+        )
+        (row,) = endpoint_status(
+            endpoints, {}, plan, {url: v4}, listeners6={url: failed}
+        )
+        self.assertEqual(
+            (row.state, row.addresses, row.ipv6_error),
+            (LISTENING, ("10.107.0.2",), "[fd00::2]:80: no"),
         )
 
     def test_lastConnectionFailed(self) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence, Set
 from functools import partial
 from ipaddress import IPv4Network
-from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface import implementer
 
@@ -63,7 +63,7 @@ class DarwinInterface:
     """
 
     def __init__(
-        self, reactor: Any, subnet: IPNetwork, run: Runner | None = None
+        self, reactor: IReactorProcess, subnet: IPNetwork, run: Runner | None = None
     ) -> None:
         self._subnet = subnet
         self._run: Runner = run or partial(getProcessOutputAndValue, reactor=reactor)

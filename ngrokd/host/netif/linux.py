@@ -9,11 +9,14 @@ itself, where ngrokd's addresses are tagged with their own address protocol
 number. A link left by a run that did not stop
 cleanly is adopted; a link of that name of any other kind is refused.
 
-Each address is a host address (/32 or /128). The original added them with
+Each address is a host address (/32 or /128), of C{net.subnet} or of
+C{net.subnet6}. The original added them with
 the subnet's prefix (C{10.107.0.2/16}), which routes the whole subnet to the
 link and so hijacks it when a LAN or VPN uses it; on C{lo} it would make
 every address of the subnet local. IPv6 addresses skip duplicate address
-detection, so they can be bound at once.
+detection, so they can be bound at once. Where the kernel or the link has
+no IPv6 (C{ipv6.disable=1}, C{disable_ipv6}), the IPv4 addresses are set up
+all the same and L{IPv6Unavailable} says why the IPv6 ones are not.
 
 A bridge has a carrier only while one of its ports has one, and
 systemd-resolved gives a link without a carrier no DNS scope; so the bridge
@@ -52,6 +55,7 @@ from ngrokd.host.netif import (
     LOOPBACK_RANGE,
     ForeignLink,
     INetworkInterface,
+    IPv6Unavailable,
     NetworkInterfaceError,
     NotCreated,
     NotPermitted,
@@ -66,6 +70,11 @@ LOOPBACK = "lo"
 #: Values 0 to 3 are the kernel's; this one is "n".
 ADDRESS_PROTOCOL = 0x6E
 _IFA_F_NODAD = 0x02
+#: What adding an IPv6 address fails with where there is no IPv6: the
+#: link's C{disable_ipv6} (EACCES), a kernel without it (EAFNOSUPPORT).
+_NO_IPV6 = (errno.EACCES, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EOPNOTSUPP)
+
+
 #: The longest link name the kernel takes (C{IFNAMSIZ} less its NUL).
 _MAX_NAME = 15
 
@@ -107,7 +116,8 @@ _NO_LINK = _Carrier(
 @implementer(INetworkInterface)
 class LinuxInterface:
     """
-    The addresses of C{subnet} on the link C{interface_name} (or on C{lo}).
+    The addresses of C{subnet}, and of C{subnet6} when given, on the link
+    C{interface_name} (or on C{lo}).
 
     @param link_kinds: the link kinds to try, in order, before falling back to
         C{lo}.
@@ -125,11 +135,13 @@ class LinuxInterface:
         subnet: IPNetwork,
         link_kinds: tuple[str, ...] = LINK_KINDS,
         netlink: Callable[[], Any] = IPRoute,
+        subnet6: IPNetwork | None = None,
     ) -> None:
         self._reactor = reactor
         self._threadpool = threadpool
         self._name = interface_name
         self._subnet = subnet
+        self._subnet6 = subnet6
         self._kinds = link_kinds
         self._netlink = netlink
         self._carrier: _Carrier | None = None
@@ -137,6 +149,8 @@ class LinuxInterface:
         #: their protocol number.
         self._added: set[IPAddress] = set()
         self._description = "not created"
+        #: Why the last L{_ensure} added no IPv6 address, if so.
+        self._no_ipv6: IPv6Unavailable | None = None
 
     def create(self) -> Deferred[None]:
         return self._run(self._create)
@@ -144,10 +158,18 @@ class LinuxInterface:
     def ensure_addresses(self, addresses: Set[IPAddress]) -> Deferred[None]:
         wanted = frozenset(addresses)
         try:
-            check_addresses(wanted, self._subnet)
+            check_addresses(wanted, self._subnet, self._subnet6)
         except NetworkInterfaceError:
             return fail()
-        return self._run(self._ensure, wanted)
+        return self._run(self._ensure, wanted).addCallback(self._ipv6_added)
+
+    def _ipv6_added(self, _: None) -> None:
+        """
+        Fail with why the IPv6 addresses of the last L{_ensure} could not be
+        added, if they could not (the IPv4 ones were).
+        """
+        if self._no_ipv6 is not None:
+            raise self._no_ipv6
 
     def addresses(self) -> Deferred[frozenset[IPAddress]]:
         return deferToThreadPool(self._reactor, self._threadpool, self._addresses)
@@ -308,8 +330,15 @@ class LinuxInterface:
         return self._carrier
 
     def _ensure(self, wanted: frozenset[IPAddress]) -> str | None:
+        self._no_ipv6 = None
         carrier = self._require()
         if carrier.index is None:
+            if any(ip not in self._subnet for ip in wanted):
+                self._no_ipv6 = IPv6Unavailable(
+                    f"net.subnet {self._subnet} is in {LOOPBACK_RANGE}, which"
+                    " needs no link, and IPv6 addresses need one: set net.subnet"
+                    " outside it for IPv6"
+                )
             return None
         notice = None
         with self._netlink() as ipr:
@@ -323,8 +352,15 @@ class LinuxInterface:
                 if ip not in wanted or prefixlen != ip.max_prefixlen:
                     self._remove(ipr, carrier, ip, prefixlen)
             have = {ip for ip, prefixlen in present if prefixlen == ip.max_prefixlen}
-            for ip in sorted(wanted - have):
-                self._add(ipr, carrier, ip)
+            no_ipv6: IPv6Unavailable | None = None
+            for ip in sorted(wanted - have, key=lambda ip: (ip.version, ip)):
+                if ip.version == 6 and no_ipv6 is not None:
+                    continue
+                try:
+                    self._add(ipr, carrier, ip)
+                except IPv6Unavailable as e:
+                    no_ipv6 = e
+        self._no_ipv6 = no_ipv6
         return notice
 
     def _ours(self, ipr: Any, carrier: _Carrier) -> Iterator[tuple[IPAddress, int]]:
@@ -334,7 +370,9 @@ class LinuxInterface:
         for message in ipr.get_addr(index=carrier.index):
             local = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
             ip = ip_address(local)
-            if ip not in self._subnet:
+            if ip not in self._subnet and (
+                self._subnet6 is None or ip not in self._subnet6
+            ):
                 continue
             if (
                 carrier.whole
@@ -358,6 +396,11 @@ class LinuxInterface:
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 return
+            if ip.version == 6 and e.code in _NO_IPV6 and ip not in self._subnet:
+                raise IPv6Unavailable(
+                    f"cannot add {ip} to {carrier.name}: {os.strerror(e.code)}"
+                    f"{_no_ipv6_hint(e.code, carrier.name)}"
+                ) from e
             raise _error(e, f"add {ip} to {carrier.name}") from e
         if not carrier.whole:
             self._added.add(ip)
@@ -404,6 +447,16 @@ class LinuxInterface:
                         self._remove(ipr, carrier, ip, prefixlen)
         self._use(None)
         self._added.clear()
+
+
+def _no_ipv6_hint(code: int, link: str) -> str:
+    if code == errno.EACCES:
+        return (
+            f" (IPv6 is disabled on {link}: sysctl net.ipv6.conf.{link}.disable_ipv6)"
+        )
+    if code == errno.EAFNOSUPPORT:
+        return " (this kernel has no IPv6)"
+    return ""
 
 
 def _kind(ipr: Any, index: int) -> str | None:
