@@ -39,6 +39,9 @@ APPS = "10.107.0.2"
 DB = "10.107.0.3"
 WEB = "10.107.0.4"
 SERVER = "10.107.0.1"
+SUBNET6 = "fd6e:6772:6f6b::/64"
+APPS6 = "fd6e:6772:6f6b::2"
+WEB6 = "fd6e:6772:6f6b::4"
 ENDPOINTS = [
     ("http://web.prod", "web"),
     ("tcp://db.prod:5432", "echo"),
@@ -195,15 +198,16 @@ class ResolvConfTests(SynchronousTestCase):
 
     def test_resolvConfNamesOurServer(self) -> None:
         """
-        A program whose resolv.conf names our server finds a name and a
-        wildcard name through it, and reaches them by name; the system
-        itself has the exact names in the hosts file (C{dns.mode: hosts}),
-        and status says the wildcard cannot be reached by name there.
+        A program whose resolv.conf names our server finds a name (A and
+        AAAA) and a wildcard name through it, and reaches them by name; the
+        system itself has the exact names in the hosts file (C{dns.mode:
+        hosts}), and status says the wildcard cannot be reached by name
+        there.
         """
-        world = World(self, ENDPOINTS, dns={"mode": "hosts"})
+        world = World(self, ENDPOINTS, dns={"mode": "hosts"}, subnet6=SUBNET6)
         world.start_daemon()
         world.wait(
-            lambda: world.section() == [f"{DB}\tdb.prod", f"{WEB}\tweb.prod"],
+            lambda: f"{WEB}\tweb.prod" in (world.section() or []),
             "the names in the hosts file",
         )
         # Its own /etc (no hosts lines of ours), its resolv.conf ours.
@@ -227,7 +231,9 @@ class ResolvConfTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr + world.explain())
         web, apps, answers = result.stdout.split("--\n")
-        self.assertEqual((addresses(web), addresses(apps)), ({WEB}, {APPS}))
+        self.assertEqual(
+            (addresses(web), addresses(apps)), ({WEB, WEB6}, {APPS, APPS6})
+        )
         self.assertEqual(json.loads(answers), ["host=web.prod\n", "host=q.apps.prod\n"])
         rows = {row["url"]: row for row in world.ngrokctl_json("list")}
         self.assertIn(
