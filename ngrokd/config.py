@@ -247,6 +247,26 @@ class NetConfig:
     subnet6: ipaddress.IPv6Network | str = SUBNET6_AUTO
 
 
+#: How names may reach the system's resolver (C{dns.mode}).
+DNS_MODES = ("auto", "resolved", "resolver-files", "hosts", "off")
+
+
+@frozen
+class DnsConfig:
+    """
+    ngrokd's DNS server, and how the system's resolver is pointed at it.
+    """
+
+    #: One of L{DNS_MODES}.
+    mode: str = "auto"
+    #: C{address:port} the server listens on; C{""}: the first host of
+    #: C{net.subnet}, port 53, in virtual mode, and none in network mode.
+    listen: str = ""
+    #: C{address:port} servers other names are forwarded to; empty: the
+    #: system's own (systemd-resolved's, or C{resolv.conf}'s).
+    upstreams: tuple[str, ...] = ()
+
+
 @frozen
 class Config:
     """
@@ -259,6 +279,7 @@ class Config:
     server: ServerConfig
     bound_endpoints: DiscoveryConfig
     net: NetConfig
+    dns: DnsConfig = DnsConfig()
 
 
 @frozen
@@ -729,6 +750,72 @@ def _listen_address(node: yaml.Node, key: str, ctx: _Context) -> str:
     return join_host_port(str(address), int(port))
 
 
+def _dns_mode(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = ctx.value(node, key)
+    if value is False:
+        return "off"  # YAML 1.1 reads a bare off as false
+    if not isinstance(value, str) or value.lower() not in DNS_MODES:
+        modes = ", ".join(DNS_MODES)
+        ctx.fail(node, key, f"must be one of {modes}; got {_shown(node)}")
+    return value.lower()
+
+
+def _dns_server(text: str, default_port: int | None) -> str:
+    """
+    C{text} (C{address}, C{address:port}, C{[ipv6]:port}, or a bare IPv6
+    address when C{default_port} is given) as C{address:port}.
+
+    @raise ValueError: saying what is wrong.
+    """
+    host, port = text, ""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("an IPv6 address goes in brackets: [::1]:53")
+        port = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("must be an IP address (a name would need DNS itself)")
+    if not port:
+        if default_port is None:
+            raise ValueError("must give its port: ADDRESS:PORT ([IPv6]:PORT)")
+        return join_host_port(str(address), default_port)
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"port must be 1..65535, got {port!r}")
+    return join_host_port(str(address), int(port))
+
+
+def _dns_listen(node: yaml.Node, key: str, ctx: _Context) -> str:
+    """
+    Where the DNS server listens, C{address[:port]} (port 53 by default);
+    C{""}: chosen by the mode (see L{DnsConfig.listen}).
+    """
+    value = _string(node, key, ctx).strip()
+    if not value:
+        return ""
+    try:
+        return _dns_server(value, 53)
+    except ValueError as e:
+        ctx.fail(node, key, f"{e}, like 10.107.0.1:53; got {value!r}")
+
+
+def _dns_upstreams(node: yaml.Node, key: str, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        ctx.fail(node, key, f"must be a list of addresses, got {_shown(node)}")
+    servers: dict[str, None] = {}
+    for i, item in enumerate(node.value):
+        where = f"{key}[{i}]"
+        value = _name(item, where, ctx).strip()
+        try:
+            servers[_dns_server(value, 53)] = None
+        except ValueError as e:
+            ctx.fail(item, where, f"{e}, like 192.0.2.53 or [2001:db8::53]:53")
+    return tuple(servers)
+
+
 def _api_url(node: yaml.Node, key: str, ctx: _Context) -> str:
     value = _name(node, key, ctx)
     try:
@@ -792,6 +879,9 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "net.hosts_file": (_path, "/etc/hosts"),
     "net.reuse_after": (_delay, 3600.0),
     "net.allowed_domains": (_domains, ()),
+    "dns.mode": (_dns_mode, "auto"),
+    "dns.listen": (_dns_listen, ""),
+    "dns.upstreams": (_dns_upstreams, ()),
     "net.subnet6": (_subnet6, None),
 }
 _SECTIONS = {key.partition(".")[0] for key in _FIELDS if "." in key}
@@ -970,8 +1060,30 @@ def parse_config(
             subnet6=_effective_subnet6(ctx, found, default_subnet),
             hosts_file=environ.get("NGROKD_HOSTS_PATH") or get("net.hosts_file"),
         ),
+        dns=section(DnsConfig, "dns"),
     )
+    _check_dns_listen(ctx, config)
     return LoadedConfig(config, tuple(ctx.warnings), ctx.locations)
+
+
+def _check_dns_listen(ctx: _Context, config: Config) -> None:
+    """
+    Refuse a C{dns.listen} address that endpoints may be given: inside
+    C{net.subnet}, only its first host is kept for the DNS server.
+    """
+    listen = config.dns.listen
+    if not listen:
+        return
+    subnet = config.net.subnet
+    address = ipaddress.ip_address(listen.rpartition(":")[0].strip("[]"))
+    first = subnet.network_address + 1
+    if address in subnet and address != first:
+        where = ctx.locations.get("dns.listen", f"{ctx.path}: dns.listen")
+        raise ConfigError(
+            f"{where}: {address} is in net.subnet {subnet}, whose addresses go to"
+            f" endpoints: use {first} (kept for the DNS server) or an address"
+            " outside it"
+        )
 
 
 def _effective_subnet6(

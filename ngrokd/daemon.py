@@ -4,11 +4,12 @@ The daemon: who this machine is to ngrok, which endpoints it serves, where.
 
 L{Daemon} owns the state and wires the pieces: the identity (certificate and
 operator id, registered through the API when missing), the discovery poll, the
-plan from endpoints to listeners, the virtual-mode addresses and hosts-file
-names, and the listeners that bridge each accepted connection to the binding
-ingress. Data flows one way: poll -> parse -> allocate -> plan -> addresses ->
-listeners -> names. A failed poll or registration never stops what already
-works.
+plan from endpoints to listeners, the virtual-mode addresses, the names
+(the DNS server and its registration, L{ngrokd.host.nameservice}, and the
+hosts file for what DNS does not serve), and the listeners that bridge each
+accepted connection to the binding ingress. Data flows one way: poll ->
+parse -> allocate -> plan -> addresses -> listeners -> names. A failed poll
+or registration never stops what already works.
 
 Stopping is bounded: the listeners close at once, the connections already
 open get C{server.shutdown_grace} seconds to finish, the rest are reset (and
@@ -57,6 +58,7 @@ from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
 from ngrokd.host import allocation, ula
 from ngrokd.host.allocation import IPAddress, IPNetwork
 from ngrokd.host.hosts import HostsService
+from ngrokd.host.nameservice import NameService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
 from ngrokd.host.statelock import StateDirectoryLocked, StateLock
@@ -80,7 +82,8 @@ from ngrokd.readfile import in_own_thread
 from ngrokd.reconfigure import applied, changes
 from ngrokd.status import DaemonStatus, EndpointStatus, endpoint_status
 
-#: The keys that change where endpoints listen, or which names may be claimed.
+#: The keys that change where endpoints listen, which names may be claimed,
+#: or how names reach the system.
 _PLAN_KEYS = frozenset(
     {
         "net.listen_interface",
@@ -88,6 +91,9 @@ _PLAN_KEYS = frozenset(
         "net.start_port",
         "net.allowed_domains",
         "api.url",
+        "dns.mode",
+        "dns.listen",
+        "dns.upstreams",
     }
 )
 
@@ -230,6 +236,8 @@ class Daemon(MultiService):
             instance=config.server.instance,
             problems=self.problems,
         )
+        self.names = NameService(reactor, config, self.interface)
+        self.names.changed = self._names_changed
         self.discovery = EndpointDiscoveryService(
             self._fetch,
             self._poll_answered,
@@ -343,6 +351,7 @@ class Daemon(MultiService):
         if self.interface.parent is None:
             self.interface.setServiceParent(self)
             self.hosts.setServiceParent(self)
+            self.names.setServiceParent(self)
         if self.identity_service.parent is None:
             # Added last, so that an identity found at once can add the
             # discovery service without racing the start of the others.
@@ -499,6 +508,7 @@ class Daemon(MultiService):
             certificate_problem=identity.error if identity.state == EXPIRED else "",
             stale=self.stale,
             listeners6=self.listeners.listeners6,
+            unnamed=self.names.unnamed(list(self.plan.virtual_names())),
         )
 
     def daemon_status(self) -> DaemonStatus:
@@ -509,6 +519,8 @@ class Daemon(MultiService):
         listeners = self.listeners.listeners
         specs = self.plan.specs
         expires = identity.not_after
+        names = self.names.status()
+        virtual = any(s.virtual for s in specs.values())
         return DaemonStatus(
             version=__version__,
             started=self._started,
@@ -532,10 +544,11 @@ class Daemon(MultiService):
             stale=self.stale,
             warm_connections=self.connector.pool.ready,
             listeners_unplanned=len(self.plan.failures) - len(self.plan.refused),
-            names_error=(
-                self.hosts.error if any(s.virtual for s in specs.values()) else ""
-            ),
+            names_error=self.hosts.error if virtual else "",
             problems=self.problems.current(),
+            names_via=names.via,
+            names_fallback=names.fallback if virtual else "",
+            names_strict=names.strict,
             ipv6_subnet=str(self.subnet6 or ""),
             ipv6_error=self.interface.ipv6_error,
         )
@@ -630,6 +643,7 @@ class Daemon(MultiService):
             self.identity_service.key_changed()
         if "bound_endpoints.poll_interval" in changed:
             self.discovery.set_interval(config.bound_endpoints.poll_interval)
+        self.names.reconfigure(config)
         for observer in self.reconfigured:
             observer(config)
         if self._found is not None and changed.keys() & _PLAN_KEYS:
@@ -816,11 +830,13 @@ class Daemon(MultiService):
 
     async def _apply(self, found: list[ApiEndpoint]) -> None:
         """
-        Allocate (and persist), then set up the addresses, then listen, then
-        write the names: a name resolves only once its address and listener
-        exist. A name the hosts file already sets, or that is otherwise not
-        ours (L{ngrokd.names}), gets none of them. Addresses no hostname uses
-        any more go last, after their listeners and names.
+        Allocate (and persist), then set up the addresses (the DNS server's
+        too), then listen, then serve the names (the DNS server's table and
+        its registration, then the hosts file for what DNS does not serve):
+        a name resolves only once its address and listener exist. A name the
+        hosts file already sets, or that is otherwise not ours
+        (L{ngrokd.names}), gets none of them. Addresses no hostname uses any
+        more go last, after their listeners and names.
         """
         endpoints: dict[str, BoundEndpoint] = {}
         skipped: dict[str, str] = {}
@@ -866,6 +882,9 @@ class Daemon(MultiService):
         addresses = frozenset(
             [*self.allocations.ips.values(), *self.allocations.ips6.values()]
         )
+        server = self.names.own_address()
+        if server is not None:
+            addresses |= {server}
         missing = await self.interface.ensure(addresses | self._addresses)
         if self._stopping:
             # The listeners are closed, and the names go with the stop.
@@ -881,11 +900,20 @@ class Daemon(MultiService):
         if self._stopping:
             await self.listeners.stop()
             return
-        await self.hosts.write(self.plan.virtual_names())
+        await self.names.apply(self.plan.name_addresses())
+        await self.hosts.write(self.names.hosts_names(self.plan.virtual_names()))
         if self._addresses - addresses:
             await self.interface.ensure(addresses)
         self._addresses = addresses
         self._polled = True
+
+    def _names_changed(self) -> None:
+        """
+        How names reach the system changed by itself (systemd-resolved left
+        or came back): serve the names again, the hosts file as it now must.
+        """
+        if self._found is not None and not self._stopping:
+            self.reconcile(self._found)
 
     async def _save_allocations(self) -> None:
         """

@@ -305,7 +305,10 @@ def plan(
                     key, f"no network port could be allocated for {url}"
                 )
                 continue
-            rewrite = target.http_host if target.is_http else None
+            # A wildcard's clients say which name under it they meant.
+            rewrite = (
+                target.http_host if target.is_http and not target.is_wildcard else None
+            )
             specs[url] = ListenSpec(
                 mode, port, target, rewrite, client_address=client_address(mode, port)
             )

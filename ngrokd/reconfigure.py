@@ -48,6 +48,9 @@ HOT = frozenset(
         "net.start_port",
         "net.reuse_after",
         "net.allowed_domains",
+        "dns.mode",
+        "dns.listen",
+        "dns.upstreams",
     }
 )
 
@@ -55,7 +58,7 @@ HOT = frozenset(
 SECRET = frozenset({"api.key"})
 
 #: The sections of L{Config}, named as in the config file.
-_SECTIONS = ("api", "ingress", "server", "bound_endpoints", "net")
+_SECTIONS = ("api", "ingress", "server", "bound_endpoints", "net", "dns")
 #: Keys whose file name differs from their place in L{Config}.
 _RENAMED = {"ingress.endpoint": "ingressEndpoint"}
 

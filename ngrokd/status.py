@@ -158,6 +158,15 @@ class DaemonStatus:
     #: What keeps failing (a state file that cannot be saved, the hosts
     #: file), until it works again.
     problems: tuple[Problem, ...] = ()
+    #: How endpoint names reach programs (C{systemd-resolved; DNS server
+    #: on 10.107.0.1:53}, C{the hosts file}).
+    names_via: str = ""
+    #: Why the hosts file serves the names instead of the DNS server
+    #: (C{""}: it does not, or DNS was not asked for).
+    names_fallback: str = ""
+    #: C{dns.mode} names a way (not C{auto}): a fallback is not what was
+    #: configured, and the daemon is not ready.
+    names_strict: bool = False
     #: The block of the names' IPv6 addresses (C{""}: IPv6 is off).
     ipv6_subnet: str = ""
     #: Why names have no IPv6 address on this machine (C{""}: they do, or
@@ -199,7 +208,8 @@ class DaemonStatus:
         """
         The first step towards ready that is not done (C{""}: none): a valid
         identity, one poll applied, every wanted listener up, the names
-        written. This is readiness for C{/readyz}, C{ngrokctl health},
+        written and resolving as C{dns.mode} says. This is readiness for
+        C{/readyz}, C{ngrokctl health},
         C{ngrokd_ready} and systemd alike.
         """
         why = f": {self.identity_error}" if self.identity_error else ""
@@ -214,6 +224,11 @@ class DaemonStatus:
             return f"{self.listeners_up} of {self.listeners_wanted} listeners are up"
         if self.names_error:
             return f"endpoint names do not resolve: {self.names_error}"
+        if self.names_fallback and self.names_strict:
+            return (
+                "endpoint names do not resolve as configured (the hosts file"
+                f" serves them meanwhile): {self.names_fallback}"
+            )
         return ""
 
 
@@ -224,6 +239,7 @@ def endpoint_status(
     listeners: Mapping[str, ListenerState],
     certificate_problem: str = "",
     stale: bool = False,
+    unnamed: Mapping[str, str] | None = None,
     listeners6: Mapping[str, ListenerState] | None = None,
 ) -> tuple[EndpointStatus, ...]:
     """
@@ -239,6 +255,9 @@ def endpoint_status(
         connections all fail for it.
     @param stale: C{endpoints} is the list an earlier run kept, not (yet)
         confirmed by the API: every row says so.
+    @param unnamed: why a hostname cannot be reached by name (a wildcard
+        without DNS), by hostname: the reason of its listening endpoints
+        that have no other.
     @param listeners6: the IPv6 listeners, by normalised URL.
     """
     rows = [
@@ -246,7 +265,7 @@ def endpoint_status(
         for id, reason in skipped.items()
     ]
     for endpoint in endpoints.values():
-        row = _row(endpoint, plan, listeners, certificate_problem)
+        row = _row(endpoint, plan, listeners, certificate_problem, unnamed or {})
         rows.append(_with_ipv6(row, (listeners6 or {}).get(endpoint.target.url)))
     if stale:
         rows = [attrs.evolve(row, stale=True) for row in rows]
@@ -258,6 +277,7 @@ def _row(
     plan: Plan,
     listeners: Mapping[str, ListenerState],
     certificate_problem: str,
+    unnamed: Mapping[str, str],
 ) -> EndpointStatus:
     key = endpoint.target.url
     failure = plan.failures.get(key)
@@ -286,6 +306,8 @@ def _row(
             reason = certificate_problem
         elif stats.last_error:
             reason = f"last connection failed: {stats.last_error}"
+        else:
+            reason = unnamed.get(endpoint.target.host, "")
     elif listener.error:
         state, reason = FAILED, listener.error
     else:

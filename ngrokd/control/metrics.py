@@ -8,7 +8,8 @@ scrapes (bytes of connections still open included, so a long session is
 seen before it ends). Only what needs a distribution is observed as it
 happens, once per connection or poll, never per byte: the time from accept
 to an upgraded connection, the lifetime of each connection, and each
-discovery poll's duration and result. Without a health server there is no
+discovery poll's duration and result. The DNS server's counters are read
+the same way, while it runs. Without a health server there is no
 L{DaemonMetrics}, and the data path does not even read the clock for it.
 """
 
@@ -143,6 +144,7 @@ class DaemonMetrics:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._endpoints()
+        yield from self._dns()
         connector = self._daemon.connector
         handshakes, pool = connector.handshakes, connector.pool
         yield _by_label(
@@ -239,6 +241,58 @@ class DaemonMetrics:
             for kind, count in sorted(stats.failures.items()):
                 failures.add_metric([url, kind], count)
         yield from (opened, accepted, carried, failures)
+
+    def _dns(self) -> Iterator[Metric]:
+        counters = self._daemon.names.counters()
+        if counters is None:
+            return
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_answers",
+            "Answers of the DNS server, by kind: from the table (answer,"
+            " nodata, nxdomain) or an upstream's passed on (forward).",
+            "kind",
+            **{kind.value: n for kind, n in counters.answered.items()},
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_dns_forwarded",
+            "Queries the DNS server sent to an upstream server.",
+            value=counters.forwarded,
+        )
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_servfail",
+            "Queries answered SERVFAIL: no upstream answered in time or none"
+            " is usable (upstream), or too many forwards were in flight (busy).",
+            "reason",
+            upstream=counters.forward_failures,
+            busy=counters.forward_busy,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_dns_errors",
+            "Queries answered with an error of their own (not one question,"
+            " not a query, an EDNS version other than 0).",
+            value=counters.errors,
+        )
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_dropped",
+            "Packets dropped unanswered: no query (malformed), over their"
+            " source's rate (rate), or failing unexpectedly (failed).",
+            "reason",
+            malformed=counters.dropped_malformed,
+            rate=counters.dropped_rate,
+            failed=counters.failures,
+        )
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_tcp_closed",
+            "TCP connections the DNS server closed: at once, over its bound"
+            " (refused), or idle.",
+            "reason",
+            refused=counters.tcp_refused,
+            idle=counters.tcp_idle_closed,
+        )
 
 
 def _by_label(

@@ -99,6 +99,12 @@ def status_lines(
     )
     total = sum(counts.values())
     lines.append(f"Endpoints:    {total}" + (f" ({by_state})" if by_state else ""))
+    if status.get("names_via"):
+        fallback = status.get("names_fallback")
+        lines.append(
+            f"Names:        through {status['names_via']}"
+            + (f", because {fallback}" if fallback else "")
+        )
     if status.get("config_error"):
         lines.append(f"Config:       reload refused: {status['config_error']}")
     if status.get("restart_pending"):

@@ -28,10 +28,9 @@ caller can tell when the routing domains changed.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Container, Iterable
 
-from publicsuffixlist import PublicSuffixList
+from ngrokd.names import public_suffixes
 
 #: Top-level domains that are not public but that other resolvers answer:
 #: claiming one whole would hide their names.
@@ -51,13 +50,6 @@ SHARED_TLDS = frozenset(
 )
 
 
-@functools.cache
-def _public_suffixes() -> PublicSuffixList:
-    # ICANN's part only: a private registry (github.io) sits under a public
-    # TLD anyway. Read once, from the package's own copy of the list.
-    return PublicSuffixList(only_icann=True, accept_unknown=False)
-
-
 def normalise(name: str) -> str:
     """
     C{name} as the table keys it: lower case, without a trailing dot.
@@ -69,7 +61,7 @@ def is_public_tld(label: str) -> bool:
     """
     Whether C{label} is a top-level domain of the public DNS.
     """
-    return _public_suffixes().publicsuffix(label) == label
+    return public_suffixes().publicsuffix(label) == label
 
 
 def zone_for(name: str) -> str:

@@ -20,7 +20,7 @@ again. A clean stop reverts the link (C{RevertLink}).
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Set
+from collections.abc import Callable, Iterable, Set
 from ipaddress import ip_address
 from typing import Any
 
@@ -29,6 +29,7 @@ from jeepney import DBusAddress
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
+from ngrokd.dns.zones import routing_domains
 from ngrokd.endpoints import is_dns_name
 from ngrokd.host.allocation import IPAddress
 from ngrokd.host.dbus import (
@@ -75,36 +76,27 @@ class TooManyDomains(ValueError):
     """
 
 
-def routing_domains(names: Iterable[str]) -> tuple[str, ...]:
+def link_domains(names: Iterable[str]) -> tuple[str, ...]:
     """
-    The fewest routing domains that send every one of C{names} (host names,
-    or C{*.suffix} wildcards) to our server, and nothing more: a name is its
-    own domain (never its parent zone: C{controller.example.com} must not
-    take C{example.com} from the real DNS), a wildcard its suffix, and a
-    domain under another is dropped.
+    The routing domains that send every one of C{names} (host names, or
+    C{*.suffix} wildcards) to our server: the zones it serves alone, by the
+    one rule for them (L{ngrokd.dns.zones.routing_domains}: never a public
+    parent zone), as many as resolved takes on one link.
 
     @raise ValueError: naming a name that is not a DNS name.
     @raise TooManyDomains: past L{MAX_DOMAINS}.
     """
-    wanted = set()
+    names = list(names)
     for name in names:
-        domain = name.lower().rstrip(".").removeprefix("*.")
-        if not is_dns_name(domain):
+        if not is_dns_name(name.lower().rstrip(".").removeprefix("*.")):
             raise ValueError(f"{name!r} is not a DNS name")
-        wanted.add(domain)
-    minimal = tuple(
-        sorted(
-            domain
-            for domain in wanted
-            if not any(domain.endswith("." + other) for other in wanted)
-        )
-    )
-    if len(minimal) > MAX_DOMAINS:
+    domains = routing_domains(names)
+    if len(domains) > MAX_DOMAINS:
         raise TooManyDomains(
-            f"{len(minimal)} routing domains: systemd-resolved takes at most"
+            f"{len(domains)} routing domains: systemd-resolved takes at most"
             f" {MAX_DOMAINS} on one link"
         )
-    return minimal
+    return domains
 
 
 @frozen
@@ -238,13 +230,22 @@ class ResolvedLink:
 
     @ivar error: why the settings are not in place now (C{None} when they
         are), for status.
+    @param on_change: called when resolved leaves the bus, and after the
+        settings were applied again when it came back: what C{error} says
+        changed without a call of ours.
     """
 
     log = Logger()
 
-    def __init__(self, connection: DBusConnection, settings: LinkSettings) -> None:
+    def __init__(
+        self,
+        connection: DBusConnection,
+        settings: LinkSettings,
+        on_change: Callable[[], object] = lambda: None,
+    ) -> None:
         self._connection = connection
         self._settings = settings
+        self._on_change = on_change
         self._lock = DeferredLock()
         self._dirty = False
         self._stopped = False
@@ -294,12 +295,13 @@ class ResolvedLink:
             self.log.warn(
                 "systemd-resolved stopped; our names resolve again once it is back"
             )
+            self._on_change()
             return
         self.log.info(
             "systemd-resolved (re)started: applying our link's settings again"
         )
         if not self._dirty:
-            self._request().addErrback(lambda _: None)
+            self._request().addBoth(lambda _: self._stopped or self._on_change())
 
     def _request(self) -> Deferred[None]:
         self._dirty = True

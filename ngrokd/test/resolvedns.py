@@ -40,6 +40,17 @@ SKIP_PREFIX = "no systemd-resolved here:"
 ROOT_VARIABLE = "NGROKD_TEST_RESOLVED_ROOT"
 #: How long resolved may take to appear on the bus.
 START_TIMEOUT = 15.0
+#: The calls that register a link, in their order.
+SETUP = [
+    "SetLinkDomains",
+    "SetLinkDefaultRoute",
+    "SetLinkLLMNR",
+    "SetLinkMulticastDNS",
+    "SetLinkDNSSEC",
+    "SetLinkDNSOverTLS",
+    "SetLinkDNS",
+    "FlushCaches",
+]
 RESOLVED = "lib/systemd/systemd-resolved"
 RESOLVECTL = "usr/bin/resolvectl"
 

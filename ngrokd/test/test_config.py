@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.config import (
+    DNS_MODES,
     MAX_CONFIG_SIZE,
     MAX_DEPTH,
     ApiConfig,
     Config,
     ConfigError,
     DiscoveryConfig,
+    DnsConfig,
     IngressConfig,
     LoadedConfig,
     NetConfig,
@@ -1398,6 +1400,69 @@ class AllowedDomainsTests(ConfigTestCase):
         )
 
 
+class DnsTests(ConfigTestCase):
+    """
+    The C{dns} section: how names reach the system, where the server
+    listens, where it forwards.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        By default: auto, the server where the mode puts it, the system's
+        own upstream servers.
+        """
+        self.assertEqual(parse("").config.dns, DnsConfig("auto", "", ()))
+
+    def test_values(self) -> None:
+        """
+        Addresses take port 53 unless they give one; IPv6 goes in brackets
+        with a port; a bare off (false to YAML) is off.
+        """
+        dns = parse(
+            "dns:\n  mode: off\n  listen: 10.107.0.1\n"
+            "  upstreams: [192.0.2.53, '[2001:db8::53]:5353', '2001:db8::54']\n"
+        ).config.dns
+        self.assertEqual(
+            dns,
+            DnsConfig(
+                "off",
+                "10.107.0.1:53",
+                ("192.0.2.53:53", "[2001:db8::53]:5353", "[2001:db8::54]:53"),
+            ),
+        )
+        self.assertEqual(
+            parse("dns:\n  listen: '127.0.0.1:5353'\n").config.dns.listen,
+            "127.0.0.1:5353",
+        )
+
+    def test_refused(self) -> None:
+        """
+        An unknown mode, a name instead of an address, a bad port, and an
+        endpoint's address of net.subnet are refused, naming the key.
+        """
+        self.assertRefused(
+            "dns:\n  mode: dnsmasq\n",
+            "2: dns.mode: must be one of auto, resolved, resolver-files, hosts,"
+            " off; got 'dnsmasq'",
+        )
+        self.assertRefused(
+            "dns:\n  listen: ns.example:53\n",
+            "2: dns.listen: must be an IP address (a name would need DNS itself),"
+            " like 10.107.0.1:53; got 'ns.example:53'",
+        )
+        self.assertRefused(
+            "dns:\n  upstreams: ['192.0.2.1:0']\n",
+            "2: dns.upstreams[0]: port must be 1..65535, got '0', like 192.0.2.53"
+            " or [2001:db8::53]:53",
+        )
+        self.assertRefused(
+            "dns:\n  listen: 10.107.0.9\n",
+            "2: dns.listen: 10.107.0.9 is in net.subnet 10.107.0.0/16, whose"
+            " addresses go to endpoints: use 10.107.0.1 (kept for the DNS server)"
+            " or an address outside it",
+        )
+
+
 class LoadConfigTests(SynchronousTestCase):
     """
     L{load_config} reads the file, and names it when it cannot.
@@ -1631,6 +1696,10 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
         ),
         unique=True,
     ).map(lambda names: (names, tuple(names))),
+    "dns.mode": _same(st.sampled_from(DNS_MODES)),
+    "dns.upstreams": st.lists(st.ip_addresses(v=4).map(str), unique=True).map(
+        lambda servers: (servers, tuple(f"{s}:53" for s in servers))
+    ),
 }
 
 

@@ -160,6 +160,9 @@ class ReconcileFixture(SynchronousTestCase):
         with open(config_path, "w") as f:
             f.write(
                 f"server:\n  state_dir: {self.state_dir}\n"
+                # The names go to the hosts file alone: the DNS server and
+                # its registration have tests of their own.
+                "dns:\n  mode: 'off'\n"
                 f"net:\n  listen_interface: {listen_interface!r}\n"
                 f"  subnet: 10.107.0.0/24\n  start_port: 9080\n"
                 f"  hosts_file: {self.hosts_path}\n  overrides: {overrides}\n"

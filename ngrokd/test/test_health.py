@@ -29,14 +29,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from ngrokd.config import LoadedConfig, load_config
+from ngrokd.config import DnsConfig, LoadedConfig, load_config
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import (
     IDLE_TIMEOUT,
     HealthService,
     go_duration,
     health_site,
+    readiness_text,
     rfc3339,
+    status_document,
 )
 from ngrokd.control.httpsite import (
     MAX_CONNECTIONS,
@@ -45,6 +47,7 @@ from ngrokd.control.httpsite import (
     REQUEST_DEADLINE,
     REQUEST_TIMEOUT_ANSWER,
 )
+from ngrokd.control.render import status_lines
 from ngrokd.control.web import STREAM_WAIT, WebPage
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
@@ -102,6 +105,8 @@ class DaemonHealthTestCase(TestCase):
 
     timeout = 60
     endpoints = ["tcp://echo.test:7000"]
+    #: The daemon's C{dns} settings, when not the devcloud config's.
+    dns: DnsConfig | None = None
 
     def setUp(self) -> None:
         self.echo_port = listen(Factory.forProtocol(Echo), self)
@@ -121,8 +126,9 @@ class DaemonHealthTestCase(TestCase):
         config = load_config(self.devcloud.config_path).config
         address = health_address or f"127.0.0.1:{free_ports(1)}"
         server = attrs.evolve(config.server, health_address=address)
+        config = attrs.evolve(config, server=server, dns=self.dns or config.dns)
         options = Options()
-        options.loaded = LoadedConfig(attrs.evolve(config, server=server), ())
+        options.loaded = LoadedConfig(config, ())
         daemon = makeService(options, reactor)
         assert isinstance(daemon, Daemon)
         return daemon
@@ -893,3 +899,39 @@ class ConnectionCapTests(SiteTestCase):
             self.assertIn("16 connections from this address", lines[0]["why"])
 
         return ensureDeferred(run())
+
+
+class NamesStatusTests(SynchronousTestCase):
+    """
+    How names reach programs, as /readyz, /status and ngrokctl status say.
+    """
+
+    def test_fallbackSaid(self) -> None:
+        """
+        Names in the hosts file for want of DNS: /readyz of a ready daemon
+        (dns.mode auto) says why in its detail, /status has it, and so has
+        ngrokctl status.
+        """
+        status = ready_status(
+            names_via="the hosts file; DNS server on 10.107.0.1:53",
+            names_fallback="systemd-resolved stopped",
+        )
+        self.assertEqual(
+            readiness_text(status, ()),
+            "ready\nnames are in the hosts file: systemd-resolved stopped\n",
+        )
+        self.assertEqual(
+            status_document(status, ())["names"],
+            {
+                "via": "the hosts file; DNS server on 10.107.0.1:53",
+                "fallback": "systemd-resolved stopped",
+                "strict": False,
+            },
+        )
+        fields = {**attrs.asdict(status), "ready": True, "not_ready_because": ""}
+        fields.update(registered=True, uptime=60.0)
+        self.assertIn(
+            "Names:        through the hosts file; DNS server on 10.107.0.1:53,"
+            " because systemd-resolved stopped",
+            status_lines(fields, {}),
+        )

@@ -41,6 +41,7 @@ from ngrokd.host import allocation, hosts, ula
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
 from ngrokd.host.hosts import BEGIN, END
 from ngrokd.test.namespace import Namespace, namespace
+from ngrokd.test.resolvedns import ResolvedNamespace
 from ngrokd.test.test_netif import addresses_by_link, link_kinds
 
 T = TypeVar("T")
@@ -292,6 +293,8 @@ class World:
         overrides: dict[str, str] | None = None,
         hosts: str = HOSTS,
         devcloud_host: str = "127.0.0.1",
+        dns: dict[str, Any] | None = None,
+        resolved: ResolvedNamespace | None = None,
         subnet6: str | None = "",
     ) -> None:
         """
@@ -300,9 +303,18 @@ class World:
             left to its default).
         @param devcloud_host: the name or address the devcloud's API and
             ingress listen on, and the daemon's configuration names them by.
+        @param dns: the daemon's C{dns} settings; by default none of its
+            DNS server (these tests are about addresses, listeners and the
+            hosts file; names through DNS are L{ngrokd.test.test_names_e2e}'s).
+            Never C{auto} nor C{resolved} without C{resolved}: the daemon
+            would find this machine's own bus.
+        @param resolved: run everything beside this systemd-resolved and
+            its bus (the hosts file is then the daemon's alone: the
+            namespace's programs read their own C{/etc/hosts}).
         """
         self.case = case
-        self.ns: Namespace = namespace(case)
+        self.resolved = resolved
+        self.ns: Namespace = resolved.ns if resolved else namespace(case)
         self.dir = os.path.abspath(case.mktemp())
         os.makedirs(self.dir)
         self.hosts_path = os.path.join(self.dir, "hosts")
@@ -357,13 +369,25 @@ class World:
         if subnet6 is not None:
             config["net"]["subnet6"] = subnet6
         config["server"]["health_address"] = HEALTH
+        config["dns"] = {"mode": "off"} if dns is None else dns
+        if resolved is not None:
+            config["net"]["hosts_file"] = self.hosts_path
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """
+        The command line that runs C{argv} in the namespace: seeing the
+        hosts file as the daemon does, or beside resolved.
+        """
+        if self.resolved is not None:
+            return self.resolved.enter(argv)
+        return self.ns.command(argv, self.hosts_path)
 
     def spawn(self, name: str, argv: list[str], stdout: bool = False) -> Process:
         process = Process(
             name,
-            self.ns.command(argv, self.hosts_path),
+            self.command(argv),
             os.path.join(self.dir, f"{name}.log"),
             stdout,
         )
@@ -453,10 +477,20 @@ class World:
         What C{ngrokctl ARGS -o json} prints, over the daemon's socket.
         """
         argv = ["-m", "ngrokd.ctl", "--socket", self.socket_path, *args, "-o", "json"]
-        result = self.ns.run([sys.executable, *argv], self.hosts_path)
+        result = self.run([sys.executable, *argv])
         if result.returncode != 0:
             raise AssertionError(f"ngrokctl {args} failed:\n{result.stderr}")
         return json.loads(result.stdout)
+
+    def run(
+        self, argv: Sequence[str], timeout: float = START_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{argv} in the namespace (see L{command}) and wait for it.
+        """
+        if self.resolved is not None:
+            return self.resolved.run(argv, timeout)
+        return self.ns.run(argv, self.hosts_path, timeout)
 
     def state(self, name: str) -> Any:
         with open(os.path.join(self.state_dir, name)) as f:
@@ -470,7 +504,7 @@ class World:
         file as the daemon does) and decode the JSON it prints.
         """
         argv = [sys.executable, "-c", code, *args]
-        result = self.ns.run(argv, self.hosts_path, timeout=START_TIMEOUT)
+        result = self.run(argv)
         if result.returncode != 0:
             raise AssertionError(f"{code[:40]!r}... failed:\n{result.stderr}")
         return json.loads(result.stdout)

@@ -131,6 +131,23 @@ class PlanTests(SynchronousTestCase):
             [("127.0.0.1", 9080, None), ("127.0.0.1", 9081, "web.prod")],
         )
 
+    def test_wildcard(self) -> None:
+        """
+        A wildcard endpoint has one address in virtual mode; in network mode
+        its HTTP requests keep their Host, which says the name under it that
+        the client meant.
+        """
+        endpoints = [_endpoint("http://*.apps.prod")]
+        ips, ports = _allocate(endpoints)
+        virtual = plan(endpoints, "virtual", {}, ips, ports)
+        self.assertEqual(
+            virtual.name_addresses(),
+            {"*.apps.prod": ((IPv4Address("10.107.0.2"),), ())},
+        )
+        network = plan(endpoints, "127.0.0.1", {}, ips, ports)
+        (spec,) = network.specs.values()
+        self.assertEqual((spec.port, spec.rewrite_host), (9080, None))
+
     def test_override(self) -> None:
         """
         A per-hostname override beats the default mode.

@@ -35,10 +35,10 @@ from ngrokd.host.resolved import (
     Upstream,
     choose_upstreams,
     link_calls,
-    routing_domains,
+    link_domains,
 )
 from ngrokd.test.namespace import end_process
-from ngrokd.test.resolvedns import ResolvedNamespace
+from ngrokd.test.resolvedns import SETUP, ResolvedNamespace
 
 OUR_SERVER = "10.107.0.1"
 WEB = "10.107.0.2"
@@ -48,18 +48,20 @@ def ip(text: str) -> Any:
     return ip_address(text)
 
 
-class RoutingDomainsTests(SynchronousTestCase):
+class LinkDomainsTests(SynchronousTestCase):
     """
-    The fewest routing domains for a set of names.
+    Our link's routing domains: the DNS server's zones, by their one rule,
+    within resolved's bound.
     """
 
     def test_namesAreTheirOwnDomains(self) -> None:
         """
-        A name routes itself, never its parent zone.
+        A name under a public top-level domain routes itself, never its
+        parent zone; names under a private one route that domain whole.
         """
         self.assertEqual(
-            routing_domains(["web.prod", "controller.example.com"]),
-            ("controller.example.com", "web.prod"),
+            link_domains(["web.prod", "controller.example.com", "db.default"]),
+            ("controller.example.com", "default", "web.prod"),
         )
 
     def test_wildcardAndCovered(self) -> None:
@@ -68,7 +70,7 @@ class RoutingDomainsTests(SynchronousTestCase):
         nothing; case and a final dot do not matter.
         """
         self.assertEqual(
-            routing_domains(
+            link_domains(
                 ["*.apps.prod", "A.apps.prod.", "x.b.apps.prod", "apps2.prod"]
             ),
             ("apps.prod", "apps2.prod"),
@@ -81,16 +83,16 @@ class RoutingDomainsTests(SynchronousTestCase):
         """
         for bad in ["", ".", "../etc", "*.", "a b.prod"]:
             with self.assertRaises(ValueError) as caught:
-                routing_domains(["web.prod", bad])
+                link_domains(["web.prod", bad])
             self.assertIn(repr(bad), str(caught.exception))
 
     def test_bounded(self) -> None:
         """
         More domains than resolved takes on a link are refused, saying so.
         """
-        routing_domains([f"n{i}.prod" for i in range(MAX_DOMAINS)])
+        link_domains([f"n{i}.prod" for i in range(MAX_DOMAINS)])
         with self.assertRaises(TooManyDomains) as caught:
-            routing_domains([f"n{i}.prod" for i in range(MAX_DOMAINS + 1)])
+            link_domains([f"n{i}.prod" for i in range(MAX_DOMAINS + 1)])
         self.assertIn(f"at most {MAX_DOMAINS}", str(caught.exception))
 
 
@@ -202,18 +204,6 @@ class FakeBus:
         return answered
 
 
-SETUP = [
-    "SetLinkDomains",
-    "SetLinkDefaultRoute",
-    "SetLinkLLMNR",
-    "SetLinkMulticastDNS",
-    "SetLinkDNSSEC",
-    "SetLinkDNSOverTLS",
-    "SetLinkDNS",
-    "FlushCaches",
-]
-
-
 class ResolvedLinkTests(SynchronousTestCase):
     """
     L{ResolvedLink}'s order of events, with the bus faked.
@@ -221,9 +211,11 @@ class ResolvedLinkTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.bus = FakeBus()
+        self.changes: list[str | None] = []
         self.link = ResolvedLink(
             cast(DBusConnection, self.bus),
             LinkSettings(7, (ip(OUR_SERVER),), ("web.prod",)),
+            lambda: self.changes.append(self.link.error),
         )
 
     def test_start(self) -> None:
@@ -283,6 +275,20 @@ class ResolvedLinkTests(SynchronousTestCase):
             self.bus.signal((BUS_NAME, "", owner))
         self.assertEqual(self.bus.answer(), SETUP + SETUP)
         self.assertIsNone(self.link.error)
+
+    def test_changesSaid(self) -> None:
+        """
+        What changes without a call of ours is said: resolved leaving, and
+        our settings applied again once it is back; our own calls are not.
+        """
+        self.link.start()
+        self.bus.answer()
+        self.assertEqual(self.changes, [])
+        self.bus.signal((BUS_NAME, ":1.4", ""))
+        self.bus.signal((BUS_NAME, "", ":1.5"))
+        self.assertEqual(self.changes, ["systemd-resolved stopped"])
+        self.bus.answer()
+        self.assertEqual(self.changes, ["systemd-resolved stopped", None])
 
     def test_stop(self) -> None:
         """
@@ -503,7 +509,7 @@ from twisted.protocols.basic import LineReceiver
 from ngrokd.host.dbus import connect
 from ngrokd.host.probe import probe
 from ngrokd.host.resolved import (
-    LinkSettings, ResolvedError, ResolvedLink, resolved_running, routing_domains,
+    LinkSettings, ResolvedError, ResolvedLink, link_domains, resolved_running,
     upstream_servers)
 
 link_index = int(sys.argv[1])
@@ -525,7 +531,7 @@ class Names(ResolverBase):
 factory = server.DNSServerFactory(clients=[Names()])
 reactor.listenUDP(53, dns.DNSDatagramProtocol(factory), interface=str(ours))
 reactor.listenTCP(53, factory, interface=str(ours))
-settings = LinkSettings(link_index, (ours,), routing_domains(names))
+settings = LinkSettings(link_index, (ours,), link_domains(names))
 
 def say(value):
     sys.stdout.write(json.dumps(value) + "\\n")

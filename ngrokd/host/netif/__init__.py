@@ -73,6 +73,13 @@ class INetworkInterface(Interface):
         logs and C{ngrokctl status}.
         """
 
+    def link_index() -> int | None:
+        """
+        The index of the link of ngrokd's own that carries the addresses,
+        once created: what systemd-resolved is told to send our domains to.
+        C{None} when they are on a shared or loopback interface, or on none.
+        """
+
 
 class NetworkInterfaceError(Exception):
     """

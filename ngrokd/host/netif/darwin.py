@@ -109,6 +109,9 @@ class DarwinInterface:
     def describe(self) -> str:
         return f"aliases on {LOOPBACK}" if self._created else "not created"
 
+    def link_index(self) -> int | None:
+        return None  # lo0's aliases: a loopback interface
+
     async def _ensure(self, wanted: frozenset[IPAddress]) -> None:
         for ip in sorted(self._added - wanted):
             await self._ifconfig(LOOPBACK, "-alias", str(ip))

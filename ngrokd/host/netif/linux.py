@@ -180,6 +180,10 @@ class LinuxInterface:
     def describe(self) -> str:
         return self._description
 
+    def link_index(self) -> int | None:
+        carrier = self._carrier
+        return carrier.index if carrier is not None and carrier.whole else None
+
     def _run(self, work: Callable[..., str | None], *args: object) -> Deferred[None]:
         """
         Run C{work} in the pool's thread and log the notice it returns, here

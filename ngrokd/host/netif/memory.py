@@ -44,6 +44,8 @@ class MemoryInterface:
         self.created = False
         self.present: set[IPAddress] = set()
         self.failure: Exception | None = None
+        #: The link's index, as L{link_index} gives it once created.
+        self.index: int | None = None
         self.no_ipv6: str = ""
 
     def create(self) -> Deferred[None]:
@@ -85,3 +87,6 @@ class MemoryInterface:
 
     def describe(self) -> str:
         return f"memory interface {self.name}" if self.created else "not created"
+
+    def link_index(self) -> int | None:
+        return self.index if self.created else None

@@ -104,6 +104,15 @@ class InterfaceService(Service):
             return "not created"
         return self._interface.describe()
 
+    def link_index(self) -> int | None:
+        """
+        The index of ngrokd's own link for the addresses, when it has one
+        (L{INetworkInterface.link_index}).
+        """
+        if self.error or self._interface is None or not self._created:
+            return None
+        return self._interface.link_index()
+
     @staticmethod
     def _new_pool() -> ThreadPool:
         return ThreadPool(minthreads=0, maxthreads=1, name="ngrokd-netif")
