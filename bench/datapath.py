@@ -109,6 +109,11 @@ BULK_SLACK, BULK_MIN_RATE = 60.0, 2_000_000
 RECV_SIZE = 1024 * 1024
 #: The most of ngrokd's /metrics read.
 METRICS_LIMIT = 4 * MiB
+#: ngrokd's ingress.pool_linger is this part of --settle (at least
+#: MIN_LINGER), so that the settled reading comes after the linger; its
+#: pool_idle_timeout is at most that.
+LINGER_OF_SETTLE, MIN_LINGER = 0.5, 0.1
+POOL_IDLE_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -685,15 +690,23 @@ def start_relay(
     return Relay(child, wait_for_ports(child, portfile, RELAY_TIMEOUT))
 
 
-def write_daemon_config(workdir: Path, devcloud: Devcloud, ingress_port: int) -> Path:
+def write_daemon_config(
+    workdir: Path, devcloud: Devcloud, ingress_port: int, settings: Settings
+) -> Path:
     """
     ngrokd's configuration: the devcloud's, with the ingress at
-    C{ingress_port} on 127.0.0.1 (the devcloud's own, or the relay's) and
-    the health and metrics server on a free port, so that the metrics read
-    are this daemon's.
+    C{ingress_port} on 127.0.0.1 (the devcloud's own, or the relay's), early
+    data and the pool's linger as C{settings} say, and the health and
+    metrics server on a free port, so that the metrics read are this
+    daemon's.
     """
     config = yaml.safe_load(devcloud.config.read_text())
     config["ingressEndpoint"] = f"{LOOPBACK}:{ingress_port}"
+    config.setdefault("ingress", {}).update(
+        early_data=settings.early_data,
+        pool_linger=settings.pool_linger,
+        pool_idle_timeout=min(POOL_IDLE_TIMEOUT, settings.pool_linger),
+    )
     config.setdefault("server", {})["health_address"] = f"{LOOPBACK}:{free_ports(1)[0]}"
     path = workdir / "ngrokd.yaml"
     path.touch(mode=0o600)  # it holds the devcloud's API key
@@ -868,6 +881,10 @@ class Settings:
     settle_seconds: float
     #: Added each way on the TLS legs by the relay (0: no relay).
     delay_ms: float
+    #: ngrokd's ingress.early_data.
+    early_data: bool
+    #: ngrokd's ingress.pool_linger: part of settle_seconds.
+    pool_linger: float
 
 
 def progress(message: str) -> None:
@@ -1285,6 +1302,13 @@ def _header(report: Report) -> list[str]:
     if delay:
         legs = "ngrokd→ingress" + (" and stunnel→stunnel" if pair else "")
         lines.append(f"link      {legs} through a relay adding {delay:g} ms each way")
+    if report.daemon is not None:
+        s = report.settings
+        early = "on" if s.early_data else "off"
+        lines.append(
+            f"ngrokd    ingress.early_data {early}, ingress.pool_linger"
+            f" {s.pool_linger:g} s (half the settle)"
+        )
     lines.append(f"command   {report.command}")
     sharing = ["the load client", "the backends"]
     if pair is not None:
@@ -1478,6 +1502,7 @@ def as_json(report: Report) -> dict[str, Any]:
 def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
     fd_limit = raise_fd_limit()
     quick = args.quick
+    settle_seconds = args.settle if args.settle is not None else (5 if quick else 60)
     settings = Settings(
         latency_connections=args.latency or (50 if quick else 300),
         bulk_bytes=(64 if quick else 512) * MiB,
@@ -1485,8 +1510,10 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
         parallel_bytes_each=(16 if quick else 128) * MiB,
         concurrency=args.concurrency,
         direct_only=args.direct_only,
-        settle_seconds=args.settle if args.settle is not None else (5 if quick else 60),
+        settle_seconds=settle_seconds,
         delay_ms=args.delay,
+        early_data=not args.no_early_data,
+        pool_linger=max(MIN_LINGER, settle_seconds * LINGER_OF_SETTLE),
     )
     machine = Machine.here(fd_limit)
     progress(f"working in {workdir}")
@@ -1515,7 +1542,7 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> Report:
     daemon: Daemon | None = None
     if devcloud is not None:
         ingress = devcloud.ingress_port if relay is None else relay.ports[INGRESS_ROUTE]
-        config = write_daemon_config(workdir, devcloud, ingress)
+        config = write_daemon_config(workdir, devcloud, ingress, settings)
         progress(f"starting ngrokd with {config}")
         daemon = start_daemon(children, devcloud, config)
     processes: dict[str, Child] = {}
@@ -1634,6 +1661,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="carry ngrokd's leg to the ingress and the stunnel pair's TLS leg"
         " through a relay that adds MS milliseconds each way (default 0: no"
         " relay)",
+    )
+    parser.add_argument(
+        "--no-early-data",
+        action="store_true",
+        help="run ngrokd with ingress.early_data off: a client's first bytes"
+        " wait for the ingress's answer",
     )
     parser.add_argument(
         "--direct-only",

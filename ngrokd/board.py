@@ -8,9 +8,10 @@ L{endpoint_status} makes every row from the daemon's state; with 10,000
 endpoints that costs tens of milliseconds of the reactor's time at each
 look, during which no connection is accepted or carried. L{StatusBoard}
 instead makes one endpoint's row again only where one of its facts changes:
-a reconcile that changed the endpoint, its plan or its listener; the
-listener's bind or failure; a connection's start, failure and end (the
-bytes of a connection are counted once, when it ends). A reader reads the
+a reconcile that changed the endpoint, its plan or its listeners (IPv4
+and IPv6); a listener's bind or failure; a connection's start, failure and
+end (the bytes of a connection are counted once, when it ends); whether
+its hostname can be reached by name (L{StatusBoard.named}). A reader reads the
 rows as they are, through indexes kept with them (L{RowIndex}): the order
 by URL, the rows in each state, and the text a name filter searches. A
 change counter (L{StatusBoard.version}) and watchers (L{StatusBoard.watch})
@@ -240,12 +241,14 @@ def shown(row: EndpointStatus, certificate_problem: str, stale: bool) -> Endpoin
 class StatusBoard:
     """
     The kept rows of every endpoint, and the counts the daemon's summary
-    needs (listeners up, virtual-mode listeners planned).
+    needs (listeners up, IPv6 ones too, virtual-mode listeners planned).
 
     The daemon tells it what changed: L{reconciled} with the endpoints, the
-    skipped ones and the plan after each step of a reconcile, and
-    L{listener_changed} with a listener's URL when it listens, fails, stops
-    or counts a connection. Rows a reconcile changed wait in L{pending}
+    skipped ones and the plan after each step of a reconcile,
+    L{listener_changed} with a listener's URL when it (or its IPv6
+    listener) listens, fails, stops or counts a connection, and L{named}
+    with the hostnames that cannot be reached by name once the names are
+    served. Rows a reconcile changed wait in L{pending}
     until L{refresh} makes them, so that a large change can be made in
     slices.
     """
@@ -254,13 +257,17 @@ class StatusBoard:
         self,
         listeners: Callable[[], Mapping[str, ListenerState]],
         overlay: Overlay = _no_overlay,
+        listeners6: Callable[[], Mapping[str, ListenerState]] = dict,
     ) -> None:
         """
         @param listeners: the listeners now, by URL.
         @param overlay: the daemon-wide facts now (see L{shown}).
+        @param listeners6: the IPv6 listeners now, by URL.
         """
         self._listeners = listeners
+        self._listeners6 = listeners6
         self._overlay = overlay
+        self._unnamed: Mapping[str, str] = {}
         self._endpoints: Mapping[str, BoundEndpoint] = {}
         self._skipped: Mapping[str, str] = {}
         self._plan = Plan({}, {})
@@ -268,6 +275,7 @@ class StatusBoard:
         #: The endpoint ids at each listener URL.
         self._at: dict[str, tuple[str, ...]] = {}
         self._up: set[str] = set()
+        self._up6: set[str] = set()
         self._virtual = 0
         self._pending: dict[str, None] = {}
         self._watchers: list[Callable[[str], object]] = []
@@ -317,6 +325,7 @@ class StatusBoard:
         if plan is not self._plan:
             urls = _differ(self._plan.specs, plan.specs)
             urls.update(_differ(self._plan.failures, plan.failures))
+            urls.update(_differ(self._plan.specs6, plan.specs6))
             for url in urls:
                 before_spec = self._plan.specs.get(url)
                 spec = plan.specs.get(url)
@@ -328,6 +337,24 @@ class StatusBoard:
             for url in urls:
                 self._count_up(url)
         self._pending.update(dict.fromkeys(changed))
+
+    def named(self, unnamed: Mapping[str, str]) -> None:
+        """
+        Why each hostname that cannot be reached by name cannot (see
+        L{ngrokd.status.endpoint_status}): queue the rows of the endpoints
+        of the hostnames whose reason changed.
+        """
+        hosts = _differ(self._unnamed, unnamed)
+        if not hosts:
+            return
+        self._unnamed = unnamed
+        self._pending.update(
+            dict.fromkeys(
+                id
+                for id, endpoint in self._endpoints.items()
+                if endpoint.target.host in hosts
+            )
+        )
 
     def _move(self, id: str, before: str | None, after: str | None) -> None:
         if before is not None:
@@ -350,11 +377,15 @@ class StatusBoard:
             self._make(id)
 
     def _count_up(self, url: str) -> None:
-        listener = self._listeners().get(url)
-        if url in self._plan.specs and listener is not None and listener.listening:
-            self._up.add(url)
-        else:
-            self._up.discard(url)
+        for up, specs, listeners in (
+            (self._up, self._plan.specs, self._listeners),
+            (self._up6, self._plan.specs6, self._listeners6),
+        ):
+            listener = listeners().get(url)
+            if url in specs and listener is not None and listener.listening:
+                up.add(url)
+            else:
+                up.discard(url)
 
     @property
     def pending(self) -> int:
@@ -383,7 +414,13 @@ class StatusBoard:
         if reason is not None:
             row: EndpointStatus | None = skipped_row(id, reason)
         elif endpoint is not None:
-            row = endpoint_row(endpoint, self._plan, self._listeners())
+            row = endpoint_row(
+                endpoint,
+                self._plan,
+                self._listeners(),
+                unnamed=self._unnamed,
+                listeners6=self._listeners6(),
+            )
         else:
             row = None
         if row is None:
@@ -403,6 +440,13 @@ class StatusBoard:
         The planned listeners that listen.
         """
         return len(self._up)
+
+    @property
+    def listeners6_up(self) -> int:
+        """
+        The planned IPv6 listeners that listen.
+        """
+        return len(self._up6)
 
     @property
     def virtual(self) -> int:

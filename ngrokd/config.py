@@ -22,7 +22,7 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -37,6 +37,12 @@ from ngrokd.readfile import read_regular
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_SUBNET = ipaddress.ip_network("10.107.0.0/16")
+#: C{net.subnet6}: a unique local /64 derived from the state directory
+#: (L{ngrokd.host.ula}), or none.
+SUBNET6_AUTO = "auto"
+SUBNET6_OFF = ""
+#: The longest IPv6 prefix: a longer one holds too few names to be useful.
+_MAX_PREFIX6 = 120
 #: macOS binds endpoint addresses as loopback aliases, so they must be in 127/8.
 _DARWIN_SUBNET = ipaddress.IPv4Network("127.0.0.0/8")
 #: Longer waits are mistakes (and huge integers do not fit a float).
@@ -48,6 +54,7 @@ _MAX_COUNT = 1_000_000
 #: Warm connections to the ingress: each is a socket and a TLS session.
 _MAX_POOL = 1000
 _LOG_LEVELS = {"debug", "info", "warn", "warning", "error", "critical"}
+_LOG_FORMATS = ("text", "json")
 _NULL = "tag:yaml.org,2002:null"
 _STR = "tag:yaml.org,2002:str"
 _MERGE = "tag:yaml.org,2002:merge"
@@ -152,6 +159,12 @@ class IngressConfig:
     pool_idle_timeout: float = 30.0
     #: Seconds a ready connection is kept before it is replaced.
     pool_max_age: float = 20.0
+    #: Seconds after the last accepted connection during which one is kept
+    #: ready where a handshake is worth saving; none after.
+    pool_linger: float = 300.0
+    #: Send a client's first bytes right behind the request, before the
+    #: ingress answers.
+    early_data: bool = True
 
     @property
     def host(self) -> str:
@@ -197,6 +210,8 @@ class ServerConfig:
     idle_timeout: float | None = None
     #: Endpoints with series of their own in C{/metrics} (0: none).
     metrics_per_endpoint: int = 10000
+    #: How the log is written: C{text} or C{json} lines.
+    log_format: str = "text"
 
 
 @frozen
@@ -229,6 +244,29 @@ class NetConfig:
     reuse_after: float = 3600.0
     #: The domains virtual-mode names must be in, lowercase (empty: any).
     allowed_domains: tuple[str, ...] = ()
+    #: Where each virtual-mode name's IPv6 address comes from: a block,
+    #: L{SUBNET6_AUTO} (derived in the state directory) or L{SUBNET6_OFF}.
+    subnet6: ipaddress.IPv6Network | str = SUBNET6_AUTO
+
+
+#: How names may reach the system's resolver (C{dns.mode}).
+DNS_MODES = ("auto", "resolved", "resolver-files", "hosts", "off")
+
+
+@frozen
+class DnsConfig:
+    """
+    ngrokd's DNS server, and how the system's resolver is pointed at it.
+    """
+
+    #: One of L{DNS_MODES}.
+    mode: str = "auto"
+    #: C{address:port} the server listens on; C{""}: the first host of
+    #: C{net.subnet}, port 53, in virtual mode, and none in network mode.
+    listen: str = ""
+    #: C{address:port} servers other names are forwarded to; empty: the
+    #: system's own (systemd-resolved's, or C{resolv.conf}'s).
+    upstreams: tuple[str, ...] = ()
 
 
 @frozen
@@ -243,6 +281,7 @@ class Config:
     server: ServerConfig
     bound_endpoints: DiscoveryConfig
     net: NetConfig
+    dns: DnsConfig = DnsConfig()
 
 
 @frozen
@@ -451,6 +490,13 @@ def _log_level(node: yaml.Node, key: str, ctx: _Context) -> str:
     return "warn" if value.lower() == "warning" else value.lower()
 
 
+def _log_format(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = ctx.value(node, key)
+    if value not in _LOG_FORMATS:
+        ctx.fail(node, key, f"must be text or json; got {_shown(node)}")
+    return str(value)
+
+
 #: Twisted server endpoint types a socket_path may name instead of a path.
 _ENDPOINT_TYPES = ("unix:", "systemd:", "tcp:", "tcp6:")
 
@@ -500,19 +546,16 @@ def _mode(node: yaml.Node, key: str, ctx: _Context) -> str:
         ctx.fail(
             node,
             key,
-            f"must be virtual, 0.0.0.0 or an IP address, got {_shown(node)}",
+            f"must be virtual, 0.0.0.0, :: or an IP address, got {_shown(node)}",
         )
     return value
 
 
 def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
     value = _string(node, key, ctx)
-    try:
-        if "/" not in value:
-            raise ValueError("no prefix length")
-        subnet = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        ctx.fail(node, key, f"must be a CIDR block like 10.107.0.0/16, got {value!r}")
+    subnet = _block(
+        node, key, ctx, value, ipaddress.ip_network, "a CIDR block like 10.107.0.0/16"
+    )
     if subnet.num_addresses < 4:
         ctx.fail(
             node,
@@ -520,8 +563,6 @@ def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
             f"{value} is too small: it needs a gateway (.1) and at least one "
             "endpoint address (.2); use a prefix of /30 or shorter",
         )
-    if subnet.network_address != ipaddress.ip_interface(value).ip:
-        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
     if ctx.platform == "darwin" and not (
         isinstance(subnet, ipaddress.IPv4Network) and subnet.subnet_of(_DARWIN_SUBNET)
     ):
@@ -531,6 +572,64 @@ def _subnet(node: yaml.Node, key: str, ctx: _Context) -> _IPNetwork:
             f"macOS virtual mode needs addresses in {_DARWIN_SUBNET}; "
             f"{subnet} is outside it",
         )
+    return subnet
+
+
+_N = TypeVar("_N", bound=_IPNetwork)
+
+
+def _block(
+    node: yaml.Node,
+    key: str,
+    ctx: _Context,
+    value: str,
+    kind: Callable[..., _N],
+    expected: str,
+) -> _N:
+    """
+    C{value} read by C{kind} as a block with a prefix length; host bits
+    set are read as its network, with a warning.
+    """
+    try:
+        if "/" not in value:
+            raise ValueError("no prefix length")
+        subnet = kind(value, strict=False)
+    except ValueError:
+        ctx.fail(node, key, f"must be {expected}, got {value!r}")
+    if subnet.network_address != ipaddress.ip_interface(value).ip:
+        ctx.warn(node, key, f"{value} has host bits set; using {subnet}")
+    return subnet
+
+
+def _subnet6(node: yaml.Node, key: str, ctx: _Context) -> ipaddress.IPv6Network | str:
+    """
+    C{auto}, C{""} (no IPv6 addresses) or an IPv6 block; macOS has none.
+    """
+    value = _string(node, key, ctx).strip()
+    if value in (SUBNET6_AUTO, SUBNET6_OFF):
+        return value
+    subnet = _block(
+        node,
+        key,
+        ctx,
+        value,
+        ipaddress.IPv6Network,
+        'auto, "" (no IPv6) or an IPv6 block like fd6e:6772:6f6b::/64',
+    )
+    if subnet.prefixlen > _MAX_PREFIX6:
+        ctx.fail(
+            node,
+            key,
+            f"{value} is too small: use a prefix of /{_MAX_PREFIX6} or shorter"
+            " (/64 is usual)",
+        )
+    if ctx.platform == "darwin":
+        ctx.warn(
+            node,
+            key,
+            "macOS virtual mode is IPv4 only (aliases of lo0 in 127.0.0.0/8); ignored",
+        )
+        return SUBNET6_OFF
     return subnet
 
 
@@ -657,6 +756,72 @@ def _listen_address(node: yaml.Node, key: str, ctx: _Context) -> str:
     return join_host_port(str(address), int(port))
 
 
+def _dns_mode(node: yaml.Node, key: str, ctx: _Context) -> str:
+    value = ctx.value(node, key)
+    if value is False:
+        return "off"  # YAML 1.1 reads a bare off as false
+    if not isinstance(value, str) or value.lower() not in DNS_MODES:
+        modes = ", ".join(DNS_MODES)
+        ctx.fail(node, key, f"must be one of {modes}; got {_shown(node)}")
+    return value.lower()
+
+
+def _dns_server(text: str, default_port: int | None) -> str:
+    """
+    C{text} (C{address}, C{address:port}, C{[ipv6]:port}, or a bare IPv6
+    address when C{default_port} is given) as C{address:port}.
+
+    @raise ValueError: saying what is wrong.
+    """
+    host, port = text, ""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("an IPv6 address goes in brackets: [::1]:53")
+        port = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("must be an IP address (a name would need DNS itself)")
+    if not port:
+        if default_port is None:
+            raise ValueError("must give its port: ADDRESS:PORT ([IPv6]:PORT)")
+        return join_host_port(str(address), default_port)
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"port must be 1..65535, got {port!r}")
+    return join_host_port(str(address), int(port))
+
+
+def _dns_listen(node: yaml.Node, key: str, ctx: _Context) -> str:
+    """
+    Where the DNS server listens, C{address[:port]} (port 53 by default);
+    C{""}: chosen by the mode (see L{DnsConfig.listen}).
+    """
+    value = _string(node, key, ctx).strip()
+    if not value:
+        return ""
+    try:
+        return _dns_server(value, 53)
+    except ValueError as e:
+        ctx.fail(node, key, f"{e}, like 10.107.0.1:53; got {value!r}")
+
+
+def _dns_upstreams(node: yaml.Node, key: str, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        ctx.fail(node, key, f"must be a list of addresses, got {_shown(node)}")
+    servers: dict[str, None] = {}
+    for i, item in enumerate(node.value):
+        where = f"{key}[{i}]"
+        value = _name(item, where, ctx).strip()
+        try:
+            servers[_dns_server(value, 53)] = None
+        except ValueError as e:
+            ctx.fail(item, where, f"{e}, like 192.0.2.53 or [2001:db8::53]:53")
+    return tuple(servers)
+
+
 def _api_url(node: yaml.Node, key: str, ctx: _Context) -> str:
     value = _name(node, key, ctx)
     try:
@@ -692,7 +857,10 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "ingress.pool_size": (_size, 16),
     "ingress.pool_idle_timeout": (_seconds, 30.0),
     "ingress.pool_max_age": (_seconds, 20.0),
+    "ingress.pool_linger": (_seconds, 300.0),
+    "ingress.early_data": (_bool, True),
     "server.log_level": (_log_level, "info"),
+    "server.log_format": (_log_format, "text"),
     "server.instance": (_instance_name, ""),
     "server.socket_path": (_socket, None),
     "server.socket_group": (_string, ""),
@@ -718,6 +886,10 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "net.hosts_file": (_path, "/etc/hosts"),
     "net.reuse_after": (_delay, 3600.0),
     "net.allowed_domains": (_domains, ()),
+    "dns.mode": (_dns_mode, "auto"),
+    "dns.listen": (_dns_listen, ""),
+    "dns.upstreams": (_dns_upstreams, ()),
+    "net.subnet6": (_subnet6, None),
 }
 _SECTIONS = {key.partition(".")[0] for key in _FIELDS if "." in key}
 
@@ -892,10 +1064,53 @@ def parse_config(
             "net",
             interface_name=found.get("net.interface_name") or _interface_of(path, name),
             subnet=found.get("net.subnet", default_subnet),
+            subnet6=_effective_subnet6(ctx, found, default_subnet),
             hosts_file=environ.get("NGROKD_HOSTS_PATH") or get("net.hosts_file"),
         ),
+        dns=section(DnsConfig, "dns"),
     )
+    _check_dns_listen(ctx, config)
     return LoadedConfig(config, tuple(ctx.warnings), ctx.locations)
+
+
+def _check_dns_listen(ctx: _Context, config: Config) -> None:
+    """
+    Refuse a C{dns.listen} address that endpoints may be given: inside
+    C{net.subnet}, only its first host is kept for the DNS server.
+    """
+    listen = config.dns.listen
+    if not listen:
+        return
+    subnet = config.net.subnet
+    address = ipaddress.ip_address(listen.rpartition(":")[0].strip("[]"))
+    first = subnet.network_address + 1
+    if address in subnet and address != first:
+        where = ctx.locations.get("dns.listen", f"{ctx.path}: dns.listen")
+        raise ConfigError(
+            f"{where}: {address} is in net.subnet {subnet}, whose addresses go to"
+            f" endpoints: use {first} (kept for the DNS server) or an address"
+            " outside it"
+        )
+
+
+def _effective_subnet6(
+    ctx: _Context, found: Mapping[str, Any], default_subnet: _IPNetwork
+) -> ipaddress.IPv6Network | str:
+    """
+    C{net.subnet6}, or its default (L{SUBNET6_AUTO}); none on macOS (IPv4
+    only) and where C{net.subnet} gives IPv6 addresses already.
+    """
+    subnet = found.get("net.subnet", default_subnet)
+    value: ipaddress.IPv6Network | str = found.get("net.subnet6", SUBNET6_AUTO)
+    if ctx.platform == "darwin" or value == SUBNET6_OFF or subnet.version == 4:
+        return SUBNET6_OFF if ctx.platform == "darwin" else value
+    if "net.subnet6" in found:
+        raise ConfigError(
+            f"{ctx.locations['net.subnet6']}: net.subnet {subnet} gives IPv6"
+            ' addresses already; set net.subnet6 to "" or net.subnet to an'
+            " IPv4 block"
+        )
+    return SUBNET6_OFF
 
 
 def _interface_of(path: str, name: str) -> str:

@@ -3,8 +3,9 @@
 C{ngrokctl}: ask and tell a running ngrokd, over its control socket.
 
 Commands: C{status}, C{list}, C{health}, C{events}, C{reload},
-C{set-api-key}, C{config edit}, C{diagnose}. Read commands print tables, or
-JSON with C{-o json}.
+C{set-api-key}, C{config edit}, C{diagnose}, C{completion}; the command
+line is L{ngrokd.cli.ctl_parser}'s. Read commands print tables, or JSON
+with C{-o json}.
 Errors go to stderr, each with an exit code of its own
 (L{ngrokd.control.client}): 3 when ngrokd is not running, 4 when the
 socket or the command is not allowed to this user, 5 on a timeout, 6 when
@@ -14,7 +15,6 @@ C{health} exits 1 when not ready.
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import os
@@ -27,7 +27,7 @@ import attrs
 from attrs import define
 from twisted.internet.task import react
 
-from ngrokd import __version__
+from ngrokd.cli.ctl_parser import parse
 from ngrokd.config import ConfigError
 from ngrokd.control.client import (
     EXIT_FAILED,
@@ -89,80 +89,20 @@ class Console:
         self.err.flush()
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="ngrokctl", description="Ask and tell a running ngrokd."
-    )
-    top.add_argument("--version", action="version", version=f"ngrokctl {__version__}")
-    top.add_argument(
-        "--socket",
-        help="the daemon's control socket (default: the instance's, then"
-        f" $NGROKD_SOCKET, then {DEFAULT_SOCKET})",
-    )
-    top.add_argument(
-        "--instance",
-        metavar="NAME",
-        help="the named ngrokd instance: its socket /var/run/ngrokd-NAME.sock"
-        " and its config /etc/ngrokd/NAME/config.yml",
-    )
-    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def read_command(name: str, text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=text, description=text)
-        command.add_argument(
-            "-o", "--output", choices=["table", "json"], default="table"
-        )
-        return command
-
-    read_command("status", "who the daemon is to ngrok, and how it does")
-    read_command("list", "every bound endpoint: where to connect, its state")
-    read_command("health", "whether the daemon is ready; exits 1 when not")
-    events = read_command("events", "follow what happens, live")
-    events.add_argument(
-        "--tail", type=int, default=10, help="show this many past events first"
-    )
-    events.add_argument(
-        "--once", action="store_true", help="print the past events and stop"
-    )
-    commands.add_parser(
-        "reload",
-        help="read the config file again and apply what changed",
-        description="Exit 1 when the file is invalid (nothing changes), 7 when"
-        " some changed keys wait for a restart.",
-    )
-    key = commands.add_parser(
-        "set-api-key",
-        help="try an ngrok API key, then use and save it",
-        description="The key is read from stdin (or a prompt on a terminal)"
-        " so that it stays out of ps and shell history.",
-    )
-    key.add_argument("key", nargs="?", help=argparse.SUPPRESS)
-    diagnose = read_command(
-        "diagnose", "check each hop of the path; exits 1 at the first broken one"
-    )
-    diagnose.add_argument(
-        "--config",
-        help=f"the file (default: the running daemon's, then {config_path('')}"
-        " or the instance's)",
-    )
-    config = commands.add_parser("config", help="the configuration file")
-    config.add_argument("action", choices=["edit"])
-    config.add_argument(
-        "--config",
-        help=f"the file (default: the running daemon's, then {config_path('')}"
-        " or the instance's)",
-    )
-    return top
-
-
 async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
     """
     Run one ngrokctl command line; the exit code.
     """
     try:
-        args = parser().parse_args(argv)
+        args = parse(argv)
     except SystemExit as e:
         return int(e.code or 0) and EXIT_USAGE
+    if args.command == "completion":
+        from ngrokd.cli.completion import completion_script
+        from ngrokd.cli.ctl_parser import parser
+
+        console.out.write(completion_script(parser(), args.shell))
+        return EXIT_OK
     if args.instance is not None:
         try:
             check_name(args.instance)

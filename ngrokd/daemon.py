@@ -4,11 +4,12 @@ The daemon: who this machine is to ngrok, which endpoints it serves, where.
 
 L{Daemon} owns the state and wires the pieces: the identity (certificate and
 operator id, registered through the API when missing), the discovery poll, the
-plan from endpoints to listeners, the virtual-mode addresses and hosts-file
-names, and the listeners that bridge each accepted connection to the binding
-ingress. Data flows one way: poll -> parse -> allocate -> plan -> addresses ->
-listeners -> names. A failed poll or registration never stops what already
-works.
+plan from endpoints to listeners, the virtual-mode addresses, the names
+(the DNS server and its registration, L{ngrokd.host.nameservice}, and the
+hosts file for what DNS does not serve), and the listeners that bridge each
+accepted connection to the binding ingress. Data flows one way: poll ->
+parse -> allocate -> plan -> addresses -> listeners -> names. A failed poll
+or registration never stops what already works.
 
 Stopping is bounded: the listeners close at once, the connections already
 open get C{server.shutdown_grace} seconds to finish, the rest are reset (and
@@ -39,24 +40,28 @@ from twisted.internet.defer import (
     fail,
     succeed,
 )
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from ngrokd import __version__
 from ngrokd.atomic import AtomicWriteError
+from ngrokd.blocking import BlockingPool, one_thread
 from ngrokd.board import StatusBoard
-from ngrokd.config import Config, ConfigError, load_config
+from ngrokd.config import SUBNET6_AUTO, SUBNET6_OFF, Config, ConfigError, load_config
 from ngrokd.datapath.bridge import LocalProtocol
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
 from ngrokd.datapath.pool import PoolSettings
 from ngrokd.endpoints import BoundEndpoint
-from ngrokd.host import allocation
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host import allocation, ula
+from ngrokd.host.allocation import IPAddress, IPNetwork
 from ngrokd.host.hosts import HostsService
+from ngrokd.host.nameservice import NameService
 from ngrokd.host.netif import INetworkInterface
 from ngrokd.host.netif.service import InterfaceService
 from ngrokd.host.statelock import StateDirectoryLocked, StateLock
@@ -66,7 +71,14 @@ from ngrokd.ngrok.api import ApiEndpoint, APIError, NgrokAPI, NoAPIKey, make_api
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import Identity, IdentityStore
 from ngrokd.ngrok.identity_service import EXPIRED, IdentityService
-from ngrokd.ngrok.trust import LateTrustPolicy, load_api_trust, load_ingress_trust
+from ngrokd.ngrok.trust import (
+    LateTrustPolicy,
+    PartialChainTrust,
+    TrustRoot,
+    load_api_trust,
+    load_ingress_trust,
+)
+from ngrokd.pem import PEMError
 from ngrokd.plan import Plan
 from ngrokd.problems import Problems
 from ngrokd.readfile import in_own_thread
@@ -74,7 +86,8 @@ from ngrokd.reconfigure import applied, changes
 from ngrokd.replan import Replanner
 from ngrokd.status import DaemonStatus, EndpointStatus
 
-#: The keys that change where endpoints listen, or which names may be claimed.
+#: The keys that change where endpoints listen, which names may be claimed,
+#: or how names reach the system.
 _PLAN_KEYS = frozenset(
     {
         "net.listen_interface",
@@ -82,6 +95,9 @@ _PLAN_KEYS = frozenset(
         "net.start_port",
         "net.allowed_domains",
         "api.url",
+        "dns.mode",
+        "dns.listen",
+        "dns.upstreams",
     }
 )
 
@@ -135,6 +151,22 @@ READ_TIMEOUT = 30.0
 #: What fails when a state file cannot be written, for status and the log.
 _SAVING = "saving the addresses and ports"
 _KEEPING = "keeping the last good list of endpoints"
+_READING = "reading the CA and state files at start"
+
+
+@frozen
+class _Files:
+    """
+    What the daemon reads at start, in its file thread.
+    """
+
+    api_trust: TrustRoot
+    ingress_trust: PartialChainTrust
+    subnet6: IPNetwork | None
+    #: The global ID C{subnet6} was derived from, when it is new (unsaved).
+    new_global_id: int | None
+    allocations: allocation.Allocations
+    kept: tuple[str, list[ApiEndpoint]] | None
 
 
 class Daemon(MultiService):
@@ -150,12 +182,15 @@ class Daemon(MultiService):
         reactor: Any,
         network_interface: INetworkInterface | None = None,
         clock: IReactorTime | None = None,
+        threadpool: Callable[[str], ThreadPool] = one_thread,
     ) -> None:
         """
         @param network_interface: carries the virtual-mode addresses (by
             default the platform's; tests give another).
         @param clock: times the grace given to open connections when
             stopping (by default the reactor).
+        @param threadpool: makes the pool of the thread that reads and
+            writes the daemon's files while it runs (by default one thread).
         """
         super().__init__()
         self.config = config
@@ -177,8 +212,11 @@ class Daemon(MultiService):
             max_pending=ingress.max_pending_dials,
             queue_timeout=ingress.dial_queue_timeout,
             pool=_pool_settings(config),
+            early_data=ingress.early_data,
         )
         server = config.server
+        #: Reads and writes the CA and state files, off the reactor thread.
+        self.file_thread = BlockingPool(reactor, "ngrokd-files", threadpool)
         self.state_lock = StateLock(server.state_dir)
         #: Run by twistd, a locked state directory ends the process with the
         #: message alone (exit status 1), not a traceback.
@@ -190,6 +228,7 @@ class Daemon(MultiService):
             IdentityStore(server.state_dir, server.client_cert, server.client_key),
             self.api,
             reactor,
+            in_thread=self.file_thread.run,
             selectors=config.bound_endpoints.selectors,
             hostname=socket.gethostname(),
             has_key=lambda: bool(self.api_key.strip()),
@@ -203,7 +242,11 @@ class Daemon(MultiService):
             reactor, self.connector, idle_timeout=server.idle_timeout
         )
         #: Every endpoint's status row, kept as its facts change.
-        self.board = StatusBoard(lambda: self.listeners.listeners, self._overlay)
+        self.board = StatusBoard(
+            lambda: self.listeners.listeners,
+            self._overlay,
+            lambda: self.listeners.listeners6,
+        )
         self.listeners.watch(self.board.listener_changed)
         #: What keeps failing (state files, the hosts file), for status.
         self.problems = Problems(reactor)
@@ -214,6 +257,8 @@ class Daemon(MultiService):
             instance=config.server.instance,
             problems=self.problems,
         )
+        self.names = NameService(reactor, config, self.interface)
+        self.names.changed = self._names_changed
         self.discovery = EndpointDiscoveryService(
             self._fetch,
             self._poll_answered,
@@ -226,6 +271,10 @@ class Daemon(MultiService):
         #: The last poll's parsed endpoints and decisions.
         self._replan = Replanner()
         self.allocations = self._saved = allocation.Allocations()
+        #: The block of the names' IPv6 addresses (None: IPv6 is off), and
+        #: the global ID it was derived from while it is not saved yet.
+        self.subnet6: IPNetwork | None = None
+        self._unsaved_global_id: int | None = None
         #: The virtual-mode addresses the last reconcile kept.
         self._addresses: frozenset[IPAddress] = frozenset()
         self._latest: list[ApiEndpoint] | None = None
@@ -263,7 +312,8 @@ class Daemon(MultiService):
         """
         Take the state directory, then start. Another daemon on the same
         state raises L{StateDirectoryLocked} here, before anything of the
-        machine is touched.
+        machine is touched. What needs the CA and state files starts once
+        they are read (L{_load_files}).
         """
         try:
             self.state_lock.acquire()
@@ -279,31 +329,67 @@ class Daemon(MultiService):
             was=was,
             hard=hard,
         )
-        self._load_files()
+        self.file_thread.start()
         super().startService()
-        if self.interface.parent is None:
-            # Added (and so started) only now: they change the machine.
-            self.interface.setServiceParent(self)
-            self.hosts.setServiceParent(self)
-        if self.identity_service.parent is None:
-            # Added once running, so that an identity found at once can add
-            # the discovery service without racing the start of the others.
-            self.identity_service.setServiceParent(self)
+        self._load_files()
 
     def _load_files(self) -> None:
         """
-        Read what the config names and the state directory holds: the CA
-        bundles (checked when the config was loaded) and the allocations;
-        and say so if the client key is readable by others.
+        Read, in the file thread, what the config names and the state
+        directory holds: the CA bundles (checked when the config was
+        loaded), the IPv6 block's global ID, the allocations and the last
+        good list. Then start what needs them: the interface and the hosts
+        file (they change the machine), and the identity, which adds the
+        discovery service once it has one. Nothing is served before.
         """
         config = self.config
-        self._check_key_mode(config.server.client_key)
-        self._api_tls.use(load_api_trust(config.api.ca_bundle))
-        self.connector.use_trust(load_ingress_trust(config.ingress.ca_bundle))
-        self.allocations = self._saved = allocation.load(
-            config.server.state_dir, config.net.subnet
+
+        def read() -> _Files:
+            self._check_key_mode(config.server.client_key)
+            subnet6, new_global_id = _subnet6(config)
+            return _Files(
+                load_api_trust(config.api.ca_bundle),
+                load_ingress_trust(config.ingress.ca_bundle),
+                subnet6,
+                new_global_id,
+                allocation.load(
+                    config.server.state_dir, config.net.subnet, subnet6=subnet6
+                ),
+                lastgood.load(config.server.state_dir),
+            )
+
+        self.file_thread.run(read).addCallback(self._use_files).addErrback(
+            self._files_failed
         )
-        self._kept = lastgood.load(config.server.state_dir)
+
+    def _use_files(self, files: _Files) -> None:
+        if self._stopping or not self.running:
+            return
+        self._api_tls.use(files.api_trust)
+        self.connector.use_trust(files.ingress_trust)
+        self.subnet6 = self.interface.subnet6 = files.subnet6
+        self._unsaved_global_id = files.new_global_id
+        self.allocations = self._saved = files.allocations
+        self._kept = files.kept
+        if self.interface.parent is None:
+            self.interface.setServiceParent(self)
+            self.hosts.setServiceParent(self)
+            self.names.setServiceParent(self)
+        if self.identity_service.parent is None:
+            # Added last, so that an identity found at once can add the
+            # discovery service without racing the start of the others.
+            self.identity_service.setServiceParent(self)
+
+    def _files_failed(self, failure: Failure) -> None:
+        if self._stopping or not self.running:
+            return
+        if not failure.check(PEMError, OSError):
+            self.log.failure("reading the CA and state files failed", failure)
+        self.problems.failed(
+            _READING,
+            failure.getErrorMessage(),
+            "nothing is served until ngrokd is restarted with files it can read",
+        )
 
     def _check_key_mode(self, path: str) -> None:
         try:
@@ -371,6 +457,8 @@ class Daemon(MultiService):
             await super().stopService()
             await self.api.close()
         finally:
+            # The files are written before another daemon may have them.
+            await self.file_thread.stop()
             self.state_lock.release()
 
     def _left_behind(self) -> str:
@@ -378,7 +466,9 @@ class Daemon(MultiService):
         The names and addresses a stop that gives up may leave.
         """
         names = ", ".join(
-            f"{name} {ip}" for name, ip in sorted(self.hosts.written.items())
+            f"{name} {ip}"
+            for name, ips in sorted(self.hosts.written.items())
+            for ip in ips
         )
         addresses = ", ".join(sorted(str(ip) for ip in self._addresses))
         return (
@@ -461,6 +551,8 @@ class Daemon(MultiService):
         identity = self.identity_service.status()
         specs = self.plan.specs
         expires = identity.not_after
+        names = self.names.status()
+        virtual = self.board.virtual > 0
         return DaemonStatus(
             version=__version__,
             started=self._started,
@@ -482,8 +574,13 @@ class Daemon(MultiService):
             stale=self.stale,
             warm_connections=self.connector.pool.ready,
             listeners_unplanned=len(self.plan.failures) - len(self.plan.refused),
-            names_error=self.hosts.error if self.board.virtual else "",
+            names_error=self.hosts.error if virtual else "",
             problems=self.problems.current(),
+            names_via=names.via,
+            names_fallback=names.fallback if virtual else "",
+            names_strict=names.strict,
+            ipv6_subnet=str(self.subnet6 or ""),
+            ipv6_error=self.interface.ipv6_error,
         )
 
     # Reload
@@ -518,7 +615,7 @@ class Daemon(MultiService):
             )
             return ReloadResult(error=str(e))
         for warning in loaded.warnings:
-            self.log.warn("{problem}", problem=warning)
+            self.log.warn("configuration: {problem}", problem=warning)
         found = changes(self.config, loaded.config)
         self.config_error = ""
         self.restart_pending = tuple(sorted(found.restart))
@@ -562,6 +659,8 @@ class Daemon(MultiService):
             )
         if any(key.startswith("ingress.pool_") for key in changed):
             self.connector.pool.configure(_pool_settings(config))
+        if "ingress.early_data" in changed:
+            self.connector.early_data = ingress.early_data
         if changed.keys() & _IDENTITY_KEYS:
             # It asks ngrok again: only when what it sends or decides changed.
             self.identity_service.reconfigure(
@@ -574,6 +673,7 @@ class Daemon(MultiService):
             self.identity_service.key_changed()
         if "bound_endpoints.poll_interval" in changed:
             self.discovery.set_interval(config.bound_endpoints.poll_interval)
+        self.names.reconfigure(config)
         for observer in self.reconfigured:
             observer(config)
         if self._found is not None and changed.keys() & _PLAN_KEYS:
@@ -760,11 +860,13 @@ class Daemon(MultiService):
 
     async def _apply(self, found: list[ApiEndpoint]) -> None:
         """
-        Allocate (and persist), then set up the addresses, then listen, then
-        write the names: a name resolves only once its address and listener
-        exist. A name the hosts file already sets, or that is otherwise not
-        ours (L{ngrokd.names}), gets none of them. Addresses no hostname uses
-        any more go last, after their listeners and names.
+        Allocate (and persist), then set up the addresses (the DNS server's
+        too), then listen, then serve the names (the DNS server's table and
+        its registration, then the hosts file for what DNS does not serve):
+        a name resolves only once its address and listener exist. A name the
+        hosts file already sets, or that is otherwise not ours
+        (L{ngrokd.names}), gets none of them. Addresses no hostname uses any
+        more go last, after their listeners and names.
         """
         endpoints, skipped = await self._parse(found)
         self.endpoints, self.skipped = endpoints, skipped
@@ -778,6 +880,7 @@ class Daemon(MultiService):
             net,
             names,
             self._reactor.seconds(),
+            self.subnet6,
         )
         if len(endpoints) >= DECIDE_IN_THREAD:
             pool = self._reactor.getThreadPool()
@@ -786,7 +889,12 @@ class Daemon(MultiService):
             result, planned = decide()
         self.allocations = result.allocations
         await self._save_allocations()
-        addresses = frozenset(self.allocations.ips.values())
+        addresses = frozenset(
+            [*self.allocations.ips.values(), *self.allocations.ips6.values()]
+        )
+        server = self.names.own_address()
+        if server is not None:
+            addresses |= {server}
         missing = await self.interface.ensure(addresses | self._addresses)
         if self._stopping:
             # The listeners are closed, and the names go with the stop.
@@ -803,13 +911,22 @@ class Daemon(MultiService):
                         "cannot serve {url}: {reason}", url=url, reason=reason
                     )
         await self._make_rows()
-        if self.plan is not previous or self.board.listeners_up < len(self.plan.specs):
+        board = self.board
+        if (
+            self.plan is not previous
+            or board.listeners_up < len(self.plan.specs)
+            or board.listeners6_up < len(self.plan.specs6)
+        ):
             # Unchanged and all listening, there is nothing to do.
-            await self.listeners.reconcile(self.plan.specs)
+            await self.listeners.reconcile(self.plan.specs, self.plan.specs6)
         if self._stopping:
             await self.listeners.stop()
             return
-        await self.hosts.write(self.plan.virtual_names())
+        name_addresses, virtual_names = self._replan.names(self.plan)
+        await self.names.apply(name_addresses)
+        await self.hosts.write(self.names.hosts_names(virtual_names))
+        self.board.named(self.names.unnamed(list(virtual_names)))
+        await self._make_rows()
         if self._addresses - addresses:
             await self.interface.ensure(addresses)
         self._addresses = addresses
@@ -847,23 +964,32 @@ class Daemon(MultiService):
             skipped = self.skipped
         return endpoints, skipped
 
+    def _names_changed(self) -> None:
+        """
+        How names reach the system changed by itself (systemd-resolved left
+        or came back): serve the names again, the hosts file as it now must.
+        """
+        if self._found is not None and not self._stopping:
+            self.reconcile(self._found)
+
     async def _save_allocations(self) -> None:
         """
         Persist the allocations if they changed, off the reactor thread (it
         waits for fsync). When that fails they are used all the same, and
         saving is tried again at the next reconcile.
         """
-        allocations = self.allocations
-        if allocations == self._saved:
+        allocations, global_id = self.allocations, self._unsaved_global_id
+        if allocations == self._saved and global_id is None:
             self.problems.cleared(_SAVING)
             return
         try:
             await deferToThreadPool(
                 self._reactor,
                 self._reactor.getThreadPool(),
-                allocation.save,
+                _save_state,
                 self.config.server.state_dir,
                 allocations,
+                global_id,
             )
         except AtomicWriteError as e:
             self.problems.failed(
@@ -874,15 +1000,57 @@ class Daemon(MultiService):
             )
             return
         self._saved = allocations
+        if self._unsaved_global_id == global_id:
+            self._unsaved_global_id = None
         self.problems.cleared(_SAVING)
+
+
+def _subnet6(config: Config) -> tuple[IPNetwork | None, int | None]:
+    """
+    C{net.subnet6}; for C{auto}, the block of the global ID kept in the
+    state directory, or of a new one, returned beside it (it is saved with
+    the allocations). This reads a file: call it off the reactor thread.
+    """
+    subnet6 = config.net.subnet6
+    if subnet6 == SUBNET6_OFF:
+        return None, None
+    if subnet6 != SUBNET6_AUTO:
+        assert not isinstance(subnet6, str)
+        return subnet6, None
+    global_id = ula.load(config.server.state_dir)
+    if global_id is None:
+        new = ula.new_global_id()
+        return ula.derive(new), new
+    return ula.derive(global_id), None
+
+
+def _save_state(
+    state_dir: str, allocations: allocation.Allocations, global_id: int | None
+) -> None:
+    """
+    Save the IPv6 global ID, if new, then the allocations built on it.
+    """
+    if global_id is not None:
+        ula.save(state_dir, global_id)
+    allocation.save(state_dir, allocations)
 
 
 class StopOnSignal(Service):
     """
     SIGTERM and SIGINT: the first stops the reactor, and so the daemon, with
     its grace for open connections; the next one ends that grace at once.
-    Installed once the reactor runs, over the reactor's own handlers (whose
-    second signal would only log a traceback).
+
+    The handlers only hand the signal to the reactor thread: nothing is
+    logged and no lock is taken inside a handler, which runs in the middle
+    of whatever the main thread was doing, a log line's write included. (The
+    reactor's own handlers log there, and a second signal during that write
+    can deadlock on the log file's lock.) They are installed as the service
+    tree is prepared, before the reactor runs, so that a signal during the
+    start still stops the daemon cleanly, and again right after the reactor
+    puts its own SIGTERM handler in place as it starts. A signal in between
+    (a few instructions, while nothing logs) meets the reactor's handler,
+    which stops the reactor too: the stop asked for here then finds it
+    stopping already.
     """
 
     log = Logger()
@@ -898,9 +1066,14 @@ class StopOnSignal(Service):
         self._install = install
         self._received = 0
 
-    def startService(self) -> None:
-        super().startService()
-        self._reactor.callWhenRunning(self._install_handlers)
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._install_handlers()
+        if not self._reactor.running:
+            # After the reactor's own trigger, which installs its handlers.
+            self._reactor.addSystemEventTrigger(
+                "during", "startup", self._install_handlers
+            )
 
     def _install_handlers(self) -> None:
         for number in (signal.SIGTERM, signal.SIGINT):
@@ -920,21 +1093,29 @@ class StopOnSignal(Service):
                 "send {signal} again to reset open connections at once",
                 signal=name,
             )
-            # The reactor's own handler stops it and keeps the signal, so
-            # that twistd ends by it, as systemd expects.
-            if number == signal.SIGINT:
-                self._reactor.sigInt(number)
-            else:
-                self._reactor.sigTerm(number)
+            # twistd ends by the signal the reactor keeps here (where its own
+            # handlers keep theirs), as systemd expects.
+            if self._reactor._exitSignal is None:
+                self._reactor._exitSignal = number
+            self._reactor.callFromThread(self._stop_reactor)
         else:
             self.log.info(
                 "received {signal} again: resetting open connections", signal=name
             )
             self._daemon.stop_now()
 
+    def _stop_reactor(self) -> None:
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # stopping already: the reactor's own handler took a signal
+
 
 def _pool_settings(config: Config) -> PoolSettings:
     ingress = config.ingress
     return PoolSettings(
-        ingress.pool_size, ingress.pool_idle_timeout, ingress.pool_max_age
+        ingress.pool_size,
+        ingress.pool_idle_timeout,
+        ingress.pool_max_age,
+        ingress.pool_linger,
     )

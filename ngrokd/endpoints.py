@@ -13,6 +13,11 @@ The hostname comes from the API, which we do not control, and ends up in
 the hosts file and in listening sockets: only a DNS name is accepted (RFC
 1123 labels of letters, digits and hyphens, punycode for other scripts, 253
 characters in all), so that no URL can add a second name to a hosts line.
+A wildcard endpoint's hostname is C{*.} and such a name (C{*.apps.prod}):
+every name under the suffix reaches it (through the DNS server: no hosts
+line can say that), and its C{ConnRequest} carries the URL's hostname as
+written, the star included; the client's own bytes (C{Host}, SNI) tell the
+ingress which name under it was meant.
 """
 
 from __future__ import annotations
@@ -70,6 +75,13 @@ class EndpointTarget:
     def is_http(self) -> bool:
         return self.scheme in HTTP_SCHEMES
 
+    @property
+    def is_wildcard(self) -> bool:
+        """
+        Whether every name under a suffix reaches it (C{*.apps.prod}).
+        """
+        return is_wildcard(self.host)
+
 
 @frozen
 class BoundEndpoint:
@@ -93,6 +105,13 @@ def is_dns_name(host: str) -> bool:
         and host.isascii()
         and all(_LABEL.fullmatch(label) for label in host.split("."))
     )
+
+
+def is_wildcard(host: str) -> bool:
+    """
+    Whether C{host} is a wildcard name: C{*.} and a DNS name.
+    """
+    return host.startswith("*.")
 
 
 def _quoted(text: str) -> str:
@@ -133,9 +152,11 @@ def parse_endpoint_url(url: str, proto: str = "") -> EndpointTarget:
     host = (parts.hostname or "").lower()
     if not host:
         raise EndpointURLError(f"{shown}: no hostname")
-    if "*" in host:
-        raise EndpointURLError(f"{shown}: a wildcard hostname cannot be bound locally")
-    if not parts.netloc.isascii() or not is_dns_name(host):
+    if "*" in host.removeprefix("*."):
+        raise EndpointURLError(
+            f"{shown}: a wildcard is a whole first label and nothing else (*.apps.prod)"
+        )
+    if not parts.netloc.isascii() or not is_dns_name(host.removeprefix("*.")):
         raise EndpointURLError(
             f"{shown}: the hostname is not a DNS name (labels of letters,"
             f" digits and hyphens, punycode for other scripts, at most"

@@ -17,13 +17,18 @@ someone else here; claiming it would take it from them:
    addresses, and C{getaddrinfo} sorts ngrokd's, on a local link, first.
  - a name outside C{net.allowed_domains}, when that is set.
 
+A wildcard (C{*.apps.prod}) claims every name under its suffix: the rules
+apply to the suffix, and a wildcard over a public suffix (C{*.prod},
+C{*.co.uk}) is refused, as it would take a whole part of the public DNS.
+
 L{refusal} is the one rule for all of them, a pure function of the name and
-L{NameRules}: whatever makes names resolve applies it, and says its answer
-as the endpoint's reason.
+L{NameRules}: whatever makes names resolve (the hosts file, the DNS
+server's table) applies it, and says its answer as the endpoint's reason.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -32,6 +37,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
+from publicsuffixlist import PublicSuffixList
 
 from ngrokd.config import Config
 
@@ -84,6 +90,16 @@ def name_rules(config: Config, pinned: AbstractSet[str] = frozenset()) -> NameRu
     return NameRules(reserved, pinned, config.net.allowed_domains)
 
 
+@functools.cache
+def public_suffixes() -> PublicSuffixList:
+    """
+    The Public Suffix List's ICANN section (a private registry such as
+    C{github.io} sits under a public suffix anyway), read once from the
+    package's own copy.
+    """
+    return PublicSuffixList(only_icann=True, accept_unknown=False)
+
+
 def is_numeric(name: str) -> bool:
     """
     Whether C{name} (lowercase) reads as an IP address: an IPv4 or IPv6
@@ -114,11 +130,20 @@ def refusal(name: str, rules: NameRules) -> str | None:
     Why ngrokd may not claim C{name} on this machine, or C{None} when it may.
     """
     name = name.lower().removesuffix(".")
-    why = _why(name, rules)
+    suffix = name.removeprefix("*.")
+    if suffix != name and public_suffixes().is_public(suffix):
+        why: str | None = (
+            f"a wildcard over {suffix}, a public suffix, would take every name"
+            " under it from the DNS"
+        )
+    else:
+        # A wildcard gives its suffix itself no address: a line for it
+        # in the hosts file is no second address of the same name.
+        why = _why(suffix, rules, exact=suffix == name)
     return None if why is None else f"{name} is not ngrokd's to claim: {why}"
 
 
-def _why(name: str, rules: NameRules) -> str | None:
+def _why(name: str, rules: NameRules, exact: bool) -> str | None:
     if name == "localhost" or name.endswith(".localhost"):
         return "it names this machine itself (RFC 6761)"
     if is_numeric(name):
@@ -132,6 +157,6 @@ def _why(name: str, rules: NameRules) -> str | None:
         if len(domains) > _SHOWN_DOMAINS:
             shown += f" and {len(domains) - _SHOWN_DOMAINS} more"
         return f"it is outside net.allowed_domains ({shown})"
-    if name in rules.pinned:
+    if exact and name in rules.pinned:
         return "the hosts file sets it outside ngrokd's section, and that address stays"
     return None

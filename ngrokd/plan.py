@@ -12,6 +12,11 @@ nothing listened on the URL's port, fault 29), and every planned listener
 carries the address a local client should use
 (L{ListenSpec.client_address}), for status output and the docs.
 
+A virtual-mode hostname with an IPv6 address too listens there as well: a
+second spec per endpoint (L{Plan.specs6}), on the same port, sharing the
+endpoint's counts. It is a bonus: without it (no IPv6 here, a bind that
+failed) the endpoint is served over IPv4 and does not fail.
+
 A virtual-mode hostname is a claim on the name, on this whole machine: one
 that L{ngrokd.names.refusal} refuses gets no address and no listener, and
 fails with that reason. A network-mode one claims no name, and so is not
@@ -25,12 +30,16 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from attrs import frozen
+import attrs
+from attrs import field, frozen
 
 from ngrokd.endpoints import BoundEndpoint, EndpointTarget, join_host_port
 from ngrokd.names import NO_FACTS, NameRules, refusal
 
 VIRTUAL = "virtual"
+
+#: A name's addresses: IPv4, then IPv6.
+NameAddresses = tuple[tuple[IPv4Address, ...], tuple[IPv6Address, ...]]
 
 
 @frozen
@@ -101,23 +110,43 @@ class Plan:
     specs: Mapping[str, ListenSpec]
     failures: Mapping[str, str]
     refused: frozenset[str] = frozenset()
+    #: The IPv6 listener of each virtual-mode endpoint of C{specs} whose
+    #: hostname has an IPv6 address, by URL.
+    specs6: Mapping[str, ListenSpec] = field(factory=dict)
 
-    def virtual_names(self) -> dict[str, str]:
+    def name_addresses(self) -> dict[str, NameAddresses]:
         """
-        Hostname to address, for the hostnames with a virtual-mode listener:
-        what the hosts file should say.
+        The addresses of each hostname with a virtual-mode listener, IPv4
+        and IPv6: what the names (hosts file, DNS) should say.
         """
+        names: dict[str, tuple[set[IPv4Address], set[IPv6Address]]] = {}
+        for specs in (self.specs, self.specs6):
+            for spec in specs.values():
+                if spec.virtual:
+                    ip = ip_address(spec.address)
+                    v4, v6 = names.setdefault(spec.target.host, (set(), set()))
+                    if isinstance(ip, IPv4Address):
+                        v4.add(ip)
+                    else:
+                        v6.add(ip)
         return {
-            spec.target.host: spec.address
-            for spec in self.specs.values()
-            if spec.virtual
+            name: (tuple(sorted(v4)), tuple(sorted(v6)))
+            for name, (v4, v6) in names.items()
         }
+
+    def virtual_names(self) -> dict[str, tuple[IPv4Address | IPv6Address, ...]]:
+        """
+        Hostname to its addresses (IPv4 first), for the hostnames with a
+        virtual-mode listener: what the hosts file should say.
+        """
+        return {name: v4 + v6 for name, (v4, v6) in self.name_addresses().items()}
 
     def without_addresses(self, missing: Mapping[str, str]) -> Plan:
         """
         This plan with the virtual-mode listeners on the addresses of
         C{missing} (address to the reason it could not be set up) moved to the
-        failures.
+        failures; an IPv6 listener whose address is missing is only left
+        out, the endpoint being served over IPv4.
         """
         specs = dict(self.specs)
         failures = dict(self.failures)
@@ -128,7 +157,12 @@ class Plan:
                     f"address {spec.address} for {spec.target.host} could not be"
                     f" set up: {missing[spec.address]}"
                 )
-        return Plan(specs, dict(sorted(failures.items())), self.refused)
+        specs6 = {
+            url: spec
+            for url, spec in self.specs6.items()
+            if url in specs and spec.address not in missing
+        }
+        return Plan(specs, dict(sorted(failures.items())), self.refused, specs6)
 
 
 @frozen
@@ -218,6 +252,7 @@ def plan(
     network_ports: Mapping[tuple[str, int], int],
     allocation_errors: Mapping[str | tuple[str, int], str] | None = None,
     names: NameRules = NO_FACTS,
+    ips6: Mapping[str, IPv4Address | IPv6Address] | None = None,
 ) -> Plan:
     """
     In virtual mode an endpoint listens on its hostname's own address and its
@@ -230,9 +265,13 @@ def plan(
         its failure.
     @param names: what decides whether a virtual-mode hostname may be
         claimed; a refused one fails with the reason.
+    @param ips6: the IPv6 address of virtual-mode hostnames that have one:
+        their endpoints listen there too, on the same port.
     """
     errors = allocation_errors or {}
     specs: dict[str, ListenSpec] = {}
+    specs6: dict[str, ListenSpec] = {}
+    ips6 = ips6 or {}
     failures: dict[str, str] = {}
     served_by: dict[tuple[str, int], str] = {}
     refused: set[str] = set()
@@ -266,7 +305,10 @@ def plan(
                     key, f"no network port could be allocated for {url}"
                 )
                 continue
-            rewrite = target.http_host if target.is_http else None
+            # A wildcard's clients say which name under it they meant.
+            rewrite = (
+                target.http_host if target.is_http and not target.is_wildcard else None
+            )
             specs[url] = ListenSpec(
                 mode, port, target, rewrite, client_address=client_address(mode, port)
             )
@@ -281,4 +323,7 @@ def plan(
             refused.add(url)
         else:
             served_by[bind] = url
-    return Plan(specs, failures, frozenset(refused))
+            ip6 = ips6.get(target.host) if specs[url].virtual else None
+            if ip6 is not None:
+                specs6[url] = attrs.evolve(specs[url], address=str(ip6))
+    return Plan(specs, failures, frozenset(refused), specs6)

@@ -72,7 +72,7 @@ class Problems:
             count = 1 if known is None else known.count + 1
             self._problems[what] = Problem(what, error, since, count)
             self._said[what] = now
-            self.log.error("{error}; {effect}", error=error, effect=effect)
+            self.log.error("{error}; {effect}", error=error, effect=effect, what=what)
             return
         known = self._problems[what] = attrs.evolve(known, count=known.count + 1)
         if now - self._said[what] >= self._interval:

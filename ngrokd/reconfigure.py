@@ -34,6 +34,8 @@ HOT = frozenset(
         "ingress.pool_size",
         "ingress.pool_idle_timeout",
         "ingress.pool_max_age",
+        "ingress.pool_linger",
+        "ingress.early_data",
         "server.log_level",
         "server.renew_before_days",
         "server.shutdown_grace",
@@ -47,6 +49,9 @@ HOT = frozenset(
         "net.start_port",
         "net.reuse_after",
         "net.allowed_domains",
+        "dns.mode",
+        "dns.listen",
+        "dns.upstreams",
     }
 )
 
@@ -54,7 +59,7 @@ HOT = frozenset(
 SECRET = frozenset({"api.key"})
 
 #: The sections of L{Config}, named as in the config file.
-_SECTIONS = ("api", "ingress", "server", "bound_endpoints", "net")
+_SECTIONS = ("api", "ingress", "server", "bound_endpoints", "net", "dns")
 #: Keys whose file name differs from their place in L{Config}.
 _RENAMED = {"ingress.endpoint": "ingressEndpoint"}
 

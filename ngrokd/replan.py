@@ -23,9 +23,14 @@ import attrs
 from ngrokd.config import NetConfig
 from ngrokd.endpoints import BoundEndpoint, EndpointURLError, parse_endpoint_url
 from ngrokd.host import allocation
-from ngrokd.host.allocation import AllocationResult, Allocations, IPNetwork
+from ngrokd.host.allocation import (
+    AllocationResult,
+    Allocations,
+    IPAddress,
+    IPNetwork,
+)
 from ngrokd.names import NameRules
-from ngrokd.plan import Plan, plan, wanted_allocations
+from ngrokd.plan import NameAddresses, Plan, plan, wanted_allocations
 
 
 class Record(Protocol):
@@ -67,6 +72,12 @@ def _wanted(
     return wanted_allocations(endpoints.values(), listen_interface, overrides, names)
 
 
+def _names(
+    served: Plan,
+) -> tuple[dict[str, NameAddresses], dict[str, tuple[IPAddress, ...]]]:
+    return served.name_addresses(), served.virtual_names()
+
+
 def _plan(endpoints: Mapping[str, BoundEndpoint], *rest: Any) -> Plan:
     return plan(endpoints.values(), *rest)
 
@@ -81,6 +92,7 @@ class Replanner:
         self._wanted = _Last(_wanted)
         self._planned = _Last(_plan)
         self._shown = _Last(Plan.without_addresses)
+        self._names = _Last(_names)
         self._allocated: (
             tuple[tuple[Any, ...], Allocations, AllocationResult] | None
         ) = None
@@ -130,11 +142,15 @@ class Replanner:
         net: NetConfig,
         names: NameRules,
         now: float,
+        subnet6: IPNetwork | None = None,
     ) -> tuple[AllocationResult, Plan]:
         """
         What the endpoints need allocated, the allocations, and the plan:
         each decided again only when what it is made from changed. Pure:
         it may run in a thread.
+
+        @param subnet6: the block of the names' IPv6 addresses (None: IPv6
+            is off).
         """
         wanted_ips, wanted_ports = self._wanted(
             endpoints, net.listen_interface, net.overrides, names
@@ -147,6 +163,7 @@ class Replanner:
             net.start_port,
             now,
             net.reuse_after,
+            subnet6,
         )
         allocations = result.allocations
         planned: Plan = self._planned(
@@ -157,6 +174,7 @@ class Replanner:
             allocations.network_ports,
             result.errors,
             names,
+            allocations.ips6,
         )
         return result, planned
 
@@ -169,14 +187,24 @@ class Replanner:
         start_port: int,
         now: float,
         hold: float,
+        subnet6: IPNetwork | None,
     ) -> AllocationResult:
         """
         L{allocation.allocate}, decided again when its inputs changed (the
         time counts only while something given up is held back); an
         outcome equal to C{previous} keeps C{previous} itself.
         """
-        held = previous.released_ips or previous.released_ports
-        given: tuple[Any, ...] = (wanted_ips, wanted_ports, subnet, start_port, hold)
+        held = (
+            previous.released_ips or previous.released_ports or previous.released_ips6
+        )
+        given: tuple[Any, ...] = (
+            wanted_ips,
+            wanted_ports,
+            subnet,
+            start_port,
+            hold,
+            subnet6,
+        )
         if held:
             given += (now,)
         last = self._allocated
@@ -188,7 +216,7 @@ class Replanner:
         ):
             return last[2]
         result = allocation.allocate(
-            previous, wanted_ips, wanted_ports, subnet, start_port, now, hold
+            previous, wanted_ips, wanted_ports, subnet, start_port, now, hold, subnet6
         )
         if result.allocations == previous:
             result = attrs.evolve(result, allocations=previous)
@@ -202,3 +230,17 @@ class Replanner:
         """
         shown: Plan = self._shown(planned, missing)
         return shown
+
+    def names(
+        self, served: Plan
+    ) -> tuple[dict[str, NameAddresses], dict[str, tuple[IPAddress, ...]]]:
+        """
+        What the names should say of C{served}: each hostname's IPv4 and
+        IPv6 addresses (L{Plan.name_addresses}), and its addresses as the
+        hosts file has them (L{Plan.virtual_names}); made again when the
+        plan changed.
+        """
+        names: tuple[dict[str, NameAddresses], dict[str, tuple[IPAddress, ...]]] = (
+            self._names(served)
+        )
+        return names

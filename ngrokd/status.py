@@ -97,6 +97,12 @@ class EndpointStatus:
     #: The endpoint comes from the list an earlier run kept, not yet
     #: confirmed by the API (down since the start).
     stale: bool = False
+    #: The addresses it listens on: in virtual mode its name's IPv4 and
+    #: IPv6 addresses, else the network-mode address.
+    addresses: tuple[str, ...] = ()
+    #: Why it does not listen on its name's IPv6 address though it has one
+    #: (its socket could not be bound); it is served over IPv4.
+    ipv6_error: str = ""
 
 
 @frozen
@@ -153,6 +159,20 @@ class DaemonStatus:
     #: What keeps failing (a state file that cannot be saved, the hosts
     #: file), until it works again.
     problems: tuple[Problem, ...] = ()
+    #: How endpoint names reach programs (C{systemd-resolved; DNS server
+    #: on 10.107.0.1:53}, C{the hosts file}).
+    names_via: str = ""
+    #: Why the hosts file serves the names instead of the DNS server
+    #: (C{""}: it does not, or DNS was not asked for).
+    names_fallback: str = ""
+    #: C{dns.mode} names a way (not C{auto}): a fallback is not what was
+    #: configured, and the daemon is not ready.
+    names_strict: bool = False
+    #: The block of the names' IPv6 addresses (C{""}: IPv6 is off).
+    ipv6_subnet: str = ""
+    #: Why names have no IPv6 address on this machine (C{""}: they do, or
+    #: IPv6 is off); they are served over IPv4.
+    ipv6_error: str = ""
 
     @property
     def registered(self) -> bool:
@@ -189,7 +209,8 @@ class DaemonStatus:
         """
         The first step towards ready that is not done (C{""}: none): a valid
         identity, one poll applied, every wanted listener up, the names
-        written. This is readiness for C{/readyz}, C{ngrokctl health},
+        written and resolving as C{dns.mode} says. This is readiness for
+        C{/readyz}, C{ngrokctl health},
         C{ngrokd_ready} and systemd alike.
         """
         why = f": {self.identity_error}" if self.identity_error else ""
@@ -204,6 +225,11 @@ class DaemonStatus:
             return f"{self.listeners_up} of {self.listeners_wanted} listeners are up"
         if self.names_error:
             return f"endpoint names do not resolve: {self.names_error}"
+        if self.names_fallback and self.names_strict:
+            return (
+                "endpoint names do not resolve as configured (the hosts file"
+                f" serves them meanwhile): {self.names_fallback}"
+            )
         return ""
 
 
@@ -214,6 +240,8 @@ def endpoint_status(
     listeners: Mapping[str, ListenerState],
     certificate_problem: str = "",
     stale: bool = False,
+    unnamed: Mapping[str, str] | None = None,
+    listeners6: Mapping[str, ListenerState] | None = None,
 ) -> tuple[EndpointStatus, ...]:
     """
     A row per endpoint, ordered by URL then id.
@@ -228,10 +256,18 @@ def endpoint_status(
         connections all fail for it.
     @param stale: C{endpoints} is the list an earlier run kept, not (yet)
         confirmed by the API: every row says so.
+    @param unnamed: why a hostname cannot be reached by name (a wildcard
+        without DNS), by hostname: the reason of its listening endpoints
+        that have no other.
+    @param listeners6: the IPv6 listeners, by normalised URL.
     """
     rows = [skipped_row(id, reason) for id, reason in skipped.items()]
     for endpoint in endpoints.values():
-        rows.append(endpoint_row(endpoint, plan, listeners, certificate_problem))
+        rows.append(
+            endpoint_row(
+                endpoint, plan, listeners, certificate_problem, unnamed, listeners6
+            )
+        )
     if stale:
         rows = [attrs.evolve(row, stale=True) for row in rows]
     return tuple(sorted(rows, key=lambda row: (row.url, row.id)))
@@ -249,10 +285,23 @@ def endpoint_row(
     plan: Plan,
     listeners: Mapping[str, ListenerState],
     certificate_problem: str = "",
+    unnamed: Mapping[str, str] | None = None,
+    listeners6: Mapping[str, ListenerState] | None = None,
 ) -> EndpointStatus:
     """
     The row of one endpoint (see L{endpoint_status}).
     """
+    row = _row(endpoint, plan, listeners, certificate_problem, unnamed or {})
+    return _with_ipv6(row, (listeners6 or {}).get(endpoint.target.url))
+
+
+def _row(
+    endpoint: BoundEndpoint,
+    plan: Plan,
+    listeners: Mapping[str, ListenerState],
+    certificate_problem: str,
+    unnamed: Mapping[str, str],
+) -> EndpointStatus:
     key = endpoint.target.url
     failure = plan.failures.get(key)
     if failure is not None:
@@ -263,7 +312,14 @@ def endpoint_row(
         address = join_host_port(spec.address, spec.port) if spec else ""
         client = spec.client_address if spec else ""
         return EndpointStatus(
-            endpoint.id, endpoint.url, address, STARTING, "", client, mode=_mode(spec)
+            endpoint.id,
+            endpoint.url,
+            address,
+            STARTING,
+            "",
+            client,
+            mode=_mode(spec),
+            addresses=(spec.address,) if spec else (),
         )
     address = join_host_port(listener.spec.address, listener.spec.port)
     stats = listener.stats
@@ -273,6 +329,8 @@ def endpoint_row(
             reason = certificate_problem
         elif stats.last_error:
             reason = f"last connection failed: {stats.last_error}"
+        else:
+            reason = unnamed.get(endpoint.target.host, "")
     elif listener.error:
         state, reason = FAILED, listener.error
     else:
@@ -290,7 +348,19 @@ def endpoint_row(
         bytes_up=stats.bytes_up,
         bytes_down=stats.bytes_down,
         mode=_mode(listener.spec),
+        addresses=(listener.spec.address,),
     )
+
+
+def _with_ipv6(row: EndpointStatus, listener: ListenerState | None) -> EndpointStatus:
+    """
+    C{row} with its IPv6 listener's address, or why it does not listen.
+    """
+    if listener is None:
+        return row
+    if listener.error:
+        return attrs.evolve(row, ipv6_error=listener.error)
+    return attrs.evolve(row, addresses=(*row.addresses, listener.spec.address))
 
 
 def _mode(spec: ListenSpec | None) -> str:

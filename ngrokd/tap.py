@@ -17,6 +17,7 @@ from twisted.python import usage
 from ngrokd import __version__
 from ngrokd.config import Config, ConfigError, LoadedConfig, load_config
 from ngrokd.instance import config_path
+from ngrokd.logoutput import choose
 
 if TYPE_CHECKING:
     from ngrokd.daemon import Daemon
@@ -78,6 +79,10 @@ class Options(usage.Options):
             self.loaded = load_config(path, instance=self["instance"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        twistd = getattr(self, "parent", None)
+        if twistd is not None:
+            # twistd reads its --logger once this subcommand is parsed.
+            choose(twistd, self.loaded.config.server.log_format)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -96,7 +101,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     for warning in options.loaded.warnings:
-        _log.warn("{problem}", problem=warning)
+        _log.warn("configuration: {problem}", problem=warning)
     daemon = build_daemon(
         options.loaded.config, reactor, os.environ, options["instance"]
     )

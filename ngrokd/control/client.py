@@ -4,13 +4,16 @@ The client side of the control socket, as C{ngrokctl} uses it.
 
 Every way of not getting an answer is one L{ControlError} with a sentence
 for the user and the exit code C{ngrokctl} gives it: the daemon is not
-running, the socket refuses this user, the daemon is too slow, or the two
-sides do not speak the same protocol version.
+running, the socket refuses this user, the daemon is too slow or serves
+too many connections already, or the two sides do not speak the same
+protocol version.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,6 +34,7 @@ from ngrokd.control.commands import (
     Reload,
     SetAPIKey,
     Status,
+    TooManyConnections,
 )
 
 #: Exit codes of C{ngrokctl}, one per way of failing.
@@ -57,11 +61,28 @@ class ControlError(Exception):
         self.code = code
 
 
+#: The longest UNIX socket path the kernel takes, in bytes (C{sun_path}
+#: holds 108 on Linux, 104 on macOS, with its final NUL).
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
+
+
 def client_endpoint(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Any:
     """
     A path (the usual case) or a Twisted client endpoint description.
+
+    @raise ControlError: a path too long for a UNIX socket, which Twisted
+        would fail on with a traceback rather than an error.
     """
-    if socket.startswith(("unix:", "tcp:")):
+    if socket.startswith("tcp:"):
+        return clientFromString(reactor, socket)
+    path = socket.removeprefix("unix:").split(":", 1)[0]
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ControlError(
+            f"{path}: a UNIX socket's path can be at most {MAX_SOCKET_PATH}"
+            f" bytes, this one is {len(os.fsencode(path))}",
+            EXIT_USAGE,
+        )
+    if socket.startswith("unix:"):
         return clientFromString(reactor, socket)
     return UNIXClientEndpoint(reactor, socket, timeout=timeout)
 
@@ -88,15 +109,17 @@ async def connect(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Contro
 
 
 def _connect_error(socket: str, error: ConnectError) -> ControlError:
-    os_error = error.osError if isinstance(error.osError, OSError) else None
-    code = os_error.errno if os_error else None
-    if code == errno.EACCES:
+    # Twisted gives the errno itself for a failed connect(), an OSError
+    # for some other failures, nothing for a refused connection.
+    os_error = error.osError
+    code = os_error.errno if isinstance(os_error, OSError) else os_error
+    if code in (errno.EACCES, errno.EPERM):
         return ControlError(
             f"permission denied on {socket}: ngrokctl needs to be in the"
             " socket's group (server.socket_group) or run as root",
             EXIT_PERMISSION,
         )
-    if code in (errno.ENOENT, errno.ECONNREFUSED) or os_error is None:
+    if code in (errno.ENOENT, errno.ECONNREFUSED) or code is None:
         return ControlError(
             f"ngrokd is not running (nothing answers on {socket}); start it,"
             " or name its socket with --socket or NGROKD_SOCKET",
@@ -154,6 +177,8 @@ class Control:
             ) from None
         except NotPermitted as e:
             raise ControlError(str(e), EXIT_PERMISSION) from None
+        except TooManyConnections as e:
+            raise ControlError(f"ngrokd on {self._socket}: {e}", EXIT_TIMEOUT) from None
         except (KeyRejected, CommandFailed) as e:
             raise ControlError(str(e)) from None
 

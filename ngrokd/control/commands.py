@@ -57,10 +57,21 @@ class CommandFailed(Exception):
     """
 
 
+class TooManyConnections(Exception):
+    """
+    The daemon holds as many control connections as it serves: this one is
+    answered with this error, then closed.
+    """
+
+
+#: The error code of L{TooManyConnections}, which the daemon sends itself.
+TOO_MANY_CONNECTIONS = b"TOO_MANY_CONNECTIONS"
+
 _ERRORS: dict[type[Exception], bytes] = {
     NotPermitted: b"NOT_PERMITTED",
     KeyRejected: b"KEY_REJECTED",
     CommandFailed: b"FAILED",
+    TooManyConnections: TOO_MANY_CONNECTIONS,
 }
 
 
@@ -76,6 +87,7 @@ class Hello(amp.Command):
         (b"daemon_version", amp.Unicode()),
         (b"commands", amp.ListOf(amp.Unicode())),
     ]
+    errors = _ERRORS
 
 
 class Status(amp.Command):

@@ -65,7 +65,8 @@ class Controller:
         self._reactor = reactor
         self._socket = socket_description
         self.admin_gid = admin_gid
-        self._daemon_uid = os.geteuid()
+        #: The daemon's own user, who may always change it.
+        self.daemon_uid = os.geteuid()
 
     def status(self) -> dict[str, Any]:
         with REQUESTS.timing("ngrokctl status"):
@@ -112,13 +113,19 @@ class Controller:
         """
         @raise NotPermitted: C{peer} may not change the daemon.
         """
-        if peer is not None and may_change(peer, self._daemon_uid, self.admin_gid):
+        if peer is None:
+            raise NotPermitted(
+                f"{command} changes the daemon, and the control socket"
+                f" {self._socket} cannot tell who is calling (over TCP nobody"
+                " can be told), so it answers reads only: run ngrokctl against"
+                " a UNIX socket (server.socket_path) to change the daemon"
+            )
+        if may_change(peer, self.daemon_uid, self.admin_gid):
             return
         server = self.daemon.config.server
-        message = refusal(command, server.admin_group, self.daemon.config.path)
-        if peer is None:
-            message = f"{command}: this socket cannot tell who you are; " + message
-        raise NotPermitted(message)
+        raise NotPermitted(
+            refusal(command, server.admin_group, self.daemon.config.path)
+        )
 
     async def set_api_key(self, peer: Peer | None, key: str) -> str:
         """

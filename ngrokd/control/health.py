@@ -101,7 +101,8 @@ def healthy(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) -> bool:
 def readiness_text(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) -> str:
     """
     What C{/readyz} says: C{ready}, or why the daemon is not; then every
-    failed endpoint and why, one a line. A ready daemon's failed endpoints
+    failed endpoint and why, one a line, and why the names are in the hosts
+    file instead of DNS, when they are. A ready daemon's failed endpoints
     are those no change on this machine would serve (an unreadable URL, two
     endpoints on one socket).
     """
@@ -111,9 +112,15 @@ def readiness_text(status: DaemonStatus, endpoints: Sequence[EndpointStatus]) ->
         for row in endpoints
         if row.state == FAILED
     ]
+    fallback = status.names_fallback
+    names = (
+        f"names are in the hosts file: {fallback}\n"
+        if fallback and fallback not in reason
+        else ""
+    )
     if not reason:
-        return "ready\n" + "".join(f"not served: {line}" for line in failed)
-    return f"not ready: {reason}\n" + "".join(failed)
+        return "ready\n" + "".join(f"not served: {line}" for line in failed) + names
+    return f"not ready: {reason}\n" + "".join(failed) + names
 
 
 def status_document(
@@ -154,6 +161,12 @@ def status_document(
             "unplanned": status.listeners_unplanned,
         },
         "names_error": status.names_error,
+        "names": {
+            "via": status.names_via,
+            "fallback": status.names_fallback,
+            "strict": status.names_strict,
+        },
+        "ipv6": {"subnet": status.ipv6_subnet, "error": status.ipv6_error},
         "problems": [
             {
                 "what": problem.what,

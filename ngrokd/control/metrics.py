@@ -13,7 +13,8 @@ C{server.metrics_per_endpoint} caps how many endpoints have them (the
 first in URL order; 0: none). Only what needs a distribution is observed as it
 happens, once per connection or poll, never per byte: the time from accept
 to an upgraded connection, the lifetime of each connection, and each
-discovery poll's duration and result. Without a health server there is no
+discovery poll's duration and result. The DNS server's counters are read
+the same way, while it runs. Without a health server there is no
 L{DaemonMetrics}, and the data path does not even read the clock for it.
 """
 
@@ -155,6 +156,7 @@ class DaemonMetrics:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._totals()
+        yield from self._dns()
         connector = self._daemon.connector
         handshakes, pool = connector.handshakes, connector.pool
         yield _by_label(
@@ -258,6 +260,58 @@ class DaemonMetrics:
             "Endpoints with a listener whose own series are left out"
             " (server.metrics_per_endpoint); the totals count them.",
             value=max(0, len(daemon.listeners.listeners) - cap),
+        )
+
+    def _dns(self) -> Iterator[Metric]:
+        counters = self._daemon.names.counters()
+        if counters is None:
+            return
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_answers",
+            "Answers of the DNS server, by kind: from the table (answer,"
+            " nodata, nxdomain) or an upstream's passed on (forward).",
+            "kind",
+            **{kind.value: n for kind, n in counters.answered.items()},
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_dns_forwarded",
+            "Queries the DNS server sent to an upstream server.",
+            value=counters.forwarded,
+        )
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_servfail",
+            "Queries answered SERVFAIL: no upstream answered in time or none"
+            " is usable (upstream), or too many forwards were in flight (busy).",
+            "reason",
+            upstream=counters.forward_failures,
+            busy=counters.forward_busy,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_dns_errors",
+            "Queries answered with an error of their own (not one question,"
+            " not a query, an EDNS version other than 0).",
+            value=counters.errors,
+        )
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_dropped",
+            "Packets dropped unanswered: no query (malformed), over their"
+            " source's rate (rate), or failing unexpectedly (failed).",
+            "reason",
+            malformed=counters.dropped_malformed,
+            rate=counters.dropped_rate,
+            failed=counters.failures,
+        )
+        yield _by_label(
+            CounterMetricFamily,
+            "dns_tcp_closed",
+            "TCP connections the DNS server closed: at once, over its bound"
+            " (refused), or idle.",
+            "reason",
+            refused=counters.tcp_refused,
+            idle=counters.tcp_idle_closed,
         )
 
     def endpoint_series(self) -> Iterator[bytes]:

@@ -216,6 +216,7 @@ def render_daemon(
         ),
         ("Time to upgrade", timing),
         ("Uptime", _since(status.started, status.now)),
+        ("IPv6", _ipv6(status)),
     ]
     facts += [
         (
@@ -225,6 +226,14 @@ def render_daemon(
         for p in status.problems
     ]
     return "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts)
+
+
+def _ipv6(status: DaemonStatus) -> str:
+    if not status.ipv6_subnet:
+        return "off"
+    if status.ipv6_error:
+        return f"unavailable, names are IPv4 only: {_e(status.ipv6_error)}"
+    return f"names have addresses in {_e(status.ipv6_subnet)}"
 
 
 def render_endpoints(data: PageData) -> str:
@@ -274,7 +283,20 @@ def _row(row: EndpointStatus, counts: Sequence[int], interval: float) -> str:
             f'<span class="url">{_e(row.url or "(no URL)")}</span>'
             f' <span class="id">{_e(row.id)}</span>',
         ),
-        ("Local clients use", f"<code>{_e(row.client_address or '-')}</code>"),
+        (
+            "Local clients use",
+            f"<code>{_e(row.client_address or '-')}</code>"
+            + (
+                f' <span class="addresses">{_e(", ".join(row.addresses))}</span>'
+                if row.addresses
+                else ""
+            )
+            + (
+                f' <span class="reason">IPv6: {_e(row.ipv6_error)}</span>'
+                if row.ipv6_error
+                else ""
+            ),
+        ),
         ("Mode", _e(row.mode or "-")),
         (
             "State",

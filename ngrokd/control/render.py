@@ -99,6 +99,12 @@ def status_lines(
     )
     total = sum(counts.values())
     lines.append(f"Endpoints:    {total}" + (f" ({by_state})" if by_state else ""))
+    if status.get("names_via"):
+        fallback = status.get("names_fallback")
+        lines.append(
+            f"Names:        through {status['names_via']}"
+            + (f", because {fallback}" if fallback else "")
+        )
     if status.get("config_error"):
         lines.append(f"Config:       reload refused: {status['config_error']}")
     if status.get("restart_pending"):
@@ -109,6 +115,12 @@ def status_lines(
             f"Problem:      {problem['what']}: {problem['error']} (failing since"
             f" {_when(problem['since'])}, {problem['count']} times)"
         )
+    if status.get("ipv6_error"):
+        lines.append(
+            f"IPv6:         unavailable, names are IPv4 only: {status['ipv6_error']}"
+        )
+    elif status.get("ipv6_subnet"):
+        lines.append(f"IPv6:         names have addresses in {status['ipv6_subnet']}")
     ready = "yes" if status["ready"] else f"no, {status['not_ready_because']}"
     lines.append(f"Ready:        {ready}")
     if total == 0 and status["registered"]:
@@ -119,7 +131,17 @@ def status_lines(
     return lines
 
 
-_COLUMNS = ("URL", "CONNECT TO", "MODE", "STATE", "CONNS", "ERRORS", "UP", "DOWN")
+_COLUMNS = (
+    "URL",
+    "CONNECT TO",
+    "MODE",
+    "STATE",
+    "CONNS",
+    "ERRORS",
+    "UP",
+    "DOWN",
+    "ADDRESSES",
+)
 
 
 def endpoint_table(
@@ -147,6 +169,7 @@ def endpoint_table(
                 str(row["errors"]),
                 size(row["bytes_up"]),
                 size(row["bytes_down"]),
+                ",".join(row.get("addresses", ())) or "-",
             ]
         )
         states.append(row["state"])
@@ -158,6 +181,10 @@ def endpoint_table(
         lines.append("  ".join(cells).rstrip())
     notes = [
         f"  {row['url'] or row['id']}: {row['reason']}" for row in rows if row["reason"]
+    ] + [
+        f"  {row['url']}: not on IPv6: {row['ipv6_error']}"
+        for row in rows
+        if row.get("ipv6_error")
     ]
     if notes:
         lines += ["", "Reasons:", *notes]

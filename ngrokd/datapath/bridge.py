@@ -2,12 +2,17 @@
 """
 Carrying local connections to the binding ingress.
 
-Each accepted connection stops reading, asks the L{IngressConnector} for an
-upgraded connection to its endpoint, and is then spliced to it. For HTTP
-endpoints served on a network port the client names ngrokd's address in
-C{Host}, so every request on the connection gets the endpoint's hostname
-instead; where the client already used the endpoint's name the bytes pass
-untouched.
+Each accepted connection asks the L{IngressConnector} for an upgraded
+connection to its endpoint, and is then spliced to it. Until the ingress
+answers, the client is read once, and what it sent goes right behind the
+request (L{EarlyData}; with C{ingress.early_data} off, it is not read at
+all until then). A refusal or a failure reaches an HTTP client as a 502
+naming it, and any other as a reset.
+
+Whether an endpoint speaks HTTP is known from its URL. For HTTP endpoints
+served on a network port the client names ngrokd's address in C{Host}, so
+every request on the connection gets the endpoint's hostname instead; where
+the client already used the endpoint's name the bytes pass untouched.
 
 HTTP connections are framed both ways (L{ngrokd.datapath.httpdrain}) so
 that, when the daemon stops, each ends at a response boundary within the
@@ -36,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ngrokd.datapath import wire
+from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.httpdrain import Exchanges
 from ngrokd.datapath.ingress import (
     IngressConnector,
@@ -44,7 +50,7 @@ from ngrokd.datapath.ingress import (
     UpgradeRefused,
 )
 from ngrokd.datapath.splice import PipeProtocol, splice
-from ngrokd.endpoints import HTTP_SCHEMES, EndpointTarget
+from ngrokd.endpoints import EndpointTarget
 
 #: Seconds an HTTP client we hang up on (after a 502, or at a response
 #: boundary when stopping) has to read our last answer and close.
@@ -163,6 +169,8 @@ class LocalProtocol(PipeProtocol):
         self._factory = factory
         self._connecting: Deferred[IngressProtocol] | None = None
         self._ingress: IngressProtocol | None = None
+        #: Where the client's first read goes before the answer.
+        self._early: EarlyData | None = None
         self._hanging_up = False
         self._exchanges: Exchanges | None = None
         self._linger: IDelayedCall | None = None
@@ -172,17 +180,29 @@ class LocalProtocol(PipeProtocol):
         self._idle_checks = 0
 
     def connectionMade(self) -> None:
+        connector = self._factory.connector
         if self._factory.timings is not None:
-            self._accepted = self._factory.connector.clock.seconds()
-        self.transport.pauseProducing()
+            self._accepted = connector.clock.seconds()
+        if connector.early_data:
+            self._early = EarlyData()
+        else:
+            self.transport.pauseProducing()
         self.transport.setTcpNoDelay(True)
         keep_alive(self.transport)
         self._factory.connections.add(self)
         self._factory.stats.opened()
         target = self._factory.target
+        if target.is_http:
+            # Known from the endpoint's URL, not the ingress's answer: the
+            # first request may go before it.
+            exchanges = self._exchanges = Exchanges(self._factory.rewrite_host)
+            self.transform = self._upstream
+            self.finish_transform = exchanges.upstream_done
+            if self._factory.draining:
+                exchanges.drain()
         request = wire.ConnRequest(host=target.host, port=target.port)
         try:
-            self._connecting = self._factory.connector.connect(request)
+            self._connecting = connector.connect(request, self._early)
         except IngressError as e:
             self._failed(Failure(e))
             return
@@ -197,18 +217,14 @@ class LocalProtocol(PipeProtocol):
 
     def _upgraded(self, ingress: IngressProtocol) -> None:
         self._connecting = None
+        self._early = None
         self._ingress = ingress
         self._factory.stats.worked()
         if self._factory.timings is not None:
             self._factory.timings.upgraded(self._elapsed())
-        if _speaks_http(ingress, self._factory.target):
-            exchanges = self._exchanges = Exchanges(self._factory.rewrite_host)
-            self.transform = self._upstream
-            self.finish_transform = exchanges.upstream_done
+        if self._exchanges is not None:
             ingress.transform = self._downstream
-            ingress.finish_transform = exchanges.responses.finish
-            if self._factory.draining:
-                exchanges.drain()
+            ingress.finish_transform = self._exchanges.responses.finish
         keep_alive(ingress.transport)
         splice(self, ingress, self._factory.connector.clock)
         self._watch_idle()
@@ -331,15 +347,27 @@ class LocalProtocol(PipeProtocol):
             self._factory.target.url, kind, stats.last_error
         )
         if not self._factory.target.is_http:
-            self.transport.loseConnection()
+            # A reset: a clean end would pass for the endpoint's.
+            self.transport.abortConnection()
             return
         # Say why, then read and discard the request.
         self.transport.write(_bad_gateway(stats.last_error))
         self._hang_up()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._hanging_up:
+        if self._hanging_up:
+            return
+        early = self._early
+        if early is None or self.peer is not None:
             super().dataReceived(data)
+            return
+        # The first read goes now; the next waits for the answer.
+        self._early = None
+        self.transport.pauseProducing()
+        self.bytes_received += len(data)
+        if self.transform is not None:
+            data = self.transform(data)
+        early.offer(data)
 
     def readConnectionLost(self) -> None:
         if self._hanging_up:
@@ -362,11 +390,6 @@ class LocalProtocol(PipeProtocol):
 
     def _elapsed(self) -> float:
         return self._factory.connector.clock.seconds() - self._accepted
-
-
-def _speaks_http(ingress: IngressProtocol, target: EndpointTarget) -> bool:
-    proto = ingress.response.proto if ingress.response is not None else ""
-    return (proto or target.scheme) in HTTP_SCHEMES
 
 
 def _bad_gateway(reason: str) -> bytes:

@@ -1,157 +1,46 @@
 # -*- test-case-name: ngrokd.test.test_failurelog -*-
 """
-Failed connections, logged so that a flood stays readable.
-
-A thousand refused connections must not make a thousand log lines. The first
-failure of a kind for an endpoint is logged in full, at once; the next ones
-are counted, and at most every L{SUMMARY_INTERVAL} seconds one line says how
-many more failed and the latest reason. A kind quiet for a whole interval is
-forgotten, so its next failure is logged in full again.
-
-L{Summariser} decides (a pure value, driven by the time it is given);
-L{FailureLog} logs and keeps the timer.
+Failed connections, logged so that a flood stays readable: the first
+failure of a kind for an endpoint in full, the next ones counted into one
+line at most every few seconds (L{ngrokd.summarylog}).
 """
 
 from __future__ import annotations
 
-from attrs import define, field
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-#: Seconds between two summaries of one kind of failure.
-SUMMARY_INTERVAL = 5.0
-
-#: (endpoint URL, kind of failure)
-Key = tuple[str, str]
+from ngrokd.summarylog import Key, Summary, SummaryLog
 
 
-@define
-class _Window:
-    since: float
-    suppressed: int = 0
-    reason: str = ""
-
-
-@define
-class Summary:
+class FailureLog(SummaryLog):
     """
-    C{count} more failures of C{key} since the last line, the latest for
-    C{reason}.
-    """
-
-    key: Key
-    count: int
-    reason: str
-
-
-@define
-class Summariser:
-    """
-    Which failures to log in full, and which to count into a summary.
-    """
-
-    interval: float = SUMMARY_INTERVAL
-    _windows: dict[Key, _Window] = field(factory=dict)
-
-    def occurred(self, key: Key, reason: str, now: float) -> bool:
-        """
-        A failure of C{key} happened at C{now}: whether to log it in full.
-        """
-        window = self._windows.get(key)
-        if window is None:
-            self._windows[key] = _Window(now)
-            return True
-        window.suppressed += 1
-        window.reason = reason
-        return False
-
-    def due(self, now: float) -> list[Summary]:
-        """
-        The summaries to log at C{now}: one per kind with failures counted
-        and a full interval since its last line. Kinds quiet for a whole
-        interval are forgotten.
-        """
-        summaries = []
-        for key, window in list(self._windows.items()):
-            if now - window.since < self.interval:
-                continue
-            if window.suppressed:
-                summaries.append(Summary(key, window.suppressed, window.reason))
-                self._windows[key] = _Window(now)
-            else:
-                del self._windows[key]
-        return summaries
-
-    def flush(self) -> list[Summary]:
-        """
-        Every count not yet summarised; everything is forgotten.
-        """
-        summaries = [
-            Summary(key, window.suppressed, window.reason)
-            for key, window in self._windows.items()
-            if window.suppressed
-        ]
-        self._windows.clear()
-        return summaries
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._windows)
-
-
-class FailureLog:
-    """
-    Logs failed connections through a L{Summariser}, with a timer for the
-    summaries while any kind is being counted. L{stop} logs what is left.
+    Logs failed connections, each kind of failure for each endpoint
+    summarised.
     """
 
     log = Logger()
-
-    def __init__(self, clock: IReactorTime, interval: float = SUMMARY_INTERVAL):
-        self._clock = clock
-        self._summariser = Summariser(interval)
-        self._timer: IDelayedCall | None = None
 
     def failed(self, url: str, kind: str, reason: str) -> None:
         """
         A connection to the endpoint C{url} failed, for C{reason}.
         """
-        if self._summariser.occurred((url, kind), reason, self._clock.seconds()):
-            self.log.warn(
-                "connection to {url} failed: {reason}",
-                url=url,
-                reason=reason,
-                error_type=kind,
-            )
-        if self._timer is None:
-            self._timer = self._clock.callLater(
-                self._summariser.interval, self._summarise
-            )
+        self.occurred((url, kind), reason)
 
-    def _summarise(self) -> None:
-        self._timer = None
-        self._write(self._summariser.due(self._clock.seconds()))
-        if self._summariser.pending:
-            self._timer = self._clock.callLater(
-                self._summariser.interval, self._summarise
-            )
+    def first(self, key: Key, reason: str) -> None:
+        url, kind = key
+        self.log.warn(
+            "connection to {url} failed: {reason}",
+            url=url,
+            reason=reason,
+            error_type=kind,
+        )
 
-    def stop(self) -> None:
-        """
-        Log the counts not yet summarised, and stop the timer.
-        """
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._write(self._summariser.flush())
-
-    def _write(self, summaries: list[Summary]) -> None:
-        for summary in summaries:
-            url, kind = summary.key
-            self.log.warn(
-                "{count} more connections to {url} failed: {reason}",
-                count=summary.count,
-                url=url,
-                reason=summary.reason,
-                error_type=kind,
-            )
+    def more(self, summary: Summary) -> None:
+        url, kind = summary.key
+        self.log.warn(
+            "{count} more connections to {url} failed: {reason}",
+            count=summary.count,
+            url=url,
+            reason=summary.reason,
+            error_type=kind,
+        )

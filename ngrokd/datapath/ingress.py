@@ -5,9 +5,11 @@ Connections to ngrok's binding ingress.
 Each forwarded connection is a new mutual-TLS connection to the ingress (SNI and
 the certificate check use the ingress host, no ALPN), on which the client sends
 one framed C{ConnRequest} and reads one framed C{ConnResponse}; after that the
-stream belongs to the application. L{IngressConnector.connect} returns the
-upgraded connection as a L{PipeProtocol}, or fails with one of the typed errors
-below, so callers can say exactly what went wrong. At most C{max_pending}
+stream belongs to the application. With L{EarlyData}, the client's first
+bytes follow the request without waiting for the response.
+L{IngressConnector.connect} returns the upgraded connection as a
+L{PipeProtocol}, or fails with one of the typed errors below, so callers can
+say exactly what went wrong. At most C{max_pending}
 dials (TCP, TLS and the upgrade) run at once; the others wait their turn in a
 L{DialQueue}, and their timeouts start when they leave it.
 """
@@ -43,6 +45,7 @@ from ngrokd.datapath import wire
 from ngrokd.datapath.descriptors import DescriptorReserve
 from ngrokd.datapath.dial import ResolvedName
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
+from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
@@ -138,9 +141,13 @@ class IngressProtocol(PipeProtocol):
         connect_timeout: float,
         upgrade_timeout: float,
         server_name: str = "",
+        early: EarlyData | None = None,
     ) -> None:
         super().__init__()
         self.request = request
+        #: The client's first bytes, sent behind the request until the
+        #: answer.
+        self.early = early
         self._server_name = server_name
         #: For a connection dialled without a request (a warm one): fires
         #: once its TLS handshake is done and it waits for L{upgrade}.
@@ -155,8 +162,11 @@ class IngressProtocol(PipeProtocol):
         self._reader: wire.FrameReader | None = wire.FrameReader()
         self._timer: IDelayedCall | None = None
         self._started = clock.seconds()
-        #: Seconds from the dial to the end of the TLS handshake.
+        #: Seconds from the dial to the end of the TLS handshake, and from
+        #: the request to its answer.
         self.handshake_seconds: float | None = None
+        self.answer_seconds: float | None = None
+        self._requested = 0.0
 
     def connectionMade(self) -> None:
         # TCP is up (the endpoint bounds that); the TLS handshake has what
@@ -169,7 +179,7 @@ class IngressProtocol(PipeProtocol):
         if self.request is not None:
             # Sent now, it leaves with the end of the handshake: no extra
             # round trip.
-            self.transport.write(wire.encode_request(self.request))
+            self._send_request()
 
     def handshakeCompleted(self) -> None:
         self._stop_timer()
@@ -179,12 +189,16 @@ class IngressProtocol(PipeProtocol):
         elif self._reader is not None:
             self._await_response()
 
-    def upgrade(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
+    def upgrade(
+        self, request: wire.ConnRequest, early: EarlyData | None = None
+    ) -> Deferred[IngressProtocol]:
         """
-        Send C{request} on this warm connection; fires as L{upgraded}.
+        Send C{request} on this warm connection, and C{early} behind it;
+        fires as L{upgraded}.
         """
         self.request = request
-        self.transport.write(wire.encode_request(request))
+        self.early = early
+        self._send_request()
         self._await_response()
         return self.upgraded
 
@@ -192,9 +206,26 @@ class IngressProtocol(PipeProtocol):
         """
         Close this connection before its upgrade.
         """
+        self._end_upgrade()
+        self.transport.loseConnection()
+
+    def _send_request(self) -> None:
+        assert self.request is not None
+        self._requested = self._clock.seconds()
+        self.transport.write(wire.encode_request(self.request))
+        if self.early is not None:
+            self.early.follow(self.transport.write)
+
+    def _end_upgrade(self) -> None:
+        """
+        The answer came, or will not: stop its timer, and send nothing more
+        early (a retry on a new connection sends what is left).
+        """
         self._reader = None
         self._stop_timer()
-        self.transport.loseConnection()
+        early, self.early = self.early, None
+        if early is not None:
+            early.stop()
 
     def _await_response(self) -> None:
         self._timer = self._clock.callLater(
@@ -227,9 +258,9 @@ class IngressProtocol(PipeProtocol):
         except wire.MalformedFrame as e:
             self._fail(UpgradeFailed(str(e)))
             return
-        self._reader = None
-        self._stop_timer()
+        self._end_upgrade()
         self.response = response
+        self.answer_seconds = self._clock.seconds() - self._requested
         if response.refused:
             self._fail(UpgradeRefused(response.error_code, response.error_message))
             return
@@ -243,10 +274,10 @@ class IngressProtocol(PipeProtocol):
         super().readConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._stop_timer()
+        awaiting = self._reader is not None
         awaited = self._awaited
-        if self._reader is not None and awaited is not None and not awaited.called:
-            self._reader = None
+        self._end_upgrade()
+        if awaiting and awaited is not None and not awaited.called:
             if reason.check(VerificationError):
                 error: IngressError = TLSFailed(
                     f"the ingress's certificate is not for {self._server_name}"
@@ -263,8 +294,7 @@ class IngressProtocol(PipeProtocol):
 
     def _fail(self, error: IngressError) -> None:
         awaited = self._awaited
-        self._reader = None
-        self._stop_timer()
+        self._end_upgrade()
         if awaited is not None and not awaited.called:
             awaited.errback(error)
         self.transport.abortConnection()
@@ -279,8 +309,7 @@ class IngressProtocol(PipeProtocol):
         self._timer = None
 
     def _cancel(self, d: Deferred[IngressProtocol]) -> None:
-        self._reader = None
-        self._stop_timer()
+        self._end_upgrade()
         self.transport.abortConnection()
 
 
@@ -317,7 +346,8 @@ class IngressConnector:
     is I/O) and shared by every connection, which offers to resume the TLS
     session of the last upgraded one (L{ResumingCreator}). A connection is
     taken from the L{WarmPool} when one is ready; otherwise it is dialled,
-    in its turn.
+    in its turn. C{early_data} tells the bridge whether to send the client's
+    first bytes behind the request (L{EarlyData}).
     """
 
     log = Logger()
@@ -334,6 +364,7 @@ class IngressConnector:
         max_pending: int = 100,
         queue_timeout: float = 60.0,
         pool: PoolSettings = NO_POOL,
+        early_data: bool = True,
     ) -> None:
         self._reactor: IReactorTCP = reactor
         self.clock: IReactorTime = reactor
@@ -344,6 +375,7 @@ class IngressConnector:
         self._insecure = insecure_skip_verify
         self._connect_timeout = connect_timeout
         self._upgrade_timeout = upgrade_timeout
+        self.early_data = early_data
         self._certificate: ssl.PrivateCertificate | None = None
         self._creator: ResumingCreator | None = None
         #: Upgraded connections by how they got their TLS handshake.
@@ -399,28 +431,36 @@ class IngressConnector:
     def ready(self) -> bool:
         return self._creator is not None
 
-    def connect(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
+    def connect(
+        self, request: wire.ConnRequest, early: EarlyData | None = None
+    ) -> Deferred[IngressProtocol]:
         """
         A connection to the ingress, upgraded for C{request}: a warm one if
-        the pool has one, else a new one once a dial may start.
+        the pool has one, else a new one once a dial may start. What
+        C{early} is offered goes right behind the request.
         """
         if self._creator is None:
             missing = "client certificate" if self._certificate is None else "CA trust"
             raise IngressError(f"no {missing} yet")
         warm = self.pool.take()
         if warm is not None:
-            return self._upgrade_warm(warm, request)
-        return self._dial_in_turn(self._creator, request)
+            return self._upgrade_warm(warm, request, early)
+        return self._dial_in_turn(self._creator, request, early)
 
     def _upgrade_warm(
-        self, warm: WarmConnection, request: wire.ConnRequest
+        self,
+        warm: WarmConnection,
+        request: wire.ConnRequest,
+        early: EarlyData | None,
     ) -> Deferred[IngressProtocol]:
         """
         Send C{request} on a warm connection. If it fails before the
-        ingress answers, no byte of the application's has been sent: the
-        request is tried once more on a new connection.
+        ingress answers (it was closed as it was taken) and no byte of the
+        application's has been sent, the request is tried once more on a
+        new connection; once one has, the failure is the caller's, as the
+        ingress may have passed it on.
         """
-        upgrading = warm.protocol.upgrade(request)
+        upgrading = warm.protocol.upgrade(request, early)
         retry: Deferred[IngressProtocol] | None = None
 
         def cancel(d: Deferred[IngressProtocol]) -> None:
@@ -430,11 +470,15 @@ class IngressConnector:
 
         def answered(outcome: IngressProtocol | Failure) -> None:
             nonlocal retry
-            if isinstance(outcome, Failure) and outcome.check(UpgradeFailed, TLSFailed):
+            lost = isinstance(outcome, Failure) and outcome.check(
+                UpgradeFailed, TLSFailed
+            )
+            if lost:
                 self.pool.failed()
+            if lost and (early is None or not early.sent):
                 creator = self._creator
                 assert creator is not None
-                retry = self._dial_in_turn(creator, request)
+                retry = self._dial_in_turn(creator, request, early)
                 retry.chainDeferred(result)
                 return
             self._finished(outcome, warm.creator, pooled=True)
@@ -448,7 +492,10 @@ class IngressConnector:
         return result
 
     def _dial_in_turn(
-        self, creator: ResumingCreator, request: wire.ConnRequest
+        self,
+        creator: ResumingCreator,
+        request: wire.ConnRequest,
+        early: EarlyData | None = None,
     ) -> Deferred[IngressProtocol]:
         """
         A new connection upgraded for C{request}, dialled when the
@@ -466,7 +513,7 @@ class IngressConnector:
 
         def admitted(_: object) -> None:
             nonlocal dialing
-            dialing = self._dial(creator, request)
+            dialing = self._dial(creator, request, early)
             dialing.addBoth(self._dialed, creator)
             dialing.chainDeferred(result)
 
@@ -499,7 +546,8 @@ class IngressConnector:
                 self.handshakes.resumed += 1
             else:
                 self.handshakes.full += 1
-            self.pool.answered()
+            # A warm connection's wait is the request's alone.
+            self.pool.answered(result.answer_seconds if pooled else None)
             self._notices(result.request, result.response.notices)
         elif isinstance(result, Failure) and result.check(UpgradeRefused):
             self.pool.answered()
@@ -569,10 +617,11 @@ class IngressConnector:
         self,
         creator: IOpenSSLClientConnectionCreator,
         request: wire.ConnRequest | None,
+        early: EarlyData | None = None,
     ) -> Deferred[IngressProtocol]:
         """
-        A new connection, upgraded for C{request}; without one, a warm
-        connection, once its TLS handshake is done.
+        A new connection, upgraded for C{request} (with C{early} behind
+        it); without one, a warm connection, once its TLS handshake is done.
         """
         endpoint = HalfCloseableTLSClientEndpoint(
             creator,
@@ -584,6 +633,7 @@ class IngressConnector:
             self._connect_timeout,
             self._upgrade_timeout,
             self.host,
+            early,
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False  # one per connection: the bridge logs what matters

@@ -11,6 +11,11 @@ listening socket leaves them alone. A spec that cannot be bound stays in the
 set as failed, with the reason (for a port in use, which process holds it,
 where L{ngrokd.host.portowner} can tell), and is tried again at the next
 reconcile; the others are not affected.
+
+An endpoint may have a second listener, on its hostname's IPv6 address
+(L{ngrokd.plan.Plan.specs6}), kept the same way in
+L{ListenerSet.listeners6}. It shares the endpoint's factory, so its
+connections count with the endpoint's and are drained with them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from itertools import chain
 from typing import Any
 
 from attrs import define
@@ -261,6 +267,9 @@ class ListenerSet:
     """
     Keeps the listeners equal to the latest plan. Keys are endpoint URLs
     (normalised), values their specs.
+
+    @ivar listeners: each endpoint's listener.
+    @ivar listeners6: the IPv6 listener of the endpoints that have one.
     """
 
     log = Logger()
@@ -285,6 +294,7 @@ class ListenerSet:
             reactor, connector.descriptors, lambda: connector.queue.waiting
         )
         self.listeners: dict[str, Listener] = {}
+        self.listeners6: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
         self._watchers: list[Callable[[str], object]] = []
@@ -316,67 +326,104 @@ class ListenerSet:
             self._reactor, self._reactor.getThreadPool(), port_owners, address, port
         )
 
-    def reconcile(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
+    def reconcile(
+        self,
+        specs: Mapping[str, ListenSpec],
+        specs6: Mapping[str, ListenSpec] | None = None,
+    ) -> Deferred[None]:
         """
-        Listen on C{specs} and nothing else; fires when every bind was tried.
-        Listeners no longer wanted stop first, so that what they free (an
-        address and port handed to another endpoint) can be bound at once.
+        Listen on C{specs} (and the IPv6 listeners of C{specs6}, whose keys
+        are some of C{specs}') and nothing else; fires when every bind was
+        tried. Listeners no longer wanted stop first, so that what they
+        free (an address and port handed to another endpoint) can be bound
+        at once.
         """
+        specs6 = specs6 or {}
         gone = []
-        for key in [k for k in self.listeners if k not in specs]:
-            gone.append(self.listeners.pop(key))
-            self._changed(key)
+        for listeners, wanted in ((self.listeners, specs), (self.listeners6, specs6)):
+            for key in [k for k in listeners if k not in wanted]:
+                gone.append(listeners.pop(key))
+                self._changed(key)
         stopping = DeferredList(
             [self._stop(listener) for listener in gone], consumeErrors=True
         )
-        return stopping.addCallback(lambda _: self._apply(specs))
+        return stopping.addCallback(lambda _: self._apply_both(specs, specs6))
 
-    def _apply(self, specs: Mapping[str, ListenSpec]) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._apply_in_slices(specs))
+    def _apply_both(
+        self, specs: Mapping[str, ListenSpec], specs6: Mapping[str, ListenSpec]
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._apply_in_slices(specs, specs6))
 
-    async def _apply_in_slices(self, specs: Mapping[str, ListenSpec]) -> None:
+    def _new_factory(self, key: str, spec: ListenSpec) -> BridgeFactory:
+        stats = EndpointStats(totals=self.totals, on_change=partial(self._changed, key))
+        return BridgeFactory(
+            spec.target,
+            self._connector,
+            spec.rewrite_host,
+            stats=stats,
+            timings=self.timings,
+            idle_timeout=self._idle_timeout,
+        )
+
+    async def _apply_in_slices(
+        self, specs: Mapping[str, ListenSpec], specs6: Mapping[str, ListenSpec]
+    ) -> None:
         """
-        Bind what is new or changed, L{BIND_SLICE} seconds of binds at a
-        time with a turn of the reactor between, so that thousands of new
-        listeners do not hold up the connections of those that listen; a
-        stop under way ends it.
+        Bind what is new or changed, the endpoints' listeners then their
+        IPv6 ones (which share the endpoint's factory), L{BIND_SLICE}
+        seconds of binds at a time with a turn of the reactor between, so
+        that thousands of new listeners do not hold up the connections of
+        those that listen; a stop under way ends it.
         """
         work: list[Deferred[None]] = []
         stops, turn, began = self._stops, BINDS_AT_LEAST, time.perf_counter()
-        for key, spec in specs.items():
+        both = chain(
+            (
+                (self.listeners, key, spec, self._new_factory)
+                for key, spec in specs.items()
+            ),
+            (
+                (self.listeners6, key, spec, self._factory_of)
+                for key, spec in specs6.items()
+            ),
+        )
+        for listeners, key, spec, factory_for in both:
             if len(work) >= turn and time.perf_counter() - began > BIND_SLICE:
                 await deferLater(self._reactor, 0, lambda: None)
                 if self._stops != stops:
                     break
                 turn, began = len(work) + BINDS_AT_LEAST, time.perf_counter()
-            current = self.listeners.get(key)
-            if current is None:
-                stats = EndpointStats(
-                    totals=self.totals, on_change=partial(self._changed, key)
-                )
-                factory = BridgeFactory(
-                    spec.target,
-                    self._connector,
-                    spec.rewrite_host,
-                    stats=stats,
-                    timings=self.timings,
-                    idle_timeout=self._idle_timeout,
-                )
-                listener = Listener(spec, factory)
-                self.listeners[key] = listener
-                self._changed(key)
-                work.append(self._listen(key, listener))
-            elif current.spec.bind != spec.bind:
-                work.append(self._rebind(key, current, spec))
-            else:
-                if current.spec != spec:
-                    current.spec = spec
-                    current.factory.target = spec.target
-                    current.factory.rewrite_host = spec.rewrite_host
-                    self._changed(key)
-                if not current.listening:
-                    work.append(self._listen(key, current))
+            work.extend(self._apply(listeners, key, spec, factory_for))
         await DeferredList(work, consumeErrors=True)
+
+    def _factory_of(self, key: str, spec: ListenSpec) -> BridgeFactory:
+        return self.listeners[key].factory
+
+    def _apply(
+        self,
+        listeners: dict[str, Listener],
+        key: str,
+        spec: ListenSpec,
+        factory_for: Callable[[str, ListenSpec], BridgeFactory],
+    ) -> list[Deferred[None]]:
+        """
+        Bring the listener of C{key} in C{listeners} to C{spec}: the binds
+        this started.
+        """
+        current = listeners.get(key)
+        if current is None:
+            listener = Listener(spec, factory_for(key, spec))
+            listeners[key] = listener
+            self._changed(key)
+            return [self._listen(key, listener)]
+        if current.spec.bind != spec.bind:
+            return [self._rebind(listeners, key, current, spec)]
+        if current.spec != spec:
+            current.spec = spec
+            current.factory.target = spec.target
+            current.factory.rewrite_host = spec.rewrite_host
+            self._changed(key)
+        return [] if current.listening else [self._listen(key, current)]
 
     def stop(self) -> Deferred[None]:
         """
@@ -385,11 +432,13 @@ class ListenerSet:
         """
         self._stops += 1
         kept, self.listeners = self.listeners, {}
-        listeners = list(kept.values())
-        for key in kept:
+        kept6, self.listeners6 = self.listeners6, {}
+        listeners, listeners6 = list(kept.values()), list(kept6.values())
+        for key in {**kept, **kept6}:
             self._changed(key)
         stopping = DeferredList(
-            [self._stop(listener) for listener in listeners], consumeErrors=True
+            [self._stop(listener) for listener in listeners + listeners6],
+            consumeErrors=True,
         )
         for listener in listeners:
             listener.factory.drain()
@@ -410,10 +459,9 @@ class ListenerSet:
             listener.port, listener.error, listener.holders = port, "", ()
             self._changed(key)
             self.log.info(
-                "listening for {url} on {address}:{port}",
+                "listening for {url} on {address}",
                 url=key,
-                address=spec.address,
-                port=spec.port,
+                address=join_host_port(spec.address, spec.port),
             )
 
         def failed(failure: Failure) -> Deferred[None] | None:
@@ -449,7 +497,13 @@ class ListenerSet:
         d: Deferred[Any] = self._endpoint(spec).listen(listener.factory)
         return d.addCallbacks(listening, failed)
 
-    def _rebind(self, key: str, listener: Listener, spec: ListenSpec) -> Deferred[None]:
+    def _rebind(
+        self,
+        listeners: dict[str, Listener],
+        key: str,
+        listener: Listener,
+        spec: ListenSpec,
+    ) -> Deferred[None]:
         old_port = listener.port
         new = Listener(spec, listener.factory)
         new.factory.target = spec.target
@@ -460,7 +514,7 @@ class ListenerSet:
             old_port = None
         else:
             before = succeed(None)
-        self.listeners[key] = new
+        listeners[key] = new
         self._changed(key)
 
         def bind(_: object) -> Deferred[None]:
@@ -478,10 +532,9 @@ class ListenerSet:
         if port is None:
             return succeed(None)
         self.log.info(
-            "stopped listening for {url} on {address}:{port}",
+            "stopped listening for {url} on {address}",
             url=listener.spec.target.url,
-            address=listener.spec.address,
-            port=listener.spec.port,
+            address=join_host_port(listener.spec.address, listener.spec.port),
         )
         return self._stop_port(port)
 

@@ -8,13 +8,19 @@ endpoint, so a connection whose TLS handshake is done and whose request is
 not yet sent serves any endpoint. L{WarmPool} keeps a few of them ready, so
 that an accepted connection pays only the upgrade's round trip.
 
-How many: the connections that the recent accept rate would take during one
-handshake, twice over, plus one (L{pool_target}), never more than the
-configured size. After a quiet period with no accepted connection the pool
-empties and dials no more, so an idle daemon holds no connection to ngrok. A
-ready connection is replaced after a maximum age, and sooner if the ingress
-was seen to close idle connections earlier than that. A connection is never
-put back after its upgrade.
+How many (L{pool_demand}): while connections are being accepted, what the
+recent accept rate would take while a taken connection is replaced (the
+wait for the ingress's answer, as it is dialled only then, and a
+handshake), twice over, plus one (L{pool_target}), never more than the
+configured size. After a quiet
+period with no accepted connection, one (the floor), so that the next
+connection after a pause pays no handshake, for as long as the linger; but
+none where a handshake costs less than L{FLOOR_MIN_HANDSHAKE}, on loopback
+or a link as short, where the floor would save nothing the client could
+tell. After the linger, none, and no dials: an idle daemon holds no
+connection to ngrok. A ready connection is replaced after a maximum age,
+and sooner if the ingress was seen to close idle connections earlier than
+that. A connection is never put back after its upgrade.
 
 What the pool learns from the ingress's closes is bounded: a connection
 closed younger than a handshake takes (an ingress restarting, a deploy)
@@ -27,7 +33,10 @@ Should the pool still discard more warm connections than are taken
 
 A taken connection is replaced once the ingress has answered its request,
 not when it is taken: a handshake started meanwhile would compete with that
-request for the CPU, here and at the ingress.
+request for the CPU, here and at the ingress. The exception is a pool with
+nothing ready nor dialling: the accept that finds it so starts one warm
+dial at once, so that the first connections after a start or a pause do not
+each pay a handshake while the pool waits for an answer.
 
 When a pooled connection is lost while it waits (the ingress closed it, or
 refused the certificate after the handshake), the pool dials no more until
@@ -51,7 +60,7 @@ from twisted.python.failure import Failure
 RATE_WINDOW = 10
 #: The handshake time assumed before one has been measured.
 FIRST_HANDSHAKE_GUESS = 0.05
-#: Weight of each new handshake time in the running estimate.
+#: Weight of each new handshake (or answer) time in the running estimate.
 HANDSHAKE_WEIGHT = 0.2
 #: A ready connection is replaced at this fraction of the shortest idle life
 #: the ingress was seen to allow.
@@ -66,6 +75,10 @@ STORM_WINDOW = 10.0
 STORM_SLACK = 10
 #: Seconds the pool dials nothing after a storm of discards.
 STORM_PAUSE = 60.0
+#: The shortest handshake (TCP and TLS, measured) worth keeping a warm
+#: connection for through a quiet period: on loopback one takes a few
+#: milliseconds of CPU, across a link at least two round trips.
+FLOOR_MIN_HANDSHAKE = 0.005
 
 
 @frozen
@@ -76,10 +89,15 @@ class PoolSettings:
 
     #: The most connections held ready; 0 turns the pool off.
     size: int = 16
-    #: Seconds without an accepted connection after which the pool empties.
+    #: Seconds without an accepted connection after which the pool keeps
+    #: at most its floor of one.
     idle_timeout: float = 30.0
     #: Seconds a ready connection is kept before it is replaced.
     max_age: float = 20.0
+    #: Seconds without an accepted connection after which the floor goes too.
+    linger: float = 300.0
+    #: The handshake time (seconds) under which no floor is kept.
+    floor_handshake: float = FLOOR_MIN_HANDSHAKE
 
 
 #: No pool: every connection is dialled when it is accepted.
@@ -95,6 +113,30 @@ def pool_target(accepts_per_second: float, handshake_seconds: float, size: int) 
     if size <= 0:
         return 0
     return min(size, 1 + math.floor(2 * accepts_per_second * handshake_seconds))
+
+
+def pool_demand(
+    idle: float | None,
+    accepts_per_second: float,
+    handshake_seconds: float,
+    answer_seconds: float,
+    settings: PoolSettings,
+) -> int:
+    """
+    How many connections to hold ready C{idle} seconds after the last
+    accepted connection (C{None}: none yet): L{pool_target} for a
+    replacement's time (C{answer_seconds}, then a handshake) while
+    connections come, then the floor of one until the linger is over, where
+    a handshake costs enough to be worth saving; else none.
+    """
+    if idle is None:
+        return 0
+    if idle < settings.idle_timeout:
+        replacing = answer_seconds + handshake_seconds
+        return pool_target(accepts_per_second, replacing, settings.size)
+    if idle < settings.linger and handshake_seconds >= settings.floor_handshake:
+        return min(1, settings.size)
+    return 0
 
 
 def replacement_age(learned: float, elapsed: float, max_age: float) -> float:
@@ -232,6 +274,8 @@ class WarmPool(Generic[M]):
         #: Connections made before the last L{reset} are not kept.
         self._generation = 0
         self._handshake_seconds = FIRST_HANDSHAKE_GUESS
+        #: How long a taken connection waits for its answer (estimated).
+        self._answer_seconds = 0.0
         #: The shortest idle life the ingress allowed a ready connection
         #: (L{replacement_age} applies the floor), and when it did.
         self._idle_life: tuple[float, float] | None = None
@@ -243,6 +287,8 @@ class WarmPool(Generic[M]):
         self._storm_said = False
         self._paused = False
         self._stopped = False
+        #: When the demand next drops: the end of the idle timeout, then
+        #: of the linger.
         self._quiet: IDelayedCall | None = None
         #: Ready connections lost, or retired unused.
         self.lost = 0
@@ -275,6 +321,9 @@ class WarmPool(Generic[M]):
         self.settings = settings
         while len(self._ready) > settings.size:
             self._retire(self._ready[0])
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._check_quiet()  # the idle timeout or the linger moved
         self._refill()
 
     def handshake_took(self, seconds: float) -> None:
@@ -299,19 +348,24 @@ class WarmPool(Generic[M]):
                 self.settings.idle_timeout, self._check_quiet
             )
         if not self._ready:
+            if not self._dialing:
+                self._refill(most=1)  # warming starts now, not at the answer
             return None
         entry = self._ready.pop()  # the newest: the least likely closed
         _cancel(entry.expiry)
         self._discards.take(now)
         return entry.connection
 
-    def answered(self) -> None:
+    def answered(self, waited: float | None = None) -> None:
         """
-        The ingress answered a request (upgraded or refused): the pool may
-        dial again, and replaces what was taken. Not sooner: a handshake
-        dialled while a connection waits for its answer would compete with
-        it for the CPU, here and at the ingress.
+        The ingress answered a request (upgraded or refused), on a taken
+        connection after C{waited} seconds: the pool may dial again, and
+        replaces what was taken. Not sooner: a handshake dialled while a
+        connection waits for its answer would compete with it for the CPU,
+        here and at the ingress; the pool is sized for that wait.
         """
+        if waited is not None:
+            self._answer_seconds += HANDSHAKE_WEIGHT * (waited - self._answer_seconds)
         self._paused = False
         self._refill()
 
@@ -348,26 +402,34 @@ class WarmPool(Generic[M]):
         for dialing in list(self._dialing):
             dialing.cancel()
 
-    def _quiet_for(self, now: float) -> float | None:
+    def _idle(self, now: float) -> float | None:
         """
-        How much longer until the pool is quiet: C{None} once it is.
+        Seconds since the last accepted connection; C{None} before the first.
         """
         last = self._rate.last
-        if last is None or now - last >= self.settings.idle_timeout:
-            return None
-        return last + self.settings.idle_timeout - now
+        return None if last is None else now - last
+
+    def _demand(self, now: float) -> int:
+        return pool_demand(
+            self._idle(now),
+            self._rate.per_second(now),
+            self._handshake_seconds,
+            self._answer_seconds,
+            self.settings,
+        )
 
     def _wanted(self) -> int:
         now = self._clock.seconds()
-        if self._stopped or self._paused or self._quiet_for(now) is None:
+        if self._stopped or self._paused:
             return 0
         if self._storm_until is not None and now < self._storm_until:
             return 0
-        rate = self._rate.per_second(now)
-        return pool_target(rate, self._handshake_seconds, self.settings.size)
+        return self._demand(now)
 
-    def _refill(self) -> None:
+    def _refill(self, most: int | None = None) -> None:
         missing = self._wanted() - len(self._ready) - len(self._dialing)
+        if most is not None:
+            missing = min(missing, most)
         for _ in range(missing):
             dialing = self._dial()
             if dialing is None:
@@ -459,13 +521,25 @@ class WarmPool(Generic[M]):
         count.clear()
 
     def _check_quiet(self) -> None:
+        """
+        Keep no more than the demand now (the newest ready connections),
+        and check again when it next drops.
+        """
         self._quiet = None
-        left = self._quiet_for(self._clock.seconds())
-        if left is None:
+        now = self._clock.seconds()
+        demand = self._demand(now)
+        if demand == 0:
+            # It stays so until the next accept.
             self._empty()
             self._storm_said = False  # a storm after a quiet period is news
-        else:
-            self._quiet = self._clock.callLater(left, self._check_quiet)
+            return
+        while len(self._ready) > demand:
+            self._retire(self._ready[0])
+        idle = self._idle(now)
+        assert idle is not None  # a demand follows an accept
+        settings = self.settings
+        end = min(e for e in (settings.idle_timeout, settings.linger) if e > idle)
+        self._quiet = self._clock.callLater(end - idle, self._check_quiet)
 
 
 def _cancel(timer: IDelayedCall | None) -> None:

@@ -8,7 +8,10 @@ client. Like ngrok's ingress, it answers with the framed C{ConnResponse} only
 once it holds the upstream connection (here: TCP to the endpoint's local
 backend), so a success always means the bytes that follow reach the backend,
 and a backend that is down is a refusal rather than a connection that opens
-and then closes. After the response the two connections are one byte pipe
+and then closes. What the client sends behind its request before the
+answer (early data) is held, with reading paused, and passed on after the
+response, as ngrok's ingress reads the request's frame and nothing more.
+After the response the two connections are one byte pipe
 (L{ngrokd.datapath.splice}), half-close and flow control included.
 
 Refusals carry ngrok-style codes:
@@ -164,6 +167,8 @@ class IngressProtocol(PipeProtocol):
         self._connecting: Deferred[Any] | None = None
         self._discarding = False
         self._discarded = 0
+        #: Whether the response was written.
+        self._answered = False
 
     @property
     def _peer_address(self) -> str:
@@ -181,6 +186,8 @@ class IngressProtocol(PipeProtocol):
         self.factory.handshakes_total += 1
 
     def dataReceived(self, data: bytes) -> None:
+        if self.request is not None and not self._answered:
+            self.factory.early_bytes_total += len(data)
         if self._discarding:
             self._discarded += len(data)
             return
@@ -206,6 +213,7 @@ class IngressProtocol(PipeProtocol):
         self.hold(rest)
         self.request = request
         self.factory.requests_total += 1
+        self.factory.early_bytes_total += len(rest)
         self._handle(request)
 
     def readConnectionLost(self) -> None:
@@ -316,6 +324,7 @@ class IngressProtocol(PipeProtocol):
         response = wire.ConnResponse(
             endpoint_id=endpoint.id, proto=endpoint.proto, notices=notices
         )
+        self._answered = True
         self.transport.write(wire.encode_response(response))
         self.factory.upgrades_total += 1  # counted, not logged: one per connection
         splice(self, backend, self.factory.clock)
@@ -344,6 +353,7 @@ class IngressProtocol(PipeProtocol):
             error_message=message,
         )
         response = wire.ConnResponse(error_code=code, error_message=message)
+        self._answered = True
         self.transport.write(wire.encode_response(response))
         self._no_pipe()
         self.transport.loseConnection()
@@ -393,8 +403,10 @@ class IngressFactory(Factory):
     C{reactor} connects to backends; C{clock} (default: the reactor) times
     requests. C{connections_total} counts accepted connections,
     C{handshakes_total} the TLS handshakes completed (what a client's
-    connections cost the ingress), C{requests_total} the requests read and
-    C{upgrades_total} successful upgrades; C{active} holds open connections.
+    connections cost the ingress), C{requests_total} the requests read,
+    C{early_bytes_total} the bytes that came behind a request before its
+    answer (a client's early data) and C{upgrades_total} successful
+    upgrades; C{active} holds open connections.
     """
 
     def __init__(
@@ -415,6 +427,7 @@ class IngressFactory(Factory):
         self.connections_total = 0
         self.handshakes_total = 0
         self.requests_total = 0
+        self.early_bytes_total = 0
         self.upgrades_total = 0
         self.active: set[IngressProtocol] = set()
 

@@ -15,6 +15,11 @@ endpoints for a while (C{net.reuse_after}), unless nothing else is left: a
 client still using it must not silently reach another service. The same
 endpoint coming back within that time gets it again.
 
+With C{net.subnet6}, every such hostname also gets an IPv6 address, kept
+the same way. The original knew only IPv4, so those go to a file of their
+own, C{ip6_mappings.json}, in the format of C{ip_mappings.json}: the
+original's file stays as it reads it.
+
 L{allocate} is a pure function of the previous allocations, of what is
 wanted now, and of the time. L{load} and L{save} keep the result in the
 state directory, in the original's files and formats (and read its older
@@ -45,6 +50,7 @@ EndpointKey = tuple[str, int]
 
 #: File names in the state directory (the Go ngrokd's, and ngrokd's own).
 IP_MAPPINGS = "ip_mappings.json"
+IP6_MAPPINGS = "ip6_mappings.json"
 NETWORK_PORTS = "network_ports.json"
 RELEASED = "released.json"
 #: The state files are not secret; the original wrote them 0644 too.
@@ -83,6 +89,12 @@ class Allocations:
     released_ports: Mapping[EndpointKey, tuple[int, float]] = field(
         factory=dict, converter=_frozen
     )
+    #: The IPv6 address of each hostname (from C{net.subnet6}), and those
+    #: given up, as C{ips} and C{released_ips}.
+    ips6: Mapping[str, IPAddress] = field(factory=dict, converter=_frozen)
+    released_ips6: Mapping[str, tuple[IPAddress, float]] = field(
+        factory=dict, converter=_frozen
+    )
 
 
 @frozen
@@ -111,6 +123,11 @@ def usable_addresses(subnet: IPNetwork) -> range:
     return range(int(subnet.network_address) + 2, last + 1)
 
 
+def _count(usable: range) -> int:
+    # len() of a range fails beyond sys.maxsize (an IPv6 /64 is).
+    return usable.stop - usable.start
+
+
 def is_usable(ip: IPAddress, subnet: IPNetwork) -> bool:
     """
     Whether C{ip} is an address L{allocate} could give out in C{subnet}.
@@ -126,6 +143,7 @@ def allocate(
     start_port: int,
     now: float = 0.0,
     hold: float = 0.0,
+    subnet6: IPNetwork | None = None,
 ) -> AllocationResult:
     """
     Allocate an address to every hostname of C{wanted_ips} and a network port
@@ -147,26 +165,22 @@ def allocate(
     When the subnet or the port range is full, the hostnames or endpoints
     left over are reported in L{AllocationResult.errors}; all others are
     still allocated.
+
+    With C{subnet6}, every hostname of C{wanted_ips} also gets an IPv6
+    address of it, by the same rules; one left without is not an error (it
+    is served over IPv4), and without C{subnet6} none has one.
     """
     errors: dict[str | EndpointKey, str] = {}
-    make = IPv4Address if subnet.version == 4 else IPv6Address
-    ip_values, released_ips = _allocate(
-        {host: int(ip) for host, ip in previous.ips.items() if is_usable(ip, subnet)},
-        {},
-        {
-            host: (int(ip), when)
-            for host, (ip, when) in previous.released_ips.items()
-            if is_usable(ip, subnet)
-        },
-        set(wanted_ips),
-        usable_addresses(subnet),
-        (now, hold),
-        errors,
-        lambda host: (
-            f"no address left for {host}: all {len(usable_addresses(subnet))}"
-            f" usable addresses of {subnet} are in use"
-        ),
+    wanted = set(wanted_ips)
+    ips, released_ips = _addresses(
+        previous.ips, previous.released_ips, wanted, subnet, (now, hold), errors
     )
+    ips6: dict[str, IPAddress] = {}
+    released_ips6: dict[str, tuple[IPAddress, float]] = {}
+    if subnet6 is not None:
+        ips6, released_ips6 = _addresses(
+            previous.ips6, previous.released_ips6, wanted, subnet6, (now, hold), {}
+        )
     ports, released_ports = _allocate(
         previous.network_ports,
         previous.legacy_network_ports,
@@ -182,15 +196,50 @@ def allocate(
     )
     return AllocationResult(
         Allocations(
-            {host: make(value) for host, value in ip_values.items()},
+            ips,
             ports,
-            released_ips={
-                host: (make(value), when)
-                for host, (value, when) in released_ips.items()
-            },
+            released_ips=released_ips,
             released_ports=released_ports,
+            ips6=ips6,
+            released_ips6=released_ips6,
         ),
         errors,
+    )
+
+
+def _addresses(
+    previous: Mapping[str, IPAddress],
+    released: Mapping[str, tuple[IPAddress, float]],
+    wanted: set[str],
+    subnet: IPNetwork,
+    clock: tuple[float, float],
+    errors: dict[str | EndpointKey, str],
+) -> tuple[dict[str, IPAddress], dict[str, tuple[IPAddress, float]]]:
+    """
+    The addresses of L{allocate} in C{subnet}, and those held back.
+    """
+    make = IPv4Address if subnet.version == 4 else IPv6Address
+    usable = usable_addresses(subnet)
+    values, held = _allocate(
+        {host: int(ip) for host, ip in previous.items() if is_usable(ip, subnet)},
+        {},
+        {
+            host: (int(ip), when)
+            for host, (ip, when) in released.items()
+            if is_usable(ip, subnet)
+        },
+        wanted,
+        usable,
+        clock,
+        errors,
+        lambda host: (
+            f"no address left for {host}: all {_count(usable)}"
+            f" usable addresses of {subnet} are in use"
+        ),
+    )
+    return (
+        {host: make(value) for host, value in values.items()},
+        {host: (make(value), when) for host, (value, when) in held.items()},
     )
 
 
@@ -323,10 +372,11 @@ def _decode_object(data: bytes) -> dict[str, Any]:
 
 
 def decode_ips(
-    data: bytes, subnet: IPNetwork
+    data: bytes, subnet: IPNetwork, key: str = "net.subnet"
 ) -> tuple[dict[str, IPAddress], list[str]]:
     """
-    Read C{ip_mappings.json}. Entries that are not a usable address of
+    Read C{ip_mappings.json} (or C{ip6_mappings.json}, whose C{subnet} is
+    the setting C{key}). Entries that are not a usable address of
     C{subnet}, or that repeat another hostname's address, are left out; the
     returned warnings say which and why.
 
@@ -343,7 +393,7 @@ def decode_ips(
         if not hostname or ip is None:
             warnings.append(f"ignoring {hostname!r}: {value!r} is not an IP address")
         elif ip not in subnet:
-            warnings.append(f"ignoring {hostname}: {ip} is outside net.subnet {subnet}")
+            warnings.append(f"ignoring {hostname}: {ip} is outside {key} {subnet}")
         elif not is_usable(ip, subnet):
             warnings.append(
                 f"ignoring {hostname}: {ip} is reserved in {subnet} (network, "
@@ -393,13 +443,17 @@ def encode_released(allocations: Allocations) -> bytes:
     """
     C{released.json}: what is held back, and since when (POSIX time):
     C{{"ips": {hostname: [address, time]}, "network_ports": {"hostname:port":
-    [port, time]}}}.
+    [port, time]}, "ips6": {hostname: [address, time]}}}.
     """
     return _encode(
         {
             "ips": {
                 host: [str(ip), when]
                 for host, (ip, when) in allocations.released_ips.items()
+            },
+            "ips6": {
+                host: [str(ip), when]
+                for host, (ip, when) in allocations.released_ips6.items()
             },
             "network_ports": {
                 f"{h}:{p}": [port, when]
@@ -409,30 +463,41 @@ def encode_released(allocations: Allocations) -> bytes:
     )
 
 
+#: Addresses held back, by hostname.
+_ReleasedIPs = dict[str, tuple[IPAddress, float]]
+
+
 def decode_released(
-    data: bytes, subnet: IPNetwork
-) -> tuple[dict[str, tuple[IPAddress, float]], dict[EndpointKey, tuple[int, float]]]:
+    data: bytes, subnet: IPNetwork, subnet6: IPNetwork | None = None
+) -> tuple[_ReleasedIPs, dict[EndpointKey, tuple[int, float]], _ReleasedIPs]:
     """
-    Read C{released.json}; entries that are not what L{encode_released}
-    writes are left out (they are only held back, never in use).
+    Read C{released.json}: the addresses (in C{subnet}), the ports, and the
+    IPv6 addresses (in C{subnet6}; none without it) held back. Entries that
+    are not what L{encode_released} writes are left out (they are only held
+    back, never in use).
 
     @raise CorruptStateFile: if C{data} is not one JSON object.
     """
     content = _decode_object(data)
-    ips: dict[str, tuple[IPAddress, float]] = {}
     ports: dict[EndpointKey, tuple[int, float]] = {}
-    for host, entry in _entries(content.get("ips")):
+    for key, entry in _entries(content.get("network_ports")):
+        hostname, _, port = key.rpartition(":")
+        if hostname and port.isdigit() and _is_port(entry[0]):
+            ports[(hostname, int(port))] = (entry[0], entry[1])
+    ips6 = {} if subnet6 is None else _released_ips(content.get("ips6"), subnet6)
+    return _released_ips(content.get("ips"), subnet), ports, ips6
+
+
+def _released_ips(section: object, subnet: IPNetwork) -> _ReleasedIPs:
+    ips: _ReleasedIPs = {}
+    for host, entry in _entries(section):
         try:
             ip = ip_address(entry[0])
         except ValueError:
             continue
         if host and ip in subnet:
             ips[host] = (ip, entry[1])
-    for key, entry in _entries(content.get("network_ports")):
-        hostname, _, port = key.rpartition(":")
-        if hostname and port.isdigit() and _is_port(entry[0]):
-            ports[(hostname, int(port))] = (entry[0], entry[1])
-    return ips, ports
+    return ips
 
 
 def _entries(section: object) -> list[tuple[str, tuple[Any, float]]]:
@@ -456,10 +521,14 @@ def _is_port(value: object) -> bool:
 
 
 def load(
-    state_dir: str, subnet: IPNetwork, now: Callable[[], float] = time.time
+    state_dir: str,
+    subnet: IPNetwork,
+    now: Callable[[], float] = time.time,
+    subnet6: IPNetwork | None = None,
 ) -> Allocations:
     """
-    The allocations saved in C{state_dir}, for addresses in C{subnet}.
+    The allocations saved in C{state_dir}, for addresses in C{subnet} (and
+    IPv6 addresses in C{subnet6}; none without it).
 
     Missing files mean nothing was allocated yet. A file that cannot be read
     or is not a JSON object is renamed to C{<name>.corrupt-<UTC time>} (so
@@ -480,12 +549,29 @@ def load(
     if found_ports is not None:
         ports, legacy, warnings = found_ports
         _warn_all(ports_path, warnings)
-    released = _decoded(
+    ips6: dict[str, IPAddress] = {}
+    if subnet6 is not None:
+        ip6_path = os.path.join(state_dir, IP6_MAPPINGS)
+        found_ips6 = _decoded(
+            ip6_path, lambda data: decode_ips(data, subnet6, "net.subnet6"), now
+        )
+        if found_ips6 is not None:
+            ips6, warnings = found_ips6
+            _warn_all(ip6_path, warnings)
+    released_ips, released_ports, released_ips6 = _decoded(
         os.path.join(state_dir, RELEASED),
-        lambda data: decode_released(data, subnet),
+        lambda data: decode_released(data, subnet, subnet6),
         now,
+    ) or ({}, {}, {})
+    return Allocations(
+        ips,
+        ports,
+        legacy,
+        released_ips,
+        released_ports,
+        ips6=ips6,
+        released_ips6=released_ips6,
     )
-    return Allocations(ips, ports, legacy, *(released or ({}, {})))
 
 
 D = TypeVar("D")
@@ -526,6 +612,11 @@ def save(state_dir: str, allocations: Allocations) -> None:
     write_atomic(
         os.path.join(state_dir, IP_MAPPINGS),
         encode_ips(allocations.ips),
+        STATE_FILE_MODE,
+    )
+    write_atomic(
+        os.path.join(state_dir, IP6_MAPPINGS),
+        encode_ips(allocations.ips6),
         STATE_FILE_MODE,
     )
     write_atomic(

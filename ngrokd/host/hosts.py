@@ -28,14 +28,16 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from ipaddress import ip_address
+from collections.abc import Callable, Iterable, Mapping
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ngrokd.host.allocation import IPAddress
@@ -46,6 +48,8 @@ from ngrokd.problems import Problems
 BEGIN, END = hosts_markers("")
 
 _T = TypeVar("_T")
+#: A name's addresses for its lines: one address, or several (IPv4, IPv6).
+Addresses = IPAddress | tuple[IPAddress, ...]
 
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _ENTRY = re.compile(r"(\S+)\t(\S+)")
@@ -118,11 +122,12 @@ def _sections(lines: list[str], begin: str, end_: str) -> list[tuple[int, int]]:
     return sections
 
 
-def render(existing: str, mapping: Mapping[str, IPAddress], instance: str = "") -> str:
+def render(existing: str, mapping: Mapping[str, Addresses], instance: str = "") -> str:
     """
     C{existing} hosts-file text with the section of ngrokd instance
     C{instance} holding exactly C{mapping}: one C{IP<TAB>hostname} line per
-    hostname, sorted by hostname. Other instances' sections are other text.
+    address of each hostname, sorted by hostname (IPv4 before IPv6). Other
+    instances' sections are other text.
 
     The section stays where it was (several collapse into the first). A new
     one is appended after a blank line. An empty mapping removes the section
@@ -169,13 +174,24 @@ def render(existing: str, mapping: Mapping[str, IPAddress], instance: str = "") 
 
 
 def _section(
-    mapping: Mapping[str, IPAddress], newline: str, last_ending: str, instance: str
+    mapping: Mapping[str, Addresses], newline: str, last_ending: str, instance: str
 ) -> list[str]:
     begin, end = hosts_markers(instance)
     entries = [
-        f"{mapping[hostname]}\t{hostname}{newline}" for hostname in sorted(mapping)
+        f"{ip}\t{hostname}{newline}"
+        for hostname in sorted(mapping)
+        for ip in _each(mapping[hostname])
     ]
     return [begin + newline, *entries, end + last_ending]
+
+
+def _each(addresses: Addresses | str | Iterable[IPAddress | str]) -> list[IPAddress]:
+    """
+    The addresses of a name, IPv4 first.
+    """
+    if isinstance(addresses, IPv4Address | IPv6Address | str):
+        addresses = (addresses,)
+    return sorted((ip_address(ip) for ip in addresses), key=lambda ip: ip.version)
 
 
 def pinned_names(existing: str, instance: str = "") -> frozenset[str]:
@@ -251,7 +267,7 @@ class HostsFile:
         self._in_place = False
         self._lock_timeout = lock_timeout
 
-    def write(self, mapping: Mapping[str, IPAddress]) -> bool:
+    def write(self, mapping: Mapping[str, Addresses]) -> bool:
         """
         Make the section hold exactly C{mapping} (no section if empty).
 
@@ -511,7 +527,7 @@ class HostsService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorThreads,
         path: str,
         threadpool: ThreadPool | None = None,
         instance: str = "",
@@ -520,11 +536,13 @@ class HostsService(Service):
         self.file = HostsFile(path, instance=instance)
         self._reactor = reactor
         self._threadpool = threadpool
-        self._problems = problems if problems is not None else Problems(reactor)
+        self._problems = (
+            problems if problems is not None else Problems(IReactorTime(reactor))
+        )
         self._what = f"writing the names to {path}"
         self._lock = DeferredLock()
         self.error = ""
-        self.written: dict[str, IPAddress] = {}
+        self.written: dict[str, tuple[IPAddress, ...]] = {}
         #: The names of the last read that worked, and why the last read
         #: failed (empty when it worked).
         self._pinned: frozenset[str] = frozenset()
@@ -548,15 +566,17 @@ class HostsService(Service):
         removing: Deferred[Any] = self.write({})
         return removing.addCallback(lambda _: None)
 
-    def write(self, mapping: Mapping[str, IPAddress | str]) -> Deferred[bool]:
+    def write(
+        self, mapping: Mapping[str, IPAddress | str | Iterable[IPAddress | str]]
+    ) -> Deferred[bool]:
         """
-        Make the section hold C{mapping}, hostname to address (no section if
-        it is empty).
+        Make the section hold C{mapping}, hostname to address or addresses
+        (no section if it is empty).
 
         @return: fires with whether the file changed. A L{HostsFileError}
             is logged, not passed on.
         """
-        wanted = {name: ip_address(ip) for name, ip in mapping.items()}
+        wanted = {name: tuple(_each(ips)) for name, ips in mapping.items()}
         d = self._in_thread(self._write_file, wanted)
 
         def written(changed: bool) -> bool:
@@ -575,7 +595,7 @@ class HostsService(Service):
                 )
             return changed
 
-        def failed(failure: Any) -> bool:
+        def failed(failure: Failure) -> bool:
             failure.trap(HostsFileError)
             self.error = str(failure.value)
             if not self.running and not wanted:
@@ -595,7 +615,9 @@ class HostsService(Service):
         Say what stays in the file after the section could not be removed
         at a stop.
         """
-        names = ", ".join(f"{name} {ip}" for name, ip in sorted(self.written.items()))
+        names = ", ".join(
+            f"{name} {ip}" for name, ips in sorted(self.written.items()) for ip in ips
+        )
         self.log.error(
             "stopping: {error}; the ngrokd section of {path} stays, with"
             " {names}, until the next start replaces it",
@@ -615,7 +637,7 @@ class HostsService(Service):
             self._pinned, self._read_error = names, ""
             return names
 
-        def failed(failure: Any) -> frozenset[str]:
+        def failed(failure: Failure) -> frozenset[str]:
             failure.trap(HostsFileError)
             reason = str(failure.value)
             if reason != self._read_error:
@@ -629,7 +651,7 @@ class HostsService(Service):
 
         return self._in_thread(self.file.pinned).addCallbacks(read, failed)
 
-    def _write_file(self, wanted: dict[str, IPAddress]) -> bool:
+    def _write_file(self, wanted: Mapping[str, Addresses]) -> bool:
         if not wanted and not self.file.has_section():
             return False
         return self.file.write(wanted)

@@ -28,10 +28,10 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Callable
-from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -75,7 +75,7 @@ def resident_bytes() -> int | None:
         return None
 
 
-def _libc() -> Any:
+def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c"))
     except OSError:
@@ -120,17 +120,20 @@ class MemoryTrimmer(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorThreads,
         connections_open: Callable[[], int],
         resident: Callable[[], int | None] = resident_bytes,
         trim: Callable[[], object] | None = None,
         interval: float = CHECK_INTERVAL,
     ) -> None:
         """
+        @param reactor: trims in its thread pool; it must provide
+            L{IReactorTime} too, which times the looks.
         @param trim: trims the heap; by default glibc's C{malloc_trim}, and
             then glibc's thresholds are set when started (L{glibc_keep_heap}).
         """
         self._reactor = reactor
+        self._clock = IReactorTime(reactor)
         self._connections_open = connections_open
         self._resident = resident
         self._trim = trim
@@ -153,7 +156,7 @@ class MemoryTrimmer(Service):
         if self._tune:
             glibc_keep_heap()
         self._loop = LoopingCall(self._look)
-        self._loop.clock = self._reactor
+        self._loop.clock = self._clock
         self._loop.start(self._interval, now=True)
 
     def stopService(self) -> None:

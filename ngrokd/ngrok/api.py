@@ -46,7 +46,7 @@ from twisted.internet.error import (
     ConnectionClosed,
     DNSLookupError,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol as BodyProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -59,7 +59,7 @@ from twisted.web.client import (
     ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
 from ngrokd import __version__
 
@@ -414,7 +414,7 @@ class _BoundedBody(BodyProtocol):
             finished.errback(reason)
 
 
-def _read_body(response: Any, url: str) -> Deferred[bytes]:
+def _read_body(response: IResponse, url: str) -> Deferred[bytes]:
     """
     The body of C{response}, refused as soon as it proves longer than
     L{MAX_BODY}; cancelling the read aborts the response.
@@ -632,14 +632,14 @@ class NgrokAPI:
 
     async def _exchange(
         self, method: str, url: str, headers: dict[str, str], data: bytes | None
-    ) -> tuple[Any, bytes]:
+    ) -> tuple[IResponse, bytes]:
         """
         The response and its body. A cancelled request fails with
         L{CancelledError} (the Agent wraps it), so that a timeout is told
         from a failure and a caller's cancel stays a cancel.
         """
         try:
-            response = await self._http.request(
+            response: IResponse = await self._http.request(
                 method, url, headers=headers, data=data, allow_redirects=False
             )
             return response, await _read_body(response, url)
@@ -663,7 +663,7 @@ class NgrokAPI:
         raise APIUnavailable(url, _redact(_failure_reason(failure), key))
 
     def _decode(
-        self, exchange: tuple[Any, bytes], request: str, url: str, key: str
+        self, exchange: tuple[IResponse, bytes], request: str, url: str, key: str
     ) -> Any:
         response, raw = exchange
         status: int = response.code
@@ -677,7 +677,9 @@ class NgrokAPI:
         except ValueError as e:
             raise APIResponseInvalid(url, "body", f"not JSON ({e})") from None
 
-    def _error(self, response: Any, raw: bytes, request: str, key: str) -> APIError:
+    def _error(
+        self, response: IResponse, raw: bytes, request: str, key: str
+    ) -> APIError:
         status: int = response.code
         retry_after = None
         if status in (429, 503):
@@ -710,7 +712,7 @@ class NgrokAPI:
 
 
 def make_api(
-    reactor: Any,
+    reactor: IReactorTCP,
     url: str,
     key_provider: Callable[[], str],
     tls_policy: IPolicyForHTTPS,
@@ -724,7 +726,8 @@ def make_api(
     The API client ngrokd runs with: HTTPS verified by C{tls_policy},
     connections kept open between polls.
 
-    @param reactor: provides L{IReactorTCP} and L{IReactorTime}.
+    @param reactor: connects to the API; it must provide L{IReactorTime}
+        too, which times the requests out.
     """
     if urlsplit(url).scheme != "https":
         _log.warn("api.url {url} is not https: the API key travels in clear", url=url)
@@ -739,7 +742,7 @@ def make_api(
         url,
         key_provider,
         HTTPClient(agent),
-        reactor,
+        IReactorTime(reactor),
         timeout,
         pool=pool,
         max_items=max_items,

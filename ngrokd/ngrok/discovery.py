@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -32,8 +32,10 @@ from ngrokd.retry import (
     backoff_delay,
 )
 
+_T = TypeVar("_T")
 
-class EndpointDiscoveryService(Service):
+
+class EndpointDiscoveryService(Service, Generic[_T]):
     """
     Calls C{fetch} every C{interval} seconds and hands each good result to
     C{deliver} (which may return a Deferred: the next poll waits for it).
@@ -43,8 +45,8 @@ class EndpointDiscoveryService(Service):
 
     def __init__(
         self,
-        fetch: Callable[[], Deferred[Any]],
-        deliver: Callable[[Any], object],
+        fetch: Callable[[], Deferred[_T]],
+        deliver: Callable[[_T], object],
         clock: IReactorTime,
         interval: float,
         jitter: Callable[[], float] = random.random,
@@ -55,7 +57,7 @@ class EndpointDiscoveryService(Service):
         self.interval = interval
         self._jitter = jitter
         self._next: IDelayedCall | None = None
-        self._polling: Deferred[Any] | None = None
+        self._polling: Deferred[object] | None = None
         self.failures = 0
         self.last_error = ""
         self._last_kind = ""
@@ -115,12 +117,12 @@ class EndpointDiscoveryService(Service):
     def _poll(self) -> None:
         self._next = None
         self._poll_started = self._clock.seconds()
-        polling: Deferred[Any] = maybeDeferred(self._fetch)
-        polling.addCallbacks(self._succeeded, self._failed)
+        fetching: Deferred[_T] = maybeDeferred(self._fetch)
+        polling = fetching.addCallbacks(self._succeeded, self._failed)
         self._polling = polling
         polling.addBoth(self._done)
 
-    def _succeeded(self, result: Any) -> object:
+    def _succeeded(self, result: _T) -> object:
         if self.failures:
             self.log.info(
                 "the ngrok API answers again after {failures} failed polls",

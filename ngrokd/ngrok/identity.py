@@ -19,7 +19,9 @@ L{IdentityStore.load} tells a complete identity from a partial one
 renews under a known operator id, or finds the operator whose certificate
 carries our key, and registers anew only when neither is possible.
 
-The functions here do small synchronous file I/O; they can run in a thread.
+L{IdentityStore} reads and writes synchronously, and each write waits for
+C{fsync}; L{register}, L{renew} and L{repair} call it through an
+L{InThread}, off the reactor thread.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ngrokd.atomic import read_if_exists, replace_durably, write_atomic
+from ngrokd.blocking import InThread
 from ngrokd.ngrok.api import APIError, Operator
 
 _log = Logger()
@@ -238,7 +241,8 @@ class IdentityStore:
     """
     The identity files: C{tls.key}, C{tls.crt} and C{operator_id} in
     C{state_dir}, unless the configuration names other paths for the key and
-    certificate (the same paths are then read and written).
+    certificate (the same paths are then read and written). Its methods
+    block (each write waits for C{fsync}): call them off the reactor thread.
     """
 
     def __init__(
@@ -386,7 +390,11 @@ def _checked(operator: Operator, key_pem: bytes) -> Operator:
 
 
 def register(
-    api: OperatorAPI, store: IdentityStore, selectors: Sequence[str], hostname: str
+    api: OperatorAPI,
+    store: IdentityStore,
+    selectors: Sequence[str],
+    hostname: str,
+    in_thread: InThread,
 ) -> Deferred[Identity]:
     """
     Register a new operator for this machine and store its identity.
@@ -395,18 +403,22 @@ def register(
     ngrok is asked, so a crash at any point leaves something L{repair} can
     finish without orphaning an operator.
     """
-    return Deferred.fromCoroutine(_register(api, store, selectors, hostname))
+    return Deferred.fromCoroutine(_register(api, store, selectors, hostname, in_thread))
 
 
 def renew(
-    api: OperatorAPI, store: IdentityStore, identity: Identity, selectors: Sequence[str]
+    api: OperatorAPI,
+    store: IdentityStore,
+    identity: Identity,
+    selectors: Sequence[str],
+    in_thread: InThread,
 ) -> Deferred[Identity]:
     """
     Get a certificate for a new key (ngrok issues one only for a new CSR),
     updating the endpoint selectors. Until ngrok has answered, the old key
     and certificate stay in place and usable; if it fails, they remain.
     """
-    return Deferred.fromCoroutine(_renew(api, store, identity, selectors))
+    return Deferred.fromCoroutine(_renew(api, store, identity, selectors, in_thread))
 
 
 def repair(
@@ -415,6 +427,7 @@ def repair(
     state: RepairNeeded,
     selectors: Sequence[str],
     hostname: str,
+    in_thread: InThread,
 ) -> Deferred[Identity]:
     """
     Make a partial identity whole again, keeping the operator ngrok knows:
@@ -425,15 +438,21 @@ def repair(
          stored key (or certificate) and renew under its id;
       3. otherwise register anew.
     """
-    return Deferred.fromCoroutine(_repair(api, store, state, selectors, hostname))
+    return Deferred.fromCoroutine(
+        _repair(api, store, state, selectors, hostname, in_thread)
+    )
 
 
 async def _register(
-    api: OperatorAPI, store: IdentityStore, selectors: Sequence[str], hostname: str
+    api: OperatorAPI,
+    store: IdentityStore,
+    selectors: Sequence[str],
+    hostname: str,
+    in_thread: InThread,
 ) -> Identity:
-    store.check_writable()
+    await in_thread(store.check_writable)
     key_pem = generate_key()
-    store.save_key(key_pem)
+    await in_thread(store.save_key, key_pem)
     metadata = json.dumps({"hostname": hostname, "type": "forward-proxy"})
     operator = _checked(
         await api.register(
@@ -445,34 +464,42 @@ async def _register(
         ),
         key_pem,
     )
-    store.save_cert(operator.cert_pem)
-    store.save_operator_id(operator.id)
+    await in_thread(store.save_cert, operator.cert_pem)
+    await in_thread(store.save_operator_id, operator.id)
     _log.info("registered with ngrok as operator {id}", id=operator.id)
     return _identity(operator.id, operator.cert_pem, key_pem, operator.ingress_endpoint)
 
 
 async def _rotate(
-    api: OperatorAPI, store: IdentityStore, operator_id: str, selectors: Sequence[str]
+    api: OperatorAPI,
+    store: IdentityStore,
+    operator_id: str,
+    selectors: Sequence[str],
+    in_thread: InThread,
 ) -> Identity:
-    store.check_writable()
+    await in_thread(store.check_writable)
     key_pem = generate_key()
-    store.save_pending_key(key_pem)
+    await in_thread(store.save_pending_key, key_pem)
     try:
         operator = _checked(
             await api.renew(operator_id, make_csr(key_pem), selectors), key_pem
         )
     except Exception:
-        store.discard_pending_key()
+        await in_thread(store.discard_pending_key)
         raise
-    store.save_cert(operator.cert_pem)
-    store.commit_pending_key()
+    await in_thread(store.save_cert, operator.cert_pem)
+    await in_thread(store.commit_pending_key)
     return _identity(operator_id, operator.cert_pem, key_pem, operator.ingress_endpoint)
 
 
 async def _renew(
-    api: OperatorAPI, store: IdentityStore, identity: Identity, selectors: Sequence[str]
+    api: OperatorAPI,
+    store: IdentityStore,
+    identity: Identity,
+    selectors: Sequence[str],
+    in_thread: InThread,
 ) -> Identity:
-    renewed = await _rotate(api, store, identity.operator_id, selectors)
+    renewed = await _rotate(api, store, identity.operator_id, selectors, in_thread)
     _log.info(
         "renewed the certificate of operator {id}, valid until {not_after}",
         id=renewed.operator_id,
@@ -487,9 +514,10 @@ async def _repair(
     state: RepairNeeded,
     selectors: Sequence[str],
     hostname: str,
+    in_thread: InThread,
 ) -> Identity:
     _log.warn("the stored identity needs repair: {reason}", reason=state.reason)
-    store.check_writable()
+    await in_thread(store.check_writable)
     operator_id = state.operator_id
     if operator_id is None and state.public_key is not None:
         for operator in await api.operators():
@@ -500,12 +528,12 @@ async def _repair(
                 break
     if operator_id is not None:
         try:
-            identity = await _rotate(api, store, operator_id, selectors)
+            identity = await _rotate(api, store, operator_id, selectors, in_thread)
         except APIError as e:
             if e.status != 404:
                 raise
             _log.warn("operator {id} no longer exists at ngrok", id=operator_id)
         else:
-            store.save_operator_id(operator_id)
+            await in_thread(store.save_operator_id, operator_id)
             return identity
-    return await _register(api, store, selectors, hostname)
+    return await _register(api, store, selectors, hostname, in_thread)

@@ -25,7 +25,8 @@ to the ingress connector: connections already open keep theirs, new ones
 use the new one). A failure never stops the service: it is reported (in
 L{IdentityService.status} and in the log, once per change of state) and
 retried with backoff, while the last good identity stays in use. The API key
-is never read here, only whether there is one.
+is never read here, only whether there is one. The identity files are read
+and written through C{in_thread}, off the reactor thread.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from __future__ import annotations
 import datetime
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from ngrokd.blocking import InThread
 from ngrokd.ngrok.api import (
     EXPECTED_FAILURES,
     APIError,
@@ -83,24 +85,6 @@ class IdentityAPI(OperatorAPI, Protocol):
     """
 
     def get_operator(self, operator_id: str) -> Deferred[Operator]: ...
-
-
-class OperatorDeleted(Exception):
-    """
-    ngrok has no operator with our id (deleted in the dashboard, or the API
-    key belongs to another account); C{remedy} says what to do.
-    """
-
-    def __init__(self, operator_id: str, remedy: str) -> None:
-        super().__init__(operator_id, remedy)
-        self.operator_id = operator_id
-        self.remedy = remedy
-
-    def __str__(self) -> str:
-        return (
-            f"operator {self.operator_id} no longer exists in the ngrok account"
-            f" of the API key (was it deleted in the dashboard?): {self.remedy}"
-        )
 
 
 class KeyRejected(Exception):
@@ -155,6 +139,8 @@ class IdentityService(Service):
     """
     Makes and keeps this machine's identity; see the module docstring.
 
+    @param in_thread: reads and writes the identity files (they wait for
+        C{fsync}) off the reactor thread.
     @param has_key: whether there is an API key now (the API client reads
         the key itself, at each request).
     @param on_identity: called with every identity put into use.
@@ -171,6 +157,7 @@ class IdentityService(Service):
         api: IdentityAPI,
         clock: IReactorTime,
         *,
+        in_thread: InThread,
         selectors: Sequence[str],
         hostname: str,
         has_key: Callable[[], bool],
@@ -185,6 +172,7 @@ class IdentityService(Service):
         self._store = store
         self._api = api
         self._clock = clock
+        self._in_thread = in_thread
         self._selectors = tuple(selectors)
         self._hostname = hostname
         self._has_key = has_key
@@ -207,7 +195,7 @@ class IdentityService(Service):
         self._reported_ingress: str | None = None
         self._lock = DeferredLock()
         self._queued = False
-        self._current: Deferred[Any] | None = None
+        self._current: Deferred[float | None] | None = None
         self._timer: IDelayedCall | None = None
 
     # Lifecycle and controls
@@ -342,10 +330,8 @@ class IdentityService(Service):
         self._queued = False
         if not self.running:
             return succeed(None)
-        current: Deferred[Any] = Deferred.fromCoroutine(self._pass())
-        self._current = current
-        current.addCallbacks(self._pass_done, self._pass_failed)
-        return current
+        current = self._current = Deferred.fromCoroutine(self._pass())
+        return current.addCallbacks(self._pass_done, self._pass_failed)
 
     def _pass_done(self, delay: float | None) -> None:
         self._current = None
@@ -365,18 +351,19 @@ class IdentityService(Service):
         )
         delay = backoff_delay(self._failures, FIRST_RETRY, MAX_BACKOFF, self._jitter)
         if failure.check(IdentityUnreadable):
-            doing = "cannot use the stored identity"
+            problem = "cannot use the stored identity: {reason}"
         elif self.identity is None:
-            doing = "cannot register with ngrok"
+            problem = "cannot register with ngrok: {reason}"
         else:
-            doing = "cannot update the identity with ngrok"
+            problem = "cannot update the identity with ngrok: {reason}"
         expected = failure.check(*EXPECTED_FAILURES, IdentityError, OSError)
         self._report(
             NOT_REGISTERED if self.identity is None else self._registered_state(),
-            f"{doing}: {failure.getErrorMessage()}",
             failure_kind(failure.value),
+            problem,
             retry_in=delay,
             unexpected=None if expected else failure,
+            reason=failure.getErrorMessage(),
         )
         self._schedule(delay)
 
@@ -386,7 +373,7 @@ class IdentityService(Service):
         seconds until the next pass (C{None}: only when kicked).
         """
         if self.identity is None:
-            loaded = self._store.load()
+            loaded = await self._in_thread(self._store.load)
             if isinstance(loaded, Identity):
                 self._adopt(loaded)
             elif not self._has_key():
@@ -411,10 +398,17 @@ class IdentityService(Service):
         await api.operators()
         if isinstance(loaded, RepairNeeded):
             identity = await repair(
-                api, self._store, loaded, self._selectors, self._hostname
+                api,
+                self._store,
+                loaded,
+                self._selectors,
+                self._hostname,
+                self._in_thread,
             )
         else:
-            identity = await register(api, self._store, self._selectors, self._hostname)
+            identity = await register(
+                api, self._store, self._selectors, self._hostname, self._in_thread
+            )
         self._ngrok_selectors = self._selectors
         self._adopt(identity)
 
@@ -446,7 +440,9 @@ class IdentityService(Service):
 
     async def _renew(self, api: IdentityAPI) -> Identity:
         assert self.identity is not None
-        identity = await renew(api, self._store, self.identity, self._selectors)
+        identity = await renew(
+            api, self._store, self.identity, self._selectors, self._in_thread
+        )
         self._ngrok_selectors = self._selectors
         self._adopt(identity)
         return identity
@@ -458,7 +454,7 @@ class IdentityService(Service):
 
     async def _try_api(self, api: IdentityAPI) -> None:
         if self.identity is None:
-            loaded = self._store.load()
+            loaded = await self._in_thread(self._store.load)
             if isinstance(loaded, Identity):
                 self._adopt(loaded)
             else:
@@ -492,15 +488,18 @@ class IdentityService(Service):
             self._set_state(REGISTERING)
             await self._make_identity(self._api, None)
             return self._until_next_check()
-        error = OperatorDeleted(
-            operator_id,
-            f"its endpoints can no longer be discovered (those found before are"
-            f" still served, as they were). To register this machine again, set"
-            f" api.reregister_if_deleted: true in"
-            f" {self._config_path}, or delete {self._store.operator_id_path} and"
-            " restart ngrokd",
+        self._report(
+            OPERATOR_DELETED,
+            "deleted",
+            "operator {id} no longer exists in the ngrok account of the API key"
+            " (was it deleted in the dashboard?): its endpoints can no longer be"
+            " discovered (those found before are still served, as they were)."
+            " To register this machine again, set api.reregister_if_deleted:"
+            " true in {config}, or delete {operator_id_path} and restart ngrokd",
+            id=operator_id,
+            config=self._config_path,
+            operator_id_path=self._store.operator_id_path,
         )
-        self._report(OPERATOR_DELETED, str(error), "deleted")
         return None
 
     # State
@@ -539,10 +538,11 @@ class IdentityService(Service):
             assert self.identity is not None
             self._report(
                 self._registered_state(),
-                f"the certificate {self._store.cert_path} (valid until"
-                f" {self.identity.not_after.isoformat()}) is due for renewal,"
-                " which needs an API key",
                 "renewal without key",
+                "the certificate {cert} (valid until {not_after}) is due for"
+                " renewal, which needs an API key",
+                cert=self._store.cert_path,
+                not_after=self.identity.not_after.isoformat(),
             )
         else:
             self._settle()
@@ -574,27 +574,36 @@ class IdentityService(Service):
         if self._expired():
             self._report(
                 EXPIRED,
-                f"the certificate {self._store.cert_path} expired at"
-                f" {identity.not_after.isoformat()}: the binding ingress refuses"
-                " it until it is renewed",
                 "expired",
+                "the certificate {cert} expired at {not_after}: the binding"
+                " ingress refuses it until it is renewed",
+                cert=self._store.cert_path,
+                not_after=identity.not_after.isoformat(),
             )
         else:
             self._set_state(REGISTERED)
 
     def _wait_for_key(self, loaded: RepairNeeded | None) -> None:
-        needs = (
-            f" (the stored identity needs repair: {loaded.reason})"
-            if isinstance(loaded, RepairNeeded)
-            else ""
+        remedy = (
+            ": set api.key in {config}, NGROK_API_KEY in the environment, or run"
+            " ngrokctl set-api-key"
         )
-        self._report(
-            WAITING_FOR_KEY,
-            f"not registered, waiting for an API key{needs}: set api.key in"
-            f" {self._config_path}, NGROK_API_KEY in the environment, or run"
-            " ngrokctl set-api-key",
-            "no key",
-        )
+        if isinstance(loaded, RepairNeeded):
+            self._report(
+                WAITING_FOR_KEY,
+                "no key",
+                "not registered, waiting for an API key (the stored identity"
+                " needs repair: {repair})" + remedy,
+                config=self._config_path,
+                repair=loaded.reason,
+            )
+        else:
+            self._report(
+                WAITING_FOR_KEY,
+                "no key",
+                "not registered, waiting for an API key" + remedy,
+                config=self._config_path,
+            )
 
     def _check_ingress(self, reported: str | None) -> None:
         if not reported or reported == self._reported_ingress:
@@ -625,32 +634,30 @@ class IdentityService(Service):
     def _report(
         self,
         state: str,
-        error: str,
         kind: str,
+        problem: str,
         retry_in: float | None = None,
         unexpected: Failure | None = None,
+        **fields: object,
     ) -> None:
         """
-        Enter C{state} with the problem C{error}, and log it unless it is the
-        same C{kind} of problem in the same state as last time; an
-        C{unexpected} failure (a fault of ngrokd) with its traceback.
+        Enter C{state} with C{problem}, a log format of C{fields} (its text
+        is L{error}), and log it unless it is the same C{kind} of problem in
+        the same state as last time; an C{unexpected} failure (a fault of
+        ngrokd) with its traceback.
         """
-        self.state, self.error = state, error
+        self.state, self.error = state, problem.format(**fields)
         if (state, kind) == self._logged:
             return
         self._logged = (state, kind)
+        retrying = problem + "; retrying in {delay:.1f}s"
         if unexpected is not None:
             self.log.failure(
-                "{error}; retrying in {delay:.1f}s",
-                unexpected,
-                error=error,
-                delay=retry_in,
+                retrying, unexpected, LogLevel.critical, delay=retry_in, **fields
             )
         elif state == WAITING_FOR_KEY:
-            self.log.warn("{error}", error=error)
+            self.log.warn(problem, **fields)
         elif retry_in is None:
-            self.log.error("{error}", error=error)
+            self.log.error(problem, **fields)
         else:
-            self.log.error(
-                "{error}; retrying in {delay:.1f}s", error=error, delay=retry_in
-            )
+            self.log.error(retrying, delay=retry_in, **fields)

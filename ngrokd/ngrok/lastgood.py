@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from ngrokd.atomic import write_atomic
 from ngrokd.ngrok.api import ApiEndpoint
+from ngrokd.readfile import read_regular
 
 #: The file in the state directory.
 LAST_GOOD = "endpoints.json"
@@ -82,12 +83,11 @@ def load(state_dir: str) -> tuple[str, list[ApiEndpoint]] | None:
     """
     The operator id and the endpoints kept for it, or C{None}: none were
     kept, or the file cannot be used (said in the log; it is replaced at the
-    next good poll).
+    next good poll). This reads a file: call it off the reactor thread.
     """
     path = os.path.join(state_dir, LAST_GOOD)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
+        data, _ = read_regular(path, MAX_SIZE + 1)
     except FileNotFoundError:
         return None
     except OSError as e:

@@ -31,6 +31,10 @@ NGROK_CA_DIR = "/etc/ssl/certs/ngrok"
 
 _log = Logger()
 
+#: What verifies a server, for those who hold one: Twisted's interface for it
+#: is private (see L{PartialChainTrust}), and so imported here alone.
+TrustRoot = IOpenSSLTrustRoot
+
 
 @implementer(IOpenSSLTrustRoot)
 @frozen

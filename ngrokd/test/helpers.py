@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from textwrap import dedent
 from typing import Any
@@ -438,8 +440,16 @@ def source_file(*parts: str) -> str:
     is skipped where there is none.
     """
     here = os.path.dirname(os.path.dirname(os.path.abspath(ngrokd.__file__)))
-    # Installed from a wheel, trial runs in the source tree's _trial_temp.
-    for top in (here, os.path.dirname(os.getcwd())):
+    # Installed from a wheel, tox names the source tree; trial runs in its
+    # _trial_temp (_trial_temp/N with several workers).
+    cwd = os.getcwd()
+    tops = [
+        os.environ.get("NGROKD_SOURCE_TREE", ""),
+        here,
+        os.path.dirname(cwd),
+        os.path.dirname(os.path.dirname(cwd)),
+    ]
+    for top in filter(None, tops):
         candidate = os.path.join(top, *parts)
         if os.path.exists(candidate):
             return candidate
@@ -472,6 +482,27 @@ def offline_config(base: str, socket_path: str) -> str:
     return path
 
 
+def offline_twistd(
+    test: Any, log_name: str = "ngrokd.log", environ: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """
+    Run C{twistd -n ngrokd} on an L{offline_config} of its own (its control
+    socket in a short temporary directory), with no API key in its
+    environment but C{environ}'s variables: the process, the path of its
+    log (C{log_name} in its directory) and of its control socket.
+    """
+    base = os.path.abspath(test.mktemp())
+    os.makedirs(base)
+    socket_dir = tempfile.mkdtemp(prefix="ngrokd-")
+    test.addCleanup(shutil.rmtree, socket_dir, True)
+    socket_path = os.path.join(socket_dir, "ngrokd.sock")
+    config = offline_config(base, socket_path)
+    log = os.path.join(base, log_name)
+    env = {k: v for k, v in os.environ.items() if k != "NGROK_API_KEY"}
+    env.update(environ or {})
+    return spawn_twistd(test, config, log, env=env, cwd=base), log, socket_path
+
+
 def spawn_twistd(
     test: Any,
     config_path: str,
@@ -485,6 +516,24 @@ def spawn_twistd(
     output to C{log_path}, killed at the end of C{test} if still running;
     with C{open_files}, that is its limit on open files (soft and hard).
     """
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    argv = [twistd, "-n", "--pidfile=", "ngrokd", "--config", config_path]
+    return spawn(test, argv, log_path, env, cwd, open_files)
+
+
+def spawn(
+    test: Any,
+    argv: list[str],
+    log_path: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    open_files: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """
+    Run C{argv} as its own process, its output to C{log_path}, killed at
+    the end of C{test} if still running; with C{open_files}, that is its
+    limit on open files (soft and hard).
+    """
 
     def limit() -> None:
         if open_files is not None:
@@ -492,14 +541,7 @@ def spawn_twistd(
 
     log = open(log_path, "wb")  # noqa: SIM115 (closed at cleanup)
     process = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "twistd"),
-            "-n",
-            "--pidfile=",
-            "ngrokd",
-            "--config",
-            config_path,
-        ],
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

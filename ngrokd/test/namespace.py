@@ -166,18 +166,28 @@ class Namespace:
         """
         End the holder: the namespace goes once nothing else uses it.
         """
-        holder = self._holder
-        if holder.stdin is not None and not holder.stdin.closed:
-            holder.stdin.close()
-        try:
-            holder.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            holder.wait()
-        for pipe in (holder.stdout, holder.stderr):
-            if pipe is not None:
-                pipe.close()
+        end_process(self._holder)
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def end_process(process: subprocess.Popen[Any]) -> None:
+    """
+    End a process a test started: close its stdin where it has one (a
+    holder's cue to exit), else terminate it; kill it if it has not ended
+    within L{START_TIMEOUT}; close its pipes.
+    """
+    if process.stdin is not None and not process.stdin.closed:
+        process.stdin.close()
+    elif process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 @functools.cache

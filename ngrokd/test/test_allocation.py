@@ -14,6 +14,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.host.allocation import (
+    IP6_MAPPINGS,
     IP_MAPPINGS,
     NETWORK_PORTS,
     RELEASED,
@@ -28,6 +29,7 @@ from ngrokd.host.allocation import (
 )
 
 SUBNET = ip_network("10.107.0.0/16")
+SUBNET6 = ip_network("fd6e:6772:6f6b::/64")
 #: 2024-05-06T07:08:09Z
 NOW = 1714979289.0
 
@@ -38,6 +40,76 @@ def ip(text: str) -> IPv4Address | IPv6Address:
 
 def ips(result: Allocations) -> dict[str, str]:
     return {hostname: str(address) for hostname, address in result.ips.items()}
+
+
+class AllocateIPv6Tests(SynchronousTestCase):
+    """
+    With net.subnet6, each hostname also gets an IPv6 address, by the same
+    rules as its IPv4 one.
+    """
+
+    def test_bothFamilies(self) -> None:
+        """
+        Every wanted hostname gets an IPv4 and an IPv6 address, from .2 and
+        ::2 on, in sorted order; without net.subnet6 none has IPv6.
+        """
+        result = allocate(
+            Allocations(), ["b.ns", "a.ns"], [], SUBNET, 9080, subnet6=SUBNET6
+        )
+        self.assertEqual(
+            ips(result.allocations), {"a.ns": "10.107.0.2", "b.ns": "10.107.0.3"}
+        )
+        self.assertEqual(
+            {h: str(a) for h, a in result.allocations.ips6.items()},
+            {"a.ns": "fd6e:6772:6f6b::2", "b.ns": "fd6e:6772:6f6b::3"},
+        )
+        without = allocate(result.allocations, ["a.ns", "b.ns"], [], SUBNET, 9080)
+        self.assertEqual(without.allocations.ips6, {})
+
+    def test_stableAndHeld(self) -> None:
+        """
+        A hostname keeps its IPv6 address across allocations; one given up
+        is held back from a newcomer for net.reuse_after, and given back to
+        its hostname when it returns.
+        """
+        first = allocate(
+            Allocations(), ["a.ns", "b.ns"], [], SUBNET, 9080, subnet6=SUBNET6
+        ).allocations
+        second = allocate(
+            first, ["b.ns", "c.ns"], [], SUBNET, 9080, now=NOW, hold=60, subnet6=SUBNET6
+        ).allocations
+        self.assertEqual(second.ips6["b.ns"], first.ips6["b.ns"])
+        self.assertEqual(str(second.ips6["c.ns"]), "fd6e:6772:6f6b::4")
+        self.assertEqual(second.released_ips6, {"a.ns": (first.ips6["a.ns"], NOW)})
+        third = allocate(
+            second,
+            ["a.ns", "b.ns", "c.ns"],
+            [],
+            SUBNET,
+            9080,
+            now=NOW + 1,
+            hold=60,
+            subnet6=SUBNET6,
+        ).allocations
+        self.assertEqual(third.ips6["a.ns"], first.ips6["a.ns"])
+
+    def test_fullSubnet6IsNoError(self) -> None:
+        """
+        A hostname left without an IPv6 address (a /120 is full) keeps its
+        IPv4 one and is no error: it is served over IPv4.
+        """
+        names = [f"h{i:03}.ns" for i in range(256)]
+        result = allocate(
+            Allocations(),
+            names,
+            [],
+            ip_network("10.0.0.0/16"),
+            9080,
+            subnet6=ip_network("fd00::/120"),
+        )
+        self.assertEqual(len(result.allocations.ips), 256)
+        self.assertEqual(len(result.allocations.ips6), 254)
+        self.assertEqual(result.errors, {})
 
 
 class AllocateIPsTests(SynchronousTestCase):
@@ -523,6 +595,52 @@ class PersistenceTests(SynchronousTestCase):
         self.assertEqual((loaded, messages), (allocations, []))
         for name in (IP_MAPPINGS, NETWORK_PORTS, RELEASED):
             self.assertEqual(stat.S_IMODE(os.stat(self.path(name)).st_mode), 0o644)
+
+    def test_roundTripIPv6(self) -> None:
+        """
+        The IPv6 addresses, and those held back, are saved and loaded back;
+        they go to ip6_mappings.json, in the format of ip_mappings.json,
+        which holds the IPv4 addresses alone, as the original wrote it.
+        """
+        allocations = Allocations(
+            {"a.ns": ip("10.107.0.2")},
+            released_ips6={"c.ns": (ip("fd6e:6772:6f6b::3"), NOW)},
+            ips6={"a.ns": ip("fd6e:6772:6f6b::2")},
+        )
+        save(self.state_dir, allocations)
+        with capturedLogs() as events:
+            loaded = load(self.state_dir, SUBNET, now=lambda: NOW, subnet6=SUBNET6)
+        self.assertEqual((loaded, list(events)), (allocations, []))
+        with open(self.path(IP_MAPPINGS), "rb") as f:
+            self.assertEqual(f.read(), b'{\n  "a.ns": "10.107.0.2"\n}')
+        with open(self.path(IP6_MAPPINGS), "rb") as f:
+            self.assertEqual(f.read(), b'{\n  "a.ns": "fd6e:6772:6f6b::2"\n}')
+        self.assertEqual(stat.S_IMODE(os.stat(self.path(IP6_MAPPINGS)).st_mode), 0o644)
+        self.assertEqual(self.load()[0], Allocations({"a.ns": ip("10.107.0.2")}))
+
+    def test_ipv6OutsideSubnet6(self) -> None:
+        """
+        An IPv6 address outside net.subnet6 (the block changed) is dropped
+        with a warning naming the key, and an old state directory without
+        ip6_mappings.json loads as before.
+        """
+        self.write(IP_MAPPINGS, b'{\n  "a.ns": "10.107.0.2"\n}')
+        with capturedLogs() as events:
+            loaded = load(self.state_dir, SUBNET, now=lambda: NOW, subnet6=SUBNET6)
+        self.assertEqual(
+            (loaded, list(events)), (Allocations({"a.ns": ip("10.107.0.2")}), [])
+        )
+        self.write(IP6_MAPPINGS, b'{"a.ns": "fd00::2"}')
+        with capturedLogs() as events:
+            loaded = load(self.state_dir, SUBNET, now=lambda: NOW, subnet6=SUBNET6)
+        self.assertEqual(loaded.ips6, {})
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                f"{self.path(IP6_MAPPINGS)}: ignoring a.ns: fd00::2 is outside"
+                f" net.subnet6 {SUBNET6}"
+            ],
+        )
 
     def test_missingFiles(self) -> None:
         """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import attrs
 from attrs import define, field
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -61,12 +62,20 @@ def _spec(url: str, port: int, virtual: bool) -> ListenSpec:
     return ListenSpec(address, port, target, None, virtual, client)
 
 
+def _spec6(spec: ListenSpec) -> ListenSpec:
+    """
+    The IPv6 listener of virtual-mode C{spec}.
+    """
+    return attrs.evolve(spec, address=f"fd00::{spec.port}")
+
+
 class BoardMachine(RuleBasedStateMachine):
     """
     Random reconciles (endpoints added, removed, moved to another URL,
-    skipped; plans that move, fail or drop listeners), binds that work or
-    fail, connections that open, fail, get through and close with their
-    bytes, and the daemon-wide facts turning on and off; after each, the
+    skipped; plans that move, fail or drop listeners, IPv6 ones too), binds
+    that work or fail on either, connections that open, fail, get through
+    and close with their bytes, hostnames that can or cannot be reached by
+    name, and the daemon-wide facts turning on and off; after each, the
     kept rows equal a full rebuild.
     """
 
@@ -76,10 +85,14 @@ class BoardMachine(RuleBasedStateMachine):
         self.skipped: dict[str, str] = {}
         self.plan = Plan({}, {})
         self.listeners: dict[str, FakeListener] = {}
+        self.listeners6: dict[str, FakeListener] = {}
+        self.unnamed: dict[str, str] = {}
         self.problem = ""
         self.stale = False
         self.board = StatusBoard(
-            lambda: self.listeners, lambda: (self.problem, self.stale)
+            lambda: self.listeners,
+            lambda: (self.problem, self.stale),
+            lambda: self.listeners6,
         )
         self.seen: list[str] = []
         self.board.watch(self.seen.append)
@@ -96,12 +109,14 @@ class BoardMachine(RuleBasedStateMachine):
             ),
         ),
         partial=st.integers(0, 3),
+        ipv6=st.sets(st.sampled_from(URLS)),
     )
     def reconcile(
         self,
         chosen: dict[str, str],
         decisions: dict[str, tuple[int, bool] | str],
         partial: int,
+        ipv6: set[str],
     ) -> None:
         """
         As L{ngrokd.daemon.Daemon} applies a poll: the endpoints first, then
@@ -130,23 +145,32 @@ class BoardMachine(RuleBasedStateMachine):
                 failures[url] = decision
             else:
                 specs[url] = _spec(url, *decision)
-        self.plan = Plan(specs, failures)
+        specs6 = {
+            url: _spec6(spec)
+            for url, spec in specs.items()
+            if spec.virtual and url in ipv6
+        }
+        self.plan = Plan(specs, failures, specs6=specs6)
         self.board.reconciled(self.endpoints, self.skipped, self.plan)
         self.board.refresh(partial)
-        for url in [url for url in self.listeners if url not in specs]:
-            del self.listeners[url]
-            self.board.listener_changed(url)
-        for url, spec in specs.items():
-            current = self.listeners.get(url)
-            if current is None:
-                self.listeners[url] = FakeListener(spec)
-            elif current.spec.bind != spec.bind:
-                self.listeners[url] = FakeListener(spec, stats=current.stats)
-            elif current.spec == spec:
-                continue
-            else:
-                current.spec = spec
-            self.board.listener_changed(url)
+        for listeners, wanted in ((self.listeners, specs), (self.listeners6, specs6)):
+            for url in [url for url in listeners if url not in wanted]:
+                del listeners[url]
+                self.board.listener_changed(url)
+        for listeners, wanted in ((self.listeners, specs), (self.listeners6, specs6)):
+            for url, spec in wanted.items():
+                current = listeners.get(url)
+                if current is None:
+                    # An IPv6 listener shares its endpoint's counts.
+                    stats = self.listeners[url].stats if wanted is specs6 else None
+                    listeners[url] = FakeListener(spec, stats=stats or EndpointStats())
+                elif current.spec.bind != spec.bind:
+                    listeners[url] = FakeListener(spec, stats=current.stats)
+                elif current.spec == spec:
+                    continue
+                else:
+                    current.spec = spec
+                self.board.listener_changed(url)
         self.board.refresh()
 
     def _listener(self, data: st.DataObject) -> tuple[str, FakeListener]:
@@ -160,6 +184,30 @@ class BoardMachine(RuleBasedStateMachine):
         listener.listening = works
         listener.error = "" if works else f"{listener.spec.port} is in use"
         self.board.listener_changed(url)
+
+    @precondition(lambda self: self.listeners6)
+    @rule(data=st.data(), works=st.booleans())
+    def bind6(self, data: st.DataObject, works: bool) -> None:
+        url = data.draw(st.sampled_from(sorted(self.listeners6)))
+        listener = self.listeners6[url]
+        listener.listening = works
+        listener.error = "" if works else f"[{listener.spec.address}] is missing"
+        self.board.listener_changed(url)
+
+    @rule(
+        unnamed=st.dictionaries(
+            st.sampled_from([parse_endpoint_url(url).host for url in URLS]),
+            st.sampled_from(["no name reaches it", "nor this one"]),
+        )
+    )
+    def names(self, unnamed: dict[str, str]) -> None:
+        """
+        As the daemon says, once the names are served, which hostnames
+        cannot be reached by name; the rows change as a reconcile's do.
+        """
+        self.unnamed = unnamed
+        self.board.named(dict(unnamed))
+        self.board.refresh()
 
     @precondition(lambda self: self.listeners)
     @rule(data=st.data())
@@ -213,6 +261,8 @@ class BoardMachine(RuleBasedStateMachine):
             self.listeners,
             certificate_problem=self.problem,
             stale=self.stale,
+            unnamed=self.unnamed,
+            listeners6=self.listeners6,
         )
         board = self.board
         assert board.pending == 0
@@ -227,6 +277,11 @@ class BoardMachine(RuleBasedStateMachine):
             1
             for url in specs
             if url in self.listeners and self.listeners[url].listening
+        )
+        assert board.listeners6_up == sum(
+            1
+            for url in self.plan.specs6
+            if url in self.listeners6 and self.listeners6[url].listening
         )
         assert board.virtual == sum(1 for spec in specs.values() if spec.virtual)
         for text in ("db1", "EP_1", "127.0.0.1:", "web"):
@@ -337,6 +392,8 @@ def rebuilt(daemon: Daemon) -> tuple[EndpointStatus, ...]:
         daemon.listeners.listeners,
         certificate_problem=problem,
         stale=stale,
+        unnamed=daemon.names.unnamed(list(daemon.plan.virtual_names())),
+        listeners6=daemon.listeners.listeners6,
     )
 
 

@@ -8,11 +8,14 @@ mutual TLS to the devcloud's ingress for flow control towards a backend.
 from __future__ import annotations
 
 import re
+import socket
 from typing import Any, cast
 
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReactorSocket
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -21,14 +24,18 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.bridge import REJECT_LINGER, BridgeFactory, LocalProtocol
+from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.ingress import IngressConnector, IngressProtocol
 from ngrokd.devcloud.ca import CertificateAuthority
+from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.ngrok.identity import generate_key, make_csr
 from ngrokd.ngrok.trust import PartialChainTrust
 from ngrokd.test.helpers import (
     Counter,
+    Echo,
+    Recorder,
     Source,
     TCPLikeTransport,
     assert_flow_controlled,
@@ -38,6 +45,7 @@ from ngrokd.test.helpers import (
     wait_until,
 )
 
+ECHO = "tcp://echo.test:7"
 REFUSAL = wire.ConnResponse(
     error_code="ERR_NGROK_3200", error_message="endpoint db.test:5432 not found"
 )
@@ -50,13 +58,16 @@ class UpgradingConnector:
     refused) when the test feeds it the ingress's answer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, early_data: bool) -> None:
         self.clock = Clock()
         self.connections: list[IngressProtocol] = []
         self.failures = FailureLog(self.clock)
+        self.early_data = early_data
 
-    def connect(self, request: wire.ConnRequest) -> Deferred[IngressProtocol]:
-        protocol = IngressProtocol(request, self.clock, 10.0, 10.0)
+    def connect(
+        self, request: wire.ConnRequest, early: EarlyData | None = None
+    ) -> Deferred[IngressProtocol]:
+        protocol = IngressProtocol(request, self.clock, 10.0, 10.0, early=early)
         protocol.makeConnection(TCPLikeTransport())
         self.connections.append(protocol)
         return protocol.upgraded
@@ -69,9 +80,10 @@ class BridgeTestCase(SynchronousTestCase):
 
     url = "tcp://db.test:5432"
     rewrite_host: str | None = None
+    early_data = False
 
     def setUp(self) -> None:
-        self.connector = UpgradingConnector()
+        self.connector = UpgradingConnector(self.early_data)
         self.factory = BridgeFactory(
             parse_endpoint_url(self.url),
             cast(IngressConnector, self.connector),
@@ -164,13 +176,16 @@ class UpgradeTests(BridgeTestCase):
 
 class HostRewriteTests(BridgeTestCase):
     """
-    With a rewrite host set, only connections that speak HTTP are rewritten.
+    With a rewrite host set, only connections to an endpoint whose URL says
+    HTTP are rewritten, whatever the ingress's answer says: the first
+    request may go before the answer.
     """
 
-    rewrite_host = "db.test:5432"
-    request = b"GET / HTTP/1.1\r\nHost: 10.107.0.2:5432\r\n\r\n"
+    rewrite_host = "web.test:8080"
+    request = b"GET / HTTP/1.1\r\nHost: 10.107.0.2:8080\r\n\r\n"
 
-    def forwarded(self, proto: str) -> bytes:
+    def forwarded(self, url: str, proto: str) -> bytes:
+        self.factory.target = parse_endpoint_url(url)
         local, _ = self.accept()
         ingress = self.answer(wire.ConnResponse("ep_1", proto))
         ingress.clear()
@@ -179,18 +194,85 @@ class HostRewriteTests(BridgeTestCase):
 
     def test_tcpUntouched(self) -> None:
         """
-        Bytes on a TCP endpoint pass as sent, even when they look like HTTP.
+        Bytes on a TCP endpoint pass as sent, even when they look like HTTP
+        and the ingress calls the endpoint's protocol HTTP.
         """
-        self.assertEqual(self.forwarded("tcp"), self.request)
+        self.assertEqual(self.forwarded("tcp://db.test:8080", "http"), self.request)
 
     def test_httpRewritten(self) -> None:
         """
-        The ingress's word that the endpoint speaks HTTP turns the rewrite
-        on.
+        An HTTP endpoint's requests are rewritten, even when the ingress
+        calls its protocol something else.
         """
         self.assertEqual(
-            self.forwarded("http"), b"GET / HTTP/1.1\r\nHost: db.test:5432\r\n\r\n"
+            self.forwarded("http://web.test:8080", "tcp"),
+            b"GET / HTTP/1.1\r\nHost: web.test:8080\r\n\r\n",
         )
+
+
+class EarlyDataTests(BridgeTestCase):
+    """
+    With early data, the client's first read goes right behind the request;
+    what follows waits for the answer.
+    """
+
+    url = "http://web.test"
+    rewrite_host = "web.test"
+    early_data = True
+    request = b"GET / HTTP/1.1\r\nHost: 10.107.0.2\r\n\r\n"
+    rewritten = b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n"
+
+    def test_firstReadBehindRequest(self) -> None:
+        """
+        The client is read before the answer; its first read, rewritten,
+        follows the request at once, and reading stops until the answer;
+        then the client's next bytes follow, and nothing twice.
+        """
+        local, transport = self.accept()
+        self.assertEqual(transport.producerState, "producing")
+        local.dataReceived(self.request)
+        ingress = self.connector.connections[0].transport
+        sent = wire.encode_request(wire.ConnRequest("web.test", 80)) + self.rewritten
+        self.assertEqual((ingress.value(), transport.producerState), (sent, "paused"))
+        self.answer(wire.ConnResponse("ep_1", "http"))
+        self.assertEqual(
+            (ingress.value(), transport.producerState), (sent, "producing")
+        )
+        local.dataReceived(self.request)
+        self.assertEqual(ingress.value(), sent + self.rewritten)
+        self.assertEqual(local.bytes_received, 2 * len(self.request))
+
+    def test_serverSpeaksFirst(self) -> None:
+        """
+        A client that waits for the endpoint to speak first (a database's
+        greeting) is carried as without early data.
+        """
+        self.factory.target = parse_endpoint_url("tcp://db.test:5432")
+        local, transport = self.accept()
+        ingress = self.answer(wire.ConnResponse("ep_1", "tcp"), after=b"greeting")
+        self.assertEqual(transport.value(), b"greeting")
+        ingress.clear()
+        local.dataReceived(b"login")
+        self.assertEqual(ingress.value(), b"login")
+
+    def test_badGatewayAfterEarlyData(self) -> None:
+        """
+        A refusal after the first request went early still gives the client
+        a 502 naming ngrok's error, then reads and discards what it sends.
+        """
+        local, transport = self.accept()
+        local.dataReceived(self.request)
+        self.answer(REFUSAL)
+        head, body = transport.value().split(b"\r\n\r\n", 1)
+        self.assertTrue(head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), head)
+        self.assertIn(b"ERR_NGROK_3200", body)
+        self.assertEqual(
+            (transport.write_closed, transport.producerState), (True, "producing")
+        )
+        local.dataReceived(self.request)
+        local.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        local.connectionLost(Failure(ConnectionLost()))
 
 
 class RefusedTCPTests(BridgeTestCase):
@@ -200,15 +282,25 @@ class RefusedTCPTests(BridgeTestCase):
 
     def test_refused(self) -> None:
         """
-        A refusal disconnects the client without a byte; the endpoint
-        counts the error with ngrok's code.
+        A refusal resets the client without a byte (a clean end would pass
+        for the endpoint's); the endpoint counts the error with ngrok's
+        code.
         """
         local, transport = self.accept()
         local.dataReceived(b"lost")
         self.answer(REFUSAL)
-        self.assertEqual((transport.value(), transport.disconnecting), (b"", True))
+        self.assertEqual((transport.value(), transport.disconnected), (b"", True))
         self.assertEqual(self.factory.stats.errors, 1)
         self.assertIn("ERR_NGROK_3200", self.factory.stats.last_error)
+
+
+class EarlyRefusedTCPTests(RefusedTCPTests):
+    """
+    L{RefusedTCPTests} with early data: the client's first bytes went before
+    the refusal, and it is reset all the same.
+    """
+
+    early_data = True
 
     def test_noCertificateYet(self) -> None:
         """
@@ -373,6 +465,15 @@ class DrainTests(BridgeTestCase):
         local.connectionLost(Failure(ConnectionLost()))
 
 
+class EarlyDrainTests(DrainTests):
+    """
+    L{DrainTests} with early data: a request sent before the answer is the
+    one a drain lets through.
+    """
+
+    early_data = True
+
+
 class DialTests(SynchronousTestCase):
     """
     The bridge with the real connector, dialling on a memory reactor.
@@ -413,6 +514,100 @@ class BridgeOverTLSTests(TestCase):
     def setUp(self) -> None:
         harness = devcloud_ingress(self)
         self.cloud, self.connector = harness.cloud, harness.connector
+        self.ingress = harness.ingress
+
+    def bridge(self, url: str) -> tuple[BridgeFactory, int]:
+        """
+        A bridge for C{url} listening on 127.0.0.1 for this test, and its
+        port.
+        """
+        factory = BridgeFactory(parse_endpoint_url(url), self.connector, None)
+        return factory, listen(factory, self)
+
+    def sent_first(self, bridge: BridgeFactory, port: int, data: bytes) -> Recorder:
+        """
+        A client of C{bridge} whose C{data} is sent before the daemon
+        accepts its connection (as a client that writes once connected can
+        be); it records what it gets back, and is gone from the bridge when
+        the test ends.
+        """
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(data)
+            client = Recorder()
+            factory: Any = Factory.forProtocol(lambda: client)
+            adopt = cast(IReactorSocket, reactor).adoptStreamConnection
+            adopt(sock.fileno(), socket.AF_INET, factory)
+
+        async def gone() -> None:
+            if client.reason is None:
+                client.transport.abortConnection()
+            await wait_until(lambda: not bridge.connections, "the bridge's end")
+
+        self.addCleanup(lambda: ensureDeferred(gone()))
+        return client
+
+    def echo(self, url: str) -> None:
+        """
+        Bind C{url} to an echo server.
+        """
+        backend = listen(Factory.forProtocol(Echo), self)
+        self.cloud.add_endpoint(url, ("127.0.0.1", backend))
+
+    async def test_firstBytesGoBeforeTheAnswer(self) -> None:
+        """
+        The client's first bytes reach the ingress before it answers: an
+        ingress that never answers still gets them.
+        """
+        self.echo(ECHO)
+        self.ingress.inject(ECHO, IngressFault(stall=True))
+        bridge, port = self.bridge(ECHO)
+        self.sent_first(bridge, port, b"hello")
+        await wait_until(lambda: self.ingress.early_bytes_total == 5, "early bytes")
+        self.assertEqual(self.ingress.upgrades_total, 0)
+        await self.ingress.close_all()  # (else the client waits for the timeout)
+
+    async def test_earlyDataReachesTheBackend(self) -> None:
+        """
+        Bytes sent before the answer reach the backend once, before what
+        follows them, and its answers come back.
+        """
+        self.echo(ECHO)
+        bridge, port = self.bridge(ECHO)
+        client = self.sent_first(bridge, port, b"hello")
+        await wait_until(lambda: client.received == b"hello", "the echo")
+        client.transport.write(b" world")
+        client.transport.loseWriteConnection()
+        await client.lost
+        self.assertEqual(client.received, b"hello world")
+
+    async def test_refusedAfterEarlyDataHTTP(self) -> None:
+        """
+        An HTTP client whose request went behind a request the ingress
+        refuses gets a 502 naming ngrok's error, as without early data.
+        """
+        bridge, port = self.bridge("http://web.test")  # bound to nothing
+        request = b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n"
+        client = self.sent_first(bridge, port, request)
+        await client.lost
+        await wait_until(lambda: not bridge.connections, "the bridge's end")
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertIn(b"ERR_NGROK_3200", client.received)
+        self.assertEqual(bridge.stats.bytes_up, len(request))  # read before it
+
+    async def test_refusedAfterEarlyDataTCP(self) -> None:
+        """
+        A TCP client whose first bytes went behind a request the ingress
+        refuses is reset, not closed as if the endpoint had finished.
+        """
+        bridge, port = self.bridge("tcp://db.test:5432")  # bound to nothing
+        client = self.sent_first(bridge, port, b"startup")
+        await client.lost
+        await wait_until(lambda: not bridge.connections, "the bridge's end")
+        assert client.reason is not None
+        self.assertTrue(client.reason.check(ConnectionLost), client.reason)
+        self.assertEqual(client.received, b"")
+        self.assertEqual(bridge.stats.bytes_up, 7)  # read before the answer
+        self.assertIn("ERR_NGROK_3200", bridge.stats.last_error)
 
     async def test_slowBackend(self) -> None:
         """

@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.config import (
+    DNS_MODES,
     MAX_CONFIG_SIZE,
     MAX_DEPTH,
     ApiConfig,
     Config,
     ConfigError,
     DiscoveryConfig,
+    DnsConfig,
     IngressConfig,
     LoadedConfig,
     NetConfig,
@@ -583,14 +585,74 @@ class ValidationTests(ConfigTestCase):
         """
         self.assertRefused(
             "net:\n  listen_interface: eth0\n",
-            "2: net.listen_interface: must be virtual, 0.0.0.0 or an IP address, "
-            "got 'eth0'",
+            "2: net.listen_interface: must be virtual, 0.0.0.0, :: or an IP address,"
+            " got 'eth0'",
         )
         self.assertRefused(
             "net:\n  overrides:\n    db.ns: 192.168.1.500\n",
-            "3: net.overrides.db.ns: must be virtual, 0.0.0.0 or an IP address, "
-            "got '192.168.1.500'",
+            "3: net.overrides.db.ns: must be virtual, 0.0.0.0, :: or an IP address,"
+            " got '192.168.1.500'",
         )
+
+    def test_ipv6ListenModes(self) -> None:
+        """
+        C{::} and IPv6 addresses are listen modes, in C{listen_interface}
+        and in overrides.
+        """
+        net = parse(
+            'net:\n  listen_interface: "::"\n  start_port: 9100\n'
+            '  overrides:\n    db.ns: "fd00::5"\n'
+        ).config.net
+        self.assertEqual(net.listen_interface, "::")
+        self.assertEqual(dict(net.overrides), {"db.ns": "fd00::5"})
+
+    def test_subnet6(self) -> None:
+        """
+        C{net.subnet6} is C{auto} by default and when written so, C{""}
+        turns IPv6 off, and an IPv6 block is read as its network (host bits
+        set: with a warning).
+        """
+        self.assertEqual(parse("").config.net.subnet6, "auto")
+        self.assertEqual(parse("net:\n  subnet6: auto\n").config.net.subnet6, "auto")
+        self.assertEqual(parse('net:\n  subnet6: ""\n').config.net.subnet6, "")
+        loaded = parse("net:\n  subnet6: FD00:1::7/64\n")
+        self.assertEqual(
+            loaded.config.net.subnet6, ipaddress.IPv6Network("fd00:1::/64")
+        )
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: net.subnet6: FD00:1::7/64 has host bits set;"
+                " using fd00:1::/64",
+            ),
+        )
+
+    def test_subnet6Refused(self) -> None:
+        """
+        A value that is not an IPv6 block, a block longer than /120, and a
+        block beside an IPv6 C{net.subnet} are refused, naming the line.
+        """
+        for value, shown in [("10.0.0.0/8", "'10.0.0.0/8'"), ('"fd00::"', "'fd00::'")]:
+            self.assertRefused(
+                f"net:\n  subnet6: {value}\n",
+                f'2: net.subnet6: must be auto, "" (no IPv6) or an IPv6 block like'
+                f" fd6e:6772:6f6b::/64, got {shown}",
+            )
+        self.assertRefused(
+            "net:\n  subnet6: fd00::/121\n",
+            "2: net.subnet6: fd00::/121 is too small: use a prefix of /120 or"
+            " shorter (/64 is usual)",
+        )
+        self.assertEqual(
+            parse("net:\n  subnet6: fd00::/120\n").config.net.subnet6,
+            ipaddress.IPv6Network("fd00::/120"),
+        )
+        self.assertRefused(
+            "net:\n  subnet: fd00::/64\n  subnet6: fd01::/64\n",
+            "3: net.subnet6: net.subnet fd00::/64 gives IPv6 addresses already;"
+            ' set net.subnet6 to "" or net.subnet to an IPv4 block',
+        )
+        self.assertEqual(parse("net:\n  subnet: fd00::/64\n").config.net.subnet6, "")
 
     def test_booleanNotBool(self) -> None:
         """
@@ -739,6 +801,20 @@ class ValidationTests(ConfigTestCase):
                 f"server:\n  log_level: {value}\n",
                 "2: server.log_level: must be one of critical, debug, error, info, "
                 f"warn, warning; got {shown}",
+            )
+
+    def test_logFormat(self) -> None:
+        """
+        C{server.log_format} is C{text} (the default) or C{json}; anything
+        else is refused.
+        """
+        self.assertEqual(parse("").config.server.log_format, "text")
+        config = parse("server:\n  log_format: json\n").config
+        self.assertEqual(config.server.log_format, "json")
+        for value, shown in [("JSON", "'JSON'"), ("1", "1")]:
+            self.assertRefused(
+                f"server:\n  log_format: {value}\n",
+                f"2: server.log_format: must be text or json; got {shown}",
             )
 
     def test_badApiURL(self) -> None:
@@ -959,6 +1035,22 @@ class PlatformTests(SynchronousTestCase):
         loaded = default_config(PATH, {}, "darwin")
         self.assertEqual(loaded.config.net.subnet, ipaddress.IPv4Network("127.0.0.0/8"))
         self.assertEqual(loaded.warnings, ())
+
+    def test_darwinIPv4Only(self) -> None:
+        """
+        On macOS virtual mode is IPv4 only: C{net.subnet6} is off by
+        default, and a block given is ignored with a warning.
+        """
+        self.assertEqual(default_config(PATH, {}, "darwin").config.net.subnet6, "")
+        loaded = parse("net:\n  subnet6: fd00::/64\n", platform="darwin")
+        self.assertEqual(loaded.config.net.subnet6, "")
+        self.assertEqual(
+            loaded.warnings,
+            (
+                f"{PATH}:2: net.subnet6: macOS virtual mode is IPv4 only (aliases"
+                " of lo0 in 127.0.0.0/8); ignored",
+            ),
+        )
 
     def test_darwinExplicitSubnetHonoured(self) -> None:
         """
@@ -1308,6 +1400,69 @@ class AllowedDomainsTests(ConfigTestCase):
         )
 
 
+class DnsTests(ConfigTestCase):
+    """
+    The C{dns} section: how names reach the system, where the server
+    listens, where it forwards.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        By default: auto, the server where the mode puts it, the system's
+        own upstream servers.
+        """
+        self.assertEqual(parse("").config.dns, DnsConfig("auto", "", ()))
+
+    def test_values(self) -> None:
+        """
+        Addresses take port 53 unless they give one; IPv6 goes in brackets
+        with a port; a bare off (false to YAML) is off.
+        """
+        dns = parse(
+            "dns:\n  mode: off\n  listen: 10.107.0.1\n"
+            "  upstreams: [192.0.2.53, '[2001:db8::53]:5353', '2001:db8::54']\n"
+        ).config.dns
+        self.assertEqual(
+            dns,
+            DnsConfig(
+                "off",
+                "10.107.0.1:53",
+                ("192.0.2.53:53", "[2001:db8::53]:5353", "[2001:db8::54]:53"),
+            ),
+        )
+        self.assertEqual(
+            parse("dns:\n  listen: '127.0.0.1:5353'\n").config.dns.listen,
+            "127.0.0.1:5353",
+        )
+
+    def test_refused(self) -> None:
+        """
+        An unknown mode, a name instead of an address, a bad port, and an
+        endpoint's address of net.subnet are refused, naming the key.
+        """
+        self.assertRefused(
+            "dns:\n  mode: dnsmasq\n",
+            "2: dns.mode: must be one of auto, resolved, resolver-files, hosts,"
+            " off; got 'dnsmasq'",
+        )
+        self.assertRefused(
+            "dns:\n  listen: ns.example:53\n",
+            "2: dns.listen: must be an IP address (a name would need DNS itself),"
+            " like 10.107.0.1:53; got 'ns.example:53'",
+        )
+        self.assertRefused(
+            "dns:\n  upstreams: ['192.0.2.1:0']\n",
+            "2: dns.upstreams[0]: port must be 1..65535, got '0', like 192.0.2.53"
+            " or [2001:db8::53]:53",
+        )
+        self.assertRefused(
+            "dns:\n  listen: 10.107.0.9\n",
+            "2: dns.listen: 10.107.0.9 is in net.subnet 10.107.0.0/16, whose"
+            " addresses go to endpoints: use 10.107.0.1 (kept for the DNS server)"
+            " or an address outside it",
+        )
+
+
 class LoadConfigTests(SynchronousTestCase):
     """
     L{load_config} reads the file, and names it when it cannot.
@@ -1508,9 +1663,12 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
     "ingress.pool_size": _same(st.integers(0, 1000)),
     "ingress.pool_idle_timeout": _seconds,
     "ingress.pool_max_age": _seconds,
+    "ingress.pool_linger": _seconds,
+    "ingress.early_data": _same(st.booleans()),
     "server.log_level": st.sampled_from(
         [("debug", "debug"), ("INFO", "info"), ("warning", "warn"), ("error", "error")]
     ),
+    "server.log_format": _same(st.sampled_from(["text", "json"])),
     "server.socket_path": _same(_paths),
     "server.state_dir": _same(_paths),
     "server.client_cert": _same(_paths),
@@ -1538,6 +1696,10 @@ _VALUES: dict[str, st.SearchStrategy[tuple[Any, Any]]] = {
         ),
         unique=True,
     ).map(lambda names: (names, tuple(names))),
+    "dns.mode": _same(st.sampled_from(DNS_MODES)),
+    "dns.upstreams": st.lists(st.ip_addresses(v=4).map(str), unique=True).map(
+        lambda servers: (servers, tuple(f"{s}:53" for s in servers))
+    ),
 }
 
 

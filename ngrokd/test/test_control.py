@@ -6,30 +6,39 @@ socket, in front of a real daemon registered with the devcloud.
 from __future__ import annotations
 
 import errno
+import grp
+import ipaddress
 import json
 import os
 import re
 import shutil
 import socket
 import stat
+import struct
+import sys
 import tempfile
 from types import SimpleNamespace
 from typing import Any
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.protocol import Factory
-from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.protocols import amp
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from ngrokd.board import StatusBoard
 from ngrokd.config import default_config, load_config
+from ngrokd.control.address import AddressError, ControlAddress, control_address
+from ngrokd.control.client import EXIT_PERMISSION, EXIT_TIMEOUT, ControlError, connect
 from ngrokd.control.commands import (
     PAGE_BYTES,
+    Events,
     Hello,
     ListEndpoints,
     NotPermitted,
@@ -40,12 +49,30 @@ from ngrokd.control.controller import Controller
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.legacy import MAX_LEGACY_REQUEST
 from ngrokd.control.peer import Peer
-from ngrokd.control.server import MAX_CONNECTIONS, ControlService, transport_peer
+from ngrokd.control.server import (
+    MAX_BOX_BYTES,
+    MAX_CONNECTIONS,
+    MAX_PENDING_ANSWERS,
+    ControlAMP,
+    ControlService,
+    transport_peer,
+)
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
+from ngrokd.ngrok.identity_service import WAITING_FOR_KEY
 from ngrokd.status import EndpointStatus
 from ngrokd.tap import build_daemon
-from ngrokd.test.helpers import Echo, Recorder, free_ports, listen, wait_listening
+from ngrokd.test.helpers import (
+    Echo,
+    Recorder,
+    free_ports,
+    listen,
+    settle,
+    unsent,
+    unused_port,
+    wait_listening,
+    wait_until,
+)
 
 
 def replace_lines(text: str, **lines: str) -> str:
@@ -126,6 +153,15 @@ class DaemonFixture:
         case.addCleanup(daemon.stopService)
         await control_of(daemon).whenListening()
         await wait_listening(daemon, expected)
+        # Its files are read in a thread: the first poll applied, or the
+        # wait for a key known.
+        await wait_until(
+            lambda: (
+                daemon.daemon_status().polled
+                or daemon.identity_service.state == WAITING_FOR_KEY
+            ),
+            "the first poll applied, or the wait for an API key",
+        )
         return daemon
 
 
@@ -222,8 +258,10 @@ class ControlSocketTests(DaemonFixture, TestCase):
 
     def test_legacyList(self) -> Deferred[None]:
         """
-        C{list} answers the original's fields for every endpoint; the
-        request needs no newline.
+        C{list} answers the original's fields for every endpoint, with the
+        original's types and values (C{local_listener} a boolean, C{ip} the
+        address in network mode too), and ours after them; the request
+        needs no newline.
         """
 
         async def run() -> None:
@@ -243,11 +281,17 @@ class ControlSocketTests(DaemonFixture, TestCase):
                     "local_listener",
                     "network_port",
                     "listen_interface",
+                    "listen_address",
+                    "state",
+                    "reason",
                 },
             )
             self.assertEqual((row["hostname"], row["port"]), ("echo.test", 7000))
             self.assertEqual(row["listen_interface"], "127.0.0.1")
-            self.assertEqual(row["local_listener"], f"127.0.0.1:{row['network_port']}")
+            self.assertIs(row["local_listener"], True)
+            self.assertEqual(row["ip"], "127.0.0.1")
+            self.assertEqual(row["listen_address"], f"127.0.0.1:{row['network_port']}")
+            self.assertEqual((row["state"], row["reason"]), ("listening", ""))
 
         return ensureDeferred(run())
 
@@ -355,25 +399,6 @@ class ControlSocketTests(DaemonFixture, TestCase):
             self.assertEqual(silent.received, b"")
             answer = await legacy(self.path, b'{"command": "status"}')
             self.assertTrue(answer["success"])
-
-        return ensureDeferred(run())
-
-    def test_connectionsCapped(self) -> Deferred[None]:
-        """
-        Beyond L{MAX_CONNECTIONS} open connections, a new one is closed at
-        once; the open ones keep working.
-        """
-
-        async def run() -> None:
-            await self.start_daemon(self, self.devcloud, self.path)
-            held = [await amp_client(self, self.path) for _ in range(MAX_CONNECTIONS)]
-            extra = Recorder()
-            await UNIXClientEndpoint(reactor, self.path).connect(
-                Factory.forProtocol(lambda: extra)
-            )
-            await extra.lost
-            status = await held[0].callRemote(Status)
-            self.assertTrue(status["status"]["registered"])
 
         return ensureDeferred(run())
 
@@ -607,3 +632,516 @@ class PagingTests(TestCase):
             self.assertGreater(pages, 1)
 
         return ensureDeferred(run())
+
+
+def log_formats(case: TestCase) -> list[str]:
+    """
+    The formats of the events logged until the end of C{case}, with their
+    fields filled in.
+    """
+    logged: list[str] = []
+
+    @implementer(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_format"):
+            logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return logged
+
+
+def amp_pair(key: bytes, value: bytes) -> bytes:
+    return struct.pack("!H", len(key)) + key + struct.pack("!H", len(value)) + value
+
+
+#: Other users for the peers of the socket: a member of the socket's group
+#: (C{nogroup}), and the admin group some tests give the daemon.
+MEMBER_UID = 4242
+SOCKET_GROUP = "nogroup"
+ADMIN_GID = 5555
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        raise SkipTest("running peers as other users needs root")
+
+
+class PeerProcess(ProcessProtocol):
+    """
+    L{ngrokd.test.controlpeer} or a program run as another user: its output,
+    and when it ends.
+    """
+
+    def __init__(self, ready: bytes = b"") -> None:
+        self.out = b""
+        self.err = b""
+        self._ready = ready
+        self.started: Deferred[None] = Deferred()
+        self.ended: Deferred[int | None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        if self._ready and self._ready in self.out and not self.started.called:
+            self.started.callback(None)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._ready and not self.started.called:
+            self.started.errback(AssertionError(self.err.decode()))
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+def spawn_peer(
+    case: TestCase, argv: list[str], ready: bytes = b"", user: list[str] | None = None
+) -> PeerProcess:
+    """
+    Run C{argv} (C{python} first), as the user C{setpriv} makes with
+    C{user}, or as root; ended at the end of C{case}.
+    """
+    process = PeerProcess(ready)
+    command = [sys.executable, *argv]
+    if user is not None:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise SkipTest("running a program as another user needs setpriv")
+        # The user may read any file (Python and ngrokd where they are
+        # installed: tox's directory is root's alone), nothing more: its
+        # permissions on sockets are its own.
+        reads = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+        command = [setpriv, *user, *reads, *command]
+    transport = reactor.spawnProcess(process, command[0], command, env=None)
+
+    async def end() -> None:
+        transport.closeStdin()
+        if process.ended.called:
+            return
+        process.ended.addTimeout(10, reactor)
+        await process.ended
+
+    case.addCleanup(lambda: ensureDeferred(end()))
+    return process
+
+
+async def peer(case: TestCase, *argv: str, ready: bytes = b"") -> PeerProcess:
+    """
+    L{ngrokd.test.controlpeer} with C{argv}: once it says C{ready}, or once
+    it ends.
+    """
+    process = spawn_peer(case, ["-m", "ngrokd.test.controlpeer", *argv], ready)
+    if ready:
+        await process.started
+    else:
+        await process.ended
+    return process
+
+
+class HostileClientTests(DaemonFixture, TestCase):
+    """
+    What a member of the socket's group can no longer do to the daemon.
+    """
+
+    def setUp(self) -> None:
+        self.devcloud = self.start_devcloud(self)
+        self.path = os.path.join(self.socket_dir(self), "ngrokd.sock")
+
+    def test_boxWithoutEndClosed(self) -> Deferred[None]:
+        """
+        A connection that sends AMP keys and values without ever ending the
+        box is closed once the box is over the limit, with the reason
+        logged, instead of being kept in memory without end; the daemon
+        keeps answering.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.path)
+            logged = log_formats(self)
+            flood = Recorder()
+            await UNIXClientEndpoint(reactor, self.path).connect(
+                Factory.forProtocol(lambda: flood)
+            )
+            value = b"x" * 60_000
+            flood.transport.write(
+                b"".join(amp_pair(b"k%d" % i, value) for i in range(32))
+            )
+            flood.lost.addTimeout(10, reactor)
+            await flood.lost
+            self.assertTrue(
+                any(f"sent a request over {MAX_BOX_BYTES} bytes" in f for f in logged),
+                logged,
+            )
+            answer = await legacy(self.path, b'{"command": "status"}')
+            self.assertTrue(answer["success"])
+
+        return ensureDeferred(run())
+
+    def test_notAMPClosed(self) -> Deferred[None]:
+        """
+        An empty box, or an answer to a question the daemon never asked,
+        closes the connection with the reason logged, not a traceback; the
+        second of a kind so soon is counted, not logged again.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.path)
+            logged = log_formats(self)
+            for junk in [b"\x00\x00", amp_pair(b"_answer", b"77") + b"\x00\x00"]:
+                client = await UNIXClientEndpoint(reactor, self.path).connect(
+                    Factory.forProtocol(Recorder)
+                )
+                client.transport.write(junk)
+                client.lost.addTimeout(10, reactor)
+                await client.lost
+            closed = [f for f in logged if "is not an AMP request" in f]
+            self.assertEqual(len(closed), 1, logged)
+
+        return ensureDeferred(run())
+
+    def test_unreadAnswersStopReading(self) -> Deferred[None]:
+        """
+        A client that pipelines requests and reads no answer is read no
+        further once its unread answers fill a buffer (its requests stay
+        with it), and gets every answer once it reads.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.path)
+            client = await amp_client(self, self.path)
+            transport: Any = client.transport
+            transport.pauseProducing()
+            calls = [client.callRemote(ListEndpoints, cursor=0) for _ in range(20_000)]
+            held = await settle(lambda: unsent(transport))
+            self.assertGreater(held, 0)
+            transport.resumeProducing()
+            pages = await gatherResults(calls)
+            self.assertEqual(
+                {len(page["endpoints"]) for page in pages}, {2}, "every answer"
+            )
+
+        return ensureDeferred(run())
+
+    def test_legacyDeepNesting(self) -> Deferred[None]:
+        """
+        A request of 60,000 nested arrays is answered with the original's
+        decode error, and nothing is logged as unhandled.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.path)
+            answer = await legacy(self.path, b'{"command": ' + b"[" * 60_000)
+            self.assertEqual(
+                answer,
+                {
+                    "success": False,
+                    "error": "failed to decode command: exceeded max depth",
+                },
+            )
+
+        return ensureDeferred(run())
+
+    def test_legacyMalformedFields(self) -> Deferred[None]:
+        """
+        C{args} that is not an array of strings, or a C{command} that is not
+        a string, is answered with the original's decode error naming it.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(self, self.devcloud, self.path)
+            for request, wrong in [
+                (b'{"command": "set-api-key", "args": {"key": "k"}}', "args"),
+                (b'{"command": "set-api-key", "args": [7]}', "args"),
+                (b'{"command": ["status"]}', "command"),
+            ]:
+                answer = await legacy(self.path, request + b"\n")
+                self.assertFalse(answer["success"], request)
+                self.assertTrue(
+                    answer["error"].startswith(f"failed to decode command: {wrong}"),
+                    answer,
+                )
+
+        return ensureDeferred(run())
+
+    def test_unixDescriptionKeepsMode(self) -> Deferred[None]:
+        """
+        C{server.socket_path} written as C{unix:PATH} makes the same socket
+        a path does: mode 0660 and C{server.socket_group}.
+        """
+
+        async def run() -> None:
+            await self.start_daemon(
+                self,
+                self.devcloud,
+                f"unix:{self.path}",
+                socket_group=SOCKET_GROUP,
+            )
+            found = os.stat(self.path)
+            self.assertEqual(stat.S_IMODE(found.st_mode), 0o660)
+            self.assertEqual(found.st_gid, grp.getgrnam(SOCKET_GROUP).gr_gid)
+            answer = await legacy(self.path, b'{"command": "status"}')
+            self.assertTrue(answer["success"])
+
+        return ensureDeferred(run())
+
+    def test_tcpDescriptionLoopbackReadOnly(self) -> Deferred[None]:
+        """
+        C{server.socket_path} written as C{tcp:PORT} listens on loopback
+        only, says in the log that it serves reads only, answers reads, and
+        refuses a reload saying why.
+        """
+
+        async def run() -> None:
+            logged = log_formats(self)
+            port = unused_port()
+            await self.start_daemon(self, self.devcloud, f"tcp:{port}")
+            self.assertEqual(_tcp_listening(port), ["127.0.0.1"])
+            self.assertTrue(any("answers reads only" in f for f in logged), logged)
+            control = await connect(reactor, f"tcp:127.0.0.1:{port}")
+            self.addCleanup(control.close)
+            self.assertTrue((await control.status())["registered"])
+            with self.assertRaises(ControlError) as raised:
+                await control.reload()
+            refused = raised.exception
+            self.assertEqual(refused.code, EXIT_PERMISSION)
+            self.assertIn("cannot tell who is calling", str(refused))
+            self.assertIn("UNIX socket", str(refused))
+
+        return ensureDeferred(run())
+
+    def test_heldConnectionsLeaveRoomForRoot(self) -> Deferred[None]:
+        """
+        With L{MAX_CONNECTIONS} held by a member of the socket's group, root
+        is still served, and another member is told "too many connections"
+        (by C{ngrokctl}, exit code 5, and over the original's protocol).
+        """
+        need_root()
+
+        async def run() -> None:
+            await self.start_daemon(
+                self, self.devcloud, self.path, socket_group=SOCKET_GROUP
+            )
+            os.chmod(os.path.dirname(self.path), 0o755)
+            logged = log_formats(self)
+            member = [f"--uid={MEMBER_UID}", f"--gid={MEMBER_UID}"]
+            await peer(
+                self,
+                *member,
+                f"--groups={grp.getgrnam(SOCKET_GROUP).gr_gid}",
+                self.path,
+                "hold",
+                str(MAX_CONNECTIONS),
+                ready=b"held",
+            )
+            control = await connect(reactor, self.path)
+            self.addCleanup(control.close)
+            self.assertTrue((await control.status())["registered"])
+            as_member = [
+                f"--reuid={MEMBER_UID}",
+                f"--regid={MEMBER_UID}",
+                f"--groups={grp.getgrnam(SOCKET_GROUP).gr_gid}",
+            ]
+            status = ["-m", "ngrokd.ctl", "--socket", self.path, "status"]
+            ngrokctl = spawn_peer(self, status, user=as_member)
+            code = await ngrokctl.ended
+            self.assertEqual(code, EXIT_TIMEOUT, ngrokctl.err)
+            self.assertIn(b"too many connections", ngrokctl.err)
+            script = spawn_peer(self, ["-c", _LEGACY_STATUS, self.path], user=as_member)
+            await script.ended
+            answer = json.loads(script.out)
+            self.assertEqual(answer["success"], False, script.err)
+            self.assertTrue(answer["error"].startswith("too many connections"))
+            self.assertTrue(any("turned away: too many" in f for f in logged))
+
+        return ensureDeferred(run())
+
+
+#: A script of the original's: asks for the status, prints the answer.
+_LEGACY_STATUS = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+s.sendall(b'{"command": "status"}\\n')
+data = b""
+while True:
+    more = s.recv(65536)
+    if not more:
+        break
+    data += more
+sys.stdout.write(data.decode())
+"""
+
+
+def _tcp_listening(port: int) -> list[str]:
+    """
+    The IPv4 addresses a socket listens on at C{port}, from the kernel's
+    table.
+    """
+    found = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.append(str(ipaddress.IPv4Address(bytes.fromhex(address)[::-1])))
+    return found
+
+
+class PeerGroupTests(DaemonFixture, TestCase):
+    """
+    The admin group is checked against the groups the peer had when it
+    connected, as the kernel keeps them, for a real process of another user.
+    """
+
+    def setUp(self) -> None:
+        need_root()
+        self.devcloud = self.start_devcloud(self)
+        self.path = os.path.join(self.socket_dir(self), "ngrokd.sock")
+
+    async def started(self) -> None:
+        daemon = await self.start_daemon(
+            self, self.devcloud, self.path, socket_group=SOCKET_GROUP
+        )
+        os.chmod(os.path.dirname(self.path), 0o755)
+        control_of(daemon).controller.admin_gid = ADMIN_GID
+
+    def identity(self, groups: str = "") -> list[str]:
+        gid = grp.getgrnam(SOCKET_GROUP).gr_gid
+        return [f"--uid={MEMBER_UID}", f"--gid={gid}", f"--groups={groups}"]
+
+    def test_adminGroupMember(self) -> Deferred[None]:
+        """
+        A process in the admin group may reload.
+        """
+
+        async def run() -> None:
+            await self.started()
+            ran = await peer(self, *self.identity(str(ADMIN_GID)), self.path, "reload")
+            self.assertEqual(ran.out.strip(), b"answered", ran.err)
+
+        return ensureDeferred(run())
+
+    def test_groupJoinedAfterConnecting(self) -> Deferred[None]:
+        """
+        A process that joins the admin group after it connected (as a
+        process that took a gone peer's pid would be) is refused.
+        """
+
+        async def run() -> None:
+            await self.started()
+            ran = await peer(
+                self, *self.identity(), self.path, "reload", f"--join={ADMIN_GID}"
+            )
+            self.assertEqual(ran.out.strip(), b"NOT_PERMITTED", ran.err)
+
+        return ensureDeferred(run())
+
+
+class PendingAnswersTests(TestCase):
+    """
+    Requests whose answers wait (events) are parsed at most
+    L{MAX_PENDING_ANSWERS} at a time.
+    """
+
+    def test_readingHeld(self) -> None:
+        """
+        Beyond L{MAX_PENDING_ANSWERS} waiting answers, the connection is
+        read and parsed no further; once one is answered, the next request
+        is taken.
+        """
+        waits: list[Deferred[list[Any]]] = []
+
+        def wait(after: int, seconds: float) -> Deferred[list[Any]]:
+            waits.append(Deferred())
+            return waits[-1]
+
+        controller = SimpleNamespace(feed=SimpleNamespace(wait=wait, last_id=0))
+        protocol = ControlAMP(controller, None, lambda kind, reason: None)  # type: ignore[arg-type]
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        request = Events.makeArguments({"after": 0, "wait": 30.0}, protocol)
+        boxes = b""
+        for tag in range(MAX_PENDING_ANSWERS + 1):
+            request[b"_command"], request[b"_ask"] = b"Events", b"%d" % tag
+            boxes += amp.AmpBox(request).serialize()
+        protocol.dataReceived(boxes)
+        self.assertEqual(
+            (len(waits), transport.producerState),
+            (MAX_PENDING_ANSWERS, "paused"),
+        )
+        waits[0].callback([])
+        self.assertEqual(
+            (len(waits), transport.producerState),
+            (MAX_PENDING_ANSWERS + 1, "paused"),
+        )
+
+
+class ControlAddressTests(SynchronousTestCase):
+    """
+    Where C{server.socket_path} says to listen.
+    """
+
+    def test_path(self) -> None:
+        """
+        A path is a UNIX socket of mode 0660.
+        """
+        self.assertEqual(
+            control_address("/run/ngrokd.sock"),
+            ControlAddress("/run/ngrokd.sock", path="/run/ngrokd.sock"),
+        )
+
+    def test_unix(self) -> None:
+        """
+        A C{unix:} description is the same socket, its own mode and backlog
+        kept, by position or by name.
+        """
+        self.assertEqual(
+            control_address("unix:/run/a\\:b.sock"),
+            ControlAddress("unix:/run/a\\:b.sock", path="/run/a:b.sock"),
+        )
+        for description in ("unix:/s:600:7", "unix:address=/s:mode=600:backlog=7"):
+            self.assertEqual(
+                control_address(description),
+                ControlAddress(
+                    description, path="/s", mode=0o600, mode_named=True, backlog=7
+                ),
+            )
+
+    def test_unixRefused(self) -> None:
+        """
+        A C{unix:} description without a path, with a mode that is not
+        octal or with too many fields is refused, saying so.
+        """
+        for description, says in [
+            ("unix:", "names no path"),
+            ("unix:/s:mode=rw", "mode must be octal"),
+            ("unix:/s:660:5:1:extra", "more fields"),
+        ]:
+            with self.assertRaises(AddressError) as raised:
+                control_address(description)
+            self.assertIn(says, str(raised.exception))
+
+    def test_tcpLoopback(self) -> None:
+        """
+        C{tcp:} and C{tcp6:} without an interface listen on loopback; one
+        that names it keeps it. Either is marked TCP.
+        """
+        for description, listened in [
+            ("tcp:9999", "tcp:9999:interface=127.0.0.1"),
+            ("tcp6:port=9999", "tcp6:port=9999:interface=\\:\\:1"),
+            ("tcp:9999:0.0.0.0", "tcp:9999:0.0.0.0"),
+            ("tcp:9999:interface=192.0.2.1", "tcp:9999:interface=192.0.2.1"),
+        ]:
+            self.assertEqual(
+                control_address(description), ControlAddress(listened, tcp=True)
+            )
+
+    def test_otherKinds(self) -> None:
+        """
+        Any other description goes to Twisted as it is.
+        """
+        self.assertEqual(
+            control_address("systemd:domain=UNIX:index=0"),
+            ControlAddress("systemd:domain=UNIX:index=0"),
+        )

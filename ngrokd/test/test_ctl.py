@@ -16,8 +16,8 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ConnectError
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.internet.error import getConnectError
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ngrokd.control import client
 from ngrokd.control.client import (
@@ -33,7 +33,7 @@ from ngrokd.control.render import duration, endpoint_table, size, status_lines
 from ngrokd.ctl import Console, run
 from ngrokd.daemon import Daemon
 from ngrokd.test.helpers import exchange, ready_status, wait_until
-from ngrokd.test.test_control import DaemonFixture
+from ngrokd.test.test_control import DaemonFixture, spawn_peer
 
 
 class Ran:
@@ -577,6 +577,21 @@ class BadInputTests(SynchronousTestCase):
             "ngrokctl: refusing the API key: it is longer than 512 characters\n",
         )
 
+    def test_socketPathTooLong(self) -> None:
+        """
+        A socket path longer than a UNIX socket's can be is named in one
+        line: exit 2, not a traceback and "not running".
+        """
+        path = "/tmp/" + "s" * 120
+        ran = subprocess.run(
+            [sys.executable, "-m", "ngrokd.ctl", "--socket", path, "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(ran.returncode, EXIT_USAGE, ran.stderr)
+        self.assertOneLine(ran.stderr, f"ngrokctl: {path}: a UNIX socket's path")
+
     def test_keyNotUTF8(self) -> None:
         """
         A key that is not UTF-8 is refused: exit 2, one line.
@@ -650,13 +665,56 @@ class ErrorTests(SynchronousTestCase):
 
     def test_permissionDenied(self) -> None:
         """
-        A socket this user may not open says so, with exit code 4.
+        A socket this user may not open (C{EACCES}, or C{EPERM} from a
+        security module) says so, with exit code 4, as Twisted reports the
+        failed connect.
         """
-        error = client._connect_error(
-            "/run/ngrokd.sock", ConnectError(osError=PermissionError(errno.EACCES, ""))
-        )
-        self.assertEqual(error.code, EXIT_PERMISSION)
-        self.assertIn("permission denied on /run/ngrokd.sock", str(error))
+        for code in (errno.EACCES, errno.EPERM):
+            error = client._connect_error(
+                "/run/ngrokd.sock", getConnectError((code, os.strerror(code)))
+            )
+            self.assertEqual(error.code, EXIT_PERMISSION)
+            self.assertIn("permission denied on /run/ngrokd.sock", str(error))
+
+
+class StrangerTests(DaemonFixture, TestCase):
+    """
+    C{ngrokctl} run by a user the socket does not let in.
+    """
+
+    def test_permissionDenied(self) -> Deferred[None]:
+        """
+        C{nobody}, not in the socket's group, is told permission is denied
+        on the socket, with exit code 4, not that ngrokd is not running.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("running ngrokctl as nobody needs root")
+
+        async def run() -> None:
+            devcloud = self.start_devcloud(self)
+            socket = os.path.join(self.socket_dir(self), "ngrokd.sock")
+            await self.start_daemon(self, devcloud, socket)
+            os.chmod(os.path.dirname(socket), 0o755)
+            nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+            status = ["-m", "ngrokd.ctl", "--socket", socket, "status"]
+            ngrokctl = spawn_peer(self, status, user=nobody)
+            self.assertEqual(await ngrokctl.ended, EXIT_PERMISSION, ngrokctl.err)
+            self.assertIn(f"permission denied on {socket}".encode(), ngrokctl.err)
+
+        return ensureDeferred(run())
+
+
+def _shown(**fields: Any) -> dict[str, Any]:
+    """
+    A ready daemon's status with C{fields}, as C{ngrokctl status} gets it.
+    """
+    return {
+        **attrs.asdict(ready_status(**fields)),
+        "ready": True,
+        "registered": True,
+        "uptime": 60.0,
+        "not_ready_because": "",
+    }
 
 
 class RenderTests(SynchronousTestCase):
@@ -681,13 +739,7 @@ class RenderTests(SynchronousTestCase):
         """
         A daemon serving the list of an earlier run says so.
         """
-        status = {
-            **attrs.asdict(ready_status(stale=True)),
-            "ready": True,
-            "registered": True,
-            "uptime": 60.0,
-            "not_ready_because": "",
-        }
+        status = _shown(stale=True)
         lines = status_lines(status, {"listening": 2})
         self.assertIn(
             "Stale:        serving the endpoints kept from an earlier run until"
@@ -696,6 +748,53 @@ class RenderTests(SynchronousTestCase):
         )
         self.assertNotIn(
             "Stale", "\n".join(status_lines({**status, "stale": False}, {}))
+        )
+
+    def test_ipv6(self) -> None:
+        """
+        C{ngrokctl status} says where the names' IPv6 addresses come from,
+        or why there are none; C{ngrokctl list} shows each name's addresses
+        in one column and why an endpoint is not on IPv6.
+        """
+        status = _shown(ipv6_subnet="fd00::/64")
+        self.assertIn(
+            "IPv6:         names have addresses in fd00::/64",
+            status_lines(status, {}),
+        )
+        self.assertIn(
+            "IPv6:         unavailable, names are IPv4 only: no IPv6 here",
+            status_lines({**status, "ipv6_error": "no IPv6 here"}, {}),
+        )
+        self.assertNotIn(
+            "IPv6", "\n".join(status_lines({**status, "ipv6_subnet": ""}, {}))
+        )
+        row = {
+            "id": "ep_1",
+            "url": "http://web.prod",
+            "client_address": "web.prod:80",
+            "listen_address": "10.107.0.2:80",
+            "mode": "virtual",
+            "state": "listening",
+            "reason": "",
+            "connections_open": 0,
+            "connections_total": 0,
+            "errors": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "addresses": ["10.107.0.2", "fd00::2"],
+            "ipv6_error": "",
+        }
+        header, line = endpoint_table([row])[:2]
+        self.assertEqual(header.split()[-1], "ADDRESSES")
+        self.assertEqual(line.split()[-1], "10.107.0.2,fd00::2")
+        failed = {
+            **row,
+            "addresses": ["10.107.0.2"],
+            "ipv6_error": "[fd00::2]:80 in use",
+        }
+        self.assertIn(
+            "  http://web.prod: not on IPv6: [fd00::2]:80 in use",
+            endpoint_table([failed]),
         )
 
     def test_reasons(self) -> None:

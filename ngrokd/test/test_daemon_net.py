@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import errno
 import os
+import time
 from collections.abc import Set
 from ipaddress import ip_address, ip_network
 from typing import Any
@@ -30,7 +31,7 @@ from ngrokd.control.page import render_daemon
 from ngrokd.control.render import status_lines
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
-from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
+from ngrokd.host.allocation import IP6_MAPPINGS, IP_MAPPINGS, NETWORK_PORTS
 from ngrokd.host.hosts import BEGIN, END
 from ngrokd.host.netif import NotPermitted
 from ngrokd.host.netif.memory import MemoryInterface
@@ -40,9 +41,12 @@ from ngrokd.ngrok.identity_service import REGISTERED, WAITING_FOR_KEY
 from ngrokd.plan import client_address, plan, uses_virtual
 from ngrokd.status import FAILED, LISTENING
 from ngrokd.test.test_hosts import ThreadReactor
+from ngrokd.test.test_netif import SynchronousThreadPool
 
 A = ip_address("10.107.0.2")
 B = ip_address("10.107.0.3")
+SUBNET6 = "fd6e:6772:6f6b::/64"
+A6 = ip_address("fd6e:6772:6f6b::2")
 
 
 class Recorder:
@@ -62,8 +66,8 @@ class RecordingInterface(MemoryInterface):
     A memory interface that records each change and can be held mid-change.
     """
 
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__(ip_network("10.107.0.0/24"))
+    def __init__(self, recorder: Recorder, subnet6: Any = None) -> None:
+        super().__init__(ip_network("10.107.0.0/24"), subnet6=subnet6)
         self.recorder = recorder
         self.gate: Deferred[None] | None = None
         self.refused: set[Any] = set()
@@ -120,6 +124,13 @@ class NetworkReactor(ThreadReactor):
         return Port(self.recorder, interface, port)
 
 
+def _at_once(name: str) -> SynchronousThreadPool:
+    """
+    The daemon's file thread, as this one: nothing here runs a reactor.
+    """
+    return SynchronousThreadPool(0, 1, name)
+
+
 def _endpoints(*urls: str) -> list[ApiEndpoint]:
     return [ApiEndpoint(f"ep_{url}", url, "") for url in urls]
 
@@ -134,7 +145,11 @@ class ReconcileFixture(SynchronousTestCase):
         listen_interface: str = "virtual",
         overrides: str = "{}",
         interface_failure: Exception | None = None,
+        subnet6: str = "",
     ) -> Daemon:
+        """
+        @param subnet6: C{net.subnet6}; by default none (IPv4 alone).
+        """
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         self.state_dir = os.path.join(base, "state")
@@ -145,16 +160,22 @@ class ReconcileFixture(SynchronousTestCase):
         with open(config_path, "w") as f:
             f.write(
                 f"server:\n  state_dir: {self.state_dir}\n"
+                # The names go to the hosts file alone: the DNS server and
+                # its registration have tests of their own.
+                "dns:\n  mode: 'off'\n"
                 f"net:\n  listen_interface: {listen_interface!r}\n"
                 f"  subnet: 10.107.0.0/24\n  start_port: 9080\n"
                 f"  hosts_file: {self.hosts_path}\n  overrides: {overrides}\n"
+                f"  subnet6: {subnet6!r}\n"
             )
         config = load_config(config_path, environ={}).config
         self.recorder = Recorder()
         self.reactor = NetworkReactor(self.recorder)
-        self.interface = RecordingInterface(self.recorder)
+        self.interface = RecordingInterface(
+            self.recorder, ip_network(subnet6) if subnet6 else None
+        )
         self.interface.failure = interface_failure
-        daemon = Daemon(config, self.reactor, self.interface)
+        daemon = Daemon(config, self.reactor, self.interface, threadpool=_at_once)
         real_write = daemon.hosts.file.write
 
         def write(mapping: Any) -> bool:
@@ -169,6 +190,15 @@ class ReconcileFixture(SynchronousTestCase):
         self.addCleanup(daemon.stopService)
         del self.recorder.events[:]
         return daemon
+
+    def registered(self, daemon: Daemon, not_after: float = 4102444800.0) -> None:
+        """
+        Give C{daemon} an identity valid until C{not_after}.
+        """
+        when = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
+        identity = Identity("k8sop_1", b"", b"", when, when)
+        daemon.identity_service.identity = identity
+        daemon.identity_service.state = REGISTERED
 
     def reconcile(self, daemon: Daemon, *urls: str) -> None:
         self.applied(daemon.reconcile(_endpoints(*urls)))
@@ -198,7 +228,7 @@ class ReconcileFixture(SynchronousTestCase):
             [
                 ("addresses", frozenset({gone, kept_address})),
                 ("stop", str(gone), 80),
-                ("hosts", {kept: kept_address}),
+                ("hosts", {kept: (kept_address,)}),
                 ("addresses", frozenset({kept_address})),
             ],
         )
@@ -224,7 +254,7 @@ class ReconcileTests(ReconcileFixture):
                 ("addresses", frozenset({A})),
                 ("listen", "10.107.0.2", 80),
                 ("listen", "10.107.0.2", 5432),
-                ("hosts", {"a.test": A}),
+                ("hosts", {"a.test": (A,)}),
             ],
         )
         self.assertIn(f"{BEGIN}\n10.107.0.2\ta.test\n", self.hosts())
@@ -244,7 +274,7 @@ class ReconcileTests(ReconcileFixture):
             [
                 ("addresses", frozenset({A})),
                 ("stop", "10.107.0.2", 5432),
-                ("hosts", {"a.test": A}),
+                ("hosts", {"a.test": (A,)}),
             ],
         )
         self.assertEqual(self.interface.present, {A})
@@ -274,7 +304,12 @@ class ReconcileTests(ReconcileFixture):
         self.successResultOf(daemon.stopService())
         for name in (IP_MAPPINGS, NETWORK_PORTS):
             self.assertTrue(os.path.exists(os.path.join(self.state_dir, name)))
-        again = Daemon(daemon.config, self.reactor, RecordingInterface(self.recorder))
+        again = Daemon(
+            daemon.config,
+            self.reactor,
+            RecordingInterface(self.recorder),
+            threadpool=_at_once,
+        )
         again.startService()
         self.addCleanup(again.stopService)
         self.successResultOf(
@@ -316,7 +351,7 @@ class ReconcileTests(ReconcileFixture):
             self.assertIn("address 10.107.0.2 for a.test could not be set up", reason)
             self.assertIn("root or CAP_NET_ADMIN", reason)
         self.assertIn(("listen", "10.107.0.3", 80), self.recorder.events)
-        self.assertEqual(self.recorder.events[-1], ("hosts", {"b.test": B}))
+        self.assertEqual(self.recorder.events[-1], ("hosts", {"b.test": (B,)}))
 
     def test_noPrivilege(self) -> None:
         """
@@ -403,7 +438,7 @@ class ReconcileTests(ReconcileFixture):
             self.reconcile(daemon, "http://a.test", *refused)
         self.assertEqual(
             [e for e in self.recorder.events if e[0] != "addresses"][:2],
-            [("listen", "10.107.0.2", 80), ("hosts", {"a.test": A})],
+            [("listen", "10.107.0.2", 80), ("hosts", {"a.test": (A,)})],
         )
         self.assertEqual(
             {e for e in self.recorder.events if e[0] == "addresses"},
@@ -464,7 +499,13 @@ class ReconcileTests(ReconcileFixture):
         with open(daemon.config.path, "a") as f:
             f.write("  allowed_domains: [prod]\n")
         del self.recorder.events[:]
-        result = self.successResultOf(daemon.reload())
+        # The config is read in a thread of its own: wait for it, bounded.
+        reloaded: list[Any] = []
+        daemon.reload().addBoth(reloaded.append)
+        deadline = time.monotonic() + 10
+        while not reloaded and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (result,) = reloaded
         self.assertEqual(result.applied, ("net.allowed_domains",))
         self.assertGivenUp(A, "b.prod", B)
         self.assertEqual(
@@ -509,7 +550,7 @@ class ReconcileTests(ReconcileFixture):
             self.successResultOf(d)
         self.assertEqual(set(daemon.plan.specs), {"http://c.test:80"})
         names = [e[1] for e in self.recorder.events if e[0] == "hosts"]
-        self.assertEqual(names, [{"a.test": A}, {"c.test": B}])
+        self.assertEqual(names, [{"a.test": (A,)}, {"c.test": (B,)}])
 
     def test_cancelledWaitOnly(self) -> None:
         """
@@ -550,15 +591,6 @@ class ReadinessTests(ReconcileFixture):
     machine would fix; and C{/readyz}, C{ngrokctl health} (the control
     socket's status), C{ngrokd_ready} and systemd agree.
     """
-
-    def registered(self, daemon: Daemon, not_after: float = 4102444800.0) -> None:
-        """
-        Give C{daemon} an identity valid until C{not_after}.
-        """
-        when = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
-        identity = Identity("k8sop_1", b"", b"", when, when)
-        daemon.identity_service.identity = identity
-        daemon.identity_service.state = REGISTERED
 
     def readiness(self, daemon: Daemon) -> tuple[bool, str]:
         """
@@ -766,6 +798,91 @@ class StateSaveTests(ReconcileFixture):
         self.assertTrue(os.path.isfile(blocked))
 
 
+class IPv6Tests(ReconcileFixture):
+    """
+    Names with an IPv6 address too, and a machine without IPv6.
+    """
+
+    def test_bothAddresses(self) -> None:
+        """
+        A hostname's IPv4 and IPv6 addresses are set up first, then every
+        port of it listens on both, then both its lines are written; the
+        IPv6 address is saved in ip6_mappings.json.
+        """
+        daemon = self.make_daemon(subnet6=SUBNET6)
+        self.reconcile(daemon, "http://a.test", "tcp://a.test:5432")
+        self.assertEqual(
+            self.recorder.events,
+            [
+                ("addresses", frozenset({A, A6})),
+                ("listen", "10.107.0.2", 80),
+                ("listen", "10.107.0.2", 5432),
+                ("listen", str(A6), 80),
+                ("listen", str(A6), 5432),
+                ("hosts", {"a.test": (A, A6)}),
+            ],
+        )
+        self.assertIn(f"{BEGIN}\n10.107.0.2\ta.test\n{A6}\ta.test\n{END}", self.hosts())
+        with open(os.path.join(self.state_dir, IP6_MAPPINGS)) as f:
+            self.assertEqual(f.read(), f'{{\n  "a.test": "{A6}"\n}}')
+        self.assertEqual(daemon.plan.name_addresses(), {"a.test": ((A,), (A6,))})
+        rows = daemon.endpoint_status()
+        self.assertEqual([row.addresses for row in rows], [("10.107.0.2", str(A6))] * 2)
+        status = daemon.daemon_status()
+        self.assertEqual((status.ipv6_subnet, status.ipv6_error), (SUBNET6, ""))
+
+    def test_withoutIPv6(self) -> None:
+        """
+        When the IPv6 addresses cannot be added (no IPv6 here), the IPv4
+        ones serve: the endpoint listens on IPv4, its IPv4 line is written,
+        the daemon is ready, says so once for many reconciles, and status
+        says why; once IPv6 works, the names get it.
+        """
+        daemon = self.make_daemon(subnet6=SUBNET6)
+        self.interface.no_ipv6 = "cannot add fd6e:6772:6f6b::2: no IPv6 here"
+        self.registered(daemon)
+        for _ in range(3):
+            self.reconcile(daemon, "http://a.test")
+        self.assertEqual(self.interface.present, {A})
+        self.assertEqual(
+            {e for e in self.recorder.events if e[0] == "listen"},
+            {("listen", "10.107.0.2", 80)},
+        )
+        self.assertEqual(self.recorder.events[-1], ("hosts", {"a.test": (A,)}))
+        (row,) = daemon.endpoint_status()
+        self.assertEqual((row.state, row.addresses), (LISTENING, ("10.107.0.2",)))
+        status = daemon.daemon_status()
+        self.assertEqual(
+            status.ipv6_error, "cannot add fd6e:6772:6f6b::2: no IPv6 here"
+        )
+        self.assertTrue(status.ready, status.not_ready_because)
+        self.assertIn(
+            "<dt>IPv6</dt><dd>unavailable, names are IPv4 only: cannot add",
+            render_daemon(status, (None, None)),
+        )
+        said = [e for e in self.events if "IPv6 is unavailable" in formatEvent(e)]
+        self.assertEqual(len(said), 1)
+        self.interface.no_ipv6 = ""
+        self.reconcile(daemon, "http://a.test")
+        self.assertEqual(self.interface.present, {A, A6})
+        self.assertEqual(self.recorder.events[-1], ("hosts", {"a.test": (A, A6)}))
+        self.assertEqual(daemon.daemon_status().ipv6_error, "")
+
+    def test_ipv6BindFailsAlone(self) -> None:
+        """
+        An endpoint whose IPv6 socket cannot be bound keeps listening on
+        IPv4, its row saying why; the daemon stays ready.
+        """
+        daemon = self.make_daemon(subnet6=SUBNET6)
+        self.registered(daemon)
+        self.reactor.taken.add((str(A6), 80))
+        self.reconcile(daemon, "http://a.test")
+        (row,) = daemon.endpoint_status()
+        self.assertEqual((row.state, row.addresses), (LISTENING, ("10.107.0.2",)))
+        self.assertIn(f"[{A6}]:80 is already in use", row.ipv6_error)
+        self.assertTrue(daemon.daemon_status().ready)
+
+
 class ListenModeTests(SynchronousTestCase):
     """
     The listen-mode decisions reconcile relies on.
@@ -805,7 +922,7 @@ class ListenModeTests(SynchronousTestCase):
                 "http://n.ns:80": "127.0.0.1:9080",
             },
         )
-        self.assertEqual(result.virtual_names(), {"a.ns": "10.107.0.2"})
+        self.assertEqual(result.virtual_names(), {"a.ns": (ip_address("10.107.0.2"),)})
 
     def test_usesVirtual(self) -> None:
         """

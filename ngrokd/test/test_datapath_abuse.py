@@ -163,7 +163,9 @@ class DataPathAbuseTests(TestCase):
         """
 
         async def run() -> None:
-            daemon = await self.start_daemon(ingress={"pool_idle_timeout": 1.0})
+            daemon = await self.start_daemon(
+                ingress={"pool_idle_timeout": 1.0, "pool_linger": 1.0}
+            )
             baseline = open_fds()
             clients = [
                 socket.create_connection(("127.0.0.1", self.port_of(daemon, ECHO)))
@@ -597,13 +599,31 @@ class DoubleSignalTests(SynchronousTestCase):
         handlers: dict[int, Any] = {}
         fake = FakeReactor()
         daemon = cast(Daemon, fake)
-        StopOnSignal(daemon, fake, handlers.__setitem__).startService()
+        StopOnSignal(daemon, fake, handlers.__setitem__).privilegedStartService()
         self.assertEqual(set(handlers), {signal.SIGTERM, signal.SIGINT})
         handlers[signal.SIGTERM](signal.SIGTERM, None)
         self.assertEqual((fake.stops, fake.cut), (1, False))
-        self.assertEqual(fake.exit_signal, signal.SIGTERM)
+        self.assertEqual(fake._exitSignal, signal.SIGTERM)
         handlers[signal.SIGINT](signal.SIGINT, None)
         self.assertEqual((fake.stops, fake.cut), (1, True))
+
+    def test_reactorStoppingAlready(self) -> None:
+        """
+        A first signal that finds the reactor stopping already (its own
+        handler took a signal as it started) adds no second stop, and
+        no error; the reactor keeps the signal it stopped for.
+        """
+        handlers: dict[int, Any] = {}
+        fake = FakeReactor()
+        fake.stop()
+        fake._exitSignal = signal.SIGINT
+        StopOnSignal(
+            cast(Daemon, fake), fake, handlers.__setitem__
+        ).privilegedStartService()
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
+        self.assertEqual(
+            (fake.stops, fake.cut, fake._exitSignal), (1, False, signal.SIGINT)
+        )
 
 
 class FakeReactor:
@@ -612,12 +632,10 @@ class FakeReactor:
     L{Daemon.stop_now}).
     """
 
+    running = True
     stops = 0
     cut = False
-    exit_signal = 0
-
-    def callWhenRunning(self, f: Callable[[], object]) -> None:
-        f()
+    _exitSignal: int | None = None
 
     def callFromThread(self, f: Callable[..., object], *args: object) -> None:
         f(*args)
@@ -626,12 +644,6 @@ class FakeReactor:
         if self.stops:
             raise ReactorNotRunning()
         self.stops += 1
-
-    def sigTerm(self, number: int) -> None:
-        self.exit_signal = number
-        self.callFromThread(self.stop)
-
-    sigInt = sigTerm
 
     def stop_now(self) -> None:
         self.cut = True

@@ -586,10 +586,12 @@ class IngressMemoryTests(SynchronousTestCase):
     def test_responseWaitsForTheBackend(self):
         """
         Nothing is answered until the backend connection exists; then the
-        response goes out and the bytes that came with the request reach the
-        backend.
+        response goes out and the bytes that came before it (with the
+        request, and in a later read) reach the backend, counted as early
+        data; bytes after the answer are not.
         """
         self.protocol.dataReceived(self.request + b"early")
+        self.protocol.dataReceived(b" more")
         self.assertEqual(self.transport.value(), b"")
         [(host, port, factory, timeout, _)] = self.reactor.tcpClients
         self.assertEqual((host, port, timeout), ("127.0.0.1", 6000, CONNECT_TIMEOUT))
@@ -599,8 +601,11 @@ class IngressMemoryTests(SynchronousTestCase):
         backend.makeConnection(backendTransport)
         self.assertEqual(
             (split_response(self.transport.value()), backendTransport.value()),
-            ((wire.ConnResponse(self.endpoint.id, "tcp"), b""), b"early"),
+            ((wire.ConnResponse(self.endpoint.id, "tcp"), b""), b"early more"),
         )
+        self.protocol.dataReceived(b"after")
+        self.assertEqual(backendTransport.value(), b"early moreafter")
+        self.assertEqual(self.ingress.early_bytes_total, len(b"early more"))
 
     def test_clientLeavesWhileConnecting(self):
         """

@@ -52,7 +52,11 @@ class ParseEndpointURLTests(SynchronousTestCase):
             ("tcp://db.prod", ""),
             ("ftp://x.y", ""),
             ("http://", ""),
-            ("http://*.prod", ""),
+            ("http://a.*.prod", ""),
+            ("http://*x.prod", ""),
+            ("http://*.*.prod", ""),
+            ("http://*", ""),
+            ("http://*.", ""),
             ("tcp://db.prod:99999", ""),
             ("tcp://db.prod:abc", ""),
             ("http://web.prod", "tcp"),
@@ -60,6 +64,19 @@ class ParseEndpointURLTests(SynchronousTestCase):
             with self.assertRaises(EndpointURLError) as caught:
                 parse_endpoint_url(url, proto)
             self.assertIn(repr(url), str(caught.exception))
+
+    def test_wildcard(self) -> None:
+        """
+        A wildcard endpoint (C{*.} and a DNS name) is accepted; its
+        C{ConnRequest} host is the URL's as written, the star included, for
+        the ingress to match the endpoint; the client's own C{Host} or SNI
+        says which name under it was meant.
+        """
+        target = parse_endpoint_url("https://*.Apps.prod")
+        self.assertEqual(
+            (target.host, target.port, target.is_wildcard), ("*.apps.prod", 443, True)
+        )
+        self.assertFalse(parse_endpoint_url("http://apps.prod").is_wildcard)
 
     def test_httpHost(self) -> None:
         """

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.datapath.failurelog}.
+Tests for L{ngrokd.summarylog} and L{ngrokd.datapath.failurelog}.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.datapath.failurelog import FailureLog, Summariser, Summary
+from ngrokd.datapath.failurelog import FailureLog
+from ngrokd.summarylog import Summariser, Summary
 
 DB = ("tcp://db.prod:5432", "DialFailed")
 WEB = ("http://web.prod", "DialFailed")

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -29,7 +30,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from ngrokd.board import RowIndex, StatusBoard
-from ngrokd.config import LoadedConfig, load_config
+from ngrokd.config import DnsConfig, LoadedConfig, load_config
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import (
     IDLE_TIMEOUT,
@@ -37,6 +38,7 @@ from ngrokd.control.health import (
     StatusPieces,
     go_duration,
     health_site,
+    readiness_text,
     rfc3339,
     status_document,
 )
@@ -47,6 +49,7 @@ from ngrokd.control.httpsite import (
     REQUEST_DEADLINE,
     REQUEST_TIMEOUT_ANSWER,
 )
+from ngrokd.control.render import status_lines
 from ngrokd.control.web import STREAM_WAIT, WebPage
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
@@ -104,6 +107,8 @@ class DaemonHealthTestCase(TestCase):
 
     timeout = 60
     endpoints = ["tcp://echo.test:7000"]
+    #: The daemon's C{dns} settings, when not the devcloud config's.
+    dns: DnsConfig | None = None
 
     def setUp(self) -> None:
         self.echo_port = listen(Factory.forProtocol(Echo), self)
@@ -123,8 +128,9 @@ class DaemonHealthTestCase(TestCase):
         config = load_config(self.devcloud.config_path).config
         address = health_address or f"127.0.0.1:{free_ports(1)}"
         server = attrs.evolve(config.server, health_address=address)
+        config = attrs.evolve(config, server=server, dns=self.dns or config.dns)
         options = Options()
-        options.loaded = LoadedConfig(attrs.evolve(config, server=server), ())
+        options.loaded = LoadedConfig(config, ())
         daemon = makeService(options, reactor)
         assert isinstance(daemon, Daemon)
         return daemon
@@ -324,7 +330,9 @@ class StalledReconcileTests(DaemonHealthTestCase):
             daemon = makeService(options, reactor)
             assert isinstance(daemon, Daemon)
             interface = StallingInterface()
-            daemon.interface = InterfaceService(reactor, net, interface)
+            daemon.interface = InterfaceService(
+                IReactorFromThreads(reactor), net, interface
+            )
             daemon.startService()
             self.addCleanup(daemon.stopService)
             await wait_until(lambda: daemon.daemon_status().ready, "ready", 30)
@@ -425,6 +433,8 @@ class StatusTests(DaemonHealthTestCase):
                     "bytes_down": 5,
                     "mode": "127.0.0.1",
                     "stale": False,
+                    "addresses": ["127.0.0.1"],
+                    "ipv6_error": "",
                 },
             )
 
@@ -961,3 +971,39 @@ class ConnectionCapTests(SiteTestCase):
             self.assertIn("16 connections from this address", lines[0]["why"])
 
         return ensureDeferred(run())
+
+
+class NamesStatusTests(SynchronousTestCase):
+    """
+    How names reach programs, as /readyz, /status and ngrokctl status say.
+    """
+
+    def test_fallbackSaid(self) -> None:
+        """
+        Names in the hosts file for want of DNS: /readyz of a ready daemon
+        (dns.mode auto) says why in its detail, /status has it, and so has
+        ngrokctl status.
+        """
+        status = ready_status(
+            names_via="the hosts file; DNS server on 10.107.0.1:53",
+            names_fallback="systemd-resolved stopped",
+        )
+        self.assertEqual(
+            readiness_text(status, ()),
+            "ready\nnames are in the hosts file: systemd-resolved stopped\n",
+        )
+        self.assertEqual(
+            status_document(status, ())["names"],
+            {
+                "via": "the hosts file; DNS server on 10.107.0.1:53",
+                "fallback": "systemd-resolved stopped",
+                "strict": False,
+            },
+        )
+        fields = {**attrs.asdict(status), "ready": True, "not_ready_because": ""}
+        fields.update(registered=True, uptime=60.0)
+        self.assertIn(
+            "Names:        through the hosts file; DNS server on 10.107.0.1:53,"
+            " because systemd-resolved stopped",
+            status_lines(fields, {}),
+        )

@@ -12,14 +12,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from ngrokd.host.hosts import (
     BEGIN,
@@ -52,6 +56,22 @@ class RenderTests(SynchronousTestCase):
         per hostname, sorted by hostname.
         """
         self.assertEqual(render(HOSTS, MAPPING), HOSTS + "\n" + SECTION)
+
+    def test_bothFamilies(self) -> None:
+        """
+        A name with an IPv4 and an IPv6 address gets a line for each, IPv4
+        first, within the name's sorted place; the section parses again as
+        ngrokd's (the lines are entries), and goes whole.
+        """
+        mapping = {
+            "db.ns": (ip_address("fd00::3"), ip_address("10.107.0.3")),
+            "api.ns": ip_address("10.107.0.2"),
+        }
+        section = (
+            f"{BEGIN}\n10.107.0.2\tapi.ns\n10.107.0.3\tdb.ns\nfd00::3\tdb.ns\n{END}\n"
+        )
+        self.assertEqual(render(HOSTS, mapping), HOSTS + "\n" + section)
+        self.assertEqual(render(HOSTS + "\n" + section, {}), HOSTS)
 
     def test_emptyFile(self) -> None:
         """
@@ -477,20 +497,32 @@ class LockHeldByReaderTests(SynchronousTestCase):
         self.assertIn("more than 0.5s", error)
 
 
+@implementer(IReactorThreads)
 class ThreadReactor(MemoryReactorClock):
     """
-    A memory reactor whose thread pool runs work at once.
+    A memory reactor whose threads are this one: its thread pool, and
+    what a thread hands over, run work at once.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.pool = SynchronousThreadPool()
 
-    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
+    def callFromThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        callable(*args, **kwargs)
 
-    def getThreadPool(self) -> Any:
+    def callInThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        callable(*args, **kwargs)
+
+    def getThreadPool(self) -> ThreadPool:
         return self.pool
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        pass
 
 
 class HoldingThreadPool(SynchronousThreadPool):
@@ -615,7 +647,7 @@ class HostsServiceTests(SynchronousTestCase):
         self.successResultOf(self.service.stopService())
         self.assertEqual(self.content(), HOSTS)
         self.successResultOf(self.service.stopService())
-        self.assertEqual(self.writes, [MAPPING, {}])
+        self.assertEqual(self.writes, [{n: (ip,) for n, ip in MAPPING.items()}, {}])
 
     def test_noSectionNoWriteAccess(self) -> None:
         """

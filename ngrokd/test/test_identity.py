@@ -17,10 +17,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from treq.testing import StubTreq
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ngrokd.blocking import BlockingPool
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
@@ -41,6 +44,7 @@ from ngrokd.ngrok.identity import (
     repair,
 )
 from ngrokd.test.test_devcloud_api import start_devcloud_api
+from ngrokd.test.threads import BlockingCalls, at_once
 
 KEY = "2identitytestkey"
 HOST = "host1"
@@ -167,7 +171,7 @@ class IdentityTestCase(SynchronousTestCase):
         return self.failureResultOf(d, *types).value
 
     def register(self) -> Identity:
-        return self.complete(register(self.api, self.store, SELECTORS, HOST))
+        return self.complete(register(self.api, self.store, SELECTORS, HOST, at_once))
 
     def load(self) -> Identity | RepairNeeded | None:
         return IdentityStore(self.state_dir).load()
@@ -276,7 +280,8 @@ class RegisterTests(IdentityTestCase):
         _write(blocker, b"")
         self.store = IdentityStore(os.path.join(blocker, "ngrokd"))
         error = self.fails(
-            register(self.api, self.store, SELECTORS, HOST), StateDirNotWritable
+            register(self.api, self.store, SELECTORS, HOST, at_once),
+            StateDirNotWritable,
         )
         self.assertIn(blocker, str(error))
         self.assertEqual(self.api.calls, [])
@@ -340,7 +345,9 @@ class RepairTests(IdentityTestCase):
         self.assertIsNone(state.operator_id)
         self.assertIn("operator_id is missing", state.reason)
         self.assertEqual(state.public_key, key_public_key(identity.key_pem))
-        repaired = self.complete(repair(self.api, self.store, state, SELECTORS, HOST))
+        repaired = self.complete(
+            repair(self.api, self.store, state, SELECTORS, HOST, at_once)
+        )
         self.assertEqual(repaired.operator_id, identity.operator_id)
         self.assertNotIn("register", self.api.calls[1:])
         self.assertEqual(len(self.cloud.operators()), 1)
@@ -366,7 +373,9 @@ class RepairTests(IdentityTestCase):
         state = self.load_repair()
         self.assertIn("is not the certificate of", state.reason)
         self.assertEqual(state.operator_id, identity.operator_id)
-        repaired = self.complete(repair(self.api, self.store, state, SELECTORS, HOST))
+        repaired = self.complete(
+            repair(self.api, self.store, state, SELECTORS, HOST, at_once)
+        )
         self.assertEqual(repaired.operator_id, identity.operator_id)
         self.assertEqual(self.api.calls, ["register", "renew"])
         loaded = self.load_identity()
@@ -380,7 +389,7 @@ class RepairTests(IdentityTestCase):
         _write(self.path("tls.crt"), b"garbage")
         state = self.load_repair()
         self.assertIn("no readable certificate", state.reason)
-        self.complete(repair(self.api, self.store, state, SELECTORS, HOST))
+        self.complete(repair(self.api, self.store, state, SELECTORS, HOST, at_once))
         self.assertEqual(self.load_identity().operator_id, identity.operator_id)
 
     def test_unreadable(self) -> None:
@@ -402,7 +411,9 @@ class RepairTests(IdentityTestCase):
         self.cloud.delete_operator(identity.operator_id)
         os.unlink(self.path("tls.crt"))
         state = self.load_repair()
-        repaired = self.complete(repair(self.api, self.store, state, SELECTORS, HOST))
+        repaired = self.complete(
+            repair(self.api, self.store, state, SELECTORS, HOST, at_once)
+        )
         self.assertNotEqual(repaired.operator_id, identity.operator_id)
         self.assertEqual(self.load_identity().operator_id, repaired.operator_id)
         self.assertEqual([o.id for o in self.cloud.operators()], [repaired.operator_id])
@@ -418,12 +429,16 @@ class RepairTests(IdentityTestCase):
             raise APIUnavailable("https://api.test", "connection lost")
 
         self.api.before_register = lose_answer
-        self.fails(register(self.api, self.store, SELECTORS, HOST), APIUnavailable)
+        self.fails(
+            register(self.api, self.store, SELECTORS, HOST, at_once), APIUnavailable
+        )
         [orphan] = self.cloud.operators()
         state = self.load_repair()
         self.assertIsNone(state.operator_id)
         self.api.before_register = lambda csr: None
-        repaired = self.complete(repair(self.api, self.store, state, SELECTORS, HOST))
+        repaired = self.complete(
+            repair(self.api, self.store, state, SELECTORS, HOST, at_once)
+        )
         self.assertEqual(repaired.operator_id, orphan.id)
         self.assertEqual(len(self.cloud.operators()), 1)
 
@@ -434,7 +449,9 @@ class RepairTests(IdentityTestCase):
         self.store.check_writable()
         self.store.save_key(generate_key())
         state = self.load_repair()
-        repaired = self.complete(repair(self.api, self.store, state, SELECTORS, HOST))
+        repaired = self.complete(
+            repair(self.api, self.store, state, SELECTORS, HOST, at_once)
+        )
         self.assertEqual(self.api.calls, ["operators", "register"])
         self.assertEqual(self.load_identity().operator_id, repaired.operator_id)
 
@@ -451,7 +468,9 @@ class RenewTests(IdentityTestCase):
         Renewing stores a new key and its certificate under the same operator.
         """
         identity = self.register()
-        renewed = self.complete(renew(self.api, self.store, identity, SELECTORS))
+        renewed = self.complete(
+            renew(self.api, self.store, identity, SELECTORS, at_once)
+        )
         self.assertEqual(renewed.operator_id, identity.operator_id)
         self.assertNotEqual(renewed.key_pem, identity.key_pem)
         loaded = self.load_identity()
@@ -468,7 +487,7 @@ class RenewTests(IdentityTestCase):
         """
         identity = self.register()
         self.cloud.faults.next_status(503)
-        self.fails(renew(self.api, self.store, identity, SELECTORS), APIError)
+        self.fails(renew(self.api, self.store, identity, SELECTORS, at_once), APIError)
         loaded = self.load_identity()
         self.assertEqual(
             (loaded.key_pem, loaded.cert_pem), (identity.key_pem, identity.cert_pem)
@@ -483,7 +502,8 @@ class RenewTests(IdentityTestCase):
         identity = self.register()
         self.api.renew_csr = lambda id, csr: self.cloud.get_operator(id).csr_pem
         error = self.fails(
-            renew(self.api, self.store, identity, SELECTORS), CertificateMismatch
+            renew(self.api, self.store, identity, SELECTORS, at_once),
+            CertificateMismatch,
         )
         self.assertIn(identity.operator_id, str(error))
         loaded = self.load_identity()
@@ -541,12 +561,20 @@ class OverHTTPSTests(TestCase):
     def test_registerRenewRestart(self):
         """
         Register, renew and load again against the devcloud over HTTPS: one
-        operator, the renewed key and certificate on disk.
+        operator, the renewed key and certificate on disk. Each file is
+        written in the thread given, never on the reactor's.
         """
         devcloud = start_devcloud_api(self)
-        store = IdentityStore(self.mktemp())
-        identity = yield register(devcloud.api, store, SELECTORS, HOST)
-        renewed = yield renew(devcloud.api, store, identity, SELECTORS)
+        state_dir = os.path.abspath(self.mktemp())
+        store = IdentityStore(state_dir)
+        pool = BlockingPool(IReactorFromThreads(reactor), "test-identity")
+        pool.start()
+        self.addCleanup(pool.stop)
+        calls = BlockingCalls(self, lambda path: path.startswith(state_dir))
+        identity = yield register(devcloud.api, store, SELECTORS, HOST, pool.run)
+        renewed = yield renew(devcloud.api, store, identity, SELECTORS, pool.run)
+        self.assertEqual(calls.functions(), {"write_atomic", "replace_durably"})
+        self.assertEqual(calls.on_reactor_thread(), [])
         loaded = store.load()
         assert isinstance(loaded, Identity)
         self.assertEqual(loaded.operator_id, identity.operator_id)

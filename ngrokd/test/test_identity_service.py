@@ -37,6 +37,7 @@ from ngrokd.ngrok.identity_service import (
     NotRegistered,
 )
 from ngrokd.test.test_discovery import capture_logs
+from ngrokd.test.threads import at_once
 
 KEY = "identity-service-test-key-5f3a"
 WRONG_KEY = "wrong-key-0c9d1e"
@@ -113,7 +114,11 @@ class ServiceTestCase(SynchronousTestCase):
         }
         settings.update(options)
         return IdentityService(
-            IdentityStore(self.state_dir), self.api, self.clock, **settings
+            IdentityStore(self.state_dir),
+            self.api,
+            self.clock,
+            in_thread=at_once,
+            **settings,
         )
 
     def start(self, **options: Any) -> IdentityService:

@@ -1,7 +1,8 @@
 """
-Tests for L{ngrokd.datapath.ingress}, L{ngrokd.datapath.resumption} and
-L{ngrokd.ngrok.trust}: whom the connector trusts, and which TLS sessions it
-resumes, over real TLS on loopback.
+Tests for L{ngrokd.datapath.ingress}, L{ngrokd.datapath.resumption},
+L{ngrokd.datapath.earlydata} and L{ngrokd.ngrok.trust}: whom the connector
+trusts, and which TLS sessions it resumes, over real TLS on loopback; where
+early data goes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
+from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
 from ngrokd.datapath.ingress import (
     DialFailed,
@@ -50,6 +52,37 @@ from ngrokd.test.helpers import (
     wait_until,
 )
 from ngrokd.test.test_devcloud_ingress import new_csr
+
+
+class EarlyDataTests(SynchronousTestCase):
+    """
+    The client's first bytes follow a request, and only while it is not
+    answered.
+    """
+
+    def test_waitsForTheRequest(self) -> None:
+        """
+        Bytes offered before a request is written go right behind it.
+        """
+        early, written = EarlyData(), list[bytes]()
+        early.offer(b"first")
+        self.assertFalse(early.sent)
+        early.follow(written.append)
+        early.offer(b"second")
+        self.assertEqual((written, early.sent), ([b"first", b"second"], True))
+
+    def test_retryTakesWhatIsLeft(self) -> None:
+        """
+        After a request failed with nothing sent, bytes offered meanwhile go
+        behind the next one (the retry) and not on the failed connection.
+        """
+        early, failed, retry = EarlyData(), list[bytes](), list[bytes]()
+        early.follow(failed.append)
+        early.stop()
+        early.offer(b"first")
+        self.assertFalse(early.sent)
+        early.follow(retry.append)
+        self.assertEqual((failed, retry, early.sent), ([], [b"first"], True))
 
 
 class Answer(Protocol):

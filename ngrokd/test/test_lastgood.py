@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -62,3 +63,23 @@ class LastGoodTests(SynchronousTestCase):
             self.put(data)
             self.assertIsNone(load(self.state), data[:40])
         self.assertEqual(self.warnings(), [self.path] * 6)
+
+    def test_fifoIgnored(self) -> None:
+        """
+        A FIFO in the file's place is ignored with a warning saying what it
+        is, without waiting for a writer (which would hold the daemon's
+        file thread, and so its stop, for ever).
+        """
+        os.mkfifo(self.path)
+        loaded: list[object] = []
+        # In a thread of its own, so that a load that waits fails the test
+        # instead of hanging it.
+        reading = threading.Thread(
+            target=lambda: loaded.append(load(self.state)), daemon=True
+        )
+        reading.start()
+        reading.join(10)
+        self.assertEqual(loaded, [None], "load() waited for a writer")
+        (event,) = self.events
+        self.assertEqual(event["path"], self.path)
+        self.assertIn("a FIFO", event["error"])

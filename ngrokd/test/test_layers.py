@@ -19,6 +19,7 @@ _ROOT = os.path.dirname(ngrokd.__file__)
 CORE = {
     "ngrokd",
     "ngrokd.atomic",
+    "ngrokd.blocking",
     "ngrokd.board",
     "ngrokd.config",
     "ngrokd.endpoints",
@@ -33,6 +34,7 @@ CORE = {
     "ngrokd.reconfigure",
     "ngrokd.retry",
     "ngrokd.status",
+    "ngrokd.summarylog",
 }
 #: What the devcloud shares with the daemon: how ngrok's side speaks, and
 #: how a pipe's far leg is dialled.
@@ -43,6 +45,8 @@ PROTOCOL = {
     "ngrokd.datapath.halfclose",
     "ngrokd.datapath.dial",
 }
+#: Wings that may import the core alone (and themselves).
+SELF_CONTAINED = ("ngrokd.dns",)
 #: The programs that run the devcloud beside the daemon.
 DEVCLOUD_USERS = {"ngrokd.demo"}
 
@@ -150,3 +154,22 @@ class LayerTests(SynchronousTestCase):
             and any(n.startswith("ngrokd.devcloud") for n in names)
         }
         self.assertEqual(users - DEVCLOUD_USERS, set())
+
+    def test_selfContainedWings(self) -> None:
+        """
+        The DNS server imports itself and the core, nothing of the daemon.
+        """
+        wrong = {}
+        for module, names in self.modules.items():
+            wing = next((w for w in SELF_CONTAINED if module.startswith(w)), None)
+            if wing is None:
+                continue
+            bad = {
+                n
+                for n in _modules_only(names, self.modules)
+                if n not in CORE and not n.startswith(wing)
+            }
+            if bad:
+                wrong[module] = sorted(bad)
+        self.assertEqual(wrong, {})
+        self.assertIn("ngrokd.dns.server", self.modules)

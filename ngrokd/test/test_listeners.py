@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
+from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
@@ -34,6 +35,17 @@ def _nonlocal_bind() -> bool:
         return False
 
 
+async def _wait(check: Any, timeout: float = 5.0) -> None:
+    """
+    Wait (bounded) until C{check()} holds.
+    """
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("not in time")
+
+
 class ListenerSetTests(TestCase):
     """
     A listener that cannot bind is failed with a reason a user can act on,
@@ -42,6 +54,7 @@ class ListenerSetTests(TestCase):
 
     def setUp(self) -> None:
         connector = IngressConnector(reactor, "127.0.0.1", 1, trust=None)
+        self.addCleanup(connector.stop)
         self.listeners = ListenerSet(reactor, connector)
         self.addCleanup(self.listeners.stop)
 
@@ -100,6 +113,35 @@ class ListenerSetTests(TestCase):
         )
         failures = [e for e in logged if "cannot listen" in e.get("log_format", "")]
         self.assertEqual(len(failures), 1)
+
+    async def test_ipv6ListenerSharesTheEndpoint(self) -> None:
+        """
+        An endpoint's IPv6 listener listens beside its IPv4 one, with the
+        same factory: its connections count with the endpoint's. It stops
+        when it is no longer wanted, the IPv4 one staying; a stop takes
+        both.
+        """
+        port = unused_port()
+        url = "tcp://a.test:5432"
+        await self.listeners.reconcile(
+            {url: _spec(url, "127.0.0.1", port)}, {url: _spec(url, "::1", port)}
+        )
+        v4, v6 = self.listeners.listeners[url], self.listeners.listeners6[url]
+        self.assertTrue(v4.listening and v6.listening, (v4.error, v6.error))
+        self.assertIs(v6.factory, v4.factory)
+        with socket.create_connection(("::1", port), timeout=5):
+            pass
+        await _wait(lambda: v4.stats.connections_total == 1)
+        await self.listeners.reconcile({url: _spec(url, "127.0.0.1", port)})
+        self.assertEqual(self.listeners.listeners6, {})
+        self.assertFalse(v6.listening)
+        self.assertTrue(v4.listening)
+        await self.listeners.reconcile(
+            {url: _spec(url, "127.0.0.1", port)}, {url: _spec(url, "::1", port)}
+        )
+        v6 = self.listeners.listeners6[url]
+        await self.listeners.stop()
+        self.assertEqual((v4.listening, v6.listening), (False, False))
 
     async def test_freedBindReused(self) -> None:
         """

@@ -15,10 +15,14 @@ import attrs
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorUDP
+from twisted.names.dns import ESERVER, DNSDatagramProtocol, Query
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd import __version__
+from ngrokd.config import DnsConfig
 from ngrokd.control.metrics import EndpointSeries, histogram_quantile, poll_result
 from ngrokd.daemon import Daemon
 from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
@@ -47,20 +51,27 @@ def carried(samples: Samples, url: str) -> tuple[float, float]:
     )
 
 
+async def scrape(case: DaemonHealthTestCase, daemon: Daemon) -> Samples:
+    """
+    What C{/metrics} says now.
+    """
+    answer = await http(case.url(daemon, "/metrics"))
+    case.assertEqual(answer.code, 200)
+    case.assertTrue(answer.header("content-type").startswith("text/plain"))
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(answer.body.decode())
+        for s in family.samples
+    }
+
+
 class ScrapeTestCase(DaemonHealthTestCase):
     """
     A daemon's C{/metrics}, scraped and parsed as Prometheus does.
     """
 
     async def scrape(self, daemon: Daemon) -> Samples:
-        answer = await http(self.url(daemon, "/metrics"))
-        self.assertEqual(answer.code, 200)
-        self.assertTrue(answer.header("content-type").startswith("text/plain"))
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(answer.body.decode())
-            for s in family.samples
-        }
+        return await scrape(self, daemon)
 
     async def echo(self, port: int, data: bytes) -> Recorder:
         client = await exchange(port, data)
@@ -369,3 +380,48 @@ class HistogramQuantileTests(SynchronousTestCase):
         self.assertEqual(
             histogram_quantile(0.99, [(1.0, 1.0), (float("inf"), 4.0)]), 1.0
         )
+
+
+class DNSMetricsTests(DaemonHealthTestCase):
+    """
+    The DNS server's counters in C{/metrics}, while it runs.
+    """
+
+    # The server on loopback, its forwards to a loopback port where nothing
+    # answers: nothing leaves this machine.
+    dns = DnsConfig(mode="hosts", listen="127.0.0.1:0", upstreams=("127.0.0.1:9",))
+
+    def test_counted(self) -> Deferred[None]:
+        """
+        A query no upstream answers and a packet that is no query are
+        counted: one forward, one SERVFAIL, one malformed packet dropped.
+        """
+
+        async def run() -> None:
+            daemon = await self.start()
+            await wait_until(lambda: daemon.names.server_address() is not None, "DNS")
+            address = daemon.names.server_address()
+            assert address is not None
+            client = DNSDatagramProtocol(None)
+            udp = cast(IReactorUDP, reactor)
+            port = udp.listenUDP(0, client, "127.0.0.1", 8192)
+            self.addCleanup(port.stopListening)
+            query = client.query(address, [Query("elsewhere.example")], timeout=5)
+            answer = await query
+            self.assertEqual(answer.rCode, ESERVER)
+            client.transport.write(b"\x00\x01garbage", address)
+            counters = daemon.names.counters()
+            assert counters is not None
+            await wait_until(lambda: counters.dropped_malformed == 1, "a drop")
+            samples = await scrape(self, daemon)
+            self.assertEqual(
+                [
+                    sample(samples, "ngrokd_dns_forwarded_total"),
+                    sample(samples, "ngrokd_dns_servfail_total", reason="upstream"),
+                    sample(samples, "ngrokd_dns_dropped_total", reason="malformed"),
+                    sample(samples, "ngrokd_dns_answers_total", kind="answer"),
+                ],
+                [1, 1, 1, 0],
+            )
+
+        return ensureDeferred(run())

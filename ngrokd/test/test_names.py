@@ -126,6 +126,32 @@ class RefusalTests(SynchronousTestCase):
             "web.prod", many, "it is outside net.allowed_domains (a, b, c and 2 more)"
         )
 
+    def test_wildcards(self) -> None:
+        """
+        A wildcard is judged by its suffix; one over a public suffix would
+        take a part of the public DNS, and is refused; a name the hosts
+        file pins is no reason to refuse the wildcard under it, which gives
+        that name itself no address.
+        """
+        self.assertIsNone(refusal("*.apps.prod", RULES))
+        self.assertIsNone(refusal("*.default", RULES))
+        self.assertIsNone(refusal("*.db.prod", RULES))
+        for suffix in ("prod", "co.uk", "com"):
+            self.assertRefused(
+                f"*.{suffix}",
+                RULES,
+                f"a wildcard over {suffix}, a public suffix, would take every"
+                " name under it from the DNS",
+            )
+        self.assertRefused(
+            "*.x.localhost", RULES, "it names this machine itself (RFC 6761)"
+        )
+        self.assertRefused(
+            "*.apps.staging",
+            NameRules(allowed_domains=("prod",)),
+            "it is outside net.allowed_domains (prod)",
+        )
+
     @given(st.from_regex(r"[a-z][a-z0-9-]{0,10}\.[a-z]{1,8}", fullmatch=True))
     def test_noFactsNoRefusal(self, name: str) -> None:
         """

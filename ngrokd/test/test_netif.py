@@ -14,6 +14,7 @@ from functools import partial
 from ipaddress import ip_address, ip_network
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
@@ -26,6 +27,7 @@ from ngrokd.host.netif import (
     AddressOutsideSubnet,
     ForeignLink,
     INetworkInterface,
+    IPv6Unavailable,
     NotCreated,
     NotPermitted,
     PlatformNotSupported,
@@ -279,7 +281,7 @@ class DarwinInterfaceTests(NetworkInterfaceTestsMixin, SynchronousTestCase):
         self.ifconfig = FakeIfconfig()
 
     def make_interface(self, subnet):
-        return DarwinInterface(None, subnet, run=self.ifconfig)
+        return DarwinInterface(reactor, subnet, run=self.ifconfig)
 
     def observed(self, interface):
         return self.ifconfig.aliases
@@ -371,14 +373,15 @@ class FactoryTests(SynchronousTestCase):
         from ngrokd.host.netif.linux import LinuxInterface
 
         pool = ThreadPool(1, 1)
-        made = network_interface(None, pool, "ngrokd0", SUBNET4, platform="linux")
+        threads = IReactorFromThreads(reactor)
+        made = network_interface(threads, pool, "ngrokd0", SUBNET4, platform="linux")
         self.assertIsInstance(made, LinuxInterface)
-        made = network_interface(None, pool, "ngrokd0", LOOPBACK, platform="darwin")
+        made = network_interface(threads, pool, "ngrokd0", LOOPBACK, platform="darwin")
         self.assertIsInstance(made, DarwinInterface)
         self.assertRaises(
             PlatformNotSupported,
             network_interface,
-            None,
+            threads,
             pool,
             "ngrokd0",
             SUBNET4,
@@ -430,7 +433,9 @@ class LinuxNamespaceMixin(_TestCase):
             raise SkipTest("netlink is Linux-only")
         self.ns = namespace(self)
 
-    def make_interface(self, subnet, link_kinds=None, pool=None, reactor=None):
+    def make_interface(
+        self, subnet, link_kinds=None, pool=None, reactor=None, subnet6=None
+    ):
         from pyroute2 import IPRoute
 
         from ngrokd.host.netif.linux import LINK_KINDS, LinuxInterface
@@ -442,6 +447,7 @@ class LinuxNamespaceMixin(_TestCase):
             subnet,
             link_kinds=link_kinds or LINK_KINDS,
             netlink=partial(IPRoute, netns=self.ns.net_path),
+            subnet6=subnet6,
         )
 
 
@@ -472,7 +478,7 @@ class LinuxInterfaceTests(
         self.successResultOf(interface.ensure_addresses({self.address(2)}))
         kind = link_kinds(self.ns)["ngrokd0"]
         self.assertIn(kind, ("dummy", "bridge"))
-        self.assertIn(f"ngrokd0 ({kind})", interface.describe())
+        self.assertIn(f"ngrokd0 ({kind}", interface.describe())
         self.assertEqual(
             addresses_by_link(self.ns, SUBNET4), {"ngrokd0": {"10.107.0.2/32"}}
         )
@@ -492,8 +498,85 @@ class LinuxInterfaceTests(
         self.assertEqual(
             addresses_by_link(self.ns, SUBNET4), {"ngrokd0": {"10.107.0.2/32"}}
         )
-        self.assertIn("ngrokd0 (bridge)", interface.describe())
+        self.assertIn("ngrokd0 (bridge", interface.describe())
         self.assertIn("no nosuchkind links", interface.describe())
+
+    def carriers(self) -> dict[str, int]:
+        """
+        Each link's carrier, as the kernel reports it (C{IFLA_CARRIER}).
+        """
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self.ns.net_path) as ipr:
+            return {
+                link.get_attr("IFLA_IFNAME"): link.get_attr("IFLA_CARRIER")
+                for link in ipr.get_links()
+            }
+
+    def test_bridgeHasCarrier(self) -> None:
+        """
+        The bridge gets a carrier (which systemd-resolved requires of a link
+        before it sends it queries) from a veth pair of its own: it keeps it
+        after another port came and went, when an empty bridge's carrier
+        follows its ports (none: on this machine's kernel a new empty bridge
+        reports one until then), and when taken down and up; describe() says
+        so; the veth pair goes with the link.
+        """
+        interface = self.make_interface(SUBNET4, link_kinds=("bridge",))
+        self.successResultOf(interface.create())
+        self.assertIn(
+            "(bridge, its carrier from veth pair ngrokd0-c0)", interface.describe()
+        )
+        must(self.ns, "ip", "link", "add", "other0", "type", "veth", "peer", "other1")
+        must(self.ns, "ip", "link", "set", "other0", "master", "ngrokd0")
+        must(self.ns, "ip", "link", "del", "other0")
+        must(self.ns, "ip", "link", "set", "ngrokd0", "down")
+        must(self.ns, "ip", "link", "set", "ngrokd0", "up")
+        self.assertEqual(self.carriers()["ngrokd0"], 1)
+        ports = ip_json(self.ns, "link", "show", "master", "ngrokd0")
+        self.assertEqual([p["ifname"] for p in ports], ["ngrokd0-c0"])
+        self.successResultOf(interface.destroy())
+        self.assertEqual(list(link_kinds(self.ns)), ["lo"])
+
+    def test_carrierNamesFit(self) -> None:
+        """
+        With a link name of the kernel's longest (15 characters), the veth
+        pair's names are cut to fit.
+        """
+        from pyroute2 import IPRoute
+
+        from ngrokd.host.netif.linux import LinuxInterface, carrier_pair
+
+        self.assertEqual(
+            carrier_pair("ngrokd-fifteen1"), ("ngrokd-fifte-c0", "ngrokd-fifte-c1")
+        )
+        interface = LinuxInterface(
+            ImmediateReactor(),
+            SynchronousThreadPool(),
+            "ngrokd-fifteen1",
+            SUBNET4,
+            link_kinds=("bridge",),
+            netlink=partial(IPRoute, netns=self.ns.net_path),
+        )
+        self.successResultOf(interface.create())
+        self.assertEqual(self.carriers()["ngrokd-fifteen1"], 1)
+        self.assertEqual(link_kinds(self.ns)["ngrokd-fifte-c0"], "veth")
+
+    def test_adoptsBridgeWithItsCarrier(self) -> None:
+        """
+        A bridge an earlier run left, with its own veth port, is adopted (that
+        port is not someone else's) and keeps its carrier.
+        """
+        self.successResultOf(
+            self.make_interface(SUBNET4, link_kinds=("bridge",)).create()
+        )
+        interface = self.make_interface(SUBNET4, link_kinds=("bridge",))
+        self.successResultOf(interface.create())
+        self.assertIn("adopted", interface.describe())
+        self.assertEqual(self.carriers()["ngrokd0"], 1)
+        self.assertEqual(
+            sorted(link_kinds(self.ns)), ["lo", "ngrokd0", "ngrokd0-c0", "ngrokd0-c1"]
+        )
 
     def test_fallbackToLoopback(self) -> None:
         """
@@ -668,6 +751,65 @@ class LinuxInterfaceTests(
                 "ping",
             )
             self.successResultOf(interface.destroy())
+
+    def test_ipv6BesideIPv4(self) -> None:
+        """
+        With net.subnet6, IPv6 host addresses go on the link beside the
+        IPv4 ones, without duplicate address detection (so bound and
+        reached at once); addresses no longer wanted go, of either family.
+        """
+        interface = self.make_interface(SUBNET4, subnet6=SUBNET6)
+        self.successResultOf(interface.create())
+        v4, v6 = self.address(2), self.address(2, SUBNET6)
+        self.successResultOf(interface.ensure_addresses({v4, v6}))
+        carrier = "ngrokd0" if "ngrokd0" in link_kinds(self.ns) else "lo"
+        self.assertEqual(addresses_by_link(self.ns, SUBNET6), {carrier: {f"{v6}/128"}})
+        self.assertEqual(addresses_by_link(self.ns, SUBNET4), {carrier: {f"{v4}/32"}})
+        (link,) = ip_json(self.ns, "addr", "show", "dev", carrier)
+        flags = [a for a in link["addr_info"] if a["local"] == str(v6)]
+        self.assertEqual(len(flags), 1)
+        self.assertTrue(flags[0].get("nodad"), flags)
+        self.assertFalse(flags[0].get("tentative"), flags)
+        self.assertEqual(self.ns.run_python(_ECHO % (str(v6), 10)), "ping")
+        self.assertEqual(self.successResultOf(interface.addresses()), {v4, v6})
+        self.successResultOf(interface.ensure_addresses({v4}))
+        self.assertEqual(addresses_by_link(self.ns, SUBNET6), {})
+        self.assertEqual(addresses_by_link(self.ns, SUBNET4), {carrier: {f"{v4}/32"}})
+
+    def test_ipv6Disabled(self) -> None:
+        """
+        Where IPv6 is disabled (disable_ipv6 for every link), the IPv4
+        addresses are added all the same, and L{IPv6Unavailable} says the
+        IPv6 ones could not be, and why.
+        """
+        must(self.ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        must(self.ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        interface = self.make_interface(SUBNET4, subnet6=SUBNET6)
+        self.successResultOf(interface.create())
+        v4, v6 = self.address(2), self.address(2, SUBNET6)
+        failure = self.failureResultOf(
+            interface.ensure_addresses({v4, v6}), IPv6Unavailable
+        )
+        self.assertIn(f"cannot add {v6} to ", str(failure.value))
+        self.assertIn("disable_ipv6", str(failure.value))
+        carrier = "ngrokd0" if "ngrokd0" in link_kinds(self.ns) else "lo"
+        self.assertEqual(addresses_by_link(self.ns, SUBNET4), {carrier: {f"{v4}/32"}})
+        self.assertEqual(self.ns.run_python(_ECHO % (str(v4), 2)), "ping")
+        self.successResultOf(interface.ensure_addresses({v4}))
+
+    def test_ipv6OnLoopbackSubnet(self) -> None:
+        """
+        A net.subnet inside 127.0.0.0/8 has no link for IPv6 addresses:
+        the IPv4 ones work, and L{IPv6Unavailable} says why.
+        """
+        interface = self.make_interface(LOOPBACK, subnet6=SUBNET6)
+        self.successResultOf(interface.create())
+        failure = self.failureResultOf(
+            interface.ensure_addresses({ip("127.0.0.2"), self.address(2, SUBNET6)}),
+            IPv6Unavailable,
+        )
+        self.assertIn("127.0.0.0/8", str(failure.value))
+        self.successResultOf(interface.ensure_addresses({ip("127.0.0.2")}))
 
     def test_notPermitted(self) -> None:
         """

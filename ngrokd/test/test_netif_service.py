@@ -12,7 +12,7 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,6 +20,7 @@ from ngrokd.config import NetConfig
 from ngrokd.host.netif import NetworkInterfaceError, NotPermitted
 from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.host.netif.service import InterfaceService
+from ngrokd.test.test_netif import ImmediateReactor
 
 SUBNET = ip_network("10.107.0.0/24")
 A, B = ip_address("10.107.0.2"), ip_address("10.107.0.3")
@@ -79,7 +80,7 @@ class InterfaceServiceTests(SynchronousTestCase):
     def service(
         self, net: NetConfig = VIRTUAL, interface: Any = None, platform: str = "linux"
     ) -> InterfaceService:
-        service = InterfaceService(MemoryReactorClock(), net, interface, platform)
+        service = InterfaceService(ImmediateReactor(), net, interface, platform)
         service.startService()
         self.addCleanup(service.stopService)
         return service
@@ -134,7 +135,7 @@ class InterfaceServiceTests(SynchronousTestCase):
         restart makes it again.
         """
         interface = SlowInterface()
-        service = InterfaceService(MemoryReactorClock(), VIRTUAL, interface)
+        service = InterfaceService(ImmediateReactor(), VIRTUAL, interface)
         service.startService()
         self.successResultOf(service.ensure({A}))
         self.successResultOf(service.stopService())
@@ -154,7 +155,7 @@ class InterfaceServiceTests(SynchronousTestCase):
         """
         interface = SlowInterface()
         gate = interface.created_gate = Deferred()
-        service = InterfaceService(MemoryReactorClock(), VIRTUAL, interface)
+        service = InterfaceService(ImmediateReactor(), VIRTUAL, interface)
         service.startService()
         ensured = service.ensure({A})
         stopped = service.stopService()

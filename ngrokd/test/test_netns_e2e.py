@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from ipaddress import ip_network
+from ipaddress import IPv6Network, ip_network
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -37,10 +37,11 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.endpoints import parse_endpoint_url
-from ngrokd.host import allocation, hosts
+from ngrokd.host import allocation, hosts, ula
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
 from ngrokd.host.hosts import BEGIN, END
 from ngrokd.test.namespace import Namespace, namespace
+from ngrokd.test.resolvedns import ResolvedNamespace
 from ngrokd.test.test_netif import addresses_by_link, link_kinds
 
 T = TypeVar("T")
@@ -113,12 +114,21 @@ time.sleep(600)
 _CLIENT = r"""
 import json, socket, sys
 
-def resolve(name):
-    found = socket.getaddrinfo(name, 0, proto=socket.IPPROTO_TCP)
+def resolve(name, family=0):
+    found = socket.getaddrinfo(name, 0, family, proto=socket.IPPROTO_TCP)
     return sorted({a[4][0] for a in found})
 
-def exchange(name, port, data):
-    with socket.create_connection((name, port), timeout=5) as s:
+def connect(name, port, family):
+    if not family:
+        return socket.create_connection((name, port), timeout=5)
+    address = socket.getaddrinfo(name, port, family, socket.SOCK_STREAM)[0][4]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(address)
+    return s
+
+def exchange(name, port, data, family=0):
+    with connect(name, port, family) as s:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
         got = b""
@@ -136,6 +146,12 @@ for check in json.loads(sys.argv[1]):
     try:
         if kind == "resolve":
             results.append(resolve(*args))
+        elif kind == "resolve6":
+            results.append(resolve(args[0], socket.AF_INET6))
+        elif kind == "echo6":
+            results.append(
+                exchange(args[0], args[1], args[2].encode(), socket.AF_INET6)
+            )
         elif kind == "http":
             results.append(http(*args))
         else:
@@ -277,14 +293,28 @@ class World:
         overrides: dict[str, str] | None = None,
         hosts: str = HOSTS,
         devcloud_host: str = "127.0.0.1",
+        dns: dict[str, Any] | None = None,
+        resolved: ResolvedNamespace | None = None,
+        subnet6: str | None = "",
     ) -> None:
         """
         @param hosts: the hosts file's text before anything runs.
+        @param subnet6: C{net.subnet6} (by default none: IPv4 alone; C{None}:
+            left to its default).
         @param devcloud_host: the name or address the devcloud's API and
             ingress listen on, and the daemon's configuration names them by.
+        @param dns: the daemon's C{dns} settings; by default none of its
+            DNS server (these tests are about addresses, listeners and the
+            hosts file; names through DNS are L{ngrokd.test.test_names_e2e}'s).
+            Never C{auto} nor C{resolved} without C{resolved}: the daemon
+            would find this machine's own bus.
+        @param resolved: run everything beside this systemd-resolved and
+            its bus (the hosts file is then the daemon's alone: the
+            namespace's programs read their own C{/etc/hosts}).
         """
         self.case = case
-        self.ns: Namespace = namespace(case)
+        self.resolved = resolved
+        self.ns: Namespace = resolved.ns if resolved else namespace(case)
         self.dir = os.path.abspath(case.mktemp())
         os.makedirs(self.dir)
         self.hosts_path = os.path.join(self.dir, "hosts")
@@ -336,14 +366,28 @@ class World:
             "overrides": overrides or {},
             "hosts_file": "/etc/hosts",
         }
+        if subnet6 is not None:
+            config["net"]["subnet6"] = subnet6
         config["server"]["health_address"] = HEALTH
+        config["dns"] = {"mode": "off"} if dns is None else dns
+        if resolved is not None:
+            config["net"]["hosts_file"] = self.hosts_path
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """
+        The command line that runs C{argv} in the namespace: seeing the
+        hosts file as the daemon does, or beside resolved.
+        """
+        if self.resolved is not None:
+            return self.resolved.enter(argv)
+        return self.ns.command(argv, self.hosts_path)
 
     def spawn(self, name: str, argv: list[str], stdout: bool = False) -> Process:
         process = Process(
             name,
-            self.ns.command(argv, self.hosts_path),
+            self.command(argv),
             os.path.join(self.dir, f"{name}.log"),
             stdout,
         )
@@ -433,10 +477,20 @@ class World:
         What C{ngrokctl ARGS -o json} prints, over the daemon's socket.
         """
         argv = ["-m", "ngrokd.ctl", "--socket", self.socket_path, *args, "-o", "json"]
-        result = self.ns.run([sys.executable, *argv], self.hosts_path)
+        result = self.run([sys.executable, *argv])
         if result.returncode != 0:
             raise AssertionError(f"ngrokctl {args} failed:\n{result.stderr}")
         return json.loads(result.stdout)
+
+    def run(
+        self, argv: Sequence[str], timeout: float = START_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{argv} in the namespace (see L{command}) and wait for it.
+        """
+        if self.resolved is not None:
+            return self.resolved.run(argv, timeout)
+        return self.ns.run(argv, self.hosts_path, timeout)
 
     def state(self, name: str) -> Any:
         with open(os.path.join(self.state_dir, name)) as f:
@@ -450,7 +504,7 @@ class World:
         file as the daemon does) and decode the JSON it prints.
         """
         argv = [sys.executable, "-c", code, *args]
-        result = self.ns.run(argv, self.hosts_path, timeout=START_TIMEOUT)
+        result = self.run(argv)
         if result.returncode != 0:
             raise AssertionError(f"{code[:40]!r}... failed:\n{result.stderr}")
         return json.loads(result.stdout)
@@ -643,8 +697,8 @@ class VirtualModeTests(SynchronousTestCase):
         )
         self.assertEqual((world.state(IP_MAPPINGS), world.state(NETWORK_PORTS)), state)
         if kind:
-            adopted = f"are on link ngrokd0 ({kind}), adopted from an earlier run"
-            self.assertEqual(len(world.logged(adopted)), 1)
+            (adopted,) = world.logged("adopted from an earlier run")
+            self.assertIn(f"are on link ngrokd0 ({kind}", adopted)
 
     def test_portHeldByAnotherProcess(self) -> None:
         """
@@ -780,6 +834,108 @@ class VirtualModeTests(SynchronousTestCase):
             {a for a in world.listening() if a.startswith("10.107.")},
             {"10.107.0.2:80"},
         )
+
+
+class IPv6Tests(SynchronousTestCase):
+    """
+    Names with IPv6 addresses too (net.subnet6 left to auto), and a
+    namespace without IPv6.
+    """
+
+    def test_byNameOverIPv6(self) -> None:
+        """
+        With net.subnet6 left to its default, each name gets an address of
+        the unique local /64 kept in the state directory, on the link beside
+        its IPv4 one, both lines in the hosts file: getent ahostsv6 finds
+        it, and a client connecting over IPv6 by name reaches the backend
+        through the daemon and the devcloud. Status shows both addresses,
+        and a restart keeps the block and the address.
+        """
+        world = World(
+            self,
+            [("tcp://a.test:5432", "echo"), ("http://a.test", "web")],
+            subnet6=None,
+        )
+        world.start_daemon()
+        section = world.wait(
+            lambda: (lambda s: s if s and len(s) == 2 else None)(world.section()),
+            "a.test's two lines in the hosts file",
+        )
+        subnet6 = IPv6Network(world.state(ula.GLOBAL_ID_FILE)["subnet"])
+        self.assertEqual(subnet6.prefixlen, 64)
+        self.assertTrue(subnet6.subnet_of(IPv6Network("fd00::/8")))
+        v6 = str(subnet6.network_address + 2)
+        self.assertEqual(section, ["10.107.0.2\ta.test", f"{v6}\ta.test"])
+        self.assertEqual(world.state(allocation.IP6_MAPPINGS), {"a.test": v6})
+        self.assertEqual(world.state(IP_MAPPINGS), {"a.test": "10.107.0.2"})
+        carrier = "ngrokd0" if world.link_kind() else "lo"
+        self.assertEqual(addresses_by_link(world.ns, subnet6), {carrier: {f"{v6}/128"}})
+        self.assertLessEqual(
+            {f"[{v6}]:5432", f"[{v6}]:80", "10.107.0.2:5432"}, world.listening()
+        )
+        getent = world.ns.run(["getent", "ahostsv6", "a.test"], world.hosts_path)
+        self.assertEqual(getent.returncode, 0, getent.stderr)
+        self.assertEqual({line.split()[0] for line in getent.stdout.splitlines()}, {v6})
+        self.assertEqual(
+            world.client(
+                ["resolve6", "a.test"],
+                ["echo6", "a.test", 5432, "over IPv6"],
+                ["echo", "a.test", 5432, "over IPv4 or 6"],
+            ),
+            [[v6], "over IPv6", "over IPv4 or 6"],
+        )
+        rows = world.wait(
+            lambda: (lambda r: r if len(r) == 2 else None)(
+                [r for r in world.ngrokctl_json("list") if r["state"] == "listening"]
+            ),
+            "both endpoints listening",
+        )
+        self.assertEqual([row["addresses"] for row in rows], [["10.107.0.2", v6]] * 2)
+        self.assertEqual(
+            sum(row["connections_total"] for row in rows), 2, "both counted"
+        )
+        status = world.ngrokctl_json("status")
+        self.assertEqual(
+            (status["ipv6_subnet"], status["ipv6_error"]), (str(subnet6), "")
+        )
+        assert world.daemon is not None
+        world.daemon.stop()
+        world.start_daemon()
+        world.wait(lambda: world.section() == section, "the same two lines again")
+        self.assertEqual(world.state(ula.GLOBAL_ID_FILE)["subnet"], str(subnet6))
+
+    def test_withoutIPv6(self) -> None:
+        """
+        In a namespace where IPv6 is disabled, names are served over IPv4
+        alone: the hosts file has the IPv4 line, clients connect, the daemon
+        is ready, says once that IPv6 is unavailable, and status says why.
+        """
+        world = World(self, [("tcp://a.test:5432", "echo")], subnet6=None)
+        for key in ("all", "default"):
+            setting = f"net.ipv6.conf.{key}.disable_ipv6=1"
+            result = world.ns.run(["sysctl", "-qw", setting])
+            self.assertEqual(result.returncode, 0, result.stderr)
+        world.start_daemon()
+        world.wait(
+            lambda: world.section() == ["10.107.0.2\ta.test"], "a.test's IPv4 line"
+        )
+        self.assertEqual(
+            world.client(["echo", "a.test", 5432, "over IPv4"]), ["over IPv4"]
+        )
+        status = world.ngrokctl_json("status")
+        self.assertIn("disable_ipv6", status["ipv6_error"])
+        self.assertTrue(status["ready"], status["not_ready_because"])
+        (row,) = world.ngrokctl_json("list")
+        self.assertEqual(
+            (row["state"], row["addresses"]), ("listening", ["10.107.0.2"])
+        )
+        since = status["last_poll"]
+        world.wait(
+            lambda: world.ngrokctl_json("status")["last_poll"] > since + 1.0,
+            "more polls",
+        )
+        self.assertEqual(len(world.logged("IPv6 is unavailable")), 1)
+        self.assertEqual(world.section(), ["10.107.0.2\ta.test"])
 
 
 class StopTests(SynchronousTestCase):

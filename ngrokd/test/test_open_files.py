@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from ngrokd.datapath.failurelog import SUMMARY_INTERVAL
+from ngrokd.summarylog import SUMMARY_INTERVAL
 from ngrokd.test.helpers import exchange, spawn_twistd
 from ngrokd.test.test_control import DaemonFixture
 from ngrokd.test.test_ctl import ngrokctl

@@ -5,7 +5,7 @@ Tests for L{ngrokd.plan}: which endpoint listens where.
 from __future__ import annotations
 
 import random
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import attrs
 from hypothesis import given, settings
@@ -49,6 +49,62 @@ class PlanTests(SynchronousTestCase):
     L{plan} puts every endpoint on its own address and port.
     """
 
+    def test_ipv6Beside(self) -> None:
+        """
+        A virtual-mode hostname with an IPv6 address gets an IPv6 listener
+        for every endpoint, on the same port; a network-mode one and one
+        without an IPv6 address get none. name_addresses() gives each
+        virtual-mode name its IPv4 and IPv6 addresses.
+        """
+        endpoints = [
+            _endpoint("http://web.prod"),
+            _endpoint("tcp://web.prod:5432"),
+            _endpoint("http://db.prod"),
+            _endpoint("http://api.ns"),
+        ]
+        ips, ports = _allocate(endpoints)
+        ip6 = IPv6Address("fd00::2")
+        result = plan(
+            endpoints,
+            "virtual",
+            {"api.ns": "0.0.0.0"},
+            ips,
+            ports,
+            ips6={"web.prod": ip6, "api.ns": IPv6Address("fd00::9")},
+        )
+        self.assertEqual(
+            {url: (s.address, s.port, s.virtual) for url, s in result.specs6.items()},
+            {
+                "http://web.prod:80": ("fd00::2", 80, True),
+                "tcp://web.prod:5432": ("fd00::2", 5432, True),
+            },
+        )
+        self.assertEqual(
+            result.name_addresses(),
+            {
+                "web.prod": ((ips["web.prod"],), (ip6,)),
+                "db.prod": ((ips["db.prod"],), ()),
+            },
+        )
+        self.assertEqual(result.virtual_names()["web.prod"], (ips["web.prod"], ip6))
+
+    def test_ipv6AddressMissing(self) -> None:
+        """
+        An IPv6 address that could not be set up drops the IPv6 listeners
+        on it alone: the endpoint is still planned, on IPv4. An IPv4 address
+        missing fails the endpoint, its IPv6 listener with it.
+        """
+        endpoints = [_endpoint("http://web.prod"), _endpoint("http://db.prod")]
+        ips, ports = _allocate(endpoints)
+        ips6 = {"web.prod": IPv6Address("fd00::2"), "db.prod": IPv6Address("fd00::3")}
+        result = plan(endpoints, "virtual", {}, ips, ports, ips6=ips6)
+        kept = result.without_addresses(
+            {"fd00::2": "no IPv6 here", str(ips["db.prod"]): "refused"}
+        )
+        self.assertEqual(set(kept.specs), {"http://web.prod:80"})
+        self.assertEqual(kept.specs6, {})
+        self.assertEqual(set(kept.failures), {"http://db.prod:80"})
+
     def test_virtual(self) -> None:
         """
         In virtual mode an endpoint listens on its hostname's address and its
@@ -74,6 +130,23 @@ class PlanTests(SynchronousTestCase):
             sorted((s.address, s.port, s.rewrite_host) for s in result.specs.values()),
             [("127.0.0.1", 9080, None), ("127.0.0.1", 9081, "web.prod")],
         )
+
+    def test_wildcard(self) -> None:
+        """
+        A wildcard endpoint has one address in virtual mode; in network mode
+        its HTTP requests keep their Host, which says the name under it that
+        the client meant.
+        """
+        endpoints = [_endpoint("http://*.apps.prod")]
+        ips, ports = _allocate(endpoints)
+        virtual = plan(endpoints, "virtual", {}, ips, ports)
+        self.assertEqual(
+            virtual.name_addresses(),
+            {"*.apps.prod": ((IPv4Address("10.107.0.2"),), ())},
+        )
+        network = plan(endpoints, "127.0.0.1", {}, ips, ports)
+        (spec,) = network.specs.values()
+        self.assertEqual((spec.port, spec.rewrite_host), (9080, None))
 
     def test_override(self) -> None:
         """

@@ -6,9 +6,11 @@ ingress, and with a fake clock for timing.
 
 from __future__ import annotations
 
+import attrs
 from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
@@ -20,6 +22,7 @@ from ngrokd.datapath.bridge import BridgeFactory
 from ngrokd.datapath.ingress import IngressProtocol, UpgradeFailed
 from ngrokd.datapath.pool import (
     FIRST_HANDSHAKE_GUESS,
+    FLOOR_MIN_HANDSHAKE,
     IDLE_LIFE_HALF_LIFE,
     IDLE_LIFE_MARGIN,
     MIN_IDLE_LIFE,
@@ -34,9 +37,17 @@ from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.ingress import IngressProtocol as ServerSide
 from ngrokd.endpoints import parse_endpoint_url
-from ngrokd.test.helpers import Echo, devcloud_ingress, exchange, listen, wait_until
+from ngrokd.test.helpers import (
+    Echo,
+    Recorder,
+    connect,
+    devcloud_ingress,
+    exchange,
+    listen,
+    wait_until,
+)
 
-POOL = PoolSettings(size=4, idle_timeout=30.0, max_age=20.0)
+POOL = PoolSettings(size=4, idle_timeout=30.0, max_age=20.0, linger=120.0)
 ECHO = "tcp://echo.test:7"
 REQUEST = wire.ConnRequest("echo.test", 7)
 
@@ -136,18 +147,33 @@ class PoolTimingTests(SynchronousTestCase):
 
     def test_firstAcceptDialsOne(self) -> None:
         """
-        The first accepted connection finds nothing ready; once it is
-        upgraded the pool dials one, which the next connection takes. Not
-        before: that handshake would compete with the upgrade for the CPU.
+        The first accepted connection finds nothing ready and starts one
+        warm dial at once, not after its answer: the next connection takes
+        it. Connections that come meanwhile dial no more.
         """
         self.assertIsNone(self.pool.take())
-        self.assertEqual(self.dials, [])
-        self.pool.answered()
+        self.assertEqual(len(self.dials), 1)
+        self.assertIsNone(self.pool.take())
         self.assertEqual(len(self.dials), 1)
         (member,) = self.complete()
         self.assertEqual(self.pool.ready, 1)
         self.clock.advance(1)
         self.assertIs(self.accept(), member)
+
+    def test_brokenIngressNotDialledInALoop(self) -> None:
+        """
+        Once a warm dial has failed, accepted connections dial no warm one
+        until the ingress answers a request again.
+        """
+        self.pool.take()
+        self.dials.pop().errback(UpgradeFailed("refused"))
+        for _ in range(10):
+            self.clock.advance(1)
+            self.assertIsNone(self.pool.take())
+        self.assertEqual(self.dials, [])
+        self.pool.answered()
+        self.assertEqual(len(self.dials), 1)
+        self.flushLoggedErrors(UpgradeFailed)
 
     def test_growsWithRate(self) -> None:
         """
@@ -158,21 +184,62 @@ class PoolTimingTests(SynchronousTestCase):
             self.accept()
         self.assertEqual(len(self.dials), POOL.size)
 
-    def test_drainsWhenQuiet(self) -> None:
+    def idle_until(self, when: float) -> list[Member]:
         """
-        After the idle timeout without an accept, the ready connections are
-        closed and none are dialled; until then one is kept, replaced when
-        it is too old.
+        Let the clock run to C{when} with no accept, completing every dial
+        at once; the connections dialled.
+        """
+        dialled = []
+        while self.clock.seconds() < when:
+            dialled += self.complete()
+            self.clock.advance(min(1.0, when - self.clock.seconds()))
+        return dialled + self.complete()
+
+    def test_floorUntilLinger(self) -> None:
+        """
+        After the idle timeout the pool keeps one connection ready (the
+        floor), replaced when it is too old, until the linger is over;
+        then none, and nothing is dialled.
+        """
+        for _ in range(20):
+            self.clock.advance(0.1)
+            self.accept()
+        self.assertGreater(len(self.complete()), 1)
+        last = self.clock.seconds()
+        self.idle_until(last + POOL.idle_timeout + 1)
+        self.assertEqual(self.pool.ready, 1)
+        dialled = self.idle_until(last + POOL.linger - 1)
+        self.assertEqual(self.pool.ready, 1)
+        self.assertGreater(len(dialled), 1)  # replaced as it aged
+        self.clock.advance(1)
+        self.assertEqual((self.pool.ready, self.dials), (0, []))
+        self.assertTrue(all(member.was_closed for member in dialled))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_noFloorWhenHandshakesAreQuick(self) -> None:
+        """
+        Where a handshake takes less than L{FLOOR_MIN_HANDSHAKE} (the
+        ingress on loopback), the pool keeps nothing past the idle timeout:
+        a floor would save nothing a client could tell.
+        """
+        for _ in range(50):
+            self.pool.handshake_took(FLOOR_MIN_HANDSHAKE / 2)
+        self.accept()
+        self.idle_until(POOL.idle_timeout - 1)
+        self.assertEqual(self.pool.ready, 1)
+        self.clock.advance(1)
+        self.assertEqual((self.pool.ready, self.dials), (0, []))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_shorterLingerEndsTheFloor(self) -> None:
+        """
+        A linger made shorter than the time since the last accept closes
+        the floor at once.
         """
         self.accept()
-        (first,) = self.complete()
-        self.clock.advance(POOL.max_age)
-        self.assertTrue(first.was_closed)
-        (member,) = self.complete()
-        self.clock.advance(POOL.idle_timeout - POOL.max_age - 1)
-        self.assertFalse(member.was_closed)
-        self.clock.advance(1)
-        self.assertTrue(member.was_closed)
+        self.idle_until(POOL.idle_timeout + 10)
+        self.assertEqual(self.pool.ready, 1)
+        self.pool.configure(attrs.evolve(POOL, linger=POOL.idle_timeout + 5))
         self.assertEqual((self.pool.ready, self.dials), (0, []))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -290,20 +357,6 @@ class PoolTimingTests(SynchronousTestCase):
         said = [e for e in events if e.get("pause") == STORM_PAUSE]
         self.assertEqual(len(said), 1)
 
-    def test_failedDialPauses(self) -> None:
-        """
-        A warm dial that fails stops the pool until the ingress answers:
-        a broken ingress is not dialled in a loop.
-        """
-        self.accept()
-        self.dials.pop().errback(UpgradeFailed("refused"))
-        self.clock.advance(1)
-        self.pool.take()
-        self.assertEqual(self.dials, [])
-        self.pool.answered()
-        self.assertEqual(len(self.dials), 1)
-        self.flushLoggedErrors(UpgradeFailed)
-
     def test_busyDialsNothing(self) -> None:
         """
         While no dial may start, the pool dials nothing and waits for the
@@ -380,6 +433,20 @@ class PoolTimingTests(SynchronousTestCase):
         self.pool.stop()
         self.assertEqual(self.cancelled, [dialing])
         self.assertEqual(self.pool.dialing, 0)
+
+    def test_sizedForTheAnswersWait(self) -> None:
+        """
+        A taken connection is replaced once its answer has come: the longer
+        answers take, the more connections are kept for those that come
+        meanwhile.
+        """
+        for _ in range(5):
+            self.clock.advance(0.2)
+            self.pool.take()
+        self.pool.answered()
+        self.assertEqual(len(self.dials), 1)
+        self.pool.answered(waited=1.0)
+        self.assertEqual(len(self.dials), 3)
 
     def test_handshakeEstimate(self) -> None:
         """
@@ -475,18 +542,25 @@ class PoolOverTLSTests(TestCase):
 
         return ensureDeferred(run())
 
-    def test_quietPoolClosesEverything(self) -> Deferred[None]:
+    def test_idleClientClosesItsLastAfterLinger(self) -> Deferred[None]:
         """
-        After the quiet period the ingress holds no connection from an idle
-        client.
+        An idle client keeps its last warm connection past the idle
+        timeout, and closes it once the linger is over: then the ingress
+        holds no connection from it.
         """
 
         async def run() -> None:
-            self.pool.configure(PoolSettings(size=4, idle_timeout=0.5))
+            linger = 1.0
+            settings = PoolSettings(4, idle_timeout=0.1, linger=linger)
+            self.pool.configure(attrs.evolve(settings, floor_handshake=0.0))
+            accepted = reactor.seconds()
             carrying = await self.upgrade()
             carrying.transport.abortConnection()
             await wait_until(lambda: self.pool.ready == 1, "a warm connection")
+            (warm,) = self.warm()
             await wait_until(lambda: not self.ingress.active, "no connection")
+            self.assertTrue(warm.closed.called)
+            self.assertGreaterEqual(reactor.seconds() - accepted, linger)
             self.assertEqual((self.pool.ready, self.pool.dialing), (0, 0))
 
         return ensureDeferred(run())
@@ -572,6 +646,38 @@ class PoolOverTLSTests(TestCase):
             with self.assertRaises(UpgradeFailed):
                 await self.connector.connect(REQUEST)
             self.assertEqual(self.ingress.requests_total, 3)
+
+        return ensureDeferred(run())
+
+    def test_droppedAfterEarlyDataNotRetried(self) -> Deferred[None]:
+        """
+        A warm connection dropped once the client's first bytes went behind
+        its request is not tried again on a new one, as the ingress may have
+        passed them on: the ingress sees no other request nor handshake, and
+        the client is reset.
+        """
+
+        async def run() -> None:
+            bridge = BridgeFactory(parse_endpoint_url(ECHO), self.connector, None)
+            port = listen(bridge, self)
+            await self.warmed()
+            self.ingress.inject(ECHO, IngressFault(stall=True))
+            client = Recorder()
+            await connect(port, client)
+            client.transport.write(b"ping")
+            await wait_until(lambda: self.ingress.early_bytes_total == 4, "early data")
+            requests = self.ingress.requests_total
+            handshakes = self.ingress.handshakes_total
+            (taken,) = [p for p in self.ingress.carrying if p.peer is None]
+            taken.transport.abortConnection()
+            await client.lost
+            assert client.reason is not None
+            self.assertTrue(client.reason.check(ConnectionLost), client.reason)
+            self.assertEqual(bridge.stats.failures, {"upgrade": 1})
+            self.assertEqual(
+                (self.ingress.requests_total, self.ingress.handshakes_total),
+                (requests, handshakes),
+            )
 
         return ensureDeferred(run())
 

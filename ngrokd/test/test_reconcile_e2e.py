@@ -18,6 +18,7 @@ import attrs
 from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.endpoints import TCP6ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
@@ -759,6 +760,43 @@ class EndpointChangeTests(ReconcileEndToEnd):
         return ensureDeferred(run())
 
 
+class IPv6NetworkModeTests(ReconcileEndToEnd):
+    """
+    Network mode on an IPv6 address.
+    """
+
+    def test_listensOnIPv6(self) -> Deferred[None]:
+        """
+        With net.listen_interface ::1, every endpoint listens there, its
+        status row tells local clients [::1]:PORT, and bytes go through the
+        ingress to the backend.
+        """
+
+        async def run() -> None:
+            config = self.config()
+            config = attrs.evolve(
+                config, net=attrs.evolve(config.net, listen_interface="::1")
+            )
+            daemon = await self.start_daemon(config)
+            port = self.port_of(daemon, ECHO)
+            row = {row.url: row for row in daemon.endpoint_status()}[ECHO]
+            self.assertEqual(
+                (row.client_address, row.listen_address, row.mode, row.addresses),
+                (f"[::1]:{port}", f"[::1]:{port}", "::1", ("::1",)),
+            )
+            client = Recorder()
+            await connectProtocol(TCP6ClientEndpoint(reactor, "::1", port), client)
+            client.transport.write(b"over IPv6")
+            client.transport.loseWriteConnection()
+            await client.lost
+            self.assertEqual(client.received, b"over IPv6")
+            self.assertEqual(
+                len(self.logged(f"listening for {ECHO} on [::1]:{port}")), 1
+            )
+
+        return ensureDeferred(run())
+
+
 class IdentityTests(ReconcileEndToEnd):
     """
     The API key and the certificate change under a running daemon.
@@ -773,7 +811,11 @@ class IdentityTests(ReconcileEndToEnd):
 
         async def run() -> None:
             daemon = await self.start_daemon(self.config(key=""), expected=0)
-            self.assertEqual(daemon.identity_service.state, WAITING_FOR_KEY)
+            # Once the identity files are read, in their thread.
+            await wait_until(
+                lambda: daemon.identity_service.state == WAITING_FOR_KEY,
+                "waiting for an API key",
+            )
             self.assertEqual(self.cloud.operators(), [])
             with self.assertRaises(APIError) as refused:
                 await daemon.set_api_key("not-the-key")

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -31,7 +29,7 @@ from ngrokd.test.helpers import (
     Recorder,
     connect,
     exchange,
-    offline_config,
+    offline_twistd,
     source_file,
     spawn_twistd,
     wait_until,
@@ -541,15 +539,9 @@ class FifoConfigTests(TestCase):
         """
         from ngrokd.test.test_ctl import ngrokctl
 
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        socket_dir = tempfile.mkdtemp(prefix="ngrokd-fifo-")
-        self.addCleanup(shutil.rmtree, socket_dir, True)
-        socket_path = os.path.join(socket_dir, "ngrokd.sock")
-        config = offline_config(base, socket_path)
-        log = os.path.join(base, "ngrokd.log")
-        env = {k: v for k, v in os.environ.items() if k != "NGROK_API_KEY"}
-        process = spawn_twistd(self, config, log, env=env, cwd=base)
+        process, log, socket_path = offline_twistd(self)
+        base = os.path.dirname(log)
+        config = os.path.join(base, "config.yml")
 
         def output() -> str:
             with open(log, errors="replace") as f:

@@ -98,7 +98,55 @@ class EndpointStatusTests(SynchronousTestCase):
                 bytes_up=100,
                 bytes_down=2000,
                 mode="virtual",
+                addresses=("10.107.0.2",),
             ),
+        )
+
+    def test_wildcardWithoutDNS(self) -> None:
+        """
+        A listening endpoint whose name cannot be reached (a wildcard, when
+        DNS does not serve the system) says why, unless it has a worse
+        reason.
+        """
+        url = "http://*.apps.prod"
+        by_url = {url + ":80": _listener("10.107.0.2", 80, url)}
+        plan = Plan({key: x.spec for key, x in by_url.items()}, {})
+        (row,) = endpoint_status(
+            {"ep_1": _endpoint("ep_1", url)},
+            {},
+            plan,
+            by_url,
+            unnamed={"*.apps.prod": "no name under apps.prod reaches it"},
+        )
+        self.assertEqual(
+            (row.state, row.reason), (LISTENING, "no name under apps.prod reaches it")
+        )
+
+    def test_ipv6Listener(self) -> None:
+        """
+        An endpoint that listens on its name's IPv6 address too shows both
+        addresses; one whose IPv6 socket could not be bound shows its IPv4
+        address, listening, and why not IPv6.
+        """
+        v4 = _listener("10.107.0.2", 80, "http://web.prod", virtual=True)
+        v6 = _listener("fd00::2", 80, "http://web.prod", virtual=True)
+        url = v4.spec.target.url
+        plan = Plan({url: v4.spec}, {}, specs6={url: v6.spec})
+        endpoints = {"ep_1": _endpoint("ep_1", "http://web.prod")}
+        (row,) = endpoint_status(endpoints, {}, plan, {url: v4}, listeners6={url: v6})
+        self.assertEqual(
+            (row.state, row.addresses, row.ipv6_error),
+            (LISTENING, ("10.107.0.2", "fd00::2"), ""),
+        )
+        failed = _listener(
+            "fd00::2", 80, "http://web.prod", listening=False, error="[fd00::2]:80: no"
+        )
+        (row,) = endpoint_status(
+            endpoints, {}, plan, {url: v4}, listeners6={url: failed}
+        )
+        self.assertEqual(
+            (row.state, row.addresses, row.ipv6_error),
+            (LISTENING, ("10.107.0.2",), "[fd00::2]:80: no"),
         )
 
     def test_lastConnectionFailed(self) -> None:
@@ -304,3 +352,19 @@ class DaemonStatusTests(SynchronousTestCase):
         ]:
             self.assertEqual((status.ready, status.not_ready_because), (False, reason))
         self.assertTrue(ready_status(certificate_expires=160.5).ready)
+
+    def test_namesAsConfigured(self) -> None:
+        """
+        Names in the hosts file because DNS did not work make the daemon
+        unready when dns.mode asked for a way by name, not when it was
+        auto (the hosts file is auto's last choice).
+        """
+        strict = ready_status(
+            names_fallback="systemd-resolved stopped", names_strict=True
+        )
+        self.assertEqual(
+            strict.not_ready_because,
+            "endpoint names do not resolve as configured (the hosts file serves"
+            " them meanwhile): systemd-resolved stopped",
+        )
+        self.assertTrue(ready_status(names_fallback="systemd-resolved stopped").ready)

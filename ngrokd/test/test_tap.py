@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from twisted.application.service import IServiceMaker
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -124,7 +124,7 @@ class OptionsTests(SynchronousTestCase):
         )
         options = Options()
         options.parseOptions(["--config", path])
-        reactor = MemoryReactor()
+        reactor = MemoryReactorClock()
         service = makeService(options, reactor)
         assert isinstance(service, Daemon)
         self.assertFalse(service.running)
@@ -144,7 +144,7 @@ class OptionsTests(SynchronousTestCase):
         path = self.config(f"server:\n  state_dir: {state}\n  health_address: ''\n")
         options = Options()
         options.parseOptions(["--config", path])
-        service = makeService(options, MemoryReactor())
+        service = makeService(options, MemoryReactorClock())
         assert isinstance(service, Daemon)
         self.assertEqual(
             [type(child) for child in service],

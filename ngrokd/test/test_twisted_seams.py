@@ -18,6 +18,7 @@ import OpenSSL
 from OpenSSL.SSL import TLS_METHOD, Connection, Context
 from twisted.internet import ssl, tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.endpoints import _parse
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -521,3 +522,52 @@ def _private_twisted_imports(path: str) -> set[tuple[str, str]]:
         if module.split(".")[0] == "twisted"
         and any(part.startswith("_") for part in module.split("."))
     }
+
+
+class EndpointDescriptionSeamTests(SynchronousTestCase):
+    """
+    C{twisted.internet.endpoints._parse}, which reads C{server.socket_path}
+    as Twisted's own C{serverFromString} does.
+    """
+
+    def test_parse(self) -> None:
+        """
+        A description splits into its type and positional fields, then its
+        C{key=value} fields, with backslash escapes undone.
+        """
+        self.assertEqual(
+            _parse("unix:/run/a\\:b.sock:600:mode=660"),
+            (["unix", "/run/a:b.sock", "600"], {"mode": "660"}),
+            changed(
+                "endpoints._parse",
+                "ngrokd's control socket (ngrokd/control/address.py) needs it"
+                " to apply its mode to unix: and loopback to tcp:",
+            ),
+        )
+
+
+class ExitSignalSeamTests(SynchronousTestCase):
+    """
+    The reactor's C{_exitSignal}, which L{ngrokd.daemon.StopOnSignal} sets
+    and twistd reads to end by the signal the daemon stopped for.
+    """
+
+    def test_twistdReadsIt(self) -> None:
+        """
+        Reactors have C{_exitSignal}, and twistd's runner reads it once the
+        reactor has stopped.
+        """
+        from twisted.application.app import ApplicationRunner
+        from twisted.internet.base import ReactorBase
+
+        needed = changed(
+            "the reactor's _exitSignal",
+            "ngrokd.daemon.StopOnSignal sets it so that twistd ends by the"
+            " signal the daemon stopped for, as systemd expects",
+        )
+        self.assertTrue(hasattr(ReactorBase, "_exitSignal"), needed)
+        self.assertIn(
+            "reactor._exitSignal",
+            inspect.getsource(ApplicationRunner.startReactor),
+            needed,
+        )

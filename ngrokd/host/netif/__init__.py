@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Set
 from ipaddress import IPv4Network
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
@@ -73,6 +73,13 @@ class INetworkInterface(Interface):
         logs and C{ngrokctl status}.
         """
 
+    def link_index() -> int | None:
+        """
+        The index of the link of ngrokd's own that carries the addresses,
+        once created: what systemd-resolved is told to send our domains to.
+        C{None} when they are on a shared or loopback interface, or on none.
+        """
+
 
 class NetworkInterfaceError(Exception):
     """
@@ -125,43 +132,66 @@ class SubnetNotSupported(NetworkInterfaceError):
     """
 
 
+class IPv6Unavailable(NetworkInterfaceError):
+    """
+    The IPv6 addresses asked for could not be added because this machine,
+    or the link, has no IPv6 (a kernel without it, C{disable_ipv6}); the
+    IPv4 ones were.
+    """
+
+
 class PlatformNotSupported(NetworkInterfaceError):
     """
     Virtual mode is not implemented on this operating system.
     """
 
 
-def check_addresses(addresses: Set[IPAddress], subnet: IPNetwork) -> None:
+def check_addresses(
+    addresses: Set[IPAddress], subnet: IPNetwork, subnet6: IPNetwork | None = None
+) -> None:
     """
-    @raise AddressOutsideSubnet: naming the addresses not in C{subnet}.
+    @raise AddressOutsideSubnet: naming the addresses in neither C{subnet}
+        nor C{subnet6}.
     """
-    outside = sorted(str(ip) for ip in addresses if ip not in subnet)
+    outside = sorted(
+        str(ip)
+        for ip in addresses
+        if ip not in subnet and (subnet6 is None or ip not in subnet6)
+    )
     if outside:
-        raise AddressOutsideSubnet(f"{', '.join(outside)} not in net.subnet {subnet}")
+        also = "" if subnet6 is None else f" nor net.subnet6 {subnet6}"
+        raise AddressOutsideSubnet(
+            f"{', '.join(outside)} not in net.subnet {subnet}{also}"
+        )
 
 
 def network_interface(
-    reactor: Any,
+    reactor: IReactorFromThreads,
     threadpool: ThreadPool,
     interface_name: str,
     subnet: IPNetwork,
     platform: str = sys.platform,
+    subnet6: IPNetwork | None = None,
 ) -> INetworkInterface:
     """
     The implementation for C{platform} (a C{sys.platform} value).
 
     @param threadpool: a one-thread pool the caller starts and stops; Linux
         runs its netlink calls there, off the reactor thread.
+    @param subnet6: the IPv6 block whose addresses the interface carries
+        too (Linux; macOS virtual mode is IPv4 only).
     @raise PlatformNotSupported: on a platform without one.
     """
     if platform.startswith("linux"):
         from ngrokd.host.netif.linux import LinuxInterface
 
-        return LinuxInterface(reactor, threadpool, interface_name, subnet)
+        return LinuxInterface(
+            reactor, threadpool, interface_name, subnet, subnet6=subnet6
+        )
     if platform == "darwin":
         from ngrokd.host.netif.darwin import DarwinInterface
 
-        return DarwinInterface(reactor, subnet)
+        return DarwinInterface(IReactorProcess(reactor), subnet)
     raise PlatformNotSupported(
         f"virtual mode is not supported on {platform}; set "
         f"net.listen_interface to 0.0.0.0 or an address"

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence, Set
 from functools import partial
 from ipaddress import IPv4Network
-from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface import implementer
 
@@ -63,7 +63,7 @@ class DarwinInterface:
     """
 
     def __init__(
-        self, reactor: Any, subnet: IPNetwork, run: Runner | None = None
+        self, reactor: IReactorProcess, subnet: IPNetwork, run: Runner | None = None
     ) -> None:
         self._subnet = subnet
         self._run: Runner = run or partial(getProcessOutputAndValue, reactor=reactor)
@@ -108,6 +108,9 @@ class DarwinInterface:
 
     def describe(self) -> str:
         return f"aliases on {LOOPBACK}" if self._created else "not created"
+
+    def link_index(self) -> int | None:
+        return None  # lo0's aliases: a loopback interface
 
     async def _ensure(self, wanted: frozenset[IPAddress]) -> None:
         for ip in sorted(self._added - wanted):

@@ -3,17 +3,26 @@
 Virtual-mode addresses on Linux, through netlink (pyroute2).
 
 The addresses go on a link of ngrokd's own, so that they are easy to tell
-from everyone else's: a dummy link where the kernel has them; else an empty
-bridge, which forwards nothing without ports but holds local addresses just
-like a dummy link; else C{lo} itself, where ngrokd's addresses are tagged with
-their own address protocol number. A link left by a run that did not stop
+from everyone else's: a dummy link where the kernel has them; else a
+bridge, which holds local addresses just like a dummy link; else C{lo}
+itself, where ngrokd's addresses are tagged with their own address protocol
+number. A link left by a run that did not stop
 cleanly is adopted; a link of that name of any other kind is refused.
 
-Each address is a host address (/32 or /128). The original added them with
+Each address is a host address (/32 or /128), of C{net.subnet} or of
+C{net.subnet6}. The original added them with
 the subnet's prefix (C{10.107.0.2/16}), which routes the whole subnet to the
 link and so hijacks it when a LAN or VPN uses it; on C{lo} it would make
 every address of the subnet local. IPv6 addresses skip duplicate address
-detection, so they can be bound at once.
+detection, so they can be bound at once. Where the kernel or the link has
+no IPv6 (C{ipv6.disable=1}, C{disable_ipv6}), the IPv4 addresses are set up
+all the same and L{IPv6Unavailable} says why the IPv6 ones are not.
+
+A bridge has a carrier only while one of its ports has one, and
+systemd-resolved gives a link without a carrier no DNS scope; so the bridge
+gets one port of its own, one end of a veth pair whose other end is up and
+attached to nothing: the bridge forwards nothing to anyone, and keeps its
+carrier.
 
 A subnet inside 127.0.0.0/8 needs no change at all: Linux treats every
 address of 127/8 as local.
@@ -46,6 +55,7 @@ from ngrokd.host.netif import (
     LOOPBACK_RANGE,
     ForeignLink,
     INetworkInterface,
+    IPv6Unavailable,
     NetworkInterfaceError,
     NotCreated,
     NotPermitted,
@@ -60,6 +70,22 @@ LOOPBACK = "lo"
 #: Values 0 to 3 are the kernel's; this one is "n".
 ADDRESS_PROTOCOL = 0x6E
 _IFA_F_NODAD = 0x02
+#: What adding an IPv6 address fails with where there is no IPv6: the
+#: link's C{disable_ipv6} (EACCES), a kernel without it (EAFNOSUPPORT).
+_NO_IPV6 = (errno.EACCES, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EOPNOTSUPP)
+
+
+#: The longest link name the kernel takes (C{IFNAMSIZ} less its NUL).
+_MAX_NAME = 15
+
+
+def carrier_pair(name: str) -> tuple[str, str]:
+    """
+    The names of the veth pair that gives bridge C{name} its carrier: the
+    end in the bridge, and its peer.
+    """
+    base = name[: _MAX_NAME - 3]
+    return f"{base}-c0", f"{base}-c1"
 
 
 class NetlinkFailed(NetworkInterfaceError):
@@ -90,7 +116,8 @@ _NO_LINK = _Carrier(
 @implementer(INetworkInterface)
 class LinuxInterface:
     """
-    The addresses of C{subnet} on the link C{interface_name} (or on C{lo}).
+    The addresses of C{subnet}, and of C{subnet6} when given, on the link
+    C{interface_name} (or on C{lo}).
 
     @param link_kinds: the link kinds to try, in order, before falling back to
         C{lo}.
@@ -108,11 +135,13 @@ class LinuxInterface:
         subnet: IPNetwork,
         link_kinds: tuple[str, ...] = LINK_KINDS,
         netlink: Callable[[], Any] = IPRoute,
+        subnet6: IPNetwork | None = None,
     ) -> None:
         self._reactor = reactor
         self._threadpool = threadpool
         self._name = interface_name
         self._subnet = subnet
+        self._subnet6 = subnet6
         self._kinds = link_kinds
         self._netlink = netlink
         self._carrier: _Carrier | None = None
@@ -120,6 +149,8 @@ class LinuxInterface:
         #: their protocol number.
         self._added: set[IPAddress] = set()
         self._description = "not created"
+        #: Why the last L{_ensure} added no IPv6 address, if so.
+        self._no_ipv6: IPv6Unavailable | None = None
 
     def create(self) -> Deferred[None]:
         return self._run(self._create)
@@ -127,10 +158,18 @@ class LinuxInterface:
     def ensure_addresses(self, addresses: Set[IPAddress]) -> Deferred[None]:
         wanted = frozenset(addresses)
         try:
-            check_addresses(wanted, self._subnet)
+            check_addresses(wanted, self._subnet, self._subnet6)
         except NetworkInterfaceError:
             return fail()
-        return self._run(self._ensure, wanted)
+        return self._run(self._ensure, wanted).addCallback(self._ipv6_added)
+
+    def _ipv6_added(self, _: None) -> None:
+        """
+        Fail with why the IPv6 addresses of the last L{_ensure} could not be
+        added, if they could not (the IPv4 ones were).
+        """
+        if self._no_ipv6 is not None:
+            raise self._no_ipv6
 
     def addresses(self) -> Deferred[frozenset[IPAddress]]:
         return deferToThreadPool(self._reactor, self._threadpool, self._addresses)
@@ -140,6 +179,10 @@ class LinuxInterface:
 
     def describe(self) -> str:
         return self._description
+
+    def link_index(self) -> int | None:
+        carrier = self._carrier
+        return carrier.index if carrier is not None and carrier.whole else None
 
     def _run(self, work: Callable[..., str | None], *args: object) -> Deferred[None]:
         """
@@ -193,7 +236,9 @@ class LinuxInterface:
             index = self._index(ipr)
             assert index is not None
             self._bring_up(ipr, index, remove_on_failure=True)
-            description = f"link {self._name} ({kind})"
+            description = (
+                f"link {self._name} ({kind}{self._with_carrier(ipr, kind, index)})"
+            )
             if missing:
                 description += f"; this kernel has no {' or '.join(missing)} links"
             return _Carrier(index, self._name, True, description)
@@ -207,9 +252,7 @@ class LinuxInterface:
         )
 
     def _adopt(self, ipr: Any, index: int) -> _Carrier:
-        link = ipr.get_links(index)[0]
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        kind = _kind(ipr, index)
         if kind not in self._kinds:
             raise ForeignLink(
                 self._name,
@@ -219,6 +262,7 @@ class LinuxInterface:
             other.get_attr("IFLA_IFNAME")
             for other in ipr.get_links()
             if other.get_attr("IFLA_MASTER") == index
+            and other.get_attr("IFLA_IFNAME") != carrier_pair(self._name)[0]
         ]
         if ports:
             raise ForeignLink(
@@ -229,8 +273,41 @@ class LinuxInterface:
             index,
             self._name,
             True,
-            f"link {self._name} ({kind}), adopted from an earlier run",
+            f"link {self._name} ({kind}{self._with_carrier(ipr, kind, index)}),"
+            " adopted from an earlier run",
         )
+
+    def _with_carrier(self, ipr: Any, kind: str, index: int) -> str:
+        """
+        Give a bridge its carrier (a veth pair's end as its port, both ends
+        up), and say how it went for the description.
+        """
+        if kind != "bridge":
+            return ""
+        port, peer = carrier_pair(self._name)
+        existing = self._index(ipr, port)
+        if existing is not None and _kind(ipr, existing) != "veth":
+            return f", without a carrier: {port} is not a veth link"
+        try:
+            if existing is None:
+                ipr.link("add", ifname=port, kind="veth", peer=peer)
+            ipr.link("set", index=self._index(ipr, port), master=index, state="up")
+            ipr.link("set", index=self._index(ipr, peer), state="up")
+        except NetlinkError as e:
+            self._remove_carrier(ipr)
+            why = os.strerror(e.code)
+            return f", without a carrier: cannot add veth pair {port}: {why}"
+        return f", its carrier from veth pair {port}"
+
+    def _remove_carrier(self, ipr: Any) -> None:
+        port = self._index(ipr, carrier_pair(self._name)[0])
+        if port is None or _kind(ipr, port) != "veth":
+            return
+        try:
+            ipr.link("del", index=port)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise _error(e, f"remove link {carrier_pair(self._name)[0]}") from e
 
     def _bring_up(self, ipr: Any, index: int, remove_on_failure: bool) -> None:
         try:
@@ -253,8 +330,15 @@ class LinuxInterface:
         return self._carrier
 
     def _ensure(self, wanted: frozenset[IPAddress]) -> str | None:
+        self._no_ipv6 = None
         carrier = self._require()
         if carrier.index is None:
+            if any(ip not in self._subnet for ip in wanted):
+                self._no_ipv6 = IPv6Unavailable(
+                    f"net.subnet {self._subnet} is in {LOOPBACK_RANGE}, which"
+                    " needs no link, and IPv6 addresses need one: set net.subnet"
+                    " outside it for IPv6"
+                )
             return None
         notice = None
         with self._netlink() as ipr:
@@ -268,8 +352,15 @@ class LinuxInterface:
                 if ip not in wanted or prefixlen != ip.max_prefixlen:
                     self._remove(ipr, carrier, ip, prefixlen)
             have = {ip for ip, prefixlen in present if prefixlen == ip.max_prefixlen}
-            for ip in sorted(wanted - have):
-                self._add(ipr, carrier, ip)
+            no_ipv6: IPv6Unavailable | None = None
+            for ip in sorted(wanted - have, key=lambda ip: (ip.version, ip)):
+                if ip.version == 6 and no_ipv6 is not None:
+                    continue
+                try:
+                    self._add(ipr, carrier, ip)
+                except IPv6Unavailable as e:
+                    no_ipv6 = e
+        self._no_ipv6 = no_ipv6
         return notice
 
     def _ours(self, ipr: Any, carrier: _Carrier) -> Iterator[tuple[IPAddress, int]]:
@@ -279,7 +370,9 @@ class LinuxInterface:
         for message in ipr.get_addr(index=carrier.index):
             local = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
             ip = ip_address(local)
-            if ip not in self._subnet:
+            if ip not in self._subnet and (
+                self._subnet6 is None or ip not in self._subnet6
+            ):
                 continue
             if (
                 carrier.whole
@@ -303,6 +396,11 @@ class LinuxInterface:
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 return
+            if ip.version == 6 and e.code in _NO_IPV6 and ip not in self._subnet:
+                raise IPv6Unavailable(
+                    f"cannot add {ip} to {carrier.name}: {os.strerror(e.code)}"
+                    f"{_no_ipv6_hint(e.code, carrier.name)}"
+                ) from e
             raise _error(e, f"add {ip} to {carrier.name}") from e
         if not carrier.whole:
             self._added.add(ip)
@@ -338,6 +436,7 @@ class LinuxInterface:
         with self._netlink() as ipr:
             if self._index(ipr, carrier.name) == carrier.index:
                 if carrier.whole:
+                    self._remove_carrier(ipr)
                     try:
                         ipr.link("del", index=carrier.index)
                     except NetlinkError as e:
@@ -348,6 +447,21 @@ class LinuxInterface:
                         self._remove(ipr, carrier, ip, prefixlen)
         self._use(None)
         self._added.clear()
+
+
+def _no_ipv6_hint(code: int, link: str) -> str:
+    if code == errno.EACCES:
+        return (
+            f" (IPv6 is disabled on {link}: sysctl net.ipv6.conf.{link}.disable_ipv6)"
+        )
+    if code == errno.EAFNOSUPPORT:
+        return " (this kernel has no IPv6)"
+    return ""
+
+
+def _kind(ipr: Any, index: int) -> str | None:
+    info = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
 def _error(e: NetlinkError, action: str) -> NetworkInterfaceError:

@@ -16,28 +16,36 @@ addresses are missing and why, the endpoints that need them fail with that
 reason, and every other endpoint (network mode) keeps working. Creation is
 tried again at each reconcile that needs an address, and each problem is
 logged once, not at every poll.
+
+IPv6 addresses are a bonus: where this machine or the link has no IPv6
+(L{IPv6Unavailable}), the IPv4 addresses serve, L{InterfaceService.ipv6_error}
+says why once (and for status) until IPv6 works, and no endpoint fails for it.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Set
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping, Set
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ngrokd.config import NetConfig
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host.allocation import IPAddress, IPNetwork
 from ngrokd.host.netif import (
     INetworkInterface,
+    IPv6Unavailable,
     NetworkInterfaceError,
     NotPermitted,
     network_interface,
 )
 from ngrokd.plan import uses_virtual
+
+_T = TypeVar("_T")
 
 #: What still works when virtual mode does not, for the log.
 NETWORK_MODE_WORKS = (
@@ -56,6 +64,10 @@ class InterfaceService(Service):
 
     @ivar error: why virtual-mode addresses cannot be set up now (empty when
         they can).
+    @ivar ipv6_error: why the IPv6 ones cannot (empty when they can, or
+        none are wanted).
+    @ivar subnet6: the IPv6 block of the addresses, if any: set before the
+        service starts (it may be derived from the state directory).
     @param interface: the interface to use (tests); by default the
         platform's, made at start with this service's thread pool.
     """
@@ -65,7 +77,7 @@ class InterfaceService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         net: NetConfig,
         interface: INetworkInterface | None = None,
         platform: str = sys.platform,
@@ -79,6 +91,8 @@ class InterfaceService(Service):
         self._lock = DeferredLock()
         self._created = False
         self.error = ""
+        self.ipv6_error = ""
+        self.subnet6: IPNetwork | None = None
 
     def describe(self) -> str:
         """
@@ -89,6 +103,15 @@ class InterfaceService(Service):
         if self._interface is None or not self._created:
             return "not created"
         return self._interface.describe()
+
+    def link_index(self) -> int | None:
+        """
+        The index of ngrokd's own link for the addresses, when it has one
+        (L{INetworkInterface.link_index}).
+        """
+        if self.error or self._interface is None or not self._created:
+            return None
+        return self._interface.link_index()
 
     @staticmethod
     def _new_pool() -> ThreadPool:
@@ -129,7 +152,7 @@ class InterfaceService(Service):
         """
         return self._serially(lambda: self._ensure(frozenset(addresses)))
 
-    def _serially(self, work: Callable[[], Any]) -> Deferred[Any]:
+    def _serially(self, work: Callable[[], Coroutine[Any, Any, _T]]) -> Deferred[_T]:
         return self._lock.run(lambda: Deferred.fromCoroutine(work()))
 
     def _make(self) -> INetworkInterface:
@@ -141,6 +164,7 @@ class InterfaceService(Service):
                 net.interface_name,
                 net.subnet,
                 self._platform,
+                self.subnet6,
             )
         return self._interface
 
@@ -191,6 +215,9 @@ class InterfaceService(Service):
         interface = self._make()
         try:
             await interface.ensure_addresses(wanted)
+        except IPv6Unavailable as e:
+            self._worked(interface)
+            return self._no_ipv6(e, wanted - await self._present(interface))
         except Exception as e:
             reason = _reason(e)
             if reason != self.error:
@@ -201,13 +228,35 @@ class InterfaceService(Service):
                     "cannot set up the virtual-mode addresses: {error}", error=reason
                 )
             return dict.fromkeys(wanted - await self._present(interface), reason)
+        self._worked(interface)
+        if self.ipv6_error and any(ip.version == 6 for ip in wanted):
+            self.log.info("IPv6 works again: names have IPv6 addresses too")
+            self.ipv6_error = ""
+        return {}
+
+    def _worked(self, interface: INetworkInterface) -> None:
         if self.error:
             self.log.info(
                 "virtual-mode addresses work again on {carrier}",
                 carrier=interface.describe(),
             )
             self.error = ""
-        return {}
+
+    def _no_ipv6(
+        self, error: IPv6Unavailable, missing: frozenset[IPAddress]
+    ) -> Mapping[IPAddress, str]:
+        """
+        Say once why IPv6 is unavailable; the IPv6 addresses missing, with
+        that reason.
+        """
+        reason = _reason(error)
+        if reason != self.ipv6_error:
+            self.ipv6_error = reason
+            self.log.warn(
+                "IPv6 is unavailable: {error}; names are served over IPv4 alone",
+                error=reason,
+            )
+        return dict.fromkeys((ip for ip in missing if ip.version == 6), reason)
 
     async def _present(self, interface: INetworkInterface) -> frozenset[IPAddress]:
         """

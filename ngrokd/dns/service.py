@@ -1,0 +1,146 @@
+# -*- test-case-name: ngrokd.test.test_dns_server -*-
+"""
+The DNS server as a Twisted service: UDP and TCP on each address given,
+one L{DNSServer} behind them all.
+
+The port is the caller's: 53 on the link's address in production, a high
+port on 127.0.0.1 in the tests; port 0 takes a free UDP port and the same
+number for TCP. The upstream servers given are filtered first
+(L{ngrokd.dns.upstreams.choose_upstreams}): never this server itself, never
+systemd-resolved's stub. Without any, names not ours get SERVFAIL and the
+start says why, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol, ServerFactory
+from twisted.logger import Logger
+
+from ngrokd.dns.forward import Forwarder
+from ngrokd.dns.protocols import TCPFactory, UDPListener
+from ngrokd.dns.server import DEFAULT_LIMITS, DNSServer, Limits
+from ngrokd.dns.table import EMPTY_TABLE, NameTable
+from ngrokd.dns.upstreams import Address, Upstreams, choose_upstreams
+
+#: Tries at a free port for both UDP and TCP, for port 0.
+PORT_ATTEMPTS = 20
+
+
+class DNSService(Service):
+    """
+    Listens on C{listen} (host, port) addresses; forwards to C{upstreams}.
+
+    @ivar server: answers the queries; its C{counters} are the metrics.
+    @ivar upstreams: the upstreams chosen, and those left out with why.
+    @ivar addresses: the (host, port) addresses listened on, once started.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        listen: Sequence[Address],
+        upstreams: Sequence[Address],
+        reactor: Any,
+        limits: Limits = DEFAULT_LIMITS,
+        table: NameTable = EMPTY_TABLE,
+    ) -> None:
+        self._listen = tuple(listen)
+        self._reactor = reactor
+        self.upstreams: Upstreams = choose_upstreams(upstreams, listen)
+        forwarder = (
+            Forwarder(self.upstreams.servers, reactor, limits.forward_timeout)
+            if self.upstreams.servers
+            else None
+        )
+        self.server = DNSServer(reactor, forwarder, limits, table)
+        self._tcp = TCPFactory(self.server, reactor)
+        self._ports: list[IListeningPort] = []
+        self.addresses: list[Address] = []
+
+    def set_table(self, table: NameTable) -> None:
+        """
+        Answer from C{table} from now on (L{DNSServer.set_table}).
+        """
+        self.server.set_table(table)
+
+    def startService(self) -> None:
+        """
+        Listen on every address, UDP and TCP.
+
+        @raise twisted.internet.error.CannotListenError: an address cannot be
+            listened on; nothing is left listening.
+        """
+        try:
+            for host, port in self._listen:
+                self._listen_on(host, port)
+        except Exception:
+            for listening in self._ports:
+                listening.stopListening()
+            self._ports.clear()
+            self.addresses.clear()
+            raise
+        Service.startService(self)
+        for host, port in self.addresses:
+            self.log.info(
+                "DNS server listening on {host} port {port}", host=host, port=port
+            )
+        if self.upstreams.reason is not None:
+            self.log.warn(
+                "DNS server: names not ours get SERVFAIL: {reason}",
+                reason=self.upstreams.reason,
+            )
+
+    def _listen_on(self, host: str, port: int) -> None:
+        udp, tcp, bound = listen_both(
+            self._reactor, host, port, lambda: UDPListener(self.server), self._tcp
+        )
+        self._ports += [udp, tcp]
+        self.addresses.append((host, bound))
+
+    def stopService(self) -> Deferred[object]:
+        """
+        Stop listening, close the TCP connections, and fire once the
+        forwards in flight have ended.
+        """
+        Service.stopService(self)
+        ports, self._ports = self._ports, []
+        self.addresses = []
+        for listening in ports:
+            listening.stopListening()
+        self._tcp.close_all()
+        return self.server.stop()
+
+
+def listen_both(
+    reactor: Any,
+    host: str,
+    port: int,
+    datagrams: Callable[[], DatagramProtocol],
+    streams: ServerFactory,
+) -> tuple[IListeningPort, IListeningPort, int]:
+    """
+    Listen on one port number for UDP and TCP alike, and say which. With
+    port 0, the UDP port the kernel picks may be taken for TCP; then
+    another, a bounded number of times, each with a new protocol from
+    C{datagrams}.
+    """
+    for attempt in range(PORT_ATTEMPTS):
+        udp = reactor.listenUDP(port, datagrams(), interface=host)
+        bound: int = udp.getHost().port
+        try:
+            tcp = reactor.listenTCP(bound, streams, interface=host)
+        except CannotListenError:
+            udp.stopListening()
+            if port != 0 or attempt == PORT_ATTEMPTS - 1:
+                raise
+            continue
+        return udp, tcp, bound
+    raise AssertionError("unreachable")
