@@ -18,8 +18,9 @@ that identity, and it measures:
     start to the end of its reconcile;
   - and apart, for profiling: the page walk alone, and a reconcile of the
     same endpoints alone;
-  - one C{/metrics} scrape and one C{/status} document of every endpoint
-    (each blocks the reactor while it is rendered);
+  - one C{/metrics} scrape and one C{/status} document of every endpoint,
+    all their pieces at once (the health server writes them in slices
+    between the reactor's turns);
 
 each with its wall time, and the process's peak RSS (C{ru_maxrss}) at the
 end, which includes the devcloud. The soft limit on open files is raised to
@@ -236,9 +237,11 @@ async def run(args: argparse.Namespace, workdir: str) -> Report:
             await daemon.reconcile(found)
             reconcile_alone = time.perf_counter() - started
             progress("a /metrics scrape and a /status document")
-            registry = DaemonMetrics(daemon).registry
+            metrics = DaemonMetrics(daemon)
             started = time.perf_counter()
-            metrics_bytes = len(generate_latest(registry))
+            metrics_bytes = len(generate_latest(metrics.registry)) + sum(
+                len(piece) for piece in metrics.endpoint_series()
+            )
             metrics_scrape = time.perf_counter() - started
             started = time.perf_counter()
             status_json(daemon)
@@ -273,7 +276,7 @@ async def _list_over_socket(daemon: Daemon) -> tuple[float, int]:
     How long C{ngrokctl list} takes to fetch every row over the real control
     socket and AMP, and how many rows came.
     """
-    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+    feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
     control = ControlService(daemon, feed, reactor)
     control.startService()
     try:

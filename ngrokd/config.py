@@ -208,6 +208,8 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     #: Reset a connection on which nothing moved for this long (None: never).
     idle_timeout: float | None = None
+    #: Endpoints with series of their own in C{/metrics} (0: none).
+    metrics_per_endpoint: int = 10000
     #: How the log is written: C{text} or C{json} lines.
     log_format: str = "text"
 
@@ -460,6 +462,10 @@ def _count(node: yaml.Node, key: str, ctx: _Context) -> int:
 
 def _size(node: yaml.Node, key: str, ctx: _Context) -> int:
     return _whole(node, key, ctx, 0, _MAX_POOL)
+
+
+def _count_or_none(node: yaml.Node, key: str, ctx: _Context) -> int:
+    return _whole(node, key, ctx, 0, _MAX_COUNT)
 
 
 def _bool(node: yaml.Node, key: str, ctx: _Context) -> bool:
@@ -867,6 +873,7 @@ _FIELDS: dict[str, tuple[_Check, object]] = {
     "server.web_hosts": (_hostnames, ()),
     "server.shutdown_grace": (_seconds, 30.0),
     "server.idle_timeout": (_seconds, None),
+    "server.metrics_per_endpoint": (_count_or_none, 10000),
     "bound_endpoints.poll_interval": (_poll_interval, 30.0),
     "bound_endpoints.selectors": (_selectors, ("true",)),
     "bound_endpoints.max_endpoints": (_count, 10000),

@@ -39,6 +39,7 @@ HOT = frozenset(
         "server.log_level",
         "server.renew_before_days",
         "server.shutdown_grace",
+        "server.metrics_per_endpoint",
         "bound_endpoints.poll_interval",
         "bound_endpoints.selectors",
         "bound_endpoints.max_endpoints",

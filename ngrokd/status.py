@@ -8,7 +8,8 @@ left for it, a listening socket refused (port in use, address missing). A
 listening endpoint whose last forwarded connection failed says why, since
 "listening" alone would hide an upstream that refuses; while the client
 certificate is expired, every listening endpoint says that. L{endpoint_status}
-is a pure function of the daemon's state.
+is a pure function of the daemon's state; L{ngrokd.board} keeps the rows
+it would make, changing each only where its facts change.
 """
 
 from __future__ import annotations
@@ -260,16 +261,38 @@ def endpoint_status(
         that have no other.
     @param listeners6: the IPv6 listeners, by normalised URL.
     """
-    rows = [
-        EndpointStatus(id=id, url="", listen_address="", state=FAILED, reason=reason)
-        for id, reason in skipped.items()
-    ]
+    rows = [skipped_row(id, reason) for id, reason in skipped.items()]
     for endpoint in endpoints.values():
-        row = _row(endpoint, plan, listeners, certificate_problem, unnamed or {})
-        rows.append(_with_ipv6(row, (listeners6 or {}).get(endpoint.target.url)))
+        rows.append(
+            endpoint_row(
+                endpoint, plan, listeners, certificate_problem, unnamed, listeners6
+            )
+        )
     if stale:
         rows = [attrs.evolve(row, stale=True) for row in rows]
     return tuple(sorted(rows, key=lambda row: (row.url, row.id)))
+
+
+def skipped_row(id: str, reason: str) -> EndpointStatus:
+    """
+    The row of an endpoint whose URL could not be read.
+    """
+    return EndpointStatus(id=id, url="", listen_address="", state=FAILED, reason=reason)
+
+
+def endpoint_row(
+    endpoint: BoundEndpoint,
+    plan: Plan,
+    listeners: Mapping[str, ListenerState],
+    certificate_problem: str = "",
+    unnamed: Mapping[str, str] | None = None,
+    listeners6: Mapping[str, ListenerState] | None = None,
+) -> EndpointStatus:
+    """
+    The row of one endpoint (see L{endpoint_status}).
+    """
+    row = _row(endpoint, plan, listeners, certificate_problem, unnamed or {})
+    return _with_ipv6(row, (listeners6 or {}).get(endpoint.target.url))
 
 
 def _row(

@@ -88,8 +88,9 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     The daemon's service tree; nothing starts until twistd starts it. Run
-    by twistd (on its reactor), it also takes over SIGTERM and SIGINT, and
-    gives the C heap's freed memory back after a storm of connections.
+    by twistd (on its reactor), it also takes over SIGTERM and SIGINT, gives
+    the C heap's freed memory back after a storm of connections, and keeps
+    what each changed reconcile made out of the garbage collector's way.
     """
     from ngrokd.daemon import StopOnSignal
     from ngrokd.host.memory import MemoryTrimmer
@@ -106,6 +107,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     if under_twistd:
         daemon.exit_when_locked = True
+        daemon.freeze_after_changes = True
         StopOnSignal(daemon, reactor).setServiceParent(daemon)
         # The process's own heap: one per process, so only under twistd.
         MemoryTrimmer(
@@ -140,23 +142,35 @@ def build_daemon(
     daemon.reconfigured.append(
         lambda new: log_level.set_level(level_named(new.server.log_level))
     )
-    feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+    feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
     if config.server.health_address:
-        from ngrokd.control.health import HealthService
+        from twisted.internet.threads import deferToThreadPool
+
+        from ngrokd.control.health import HealthService, Scraped
         from ngrokd.control.metrics import DaemonMetrics
         from ngrokd.control.web import WebPage
 
         metrics = DaemonMetrics(daemon)
         web = WebPage(
             daemon.daemon_status,
-            daemon.endpoint_status,
+            daemon.board,
             feed,
             metrics.upgrade_percentiles,
             config.server.web_hosts,
             reactor,
         )
         health = HealthService(
-            config.server.health_address, daemon, metrics.registry, reactor, web
+            config.server.health_address,
+            daemon,
+            metrics.registry,
+            reactor,
+            web,
+            Scraped(
+                before=lambda: deferToThreadPool(
+                    reactor, reactor.getThreadPool(), metrics.process.refresh
+                ),
+                per_endpoint=metrics.endpoint_series,
+            ),
         )
         health.setServiceParent(daemon)
     feed.setServiceParent(daemon)

@@ -7,16 +7,24 @@ change checked against who is asking.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from ngrokd.control.commands import CommandFailed, KeyRejected, NotPermitted
+from ngrokd.control.commands import (
+    PAGE_BYTES,
+    CommandFailed,
+    KeyRejected,
+    NotPermitted,
+)
 from ngrokd.control.configfile import api_key_problem, store_api_key
 from ngrokd.control.feed import EventFeed
+from ngrokd.control.held import REQUESTS
 from ngrokd.control.peer import Peer, may_change, refusal
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable, NoAPIKey
 from ngrokd.ngrok.identity import IdentityError
@@ -61,21 +69,45 @@ class Controller:
         self.daemon_uid = os.geteuid()
 
     def status(self) -> dict[str, Any]:
-        status = self.daemon.daemon_status()
-        fields = attrs.asdict(status)
-        fields.update(
-            ready=status.ready,
-            not_ready_because=status.not_ready_because,
-            registered=status.registered,
-            uptime=status.uptime,
-            config_path=self.daemon.config.path,
-            socket=self._socket,
-        )
-        return fields
+        with REQUESTS.timing("ngrokctl status"):
+            status = self.daemon.daemon_status()
+            fields = attrs.asdict(status)
+            fields.update(
+                ready=status.ready,
+                not_ready_because=status.not_ready_because,
+                registered=status.registered,
+                uptime=status.uptime,
+                config_path=self.daemon.config.path,
+                socket=self._socket,
+            )
+            return fields
 
     def rows(self) -> tuple[EndpointStatus, ...]:
+        """
+        Every endpoint's row: the kept rows as they are now (the same tuple
+        while none changes).
+        """
         rows: tuple[EndpointStatus, ...] = self.daemon.endpoint_status()
         return rows
+
+    def page(
+        self, rows: Sequence[EndpointStatus], start: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """
+        The records of the page of C{rows} that begins at C{start}: at most
+        C{limit} rows whose JSON fits in L{PAGE_BYTES}, and at least one.
+        Only the rows of the page are read.
+        """
+        with REQUESTS.timing("ngrokctl list"):
+            page: list[dict[str, Any]] = []
+            size = 2
+            for row in rows[start : start + limit]:
+                record = attrs.asdict(row)
+                size += len(json.dumps(record, separators=(",", ":"))) + 1
+                if size > PAGE_BYTES and page:
+                    break
+                page.append(record)
+            return page
 
     def check_change(self, peer: Peer | None, command: str) -> None:
         """

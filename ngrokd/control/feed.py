@@ -2,17 +2,21 @@
 """
 The live feed of events: what C{ngrokctl events} follows.
 
-Every few seconds the feed compares the daemon's status with the previous
-sample (L{ngrokd.events}) and keeps what changed, numbered, in a bounded
-buffer; readers ask for the events after the last one they saw, waiting a
-bounded time for the next.
+The kept status rows (L{ngrokd.board}) tell the feed which endpoints
+changed; every few seconds it compares those rows alone, and the daemon's
+summary, with what it saw before (L{ngrokd.events}), and keeps what
+changed, numbered, in a bounded buffer. While nothing changes a sample
+costs nothing per endpoint; thousands of changed rows are compared
+L{AT_ONCE} at a time, with a turn of the reactor between. Readers ask for
+the events after the last one they saw, waiting a bounded time for the
+next.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -29,6 +33,17 @@ SAMPLE_INTERVAL = 2.0
 KEEP = 1000
 #: How many readers may wait at once; more get an empty answer at once.
 MAX_WAITERS = 64
+#: Changed rows compared in one turn of the reactor.
+AT_ONCE = 500
+
+
+class WatchedRows(Protocol):
+    """
+    The kept rows, which say which of them changed.
+    """
+
+    def watch(self, watcher: Callable[[str], object]) -> None: ...
+    def row(self, id: str) -> EndpointStatus | None: ...
 
 
 @frozen
@@ -46,19 +61,25 @@ class Event:
 
 class EventFeed(Service):
     """
-    Samples the status and keeps the last L{KEEP} events.
+    Samples what changed and keeps the last L{KEEP} events.
     """
 
     def __init__(
         self,
         daemon_status: Callable[[], DaemonStatus],
-        endpoint_status: Callable[[], Sequence[EndpointStatus]],
+        rows: WatchedRows,
         clock: IReactorTime,
         interval: float = SAMPLE_INTERVAL,
         keep: int = KEEP,
     ) -> None:
         self._daemon_status = daemon_status
-        self._endpoint_status = endpoint_status
+        self._rows = rows
+        #: The endpoints whose rows changed since the last sample.
+        self._changed: dict[str, None] = {}
+        rows.watch(self._changed.setdefault)
+        #: Those of the sample under way, in the order their events come.
+        self._comparing: list[str] = []
+        self._more: IDelayedCall | None = None
         self._clock = clock
         self._interval = interval
         self._events: deque[Event] = deque(maxlen=keep)
@@ -79,6 +100,9 @@ class EventFeed(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._more is not None and self._more.active():
+            self._more.cancel()
+        self._more = None
         waiters, self._waiters = self._waiters, []
         for waiting, timer in waiters:
             timer.cancel()
@@ -94,15 +118,55 @@ class EventFeed(Service):
 
     def sample(self) -> None:
         """
-        Compare the status now with the previous sample and keep what changed.
+        Compare the daemon's summary, and the rows that changed, with what
+        the previous sample saw, and keep what changed.
         """
         daemon = self._daemon_status()
-        endpoints = {row.id: row for row in self._endpoint_status()}
         changes: list[Change] = []
         if self._daemon is not None:
             changes += daemon_changes(self._daemon, daemon)
-        changes += endpoint_changes(self._endpoints, endpoints)
-        self._daemon, self._endpoints = daemon, endpoints
+        self._daemon = daemon
+        self._keep(changes)
+        if self._changed and not self._comparing:
+            self._comparing = self._in_order(list(self._changed))
+            self._changed.clear()
+            self._compare()
+
+    def _in_order(self, ids: list[str]) -> list[str]:
+        """
+        The endpoints present by URL, then those gone: the order of their
+        events.
+        """
+        present: list[tuple[str, str]] = []
+        gone: list[tuple[str, str]] = []
+        for id in ids:
+            row = self._rows.row(id)
+            if row is not None:
+                present.append((row.url, id))
+            elif (old := self._endpoints.get(id)) is not None:
+                gone.append((old.url, id))
+        return [id for _, id in sorted(present)] + [id for _, id in sorted(gone)]
+
+    def _compare(self) -> None:
+        """
+        Compare the next L{AT_ONCE} changed rows with what was seen before.
+        """
+        self._more = None
+        ids, self._comparing = self._comparing[:AT_ONCE], self._comparing[AT_ONCE:]
+        before: dict[str, EndpointStatus] = {}
+        after: dict[str, EndpointStatus] = {}
+        for id in ids:
+            old = self._endpoints.pop(id, None)
+            if old is not None:
+                before[id] = old
+            row = self._rows.row(id)
+            if row is not None:
+                after[id] = self._endpoints[id] = row
+        self._keep(endpoint_changes(before, after))
+        if self._comparing and self.running:
+            self._more = self._clock.callLater(0, self._compare)
+
+    def _keep(self, changes: list[Change]) -> None:
         if not changes:
             return
         now = self._clock.seconds()

@@ -22,15 +22,17 @@ bound is logged with what to do; the daemon carries on.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import attrs
+from attrs import frozen
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -38,18 +40,34 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamServerEndpoint,
 )
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
+from ngrokd.control.held import REQUESTS
 from ngrokd.control.httpsite import HealthSite
+from ngrokd.control.slices import SlicedBody, batched, slicer
 from ngrokd.control.web import WebPage, plain_text
 from ngrokd.endpoints import join_host_port
 from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
 
 #: Seconds an idle HTTP connection is kept.
 IDLE_TIMEOUT = 60
+#: Endpoints of C{/status} written in one piece.
+ROWS_AT_ONCE = 250
+
+
+class KeptRows(Protocol):
+    """
+    The kept status rows (L{ngrokd.board.StatusBoard}), as C{/status}
+    reads them.
+    """
+
+    def keys(self, state: str = "") -> Sequence[tuple[str, str]]: ...
+    def rows_of(self, ids: Iterable[str]) -> list[EndpointStatus]: ...
+    def count(self, state: str) -> int: ...
 
 
 class StatusSource(Protocol):
@@ -57,6 +75,8 @@ class StatusSource(Protocol):
     What the server reads: the daemon's status values.
     """
 
+    @property
+    def board(self) -> KeptRows: ...
     def daemon_status(self) -> DaemonStatus: ...
     def endpoint_status(self) -> tuple[EndpointStatus, ...]: ...
 
@@ -165,8 +185,45 @@ def status_json(daemon: StatusSource) -> bytes:
     L{status_document} of C{daemon} now, as one line of JSON (compact, as
     the original's: the encoder written in C does not indent).
     """
-    document = status_document(daemon.daemon_status(), daemon.endpoint_status())
-    return json.dumps(document).encode("utf-8") + b"\n"
+    return b"".join(StatusPieces().pieces(daemon))
+
+
+class StatusPieces:
+    """
+    The C{/status} JSON in pieces, byte for byte L{status_document} as
+    C{json.dumps} writes it, from the kept rows: the daemon's part, then
+    the endpoints of that moment, L{ROWS_AT_ONCE} at a time, each row as it
+    is when its piece is made. Each row's text is kept while the row is the
+    same, so that only the rows that changed are written again.
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[str, tuple[EndpointStatus, bytes]] = {}
+
+    def pieces(self, daemon: StatusSource) -> Iterator[bytes]:
+        status = daemon.daemon_status()
+        board = daemon.board
+        ids = [id for _, id in board.keys()]
+        document = status_document(status, ())
+        document["healthy"] = status.ready and board.count(FAILED) == 0
+        head = json.dumps(document)
+        # The endpoints come last: write up to their opening brace.
+        yield head[: -len("}}")].encode("utf-8")
+        if len(self._texts) > 2 * len(ids):
+            self._texts = {}
+        texts, separator = self._texts, b""
+        for batch in batched(ids, ROWS_AT_ONCE):
+            parts = []
+            for row in board.rows_of(batch):  # those not gone since
+                kept = texts.get(row.id)
+                if kept is None or kept[0] is not row:
+                    text = json.dumps({row.id: _endpoint_document(row)})[1:-1]
+                    kept = texts[row.id] = (row, text.encode("utf-8"))
+                parts.append(kept[1])
+            if parts:
+                yield separator + b", ".join(parts)
+                separator = b", "
+        yield b"}}\n"
 
 
 def _endpoint_document(row: EndpointStatus) -> dict[str, Any]:
@@ -224,33 +281,40 @@ def _decimal(value: int, scale: int) -> str:
 class _Page(Resource):
     """
     A leaf that answers C{GET} and C{HEAD} only (any other method gets 405
-    and C{Allow}), with no caching.
+    and C{Allow}), with no caching; its work on the reactor is timed as
+    C{name}'s.
     """
 
     isLeaf = True
     allowedMethods = (b"GET", b"HEAD")
+    name = ""
 
     def __init__(self, daemon: StatusSource) -> None:
         Resource.__init__(self)
         self._daemon = daemon
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         if request.method not in self.allowedMethods:
             request.setHeader(b"Allow", b", ".join(self.allowedMethods))
             return plain_text(request, 405, "only GET and HEAD are answered here\n")
         request.setHeader(b"Cache-Control", b"no-store")
-        return self.page(request)
+        with REQUESTS.timing(f"GET {self.name}"):
+            return self.page(request)
 
-    def page(self, request: Request) -> bytes:
+    def page(self, request: Request) -> bytes | int:
         raise NotImplementedError
 
 
 class _Alive(_Page):
+    name = "/healthz"
+
     def page(self, request: Request) -> bytes:
         return plain_text(request, 200, "healthy\n")
 
 
 class _Ready(_Page):
+    name = "/readyz"
+
     def page(self, request: Request) -> bytes:
         status = self._daemon.daemon_status()
         text = readiness_text(status, self._daemon.endpoint_status())
@@ -258,19 +322,80 @@ class _Ready(_Page):
 
 
 class _Status(_Page):
-    def page(self, request: Request) -> bytes:
+    """
+    C{/status}, written in slices (L{ngrokd.control.slices}).
+    """
+
+    name = "/status"
+
+    def __init__(self, daemon: StatusSource, slices: Cooperator) -> None:
+        super().__init__(daemon)
+        self._slices = slices
+        self._pieces = StatusPieces()
+
+    def page(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", b"application/json")
-        return status_json(self._daemon)
+        if request.method == b"HEAD":
+            return b""
+        SlicedBody(
+            request, self._pieces.pieces(self._daemon), self._slices, "GET /status"
+        )
+        return NOT_DONE_YET
 
 
 class _Metrics(_Page):
-    def __init__(self, daemon: StatusSource, registry: CollectorRegistry) -> None:
+    """
+    C{/metrics}: the registry, then the per-endpoint series in slices.
+    """
+
+    name = "/metrics"
+    log = Logger()
+
+    def __init__(
+        self,
+        daemon: StatusSource,
+        registry: CollectorRegistry,
+        scraped: Scraped,
+        slices: Cooperator,
+    ) -> None:
         super().__init__(daemon)
         self._registry = registry
+        self._scraped = scraped
+        self._slices = slices
 
-    def page(self, request: Request) -> bytes:
+    def page(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)
+        if request.method == b"HEAD":
+            return b""
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+        ready = self._scraped.before()
+        ready.addCallback(lambda _: None if gone else self._answer(request))
+        ready.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _answer(self, request: Request) -> None:
+        with REQUESTS.timing("GET /metrics"):
+            head = generate_latest(self._registry)
+        pieces = itertools.chain([head], self._scraped.per_endpoint())
+        SlicedBody(request, pieces, self._slices, "GET /metrics")
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        self.log.failure("answering GET /metrics failed", failure)
+        request.setResponseCode(500)
+        request.finish()
+
+
+@frozen
+class Scraped:
+    """
+    What C{/metrics} adds to its registry: C{before} each scrape (a
+    L{Deferred}: the work may be done in a thread), and the pieces of text
+    of C{per_endpoint} after the registry's.
+    """
+
+    before: Callable[[], Deferred[None]] = lambda: succeed(None)
+    per_endpoint: Callable[[], Iterable[bytes]] = tuple
 
 
 def health_site(
@@ -278,20 +403,23 @@ def health_site(
     registry: CollectorRegistry,
     web: WebPage,
     clock: IReactorTime,
+    scraped: Scraped = Scraped(),
 ) -> HealthSite:
     """
     The pages, on a site with C{clock}'s time, with the web page at C{/};
-    the site's own counts join C{registry}.
+    the site's own counts join C{registry}, and C{/metrics} adds
+    C{scraped}.
     """
     root = Resource()
     alive, ready = _Alive(daemon), _Ready(daemon)
+    slices = slicer(clock)
     for name, page in [
         (b"healthz", alive),
         (b"health", alive),
         (b"readyz", ready),
         (b"ready", ready),
-        (b"status", _Status(daemon)),
-        (b"metrics", _Metrics(daemon, registry)),
+        (b"status", _Status(daemon, slices)),
+        (b"metrics", _Metrics(daemon, registry, scraped, slices)),
     ]:
         root.putChild(name, page)
     web.add_to(root)
@@ -317,11 +445,12 @@ class HealthService(Service):
         registry: CollectorRegistry,
         reactor: Any,
         web: WebPage,
+        scraped: Scraped = Scraped(),
     ) -> None:
         self.address = address
         self._reactor = reactor
         self.web = web
-        self.site = health_site(daemon, registry, web, reactor)
+        self.site = health_site(daemon, registry, web, reactor, scraped)
         self.port: IListeningPort | None = None
         self.error = ""
         self._listening: Deferred[None] | None = None

@@ -3,30 +3,38 @@
 A short memory of each endpoint's connections, for the web page's
 sparklines.
 
-Every L{SAMPLE_INTERVAL} seconds the history reads each endpoint's count of
-accepted connections and keeps the last L{KEEP} counts in a fixed-size
-array per endpoint; an endpoint that is gone is forgotten at the next
-sample. With 10,000 endpoints that is a few megabytes, and a sample costs
-one pass over the status rows.
+Every L{SAMPLE_INTERVAL} seconds the history keeps each endpoint's count of
+accepted connections, the last L{KEEP} counts in a fixed-size array per
+endpoint; an endpoint that is gone is forgotten at the next sample. With
+10,000 endpoints that is a few megabytes. A sample reads only the rows
+that changed since the previous one (the kept rows say which): a count
+that did not change is the last one kept, repeated when read.
 """
 
 from __future__ import annotations
 
 import itertools
 from array import array
-from collections.abc import Callable, Sequence
 
+from attrs import define
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-from ngrokd.status import EndpointStatus
+from ngrokd.control.feed import WatchedRows
 
 #: Seconds between two samples.
 SAMPLE_INTERVAL = 10.0
 #: Samples kept per endpoint: five minutes at the default interval.
 KEEP = 31
+
+
+@define
+class _Counts:
+    #: The counts kept, the last one taken at sample C{last}.
+    totals: array[int]
+    last: int
 
 
 class ConnectionHistory(Service):
@@ -36,16 +44,20 @@ class ConnectionHistory(Service):
 
     def __init__(
         self,
-        endpoint_status: Callable[[], Sequence[EndpointStatus]],
+        rows: WatchedRows,
         clock: IReactorTime,
         interval: float = SAMPLE_INTERVAL,
         keep: int = KEEP,
     ) -> None:
-        self._endpoint_status = endpoint_status
+        self._rows = rows
         self._clock = clock
         self.interval = interval
         self._keep = keep
-        self._totals: dict[str, array[int]] = {}
+        self._counts: dict[str, _Counts] = {}
+        self._samples = 0
+        #: The endpoints whose rows changed since the last sample.
+        self._changed: dict[str, None] = {}
+        rows.watch(self._changed.setdefault)
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -63,25 +75,50 @@ class ConnectionHistory(Service):
 
     def sample(self) -> None:
         """
-        Keep each endpoint's count of accepted connections now.
+        Keep the count of accepted connections of each endpoint that
+        changed; forget those gone.
         """
-        totals: dict[str, array[int]] = {}
-        for row in self._endpoint_status():
-            kept = self._totals.get(row.id)
+        self._samples += 1
+        now = self._samples
+        for id in self._changed:
+            row = self._rows.row(id)
+            if row is None:
+                self._counts.pop(id, None)
+                continue
+            kept = self._counts.get(id)
             if kept is None:
-                kept = array("q")
-            elif len(kept) >= self._keep:
-                del kept[0]
-            kept.append(row.connections_total)
-            totals[row.id] = kept
-        self._totals = totals
+                self._counts[id] = _Counts(array("q", [row.connections_total]), now)
+                continue
+            self._fill(kept, now - 1)
+            kept.totals.append(row.connections_total)
+            kept.last = now
+            self._trim(kept)
+        self._changed.clear()
+
+    def _fill(self, kept: _Counts, until: int) -> None:
+        """
+        Repeat the last count for the samples that found it unchanged.
+        """
+        missed = min(until - kept.last, self._keep)
+        if missed > 0:
+            kept.totals.extend(itertools.repeat(kept.totals[-1], missed))
+            kept.last = until
+            self._trim(kept)
+
+    def _trim(self, kept: _Counts) -> None:
+        if len(kept.totals) > self._keep:
+            del kept.totals[: len(kept.totals) - self._keep]
 
     def accepted(self, endpoint_id: str) -> list[int]:
         """
         Connections accepted by the endpoint in each interval between the
         kept samples, oldest first (empty before the second sample).
         """
-        kept = self._totals.get(endpoint_id)
+        kept = self._counts.get(endpoint_id)
         if kept is None:
             return []
-        return [max(0, b - a) for a, b in itertools.pairwise(kept)]
+        totals = list(kept.totals)
+        missed = min(self._samples - kept.last, self._keep)
+        totals += [totals[-1]] * missed
+        totals = totals[-self._keep :]
+        return [max(0, b - a) for a, b in itertools.pairwise(totals)]

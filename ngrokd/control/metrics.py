@@ -3,9 +3,14 @@
 Prometheus metrics, prefixed C{ngrokd_}, in a registry of their own.
 
 Counting costs the data path nothing: the per-endpoint numbers are the
-counters the listeners already keep for status, read when Prometheus
-scrapes (bytes of connections still open included, so a long session is
-seen before it ends). Only what needs a distribution is observed as it
+counters the listeners already keep for status, and the totals the same
+counts for every listener, those gone included; they are read when
+Prometheus scrapes (bytes of connections still open included, so a long
+session is seen before it ends). The per-endpoint series are read from the
+counters themselves, without a status row, and written as text in pieces
+(L{EndpointSeries}), which C{/metrics} writes between the reactor's turns;
+C{server.metrics_per_endpoint} caps how many endpoints have them (the
+first in URL order; 0: none). Only what needs a distribution is observed as it
 happens, once per connection or poll, never per byte: the time from accept
 to an upgraded connection, the lifetime of each connection, and each
 discovery poll's duration and result. The DNS server's counters are read
@@ -16,15 +21,18 @@ L{DaemonMetrics}, and the data path does not even read the clock for it.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 import twisted
 from ngrokd import __version__
+from ngrokd.board import STATES
+from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable
 
 if TYPE_CHECKING:
@@ -111,7 +119,11 @@ class DaemonMetrics:
             buckets=POLL_BUCKETS,
             registry=self.registry,
         )
-        ProcessCollector(namespace=PREFIX, registry=self.registry)
+        #: The process's own facts, read in a thread before each scrape.
+        self.process = ProcessFacts()
+        self.registry.register(self.process)
+        self._series = EndpointSeries()
+        daemon.listeners.watch(self._series.changed)
         self.registry.register(self)
         daemon.listeners.timings = self
         daemon.discovery.on_poll = self.polled
@@ -143,7 +155,7 @@ class DaemonMetrics:
     # The collector: read at each scrape
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._endpoints()
+        yield from self._totals()
         yield from self._dns()
         connector = self._daemon.connector
         handshakes, pool = connector.handshakes, connector.pool
@@ -204,43 +216,51 @@ class DaemonMetrics:
         )
         yield build
 
-    def _endpoints(self) -> Iterator[Metric]:
-        labels = ["url"]
-        opened = GaugeMetricFamily(
-            f"{PREFIX}_endpoint_connections_open",
-            "Local connections open now.",
-            labels=labels,
+    def _totals(self) -> Iterator[Metric]:
+        daemon = self._daemon
+        totals = daemon.listeners.totals
+        up, down = _in_flight(totals, daemon.listeners.listeners.values())
+        yield GaugeMetricFamily(
+            f"{PREFIX}_connections_open",
+            "Local connections open now, every endpoint's.",
+            value=totals.connections_open,
         )
-        accepted = CounterMetricFamily(
-            f"{PREFIX}_endpoint_connections",
-            "Local connections accepted.",
-            labels=labels,
+        yield CounterMetricFamily(
+            f"{PREFIX}_connections",
+            "Local connections accepted, every endpoint's.",
+            value=totals.connections_total,
         )
-        carried = CounterMetricFamily(
-            f"{PREFIX}_endpoint_bytes",
-            "Bytes carried: up from local clients to the endpoint, down back.",
-            labels=["url", "direction"],
+        yield _by_label(
+            CounterMetricFamily,
+            "bytes",
+            "Bytes carried for every endpoint: up from local clients, down back.",
+            "direction",
+            up=up,
+            down=down,
         )
-        failures = CounterMetricFamily(
-            f"{PREFIX}_endpoint_upstream_failures",
-            "Connections that could not be carried to the endpoint, by kind"
+        yield _by_label(
+            CounterMetricFamily,
+            "upstream_failures",
+            "Connections that could not be carried, every endpoint's, by kind"
             " (dial, tls, timeout, upgrade, refused, other).",
-            labels=["url", "kind"],
+            "kind",
+            **dict(sorted(totals.failures.items())),
         )
-        for url, listener in self._daemon.listeners.listeners.items():
-            stats = listener.stats
-            up, down = stats.bytes_up, stats.bytes_down
-            for connection in listener.factory.connections:
-                up += connection.bytes_received
-                if connection.ingress is not None:
-                    down += connection.ingress.bytes_received
-            opened.add_metric([url], stats.connections_open)
-            accepted.add_metric([url], stats.connections_total)
-            carried.add_metric([url, "up"], up)
-            carried.add_metric([url, "down"], down)
-            for kind, count in sorted(stats.failures.items()):
-                failures.add_metric([url, kind], count)
-        yield from (opened, accepted, carried, failures)
+        board = daemon.board
+        yield _by_label(
+            GaugeMetricFamily,
+            "endpoints",
+            "Bound endpoints, by state.",
+            "state",
+            **{state: board.count(state) for state in STATES},
+        )
+        cap = daemon.config.server.metrics_per_endpoint
+        yield GaugeMetricFamily(
+            f"{PREFIX}_endpoints_without_series",
+            "Endpoints with a listener whose own series are left out"
+            " (server.metrics_per_endpoint); the totals count them.",
+            value=max(0, len(daemon.listeners.listeners) - cap),
+        )
 
     def _dns(self) -> Iterator[Metric]:
         counters = self._daemon.names.counters()
@@ -293,6 +313,193 @@ class DaemonMetrics:
             refused=counters.tcp_refused,
             idle=counters.tcp_idle_closed,
         )
+
+    def endpoint_series(self) -> Iterator[bytes]:
+        """
+        The per-endpoint series, as exposition text in pieces.
+        """
+        return self._series.pieces(
+            self._daemon.listeners.listeners,
+            self._daemon.config.server.metrics_per_endpoint,
+        )
+
+
+class Carried(Protocol):
+    """
+    A listener as the metrics read it.
+    """
+
+    @property
+    def stats(self) -> EndpointStats: ...
+    @property
+    def factory(self) -> BridgeFactory: ...
+
+
+def _in_flight(stats: EndpointStats, listeners: Iterable[Carried]) -> tuple[int, int]:
+    """
+    The bytes of C{stats}, with those of the connections still open on
+    C{listeners}.
+    """
+    up, down = stats.bytes_up, stats.bytes_down
+    for listener in listeners:
+        for connection in listener.factory.connections:
+            up += connection.bytes_received
+            if connection.ingress is not None:
+                down += connection.ingress.bytes_received
+    return up, down
+
+
+_go_float = cast(Callable[[float], str], floatToGoString)
+
+
+def _number(value: int) -> str:
+    """
+    A count as C{generate_latest} writes it (a float, in Go's exponent
+    form from seven digits on).
+    """
+    return f"{value}.0" if 0 <= value < 1_000_000 else _go_float(value)
+
+
+#: The per-endpoint families: name, type, help.
+_FAMILIES = (
+    ("endpoint_connections_open", "gauge", "Local connections open now."),
+    ("endpoint_connections_total", "counter", "Local connections accepted."),
+    (
+        "endpoint_bytes_total",
+        "counter",
+        "Bytes carried: up from local clients to the endpoint, down back.",
+    ),
+    (
+        "endpoint_upstream_failures_total",
+        "counter",
+        "Connections that could not be carried to the endpoint, by kind"
+        " (dial, tls, timeout, upgrade, refused, other).",
+    ),
+)
+
+#: Endpoints whose text is kept as one piece.
+ENDPOINTS_AT_ONCE = 500
+
+#: One endpoint's lines, or those of a piece of them: a text per family.
+Lines = tuple[bytes, bytes, bytes, bytes]
+
+
+class EndpointSeries:
+    """
+    The per-endpoint series of the first C{cap} listeners in URL order, as
+    the text C{generate_latest} would write for them.
+
+    The text is kept, in pieces of L{ENDPOINTS_AT_ONCE} endpoints, and a
+    piece is made again only when one of its endpoints counted something
+    since (L{changed}, which the listeners call), or has connections open
+    (their bytes grow without a change); so a scrape of 10,000 endpoints of
+    which a few are busy makes the text of those few pieces and joins the
+    rest. Each piece reads the counters as they are then (they only grow;
+    Prometheus takes each sample as read).
+    """
+
+    def __init__(self) -> None:
+        #: The URLs with series, in order; all the listeners' URLs; the cap.
+        self._urls: list[str] = []
+        self._known: set[str] = set()
+        self._cap = 0
+        self._pieces: list[Lines | None] = []
+        self._changed: set[str] = set()
+        #: The endpoints with connections open at the last scrape.
+        self._open: set[str] = set()
+
+    def changed(self, url: str) -> None:
+        """
+        The listener of C{url} counted something, or came or went.
+        """
+        self._changed.add(url)
+
+    def pieces(self, listeners: Mapping[str, Carried], cap: int) -> Iterator[bytes]:
+        if cap <= 0:
+            return
+        if self._known != listeners.keys() or self._cap != cap:
+            self._urls = sorted(listeners)[:cap]
+            self._known, self._cap = set(listeners), cap
+            self._pieces = [None] * -(-len(self._urls) // ENDPOINTS_AT_ONCE)
+        urls = self._urls
+        count = len(self._pieces)
+        changed, self._changed = self._changed | self._open, set()
+        self._open = set()
+        for n in range(count):
+            some = urls[n * ENDPOINTS_AT_ONCE : (n + 1) * ENDPOINTS_AT_ONCE]
+            if self._pieces[n] is None or not changed.isdisjoint(some):
+                self._pieces[n] = self._make(some, listeners)
+                yield b""  # a turn of the reactor
+        made = [piece for piece in self._pieces if piece is not None]
+        for n, family in enumerate(_FAMILIES):
+            yield _header(*family) + b"".join([piece[n] for piece in made])
+
+    def _make(self, urls: list[str], listeners: Mapping[str, Carried]) -> Lines:
+        lines: list[list[str]] = [[], [], [], []]
+        for url in urls:
+            listener = listeners.get(url)
+            if listener is None:
+                continue
+            stats = listener.stats
+            if stats.connections_open:
+                self._open.add(url)
+            label = _label(url)
+            up, down = _in_flight(stats, [listener])
+            lines[0].append(
+                f"{PREFIX}_endpoint_connections_open"
+                f'{{url="{label}"}} {_number(stats.connections_open)}\n'
+            )
+            lines[1].append(
+                f"{PREFIX}_endpoint_connections_total"
+                f'{{url="{label}"}} {_number(stats.connections_total)}\n'
+            )
+            name = f"{PREFIX}_endpoint_bytes_total"
+            lines[2].append(
+                f'{name}{{direction="up",url="{label}"}} {_number(up)}\n'
+                f'{name}{{direction="down",url="{label}"}} {_number(down)}\n'
+            )
+            name = f"{PREFIX}_endpoint_upstream_failures_total"
+            lines[3].extend(
+                f'{name}{{kind="{_label(kind)}",url="{label}"}} {_number(count)}\n'
+                for kind, count in sorted(stats.failures.items())
+            )
+        texts = ["".join(family).encode("utf-8") for family in lines]
+        return texts[0], texts[1], texts[2], texts[3]
+
+
+def _header(name: str, kind: str, documentation: str) -> bytes:
+    return (
+        f"# HELP {PREFIX}_{name} {documentation}\n# TYPE {PREFIX}_{name} {kind}\n"
+    ).encode()
+
+
+def _label(value: str) -> str:
+    """
+    A label value as the exposition format escapes it.
+    """
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class ProcessFacts:
+    """
+    The process's CPU time, memory and open files (C{ProcessCollector}'s
+    C{ngrokd_process_*}), read by L{refresh} in a thread, not when the
+    scrape is rendered: counting the open files lists C{/proc/self/fd}, an
+    entry per listener and connection.
+    """
+
+    def __init__(self) -> None:
+        self._collector = ProcessCollector(namespace=PREFIX, registry=None)
+        self._families: list[Metric] = []
+
+    def refresh(self) -> None:
+        """
+        Read the facts now (blocking: in a thread).
+        """
+        self._families = list(self._collector.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 def _by_label(

@@ -2,18 +2,21 @@
 """
 The web page's HTML, made from the status values: pure functions, no I/O.
 
-Endpoints are filtered and paged before anything is rendered, so a page
-costs the same with ten endpoints or ten thousand. Every value from the
+Endpoints are filtered and paged before anything is rendered, through the
+kept rows' indexes, so a page costs the same with ten endpoints or ten
+thousand. Every value from the
 daemon or ngrok is escaped; states are words, colour only repeats them.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import html
 import string
 from collections.abc import Mapping, Sequence
 from importlib import resources
+from typing import Protocol
 from urllib.parse import urlencode
 
 from attrs import frozen
@@ -79,30 +82,38 @@ class Selection:
     first: int
 
 
-def select(
-    rows: Sequence[EndpointStatus], query: PageQuery, size: int = PAGE_SIZE
-) -> Selection:
+class IndexedRows(Protocol):
+    """
+    The kept rows (L{ngrokd.board}), in order, by state, and searchable.
+    """
+
+    def __len__(self) -> int: ...
+    def keys(self, state: str = "") -> Sequence[tuple[str, str]]: ...
+    def matching(self, text: str, state: str = "") -> list[tuple[str, str]]: ...
+    def row(self, id: str) -> EndpointStatus | None: ...
+
+
+def select(rows: IndexedRows, query: PageQuery, size: int = PAGE_SIZE) -> Selection:
     """
     The page of C{rows} that C{query} asks for (the last one when it asks
-    beyond the end).
+    beyond the end): the name filter searches the rows' kept text and the
+    state is an index, so only the rows shown are read.
     """
-    needle = query.text.lower()
-    matching = [
-        row
-        for row in rows
-        if (not query.state or row.state == query.state)
-        and (
-            not needle
-            or needle in row.url.lower()
-            or needle in row.id.lower()
-            or needle in row.client_address.lower()
-        )
-    ]
+    matching: Sequence[tuple[str, str]]
+    if query.text:
+        matching = rows.matching(query.text, query.state)
+    else:
+        matching = rows.keys(query.state)
     pages = max(1, -(-len(matching) // size))
     page = min(query.page, pages)
     start = (page - 1) * size
+    shown = [rows.row(id) for _, id in matching[start : start + size]]
     return Selection(
-        tuple(matching[start : start + size]), len(matching), page, pages, start + 1
+        tuple(row for row in shown if row is not None),
+        len(matching),
+        page,
+        pages,
+        start + 1,
     )
 
 
@@ -128,6 +139,7 @@ class PageData:
     upgrade: tuple[float | None, float | None]
 
 
+@functools.cache
 def _template() -> string.Template:
     text = (resources.files(__package__) / "static" / "page.html").read_text("utf-8")
     return string.Template(text)

@@ -24,10 +24,9 @@ closed for it is logged, a flood in a few lines.
 from __future__ import annotations
 
 import grp
-import json
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -55,7 +54,6 @@ from ngrokd import __version__
 from ngrokd.control.address import AddressError, ControlAddress, control_address
 from ngrokd.control.commands import (
     COMMANDS,
-    PAGE_BYTES,
     PROTOCOL_VERSION,
     TOO_MANY_CONNECTIONS,
     Events,
@@ -99,24 +97,6 @@ MAX_BOX_KEYS = 32
 MAX_PENDING_ANSWERS = 8
 #: How long a probe of an existing socket may take, in seconds.
 PROBE_TIMEOUT = 2.0
-
-
-def _page(
-    rows: Sequence[EndpointStatus], start: int, limit: int
-) -> list[dict[str, Any]]:
-    """
-    The records of the page of C{rows} that begins at C{start}: at most
-    C{limit} rows whose JSON fits in L{PAGE_BYTES}, and at least one.
-    """
-    page: list[dict[str, Any]] = []
-    size = 2
-    for row in rows[start : start + limit]:
-        record = attrs.asdict(row)
-        size += len(json.dumps(record, separators=(",", ":"))) + 1
-        if size > PAGE_BYTES and page:
-            break
-        page.append(record)
-    return page
 
 
 #: Called with the kind of a closed connection and why it was closed.
@@ -275,7 +255,7 @@ class ControlAMP(amp.AMP):
         if cursor == 0 or not self._listing:
             self._listing = self._controller.rows()
         rows = self._listing
-        page = _page(rows, cursor, max(1, limit))
+        page = self._controller.page(rows, cursor, max(1, limit))
         answer: dict[str, Any] = {"endpoints": page}
         end = cursor + len(page)
         if end < len(rows):

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from importlib import resources
+from typing import Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -31,10 +32,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from ngrokd.control.feed import Event, EventFeed
+from ngrokd.control.feed import Event, EventFeed, WatchedRows
+from ngrokd.control.held import REQUESTS
 from ngrokd.control.history import ConnectionHistory
-from ngrokd.control.page import EVENTS_SHOWN, PageData, parse_query, render_page, select
-from ngrokd.status import DaemonStatus, EndpointStatus
+from ngrokd.control.page import (
+    EVENTS_SHOWN,
+    IndexedRows,
+    PageData,
+    parse_query,
+    render_page,
+    select,
+)
+from ngrokd.status import DaemonStatus
 
 #: Event streams open at once; more are refused with 503.
 MAX_STREAMS = 8
@@ -137,6 +146,8 @@ class _Guarded(Resource):
 
     isLeaf = True
     allowedMethods = (b"GET", b"HEAD")
+    #: The path its work on the reactor is timed as.
+    name = ""
 
     def __init__(self) -> None:
         Resource.__init__(self)
@@ -146,7 +157,8 @@ class _Guarded(Resource):
         if request.method not in self.allowedMethods:
             request.setHeader(b"Allow", b", ".join(self.allowedMethods))
             return plain_text(request, 405, "only GET and HEAD are answered here\n")
-        return self.page(request)
+        with REQUESTS.timing(f"GET {self.name}"):
+            return self.page(request)
 
     def page(self, request: Request) -> bytes | int:
         raise NotImplementedError
@@ -156,6 +168,8 @@ class _Static(_Guarded):
     """
     The page's script and style sheet, read from the package once.
     """
+
+    name = "/static"
 
     def __init__(self) -> None:
         super().__init__()
@@ -176,8 +190,11 @@ class _Static(_Guarded):
 
 class _Dashboard(_Guarded):
     """
-    The page: rendered from the status at each request, one page of rows.
+    The page: rendered from the kept rows at each request, one page of
+    them.
     """
+
+    name = "/"
 
     def __init__(self, web: WebPage) -> None:
         super().__init__()
@@ -192,6 +209,8 @@ class _Events(_Guarded):
     """
     C{/events}: the feed as server-sent events.
     """
+
+    name = "/events"
 
     def __init__(self, web: WebPage) -> None:
         super().__init__()
@@ -337,6 +356,12 @@ def _message(event: Event) -> bytes:
     return f"id: {event.id}\ndata: {data}\n\n".encode()
 
 
+class KeptRows(IndexedRows, WatchedRows, Protocol):
+    """
+    The kept rows, as the page reads them.
+    """
+
+
 class WebPage:
     """
     What the page reads, and the event streams it has open.
@@ -347,16 +372,16 @@ class WebPage:
     def __init__(
         self,
         daemon_status: Callable[[], DaemonStatus],
-        endpoint_status: Callable[[], Sequence[EndpointStatus]],
+        rows: KeptRows,
         feed: EventFeed,
         upgrade_percentiles: Callable[[], tuple[float | None, float | None]],
         names: Collection[str],
         clock: IReactorTime,
     ) -> None:
         self._daemon_status = daemon_status
-        self._endpoint_status = endpoint_status
+        self._rows = rows
         self.feed = feed
-        self.history = ConnectionHistory(endpoint_status, clock)
+        self.history = ConnectionHistory(rows, clock)
         self._upgrade = upgrade_percentiles
         self.names = frozenset(names)
         self.clock = clock
@@ -367,14 +392,13 @@ class WebPage:
         What one request for the page shows.
         """
         query = parse_query(args)
-        rows = self._endpoint_status()
-        chosen = select(rows, query)
+        chosen = select(self._rows, query)
         last = self.feed.last_id
         return PageData(
             status=self._daemon_status(),
             query=query,
             selection=chosen,
-            total=len(rows),
+            total=len(self._rows),
             sparklines={row.id: self.history.accepted(row.id) for row in chosen.rows},
             interval=self.history.interval,
             events=self.feed.after(max(0, last - EVENTS_SHOWN)),

@@ -30,6 +30,7 @@ is reset.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from attrs import define, field
@@ -90,6 +91,11 @@ def keep_alive(transport: Any) -> None:
 class EndpointStats:
     """
     What one endpoint's listener has carried, for status and metrics.
+
+    Each count is changed at a connection's start, failure and end (its
+    bytes once, when it ends), in the daemon-wide C{totals} too when given,
+    and C{on_change} is then called: that is how the kept status rows
+    (L{ngrokd.board}) learn of it, rather than reading every listener.
     """
 
     connections_open: int = 0
@@ -100,6 +106,46 @@ class EndpointStats:
     last_error: str = ""
     #: Failed connections by the failure's kind (L{IngressError.kind}).
     failures: dict[str, int] = field(factory=dict)
+    totals: EndpointStats | None = field(default=None, eq=False, repr=False)
+    on_change: Callable[[], object] | None = field(default=None, eq=False, repr=False)
+    #: Counts the changes, so that a reader may keep what it made of them.
+    changes: int = field(default=0, eq=False, repr=False)
+
+    def opened(self) -> None:
+        for stats in self._counted():
+            stats.connections_open += 1
+            stats.connections_total += 1
+        self._changed()
+
+    def worked(self) -> None:
+        """
+        A connection was upgraded: the endpoint works (again).
+        """
+        if self.last_error:
+            self.last_error = ""
+            self._changed()
+
+    def failed(self, kind: str, message: str) -> None:
+        for stats in self._counted():
+            stats.errors += 1
+            stats.last_error = message
+            stats.failures[kind] = stats.failures.get(kind, 0) + 1
+        self._changed()
+
+    def closed(self, up: int, down: int) -> None:
+        for stats in self._counted():
+            stats.connections_open -= 1
+            stats.bytes_up += up
+            stats.bytes_down += down
+        self._changed()
+
+    def _counted(self) -> tuple[EndpointStats, ...]:
+        return (self,) if self.totals is None else (self, self.totals)
+
+    def _changed(self) -> None:
+        self.changes += 1
+        if self.on_change is not None:
+            self.on_change()
 
 
 class ConnectionTimings(Protocol):
@@ -144,9 +190,7 @@ class LocalProtocol(PipeProtocol):
         self.transport.setTcpNoDelay(True)
         keep_alive(self.transport)
         self._factory.connections.add(self)
-        stats = self._factory.stats
-        stats.connections_open += 1
-        stats.connections_total += 1
+        self._factory.stats.opened()
         target = self._factory.target
         if target.is_http:
             # Known from the endpoint's URL, not the ingress's answer: the
@@ -175,7 +219,7 @@ class LocalProtocol(PipeProtocol):
         self._connecting = None
         self._early = None
         self._ingress = ingress
-        self._factory.stats.last_error = ""  # the endpoint works again
+        self._factory.stats.worked()
         if self._factory.timings is not None:
             self._factory.timings.upgraded(self._elapsed())
         if self._exchanges is not None:
@@ -293,11 +337,9 @@ class LocalProtocol(PipeProtocol):
         if failure.check(CancelledError):
             return
         stats = self._factory.stats
-        stats.errors += 1
-        stats.last_error = failure.getErrorMessage()
         error = failure.value
         kind = error.kind if isinstance(error, IngressError) else "other"
-        stats.failures[kind] = stats.failures.get(kind, 0) + 1
+        stats.failed(kind, failure.getErrorMessage())
         # Logged by kind per endpoint; refusals by their code too.
         if isinstance(error, UpgradeRefused):
             kind = f"{kind} {error.code}"
@@ -340,11 +382,8 @@ class LocalProtocol(PipeProtocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._factory.connections.discard(self)
-        stats = self._factory.stats
-        stats.connections_open -= 1
-        stats.bytes_up += self.bytes_received
-        if self._ingress is not None:
-            stats.bytes_down += self._ingress.bytes_received
+        down = self._ingress.bytes_received if self._ingress is not None else 0
+        self._factory.stats.closed(self.bytes_received, down)
         if self._factory.timings is not None:
             self._factory.timings.closed(self._elapsed())
         super().connectionLost(reason)

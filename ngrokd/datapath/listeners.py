@@ -24,7 +24,10 @@ import errno
 import ipaddress
 import resource
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from itertools import chain
 from typing import Any
 
 from attrs import define
@@ -33,6 +36,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -49,6 +53,11 @@ from ngrokd.plan import ListenSpec
 #: C{net.core.somaxconn}).
 LISTEN_BACKLOG = 4096
 
+
+#: While a reconcile adds many listeners, a turn of the reactor comes after
+#: this many seconds of binds (and at least this many binds).
+BIND_SLICE = 0.005
+BINDS_AT_LEAST = 32
 
 #: Seconds a listener stops accepting when the process is out of file
 #: descriptors; the connections waiting meanwhile stay in the backlog.
@@ -288,6 +297,22 @@ class ListenerSet:
         self.listeners6: dict[str, Listener] = {}
         #: Observes the connections of listeners made from now on.
         self.timings: ConnectionTimings | None = None
+        self._watchers: list[Callable[[str], object]] = []
+        #: What every listener has carried, those gone included.
+        self.totals = EndpointStats()
+        #: Counts the stops, so that a reconcile under way ends at one.
+        self._stops = 0
+
+    def watch(self, watcher: Callable[[str], object]) -> None:
+        """
+        Call C{watcher} with a listener's URL when it is added, removed,
+        listens, fails, or counts a connection.
+        """
+        self._watchers.append(watcher)
+
+    def _changed(self, key: str) -> None:
+        for watcher in self._watchers:
+            watcher(key)
 
     @property
     def connections_open(self) -> int:
@@ -314,15 +339,11 @@ class ListenerSet:
         at once.
         """
         specs6 = specs6 or {}
-        gone = [
-            listeners.pop(k)
-            for listeners, wanted in (
-                (self.listeners, specs),
-                (self.listeners6, specs6),
-            )
-            for k in list(listeners)
-            if k not in wanted
-        ]
+        gone = []
+        for listeners, wanted in ((self.listeners, specs), (self.listeners6, specs6)):
+            for key in [k for k in listeners if k not in wanted]:
+                gone.append(listeners.pop(key))
+                self._changed(key)
         stopping = DeferredList(
             [self._stop(listener) for listener in gone], consumeErrors=True
         )
@@ -331,54 +352,90 @@ class ListenerSet:
     def _apply_both(
         self, specs: Mapping[str, ListenSpec], specs6: Mapping[str, ListenSpec]
     ) -> Deferred[None]:
-        work = [
-            self._apply(self.listeners, specs, self._new_factory),
-            self._apply(
-                self.listeners6, specs6, lambda key, _: self.listeners[key].factory
-            ),
-        ]
-        return DeferredList(work, consumeErrors=True).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._apply_in_slices(specs, specs6))
 
     def _new_factory(self, key: str, spec: ListenSpec) -> BridgeFactory:
+        stats = EndpointStats(totals=self.totals, on_change=partial(self._changed, key))
         return BridgeFactory(
             spec.target,
             self._connector,
             spec.rewrite_host,
+            stats=stats,
             timings=self.timings,
             idle_timeout=self._idle_timeout,
         )
 
+    async def _apply_in_slices(
+        self, specs: Mapping[str, ListenSpec], specs6: Mapping[str, ListenSpec]
+    ) -> None:
+        """
+        Bind what is new or changed, the endpoints' listeners then their
+        IPv6 ones (which share the endpoint's factory), L{BIND_SLICE}
+        seconds of binds at a time with a turn of the reactor between, so
+        that thousands of new listeners do not hold up the connections of
+        those that listen; a stop under way ends it.
+        """
+        work: list[Deferred[None]] = []
+        stops, turn, began = self._stops, BINDS_AT_LEAST, time.perf_counter()
+        both = chain(
+            (
+                (self.listeners, key, spec, self._new_factory)
+                for key, spec in specs.items()
+            ),
+            (
+                (self.listeners6, key, spec, self._factory_of)
+                for key, spec in specs6.items()
+            ),
+        )
+        for listeners, key, spec, factory_for in both:
+            if len(work) >= turn and time.perf_counter() - began > BIND_SLICE:
+                await deferLater(self._reactor, 0, lambda: None)
+                if self._stops != stops:
+                    break
+                turn, began = len(work) + BINDS_AT_LEAST, time.perf_counter()
+            work.extend(self._apply(listeners, key, spec, factory_for))
+        await DeferredList(work, consumeErrors=True)
+
+    def _factory_of(self, key: str, spec: ListenSpec) -> BridgeFactory:
+        return self.listeners[key].factory
+
     def _apply(
         self,
         listeners: dict[str, Listener],
-        specs: Mapping[str, ListenSpec],
+        key: str,
+        spec: ListenSpec,
         factory_for: Callable[[str, ListenSpec], BridgeFactory],
-    ) -> Deferred[None]:
-        work: list[Deferred[None]] = []
-        for key, spec in specs.items():
-            current = listeners.get(key)
-            if current is None:
-                listener = Listener(spec, factory_for(key, spec))
-                listeners[key] = listener
-                work.append(self._listen(key, listener))
-            elif current.spec.bind != spec.bind:
-                work.append(self._rebind(listeners, key, current, spec))
-            else:
-                if current.spec != spec:
-                    current.spec = spec
-                    current.factory.target = spec.target
-                    current.factory.rewrite_host = spec.rewrite_host
-                if not current.listening:
-                    work.append(self._listen(key, current))
-        return DeferredList(work, consumeErrors=True).addCallback(lambda _: None)
+    ) -> list[Deferred[None]]:
+        """
+        Bring the listener of C{key} in C{listeners} to C{spec}: the binds
+        this started.
+        """
+        current = listeners.get(key)
+        if current is None:
+            listener = Listener(spec, factory_for(key, spec))
+            listeners[key] = listener
+            self._changed(key)
+            return [self._listen(key, listener)]
+        if current.spec.bind != spec.bind:
+            return [self._rebind(listeners, key, current, spec)]
+        if current.spec != spec:
+            current.spec = spec
+            current.factory.target = spec.target
+            current.factory.rewrite_host = spec.rewrite_host
+            self._changed(key)
+        return [] if current.listening else [self._listen(key, current)]
 
     def stop(self) -> Deferred[None]:
         """
         Stop every listener; accepted connections carry on, but HTTP ones
         end at their next response boundary (the grace of a stop starts).
         """
-        listeners, self.listeners = list(self.listeners.values()), {}
-        listeners6, self.listeners6 = list(self.listeners6.values()), {}
+        self._stops += 1
+        kept, self.listeners = self.listeners, {}
+        kept6, self.listeners6 = self.listeners6, {}
+        listeners, listeners6 = list(kept.values()), list(kept6.values())
+        for key in {**kept, **kept6}:
+            self._changed(key)
         stopping = DeferredList(
             [self._stop(listener) for listener in listeners + listeners6],
             consumeErrors=True,
@@ -400,6 +457,7 @@ class ListenerSet:
         def listening(port: IListeningPort) -> None:
             self._guard.watch(port)
             listener.port, listener.error, listener.holders = port, "", ()
+            self._changed(key)
             self.log.info(
                 "listening for {url} on {address}",
                 url=key,
@@ -434,6 +492,7 @@ class ListenerSet:
                     "cannot listen for {url}: {reason}", url=key, reason=reason
                 )
             listener.port, listener.error = None, reason
+            self._changed(key)
 
         d: Deferred[Any] = self._endpoint(spec).listen(listener.factory)
         return d.addCallbacks(listening, failed)
@@ -456,6 +515,7 @@ class ListenerSet:
         else:
             before = succeed(None)
         listeners[key] = new
+        self._changed(key)
 
         def bind(_: object) -> Deferred[None]:
             return self._listen(key, new)

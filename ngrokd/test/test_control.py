@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from ngrokd.board import StatusBoard
 from ngrokd.config import default_config, load_config
 from ngrokd.control.address import AddressError, ControlAddress, control_address
 from ngrokd.control.client import EXIT_PERMISSION, EXIT_TIMEOUT, ControlError, connect
@@ -433,7 +434,7 @@ class ControlSocketTests(DaemonFixture, TestCase):
 
             globalLogPublisher.addObserver(observe)
             self.addCleanup(globalLogPublisher.removeObserver, observe)
-            feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, reactor)
+            feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
             second = ControlService(daemon, feed, reactor)
             second.startService()
             self.addCleanup(second.stopService)
@@ -611,7 +612,7 @@ class PagingTests(TestCase):
                 server=attrs.evolve(defaults.config.server, socket_path=path),
             )
             daemon = SimpleNamespace(config=config, endpoint_status=lambda: rows)
-            feed = EventFeed(lambda: None, lambda: (), reactor)  # type: ignore[arg-type,return-value]
+            feed = EventFeed(lambda: None, StatusBoard(dict), reactor)  # type: ignore[arg-type,return-value]
             service = ControlService(daemon, feed, reactor)
             service.startService()
             self.addCleanup(service.stopService)

@@ -201,7 +201,18 @@ class ReconcileFixture(SynchronousTestCase):
         daemon.identity_service.state = REGISTERED
 
     def reconcile(self, daemon: Daemon, *urls: str) -> None:
-        self.successResultOf(daemon.reconcile(_endpoints(*urls)))
+        self.applied(daemon.reconcile(_endpoints(*urls)))
+
+    def applied(self, reconciling: Deferred[None]) -> None:
+        """
+        Wait for a reconcile, turning the reactor while it lets others run
+        (many binds are made a few milliseconds at a time).
+        """
+        for _ in range(10_000):
+            if reconciling.called:
+                break
+            self.reactor.advance(0)
+        self.successResultOf(reconciling)
 
     def hosts(self) -> str:
         with open(self.hosts_path) as f:
@@ -587,7 +598,7 @@ class ReadinessTests(ReconcileFixture):
         agree; and what C{/readyz} says.
         """
         status = daemon.daemon_status()
-        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        feed = EventFeed(daemon.daemon_status, daemon.board, self.reactor)
         control = Controller(daemon, feed, self.reactor, "test")
         metrics = DaemonMetrics(daemon).registry.get_sample_value("ngrokd_ready")
         surfaces = [status.ready, control.status()["ready"], metrics == 1.0]
@@ -760,7 +771,7 @@ class StateSaveTests(ReconcileFixture):
         self.assertEqual(
             (problem.what, problem.count), ("saving the addresses and ports", polls)
         )
-        feed = EventFeed(daemon.daemon_status, daemon.endpoint_status, self.reactor)
+        feed = EventFeed(daemon.daemon_status, daemon.board, self.reactor)
         control = Controller(daemon, feed, self.reactor, "test")
         lines = status_lines(control.status(), {})
         (shown,) = [line for line in lines if "saving" in line]

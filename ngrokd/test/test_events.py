@@ -5,13 +5,16 @@ L{ngrokd.control.feed} (the bounded, numbered feed of those changes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.control.feed import MAX_WAITERS, EventFeed
+from ngrokd.control.feed import AT_ONCE, MAX_WAITERS, EventFeed
 from ngrokd.events import (
     ADDED,
     CONNECTIONS_FAILED,
@@ -25,7 +28,7 @@ from ngrokd.events import (
     daemon_changes,
     endpoint_changes,
 )
-from ngrokd.status import FAILED, LISTENING, EndpointStatus
+from ngrokd.status import FAILED, LISTENING, STARTING, EndpointStatus
 from ngrokd.test.helpers import ready_status
 
 DB = "tcp://db.prod:5432"
@@ -41,6 +44,10 @@ def _row(**changes: Any) -> EndpointStatus:
         client_address="db.prod:5432",
     )
     return attrs.evolve(row, **changes)
+
+
+def _order(row: EndpointStatus) -> tuple[str, str]:
+    return (row.url, row.id)
 
 
 class EndpointChangesTests(SynchronousTestCase):
@@ -125,6 +132,40 @@ class DaemonChangesTests(SynchronousTestCase):
         self.assertEqual(daemon_changes(failing, failing), [])
 
 
+class Rows:
+    """
+    Rows that say which of them changed, as the kept rows do.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, EndpointStatus] = {}
+        self.watchers: list[Callable[[str], object]] = []
+
+    def watch(self, watcher: Callable[[str], object]) -> None:
+        self.watchers.append(watcher)
+
+    def row(self, id: str) -> EndpointStatus | None:
+        return self.rows.get(id)
+
+    def set(self, *rows: EndpointStatus) -> None:
+        new = {row.id: row for row in rows}
+        changed = [id for id in {*self.rows, *new} if self.rows.get(id) != new.get(id)]
+        self.rows = new
+        for id in changed:
+            for watcher in self.watchers:
+                watcher(id)
+
+
+_ROWS = st.builds(
+    _row,
+    id=st.sampled_from(["ep_1", "ep_2", "ep_3", "ep_4"]),
+    url=st.sampled_from([DB, "http://a.prod", "http://b.prod", ""]),
+    state=st.sampled_from([LISTENING, FAILED, STARTING]),
+    reason=st.sampled_from(["", "last connection failed: refused", "in use"]),
+    errors=st.integers(0, 3),
+)
+
+
 class FeedTests(SynchronousTestCase):
     """
     L{EventFeed}: sampled on a timer, numbered, bounded.
@@ -132,10 +173,8 @@ class FeedTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.rows: list[EndpointStatus] = []
-        self.feed = EventFeed(
-            ready_status, lambda: self.rows, self.clock, interval=2.0, keep=5
-        )
+        self.rows = Rows()
+        self.feed = EventFeed(ready_status, self.rows, self.clock, interval=2.0, keep=5)
         self.feed.startService()
         self.addCleanup(self.feed.stopService)
 
@@ -143,18 +182,63 @@ class FeedTests(SynchronousTestCase):
         """
         A change is seen at the next sample, numbered from 1.
         """
-        self.rows = [_row()]
+        self.rows.set(_row())
         self.assertEqual(self.feed.after(0), [])
         self.clock.advance(2.0)
         (event,) = self.feed.after(0)
         self.assertEqual((event.id, event.kind, event.time), (1, ADDED, 2.0))
+
+    @given(st.lists(st.lists(_ROWS, max_size=4), max_size=6))
+    def test_sameEventsAsAComparisonOfEverything(
+        self, samples: list[list[EndpointStatus]]
+    ) -> None:
+        """
+        Told only which rows changed, each sample gives the events a
+        comparison of every row with the previous sample's gives, in the
+        same order.
+        """
+        rows, clock = Rows(), Clock()
+        feed = EventFeed(ready_status, rows, clock, interval=2.0, keep=1000)
+        feed.startService()
+        before: dict[str, EndpointStatus] = {}
+        for sample in samples:
+            rows.set(*sorted({r.id: r for r in sample}.values(), key=_order))
+            after = {row.id: row for row in sorted(rows.rows.values(), key=_order)}
+            last = feed.last_id
+            clock.advance(2.0)
+            self.assertEqual(
+                [Change(e.kind, e.url, e.message) for e in feed.after(last)],
+                endpoint_changes(before, after),
+            )
+            before = after
+        feed.stopService()
+
+    def test_manyChangesInSlices(self) -> None:
+        """
+        Thousands of changed rows are compared L{AT_ONCE} at a time, a turn
+        of the reactor between, and give every event in order.
+        """
+        rows, clock = Rows(), Clock()
+        feed = EventFeed(ready_status, rows, clock, interval=2.0, keep=5000)
+        feed.startService()
+        rows.set(
+            *(_row(id=f"ep_{n:04}", url=f"tcp://db{n:04}.x:1") for n in range(1200))
+        )
+        feed.sample()
+        self.assertEqual(len(feed.after(0, limit=5000)), AT_ONCE)
+        clock.advance(0)
+        events = feed.after(0, limit=5000)
+        self.assertEqual(len(events), 1200)
+        self.assertEqual(events[-1].url, "tcp://db1199.x:1")
+        feed.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_bounded(self) -> None:
         """
         Only the newest events are kept.
         """
         for i in range(8):
-            self.rows = [_row(id=f"ep_{i}")]
+            self.rows.set(_row(id=f"ep_{i}"))
             self.feed.sample()
         kept = self.feed.after(0)
         self.assertEqual(len(kept), 5)
@@ -167,7 +251,7 @@ class FeedTests(SynchronousTestCase):
         """
         waiting = self.feed.wait(0, 10.0)
         self.assertNoResult(waiting)
-        self.rows = [_row()]
+        self.rows.set(_row())
         self.clock.advance(2.0)
         self.assertEqual([e.kind for e in self.successResultOf(waiting)], [ADDED])
         idle = self.feed.wait(self.feed.last_id, 3.0)

@@ -29,11 +29,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
+from ngrokd.board import RowIndex, StatusBoard
 from ngrokd.config import DnsConfig, LoadedConfig, load_config
 from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import (
     IDLE_TIMEOUT,
     HealthService,
+    StatusPieces,
     go_duration,
     health_site,
     readiness_text,
@@ -55,7 +57,7 @@ from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host.allocation import IPAddress
 from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.host.netif.service import InterfaceService
-from ngrokd.status import DaemonStatus, EndpointStatus
+from ngrokd.status import FAILED, LISTENING, DaemonStatus, EndpointStatus
 from ngrokd.tap import Options, makeService
 from ngrokd.test.helpers import (
     Echo,
@@ -606,6 +608,74 @@ class AddressTests(DaemonHealthTestCase):
         return ensureDeferred(run())
 
 
+class _Rows:
+    """
+    A daemon's status and kept rows, given.
+    """
+
+    def __init__(self, status: DaemonStatus, rows: list[EndpointStatus]) -> None:
+        self.status = status
+        self.board = RowIndex.of(rows)
+
+    def daemon_status(self) -> DaemonStatus:
+        return self.status
+
+    def endpoint_status(self) -> tuple[EndpointStatus, ...]:
+        return tuple(self.board.in_order())
+
+
+class StreamedStatusTests(SynchronousTestCase):
+    """
+    C{/status} is written in pieces from the kept rows: the bytes are those
+    of the whole document written at once, as before.
+    """
+
+    def test_sameDocument(self) -> None:
+        """
+        For thousands of endpoints, failed ones among them (not healthy),
+        and again after one row changed (kept texts reused), the pieces
+        make the document L{status_document} gives, as C{json.dumps}
+        writes it.
+        """
+        rows = [
+            EndpointStatus(
+                f"ep_{n:05}",
+                f"tcp://db{n}.prod:5432",
+                f"127.0.0.1:{20000 + n}",
+                FAILED if n % 997 == 0 else LISTENING,
+                "in use" if n % 997 == 0 else "",
+                client_address=f"127.0.0.1:{20000 + n}",
+                connections_total=n,
+                bytes_up=n * 7,
+                mode="127.0.0.1",
+            )
+            for n in range(3000)
+        ]
+        source = _Rows(ready_status(), rows)
+        pieces = StatusPieces()
+        for _ in range(2):
+            expected = status_document(source.status, source.endpoint_status())
+            written = list(pieces.pieces(source))
+            self.assertGreater(len(written), 3)
+            self.assertEqual(
+                b"".join(written), json.dumps(expected).encode("utf-8") + b"\n"
+            )
+            self.assertFalse(json.loads(b"".join(written))["healthy"])
+            source.board.put(attrs.evolve(rows[5], errors=9))
+
+    def test_healthyAndEmpty(self) -> None:
+        """
+        Without failed endpoints a ready daemon is healthy; without any, the
+        endpoints are an empty object.
+        """
+        for rows in ([], [EndpointStatus("a", "tcp://a.b:1", "x:1", LISTENING, "")]):
+            source = _Rows(ready_status(), rows)
+            written = b"".join(StatusPieces().pieces(source))
+            expected = status_document(source.status, tuple(rows))
+            self.assertEqual(written, json.dumps(expected).encode() + b"\n")
+            self.assertTrue(json.loads(written)["healthy"])
+
+
 class FormatTests(SynchronousTestCase):
     """
     Times as the original wrote them.
@@ -641,6 +711,8 @@ class _Status:
     A daemon's status, for a site without a daemon.
     """
 
+    board = StatusBoard(dict)
+
     def daemon_status(self) -> DaemonStatus:
         return ready_status()
 
@@ -660,12 +732,12 @@ class SiteTestCase(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         status = _Status()
-        self.feed = EventFeed(status.daemon_status, status.endpoint_status, self.clock)
+        self.feed = EventFeed(status.daemon_status, status.board, self.clock)
         self.feed.startService()
         self.addCleanup(self.feed.stopService)
         self.web = WebPage(
             status.daemon_status,
-            status.endpoint_status,
+            status.board,
             self.feed,
             lambda: (None, None),
             (),

@@ -20,6 +20,7 @@ CORE = {
     "ngrokd",
     "ngrokd.atomic",
     "ngrokd.blocking",
+    "ngrokd.board",
     "ngrokd.config",
     "ngrokd.endpoints",
     "ngrokd.events",

@@ -6,9 +6,14 @@ Prometheus parses it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import cast
+from collections.abc import Iterator, Mapping
+from functools import partial
+from types import SimpleNamespace
+from typing import Any, cast
 
+import attrs
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -18,8 +23,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd import __version__
 from ngrokd.config import DnsConfig
-from ngrokd.control.metrics import histogram_quantile, poll_result
+from ngrokd.control.metrics import EndpointSeries, histogram_quantile, poll_result
 from ngrokd.daemon import Daemon
+from ngrokd.datapath.bridge import BridgeFactory, EndpointStats
+from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable
 from ngrokd.test.helpers import Recorder, connect, exchange, wait_until
 from ngrokd.test.test_health import DaemonHealthTestCase, http
@@ -58,9 +65,9 @@ async def scrape(case: DaemonHealthTestCase, daemon: Daemon) -> Samples:
     }
 
 
-class MetricsTests(DaemonHealthTestCase):
+class ScrapeTestCase(DaemonHealthTestCase):
     """
-    The numbers in C{/metrics} are the traffic sent.
+    A daemon's C{/metrics}, scraped and parsed as Prometheus does.
     """
 
     async def scrape(self, daemon: Daemon) -> Samples:
@@ -70,6 +77,12 @@ class MetricsTests(DaemonHealthTestCase):
         client = await exchange(port, data)
         self.assertEqual(client.received, data)
         return client
+
+
+class MetricsTests(ScrapeTestCase):
+    """
+    The numbers in C{/metrics} are the traffic sent.
+    """
 
     def test_afterTraffic(self) -> Deferred[None]:
         """
@@ -129,6 +142,19 @@ class MetricsTests(DaemonHealthTestCase):
                 ],
                 [0, 4, total, total, 1, 3, 3, 4, 1, 1],
             )
+            # The totals over every endpoint say the same.
+            self.assertEqual(
+                [
+                    sample(samples, "ngrokd_connections_open"),
+                    sample(samples, "ngrokd_connections_total"),
+                    sample(samples, "ngrokd_bytes_total", direction="up"),
+                    sample(samples, "ngrokd_bytes_total", direction="down"),
+                    sample(samples, "ngrokd_upstream_failures_total", kind="refused"),
+                    sample(samples, "ngrokd_endpoints", state="listening"),
+                    sample(samples, "ngrokd_endpoints_without_series"),
+                ],
+                [0, 4, total, total, 1, 1, 0],
+            )
             self.assertGreaterEqual(
                 sample(
                     samples, "ngrokd_discovery_poll_duration_seconds_count", result="ok"
@@ -180,6 +206,133 @@ class MetricsTests(DaemonHealthTestCase):
             await client.lost
 
         return ensureDeferred(run())
+
+
+class PerEndpointCapTests(ScrapeTestCase):
+    """
+    C{server.metrics_per_endpoint} caps the endpoints with series of their
+    own; the totals count every endpoint.
+    """
+
+    endpoints = [ECHO, "tcp://other.test:7001"]
+
+    def test_cappedAndOff(self) -> Deferred[None]:
+        """
+        Capped at one, the first URL alone has series; at zero, none does;
+        the totals and the count of endpoints left out are there either way.
+        """
+
+        async def run() -> None:
+            daemon = await self.start(listening=2)
+            await self.echo(self.port_of(daemon, ECHO), b"abc")
+            await self.echo(self.port_of(daemon, "tcp://other.test:7001"), b"de")
+            for cap, urls in [(1, {ECHO}), (0, set())]:
+                server = attrs.evolve(daemon.config.server, metrics_per_endpoint=cap)
+                daemon.config = attrs.evolve(daemon.config, server=server)
+                samples = await self.scrape(daemon)
+                self.assertEqual(
+                    {
+                        dict(labels)["url"]
+                        for name, labels in samples
+                        if name.startswith("ngrokd_endpoint_")
+                    },
+                    urls,
+                )
+                self.assertEqual(
+                    [
+                        sample(samples, "ngrokd_connections_total"),
+                        sample(samples, "ngrokd_bytes_total", direction="up"),
+                        sample(samples, "ngrokd_endpoints_without_series"),
+                    ],
+                    [2, 5, 2 - cap],
+                )
+
+        return ensureDeferred(run())
+
+
+class EndpointSeriesTests(SynchronousTestCase):
+    """
+    L{EndpointSeries} writes what C{generate_latest} wrote for the same
+    counters when each scrape built its families in one go.
+    """
+
+    def test_sameTextAsTheRegistry(self) -> None:
+        """
+        Every family and sample, labels escaped and values formatted alike.
+        """
+        urls = ["tcp://a.b:1", 'http://we"ird\\name', "tcp://c.d:12345"]
+        series = EndpointSeries()
+        listeners = {}
+        for n, url in enumerate(urls):
+            stats = EndpointStats(
+                connections_total=10**n * 12345 + n,
+                bytes_up=n * 1000,
+                bytes_down=n * 10**9,
+                failures={"refused": n, "dial": 1} if n else {},
+                on_change=partial(series.changed, url),
+            )
+            factory = BridgeFactory(
+                parse_endpoint_url("tcp://x.y:1"), cast(Any, None), None, stats
+            )
+            listeners[url] = SimpleNamespace(stats=stats, factory=factory)
+        for _ in range(2):  # made, then kept
+            text = b"".join(series.pieces(listeners, 10))
+            self.assertEqual(text, generate_latest(_OldCollector(listeners)))
+        self.assertEqual(b"".join(series.pieces(listeners, 0)), b"")
+        # Counted since: made again, and again while the connection is open.
+        listeners[urls[1]].stats.opened()
+        for _ in range(2):
+            text = b"".join(series.pieces(listeners, 10))
+            self.assertEqual(text, generate_latest(_OldCollector(listeners)))
+        self.assertIn(b'_connections_open{url="http://we\\"ird\\\\name"} 1.0', text)
+        listeners[urls[1]].stats.closed(5, 6)
+        text = b"".join(series.pieces(listeners, 10))
+        self.assertEqual(text, generate_latest(_OldCollector(listeners)))
+        # Capped: the first URL in order.
+        first = min(urls)
+        self.assertEqual(
+            b"".join(series.pieces(listeners, 1)),
+            generate_latest(_OldCollector({first: listeners[first]})),
+        )
+
+
+class _OldCollector:
+    """
+    The per-endpoint families as they were collected before.
+    """
+
+    def __init__(self, listeners: dict[str, Any]) -> None:
+        self._listeners = listeners
+
+    def collect(self) -> Iterator[Metric]:
+        opened = GaugeMetricFamily(
+            "ngrokd_endpoint_connections_open",
+            "Local connections open now.",
+            labels=["url"],
+        )
+        accepted = CounterMetricFamily(
+            "ngrokd_endpoint_connections", "Local connections accepted.", labels=["url"]
+        )
+        carried = CounterMetricFamily(
+            "ngrokd_endpoint_bytes",
+            "Bytes carried: up from local clients to the endpoint, down back.",
+            labels=["url", "direction"],
+        )
+        failures = CounterMetricFamily(
+            "ngrokd_endpoint_upstream_failures",
+            "Connections that could not be carried to the endpoint, by kind"
+            " (dial, tls, timeout, upgrade, refused, other).",
+            labels=["url", "kind"],
+        )
+        for url, listener in sorted(self._listeners.items()):
+            stats = listener.stats
+            opened.add_metric([url], stats.connections_open)
+            accepted.add_metric([url], stats.connections_total)
+            carried.add_metric([url, "up"], stats.bytes_up)
+            carried.add_metric([url, "down"], stats.bytes_down)
+            for kind, count in sorted(stats.failures.items()):
+                failures.add_metric([url, kind], count)
+        yield from (opened, accepted, carried, failures)
 
 
 class PollResultTests(SynchronousTestCase):

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.client import Agent
 
+from ngrokd.board import RowIndex
 from ngrokd.control.feed import Event
 from ngrokd.control.history import ConnectionHistory
 from ngrokd.control.page import (
@@ -38,6 +39,7 @@ from ngrokd.test.helpers import (
     ready_status,
     wait_until,
 )
+from ngrokd.test.test_events import Rows
 from ngrokd.test.test_health import Answer, DaemonHealthTestCase, http
 
 ECHO = "tcp://echo.test:7000"
@@ -442,6 +444,9 @@ ROWS = tuple(
 )
 
 
+INDEX = RowIndex.of(ROWS)
+
+
 class SelectTests(SynchronousTestCase):
     """
     Filtering and paging happen before rendering.
@@ -451,12 +456,12 @@ class SelectTests(SynchronousTestCase):
         """
         A page holds at most 50 rows; asking beyond the end gives the last.
         """
-        first = select(ROWS, PageQuery())
+        first = select(INDEX, PageQuery())
         self.assertEqual(
             (len(first.rows), first.matching, first.pages, first.first),
             (50, 10_000, 200, 1),
         )
-        last = select(ROWS, PageQuery(page=999))
+        last = select(INDEX, PageQuery(page=999))
         self.assertEqual(
             (last.page, last.first, last.rows[-1].id), (200, 9951, "ep_09999")
         )
@@ -466,13 +471,13 @@ class SelectTests(SynchronousTestCase):
         The name filter matches the URL, id or local address in any case,
         and combines with the state.
         """
-        found = select(ROWS, PageQuery(text="DB123"))
+        found = select(INDEX, PageQuery(text="DB123"))
         self.assertEqual(
             [r.url for r in found.rows][:2],
             ["tcp://db123.prod:5432", "tcp://db1230.prod:5432"],
         )
         self.assertEqual(found.matching, 11)
-        failed = select(ROWS, PageQuery(text="db12", state=FAILED))
+        failed = select(INDEX, PageQuery(text="db12", state=FAILED))
         self.assertEqual(failed.matching, 11)
         self.assertTrue(all(r.state == FAILED for r in failed.rows))
 
@@ -502,7 +507,7 @@ class RenderTests(SynchronousTestCase):
         values: dict[str, Any] = dict(
             status=ready_status(),
             query=query,
-            selection=select(rows, query),
+            selection=select(RowIndex.of(rows), query),
             total=len(rows),
             sparklines={},
             interval=10.0,
@@ -547,7 +552,9 @@ class RenderTests(SynchronousTestCase):
         """
         rows = ROWS[:120]
         query = PageQuery(text="db", page=2)
-        page = render_page(self.data(rows, query=query, selection=select(rows, query)))
+        page = render_page(
+            self.data(rows, query=query, selection=select(RowIndex.of(rows), query))
+        )
         self.assertIn("Endpoints 51&ndash;100 of 120", page)
         self.assertIn('href="/?q=db&amp;page=3" rel="next"', page)
         self.assertIn('href="/?q=db&amp;page=1" rel="prev"', page)
@@ -575,15 +582,17 @@ class HistoryTests(SynchronousTestCase):
         C{keep} are kept, and a removed endpoint is forgotten.
         """
         clock = Clock()
-        rows = [row("a", "tcp://a.b:1"), row("b", "tcp://b.b:1")]
-        history = ConnectionHistory(lambda: rows, clock, interval=10, keep=4)
+        rows = Rows()
+        a, b = row("a", "tcp://a.b:1"), row("b", "tcp://b.b:1")
+        history = ConnectionHistory(rows, clock, interval=10, keep=4)
+        rows.set(a, b)
         history.startService()
         for total in [1, 3, 6, 10, 15]:
-            rows[0] = attrs.evolve(rows[0], connections_total=total)
+            rows.set(attrs.evolve(a, connections_total=total), b)
             clock.advance(10)
         self.assertEqual(history.accepted("a"), [3, 4, 5])
         self.assertEqual(history.accepted("b"), [0, 0, 0])
-        del rows[1]
+        rows.set(a)
         clock.advance(10)
         self.assertEqual(history.accepted("b"), [])
         history.stopService()
