@@ -47,6 +47,7 @@ from ngrokd.control.configfile import (
     validate_config,
 )
 from ngrokd.control.render import (
+    endpoint_names,
     endpoint_table,
     event_line,
     status_lines,
@@ -146,11 +147,16 @@ async def _status(control: Control, args: Any, console: Console) -> int:
 
 
 async def _list(control: Control, args: Any, console: Console) -> int:
-    rows = [row async for row in control.endpoints()]
+    rows = [row async for row in control.endpoints(args.text, args.state)]
+    if args.names:
+        for name in endpoint_names(rows):
+            console.say(name)
+        return EXIT_OK
     if args.output == "json":
         console.say(json.dumps(rows, indent=2, sort_keys=True))
         return EXIT_OK
-    for line in endpoint_table(rows, console.colour):
+    filtered = bool(args.text or args.state)
+    for line in endpoint_table(rows, console.colour, filtered):
         console.say(line)
     return EXIT_OK
 

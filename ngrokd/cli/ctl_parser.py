@@ -20,6 +20,21 @@ from ngrokd.instance import DEFAULT_SOCKET, config_path
 READ_COMMANDS = ("status", "list", "health", "events", "diagnose")
 #: The shells C{ngrokctl completion} writes for.
 SHELLS = ("bash", "zsh", "fish")
+#: An endpoint's states (L{ngrokd.status}), for C{list --state}.
+STATES = ("listening", "starting", "failed")
+#: How a shell completes an endpoint's name: it asks the running daemon
+#: (nothing when none answers). shtab's form, kept free of shtab here.
+_NAMES = "ngrokctl list --names 2>/dev/null"
+ENDPOINT_NAMES = {
+    "bash": "_ngrokctl_endpoint_names",
+    "zsh": f"($({_NAMES}))",
+    "fish": f"({_NAMES})",
+    "preamble": {
+        "bash": "_ngrokctl_endpoint_names() {\n"
+        f'  compgen -W "$({_NAMES})" -- "$1"\n'
+        "}\n",
+    },
+}
 
 _FILE_HELP = (
     f"the file (default: the running daemon's, then {config_path('')}"
@@ -75,7 +90,31 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     command("status", "who the daemon is to ngrok, and how it does")
-    command("list", "every bound endpoint: where to connect, its state")
+    listing = command(
+        "list",
+        "every bound endpoint: where to connect, its state",
+        about="Every bound endpoint, or those TEXT and --state select (the web"
+        " page's filters).",
+    )
+    listing.add_argument(
+        "text",
+        nargs="?",
+        default="",
+        metavar="TEXT",
+        help="only the endpoints whose URL, id or client address holds TEXT (any case)",
+    ).complete = ENDPOINT_NAMES  # type: ignore[attr-defined]
+    listing.add_argument(
+        "--state",
+        default="",
+        choices=STATES,
+        help="only the endpoints in this state",
+    )
+    listing.add_argument(
+        "--names",
+        action="store_true",
+        help="print each endpoint's hostname once, one a line (for scripts and"
+        " shell completion)",
+    )
     command("health", "whether the daemon is ready; exits 1 when not")
     events = command("events", "follow what happens, live")
     events.add_argument(

@@ -200,13 +200,21 @@ class Control:
         status: dict[str, Any] = answer["status"]
         return status
 
-    async def endpoints(self) -> AsyncIterator[dict[str, Any]]:
+    async def endpoints(
+        self, search: str = "", state: str = ""
+    ) -> AsyncIterator[dict[str, Any]]:
         """
-        Every endpoint row, a page at a time.
+        Every endpoint row (those C{search} and C{state} select, when
+        given), a page at a time.
         """
         cursor: int | None = 0
         while cursor is not None:
-            page = await self._call(ListEndpoints, cursor=cursor)
+            page = await self._call(
+                ListEndpoints,
+                cursor=cursor,
+                search=search or None,
+                state=state or None,
+            )
             for row in page["endpoints"]:
                 yield row
             cursor = page.get("next")

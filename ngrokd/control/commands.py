@@ -104,12 +104,16 @@ class ListEndpoints(amp.Command):
     """
     One page of endpoint rows (L{ngrokd.status.EndpointStatus} as JSON
     objects) after C{cursor}; C{next} is the cursor of the following page,
-    absent on the last.
+    absent on the last. C{search} keeps the rows whose URL, id or client
+    address holds it (any case), C{state} those in that state, as the web
+    page's filters do.
     """
 
     arguments = [
         (b"cursor", amp.Integer(optional=True)),
         (b"limit", amp.Integer(optional=True)),
+        (b"search", amp.Unicode(optional=True)),
+        (b"state", amp.Unicode(optional=True)),
     ]
     response = [(b"endpoints", JSON()), (b"next", amp.Integer(optional=True))]
     errors = _ERRORS

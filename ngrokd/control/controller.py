@@ -82,13 +82,18 @@ class Controller:
             )
             return fields
 
-    def rows(self) -> tuple[EndpointStatus, ...]:
+    def rows(self, search: str = "", state: str = "") -> tuple[EndpointStatus, ...]:
         """
         Every endpoint's row: the kept rows as they are now (the same tuple
-        while none changes).
+        while none changes); with C{search} or C{state}, those the board's
+        indexes find (as the web page's filters), in the same order.
         """
-        rows: tuple[EndpointStatus, ...] = self.daemon.endpoint_status()
-        return rows
+        if not search and not state:
+            rows: tuple[EndpointStatus, ...] = self.daemon.endpoint_status()
+            return rows
+        board = self.daemon.board
+        keys = board.matching(search, state) if search else board.keys(state)
+        return tuple(board.rows_of(id for _, id in keys))
 
     def page(
         self, rows: Sequence[EndpointStatus], start: int, limit: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 _COLOURS = {"listening": "32", "failed": "31", "starting": "33"}
 
@@ -145,12 +146,16 @@ _COLUMNS = (
 
 
 def endpoint_table(
-    rows: Sequence[Mapping[str, Any]], colour: bool = False
+    rows: Sequence[Mapping[str, Any]], colour: bool = False, filtered: bool = False
 ) -> list[str]:
     """
     C{ngrokctl list}: one aligned row per endpoint, then the reasons of
     those that are not fine, then the total.
+
+    @param filtered: C{rows} are those a filter kept, not every endpoint.
     """
+    if not rows and filtered:
+        return ["No endpoint matches."]
     if not rows:
         return [
             "No bound endpoints.",
@@ -191,6 +196,19 @@ def endpoint_table(
     plural = "endpoint" if len(rows) == 1 else "endpoints"
     lines += ["", f"Total: {len(rows)} {plural}"]
     return lines
+
+
+def endpoint_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """
+    Each endpoint's hostname once, in the rows' order: what a shell offers
+    to complete C{ngrokctl list TEXT}.
+    """
+    names: dict[str, None] = {}
+    for row in rows:
+        host = urlsplit(row["url"]).hostname
+        if host:
+            names[host] = None
+    return list(names)
 
 
 def event_line(event: Mapping[str, Any], colour: bool = False) -> str:

@@ -248,12 +248,16 @@ class ControlAMP(amp.AMP):
 
     @ListEndpoints.responder
     def list_endpoints(
-        self, cursor: int | None = None, limit: int | None = None
+        self,
+        cursor: int | None = None,
+        limit: int | None = None,
+        search: str | None = None,
+        state: str | None = None,
     ) -> dict[str, Any]:
         cursor = cursor or 0
         limit = limit or 1000
         if cursor == 0 or not self._listing:
-            self._listing = self._controller.rows()
+            self._listing = self._controller.rows(search or "", state or "")
         rows = self._listing
         page = self._controller.page(rows, cursor, max(1, limit))
         answer: dict[str, Any] = {"endpoints": page}

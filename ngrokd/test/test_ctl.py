@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -17,6 +18,7 @@ import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import getConnectError
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ngrokd.control import client
@@ -146,6 +148,68 @@ class CommandTests(DaemonFixture, TestCase):
                 sorted(row["url"] for row in rows),
                 ["http://web.test", "tcp://echo.test:7000"],
             )
+
+        return ensureDeferred(run())
+
+    def test_listFiltered(self) -> Deferred[None]:
+        """
+        C{list TEXT} and C{--state} keep the rows the web page's filters
+        would (found through the daemon's indexes); C{--names} prints each
+        hostname once.
+        """
+
+        async def run() -> None:
+            await self.started()
+            rows = (await ngrokctl(self.socket, "list", "ECHO", "-o", "json")).json()
+            self.assertEqual([row["url"] for row in rows], ["tcp://echo.test:7000"])
+            listening = await ngrokctl(
+                self.socket, "list", "--state", "listening", "-o", "json"
+            )
+            self.assertEqual(len(listening.json()), 2)
+            failed = await ngrokctl(self.socket, "list", "--state", "failed")
+            self.assertEqual(failed.out, "No endpoint matches.\n")
+            names = await ngrokctl(self.socket, "list", "--names")
+            self.assertEqual(sorted(names.out.split()), ["echo.test", "web.test"])
+
+        return ensureDeferred(run())
+
+    def test_namesComplete(self) -> Deferred[None]:
+        """
+        bash, with ngrokctl's completion script, offers the running daemon's
+        endpoint names after C{ngrokctl list}.
+        """
+        from ngrokd.cli import ctl_parser
+        from ngrokd.cli.completion import completion_script
+
+        bash = shutil.which("bash")
+        if bash is None:
+            raise SkipTest("bash is not installed")
+        script = os.path.abspath(self.mktemp())
+        with open(script, "w") as f:
+            f.write(completion_script(ctl_parser.parser(), "bash"))
+        line = "ngrokctl list w"
+        command = (
+            f"source {script}\n"
+            f"COMP_LINE={line!r}; COMP_POINT=${{#COMP_LINE}}\n"
+            f"read -r -a COMP_WORDS <<< {line!r}\n"
+            "COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))\n"
+            "_shtab_ngrokctl\n"
+            'printf "%s\\n" "${COMPREPLY[@]}"\n'
+        )
+        bin_dir = os.path.dirname(shutil.which("ngrokctl") or sys.executable)
+        environ = {
+            **os.environ,
+            "NGROKD_SOCKET": self.socket,
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', os.defpath)}",
+        }
+
+        async def run() -> None:
+            await self.started()
+            out, err, code = await getProcessOutputAndValue(
+                bash, ["--norc", "-c", command], env=environ
+            )
+            self.assertEqual((code, err), (0, b""))
+            self.assertEqual(out.split(), [b"web.test"])
 
         return ensureDeferred(run())
 
