@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,8 +52,6 @@ import yaml
 from attrs import asdict, frozen
 from datapath import (
     ECHO,
-    METRICS_LIMIT,
-    PROBE_TIMEOUT,
     BenchError,
     Child,
     Children,
@@ -62,13 +59,13 @@ from datapath import (
     Settings,
     free_ports,
     measure_latency,
+    metric_samples,
     start_backends,
     start_daemon,
     start_devcloud,
     wait_until,
     write_daemon_config,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.names import dns
 
 LOOPBACK = "127.0.0.1"
@@ -243,6 +240,18 @@ def measure(
     )
 
 
+def finish(children: Children, workdir: Path, keep: bool) -> None:
+    """
+    Stop every process started; remove the working directory unless
+    C{keep}.
+    """
+    children.stop_all()
+    if keep:
+        print(f"dns: kept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def progress(message: str) -> None:
     print(f"dns: {message}", file=sys.stderr, flush=True)
 
@@ -342,23 +351,16 @@ def dns_counts(health_address: str) -> dict[str, int]:
     """
     ngrokd's DNS counters now (C{ngrokd_dns_*}, by label), from C{/metrics}.
     """
-    url = f"http://{health_address}/metrics"
-    try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as answer:
-            text = answer.read(METRICS_LIMIT).decode("utf-8")
-    except (OSError, ValueError) as e:
-        raise BenchError(f"reading ngrokd's metrics at {url}: {e}") from None
     counts = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith("ngrokd_dns_") and sample.name.endswith("_total"):
-                label = ",".join(sample.labels.values())
-                name = sample.name.removeprefix("ngrokd_dns_").removesuffix("_total")
-                counts[f"{name}{'[' + label + ']' if label else ''}"] = int(
-                    sample.value
-                )
+    for sample in metric_samples(health_address):
+        if sample.name.startswith("ngrokd_dns_") and sample.name.endswith("_total"):
+            label = ",".join(sample.labels.values())
+            name = sample.name.removeprefix("ngrokd_dns_").removesuffix("_total")
+            counts[f"{name}{'[' + label + ']' if label else ''}"] = int(sample.value)
     if not counts:
-        raise BenchError(f"{url} has no ngrokd_dns_ counters: is the server on?")
+        raise BenchError(
+            f"{health_address}/metrics has no ngrokd_dns_ counters: is the server on?"
+        )
     return counts
 
 
@@ -555,11 +557,7 @@ def flood_main(settings: argparse.Namespace, argv: Sequence[str]) -> int:
         failed = True
         print(f"dns: {e}", file=sys.stderr)
     finally:
-        children.stop_all()
-        if settings.keep or failed:
-            print(f"dns: kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(children, workdir, settings.keep or failed)
     return 1 if failed else 0
 
 
@@ -678,11 +676,7 @@ def main(argv: Sequence[str]) -> int:
         failed = True
         print(f"dns: {e}", file=sys.stderr)
     finally:
-        children.stop_all()
-        if settings.keep or failed:
-            print(f"dns: kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(children, workdir, settings.keep or failed)
     return 1 if failed else 0
 
 
