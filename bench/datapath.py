@@ -68,6 +68,7 @@ from _stunnel import (
 from attrs import frozen
 from OpenSSL import SSL
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 import twisted
 from ngrokd.config import ConfigError, load_config
@@ -989,6 +990,23 @@ def measure_stunnel(
     return result, StunnelRun(pair.version, handshakes)
 
 
+def metric_samples(health_address: str) -> list[Sample]:
+    """
+    Every sample of ngrokd's C{/metrics} now.
+    """
+    url = f"http://{health_address}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as answer:
+            text = answer.read(METRICS_LIMIT).decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise BenchError(f"reading ngrokd's metrics at {url}: {e}") from None
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
 @frozen
 class Dials:
     """
@@ -1006,22 +1024,16 @@ class Dials:
         """
         The counts now, from ngrokd's C{/metrics}.
         """
-        url = f"http://{health_address}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as answer:
-                text = answer.read(METRICS_LIMIT).decode("utf-8")
-        except (OSError, ValueError) as e:
-            raise BenchError(f"reading ngrokd's metrics at {url}: {e}") from None
         counts = {
             sample.labels.get("kind"): int(sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
+            for sample in metric_samples(health_address)
             if sample.name == "ngrokd_ingress_dials_total"
         }
         kinds = [f.name for f in attrs.fields(cls)]
         if not all(kind in counts for kind in kinds):
             raise BenchError(
-                f"{url} does not count ngrokd_ingress_dials_total of each kind"
+                f"{health_address}/metrics does not count"
+                " ngrokd_ingress_dials_total of each kind"
                 f" {kinds}: {counts}"
             )
         return cls(*(counts[kind] for kind in kinds))

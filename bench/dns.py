@@ -4,6 +4,8 @@ dnsmasq serving the same names.
 
     python bench/dns.py [--names 10000] [--queries 20000] [--latency 2000]
         [--window 64] [--answer-cache N] [--json FILE] [--keep]
+    python bench/dns.py --flood [--flood-rate 20000] [--flood-sources 16]
+        [--connections 300] [--json FILE] [--keep]
 
 One run starts, on 127.0.0.1 only and each in a process of its own: an
 upstream dnsmasq serving the forwarded names, dnsmasq serving the same
@@ -19,6 +21,10 @@ queries with C{--window} outstanding, answers a second. The servers,
 the upstream among them, run on CPU 1 and the client on CPU 0, when there
 are two.
 
+With C{--flood} it measures instead whether a flooded DNS server slows
+ngrokd's data path (L{flood_main}): a running ngrokd, its DNS server on,
+carrying new connections while a sender floods that server.
+
 This is not a test: it asserts nothing about speed. It fails (exit status 1)
 only when an answer is wrong or a server does not start.
 """
@@ -32,6 +38,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -41,8 +48,24 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from attrs import asdict, frozen
-from datapath import BenchError, Child, Children, free_ports, wait_until
+from datapath import (
+    ECHO,
+    BenchError,
+    Child,
+    Children,
+    Latency,
+    Settings,
+    free_ports,
+    measure_latency,
+    metric_samples,
+    start_backends,
+    start_daemon,
+    start_devcloud,
+    wait_until,
+    write_daemon_config,
+)
 from twisted.names import dns
 
 LOOPBACK = "127.0.0.1"
@@ -217,6 +240,18 @@ def measure(
     )
 
 
+def finish(children: Children, workdir: Path, keep: bool) -> None:
+    """
+    Stop every process started; remove the working directory unless
+    C{keep}.
+    """
+    children.stop_all()
+    if keep:
+        print(f"dns: kept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def progress(message: str) -> None:
     print(f"dns: {message}", file=sys.stderr, flush=True)
 
@@ -237,6 +272,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--keep", action="store_true", help="keep the working directory"
+    )
+    parser.add_argument(
+        "--flood",
+        action="store_true",
+        help="measure ngrokd's new connections with its DNS server flooded",
+    )
+    parser.add_argument(
+        "--flood-rate", type=float, default=20000.0, help="queries a second"
+    )
+    parser.add_argument(
+        "--flood-sources", type=int, default=16, help="source addresses (1-250)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=300, help="sequential, per phase"
     )
     return parser.parse_args(argv)
 
@@ -288,8 +337,234 @@ def targets(results: dict[str, dict[str, Result]]) -> list[dict[str, object]]:
     ]
 
 
+# The flood: does a flooded DNS server slow ngrokd's data path?
+
+#: Seconds the flood runs before the flooded phase is measured.
+FLOOD_SETTLE = 2.0
+#: Seconds the flood may last at most, whatever happens to the benchmark.
+FLOOD_LIMIT = 600.0
+#: The most the flooded p99 may be above the quiet one: a run's noise.
+FLOOD_BOUND = 1.2
+
+
+def dns_counts(health_address: str) -> dict[str, int]:
+    """
+    ngrokd's DNS counters now (C{ngrokd_dns_*}, by label), from C{/metrics}.
+    """
+    counts = {}
+    for sample in metric_samples(health_address):
+        if sample.name.startswith("ngrokd_dns_") and sample.name.endswith("_total"):
+            label = ",".join(sample.labels.values())
+            name = sample.name.removeprefix("ngrokd_dns_").removesuffix("_total")
+            counts[f"{name}{'[' + label + ']' if label else ''}"] = int(sample.value)
+    if not counts:
+        raise BenchError(
+            f"{health_address}/metrics has no ngrokd_dns_ counters: is the server on?"
+        )
+    return counts
+
+
+def flooded_config(path: Path, listen: tuple[str, int], upstream: int) -> None:
+    """
+    Turn on ngrokd's DNS server in C{path} (network mode: only C{dns.listen}
+    starts it), forwarding to the upstream on C{upstream}, with the system
+    left to the hosts file (C{dns.mode: hosts}, which changes nothing in
+    network mode).
+    """
+    config = yaml.safe_load(path.read_text())
+    config["dns"] = {
+        "mode": "hosts",
+        "listen": f"{listen[0]}:{listen[1]}",
+        "upstreams": [f"{LOOPBACK}:{upstream}"],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def latency_row(name: str, latency: Latency) -> str:
+    return (
+        f"{name:22} {latency.p50_ms:8.2f} {latency.p90_ms:8.2f}"
+        f" {latency.p99_ms:8.2f} {latency.max_ms:8.2f}"
+    )
+
+
+def flood_main(settings: argparse.Namespace, argv: Sequence[str]) -> int:
+    """
+    Start the backends, the devcloud, an upstream dnsmasq and ngrokd in
+    network mode with its DNS server on 127.0.0.1 (forwarding every name to
+    that upstream: network mode serves no name of its own); measure
+    C{--connections} sequential new connections through ngrokd (connect,
+    one byte echoed), quiet, then while C{bench/_flood.py} sends
+    C{--flood-rate} queries a second to the server from
+    C{--flood-sources} addresses, then quiet again; say what the flood got
+    (the sender's count of answers by rcode, ngrokd's DNS counters).
+    """
+    if shutil.which("dnsmasq") is None:
+        print("dns: dnsmasq is not installed (apt-get install dnsmasq-base)")
+        return 2
+    if not 1 <= settings.flood_sources <= 250:
+        print("dns: --flood-sources takes 1 to 250", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="ngrokd-bench-dns-flood-"))
+    workdir.chmod(0o755)
+    children = Children(workdir)
+    failed = False
+    load_start = os.getloadavg()
+    try:
+        upstream_hosts = write_hosts(workdir / "upstream.hosts", forwarded_names())
+        upstream_port, dns_port = free_ports(2)
+        upstream = dnsmasq(
+            children, "upstream", upstream_port, upstream_hosts, "--cache-size=0"
+        )
+        wait_until(
+            functools.partial(
+                answers, upstream_port, query_bytes("f0.upstream.test", dns.A)
+            ),
+            START_TIMEOUT,
+            "the upstream",
+            [upstream],
+        )
+        progress("starting the backends, the devcloud and ngrokd")
+        _, backends = start_backends(children, workdir)
+        devcloud = start_devcloud(children, workdir, backends)
+        config = write_daemon_config(
+            workdir,
+            devcloud,
+            devcloud.ingress_port,
+            Settings(
+                latency_connections=settings.connections,
+                bulk_bytes=0,
+                parallel_connections=0,
+                parallel_bytes_each=0,
+                concurrency=0,
+                direct_only=False,
+                settle_seconds=0.0,
+                delay_ms=0.0,
+                early_data=True,
+                pool_linger=300.0,
+            ),
+        )
+        flooded_config(config, (LOOPBACK, dns_port), upstream_port)
+        daemon = start_daemon(children, devcloud, config)
+        pin(daemon.child, 1)
+        probe = query_bytes("f0.upstream.test", dns.A)
+        wait_until(
+            functools.partial(answers, dns_port, probe),
+            START_TIMEOUT,
+            "ngrokd's DNS server",
+            [daemon.child],
+        )
+        echo = daemon.address(ECHO)
+        progress(f"quiet: {settings.connections} new connections")
+        before = measure_latency(echo, settings.connections)
+        queries = workdir / "queries.txt"
+        queries.write_text(
+            "".join(query_bytes(n, dns.A).hex() + "\n" for _, n in forwarded_names())
+        )
+        counted = dns_counts(daemon.health_address)
+        result = workdir / "flood.json"
+        sender = children.spawn(
+            "flood",
+            [
+                sys.executable,
+                str(Path(__file__).with_name("_flood.py")),
+                str(dns_port),
+                str(settings.flood_rate),
+                str(settings.flood_sources),
+                str(FLOOD_LIMIT),
+                str(queries),
+                str(result),
+            ],
+        )
+        pin(sender, 0)
+        time.sleep(FLOOD_SETTLE)
+        sender.check()
+        progress(
+            f"flooded: {settings.connections} new connections under"
+            f" {settings.flood_rate:.0f} queries a second"
+        )
+        flooded = measure_latency(echo, settings.connections)
+        sender.check()
+        sender.process.send_signal(signal.SIGTERM)
+        sender.process.wait(START_TIMEOUT)
+        flood = json.loads(result.read_text())
+        during = {
+            key: value - counted.get(key, 0)
+            for key, value in dns_counts(daemon.health_address).items()
+        }
+        progress(f"quiet again: {settings.connections} new connections")
+        after = measure_latency(echo, settings.connections)
+        daemon.child.check()
+        load_end = os.getloadavg()
+
+        answered = sum(flood["answers"].values())
+        quiet_p99 = max(before.p99_ms, after.p99_ms)
+        ratio = flooded.p99_ms / quiet_p99
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} CPUs,"
+            f" Python {platform.python_version()}; load average (1, 5, 15 min)"
+            f" {' '.join(f'{x:.2f}' for x in load_start)} at the start,"
+            f" {' '.join(f'{x:.2f}' for x in load_end)} at the end"
+        )
+        print(f"command: python bench/dns.py {' '.join(argv)}".rstrip())
+        print(
+            f"new connection through ngrokd, connect + 1-byte echo,"
+            f" {settings.connections} sequential:"
+        )
+        print(f"{'':22} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+        print(latency_row("quiet, before", before))
+        print(latency_row("DNS server flooded", flooded))
+        print(latency_row("quiet, after", after))
+        print(
+            f"flood: {flood['sent']} queries in {flood['seconds']:.1f} s"
+            f" ({flood['sent'] / flood['seconds']:.0f}/s) from"
+            f" {flood['sources']} addresses"
+            f" ({settings.flood_rate / flood['sources']:.0f}/s each), names"
+            f" ngrokd forwards; answered {answered}"
+            f" ({', '.join(f'{k} {v}' for k, v in sorted(flood['answers'].items()))}),"
+            f" unanswered {flood['sent'] - answered}"
+        )
+        print(
+            "ngrokd's DNS counters over the flood: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(during.items()) if v)
+        )
+        print(
+            f"target: flooded p99 / quiet p99: {ratio:.2f}"
+            f" ({'met' if ratio <= FLOOD_BOUND else 'missed'}; <= {FLOOD_BOUND:g})"
+        )
+        if settings.json:
+            settings.json.write_text(
+                json.dumps(
+                    {
+                        "latency": {
+                            "quiet_before": asdict(before),
+                            "flooded": asdict(flooded),
+                            "quiet_after": asdict(after),
+                        },
+                        "flood": flood,
+                        "ngrokd_dns_counters": during,
+                        "load_average": {"start": load_start, "end": load_end},
+                        "target": {
+                            "flooded_p99_over_quiet": ratio,
+                            "bound": FLOOD_BOUND,
+                            "met": ratio <= FLOOD_BOUND,
+                        },
+                        "settings": {k: str(v) for k, v in vars(settings).items()},
+                    },
+                    indent=2,
+                )
+            )
+    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+        failed = True
+        print(f"dns: {e}", file=sys.stderr)
+    finally:
+        finish(children, workdir, settings.keep or failed)
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str]) -> int:
     settings = parse_args(argv)
+    if settings.flood:
+        return flood_main(settings, argv)
     if shutil.which("dnsmasq") is None:
         print(
             "dns: dnsmasq is not installed (apt-get install dnsmasq-base)",
@@ -401,11 +676,7 @@ def main(argv: Sequence[str]) -> int:
         failed = True
         print(f"dns: {e}", file=sys.stderr)
     finally:
-        children.stop_all()
-        if settings.keep or failed:
-            print(f"dns: kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(children, workdir, settings.keep or failed)
     return 1 if failed else 0
 
 

@@ -3,6 +3,9 @@
 The DNS server as a Twisted service: UDP and TCP on each address given,
 one L{DNSServer} behind them all.
 
+A turn of the reactor reads at most L{MAX_READ} bytes of queries, so that
+a flood of them cannot hold the data path's connections waiting.
+
 The port is the caller's: 53 on the link's address in production, a high
 port on 127.0.0.1 in the tests; port 0 takes a free UDP port and the same
 number for TCP. The upstream servers given are filtered first
@@ -21,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol, ServerFactory
+from twisted.internet.udp import Port as UDPPort
 from twisted.logger import Logger
 
 from ngrokd.dns.forward import Forwarder
@@ -31,6 +35,11 @@ from ngrokd.dns.upstreams import Address, Upstreams, choose_upstreams
 
 #: Tries at a free port for both UDP and TCP, for port 0.
 PORT_ATTEMPTS = 20
+#: Bytes of queries read from a UDP socket in one turn of the reactor (a few
+#: dozen queries; Twisted's default, 256 KiB, is thousands). Under a flood,
+#: the reactor then turns to the data path's sockets after that many, not
+#: after seconds of answering; the kernel drops what the server cannot take.
+MAX_READ = 2048
 
 
 class DNSService(Service):
@@ -102,6 +111,8 @@ class DNSService(Service):
         udp, tcp, bound = listen_both(
             self._reactor, host, port, lambda: UDPListener(self.server), self._tcp
         )
+        if isinstance(udp, UDPPort):
+            udp.maxThroughput = MAX_READ
         self._ports += [udp, tcp]
         self.addresses.append((host, bound))
 

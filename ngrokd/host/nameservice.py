@@ -175,6 +175,14 @@ def names_table(
     return build_table(entries)
 
 
+def serves_by_dns(via: str) -> bool:
+    """
+    Whether L{NamesStatus.via} (status's C{names_via}) says that the system
+    resolves our names through the DNS server, not the hosts file.
+    """
+    return not via.startswith(_VIA[HOSTS])
+
+
 def probe_name(token: str, domains: tuple[str, ...]) -> str | None:
     """
     The name the check looks up: under our first routing domain, so that

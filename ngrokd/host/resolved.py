@@ -34,6 +34,7 @@ from ngrokd.endpoints import is_dns_name
 from ngrokd.host.allocation import IPAddress
 from ngrokd.host.dbus import (
     BUS,
+    PROPERTIES,
     DBusConnection,
     DBusError,
     ErrorReply,
@@ -57,6 +58,11 @@ _NOT_RUNNING = (
     "org.freedesktop.DBus.Error.ServiceUnknown",
 )
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+#: The interface of resolved's per-link objects.
+LINK_INTERFACE = "org.freedesktop.resolve1.Link"
+#: The bit of a link's C{ScopesMask} that says it has a DNS scope
+#: (C{SD_RESOLVED_DNS}).
+DNS_SCOPE = 1
 
 
 class ResolvedError(Exception):
@@ -68,6 +74,13 @@ class ResolvedError(Exception):
     def __init__(self, text: str, dbus_name: str | None = None) -> None:
         super().__init__(text)
         self.dbus_name = dbus_name
+
+    @property
+    def not_running(self) -> bool:
+        """
+        resolved was not on the bus to answer.
+        """
+        return self.dbus_name in _NOT_RUNNING
 
 
 class TooManyDomains(ValueError):
@@ -209,6 +222,56 @@ def upstream_servers(
                 e, "cannot read systemd-resolved's DNS servers"
             ) from e
         return choose_upstreams(body[0][1], ignore, own_ifindex)
+
+    return Deferred.fromCoroutine(read())
+
+
+@frozen
+class LinkState:
+    """
+    What resolved does with one link now, as its C{Link} object says: the
+    C{ScopesMask} (L{DNS_SCOPE}: it sends queries there), the servers, the
+    domains (C{(name, routing only)}), whether it is a default route.
+    """
+
+    scopes: int
+    servers: tuple[IPAddress, ...]
+    domains: tuple[tuple[str, bool], ...]
+    default_route: bool
+
+
+def read_link(connection: DBusConnection, ifindex: int) -> Deferred[LinkState]:
+    """
+    resolved's state of link C{ifindex}, from its C{Link} object's
+    properties (for C{ngrokctl diagnose}).
+
+    @return: a Deferred that fails with L{ResolvedError}.
+    """
+
+    async def read() -> LinkState:
+        try:
+            (path,) = await connection.call(
+                method_call(MANAGER, "GetLink", "i", (ifindex,))
+            )
+            link = DBusAddress(path, BUS_NAME, PROPERTIES)
+            (found,) = await connection.call(
+                method_call(link, "GetAll", "s", (LINK_INTERFACE,))
+            )
+        except DBusError as e:
+            raise _resolved_error(e, f"cannot read link {ifindex}") from e
+        properties = {name: value for name, (_, value) in found.items()}
+        servers = []
+        for _, packed in properties.get("DNS", []):
+            try:
+                servers.append(ip_address(bytes(packed)))
+            except ValueError:
+                continue
+        return LinkState(
+            int(properties.get("ScopesMask", 0)),
+            tuple(servers),
+            tuple((str(d), bool(r)) for d, r in properties.get("Domains", [])),
+            bool(properties.get("DefaultRoute", False)),
+        )
 
     return Deferred.fromCoroutine(read())
 

@@ -20,6 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.udp import Port as UDPPort
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.names import client, dns, server
 from twisted.names.error import DomainError
@@ -29,7 +30,7 @@ from ngrokd.dns.answer import AnswerKind
 from ngrokd.dns.forward import Forwarder
 from ngrokd.dns.protocols import TCPFactory
 from ngrokd.dns.server import DNSServer, Limits
-from ngrokd.dns.service import DNSService, listen_both
+from ngrokd.dns.service import MAX_READ, DNSService, listen_both
 from ngrokd.dns.table import build_table
 from ngrokd.dns.wire import EDNS_PAYLOAD
 
@@ -424,6 +425,30 @@ class FloodTests(ServerTestsMixin, TestCase):
         self.assertEqual(_records(_decode(await other.next())), [(dns.A, "10.107.0.2")])
         self.assertEqual(service.server.counters.dropped_rate, 180)
         self.assertEqual(len(flood.received), 20)
+
+    async def test_readsBounded(self) -> None:
+        """
+        A turn of the reactor reads a few dozen queries of a flood, not all
+        that wait, so that the other sockets (the data path's connections)
+        get their turn between them.
+        """
+        service = self.start(Limits(rate=None))
+        query = _query_bytes(b"web.default")
+        sent = 2 * MAX_READ // len(query) + 1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+            for _ in range(sent):
+                flood.sendto(query, ("127.0.0.1", self.port))
+            udp = service._ports[0]
+            assert isinstance(udp, UDPPort)
+            turns = []
+            for _ in range(4):
+                before = service.server.counters.answered[AnswerKind.ANSWER]
+                udp.doRead()
+                turns.append(
+                    service.server.counters.answered[AnswerKind.ANSWER] - before
+                )
+        per_turn = -(-MAX_READ // len(query))
+        self.assertEqual(turns, [per_turn, per_turn, sent - 2 * per_turn, 0])
 
 
 class TCPLimitTests(ServerTestsMixin, TestCase):

@@ -10,7 +10,9 @@ system's resolver as programs use it.
       holds nothing; a resolved restart is followed by working names within
       seconds; a clean stop leaves resolved without our domains; resolved
       absent at the start means the hosts file, the reason in status and
-      C{/readyz}, until it comes;
+      C{/readyz}, until it comes; C{ngrokctl diagnose} passes every hop of
+      the names' path, and with resolved stopped names it as the first
+      broken one;
     - glibc without resolved: a program whose C{/etc/resolv.conf} names our
       server (as C{docker run --dns} gives a container) resolves a name and
       a wildcard name through it and reaches them, while the system itself
@@ -159,6 +161,82 @@ class ResolvedTests(SynchronousTestCase):
         self.assertNotIn("web.prod", everything)
         self.assertNotIn(SERVER, everything)
         self.assertEqual(self.getent("web.prod"), set())
+
+    def diagnose(self, world: World) -> tuple[int, dict[str, Any]]:
+        """
+        What C{ngrokctl diagnose -o json} says, run beside resolved, and its
+        exit status.
+        """
+        argv = ["-m", "ngrokd.ctl", "--socket", world.socket_path, "diagnose"]
+        result = world.run([sys.executable, *argv, "-o", "json"], timeout=60)
+        return result.returncode, json.loads(result.stdout or "{}")
+
+    def test_diagnoseNames(self) -> None:
+        """
+        C{ngrokctl diagnose} checks the names' path hop by hop through the
+        real resolved: the DNS server answers (AAAA too), resolved routes
+        our domains to it on our link, resolv.conf sends programs to
+        resolved, and getaddrinfo gives each name (a name under the
+        wildcard too) its IPv4 and IPv6 addresses: every hop passes. With
+        resolved stopped, its hop is the first broken one, with what to do.
+        """
+        world = World(
+            self,
+            ENDPOINTS,
+            dns={"mode": "resolved"},
+            resolved=self.resolved,
+            subnet6=SUBNET6,
+        )
+        world.start_daemon()
+        world.wait(
+            lambda: "systemd-resolved" in self.names(world)["names_via"],
+            "names through systemd-resolved",
+        )
+        code, document = self.diagnose(world)
+        self.assertEqual((code, document["first_broken"]), (0, None), document)
+        checks = {check["name"]: check for check in document["checks"]}
+        self.assertEqual({check["state"] for check in checks.values()}, {"pass"})
+        self.assertEqual(
+            {
+                hop: checks[hop]["detail"]
+                for hop in (
+                    "DNS server answers",
+                    "systemd-resolved routes our domains",
+                    "resolv.conf points at systemd-resolved",
+                    "hosts section matches",
+                    "*.apps.prod resolves",
+                    "web.prod resolves",
+                )
+            },
+            {
+                "DNS server answers": f"{SERVER}:53: ngrokd-diagnose.apps.prod is"
+                f" {APPS}, {APPS6}",
+                "systemd-resolved routes our domains": f"ngrokd0: server {SERVER},"
+                " domains ~apps.prod ~db.prod ~web.prod",
+                "resolv.conf points at systemd-resolved": "/etc/resolv.conf:"
+                " nameserver 127.0.0.53",
+                "hosts section matches": f"{world.hosts_path}: 0 names",
+                "*.apps.prod resolves": f"ngrokd-diagnose.apps.prod: {APPS}, {APPS6}",
+                "web.prod resolves": f"{WEB}, {WEB6}",
+            },
+        )
+
+        self.resolved.stop_resolved()
+        world.wait(
+            lambda: self.names(world)["names_fallback"] == "systemd-resolved stopped",
+            "the hosts file while resolved is away",
+        )
+        code, document = self.diagnose(world)
+        self.assertEqual(
+            (code, document["first_broken"]),
+            (1, "systemd-resolved routes our domains"),
+            document,
+        )
+        (check,) = [
+            c for c in document["checks"] if c["name"] == document["first_broken"]
+        ]
+        self.assertIn("systemd-resolved is not running", check["detail"])
+        self.assertIn("systemctl start systemd-resolved", check["hint"])
 
     def test_resolvedAbsent(self) -> None:
         """
