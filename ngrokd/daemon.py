@@ -892,9 +892,7 @@ class Daemon(MultiService):
         addresses = frozenset(
             [*self.allocations.ips.values(), *self.allocations.ips6.values()]
         )
-        server = self.names.own_address()
-        if server is not None:
-            addresses |= {server}
+        addresses |= self.names.own_addresses()
         missing = await self.interface.ensure(addresses | self._addresses)
         if self._stopping:
             # The listeners are closed, and the names go with the stop.

@@ -98,14 +98,28 @@ class DNSService(Service):
             raise
         Service.startService(self)
         for host, port in self.addresses:
-            self.log.info(
-                "DNS server listening on {host} port {port}", host=host, port=port
-            )
+            self._listening(host, port)
         if self.upstreams.reason is not None:
             self.log.warn(
                 "DNS server: names not ours get SERVFAIL: {reason}",
                 reason=self.upstreams.reason,
             )
+
+    def listen(self, address: Address) -> None:
+        """
+        Listen on one more address, UDP and TCP, while running: one that
+        may fail without the others failing (the IPv6 one).
+
+        @raise twisted.internet.error.CannotListenError: it cannot be
+            listened on; nothing is left listening there.
+        """
+        self._listen_on(*address)
+        self._listening(*self.addresses[-1])
+
+    def _listening(self, host: str, port: int) -> None:
+        self.log.info(
+            "DNS server listening on {host} port {port}", host=host, port=port
+        )
 
     def _listen_on(self, host: str, port: int) -> None:
         udp, tcp, bound = listen_both(

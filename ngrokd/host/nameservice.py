@@ -9,8 +9,12 @@ each with its addresses. The service then, in order:
 
     - picks how names reach the system, once (L{choose_mode}: C{dns.mode};
       C{auto} asks the bus whether systemd-resolved runs);
-    - starts the DNS server the first time, on L{NameService.own_address}
-      (the daemon has put that address on the link with the endpoints'),
+    - starts the DNS server the first time, on L{NameService.own_addresses}
+      (the daemon has put them on the link with the endpoints'): the first
+      host of C{net.subnet}, and of the IPv6 block when there is one. IPv6
+      is a bonus: when that address cannot be listened on (no IPv6 here),
+      the server serves over IPv4 alone, says so once, and tries again at
+      each apply;
       forwarding other names to the system's own upstream servers (read from
       resolved over D-Bus, else from the C{resolv.conf} they came from);
     - gives the server the table of names (wildcards too) and a probe name
@@ -18,7 +22,7 @@ each with its addresses. The service then, in order:
       address;
     - registers the server: with systemd-resolved (L{ngrokd.host.resolved}:
       routing domains, default route off, LLMNR and mDNS off, then the
-      server), or in C{/etc/resolver} (L{ngrokd.host.resolverfiles});
+      server's addresses), or in C{/etc/resolver} (L{ngrokd.host.resolverfiles});
     - checks it: the probe name is looked up through C{getaddrinfo}, in a
       thread (L{ngrokd.host.probe}). Only our server knows that name, so
       its address in the answer means the system asked our server.
@@ -30,7 +34,8 @@ DNS cannot serve: nothing. A wildcard has no hosts line: with DNS not
 reaching the system, it cannot be reached by name (L{NameService.unnamed}).
 
 The decisions are pure functions (L{choose_mode}, L{server_listen},
-L{own_address}, L{hosts_names}, L{names_table}); the service does the I/O.
+L{server_listen6}, L{own_address}, L{hosts_names}, L{names_table}); the
+service does the I/O.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from ngrokd.dns.service import DNSService
 from ngrokd.dns.table import NameTable, build_table
 from ngrokd.dns.upstreams import Address, upstreams_from_resolv_conf
 from ngrokd.endpoints import is_wildcard, join_host_port
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host.allocation import IPAddress, IPNetwork
 from ngrokd.host.dbus import SYSTEM_BUS, DBusConnection, DBusError, connect
 from ngrokd.host.probe import PROBE_TIMEOUT, Lookup, probe
 from ngrokd.host.resolved import (
@@ -98,8 +103,11 @@ _T = TypeVar("_T")
 
 class LinkInfo(Protocol):
     """
-    What the service needs to know of ngrokd's link (the interface service).
+    What the service needs to know of ngrokd's link (the interface service):
+    C{subnet6} is the IPv6 block of its addresses, if any.
     """
+
+    subnet6: IPNetwork | None
 
     def link_index(self) -> int | None: ...
     def describe(self) -> str: ...
@@ -133,6 +141,20 @@ def server_listen(dns: DnsConfig, net: NetConfig) -> Address | None:
     if uses_virtual(net.listen_interface, net.overrides):
         return str(net.subnet.network_address + 1), _DNS_PORT
     return None
+
+
+def server_listen6(
+    dns: DnsConfig, net: NetConfig, subnet6: IPNetwork | None
+) -> Address | None:
+    """
+    Where the DNS server listens over IPv6 too: by default, in virtual
+    mode, the first host of C{subnet6} (the IPv6 block; the names'
+    addresses start at its second), port 53; none when C{dns.listen} names
+    the one address, or where L{server_listen} gives none.
+    """
+    if subnet6 is None or dns.listen or server_listen(dns, net) is None:
+        return None
+    return str(subnet6.network_address + 1), _DNS_PORT
 
 
 def own_address(listen: Address | None, net: NetConfig) -> IPAddress | None:
@@ -278,6 +300,8 @@ class NameService(Service):
         self._link: ResolvedLink | None = None
         self._files: ResolverFiles | None = None
         self._registered: tuple[object, ...] | None = None
+        #: Why the server does not listen on its IPv6 address ("": it does).
+        self._no_ipv6 = ""
         self._dns_serves = False
         self._fallback = ""
         self._probed_at: float | None = None
@@ -289,11 +313,21 @@ class NameService(Service):
 
     # What the daemon asks
 
-    def own_address(self) -> IPAddress | None:
+    def own_addresses(self) -> frozenset[IPAddress]:
         """
-        The address the daemon puts on its link for the server, if any.
+        The addresses the daemon puts on its link for the server.
         """
-        return own_address(server_listen(self._dns, self._net), self._net)
+        own = own_address(server_listen(self._dns, self._net), self._net)
+        listen6 = self._listen6()
+        return frozenset(
+            [
+                *([] if own is None else [own]),
+                *([] if listen6 is None else [ip_address(listen6[0])]),
+            ]
+        )
+
+    def _listen6(self) -> Address | None:
+        return server_listen6(self._dns, self._net, self._link_info.subnet6)
 
     def hosts_names(self, names: Mapping[str, _T]) -> dict[str, _T]:
         """
@@ -328,9 +362,9 @@ class NameService(Service):
         via = _VIA[mode] if self._dns_serves else _VIA[HOSTS]
         if self._chosen_because:
             via += f" ({self._chosen_because})"
-        address = self.server_address()
-        if address is not None:
-            via += f"; DNS server on {join_host_port(*address)}"
+        if self._server is not None and self._server.addresses:
+            on = ", ".join(join_host_port(*a) for a in self._server.addresses)
+            via += f"; DNS server on {on}"
         elif listen is not None and mode != OFF:
             via += "; DNS server not started yet"
         return NamesStatus(
@@ -399,6 +433,7 @@ class NameService(Service):
             if self._server is None:
                 await self._start_server(listen)
             assert self._server is not None
+            self._listen_ipv6(self._server)
             server = ip_address(listen[0])
             if names != self._served:
                 # A poll that changed nothing builds nothing.
@@ -483,6 +518,29 @@ class NameService(Service):
             ) from e
         self._server = server
 
+    def _listen_ipv6(self, server: DNSService) -> None:
+        """
+        Listen on the server's IPv6 address too, when it has one and does
+        not yet; when it cannot, say why once and serve over IPv4 alone.
+        """
+        listen6 = self._listen6()
+        if listen6 is None or listen6[0] in (host for host, _ in server.addresses):
+            return
+        try:
+            server.listen(listen6)
+        except CannotListenError as e:
+            reason = str(e.socketError)
+            if reason != self._no_ipv6:
+                self.log.warn(
+                    "the DNS server cannot listen on {address}: {error}; it"
+                    " serves over IPv4 alone",
+                    address=join_host_port(*listen6),
+                    error=reason,
+                )
+            self._no_ipv6 = reason
+        else:
+            self._no_ipv6 = ""
+
     async def _upstreams(self, own: IPAddress, listen: Address) -> list[Address]:
         """
         The servers other names go to: C{dns.upstreams}; else resolved's
@@ -494,7 +552,9 @@ class NameService(Service):
         if self._mode == RESOLVED:
             try:
                 found = await upstream_servers(
-                    await self._connect(), {own}, self._link_info.link_index() or -1
+                    await self._connect(),
+                    self.own_addresses() | {own},
+                    self._link_info.link_index() or -1,
                 )
             except (DBusError, ResolvedError) as e:
                 self.log.warn(
@@ -553,13 +613,15 @@ class NameService(Service):
                 "systemd-resolved sends a domain's queries out of a link, and"
                 f" ngrokd has no link of its own here ({self._link_info.describe()})"
             )
-        if server != self.own_address() or listen[1] != _DNS_PORT:
+        if server not in self.own_addresses() or listen[1] != _DNS_PORT:
             raise _Fallback(
                 "systemd-resolved asks a link's server from that link, on port"
                 f" 53: dns.listen {join_host_port(*listen)} is not an address"
                 f" of ngrokd's link on port 53 (leave dns.listen empty)"
             )
-        settings = LinkSettings(index, (server,), domains)
+        assert self._server is not None
+        servers = tuple(ip_address(host) for host, _ in self._server.addresses)
+        settings = LinkSettings(index, servers, domains)
         if (settings,) == self._registered and self._link is not None:
             if self._link.error is not None:
                 raise _Fallback(self._link.error)

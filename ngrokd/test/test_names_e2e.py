@@ -10,7 +10,9 @@ system's resolver as programs use it.
       holds nothing; a resolved restart is followed by working names within
       seconds; a clean stop leaves resolved without our domains; resolved
       absent at the start means the hosts file, the reason in status and
-      C{/readyz}, until it comes; C{ngrokctl diagnose} passes every hop of
+      C{/readyz}, until it comes; with an IPv6 block, the server answers
+      over IPv6 on that block's first address too, and resolved has both
+      of its addresses; C{ngrokctl diagnose} passes every hop of
       the names' path, and with resolved stopped names it as the first
       broken one;
     - glibc without resolved: a program whose C{/etc/resolv.conf} names our
@@ -42,6 +44,7 @@ DB = "10.107.0.3"
 WEB = "10.107.0.4"
 SERVER = "10.107.0.1"
 SUBNET6 = "fd6e:6772:6f6b::/64"
+SERVER6 = "fd6e:6772:6f6b::1"
 APPS6 = "fd6e:6772:6f6b::2"
 WEB6 = "fd6e:6772:6f6b::4"
 ENDPOINTS = [
@@ -49,6 +52,43 @@ ENDPOINTS = [
     ("tcp://db.prod:5432", "echo"),
     ("http://*.apps.prod", "web"),
 ]
+
+
+#: Asks server argv[1] for argv[2]'s A and AAAA records, over UDP then TCP;
+#: prints the addresses answered.
+_ASK = """
+import socket, struct, sys
+from twisted.names import dns
+def ask(kind, qtype):
+    query = dns.Message(id=7, recDes=True)
+    query.queries = [dns.Query(sys.argv[2], qtype)]
+    data = query.toStr()
+    with socket.socket(socket.AF_INET6, kind) as s:
+        s.settimeout(10)
+        s.connect((sys.argv[1], 53))
+        if kind == socket.SOCK_DGRAM:
+            s.send(data)
+            reply = s.recv(4096)
+        else:
+            s.sendall(struct.pack("!H", len(data)) + data)
+            reply = b""
+            while len(reply) < 2 or len(reply) < 2 + struct.unpack("!H", reply[:2])[0]:
+                more = s.recv(4096)
+                if not more:
+                    break
+                reply += more
+            reply = reply[2:]
+    answer = dns.Message()
+    answer.fromStr(reply)
+    for record in answer.answers:
+        if record.type == dns.A:
+            print(record.payload.dottedQuad())
+        elif record.type == dns.AAAA:
+            print(socket.inet_ntop(socket.AF_INET6, record.payload.address))
+for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+    for qtype in (dns.A, dns.AAAA):
+        ask(kind, qtype)
+"""
 
 
 def addresses(getent: str) -> set[str]:
@@ -66,9 +106,13 @@ class ResolvedTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.resolved = ResolvedNamespace(self, dns=["192.0.2.53"])
 
-    def world(self, **dns: Any) -> World:
+    def world(self, subnet6: str = "", **dns: Any) -> World:
         return World(
-            self, ENDPOINTS, dns={"mode": "resolved", **dns}, resolved=self.resolved
+            self,
+            ENDPOINTS,
+            dns={"mode": "resolved", **dns},
+            resolved=self.resolved,
+            subnet6=subnet6,
         )
 
     def names(self, world: World) -> dict[str, Any]:
@@ -161,6 +205,28 @@ class ResolvedTests(SynchronousTestCase):
         self.assertNotIn("web.prod", everything)
         self.assertNotIn(SERVER, everything)
         self.assertEqual(self.getent("web.prod"), set())
+
+    def test_ipv6Server(self) -> None:
+        """
+        With an IPv6 block, the server listens on its first address too: a
+        query over IPv6 (UDP and TCP) to it is answered with the name's
+        addresses, and resolved has both of the server's addresses for our
+        link.
+        """
+        world = self.world(subnet6=SUBNET6)
+        world.start_daemon()
+        world.wait(
+            lambda: "systemd-resolved" in self.names(world)["names_via"],
+            "names through systemd-resolved",
+        )
+        self.assertEqual(
+            self.names(world)["names_via"],
+            f"systemd-resolved; DNS server on {SERVER}:53, [{SERVER6}]:53",
+        )
+        answers = self.resolved.run([sys.executable, "-c", _ASK, SERVER6, "web.prod"])
+        self.assertEqual(answers.stdout.split(), [WEB, WEB6, WEB, WEB6], answers.stderr)
+        servers = self.resolved.resolvectl("dns", "ngrokd0").stdout
+        self.assertIn(f"{SERVER} {SERVER6}", servers, self.explain(world))
 
     def diagnose(self, world: World) -> tuple[int, dict[str, Any]]:
         """

@@ -17,12 +17,14 @@ import attrs
 from jeepney import HeaderFields
 from twisted.internet.address import IPv4Address as UDPAddress
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import EventLoggingObserver, _FakePort
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.config import Config, DnsConfig, default_config
 from ngrokd.dns.zones import normalise
+from ngrokd.host.allocation import IPNetwork
 from ngrokd.host.dbus import DBusConnection, Disconnected, ErrorReply
 from ngrokd.host.nameservice import (
     HOSTS,
@@ -34,6 +36,7 @@ from ngrokd.host.nameservice import (
     names_table,
     own_address,
     server_listen,
+    server_listen6,
 )
 from ngrokd.host.resolverfiles import MARK
 from ngrokd.test.resolvedns import SETUP
@@ -97,6 +100,24 @@ class DecisionTests(SynchronousTestCase):
         self.assertIsNone(own_address(None, net))
         darwin = attrs.evolve(net, subnet=ip_network("127.0.0.0/8"))
         self.assertIsNone(own_address(("127.0.0.1", 53), darwin))
+
+    def test_listen6(self) -> None:
+        """
+        In virtual mode with an IPv6 block, the server listens on that
+        block's first host too (the names' start at its second); not with
+        an explicit C{dns.listen}, without the block, in network mode or
+        with C{dns.mode: off}.
+        """
+        virtual = config()
+        net = virtual.net
+        subnet6 = ip_network("fd00:1::/64")
+        self.assertEqual(server_listen6(virtual.dns, net, subnet6), ("fd00:1::1", 53))
+        self.assertIsNone(server_listen6(virtual.dns, net, None))
+        explicit = DnsConfig(listen="10.107.0.1:53")
+        self.assertIsNone(server_listen6(explicit, net, subnet6))
+        self.assertIsNone(server_listen6(DnsConfig(mode="off"), net, subnet6))
+        network = attrs.evolve(net, listen_interface="0.0.0.0")
+        self.assertIsNone(server_listen6(virtual.dns, network, subnet6))
 
     def test_hostsNames(self) -> None:
         """
@@ -170,6 +191,7 @@ class Link:
     """
 
     index: int | None = 7
+    subnet6: IPNetwork | None = None
 
     def link_index(self) -> int | None:
         return self.index
@@ -186,10 +208,14 @@ class SocketReactor(ThreadReactor):
     def __init__(self) -> None:
         super().__init__()
         self.udp: list[tuple[str, int]] = []
+        #: Hosts that cannot be listened on (their address is not here).
+        self.absent: set[str] = set()
 
     def listenUDP(
         self, port: int, protocol: Any, interface: str = "", **kw: Any
     ) -> Any:
+        if interface in self.absent:
+            raise CannotListenError(interface, port, OSError(99, "not available"))
         self.udp.append((interface, port))
         return _FakePort(UDPAddress("UDP", interface, port))
 
@@ -289,6 +315,54 @@ class ResolvedServiceTests(ServiceFixture):
             ("systemd-resolved; DNS server on 10.107.0.1:53", "", True),
         )
         self.assertEqual(self.service.unnamed(list(NAMES)), {})
+
+    def test_ipv6(self) -> None:
+        """
+        With an IPv6 block, the server also listens on its first host, the
+        daemon puts that address on the link too, and resolved is given
+        both servers.
+        """
+        self.link.subnet6 = ip_network("fd00:1::/64")
+        self.assertEqual(
+            self.service.own_addresses(), {SERVER, IPv6Address("fd00:1::1")}
+        )
+        self.apply()
+        self.assertEqual(self.reactor.udp, [("10.107.0.1", 53), ("fd00:1::1", 53)])
+        (dns,) = [body for member, body in self.bus.calls if member == "SetLinkDNS"]
+        self.assertEqual(
+            dns,
+            (
+                7,
+                [
+                    (socket.AF_INET, SERVER.packed),
+                    (socket.AF_INET6, IPv6Address("fd00:1::1").packed),
+                ],
+            ),
+        )
+        self.assertIn("[fd00:1::1]:53", self.service.status().via)
+
+    def test_noIPv6(self) -> None:
+        """
+        When the IPv6 address cannot be listened on, the server serves and
+        is registered over IPv4 alone, said once; once it can, resolved is
+        given both.
+        """
+        self.link.subnet6 = ip_network("fd00:1::/64")
+        self.reactor.absent.add("fd00:1::1")
+        self.apply()
+        self.apply({**NAMES, "api.prod": ((WEB,), ())})
+        self.assertEqual(self.reactor.udp, [("10.107.0.1", 53)])
+        dns = [body for member, body in self.bus.calls if member == "SetLinkDNS"]
+        self.assertEqual(dns, [(7, [(socket.AF_INET, SERVER.packed)])] * 2)
+        warned = [e for e in self.logged if "serves over IPv4 alone" in e["log_format"]]
+        self.assertEqual(len(warned), 1)
+        self.assertTrue(self.service.status().dns_serves)
+        self.reactor.absent.clear()
+        self.apply()
+        self.assertEqual(self.reactor.udp[-1], ("fd00:1::1", 53))
+        self.assertEqual(len(dns), 2)
+        dns = [body for member, body in self.bus.calls if member == "SetLinkDNS"]
+        self.assertEqual(len(dns[-1][1]), 2)
 
     def test_unchangedNotAgain(self) -> None:
         """
@@ -487,7 +561,7 @@ class OffTests(ServiceFixture):
         """
         self.apply()
         self.assertEqual((self.reactor.udp, self.bus.calls), ([], []))
-        self.assertIsNone(self.service.own_address())
+        self.assertEqual(self.service.own_addresses(), frozenset())
         self.assertEqual(
             self.service.hosts_names(NAMES), {"web.prod": NAMES["web.prod"]}
         )

@@ -908,9 +908,15 @@ class IPv6Tests(SynchronousTestCase):
         """
         In a namespace where IPv6 is disabled, names are served over IPv4
         alone: the hosts file has the IPv4 line, clients connect, the daemon
-        is ready, says once that IPv6 is unavailable, and status says why.
+        is ready, says once that IPv6 is unavailable, and status says why;
+        the DNS server serves over IPv4 alone, said once.
         """
-        world = World(self, [("tcp://a.test:5432", "echo")], subnet6=None)
+        world = World(
+            self,
+            [("tcp://a.test:5432", "echo")],
+            dns={"mode": "hosts"},
+            subnet6=None,
+        )
         for key in ("all", "default"):
             setting = f"net.ipv6.conf.{key}.disable_ipv6=1"
             result = world.ns.run(["sysctl", "-qw", setting])
@@ -935,6 +941,12 @@ class IPv6Tests(SynchronousTestCase):
             "more polls",
         )
         self.assertEqual(len(world.logged("IPv6 is unavailable")), 1)
+        self.assertEqual(len(world.logged("it serves over IPv4 alone")), 1)
+        self.assertTrue(
+            world.ngrokctl_json("status")["names_via"].endswith(
+                "DNS server on 10.107.0.1:53"
+            )
+        )
         self.assertEqual(world.section(), ["10.107.0.2\ta.test"])
 
 
