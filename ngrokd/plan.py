@@ -173,8 +173,9 @@ class ListenerChanges:
     @ivar stop: listeners no longer planned.
     @ivar start: planned endpoints with no listener yet.
     @ivar rebind: listeners whose address or port changed.
-    @ivar update: listeners on the same address and port whose target or
-        C{Host} rewrite changed (their socket stays).
+    @ivar update: listeners on the same address and port whose spec changed
+        otherwise (target, C{Host} rewrite, client address): their socket
+        stays.
     @ivar retry: listeners on the same address and port that are not
         listening (their last bind failed).
     """

@@ -5,7 +5,8 @@ The set of local listeners, one per planned endpoint.
 L{ListenerSet.reconcile} takes the whole desired set and makes it so: gone
 specs stop listening (first, so that what they free can be reused at once),
 new ones are listened on, changed ones are rebound (the new socket first, so
-clients never see a gap where they can), and unchanged ones are not touched.
+clients never see a gap where they can), and unchanged ones are not touched:
+what L{ngrokd.plan.listener_changes} decides.
 Connections already accepted are never dropped by a reconcile: closing a
 listening socket leaves them alone. A spec that cannot be bound stays in the
 set as failed, with the reason (for a port in use, which process holds it,
@@ -30,7 +31,7 @@ from functools import partial
 from itertools import chain
 from typing import Any
 
-from attrs import define
+from attrs import define, frozen
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -46,7 +47,7 @@ from ngrokd.datapath.descriptors import SPARE, DescriptorReserve
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.endpoints import join_host_port
 from ngrokd.host.portowner import port_owners
-from ngrokd.plan import ListenSpec
+from ngrokd.plan import ListenerChanges, ListenSpec, listener_changes
 
 #: Connections the kernel queues for each listener before ngrokd accepts them,
 #: so that a burst waits instead of being refused (capped by the kernel's
@@ -341,7 +342,7 @@ class ListenerSet:
         specs6 = specs6 or {}
         gone = []
         for listeners, wanted in ((self.listeners, specs), (self.listeners6, specs6)):
-            for key in [k for k in listeners if k not in wanted]:
+            for key in _changes(listeners, wanted).stop:
                 gone.append(listeners.pop(key))
                 self._changed(key)
         stopping = DeferredList(
@@ -377,23 +378,26 @@ class ListenerSet:
         """
         work: list[Deferred[None]] = []
         stops, turn, began = self._stops, BINDS_AT_LEAST, time.perf_counter()
+        # Decided once the stops are done, on the listeners as they are then.
+        binds4 = _Binds.of(_changes(self.listeners, specs))
+        binds6 = _Binds.of(_changes(self.listeners6, specs6))
         both = chain(
             (
-                (self.listeners, key, spec, self._new_factory)
+                (self.listeners, binds4, key, spec, self._new_factory)
                 for key, spec in specs.items()
             ),
             (
-                (self.listeners6, key, spec, self._factory_of)
+                (self.listeners6, binds6, key, spec, self._factory_of)
                 for key, spec in specs6.items()
             ),
         )
-        for listeners, key, spec, factory_for in both:
+        for listeners, binds, key, spec, factory_for in both:
             if len(work) >= turn and time.perf_counter() - began > BIND_SLICE:
                 await deferLater(self._reactor, 0, lambda: None)
                 if self._stops != stops:
                     break
                 turn, began = len(work) + BINDS_AT_LEAST, time.perf_counter()
-            work.extend(self._apply(listeners, key, spec, factory_for))
+            work.extend(self._apply(listeners, binds, key, spec, factory_for))
         await DeferredList(work, consumeErrors=True)
 
     def _factory_of(self, key: str, spec: ListenSpec) -> BridgeFactory:
@@ -402,28 +406,29 @@ class ListenerSet:
     def _apply(
         self,
         listeners: dict[str, Listener],
+        binds: _Binds,
         key: str,
         spec: ListenSpec,
         factory_for: Callable[[str, ListenSpec], BridgeFactory],
     ) -> list[Deferred[None]]:
         """
-        Bring the listener of C{key} in C{listeners} to C{spec}: the binds
-        this started.
+        Do to the listener of C{key} in C{listeners} what C{binds} says
+        (it is to be C{spec}): the binds this started.
         """
-        current = listeners.get(key)
-        if current is None:
+        if key in binds.start:
             listener = Listener(spec, factory_for(key, spec))
             listeners[key] = listener
             self._changed(key)
             return [self._listen(key, listener)]
-        if current.spec.bind != spec.bind:
+        current = listeners[key]
+        if key in binds.rebind:
             return [self._rebind(listeners, key, current, spec)]
-        if current.spec != spec:
+        if key in binds.update:
             current.spec = spec
             current.factory.target = spec.target
             current.factory.rewrite_host = spec.rewrite_host
             self._changed(key)
-        return [] if current.listening else [self._listen(key, current)]
+        return [self._listen(key, current)] if key in binds.retry else []
 
     def stop(self) -> Deferred[None]:
         """
@@ -542,6 +547,41 @@ class ListenerSet:
         self._guard.forget(port)
         stopping: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
         return stopping
+
+
+def _changes(
+    listeners: Mapping[str, Listener], wanted: Mapping[str, ListenSpec]
+) -> ListenerChanges:
+    """
+    What makes C{listeners} match C{wanted} (L{listener_changes}).
+    """
+    return listener_changes(
+        {key: listener.spec for key, listener in listeners.items()},
+        {key for key, listener in listeners.items() if listener.listening},
+        wanted,
+    )
+
+
+@frozen
+class _Binds:
+    """
+    The binds of a L{ListenerChanges}, by kind, for a look-up per key as the
+    wanted specs are gone through in their order.
+    """
+
+    start: frozenset[str]
+    rebind: frozenset[str]
+    update: frozenset[str]
+    retry: frozenset[str]
+
+    @classmethod
+    def of(cls, changes: ListenerChanges) -> _Binds:
+        return cls(
+            frozenset(changes.start),
+            frozenset(changes.rebind),
+            frozenset(changes.update),
+            frozenset(changes.retry),
+        )
 
 
 def _overlaps(old: ListenSpec, new: ListenSpec) -> bool:

@@ -9,6 +9,7 @@ import os
 import socket
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import deferLater
@@ -172,3 +173,31 @@ class ListenerSetTests(TestCase):
             "192.0.2.1 is not an address of this machine (check"
             " net.listen_interface and net.overrides)",
         )
+
+    async def test_changedSpec(self) -> None:
+        """
+        A listener whose C{Host} rewrite changes on the same address and
+        port keeps its socket, and its connections get the new rewrite; one
+        whose port changes moves to the new port, still counting with the
+        endpoint's connections, and the old port is free again.
+        """
+        url = "http://a.test:80"
+        first, second = unused_port(), unused_port()
+        spec = _spec(url, "127.0.0.1", first)
+        await self.listeners.reconcile({url: spec})
+        listener = self.listeners.listeners[url]
+        port = listener.port
+        await self.listeners.reconcile({url: attrs.evolve(spec, rewrite_host="b.test")})
+        self.assertIs(self.listeners.listeners[url], listener)
+        self.assertIs(listener.port, port)
+        self.assertEqual(listener.factory.rewrite_host, "b.test")
+        await self.listeners.reconcile({url: attrs.evolve(spec, port=second)})
+        moved = self.listeners.listeners[url]
+        self.assertTrue(moved.listening, moved.error)
+        self.assertIs(moved.factory, listener.factory)
+        self.assertEqual(moved.factory.rewrite_host, None)
+        with socket.create_connection(("127.0.0.1", second), timeout=5):
+            pass
+        await _wait(lambda: moved.stats.connections_total == 1)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", first))

@@ -307,6 +307,18 @@ class ListenerChangesTests(SynchronousTestCase):
             ),
         )
 
+    def test_changedAndFailed(self) -> None:
+        """
+        A listener whose last bind failed and whose target changed on the
+        same address and port is both updated and tried again.
+        """
+        current = {"a": _spec("http://a.ns")}
+        wanted = {"a": attrs.evolve(current["a"], rewrite_host="x.ns")}
+        self.assertEqual(
+            listener_changes(current, set(), wanted),
+            ListenerChanges(update=("a",), retry=("a",)),
+        )
+
     def test_unchanged(self) -> None:
         """
         The same plan again changes nothing.
