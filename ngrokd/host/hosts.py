@@ -25,7 +25,6 @@ import errno
 import fcntl
 import os
 import re
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from ngrokd.host.allocation import IPAddress
 from ngrokd.instance import hosts_markers, is_hosts_marker
 from ngrokd.problems import Problems
+from ngrokd.readfile import read_regular
 
 #: The unnamed instance's markers; a named one's carry its name.
 BEGIN, END = hosts_markers("")
@@ -232,6 +232,8 @@ class HostsFileError(Exception):
 #: rename(2) fails so when the file is a mount point: Docker and Kubernetes
 #: bind-mount /etc/hosts into containers.
 _IN_PLACE_ERRORS = (errno.EBUSY, errno.EXDEV)
+#: The most of the file a read for its names takes, in bytes.
+MAX_READ = 64 * 2**20
 #: Bounded retries when another writer replaces the file while we wait.
 _LOCK_ATTEMPTS = 20
 #: Seconds a write waits for the file's lock: any local user who can read
@@ -323,25 +325,24 @@ class HostsFile:
 
     def _read_text(self) -> str:
         """
-        The file's text (C{""} when there is no file), opened so that a
-        FIFO in its place cannot block the read.
+        The file's text (C{""} when there is no file), read so that a FIFO
+        in its place cannot block the read (L{read_regular}).
 
-        @raise HostsFileError: the file cannot be read, or is not a file.
+        @raise HostsFileError: the file cannot be read, is not a file, or
+            is larger than L{MAX_READ}.
         """
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            data, _ = read_regular(self.path, MAX_READ + 1)
         except FileNotFoundError:
             return ""
         except OSError as e:
-            raise HostsFileError(self.path, "open", e) from e
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise HostsFileError(
-                    self.path, "read", OSError(errno.EINVAL, "not a regular file")
-                )
-            data = self._read(fd, self.path)
-        finally:
-            os.close(fd)
+            raise HostsFileError(self.path, "read", e) from e
+        if len(data) > MAX_READ:
+            raise HostsFileError(
+                self.path,
+                "read",
+                OSError(errno.EFBIG, f"larger than {MAX_READ // 2**20} MiB"),
+            )
         return data.decode("utf-8", "surrogateescape")
 
     def _open_locked(self, path: str, create: bool) -> int | None:

@@ -377,7 +377,9 @@ class HostsFileTests(SynchronousTestCase):
             os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
             reader.join(5)
             self.fail("reading a FIFO in the hosts file's place blocked")
-        self.assertEqual(outcome, [f"cannot read {self.path}: not a regular file"])
+        self.assertEqual(
+            outcome, [f"cannot read {self.path}: not a regular file but a FIFO"]
+        )
 
     def test_missingDirectory(self) -> None:
         """
