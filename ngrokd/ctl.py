@@ -47,11 +47,13 @@ from ngrokd.control.configfile import (
     validate_config,
 )
 from ngrokd.control.render import (
+    check_lines,
     endpoint_names,
     endpoint_table,
     event_line,
     status_lines,
 )
+from ngrokd.control.verdict import first_broken
 from ngrokd.instance import (
     DEFAULT_SOCKET,
     InstanceNameError,
@@ -287,7 +289,7 @@ async def _config_edit(
 
 
 async def _diagnose(reactor: Any, socket: str, args: Any, console: Console) -> int:
-    from ngrokd.control.diagnose import Diagnosis, check_lines, first_broken
+    from ngrokd.control.diagnose import Diagnosis
 
     path = (
         args.config
