@@ -1,6 +1,7 @@
 """
-Tests for L{ngrokd.control.server}: the control socket over a real UNIX
-socket, in front of a real daemon registered with the devcloud.
+Tests for L{ngrokd.control.server}, L{ngrokd.control.connection} and
+L{ngrokd.control.responders}: the control socket over a real UNIX socket,
+in front of a real daemon registered with the devcloud.
 """
 
 from __future__ import annotations
@@ -45,18 +46,17 @@ from ngrokd.control.commands import (
     SetAPIKey,
     Status,
 )
-from ngrokd.control.controller import Controller
-from ngrokd.control.feed import EventFeed
-from ngrokd.control.legacy import MAX_LEGACY_REQUEST
-from ngrokd.control.peer import Peer
-from ngrokd.control.server import (
+from ngrokd.control.connection import (
     MAX_BOX_BYTES,
     MAX_CONNECTIONS,
     MAX_PENDING_ANSWERS,
     ControlAMP,
-    ControlService,
-    transport_peer,
 )
+from ngrokd.control.controller import Controller
+from ngrokd.control.feed import EventFeed
+from ngrokd.control.legacy import MAX_LEGACY_REQUEST
+from ngrokd.control.peer import Peer
+from ngrokd.control.server import ControlService, transport_peer
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.ngrok.identity_service import WAITING_FOR_KEY
