@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
@@ -36,6 +37,7 @@ from ngrokd.control.commands import (
     Status,
     TooManyConnections,
 )
+from ngrokd.control.interfaces import IControlReactor
 
 #: Exit codes of C{ngrokctl}, one per way of failing.
 EXIT_OK = 0
@@ -66,28 +68,32 @@ class ControlError(Exception):
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 
-def client_endpoint(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Any:
+def client_endpoint(
+    reactor: IControlReactor, socket: str, timeout: float = TIMEOUT
+) -> IStreamClientEndpoint:
     """
     A path (the usual case) or a Twisted client endpoint description.
 
     @raise ControlError: a path too long for a UNIX socket, which Twisted
         would fail on with a traceback rather than an error.
     """
-    if socket.startswith("tcp:"):
-        return clientFromString(reactor, socket)
-    path = socket.removeprefix("unix:").split(":", 1)[0]
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ControlError(
-            f"{path}: a UNIX socket's path can be at most {MAX_SOCKET_PATH}"
-            f" bytes, this one is {len(os.fsencode(path))}",
-            EXIT_USAGE,
-        )
-    if socket.startswith("unix:"):
-        return clientFromString(reactor, socket)
-    return UNIXClientEndpoint(reactor, socket, timeout=timeout)
+    if not socket.startswith("tcp:"):
+        path = socket.removeprefix("unix:").split(":", 1)[0]
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ControlError(
+                f"{path}: a UNIX socket's path can be at most {MAX_SOCKET_PATH}"
+                f" bytes, this one is {len(os.fsencode(path))}",
+                EXIT_USAGE,
+            )
+        if not socket.startswith("unix:"):
+            return UNIXClientEndpoint(reactor, socket, timeout=timeout)
+    described: IStreamClientEndpoint = clientFromString(reactor, socket)
+    return described
 
 
-async def connect(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Control:
+async def connect(
+    reactor: IControlReactor, socket: str, timeout: float = TIMEOUT
+) -> Control:
     """
     Connect to the daemon at C{socket} and greet it.
 
@@ -99,6 +105,7 @@ async def connect(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Contro
         protocol = await endpoint.connect(Factory.forProtocol(amp.AMP))
     except ConnectError as e:
         raise _connect_error(socket, e) from None
+    assert isinstance(protocol, amp.AMP)  # the factory's
     control = Control(reactor, protocol, socket, timeout)
     try:
         await control.hello()
@@ -134,7 +141,7 @@ class Control:
     """
 
     def __init__(
-        self, reactor: Any, protocol: amp.AMP, socket: str, timeout: float
+        self, reactor: IReactorTime, protocol: amp.AMP, socket: str, timeout: float
     ) -> None:
         self._reactor = reactor
         self._protocol = protocol

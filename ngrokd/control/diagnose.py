@@ -33,7 +33,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -58,6 +58,7 @@ from ngrokd.control.hops import (
     shadow_check,
     virtual_names,
 )
+from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.verdict import FAIL, PASS, SKIP, Check
 from ngrokd.datapath import wire
 from ngrokd.datapath.ingress import DialFailed, IngressConnector, TLSFailed
@@ -100,6 +101,7 @@ LOOKUP_TIMEOUT = 5.0
 #: Where programs find their DNS servers.
 RESOLV_CONF = "/etc/resolv.conf"
 _RCODES = {1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
@@ -110,7 +112,7 @@ class Diagnosis:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IControlReactor,
         config_path: str,
         socket_path: str,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(
@@ -127,9 +129,11 @@ class Diagnosis:
         #: How the daemon says names reach programs (status's C{names_via}).
         self._names_via = ""
 
-    def _thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+    def _thread(
+        self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> Deferred[_T]:
         return deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), work, *args
+            self._reactor, self._reactor.getThreadPool(), work, *args, **kwargs
         )
 
     def _add(self, check: Check) -> bool:

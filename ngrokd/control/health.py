@@ -48,6 +48,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ngrokd.control.held import REQUESTS
 from ngrokd.control.httpsite import HealthSite
+from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.slices import SlicedBody, batched, slicer
 from ngrokd.control.web import WebPage, plain_text
 from ngrokd.endpoints import join_host_port
@@ -443,7 +444,7 @@ class HealthService(Service):
         address: str,
         daemon: StatusSource,
         registry: CollectorRegistry,
-        reactor: Any,
+        reactor: IControlReactor,
         web: WebPage,
         scraped: Scraped = Scraped(),
     ) -> None:

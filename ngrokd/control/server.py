@@ -34,7 +34,12 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IListeningPort, IReactorTime, ITransport
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorTime,
+    IStreamServerEndpoint,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -42,8 +47,9 @@ from twisted.python.failure import Failure
 
 from ngrokd.control.address import AddressError, ControlAddress, control_address
 from ngrokd.control.connection import IDLE_TIMEOUT, ControlFactory
-from ngrokd.control.controller import Controller
+from ngrokd.control.controller import ControlledDaemon, Controller
 from ngrokd.control.feed import EventFeed
+from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.peer import Peer, peer_of
 from ngrokd.summarylog import Summariser, Summary
 
@@ -111,14 +117,14 @@ class ControlService(Service):
 
     def __init__(
         self,
-        daemon: Any,
+        daemon: ControlledDaemon,
         feed: EventFeed,
-        reactor: Any,
+        reactor: IControlReactor,
         credentials: Callable[[Any], Peer] = transport_peer,
     ) -> None:
         self._daemon = daemon
         self._reactor = reactor
-        self._description: str = daemon.config.server.socket_path
+        self._description = daemon.config.server.socket_path
         self.controller = Controller(daemon, feed, reactor, self._description)
         self._credentials = credentials
         self._notices = ConnectionNotices(reactor, self._description)
@@ -228,14 +234,17 @@ class ControlService(Service):
         gid: int = entry.gr_gid
         return gid
 
-    async def _endpoint(self, address: ControlAddress) -> Any:
+    async def _endpoint(self, address: ControlAddress) -> IStreamServerEndpoint | None:
         """
         The endpoint to listen on; for a path, after making sure no live
         process answers there (C{None} then, with the reason logged).
         """
         if not address.path:
             try:
-                return serverFromString(self._reactor, address.description)
+                described: IStreamServerEndpoint = serverFromString(
+                    self._reactor, address.description
+                )
+                return described
             except (ValueError, TypeError, KeyError) as e:
                 self.log.error(
                     "server.socket_path {socket} is not an endpoint Twisted"

@@ -65,6 +65,7 @@ from ngrokd.tap import build_daemon
 from ngrokd.test.helpers import (
     Echo,
     Recorder,
+    control_reactor,
     free_ports,
     listen,
     settle,
@@ -435,7 +436,7 @@ class ControlSocketTests(DaemonFixture, TestCase):
             globalLogPublisher.addObserver(observe)
             self.addCleanup(globalLogPublisher.removeObserver, observe)
             feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
-            second = ControlService(daemon, feed, reactor)
+            second = ControlService(daemon, feed, control_reactor())
             second.startService()
             self.addCleanup(second.stopService)
             await second.whenListening()
@@ -613,7 +614,7 @@ class PagingTests(TestCase):
             )
             daemon = SimpleNamespace(config=config, endpoint_status=lambda: rows)
             feed = EventFeed(lambda: None, StatusBoard(dict), reactor)  # type: ignore[arg-type,return-value]
-            service = ControlService(daemon, feed, reactor)
+            service = ControlService(daemon, feed, control_reactor())
             service.startService()
             self.addCleanup(service.stopService)
             await service.whenListening()
@@ -897,7 +898,7 @@ class HostileClientTests(DaemonFixture, TestCase):
             await self.start_daemon(self, self.devcloud, f"tcp:{port}")
             self.assertEqual(_tcp_listening(port), ["127.0.0.1"])
             self.assertTrue(any("answers reads only" in f for f in logged), logged)
-            control = await connect(reactor, f"tcp:127.0.0.1:{port}")
+            control = await connect(control_reactor(), f"tcp:127.0.0.1:{port}")
             self.addCleanup(control.close)
             self.assertTrue((await control.status())["registered"])
             with self.assertRaises(ControlError) as raised:
@@ -933,7 +934,7 @@ class HostileClientTests(DaemonFixture, TestCase):
                 str(MAX_CONNECTIONS),
                 ready=b"held",
             )
-            control = await connect(reactor, self.path)
+            control = await connect(control_reactor(), self.path)
             self.addCleanup(control.close)
             self.assertTrue((await control.status())["registered"])
             as_member = [
