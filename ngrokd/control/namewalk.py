@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_names_e2e -*-
+# -*- test-case-name: ngrokd.test.test_diagnose,ngrokd.test.test_names_e2e -*-
 """
 The names' part of C{ngrokctl diagnose}'s walk, for virtual-mode
 endpoints: the interface has their addresses; ngrokd's DNS server answers

@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.testing import StringTransport
@@ -32,6 +32,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from ngrokd.board import StatusBoard
 from ngrokd.config import default_config, load_config
@@ -54,8 +55,10 @@ from ngrokd.control.connection import (
 )
 from ngrokd.control.controller import Controller
 from ngrokd.control.feed import EventFeed
+from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.legacy import MAX_LEGACY_REQUEST
 from ngrokd.control.peer import Peer
+from ngrokd.control.responders import MAX_EVENT_WAIT, ControlCommands
 from ngrokd.control.server import ControlService, transport_peer
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
@@ -1146,3 +1149,43 @@ class ControlAddressTests(SynchronousTestCase):
             control_address("systemd:domain=UNIX:index=0"),
             ControlAddress("systemd:domain=UNIX:index=0"),
         )
+
+
+class ControlReactorTests(SynchronousTestCase):
+    """
+    The reactor the control wing is given.
+    """
+
+    def test_installedProvidesEveryPart(self) -> None:
+        """
+        The reactor Twisted installs here has every method of every part
+        the control wing takes (L{IControlReactor}), though Twisted types it
+        as their common part only.
+        """
+        self.assertTrue(verifyObject(IControlReactor, reactor, tentative=True))
+
+
+class ResponderTests(SynchronousTestCase):
+    """
+    The answers to C{ngrokctl}'s commands, apart from a connection.
+    """
+
+    def test_eventsWaitBounded(self) -> None:
+        """
+        An events call waits at most L{MAX_EVENT_WAIT} seconds, whatever it
+        asks, and never less than none.
+        """
+        asked: list[float] = []
+
+        def wait(after: int, seconds: float) -> Deferred[list[Any]]:
+            asked.append(seconds)
+            return succeed([])
+
+        controller = SimpleNamespace(feed=SimpleNamespace(wait=wait, last_id=7))
+        commands = ControlCommands(controller, None)  # type: ignore[arg-type]
+        for seconds in (3600.0, -5.0, None, 2.5):
+            answer = self.successResultOf(
+                ensureDeferred(commands.events(after=0, wait=seconds))
+            )
+            self.assertEqual(answer, {"events": [], "last": 7})
+        self.assertEqual(asked, [MAX_EVENT_WAIT, 0.0, 0.0, 2.5])

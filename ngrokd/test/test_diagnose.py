@@ -1,24 +1,34 @@
 """
 Tests for C{ngrokctl diagnose} (L{ngrokd.control.diagnose}): the whole walk
-against a running daemon and the devcloud, with one hop broken at a time
-(the pure checks are in L{ngrokd.test.test_hops}).
+against a running daemon and the devcloud, with one hop broken at a time;
+then its parts that read files (L{ngrokd.control.probes},
+L{ngrokd.control.namewalk}). The pure checks are in L{ngrokd.test.test_hops}.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from ipaddress import ip_address
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ngrokd.config import default_config
+from ngrokd.control import probes
 from ngrokd.control.client import EXIT_FAILED, EXIT_OK
-from ngrokd.control.verdict import PASS
+from ngrokd.control.diagnose import Diagnosis
+from ngrokd.control.namewalk import NameWalk
+from ngrokd.control.verdict import FAIL, PASS, Check
+from ngrokd.host.allocation import IPAddress
+from ngrokd.test.helpers import control_reactor
 from ngrokd.test.test_control import DaemonFixture
 from ngrokd.test.test_ctl import ngrokctl
+from ngrokd.test.threads import at_once
 
 #: Seconds between HostnameEndpoint's connection attempts.
 ATTEMPT_DELAY = 0.3
@@ -154,3 +164,106 @@ class DiagnoseTests(DaemonFixture, TestCase):
             self.assertEqual(states["http://web.test listener accepts"], PASS)
 
         return ensureDeferred(run())
+
+
+class DiagnosisTests(TestCase):
+    """
+    L{Diagnosis} run on its own.
+    """
+
+    def test_brokenConfig(self) -> Deferred[None]:
+        """
+        A config file that cannot be read is the first and only hop: the
+        walk goes no further without it.
+        """
+
+        async def run() -> None:
+            directory = self.mktemp()
+            missing = os.path.join(directory, "ngrokd.yml")
+            socket = os.path.join(directory, "ngrokd.sock")
+            checks = await Diagnosis(control_reactor(), missing, socket).run()
+            self.assertEqual(
+                [(c.name, c.state) for c in checks], [("config valid", FAIL)]
+            )
+            self.assertIn("cannot read the config file", checks[0].detail)
+
+        return ensureDeferred(run())
+
+
+class ProbeTests(SynchronousTestCase):
+    """
+    What diagnose reads from this machine's files.
+    """
+
+    def test_resolvConf(self) -> None:
+        """
+        C{resolv.conf} is read with where it links to; one that cannot be
+        read reads as empty.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        target = os.path.join(directory, "stub-resolv.conf")
+        with open(target, "w") as f:
+            f.write("nameserver 127.0.0.53\n")
+        link = os.path.join(directory, "resolv.conf")
+        os.symlink(target, link)
+        self.assertEqual(probes.resolv_conf(link), (target, "nameserver 127.0.0.53\n"))
+        self.assertEqual(
+            probes.resolv_conf(os.path.join(directory, "none")), (None, "")
+        )
+
+    def test_resolverFiles(self) -> None:
+        """
+        Each domain's C{/etc/resolver} file is read, C{None} where there is
+        none.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        with open(os.path.join(directory, "apps.prod"), "wb") as f:
+            f.write(b"nameserver 10.107.0.1\n")
+        self.assertEqual(
+            probes.resolver_files(directory, ["apps.prod", "web.prod"]),
+            {"apps.prod": b"nameserver 10.107.0.1\n", "web.prod": None},
+        )
+
+
+class NameWalkTests(SynchronousTestCase):
+    """
+    The names' hops that read only files.
+    """
+
+    def test_hostsHop(self) -> None:
+        """
+        The hosts file is read for our section and for lines outside it
+        that name our names: a file with neither fails the first, and a
+        line of its own for one of our names fails the second.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        hosts = os.path.join(directory, "hosts")
+        with open(hosts, "w") as f:
+            f.write("127.0.0.1 localhost\n192.0.2.9 web.test\n")
+        defaults = default_config(os.path.join(directory, "c.yml"), {}, "linux")
+        config = attrs.evolve(
+            defaults.config,
+            net=attrs.evolve(defaults.config.net, hosts_file=hosts),
+        )
+        checks: list[Check] = []
+
+        def add(check: Check) -> bool:
+            checks.append(check)
+            return check.state == PASS
+
+        walk = NameWalk(control_reactor(), at_once, add)
+        names: dict[str, tuple[IPAddress, ...]] = {
+            "web.test": (ip_address("10.107.0.2"),)
+        }
+        self.successResultOf(ensureDeferred(walk.hosts(config, names, False)))
+        self.assertEqual(
+            [(c.name, c.state) for c in checks],
+            [
+                ("hosts section matches", FAIL),
+                ("no hosts line shadows our names", FAIL),
+            ],
+        )
+        self.assertIn("web.test", checks[1].detail)
