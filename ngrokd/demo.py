@@ -127,7 +127,7 @@ def _free(port: int) -> bool:
     return True
 
 
-async def run(reactor: Any, options: Options) -> int:
+async def run(reactor: Any, options: usage.Options) -> int:
     state = os.path.abspath(options["state"])
     start_port = options["start-port"]
     if not (_free(start_port) and _free(start_port + 1)):
@@ -139,7 +139,8 @@ async def run(reactor: Any, options: Options) -> int:
     for stale in ("devcloud.json", "ngrokd.yml"):
         if os.path.exists(os.path.join(state, stale)):
             os.remove(os.path.join(state, stale))
-    web = reactor.listenTCP(0, Site(Hello()), interface="127.0.0.1")
+    hello = Hello()  # type: ignore[no-untyped-call]
+    web = reactor.listenTCP(0, Site(hello), interface="127.0.0.1")
     echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
     children: list[subprocess.Popen[bytes]] = []
     try:
@@ -241,7 +242,8 @@ async def _fetch(url: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    options = Options()
+    # Twisted's Options and Resource carry no annotations.
+    options: usage.Options = Options()  # type: ignore[no-untyped-call]
     try:
         options.parseOptions(argv if argv is not None else sys.argv[1:])
     except usage.UsageError as e:

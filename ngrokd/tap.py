@@ -18,6 +18,7 @@ from ngrokd import __version__
 from ngrokd.config import Config, ConfigError, LoadedConfig, load_config
 from ngrokd.instance import config_path
 from ngrokd.logoutput import choose
+from ngrokd.servicetree import attach
 
 if TYPE_CHECKING:
     from ngrokd.daemon import Daemon
@@ -108,11 +109,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if under_twistd:
         daemon.exit_when_locked = True
         daemon.freeze_after_changes = True
-        StopOnSignal(daemon, reactor).setServiceParent(daemon)
+        attach(StopOnSignal(daemon, reactor), daemon)
         # The process's own heap: one per process, so only under twistd.
-        MemoryTrimmer(
-            reactor, lambda: daemon.listeners.connections_open
-        ).setServiceParent(daemon)
+        attach(
+            MemoryTrimmer(reactor, lambda: daemon.listeners.connections_open),
+            daemon,
+        )
     return daemon
 
 
@@ -138,7 +140,7 @@ def build_daemon(
     daemon = Daemon(config, reactor)
     daemon.instance_option = instance_option
     log_level = LogLevelService(level_named(config.server.log_level))
-    log_level.setServiceParent(daemon)
+    attach(log_level, daemon)
     daemon.reconfigured.append(
         lambda new: log_level.set_level(level_named(new.server.log_level))
     )
@@ -172,14 +174,14 @@ def build_daemon(
                 per_endpoint=metrics.endpoint_series,
             ),
         )
-        health.setServiceParent(daemon)
-    feed.setServiceParent(daemon)
-    ControlService(daemon, feed, reactor).setServiceParent(daemon)
-    ConfigWatcher(config.path, daemon.reload, reactor).setServiceParent(daemon)
+        attach(health, daemon)
+    attach(feed, daemon)
+    attach(ControlService(daemon, feed, reactor), daemon)
+    attach(ConfigWatcher(config.path, daemon.reload, reactor), daemon)
     notifier = SystemdNotifier(
         daemon.daemon_status, reactor, environ or {}, os.getpid()
     )
     if notifier.enabled:
-        notifier.setServiceParent(daemon)
+        attach(notifier, daemon)
         daemon.stopping.append(notifier.stopping)
     return daemon

@@ -26,7 +26,6 @@ from typing import Any
 
 from attrs import define, frozen
 from cryptography.exceptions import InvalidSignature
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocol
 from twisted.logger import Logger
@@ -54,6 +53,7 @@ from ngrokd.devcloud.ingress import (
     server_options,
     tls_factory,
 )
+from ngrokd.servicetree import Parent
 
 DEFAULT_API_PORT = 4443
 DEFAULT_INGRESS_PORT = 4444
@@ -175,7 +175,7 @@ class _ClosableTLSFactory(HalfCloseableTLSFactory):
         self._drained: list[Deferred[None]] = []
 
     def unregisterProtocol(self, p: IProtocol) -> None:
-        super().unregisterProtocol(p)
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
         if not self.protocols:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -395,7 +395,7 @@ class DevcloudSettings:
     request_timeout: float = REQUEST_TIMEOUT
 
 
-class DevcloudService(MultiService):
+class DevcloudService(Parent):
     """
     Runs L{start_devcloud} when started (a taken port or unusable state fails
     the start, so twistd exits with the reason) and stops it when stopped.
@@ -490,7 +490,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        usage.Options.__init__(self)
         self["endpoints"] = []
 
     def opt_endpoint(self, value: str) -> None:

@@ -33,6 +33,7 @@ CORE = {
     "ngrokd.readfile",
     "ngrokd.reconfigure",
     "ngrokd.retry",
+    "ngrokd.servicetree",
     "ngrokd.status",
     "ngrokd.summarylog",
 }
