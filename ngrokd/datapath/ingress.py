@@ -108,13 +108,17 @@ class IngressConnector:
     taken from the L{WarmPool} when one is ready; otherwise it is dialled,
     in its turn. C{early_data} tells the bridge whether to send the client's
     first bytes behind the request (L{EarlyData}).
+
+    @param reactor: dials the ingress; it must also provide L{IReactorTime}
+        and, for an ingress named by a host name, L{IReactorThreads} (see
+        L{ResolvedName}).
     """
 
     log = Logger()
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTCP,
         host: str,
         port: int,
         trust: Any = None,
@@ -126,8 +130,7 @@ class IngressConnector:
         pool: PoolSettings = NO_POOL,
         early_data: bool = True,
     ) -> None:
-        self._reactor: IReactorTCP = reactor
-        self.clock: IReactorTime = reactor
+        self.clock = IReactorTime(reactor)
         self.host = host
         self.port = port
         self._address = ResolvedName(reactor, host)
@@ -140,10 +143,12 @@ class IngressConnector:
         self._creator: ResumingCreator | None = None
         #: Upgraded connections by how they got their TLS handshake.
         self.handshakes = HandshakeCounts()
-        self.queue = DialQueue(reactor, max_pending, queue_timeout)
-        self.pool: WarmPool[WarmConnection] = WarmPool(reactor, self._dial_warm, pool)
+        self.queue = DialQueue(self.clock, max_pending, queue_timeout)
+        self.pool: WarmPool[WarmConnection] = WarmPool(
+            self.clock, self._dial_warm, pool
+        )
         #: Where the bridge and the pool report failed connections.
-        self.failures = FailureLog(reactor)
+        self.failures = FailureLog(self.clock)
         #: Descriptors set aside for the legs of accepted connections.
         self.descriptors = DescriptorReserve()
         self._notices_seen: set[tuple[str, int, str]] = set()
