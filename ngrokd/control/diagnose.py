@@ -45,7 +45,8 @@ from twisted.names import dns
 from ngrokd.config import Config, ConfigError, load_config
 from ngrokd.control.client import ControlError, connect
 from ngrokd.datapath import wire
-from ngrokd.datapath.ingress import DialFailed, IngressConnector, TLSFailed
+from ngrokd.datapath.ingress import DialFailed, IngressConnector
+from ngrokd.datapath.upgrade import TLSFailed
 from ngrokd.dns.forward import Forwarder
 from ngrokd.dns.upstreams import Address
 from ngrokd.endpoints import (

@@ -27,7 +27,12 @@ from typing import Any
 from attrs import define, frozen
 from cryptography.exceptions import InvalidSignature
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocol
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
@@ -257,7 +262,7 @@ def _keep_operators(cloud: Cloud, path: str) -> None:
 
 
 def start_devcloud(
-    reactor: Any,
+    reactor: IReactorTCP,
     state_dir: str,
     endpoints: Endpoints = (),
     *,
@@ -293,21 +298,24 @@ def start_devcloud(
     site = Site(Resource())
     api_tls = _ClosableTLSFactory(server_options(cert_pem, key_pem), False, site)
     ports: list[IListeningPort] = []
+    # Twisted annotates listenTCP's factory as a ServerFactory, but any
+    # IProtocolFactory will do: its own TLS wrapper is a ClientFactory.
     try:
         ports.append(
             reactor.listenTCP(
                 ingress_port,
-                tls_factory(ingress, server_options(cert_pem, key_pem, root.cert_pem)),
+                tls_factory(ingress, server_options(cert_pem, key_pem, root.cert_pem)),  # type: ignore[arg-type]
                 backlog=LISTEN_BACKLOG,
                 interface=host,
             )
         )
-        ports.append(reactor.listenTCP(api_port, api_tls, interface=host))
+        ports.append(reactor.listenTCP(api_port, api_tls, interface=host))  # type: ignore[arg-type]
         bound_ingress, bound_api = (port.getHost().port for port in ports)  # type: ignore[attr-defined]
         api_url = f"https://{format_backend((host, bound_api))}"
         cloud.ingress_endpoint = format_backend((host, bound_ingress))
         site.resource = DevcloudRoot(
-            api_resource(cloud, api_url, reactor), AdminResource(cloud, ingress)
+            api_resource(cloud, api_url, IReactorTime(reactor)),
+            AdminResource(cloud, ingress),
         )
         running = RunningDevcloud(
             cloud=cloud,
@@ -401,7 +409,7 @@ class DevcloudService(Parent):
     the start, so twistd exits with the reason) and stops it when stopped.
     """
 
-    def __init__(self, reactor: Any, settings: DevcloudSettings) -> None:
+    def __init__(self, reactor: IReactorTCP, settings: DevcloudSettings) -> None:
         super().__init__()
         self._reactor = reactor
         self.settings = settings
@@ -543,7 +551,9 @@ class Options(usage.Options):
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> DevcloudService:
+def makeService(
+    options: Options, reactor: IReactorTCP | None = None
+) -> DevcloudService:
     """
     The devcloud service; it listens and writes its files when started.
     """
