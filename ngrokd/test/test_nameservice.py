@@ -18,19 +18,20 @@ from jeepney import HeaderFields
 from twisted.internet.address import IPv4Address as UDPAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorUDP
 from twisted.internet.testing import EventLoggingObserver, _FakePort
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from ngrokd.config import Config, DnsConfig, default_config
 from ngrokd.dns.zones import normalise
-from ngrokd.host.allocation import IPNetwork
+from ngrokd.host.allocator import IPNetwork
 from ngrokd.host.dbus import DBusConnection, Disconnected, ErrorReply
-from ngrokd.host.nameservice import (
+from ngrokd.host.namechoice import (
     HOSTS,
     RESOLVED,
     RESOLVER_FILES,
-    NameService,
     choose_mode,
     hosts_names,
     names_table,
@@ -38,6 +39,7 @@ from ngrokd.host.nameservice import (
     server_listen,
     server_listen6,
 )
+from ngrokd.host.nameservice import NameService
 from ngrokd.host.resolverfiles import MARK
 from ngrokd.test.resolvedns import SETUP
 from ngrokd.test.test_hosts import ThreadReactor
@@ -200,6 +202,7 @@ class Link:
         return "addresses on lo; this kernel has no dummy or bridge links"
 
 
+@implementer(IReactorUDP)
 class SocketReactor(ThreadReactor):
     """
     A memory reactor that also takes UDP listens, on the port asked.
@@ -212,7 +215,7 @@ class SocketReactor(ThreadReactor):
         self.absent: set[str] = set()
 
     def listenUDP(
-        self, port: int, protocol: Any, interface: str = "", **kw: Any
+        self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192
     ) -> Any:
         if interface in self.absent:
             raise CannotListenError(interface, port, OSError(99, "not available"))
