@@ -38,7 +38,7 @@ from ngrokd.control.diagnose import (
     virtual_names,
 )
 from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.host.hosts import pinned_names, render
+from ngrokd.host.hostsection import pinned_names, render
 from ngrokd.host.resolved import DNS_SCOPE, LinkState, ResolvedError
 from ngrokd.host.resolverfiles import resolver_file
 from ngrokd.test.test_control import DaemonFixture

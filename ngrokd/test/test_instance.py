@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ngrokd.config import Config, ConfigError, parse_config
 from ngrokd.control.client import EXIT_USAGE
 from ngrokd.devcloud.tap import RunningDevcloud
-from ngrokd.host.hosts import BEGIN, END, HostsFile, render
+from ngrokd.host.hostsection import BEGIN, END, render
+from ngrokd.host.hostsfile import HostsFile
 from ngrokd.instance import (
     MAX_INTERFACE_NAME,
     InstanceNameError,
