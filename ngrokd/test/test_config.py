@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import operator
 import os
+import re
 from textwrap import dedent
 from typing import Any
 
@@ -21,6 +22,7 @@ from ngrokd.config import (
     DNS_MODES,
     MAX_CONFIG_SIZE,
     MAX_DEPTH,
+    SETTINGS,
     ApiConfig,
     Config,
     ConfigError,
@@ -34,6 +36,7 @@ from ngrokd.config import (
     load_config,
     parse_config,
 )
+from ngrokd.test.helpers import source_file
 
 PATH = "/etc/ngrokd/config.yml"
 
@@ -1601,6 +1604,38 @@ class ValueTests(SynchronousTestCase):
         self.assertEqual(
             hash(config), hash(parse_config(ORIGINAL_EXAMPLE, PATH, {}, "linux").config)
         )
+
+
+class SchemaTests(SynchronousTestCase):
+    """
+    Each key is declared once, in its section's field
+    (L{ngrokd.config.schema}): the loader reads every one of them with its
+    own check, and the configuration reference describes every one.
+    """
+
+    def test_everyKeyRead(self) -> None:
+        """
+        Every key the schema declares is read from the file by its check: a
+        value no check takes is refused, naming the file, line and key.
+        """
+        for key in SETTINGS:
+            section, _, name = key.rpartition(".")
+            text, line = f"{name}: {{[1]: 1}}\n", 1
+            if section:
+                text, line = f"{section}:\n  {text}", 2
+            error = self.assertRaises(ConfigError, parse, text)
+            self.assertTrue(str(error).startswith(f"{PATH}:{line}: {key}: "), error)
+
+    def test_everyKeyDocumented(self) -> None:
+        """
+        The configuration reference has one entry for each key, and none
+        for a key the schema does not declare.
+        """
+        with open(source_file("docs", "configuration.rst")) as f:
+            entries = re.findall(
+                r"(?m)^``([\w.]+)``(?: \*\*NEW\*\*)?\n    \S", f.read()
+            )
+        self.assertEqual(sorted(entries), sorted(SETTINGS))
 
 
 def _same(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[Any, Any]]:
