@@ -23,7 +23,15 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import treq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater, react
 from twisted.python import usage
@@ -82,12 +90,26 @@ def _script(name: str) -> str:
     return os.path.join(os.path.dirname(sys.executable), name)
 
 
+def _serve(
+    reactor: IReactorTCP, factory: IProtocolFactory
+) -> tuple[IListeningPort, int]:
+    """
+    Serve C{factory} on a free port of 127.0.0.1: the port, and its number.
+    """
+    # Twisted annotates listenTCP's factory as a ServerFactory of one
+    # protocol type; any IProtocolFactory will do.
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return port, address.port
+
+
 def _spawn(argv: list[str], log: TextIO) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def _wait(
-    reactor: Any, condition: Callable[[], object], what: str, seconds: float = 30
+    clock: IReactorTime, condition: Callable[[], object], what: str, seconds: float = 30
 ) -> Any:
     for _ in range(int(seconds / 0.1)):
         result = condition()
@@ -95,7 +117,7 @@ async def _wait(
             result = await result
         if result:
             return result
-        await deferLater(reactor, 0.1, lambda: None)
+        await deferLater(clock, 0.1, lambda: None)
     raise SystemExit(f"ngrokd demo: timed out waiting for {what}")
 
 
@@ -127,7 +149,12 @@ def _free(port: int) -> bool:
     return True
 
 
-async def run(reactor: Any, options: Options) -> int:
+async def run(reactor: IReactorTCP, options: usage.Options) -> int:
+    """
+    Run the demo; C{reactor} listens for its backends, and must also
+    provide L{IReactorTime} and L{IReactorCore}.
+    """
+    clock = IReactorTime(reactor)
     state = os.path.abspath(options["state"])
     start_port = options["start-port"]
     if not (_free(start_port) and _free(start_port + 1)):
@@ -139,8 +166,9 @@ async def run(reactor: Any, options: Options) -> int:
     for stale in ("devcloud.json", "ngrokd.yml"):
         if os.path.exists(os.path.join(state, stale)):
             os.remove(os.path.join(state, stale))
-    web = reactor.listenTCP(0, Site(Hello()), interface="127.0.0.1")
-    echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+    hello = Hello()  # type: ignore[no-untyped-call]
+    web, web_port = _serve(reactor, Site(hello))
+    echo, echo_backend_port = _serve(reactor, Factory.forProtocol(Echo))
     children: list[subprocess.Popen[bytes]] = []
     try:
         with open(os.path.join(state, "devcloud.log"), "a") as devcloud_log:
@@ -160,15 +188,15 @@ async def run(reactor: Any, options: Options) -> int:
                         "--start-port",
                         str(start_port),
                         "--endpoint",
-                        f"{HELLO}=127.0.0.1:{web.getHost().port}",
+                        f"{HELLO}=127.0.0.1:{web_port}",
                         "--endpoint",
-                        f"{ECHO}=127.0.0.1:{echo.getHost().port}",
+                        f"{ECHO}=127.0.0.1:{echo_backend_port}",
                     ],
                     devcloud_log,
                 )
             )
         info = await _wait(
-            reactor,
+            clock,
             lambda: _read_json(os.path.join(state, "devcloud.json")),
             "the devcloud",
         )
@@ -190,11 +218,11 @@ async def run(reactor: Any, options: Options) -> int:
             )
         ports_file = os.path.join(config.server.state_dir, "network_ports.json")
         hello_port = await _wait(
-            reactor, lambda: _network_port(ports_file, "hello.demo", 80), "ngrokd"
+            clock, lambda: _network_port(ports_file, "hello.demo", 80), "ngrokd"
         )
         echo_port = _network_port(ports_file, "echo.demo", 7)
         body = await _wait(
-            reactor,
+            clock,
             lambda: ensureDeferred(_fetch(f"http://127.0.0.1:{hello_port}/")),
             "a first request",
         )
@@ -216,7 +244,9 @@ Try it:
             return 0
         print("Press Ctrl-C to stop.", flush=True)
         stopped: Deferred[None] = Deferred()
-        reactor.addSystemEventTrigger("before", "shutdown", stopped.callback, None)
+        IReactorCore(reactor).addSystemEventTrigger(
+            "before", "shutdown", stopped.callback, None
+        )
         await stopped
         return 0
     finally:
@@ -241,7 +271,8 @@ async def _fetch(url: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    options = Options()
+    # Twisted's Options and Resource carry no annotations.
+    options: usage.Options = Options()  # type: ignore[no-untyped-call]
     try:
         options.parseOptions(argv if argv is not None else sys.argv[1:])
     except usage.UsageError as e:

@@ -18,63 +18,23 @@ from typing import Any
 import attrs
 from attrs import frozen
 
-from ngrokd.config import Config
+from ngrokd.config import SETTINGS, Config
 
-#: The keys a reload applies at once.
-HOT = frozenset(
-    {
-        "api.url",
-        "api.key",
-        "api.ca_bundle",
-        "api.timeout",
-        "api.reregister_if_deleted",
-        "ingress.ca_bundle",
-        "ingress.connect_timeout",
-        "ingress.upgrade_timeout",
-        "ingress.pool_size",
-        "ingress.pool_idle_timeout",
-        "ingress.pool_max_age",
-        "ingress.pool_linger",
-        "ingress.early_data",
-        "server.log_level",
-        "server.renew_before_days",
-        "server.shutdown_grace",
-        "server.metrics_per_endpoint",
-        "bound_endpoints.poll_interval",
-        "bound_endpoints.selectors",
-        "bound_endpoints.max_endpoints",
-        "bound_endpoints.poll_timeout",
-        "net.listen_interface",
-        "net.overrides",
-        "net.start_port",
-        "net.reuse_after",
-        "net.allowed_domains",
-        "dns.mode",
-        "dns.listen",
-        "dns.upstreams",
-    }
-)
+#: The keys a reload applies at once (their schema says so).
+HOT = frozenset(key for key, setting in SETTINGS.items() if setting.hot)
 
 #: Keys whose values are never written to a log.
-SECRET = frozenset({"api.key"})
-
-#: The sections of L{Config}, named as in the config file.
-_SECTIONS = ("api", "ingress", "server", "bound_endpoints", "net", "dns")
-#: Keys whose file name differs from their place in L{Config}.
-_RENAMED = {"ingress.endpoint": "ingressEndpoint"}
+SECRET = frozenset(key for key, setting in SETTINGS.items() if setting.secret)
 
 
 def settings(config: Config) -> dict[str, Any]:
     """
     Every setting of C{config}, by the config file's dotted key.
     """
-    found: dict[str, Any] = {}
-    for section in _SECTIONS:
-        values = attrs.asdict(getattr(config, section), recurse=False)
-        for name, value in values.items():
-            key = f"{section}.{name}"
-            found[_RENAMED.get(key, key)] = value
-    return found
+    return {
+        key: getattr(getattr(config, setting.section), setting.name)
+        for key, setting in SETTINGS.items()
+    }
 
 
 @frozen
@@ -131,7 +91,7 @@ def applied(running: Config, loaded: Config) -> Config:
     result = running
     new = settings(loaded)
     for key in HOT:
-        section, _, name = key.partition(".")
+        section, name = SETTINGS[key].section, SETTINGS[key].name
         part = getattr(result, section)
         if getattr(part, name) != new[key]:
             part = attrs.evolve(part, **{name: new[key]})

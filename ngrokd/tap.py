@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -18,8 +19,11 @@ from ngrokd import __version__
 from ngrokd.config import Config, ConfigError, LoadedConfig, load_config
 from ngrokd.instance import config_path
 from ngrokd.logoutput import choose
+from ngrokd.servicetree import attach
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from ngrokd.daemon import Daemon
 
 DEFAULT_CONFIG = config_path("")
@@ -85,7 +89,7 @@ class Options(usage.Options):
             choose(twistd, self.loaded.config.server.log_format)
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IReactorCore | None = None) -> IService:
     """
     The daemon's service tree; nothing starts until twistd starts it. Run
     by twistd (on its reactor), it also takes over SIGTERM and SIGINT, gives
@@ -108,17 +112,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if under_twistd:
         daemon.exit_when_locked = True
         daemon.freeze_after_changes = True
-        StopOnSignal(daemon, reactor).setServiceParent(daemon)
+        attach(StopOnSignal(daemon, reactor), daemon)
         # The process's own heap: one per process, so only under twistd.
-        MemoryTrimmer(
-            reactor, lambda: daemon.listeners.connections_open
-        ).setServiceParent(daemon)
+        attach(
+            MemoryTrimmer(
+                IReactorThreads(reactor), lambda: daemon.listeners.connections_open
+            ),
+            daemon,
+        )
     return daemon
 
 
 def build_daemon(
     config: Config,
-    reactor: Any,
+    reactor: IReactorCore,
     environ: Mapping[str, str] | None = None,
     instance_option: str | None = None,
 ) -> Daemon:
@@ -127,6 +134,10 @@ def build_daemon(
     metrics server, the event feed, the control socket and, when
     C{environ} names a C{NOTIFY_SOCKET}, the systemd notifier.
     C{instance_option}, the C{--instance} given, stays in force at reloads.
+
+    @param reactor: runs the daemon; it must also provide L{IReactorTime}
+        and, with a health server, L{IReactorThreads}, as twistd's reactors
+        do.
     """
     from ngrokd.control.feed import EventFeed
     from ngrokd.control.notify import SystemdNotifier
@@ -138,11 +149,12 @@ def build_daemon(
     daemon = Daemon(config, reactor)
     daemon.instance_option = instance_option
     log_level = LogLevelService(level_named(config.server.log_level))
-    log_level.setServiceParent(daemon)
+    attach(log_level, daemon)
     daemon.reconfigured.append(
         lambda new: log_level.set_level(level_named(new.server.log_level))
     )
-    feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
+    clock = IReactorTime(reactor)
+    feed = EventFeed(daemon.daemon_status, daemon.board, clock)
     if config.server.health_address:
         from twisted.internet.threads import deferToThreadPool
 
@@ -151,13 +163,20 @@ def build_daemon(
         from ngrokd.control.web import WebPage
 
         metrics = DaemonMetrics(daemon)
+
+        def refresh_in_thread() -> Deferred[None]:
+            threads = IReactorThreads(reactor)
+            return deferToThreadPool(
+                threads, threads.getThreadPool(), metrics.process.refresh
+            )
+
         web = WebPage(
             daemon.daemon_status,
             daemon.board,
             feed,
             metrics.upgrade_percentiles,
             config.server.web_hosts,
-            reactor,
+            clock,
         )
         health = HealthService(
             config.server.health_address,
@@ -166,20 +185,18 @@ def build_daemon(
             reactor,
             web,
             Scraped(
-                before=lambda: deferToThreadPool(
-                    reactor, reactor.getThreadPool(), metrics.process.refresh
-                ),
+                before=refresh_in_thread,
                 per_endpoint=metrics.endpoint_series,
             ),
         )
-        health.setServiceParent(daemon)
-    feed.setServiceParent(daemon)
-    ControlService(daemon, feed, reactor).setServiceParent(daemon)
-    ConfigWatcher(config.path, daemon.reload, reactor).setServiceParent(daemon)
+        attach(health, daemon)
+    attach(feed, daemon)
+    attach(ControlService(daemon, feed, reactor), daemon)
+    attach(ConfigWatcher(config.path, daemon.reload, reactor), daemon)
     notifier = SystemdNotifier(
         daemon.daemon_status, reactor, environ or {}, os.getpid()
     )
     if notifier.enabled:
-        notifier.setServiceParent(daemon)
+        attach(notifier, daemon)
         daemon.stopping.append(notifier.stopping)
     return daemon

@@ -53,12 +53,13 @@ from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.namewalk import LOOKUP_TIMEOUT, NameWalk
 from ngrokd.control.verdict import FAIL, PASS, SKIP, Check
 from ngrokd.datapath import wire
-from ngrokd.datapath.ingress import DialFailed, IngressConnector, TLSFailed
+from ngrokd.datapath.ingress import DialFailed, IngressConnector
+from ngrokd.datapath.upgrade import TLSFailed
 from ngrokd.endpoints import (
     EndpointURLError,
     parse_endpoint_url,
 )
-from ngrokd.host.nameservice import (
+from ngrokd.host.namechoice import (
     serves_by_dns,
 )
 from ngrokd.ngrok.api import APIError, APIUnavailable, NoAPIKey, make_api

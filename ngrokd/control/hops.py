@@ -20,7 +20,7 @@ from cryptography import x509
 from ngrokd.control.verdict import FAIL, PASS, Check
 from ngrokd.endpoints import is_wildcard
 from ngrokd.host.allocation import IPAddress
-from ngrokd.host.hosts import render
+from ngrokd.host.hostsection import render
 from ngrokd.host.resolved import DNS_SCOPE, LinkState, ResolvedError
 from ngrokd.host.resolverfiles import resolver_file
 from ngrokd.plan import VIRTUAL

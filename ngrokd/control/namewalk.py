@@ -42,8 +42,8 @@ from ngrokd.endpoints import join_host_port
 from ngrokd.host.allocation import IPAddress
 from ngrokd.host.dbus import SYSTEM_BUS, DBusError
 from ngrokd.host.dbus import connect as connect_bus
-from ngrokd.host.hosts import pinned_names
-from ngrokd.host.nameservice import (
+from ngrokd.host.hostsection import pinned_names
+from ngrokd.host.namechoice import (
     RESOLVED,
     RESOLVER_FILES,
     choose_mode,

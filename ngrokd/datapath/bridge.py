@@ -43,13 +43,9 @@ from twisted.python.failure import Failure
 from ngrokd.datapath import wire
 from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.httpdrain import Exchanges
-from ngrokd.datapath.ingress import (
-    IngressConnector,
-    IngressError,
-    IngressProtocol,
-    UpgradeRefused,
-)
+from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.datapath.splice import PipeProtocol, splice
+from ngrokd.datapath.upgrade import IngressError, IngressProtocol, UpgradeRefused
 from ngrokd.endpoints import EndpointTarget
 
 #: Seconds an HTTP client we hang up on (after a 502, or at a response

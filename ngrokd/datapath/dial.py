@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -21,7 +20,12 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,11 +37,14 @@ Lookup = Callable[[str], Deferred[list[str]]]
 
 
 def tcp_client_endpoint(
-    reactor: Any, host: str, port: int, timeout: float
+    reactor: IReactorTCP, host: str, port: int, timeout: float
 ) -> IStreamClientEndpoint:
     """
     Connect to C{host} (a name or an IPv4 or IPv6 address) and C{port},
     giving up after C{timeout} seconds.
+
+    @param reactor: connects; to connect to a name it must also provide
+        L{IReactorTime} (L{HostnameEndpoint} races the name's addresses).
     """
     direct = _address_endpoint(reactor, host, port, timeout)
     if direct is None:
@@ -46,7 +53,7 @@ def tcp_client_endpoint(
 
 
 def _address_endpoint(
-    reactor: Any, host: str, port: int, timeout: float
+    reactor: IReactorTCP, host: str, port: int, timeout: float
 ) -> IStreamClientEndpoint | None:
     try:
         address = ipaddress.ip_address(host)
@@ -66,18 +73,23 @@ class ResolvedName:
     dials go on using it; a lookup that fails keeps the answer it had. A dial
     that fails moves to the next address of the answer and asks for a fresh
     lookup.
+
+    @param reactor: dials; it must also provide L{IReactorTime} and, unless
+        C{lookup} is given, L{IReactorThreads} (names are looked up in a
+        thread of its pool).
     """
 
     log = Logger()
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTCP,
         host: str,
         lookup: Lookup | None = None,
         refresh_after: float = REFRESH_AFTER,
     ) -> None:
         self._reactor = reactor
+        self._clock = IReactorTime(reactor)
         self.host = host
         self._lookup: Lookup = lookup or self._getaddrinfo
         self._refresh_after = refresh_after
@@ -94,7 +106,7 @@ class ResolvedName:
         direct = _address_endpoint(self._reactor, self.host, port, timeout)
         if direct is not None:
             return direct
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         if self._answered_at is None or now - self._answered_at >= self._refresh_after:
             self._look_up()
         if not self.addresses:
@@ -120,13 +132,13 @@ class ResolvedName:
 
     def _answered(self, addresses: list[str]) -> None:
         self._looking = self._failing = False
-        self._answered_at = self._reactor.seconds()
+        self._answered_at = self._clock.seconds()
         if addresses and addresses != self.addresses:
             self.addresses, self._next = addresses, 0
 
     def _unanswered(self, failure: Failure) -> None:
         self._looking = False
-        self._answered_at = self._reactor.seconds()  # asked again when stale
+        self._answered_at = self._clock.seconds()  # asked again when stale
         if self._failing:
             return  # said when it began to fail
         self._failing = True
@@ -142,5 +154,5 @@ class ResolvedName:
             answers = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
             return list(dict.fromkeys(str(info[4][0]) for info in answers))
 
-        pool = self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, pool, addresses)
+        threads = IReactorThreads(self._reactor)
+        return deferToThreadPool(threads, threads.getThreadPool(), addresses)

@@ -3,13 +3,15 @@
 Connections to ngrok's binding ingress.
 
 Each forwarded connection is a new mutual-TLS connection to the ingress (SNI and
-the certificate check use the ingress host, no ALPN), on which the client sends
-one framed C{ConnRequest} and reads one framed C{ConnResponse}; after that the
+the certificate check use the ingress host, no ALPN), upgraded for one
+endpoint by L{IngressProtocol} (L{ngrokd.datapath.upgrade}); after that the
 stream belongs to the application. With L{EarlyData}, the client's first
 bytes follow the request without waiting for the response.
 L{IngressConnector.connect} returns the upgraded connection as a
-L{PipeProtocol}, or fails with one of the typed errors below, so callers can
-say exactly what went wrong. At most C{max_pending}
+L{PipeProtocol}, or fails with one of the typed errors of
+L{ngrokd.datapath.upgrade} or below, so callers can say exactly what went
+wrong. This module decides when and on which connection an upgrade happens:
+the TLS settings, the warm pool, and the dials. At most C{max_pending}
 dials (TCP, TLS and the upgrade) run at once; the others wait their turn in a
 L{DialQueue}, and their timeouts start when they leave it.
 """
@@ -20,8 +22,6 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from attrs import define
-from OpenSSL.SSL import Error as TLSLibraryError
-from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
@@ -30,16 +30,13 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.descriptors import DescriptorReserve
@@ -50,7 +47,13 @@ from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
 from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
-from ngrokd.datapath.splice import PipeProtocol
+from ngrokd.datapath.upgrade import (
+    IngressError,
+    IngressProtocol,
+    TLSFailed,
+    UpgradeFailed,
+    UpgradeRefused,
+)
 from ngrokd.ngrok.trust import client_creator
 
 T = TypeVar("T")
@@ -58,15 +61,6 @@ T = TypeVar("T")
 #: Distinct notices remembered (and so not logged again); past this, all are
 #: forgotten.
 MAX_NOTICES_SEEN = 10_000
-
-
-class IngressError(Exception):
-    """
-    A connection through the binding ingress could not be set up.
-    """
-
-    #: A short name for this kind of failure, for metrics.
-    kind = "other"
 
 
 class DialFailed(IngressError):
@@ -77,15 +71,6 @@ class DialFailed(IngressError):
     kind = "dial"
 
 
-class TLSFailed(IngressError):
-    """
-    The TLS handshake failed: the ingress's certificate did not verify, or the
-    ingress refused ours.
-    """
-
-    kind = "tls"
-
-
 class DialQueueTimeout(IngressError):
     """
     Too many connections were opened at once: this one waited too long for
@@ -93,231 +78,6 @@ class DialQueueTimeout(IngressError):
     """
 
     kind = "queue"
-
-
-class UpgradeTimeout(IngressError):
-    """
-    The ingress did not finish the handshake or did not answer the upgrade in
-    time.
-    """
-
-    kind = "timeout"
-
-
-class UpgradeFailed(IngressError):
-    """
-    The ingress closed the connection or sent something that is not a
-    C{ConnResponse}.
-    """
-
-    kind = "upgrade"
-
-
-class UpgradeRefused(IngressError):
-    """
-    The ingress answered with an error, e.g. no such endpoint.
-    """
-
-    kind = "refused"
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code or 'refused'}: {message}")
-        self.code = code
-        self.message = message
-
-
-@implementer(IHandshakeListener)
-class IngressProtocol(PipeProtocol):
-    """
-    The client side of the upgrade; after it, one end of a splice.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        request: wire.ConnRequest | None,
-        clock: IReactorTime,
-        connect_timeout: float,
-        upgrade_timeout: float,
-        server_name: str = "",
-        early: EarlyData | None = None,
-    ) -> None:
-        super().__init__()
-        self.request = request
-        #: The client's first bytes, sent behind the request until the
-        #: answer.
-        self.early = early
-        self._server_name = server_name
-        #: For a connection dialled without a request (a warm one): fires
-        #: once its TLS handshake is done and it waits for L{upgrade}.
-        self.handshaken: Deferred[IngressProtocol] | None = (
-            Deferred(self._cancel) if request is None else None
-        )
-        self.upgraded: Deferred[IngressProtocol] = Deferred(self._cancel)
-        self.response: wire.ConnResponse | None = None
-        self._clock = clock
-        self._connect_timeout = connect_timeout
-        self._upgrade_timeout = upgrade_timeout
-        self._reader: wire.FrameReader | None = wire.FrameReader()
-        self._timer: IDelayedCall | None = None
-        self._started = clock.seconds()
-        #: Seconds from the dial to the end of the TLS handshake, and from
-        #: the request to its answer.
-        self.handshake_seconds: float | None = None
-        self.answer_seconds: float | None = None
-        self._requested = 0.0
-
-    def connectionMade(self) -> None:
-        # TCP is up (the endpoint bounds that); the TLS handshake has what
-        # is left of the same budget.
-        left = self._started + self._connect_timeout - self._clock.seconds()
-        self._timer = self._clock.callLater(
-            max(0.0, left), self._timed_out, "TLS handshake"
-        )
-        self.transport.setTcpNoDelay(True)
-        if self.request is not None:
-            # Sent now, it leaves with the end of the handshake: no extra
-            # round trip.
-            self._send_request()
-
-    def handshakeCompleted(self) -> None:
-        self._stop_timer()
-        self.handshake_seconds = self._clock.seconds() - self._started
-        if self.handshaken is not None and self.request is None:
-            self.handshaken.callback(self)
-        elif self._reader is not None:
-            self._await_response()
-
-    def upgrade(
-        self, request: wire.ConnRequest, early: EarlyData | None = None
-    ) -> Deferred[IngressProtocol]:
-        """
-        Send C{request} on this warm connection, and C{early} behind it;
-        fires as L{upgraded}.
-        """
-        self.request = request
-        self.early = early
-        self._send_request()
-        self._await_response()
-        return self.upgraded
-
-    def close(self) -> None:
-        """
-        Close this connection before its upgrade.
-        """
-        self._end_upgrade()
-        self.transport.loseConnection()
-
-    def _send_request(self) -> None:
-        assert self.request is not None
-        self._requested = self._clock.seconds()
-        self.transport.write(wire.encode_request(self.request))
-        if self.early is not None:
-            self.early.follow(self.transport.write)
-
-    def _end_upgrade(self) -> None:
-        """
-        The answer came, or will not: stop its timer, and send nothing more
-        early (a retry on a new connection sends what is left).
-        """
-        self._reader = None
-        self._stop_timer()
-        early, self.early = self.early, None
-        if early is not None:
-            early.stop()
-
-    def _await_response(self) -> None:
-        self._timer = self._clock.callLater(
-            self._upgrade_timeout, self._timed_out, "upgrade response"
-        )
-
-    @property
-    def _awaited(self) -> Deferred[IngressProtocol] | None:
-        """
-        Where a failure before the upgrade goes: nowhere while a warm
-        connection waits for its request.
-        """
-        if self.handshaken is None or self.request is not None:
-            return self.upgraded
-        return None if self.handshaken.called else self.handshaken
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._reader is None:
-            super().dataReceived(data)
-            return
-        if self.request is None:
-            self._fail(UpgradeFailed("the ingress sent data before the request"))
-            return
-        try:
-            result = self._reader.feed(data)
-            if result is None:
-                return
-            payload, rest = result
-            response = wire.decode_response(payload)
-        except wire.MalformedFrame as e:
-            self._fail(UpgradeFailed(str(e)))
-            return
-        self._end_upgrade()
-        self.response = response
-        self.answer_seconds = self._clock.seconds() - self._requested
-        if response.refused:
-            self._fail(UpgradeRefused(response.error_code, response.error_message))
-            return
-        self.hold(rest)
-        self.upgraded.callback(self)
-
-    def readConnectionLost(self) -> None:
-        if self._reader is not None:
-            self._fail(UpgradeFailed("the ingress closed before answering the upgrade"))
-            return
-        super().readConnectionLost()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        awaiting = self._reader is not None
-        awaited = self._awaited
-        self._end_upgrade()
-        if awaiting and awaited is not None and not awaited.called:
-            if reason.check(VerificationError):
-                error: IngressError = TLSFailed(
-                    f"the ingress's certificate is not for {self._server_name}"
-                )
-            elif reason.check(TLSLibraryError):
-                error = TLSFailed(_describe_tls(reason.value))  # type: ignore[arg-type]
-            else:
-                error = UpgradeFailed(
-                    "the ingress closed the connection before answering the upgrade"
-                    f" ({reason.getErrorMessage()})"
-                )
-            awaited.errback(error)
-        super().connectionLost(reason)
-
-    def _fail(self, error: IngressError) -> None:
-        awaited = self._awaited
-        self._end_upgrade()
-        if awaited is not None and not awaited.called:
-            awaited.errback(error)
-        self.transport.abortConnection()
-
-    def _timed_out(self, stage: str) -> None:
-        self._timer = None
-        self._fail(UpgradeTimeout(f"no {stage} from the ingress in time"))
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _cancel(self, d: Deferred[IngressProtocol]) -> None:
-        self._end_upgrade()
-        self.transport.abortConnection()
-
-
-def _describe_tls(error: Exception) -> str:
-    reasons = [
-        part[2] for part in getattr(error, "args", [[]])[0] if isinstance(part, tuple)
-    ]
-    return "TLS handshake failed: " + (", ".join(r for r in reasons if r) or str(error))
 
 
 @define(eq=False)
@@ -348,13 +108,17 @@ class IngressConnector:
     taken from the L{WarmPool} when one is ready; otherwise it is dialled,
     in its turn. C{early_data} tells the bridge whether to send the client's
     first bytes behind the request (L{EarlyData}).
+
+    @param reactor: dials the ingress; it must also provide L{IReactorTime}
+        and, for an ingress named by a host name, L{IReactorThreads} (see
+        L{ResolvedName}).
     """
 
     log = Logger()
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTCP,
         host: str,
         port: int,
         trust: Any = None,
@@ -366,8 +130,7 @@ class IngressConnector:
         pool: PoolSettings = NO_POOL,
         early_data: bool = True,
     ) -> None:
-        self._reactor: IReactorTCP = reactor
-        self.clock: IReactorTime = reactor
+        self.clock = IReactorTime(reactor)
         self.host = host
         self.port = port
         self._address = ResolvedName(reactor, host)
@@ -380,10 +143,12 @@ class IngressConnector:
         self._creator: ResumingCreator | None = None
         #: Upgraded connections by how they got their TLS handshake.
         self.handshakes = HandshakeCounts()
-        self.queue = DialQueue(reactor, max_pending, queue_timeout)
-        self.pool: WarmPool[WarmConnection] = WarmPool(reactor, self._dial_warm, pool)
+        self.queue = DialQueue(self.clock, max_pending, queue_timeout)
+        self.pool: WarmPool[WarmConnection] = WarmPool(
+            self.clock, self._dial_warm, pool
+        )
         #: Where the bridge and the pool report failed connections.
-        self.failures = FailureLog(reactor)
+        self.failures = FailureLog(self.clock)
         #: Descriptors set aside for the legs of accepted connections.
         self.descriptors = DescriptorReserve()
         self._notices_seen: set[tuple[str, int, str]] = set()

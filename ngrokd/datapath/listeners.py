@@ -36,7 +36,13 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+)
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
@@ -277,22 +283,25 @@ class ListenerSet:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTCP,
         connector: IngressConnector,
         find_owners: Callable[[str, int], Deferred[list[str]]] | None = None,
         idle_timeout: float | None = None,
     ) -> None:
         """
+        @param reactor: listens; it must also provide L{IReactorTime} and,
+            unless C{find_owners} is given, L{IReactorThreads}.
         @param find_owners: names the processes holding an address and port
             (by default L{port_owners}, in a thread of the reactor's pool).
         @param idle_timeout: reset connections idle for this many seconds.
         """
         self._reactor = reactor
+        self._clock = IReactorTime(reactor)
         self._connector = connector
         self._find_owners = find_owners or self._owners_in_thread
         self._idle_timeout = idle_timeout
         self._guard = AcceptGuard(
-            reactor, connector.descriptors, lambda: connector.queue.waiting
+            self._clock, connector.descriptors, lambda: connector.queue.waiting
         )
         self.listeners: dict[str, Listener] = {}
         self.listeners6: dict[str, Listener] = {}
@@ -323,8 +332,9 @@ class ListenerSet:
         return sum(x.stats.connections_open for x in self.listeners.values())
 
     def _owners_in_thread(self, address: str, port: int) -> Deferred[list[str]]:
+        threads = IReactorThreads(self._reactor)
         return deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), port_owners, address, port
+            threads, threads.getThreadPool(), port_owners, address, port
         )
 
     def reconcile(
@@ -393,7 +403,7 @@ class ListenerSet:
         )
         for listeners, binds, key, spec, factory_for in both:
             if len(work) >= turn and time.perf_counter() - began > BIND_SLICE:
-                await deferLater(self._reactor, 0, lambda: None)
+                await deferLater(self._clock, 0, lambda: None)
                 if self._stops != stops:
                     break
                 turn, began = len(work) + BINDS_AT_LEAST, time.perf_counter()

@@ -42,6 +42,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHandshakeListener,
+    IReactorTCP,
     IReactorTime,
     ITCPTransport,
     ITransport,
@@ -400,19 +401,19 @@ class IngressFactory(Factory):
     """
     The ingress's application protocol factory (wrap it with L{tls_factory}).
 
-    C{reactor} connects to backends; C{clock} (default: the reactor) times
-    requests. C{connections_total} counts accepted connections,
-    C{handshakes_total} the TLS handshakes completed (what a client's
-    connections cost the ingress), C{requests_total} the requests read,
-    C{early_bytes_total} the bytes that came behind a request before its
-    answer (a client's early data) and C{upgrades_total} successful
-    upgrades; C{active} holds open connections.
+    C{reactor} connects to backends; C{clock} (default: the reactor, which
+    then must provide L{IReactorTime}) times requests. C{connections_total}
+    counts accepted connections, C{handshakes_total} the TLS handshakes
+    completed (what a client's connections cost the ingress),
+    C{requests_total} the requests read, C{early_bytes_total} the bytes that
+    came behind a request before its answer (a client's early data) and
+    C{upgrades_total} successful upgrades; C{active} holds open connections.
     """
 
     def __init__(
         self,
         cloud: Cloud,
-        reactor: Any,
+        reactor: IReactorTCP,
         *,
         clock: IReactorTime | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
@@ -420,7 +421,7 @@ class IngressFactory(Factory):
     ) -> None:
         self.cloud = cloud
         self.reactor = reactor
-        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.clock = clock if clock is not None else IReactorTime(reactor)
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.faults: dict[tuple[str, int], IngressFault] = {}

@@ -26,9 +26,13 @@ from typing import Any
 
 from attrs import define, frozen
 from cryptography.exceptions import InvalidSignature
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocol
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
@@ -54,6 +58,7 @@ from ngrokd.devcloud.ingress import (
     server_options,
     tls_factory,
 )
+from ngrokd.servicetree import Parent
 
 DEFAULT_API_PORT = 4443
 DEFAULT_INGRESS_PORT = 4444
@@ -175,7 +180,7 @@ class _ClosableTLSFactory(HalfCloseableTLSFactory):
         self._drained: list[Deferred[None]] = []
 
     def unregisterProtocol(self, p: IProtocol) -> None:
-        super().unregisterProtocol(p)
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
         if not self.protocols:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -257,7 +262,7 @@ def _keep_operators(cloud: Cloud, path: str) -> None:
 
 
 def start_devcloud(
-    reactor: Any,
+    reactor: IReactorTCP,
     state_dir: str,
     endpoints: Endpoints = (),
     *,
@@ -293,21 +298,24 @@ def start_devcloud(
     site = Site(Resource())
     api_tls = _ClosableTLSFactory(server_options(cert_pem, key_pem), False, site)
     ports: list[IListeningPort] = []
+    # Twisted annotates listenTCP's factory as a ServerFactory, but any
+    # IProtocolFactory will do: its own TLS wrapper is a ClientFactory.
     try:
         ports.append(
             reactor.listenTCP(
                 ingress_port,
-                tls_factory(ingress, server_options(cert_pem, key_pem, root.cert_pem)),
+                tls_factory(ingress, server_options(cert_pem, key_pem, root.cert_pem)),  # type: ignore[arg-type]
                 backlog=LISTEN_BACKLOG,
                 interface=host,
             )
         )
-        ports.append(reactor.listenTCP(api_port, api_tls, interface=host))
+        ports.append(reactor.listenTCP(api_port, api_tls, interface=host))  # type: ignore[arg-type]
         bound_ingress, bound_api = (port.getHost().port for port in ports)  # type: ignore[attr-defined]
         api_url = f"https://{format_backend((host, bound_api))}"
         cloud.ingress_endpoint = format_backend((host, bound_ingress))
         site.resource = DevcloudRoot(
-            api_resource(cloud, api_url, reactor), AdminResource(cloud, ingress)
+            api_resource(cloud, api_url, IReactorTime(reactor)),
+            AdminResource(cloud, ingress),
         )
         running = RunningDevcloud(
             cloud=cloud,
@@ -395,13 +403,13 @@ class DevcloudSettings:
     request_timeout: float = REQUEST_TIMEOUT
 
 
-class DevcloudService(MultiService):
+class DevcloudService(Parent):
     """
     Runs L{start_devcloud} when started (a taken port or unusable state fails
     the start, so twistd exits with the reason) and stops it when stopped.
     """
 
-    def __init__(self, reactor: Any, settings: DevcloudSettings) -> None:
+    def __init__(self, reactor: IReactorTCP, settings: DevcloudSettings) -> None:
         super().__init__()
         self._reactor = reactor
         self.settings = settings
@@ -490,7 +498,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        usage.Options.__init__(self)
         self["endpoints"] = []
 
     def opt_endpoint(self, value: str) -> None:
@@ -543,7 +551,9 @@ class Options(usage.Options):
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> DevcloudService:
+def makeService(
+    options: Options, reactor: IReactorTCP | None = None
+) -> DevcloudService:
     """
     The devcloud service; it listens and writes its files when started.
     """

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.names import client, dns
 from twisted.names.error import DNSQueryTimeoutError
 
 from ngrokd.dns.upstreams import Address
+
+#: The largest datagram a UDP port of ours takes: Twisted's default, which
+#: its L{IReactorUDP} does not declare.
+MAX_DATAGRAM = 8192
 
 
 class Forwarder:
@@ -31,17 +35,19 @@ class Forwarder:
     Forwards queries to C{servers}, each forward ending within C{timeout}
     seconds: with the upstream's answer, or failing.
 
-    @param reactor: an C{IReactorTime}, C{IReactorUDP} and C{IReactorTCP}.
+    @param reactor: listens for the answers over UDP; it must provide
+        C{IReactorTime} and C{IReactorTCP} too.
     """
 
     def __init__(
-        self, servers: Sequence[Address], reactor: Any, timeout: float
+        self, servers: Sequence[Address], reactor: IReactorUDP, timeout: float
     ) -> None:
         if not servers:
             raise ValueError("a forwarder needs at least one upstream server")
         self.servers = tuple(servers)
         self.timeout = timeout
         self._reactor = reactor
+        self._clock = IReactorTime(reactor)
         self._share = timeout / len(servers)
         self._sockets: dict[int, dns.DNSDatagramProtocol] = {}
         self._tcp = client.Resolver(servers=list(servers), reactor=reactor)
@@ -76,7 +82,9 @@ class Forwarder:
             socket = dns.DNSDatagramProtocol(self, reactor=self._reactor)
             socket.noisy = False
             interface = "::" if version == 6 else ""
-            self._reactor.listenUDP(0, socket, interface=interface)
+            self._reactor.listenUDP(
+                0, socket, interface=interface, maxPacketSize=MAX_DATAGRAM
+            )
             self._sockets[version] = socket
         return socket
 
@@ -94,7 +102,7 @@ class Forwarder:
         if not message.trunc:
             return message
         again: Deferred[dns.Message] = self._tcp.queryTCP(message.queries, self.timeout)
-        return again.addTimeout(self.timeout, self._reactor)
+        return again.addTimeout(self.timeout, self._clock)
 
     def stop(self) -> None:
         """

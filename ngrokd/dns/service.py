@@ -17,17 +17,22 @@ start says why, once.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUDP,
+)
 from twisted.internet.protocol import DatagramProtocol, ServerFactory
 from twisted.internet.udp import Port as UDPPort
 from twisted.logger import Logger
 
-from ngrokd.dns.forward import Forwarder
+from ngrokd.dns.forward import MAX_DATAGRAM, Forwarder
 from ngrokd.dns.protocols import TCPFactory, UDPListener
 from ngrokd.dns.server import DEFAULT_LIMITS, DNSServer, Limits
 from ngrokd.dns.table import EMPTY_TABLE, NameTable
@@ -49,6 +54,8 @@ class DNSService(Service):
     @ivar server: answers the queries; its C{counters} are the metrics.
     @ivar upstreams: the upstreams chosen, and those left out with why.
     @ivar addresses: the (host, port) addresses listened on, once started.
+    @param reactor: listens; it must provide C{IReactorUDP} and
+        C{IReactorTime} too.
     """
 
     log = Logger()
@@ -57,20 +64,23 @@ class DNSService(Service):
         self,
         listen: Sequence[Address],
         upstreams: Sequence[Address],
-        reactor: Any,
+        reactor: IReactorTCP,
         limits: Limits = DEFAULT_LIMITS,
         table: NameTable = EMPTY_TABLE,
     ) -> None:
         self._listen = tuple(listen)
         self._reactor = reactor
         self.upstreams: Upstreams = choose_upstreams(upstreams, listen)
+        clock = IReactorTime(reactor)
         forwarder = (
-            Forwarder(self.upstreams.servers, reactor, limits.forward_timeout)
+            Forwarder(
+                self.upstreams.servers, IReactorUDP(reactor), limits.forward_timeout
+            )
             if self.upstreams.servers
             else None
         )
-        self.server = DNSServer(reactor, forwarder, limits, table)
-        self._tcp = TCPFactory(self.server, reactor)
+        self.server = DNSServer(clock, forwarder, limits, table)
+        self._tcp = TCPFactory(self.server, clock)
         self._ports: list[IListeningPort] = []
         self.addresses: list[Address] = []
 
@@ -145,7 +155,7 @@ class DNSService(Service):
 
 
 def listen_both(
-    reactor: Any,
+    reactor: IReactorTCP,
     host: str,
     port: int,
     datagrams: Callable[[], DatagramProtocol],
@@ -156,10 +166,17 @@ def listen_both(
     port 0, the UDP port the kernel picks may be taken for TCP; then
     another, a bounded number of times, each with a new protocol from
     C{datagrams}.
+
+    @param reactor: listens; it must provide C{IReactorUDP} too.
     """
+    datagram_reactor = IReactorUDP(reactor)
     for attempt in range(PORT_ATTEMPTS):
-        udp = reactor.listenUDP(port, datagrams(), interface=host)
-        bound: int = udp.getHost().port
+        udp = datagram_reactor.listenUDP(
+            port, datagrams(), interface=host, maxPacketSize=MAX_DATAGRAM
+        )
+        address = udp.getHost()
+        assert isinstance(address, IPv4Address | IPv6Address)
+        bound = address.port
         try:
             tcp = reactor.listenTCP(bound, streams, interface=host)
         except CannotListenError:

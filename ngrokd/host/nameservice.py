@@ -33,9 +33,9 @@ and said once in the log; once it passes, the hosts file holds only what
 DNS cannot serve: nothing. A wildcard has no hosts line: with DNS not
 reaching the system, it cannot be reached by name (L{NameService.unnamed}).
 
-The decisions are pure functions (L{choose_mode}, L{server_listen},
-L{server_listen6}, L{own_address}, L{hosts_names}, L{names_table}); the
-service does the I/O.
+The decisions are pure functions (L{ngrokd.host.namechoice}), the
+registration one way per mode (L{ngrokd.host.registration}); the service
+does the I/O, in order.
 """
 
 from __future__ import annotations
@@ -44,59 +44,68 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address, ip_address
+from ipaddress import ip_address
 from typing import Any, Protocol, TypeVar
 
-from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.error import CannotListenError
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import (
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+    IReactorUNIX,
+)
 from twisted.logger import Logger
 
-from ngrokd.config import Config, DnsConfig, NetConfig
+from ngrokd.config import Config
 from ngrokd.dns.server import Counters
 from ngrokd.dns.service import DNSService
-from ngrokd.dns.table import NameTable, build_table
-from ngrokd.dns.upstreams import Address, upstreams_from_resolv_conf
-from ngrokd.endpoints import is_wildcard, join_host_port
-from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.dns.upstreams import Address
+from ngrokd.endpoints import join_host_port
+from ngrokd.host.allocator import IPAddress, IPNetwork
 from ngrokd.host.dbus import SYSTEM_BUS, DBusConnection, DBusError, connect
+from ngrokd.host.dnsserver import (
+    RESOLV_CONFS,
+    find_upstreams,
+    listen_ipv6,
+    start_server,
+)
+from ngrokd.host.namechoice import (
+    DNS_PORT,
+    HOSTS,
+    OFF,
+    RESOLVED,
+    RESOLVER_FILES,
+    VIA,
+    VIA_DNS,
+    Fallback,
+    NamesStatus,
+    choose_mode,
+    hosts_names,
+    names_status,
+    names_table,
+    own_addresses,
+    probe_name,
+    server_listen,
+    server_listen6,
+    unnamed,
+)
+from ngrokd.host.netif.darwin import Runner
 from ngrokd.host.probe import PROBE_TIMEOUT, Lookup, probe
+from ngrokd.host.registration import FilesRegistration, ResolvedRegistration
 from ngrokd.host.resolved import (
     LinkSettings,
-    ResolvedError,
     ResolvedLink,
+    Upstream,
     link_domains,
     resolved_running,
     upstream_servers,
 )
 from ngrokd.host.resolverfiles import RESOLVER_DIRECTORY, ResolverFiles
-from ngrokd.plan import NameAddresses, uses_virtual
-from ngrokd.readfile import read_regular
+from ngrokd.plan import NameAddresses
 
-RESOLVED = "resolved"
-RESOLVER_FILES = "resolver-files"
-HOSTS = "hosts"
-OFF = "off"
-#: What each mode is called in status and the log.
-_VIA = {
-    RESOLVED: "systemd-resolved",
-    RESOLVER_FILES: "/etc/resolver",
-    HOSTS: "the hosts file",
-    OFF: "the hosts file",
-}
-#: Where the upstream servers are read when resolved is not asked, in order:
-#: resolved's own list of them, then the system's.
-RESOLV_CONFS = ("/run/systemd/resolve/resolv.conf", "/etc/resolv.conf")
-#: The most of a C{resolv.conf} read.
-_RESOLV_CONF_LIMIT = 64 * 1024
 #: Seconds after a failed check before a reconcile checks again.
 PROBE_RETRY = 60.0
-#: The port systemd-resolved sends a link's queries to.
-_DNS_PORT = 53
-#: macOS's lo0 has it: never added to the link, nor removed.
-_LOOPBACK = IPv4Address("127.0.0.1")
 
 _T = TypeVar("_T")
 
@@ -111,132 +120,6 @@ class LinkInfo(Protocol):
 
     def link_index(self) -> int | None: ...
     def describe(self) -> str: ...
-
-
-def choose_mode(configured: str, platform: str, resolved_runs: bool) -> str:
-    """
-    How names reach the system for C{dns.mode} C{configured}: C{auto} is
-    systemd-resolved when it runs, C{/etc/resolver} on macOS, else the
-    hosts file.
-    """
-    if configured != "auto":
-        return configured
-    if platform == "darwin":
-        return RESOLVER_FILES
-    if platform.startswith("linux") and resolved_runs:
-        return RESOLVED
-    return HOSTS
-
-
-def server_listen(dns: DnsConfig, net: NetConfig) -> Address | None:
-    """
-    Where the DNS server listens: C{dns.listen}; by default, in virtual
-    mode, the first host of C{net.subnet} (the endpoints' addresses start
-    at the second), port 53; none in network mode or with C{dns.mode: off}.
-    """
-    if dns.mode == OFF:
-        return None
-    if dns.listen:
-        return _address(dns.listen)
-    if uses_virtual(net.listen_interface, net.overrides):
-        return str(net.subnet.network_address + 1), _DNS_PORT
-    return None
-
-
-def server_listen6(
-    dns: DnsConfig, net: NetConfig, subnet6: IPNetwork | None
-) -> Address | None:
-    """
-    Where the DNS server listens over IPv6 too: by default, in virtual
-    mode, the first host of C{subnet6} (the IPv6 block; the names'
-    addresses start at its second), port 53; none when C{dns.listen} names
-    the one address, or where L{server_listen} gives none.
-    """
-    if subnet6 is None or dns.listen or server_listen(dns, net) is None:
-        return None
-    return str(subnet6.network_address + 1), _DNS_PORT
-
-
-def own_address(listen: Address | None, net: NetConfig) -> IPAddress | None:
-    """
-    The address the daemon must put on its link for the server: the one it
-    listens on when that is in C{net.subnet} (never C{127.0.0.1}, which
-    loopback always has).
-    """
-    if listen is None:
-        return None
-    address = ip_address(listen[0])
-    if address in net.subnet and address != _LOOPBACK:
-        return address
-    return None
-
-
-def hosts_names(names: Mapping[str, _T], dns_serves: bool) -> dict[str, _T]:
-    """
-    What the hosts file must hold of C{names}: nothing when DNS serves them
-    to the system, otherwise every name but the wildcards (a hosts line
-    names one host).
-    """
-    if dns_serves:
-        return {}
-    return {name: value for name, value in names.items() if not is_wildcard(name)}
-
-
-def names_table(
-    names: Mapping[str, NameAddresses], probe_name: str | None, server: IPAddress
-) -> NameTable:
-    """
-    The DNS server's table: every name (wildcards too) with its IPv4 and
-    IPv6 addresses, and C{probe_name}, when given, with the server's own.
-    """
-    entries: dict[str, tuple[IPAddress, ...]] = {
-        name: (*v4, *v6) for name, (v4, v6) in names.items()
-    }
-    if probe_name is not None:
-        entries[probe_name] = (server,)
-    return build_table(entries)
-
-
-def serves_by_dns(via: str) -> bool:
-    """
-    Whether L{NamesStatus.via} (status's C{names_via}) says that the system
-    resolves our names through the DNS server, not the hosts file.
-    """
-    return not via.startswith(_VIA[HOSTS])
-
-
-def probe_name(token: str, domains: tuple[str, ...]) -> str | None:
-    """
-    The name the check looks up: under our first routing domain, so that
-    the system sends it to us, and known to no one else.
-    """
-    return f"ngrokd-probe-{token}.{domains[0]}" if domains else None
-
-
-@frozen
-class NamesStatus:
-    """
-    How names reach programs now, for status.
-
-    @ivar via: what resolves them for the system (C{systemd-resolved}, the
-        hosts file...), and the DNS server's address when it runs.
-    @ivar fallback: why the hosts file is used instead of the DNS server
-        (C{""}: it is not, or DNS was not asked for).
-    @ivar strict: C{dns.mode} asked for DNS by name (not C{auto}): a
-        fallback is then not what was configured.
-    @ivar dns_serves: the system resolves our names through the server.
-    """
-
-    via: str
-    fallback: str = ""
-    strict: bool = False
-    dns_serves: bool = False
-
-
-class _Fallback(Exception):
-    """
-    The DNS server cannot serve the system's names now; the message says why.
-    """
 
 
 class NameService(Service):
@@ -254,7 +137,7 @@ class NameService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorThreads,
         config: Config,
         link: LinkInfo,
         platform: str = sys.platform,
@@ -263,20 +146,24 @@ class NameService(Service):
         resolv_confs: tuple[str, ...] = RESOLV_CONFS,
         lookup: Lookup = socket.getaddrinfo,
         probe_timeout: float = PROBE_TIMEOUT,
-        flush: Any = None,
+        flush: Runner | None = None,
     ) -> None:
         """
+        @param reactor: runs the checks and reads in its thread pool, and the
+            DNS server; it must provide C{IReactorTime}, C{IReactorTCP} and
+            C{IReactorUDP} too, and C{IReactorUNIX} for the system bus.
         @param bus: connects to the system bus (tests give another).
         @param lookup: C{getaddrinfo}, for the check (tests give another).
         @param flush: runs the cache flush commands of C{/etc/resolver}
             (see L{ResolverFiles}).
         """
         self._reactor = reactor
+        self._clock = IReactorTime(reactor)
         self._dns = config.dns
         self._net = config.net
         self._link_info = link
         self._platform = platform
-        self._bus = bus or (lambda: connect(reactor, SYSTEM_BUS))
+        self._bus = bus or (lambda: connect(IReactorUNIX(reactor), SYSTEM_BUS))
         self._resolver_directory = resolver_directory
         self._resolv_confs = resolv_confs
         self._lookup = lookup
@@ -297,9 +184,7 @@ class NameService(Service):
         self._chosen_because = ""
         self._server: DNSService | None = None
         self._connection: DBusConnection | None = None
-        self._link: ResolvedLink | None = None
-        self._files: ResolverFiles | None = None
-        self._registered: tuple[object, ...] | None = None
+        self._registration: FilesRegistration | ResolvedRegistration | None = None
         #: Why the server does not listen on its IPv6 address ("": it does).
         self._no_ipv6 = ""
         self._dns_serves = False
@@ -317,14 +202,7 @@ class NameService(Service):
         """
         The addresses the daemon puts on its link for the server.
         """
-        own = own_address(server_listen(self._dns, self._net), self._net)
-        listen6 = self._listen6()
-        return frozenset(
-            [
-                *([] if own is None else [own]),
-                *([] if listen6 is None else [ip_address(listen6[0])]),
-            ]
-        )
+        return own_addresses(self._dns, self._net, self._link_info.subnet6)
 
     def _listen6(self) -> Address | None:
         return server_listen6(self._dns, self._net, self._link_info.subnet6)
@@ -338,40 +216,22 @@ class NameService(Service):
     def unnamed(self, hosts: list[str]) -> dict[str, str]:
         """
         Why each wildcard of C{hosts} cannot be reached by name, when it
-        cannot.
+        cannot (L{unnamed}).
         """
-        if self._dns_serves:
-            return {}
-        status = self.status()
-        why = status.fallback or f"names reach this system through {status.via}"
-        return {
-            host: (
-                f"no name under {host.removeprefix('*.')} reaches it: a hosts"
-                f" file cannot hold a wildcard, and {why}"
-            )
-            for host in hosts
-            if is_wildcard(host)
-        }
+        return unnamed(hosts, self.status())
 
     def status(self) -> NamesStatus:
         """
         How names reach programs now.
         """
-        listen = server_listen(self._dns, self._net)
-        mode = self._mode or self._dns.mode
-        via = _VIA[mode] if self._dns_serves else _VIA[HOSTS]
-        if self._chosen_because:
-            via += f" ({self._chosen_because})"
-        if self._server is not None and self._server.addresses:
-            on = ", ".join(join_host_port(*a) for a in self._server.addresses)
-            via += f"; DNS server on {on}"
-        elif listen is not None and mode != OFF:
-            via += "; DNS server not started yet"
-        return NamesStatus(
-            via,
-            self._fallback,
-            self._dns.mode in (RESOLVED, RESOLVER_FILES),
+        return names_status(
+            self._dns,
+            self._net,
+            self._mode,
             self._dns_serves,
+            self._chosen_because,
+            self._server.addresses if self._server is not None else [],
+            self._fallback,
         )
 
     def server_address(self) -> Address | None:
@@ -433,20 +293,24 @@ class NameService(Service):
             if self._server is None:
                 await self._start_server(listen)
             assert self._server is not None
-            self._listen_ipv6(self._server)
+            self._no_ipv6 = listen_ipv6(
+                self._server, self._listen6(), self._no_ipv6, self.log
+            )
             server = ip_address(listen[0])
             if names != self._served:
                 # A poll that changed nothing builds nothing.
                 try:
-                    domains = link_domains(names) if self._mode in _VIA_DNS else ()
+                    domains = link_domains(names) if self._mode in VIA_DNS else ()
                 except ValueError as e:
-                    raise _Fallback(str(e)) from e
+                    raise Fallback(str(e)) from e
                 self._probe = probe_name(self._token, domains)
                 self._server.set_table(names_table(names, self._probe, server))
                 self._served, self._domains = names, domains
             domains, name = self._domains, self._probe
             changed = False
-            if domains or self._registered is not None:
+            if domains or (
+                self._registration is not None and self._registration.registered
+            ):
                 # No names left: our domains go too, as their answers did.
                 changed = await self._register(domains, listen)
             if name is None:
@@ -454,7 +318,7 @@ class NameService(Service):
                 return
             if changed or self._due():
                 await self._check(name, server)
-        except _Fallback as e:
+        except Fallback as e:
             self._set(dns_serves=False, fallback=str(e))
         except Exception as e:
             self.log.failure("setting up the DNS server failed")
@@ -471,13 +335,13 @@ class NameService(Service):
             return configured
         if not self._platform.startswith("linux"):
             if configured == RESOLVED:
-                raise _Fallback(f"systemd-resolved is Linux's, not {self._platform}'s")
+                raise Fallback(f"systemd-resolved is Linux's, not {self._platform}'s")
             return HOSTS
         try:
             runs = await resolved_running(await self._connect())
         except DBusError as e:
             if configured == RESOLVED:
-                raise _Fallback(f"cannot ask systemd-resolved: {e}") from e
+                raise Fallback(f"cannot ask systemd-resolved: {e}") from e
             self._chosen_because = f"dns.mode auto: no system bus: {e}"
             return HOSTS
         if configured == "auto" and not runs:
@@ -497,147 +361,82 @@ class NameService(Service):
         """
         if connection is not self._connection or not self.running:
             return
-        self._connection = self._link = None
-        self._registered = None
+        self._connection = None
+        if self._registration is not None:
+            self._registration.forget()
         self._set(dns_serves=False, fallback=f"lost the system bus: {why}")
         self.changed()
 
     async def _start_server(self, listen: Address) -> None:
         own = ip_address(listen[0])
-        server = DNSService(
-            [listen],
-            await self._upstreams(own, listen),
+        upstreams = await find_upstreams(
             self._reactor,
+            self._dns.upstreams,
+            (lambda: self._resolved_upstreams(own)) if self._mode == RESOLVED else None,
+            self._resolv_confs,
+            listen,
+            self.log,
         )
-        try:
-            server.startService()
-        except CannotListenError as e:
-            raise _Fallback(
-                f"the DNS server cannot listen on {join_host_port(*listen)}:"
-                f" {e.socketError}"
-            ) from e
-        self._server = server
+        self._server = start_server(IReactorTCP(self._reactor), listen, upstreams)
 
-    def _listen_ipv6(self, server: DNSService) -> None:
+    async def _resolved_upstreams(self, own: IPAddress) -> tuple[Upstream, ...]:
         """
-        Listen on the server's IPv6 address too, when it has one and does
-        not yet; when it cannot, say why once and serve over IPv4 alone.
+        The servers resolved itself asks (not ours).
         """
-        listen6 = self._listen6()
-        if listen6 is None or listen6[0] in (host for host, _ in server.addresses):
-            return
-        try:
-            server.listen(listen6)
-        except CannotListenError as e:
-            reason = str(e.socketError)
-            if reason != self._no_ipv6:
-                self.log.warn(
-                    "the DNS server cannot listen on {address}: {error}; it"
-                    " serves over IPv4 alone",
-                    address=join_host_port(*listen6),
-                    error=reason,
-                )
-            self._no_ipv6 = reason
-        else:
-            self._no_ipv6 = ""
-
-    async def _upstreams(self, own: IPAddress, listen: Address) -> list[Address]:
-        """
-        The servers other names go to: C{dns.upstreams}; else resolved's
-        own (when it is asked); else the first C{resolv.conf} that names
-        any we may use.
-        """
-        if self._dns.upstreams:
-            return [_address(server) for server in self._dns.upstreams]
-        if self._mode == RESOLVED:
-            try:
-                found = await upstream_servers(
-                    await self._connect(),
-                    self.own_addresses() | {own},
-                    self._link_info.link_index() or -1,
-                )
-            except (DBusError, ResolvedError) as e:
-                self.log.warn(
-                    "DNS server: reading systemd-resolved's servers: {error};"
-                    " reading resolv.conf instead",
-                    error=str(e),
-                )
-            else:
-                if found:
-                    return [(str(u.address), u.port) for u in found]
-        for path in self._resolv_confs:
-            try:
-                data, _ = await deferToThreadPool(
-                    self._reactor,
-                    self._reactor.getThreadPool(),
-                    read_regular,
-                    path,
-                    _RESOLV_CONF_LIMIT,
-                )
-            except OSError:
-                continue
-            chosen = upstreams_from_resolv_conf(
-                data.decode("utf-8", "replace"), [listen]
-            )
-            if chosen.servers:
-                return list(chosen.servers)
-        return []
+        return await upstream_servers(
+            await self._connect(),
+            self.own_addresses() | {own},
+            self._link_info.link_index() or -1,
+        )
 
     async def _register(self, domains: tuple[str, ...], listen: Address) -> bool:
         """
         Point the system's resolver at the server for C{domains}.
 
         @return: whether that changed anything.
-        @raise _Fallback: it cannot be done now.
+        @raise Fallback: it cannot be done now.
         """
         server = ip_address(listen[0])
         if self._mode == RESOLVER_FILES:
-            wanted: tuple[object, ...] = (domains, server, listen[1])
-            if wanted == self._registered:
-                return False
-            if self._files is None:
-                self._files = ResolverFiles(
-                    self._reactor,
-                    self._reactor.getThreadPool(),
-                    self._resolver_directory,
-                    self._flush,
-                )
-            result = await self._files.apply(domains, server, listen[1])
-            for problem in result.problems:
-                self.log.warn("/etc/resolver: {problem}", problem=problem)
-            self._registered = wanted
-            return True
+            if not isinstance(self._registration, FilesRegistration):
+                self._registration = FilesRegistration(self._resolver_files, self.log)
+            return await self._registration.register(domains, server, listen[1])
         index = self._link_info.link_index()
         if index is None:
-            raise _Fallback(
+            raise Fallback(
                 "systemd-resolved sends a domain's queries out of a link, and"
                 f" ngrokd has no link of its own here ({self._link_info.describe()})"
             )
-        if server not in self.own_addresses() or listen[1] != _DNS_PORT:
-            raise _Fallback(
+        if server not in self.own_addresses() or listen[1] != DNS_PORT:
+            raise Fallback(
                 "systemd-resolved asks a link's server from that link, on port"
                 f" 53: dns.listen {join_host_port(*listen)} is not an address"
                 f" of ngrokd's link on port 53 (leave dns.listen empty)"
             )
         assert self._server is not None
         servers = tuple(ip_address(host) for host, _ in self._server.addresses)
-        settings = LinkSettings(index, servers, domains)
-        if (settings,) == self._registered and self._link is not None:
-            if self._link.error is not None:
-                raise _Fallback(self._link.error)
-            return False
-        self._registered = (settings,)
-        try:
-            if self._link is None:
-                self._link = ResolvedLink(
-                    await self._connect(), settings, self._resolved_changed
-                )
-                await self._link.start()
-            else:
-                await self._link.update(settings)
-        except (DBusError, ResolvedError) as e:
-            raise _Fallback(str(e)) from e
-        return True
+        if not isinstance(self._registration, ResolvedRegistration):
+            self._registration = ResolvedRegistration(
+                self._connect, self._resolved_changed, self.log
+            )
+        return await self._registration.register(LinkSettings(index, servers, domains))
+
+    def _resolver_files(self) -> ResolverFiles:
+        return ResolverFiles(
+            self._reactor,
+            self._reactor.getThreadPool(),
+            self._resolver_directory,
+            self._flush,
+        )
+
+    def _resolved_link(self) -> ResolvedLink | None:
+        """
+        resolved's settings for our link, while they are kept.
+        """
+        registration = self._registration
+        if isinstance(registration, ResolvedRegistration):
+            return registration.link
+        return None
 
     def _due(self) -> bool:
         """
@@ -647,13 +446,13 @@ class NameService(Service):
         if self._dns_serves:
             return False
         last = self._probed_at
-        return last is None or self._reactor.seconds() - last >= PROBE_RETRY
+        return last is None or self._clock.seconds() - last >= PROBE_RETRY
 
     async def _check(self, name: str, server: IPAddress) -> None:
-        self._probed_at = self._reactor.seconds()
+        self._probed_at = self._clock.seconds()
         result = await probe(
             self._reactor,
-            self._reactor,
+            self._clock,
             self._reactor.getThreadPool(),
             name,
             server,
@@ -665,7 +464,7 @@ class NameService(Service):
         else:
             self._set(
                 dns_serves=False,
-                fallback=f"{_VIA[self._mode or HOSTS]} does not send our names to"
+                fallback=f"{VIA[self._mode or HOSTS]} does not send our names to"
                 f" the DNS server: {result.reason}",
             )
 
@@ -673,7 +472,7 @@ class NameService(Service):
         """
         resolved left the bus, or came back and took our settings again.
         """
-        link = self._link
+        link = self._resolved_link()
         if link is None or not self.running:
             return
         if link.error is not None:
@@ -683,7 +482,7 @@ class NameService(Service):
 
         async def again() -> None:
             name, address = self._probe, self.server_address()
-            if name is None or address is None or self._link is not link:
+            if name is None or address is None or self._resolved_link() is not link:
                 return
             await self._check(name, ip_address(address[0]))
             if self._dns_serves:
@@ -703,7 +502,7 @@ class NameService(Service):
         if dns_serves and not self._dns_serves:
             self.log.info(
                 "endpoint names resolve through {via} and ngrokd's DNS server",
-                via=_VIA[self._mode or HOSTS],
+                via=VIA[self._mode or HOSTS],
             )
         self._dns_serves, self._fallback = dns_serves, fallback
 
@@ -712,37 +511,15 @@ class NameService(Service):
         Undo the registration and stop the server; the next apply starts
         afresh.
         """
-        link, files, server, connection = (
-            self._link,
-            self._files,
+        registration, server, connection = (
+            self._registration,
             self._server,
             self._connection,
         )
         self._reset()
-        if link is not None:
-            try:
-                await link.stop()
-            except ResolvedError as e:
-                self.log.warn("systemd-resolved: {error}", error=str(e))
-            else:
-                self.log.info("systemd-resolved: our link's settings removed")
-        if files is not None:
-            result = await files.remove()
-            for problem in result.problems:
-                self.log.warn("/etc/resolver: {problem}", problem=problem)
+        if registration is not None:
+            await registration.remove()
         if connection is not None:
             await connection.close()
         if server is not None:
             await server.stopService()
-
-
-#: The modes that register the DNS server with the system.
-_VIA_DNS = frozenset({RESOLVED, RESOLVER_FILES})
-
-
-def _address(text: str) -> Address:
-    """
-    C{address:port} (C{[ipv6]:port}) as a (host, port) pair.
-    """
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)

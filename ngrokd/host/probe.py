@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host.allocator import IPAddress
 
 #: How long a probe waits for the system's answer.
 PROBE_TIMEOUT = 2.0

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from ngrokd.dns.zones import routing_domains
 from ngrokd.endpoints import is_dns_name
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host.allocator import IPAddress
 from ngrokd.host.dbus import (
     BUS,
     PROPERTIES,

@@ -32,7 +32,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ngrokd.atomic import AtomicWriteError, write_atomic
 from ngrokd.endpoints import is_dns_name
-from ngrokd.host.allocation import IPAddress
+from ngrokd.host.allocator import IPAddress
 from ngrokd.host.netif.darwin import Runner
 from ngrokd.readfile import read_regular
 

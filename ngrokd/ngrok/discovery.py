@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ngrokd.ngrok.api import EXPECTED_FAILURES, failure_kind
+from ngrokd.ngrok.apierrors import EXPECTED_FAILURES, failure_kind
 from ngrokd.retry import (
     FIRST_BACKOFF,
     MAX_BACKOFF,

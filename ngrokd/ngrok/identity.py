@@ -44,7 +44,8 @@ from twisted.logger import Logger
 
 from ngrokd.atomic import read_if_exists, replace_durably, write_atomic
 from ngrokd.blocking import InThread
-from ngrokd.ngrok.api import APIError, Operator
+from ngrokd.ngrok.answers import Operator
+from ngrokd.ngrok.apierrors import APIError
 
 _log = Logger()
 

@@ -26,7 +26,10 @@ use the new one). A failure never stops the service: it is reported (in
 L{IdentityService.status} and in the log, once per change of state) and
 retried with backoff, while the last good identity stays in use. The API key
 is never read here, only whether there is one. The identity files are read
-and written through C{in_thread}, off the reactor thread.
+and written through C{in_thread}, off the reactor thread. When to renew is
+decided by L{ngrokd.ngrok.renewal}; what is said, by
+L{ngrokd.ngrok.identity_report}. The states and L{IdentityStatus} are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -36,47 +39,41 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ngrokd.blocking import InThread
-from ngrokd.ngrok.api import (
-    EXPECTED_FAILURES,
-    APIError,
-    APIUnavailable,
-    Operator,
-    failure_kind,
-)
+from ngrokd.ngrok.answers import Operator
+from ngrokd.ngrok.apierrors import APIError
 from ngrokd.ngrok.identity import (
     Identity,
-    IdentityError,
     IdentityStore,
-    IdentityUnreadable,
     OperatorAPI,
     RepairNeeded,
-    needs_renewal,
     register,
     renew,
     repair,
 )
+from ngrokd.ngrok.identity_report import IdentityReport
+from ngrokd.ngrok.renewal import CHECK_INTERVAL as CHECK_INTERVAL
+from ngrokd.ngrok.renewal import EXPIRED as EXPIRED
+from ngrokd.ngrok.renewal import (
+    FIRST_RETRY,
+    REGISTERING,
+    api_was_down,
+    next_check,
+    registered_state,
+    renewal_due,
+)
+from ngrokd.ngrok.renewal import NOT_REGISTERED as NOT_REGISTERED
+from ngrokd.ngrok.renewal import OPERATOR_DELETED as OPERATOR_DELETED
+from ngrokd.ngrok.renewal import REGISTERED as REGISTERED
+from ngrokd.ngrok.renewal import WAITING_FOR_KEY as WAITING_FOR_KEY
+from ngrokd.ngrok.renewal import IdentityStatus as IdentityStatus
 from ngrokd.retry import MAX_BACKOFF, backoff_delay
-
-#: States, as L{IdentityStatus.state} and C{ngrokctl status} show them.
-WAITING_FOR_KEY = "not registered, waiting for an API key"
-REGISTERING = "registering"
-NOT_REGISTERED = "not registered"
-REGISTERED = "registered"
-EXPIRED = "certificate expired"
-OPERATOR_DELETED = "operator deleted"
-
-#: Seconds between two looks at the certificate's expiry.
-CHECK_INTERVAL = 3600.0
-#: The first retry after a failure, in seconds; later ones back off.
-FIRST_RETRY = 2.0
 
 
 class IdentityAPI(OperatorAPI, Protocol):
@@ -115,24 +112,6 @@ class NotRegistered(Exception):
 
     def __str__(self) -> str:
         return f"this machine is not registered with ngrok: {self.state}"
-
-
-@frozen
-class IdentityStatus:
-    """
-    Who this machine is to ngrok, for C{ngrokctl status} and health checks.
-    C{error} is the current problem, C{""} when there is none; it never holds
-    the API key.
-    """
-
-    state: str
-    operator_id: str
-    not_after: datetime.datetime | None
-    error: str
-
-    @property
-    def registered(self) -> bool:
-        return self.operator_id != ""
 
 
 class IdentityService(Service):
@@ -177,26 +156,39 @@ class IdentityService(Service):
         self._hostname = hostname
         self._has_key = has_key
         self._on_identity = on_identity
-        self._config_path = config_path
-        self._ingress_endpoint = ingress_endpoint
+        self._said = IdentityReport(self.log, config_path, ingress_endpoint)
         self._renew_before = renew_before
         self._reregister = reregister_if_deleted
         self._check_interval = check_interval
         self._jitter = jitter
         self.identity: Identity | None = None
-        self.state = NOT_REGISTERED
-        self.error = ""
-        self._logged: tuple[str, str] = ("", "")
         self._failures = 0
         #: Whether the last failure was the API being down or overloaded.
         self._api_was_down = False
         #: ngrok's selectors for our operator, once known.
         self._ngrok_selectors: tuple[str, ...] | None = None
-        self._reported_ingress: str | None = None
         self._lock = DeferredLock()
         self._queued = False
         self._current: Deferred[float | None] | None = None
         self._timer: IDelayedCall | None = None
+
+    @property
+    def state(self) -> str:
+        """
+        The identity's state (L{ngrokd.ngrok.renewal}'s states).
+        """
+        return self._said.state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._said.state = state
+
+    @property
+    def error(self) -> str:
+        """
+        The current problem, C{""} when there is none.
+        """
+        return self._said.error
 
     # Lifecycle and controls
 
@@ -345,25 +337,13 @@ class IdentityService(Service):
         if not self.running:
             return  # cancelled by stopService
         self._failures += 1
-        error = failure.value
-        self._api_was_down = isinstance(error, APIUnavailable) or (
-            isinstance(error, APIError) and (error.status >= 500 or error.status == 429)
-        )
+        self._api_was_down = api_was_down(failure.value)
         delay = backoff_delay(self._failures, FIRST_RETRY, MAX_BACKOFF, self._jitter)
-        if failure.check(IdentityUnreadable):
-            problem = "cannot use the stored identity: {reason}"
-        elif self.identity is None:
-            problem = "cannot register with ngrok: {reason}"
-        else:
-            problem = "cannot update the identity with ngrok: {reason}"
-        expected = failure.check(*EXPECTED_FAILURES, IdentityError, OSError)
-        self._report(
+        self._said.failed(
+            failure,
             NOT_REGISTERED if self.identity is None else self._registered_state(),
-            failure_kind(failure.value),
-            problem,
+            registered=self.identity is not None,
             retry_in=delay,
-            unexpected=None if expected else failure,
-            reason=failure.getErrorMessage(),
         )
         self._schedule(delay)
 
@@ -377,7 +357,7 @@ class IdentityService(Service):
             if isinstance(loaded, Identity):
                 self._adopt(loaded)
             elif not self._has_key():
-                self._wait_for_key(loaded)
+                self._said.waiting_for_key(loaded)
                 return None
             else:
                 self._set_state(REGISTERING)
@@ -419,7 +399,7 @@ class IdentityService(Service):
             if self._ngrok_selectors is None:
                 operator = await api.get_operator(operator_id)
                 self._ngrok_selectors = operator.selectors
-                self._check_ingress(operator.ingress_endpoint)
+                self._said.ingress(operator.ingress_endpoint)
             if self._ngrok_selectors != self._selectors:
                 self.log.info(
                     "updating the endpoint selectors of operator {id} from"
@@ -458,12 +438,12 @@ class IdentityService(Service):
             if isinstance(loaded, Identity):
                 self._adopt(loaded)
             else:
-                before = self.state, self.error
+                before = self._said.state, self._said.error
                 self._set_state(REGISTERING)
                 try:
                     await self._make_identity(api, loaded)
                 except BaseException:
-                    self.state, self.error = before
+                    self._said.state, self._said.error = before
                     raise
                 return
         assert self.identity is not None
@@ -488,18 +468,7 @@ class IdentityService(Service):
             self._set_state(REGISTERING)
             await self._make_identity(self._api, None)
             return self._until_next_check()
-        self._report(
-            OPERATOR_DELETED,
-            "deleted",
-            "operator {id} no longer exists in the ngrok account of the API key"
-            " (was it deleted in the dashboard?): its endpoints can no longer be"
-            " discovered (those found before are still served, as they were)."
-            " To register this machine again, set api.reregister_if_deleted:"
-            " true in {config}, or delete {operator_id_path} and restart ngrokd",
-            id=operator_id,
-            config=self._config_path,
-            operator_id_path=self._store.operator_id_path,
-        )
+        self._said.operator_deleted(operator_id, self._store.operator_id_path)
         return None
 
     # State
@@ -507,42 +476,25 @@ class IdentityService(Service):
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.UTC)
 
-    def _expired(self) -> bool:
-        return self.identity is not None and self.identity.expired(self._now())
-
-    def _margin(self, identity: Identity) -> datetime.timedelta:
-        """
-        The configured margin, but at most half the certificate's life, so
-        that a short-lived certificate is not renewed again and again.
-        """
-        return min(self._renew_before, (identity.not_after - identity.not_before) / 2)
-
     def _due(self) -> bool:
         identity = self.identity
         assert identity is not None
-        return needs_renewal(identity, self._now(), self._margin(identity))
+        return renewal_due(identity, self._now(), self._renew_before)
 
     def _until_next_check(self) -> float:
         identity = self.identity
         assert identity is not None
-        due = identity.not_after - self._margin(identity)
-        seconds = (due - self._now()).total_seconds()
-        if seconds <= 0:
-            # Still due after this pass (ngrok issued a certificate already
-            # due, or there is no key): look again later, not at once.
-            return self._check_interval
-        return min(self._check_interval, seconds)
+        return next_check(
+            identity, self._now(), self._renew_before, self._check_interval
+        )
 
     def _without_key(self) -> float:
         if self._due():
             assert self.identity is not None
-            self._report(
+            self._said.due_without_key(
                 self._registered_state(),
-                "renewal without key",
-                "the certificate {cert} (valid until {not_after}) is due for"
-                " renewal, which needs an API key",
-                cert=self._store.cert_path,
-                not_after=self.identity.not_after.isoformat(),
+                self._store.cert_path,
+                self.identity.not_after,
             )
         else:
             self._settle()
@@ -559,11 +511,12 @@ class IdentityService(Service):
                 id=identity.operator_id,
                 not_after=identity.not_after.isoformat(),
             )
-        self._check_ingress(identity.ingress_endpoint)
+        self._said.ingress(identity.ingress_endpoint)
         self._settle()
 
     def _registered_state(self) -> str:
-        return EXPIRED if self._expired() else REGISTERED
+        assert self.identity is not None
+        return registered_state(self.identity, self._now())
 
     def _settle(self) -> None:
         """
@@ -571,93 +524,13 @@ class IdentityService(Service):
         """
         identity = self.identity
         assert identity is not None
-        if self._expired():
-            self._report(
-                EXPIRED,
-                "expired",
-                "the certificate {cert} expired at {not_after}: the binding"
-                " ingress refuses it until it is renewed",
-                cert=self._store.cert_path,
-                not_after=identity.not_after.isoformat(),
-            )
+        if identity.expired(self._now()):
+            self._said.expired(self._store.cert_path, identity.not_after)
         else:
             self._set_state(REGISTERED)
-
-    def _wait_for_key(self, loaded: RepairNeeded | None) -> None:
-        remedy = (
-            ": set api.key in {config}, NGROK_API_KEY in the environment, or run"
-            " ngrokctl set-api-key"
-        )
-        if isinstance(loaded, RepairNeeded):
-            self._report(
-                WAITING_FOR_KEY,
-                "no key",
-                "not registered, waiting for an API key (the stored identity"
-                " needs repair: {repair})" + remedy,
-                config=self._config_path,
-                repair=loaded.reason,
-            )
-        else:
-            self._report(
-                WAITING_FOR_KEY,
-                "no key",
-                "not registered, waiting for an API key" + remedy,
-                config=self._config_path,
-            )
-
-    def _check_ingress(self, reported: str | None) -> None:
-        if not reported or reported == self._reported_ingress:
-            return
-        self._reported_ingress = reported
-        if reported != self._ingress_endpoint:
-            self.log.warn(
-                "ngrok reports the binding ingress at {reported}, but ingressEndpoint"
-                " in {config} is {configured}; connections go to {configured}",
-                reported=reported,
-                configured=self._ingress_endpoint,
-                config=self._config_path,
-            )
 
     def _set_state(self, state: str) -> None:
         """
         Enter C{state} with no problem to report.
         """
-        if state == REGISTERED and self._logged[0] in (REGISTERED, EXPIRED):
-            self.log.info(
-                "operator {id}: the identity is in order again",
-                id=self.identity.operator_id if self.identity else "",
-            )
-        self.state, self.error = state, ""
-        if state == REGISTERED:
-            self._logged = ("", "")
-
-    def _report(
-        self,
-        state: str,
-        kind: str,
-        problem: str,
-        retry_in: float | None = None,
-        unexpected: Failure | None = None,
-        **fields: object,
-    ) -> None:
-        """
-        Enter C{state} with C{problem}, a log format of C{fields} (its text
-        is L{error}), and log it unless it is the same C{kind} of problem in
-        the same state as last time; an C{unexpected} failure (a fault of
-        ngrokd) with its traceback.
-        """
-        self.state, self.error = state, problem.format(**fields)
-        if (state, kind) == self._logged:
-            return
-        self._logged = (state, kind)
-        retrying = problem + "; retrying in {delay:.1f}s"
-        if unexpected is not None:
-            self.log.failure(
-                retrying, unexpected, LogLevel.critical, delay=retry_in, **fields
-            )
-        elif state == WAITING_FOR_KEY:
-            self.log.warn(problem, **fields)
-        elif retry_in is None:
-            self.log.error(problem, **fields)
-        else:
-            self.log.error(retrying, delay=retry_in, **fields)
+        self._said.set_state(state, self.identity.operator_id if self.identity else "")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from twisted.logger import Logger
 
 from ngrokd.atomic import write_atomic
-from ngrokd.ngrok.api import ApiEndpoint
+from ngrokd.ngrok.answers import ApiEndpoint
 from ngrokd.readfile import read_regular
 
 #: The file in the state directory.

@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.host.allocation}.
+Tests for L{ngrokd.host.allocator} and L{ngrokd.host.allocation}.
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ from ngrokd.host.allocation import (
     IP_MAPPINGS,
     NETWORK_PORTS,
     RELEASED,
-    Allocations,
-    allocate,
     decode_network_ports,
     encode_ips,
     encode_network_ports,
-    is_usable,
     load,
     save,
 )
+from ngrokd.host.allocator import Allocations, allocate, is_usable
 
 SUBNET = ip_network("10.107.0.0/16")
 SUBNET6 = ip_network("fd6e:6772:6f6b::/64")

@@ -21,16 +21,13 @@ from ngrokd import __version__
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
-from ngrokd.ngrok.api import (
-    MAX_BODY,
-    MAX_STRING,
+from ngrokd.ngrok.answers import MAX_BODY, MAX_STRING, retry_after_seconds
+from ngrokd.ngrok.api import HTTPRequester, NgrokAPI
+from ngrokd.ngrok.apierrors import (
     APIError,
     APIResponseInvalid,
     APIUnavailable,
-    HTTPRequester,
-    NgrokAPI,
     NoAPIKey,
-    retry_after_seconds,
 )
 from ngrokd.ngrok.identity import generate_key, make_csr
 

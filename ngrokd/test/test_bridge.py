@@ -26,7 +26,8 @@ from ngrokd.datapath import wire
 from ngrokd.datapath.bridge import REJECT_LINGER, BridgeFactory, LocalProtocol
 from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.failurelog import FailureLog
-from ngrokd.datapath.ingress import IngressConnector, IngressProtocol
+from ngrokd.datapath.ingress import IngressConnector
+from ngrokd.datapath.upgrade import IngressProtocol
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.endpoints import parse_endpoint_url

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import operator
 import os
+import re
 from textwrap import dedent
 from typing import Any
 
@@ -17,23 +18,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.config import (
-    DNS_MODES,
+from ngrokd.config import addresses
+from ngrokd.config.context import ConfigError, Context
+from ngrokd.config.loader import (
     MAX_CONFIG_SIZE,
     MAX_DEPTH,
+    default_config,
+    load_config,
+    parse_config,
+)
+from ngrokd.config.schema import (
+    SETTINGS,
     ApiConfig,
     Config,
-    ConfigError,
     DiscoveryConfig,
     DnsConfig,
     IngressConfig,
     LoadedConfig,
     NetConfig,
     ServerConfig,
-    default_config,
-    load_config,
-    parse_config,
 )
+from ngrokd.config.values import DNS_MODES
+from ngrokd.test.helpers import source_file
 
 PATH = "/etc/ngrokd/config.yml"
 
@@ -1601,6 +1607,77 @@ class ValueTests(SynchronousTestCase):
         self.assertEqual(
             hash(config), hash(parse_config(ORIGINAL_EXAMPLE, PATH, {}, "linux").config)
         )
+
+
+class SchemaTests(SynchronousTestCase):
+    """
+    Each key is declared once, in its section's field
+    (L{ngrokd.config.schema}): the loader reads every one of them with its
+    own check, and the configuration reference describes every one.
+    """
+
+    def test_everyKeyRead(self) -> None:
+        """
+        Every key the schema declares is read from the file by its check: a
+        value no check takes is refused, naming the file, line and key.
+        """
+        for key in SETTINGS:
+            section, _, name = key.rpartition(".")
+            text, line = f"{name}: {{[1]: 1}}\n", 1
+            if section:
+                text, line = f"{section}:\n  {text}", 2
+            error = self.assertRaises(ConfigError, parse, text)
+            self.assertTrue(str(error).startswith(f"{PATH}:{line}: {key}: "), error)
+
+    def test_everyKeyDocumented(self) -> None:
+        """
+        The configuration reference has one entry for each key, and none
+        for a key the schema does not declare.
+        """
+        with open(source_file("docs", "configuration.rst")) as f:
+            entries = re.findall(
+                r"(?m)^``([\w.]+)``(?: \*\*NEW\*\*)?\n    \S", f.read()
+            )
+        self.assertEqual(sorted(entries), sorted(SETTINGS))
+
+
+def _node(value: str) -> yaml.Node:
+    """
+    The node of the string C{value}, as the loader composes it.
+    """
+    node = yaml.compose(yaml.safe_dump(value))
+    assert node is not None
+    return node
+
+
+class NormalisedTests(SynchronousTestCase):
+    """
+    The address checks (L{ngrokd.config.addresses}) write each value one
+    way, and what they write reads back as itself.
+    """
+
+    def test_normalised(self) -> None:
+        """
+        An address, block or C{host:port} is read in its one written form:
+        ports without leading zeros, IPv6 compressed in brackets, a block
+        without host bits, the default port added; read again, it is
+        unchanged.
+        """
+        ctx = Context(PATH, "linux")
+        for check, written, expected in [
+            (addresses.ingress_endpoint, "ingress.example", "ingress.example:443"),
+            (addresses.ingress_endpoint, "[::1]", "[::1]:443"),
+            (addresses.ingress_endpoint, "host:0443", "host:443"),
+            (addresses.listen_address, "[0:0::1]:8081", "[::1]:8081"),
+            (addresses.listen_address, " 127.0.0.1:08081 ", "127.0.0.1:8081"),
+            (addresses.dns_listen, "10.107.0.1", "10.107.0.1:53"),
+            (addresses.dns_listen, "[FD00::1]:53", "[fd00::1]:53"),
+            (addresses.subnet, "10.1.2.3/16", ipaddress.ip_network("10.1.0.0/16")),
+            (addresses.subnet6, "FD00:1::7/64", ipaddress.ip_network("fd00:1::/64")),
+        ]:
+            once = check(_node(written), "key", ctx)
+            again = check(_node(str(once)), "key", ctx)
+            self.assertEqual((once, again), (expected, expected), written)
 
 
 def _same(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[Any, Any]]:

@@ -32,7 +32,7 @@ from ngrokd.control.render import status_lines
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import BoundEndpoint, parse_endpoint_url
 from ngrokd.host.allocation import IP6_MAPPINGS, IP_MAPPINGS, NETWORK_PORTS
-from ngrokd.host.hosts import BEGIN, END
+from ngrokd.host.hostsection import BEGIN, END
 from ngrokd.host.netif import NotPermitted
 from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.ngrok.api import ApiEndpoint

@@ -30,13 +30,12 @@ from twisted.web.server import Site
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud, CloudError, CloudOperator, InvalidEndpointURL
-from ngrokd.ngrok.api import (
+from ngrokd.ngrok.api import NgrokAPI, make_api
+from ngrokd.ngrok.apierrors import (
     APIError,
     APIResponseInvalid,
     APIUnavailable,
-    NgrokAPI,
     PaginationError,
-    make_api,
 )
 from ngrokd.ngrok.identity import generate_key, key_public_key, make_csr
 from ngrokd.ngrok.trust import load_api_trust

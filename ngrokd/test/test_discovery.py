@@ -20,13 +20,8 @@ from twisted.web.resource import Resource
 from ngrokd.devcloud.api import api_resource
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
-from ngrokd.ngrok.api import (
-    APIError,
-    APIUnavailable,
-    HTTPRequester,
-    NgrokAPI,
-    failure_kind,
-)
+from ngrokd.ngrok.api import HTTPRequester, NgrokAPI
+from ngrokd.ngrok.apierrors import APIError, APIUnavailable, failure_kind
 from ngrokd.ngrok.discovery import EndpointDiscoveryService
 from ngrokd.ngrok.identity import generate_key, make_csr
 from ngrokd.retry import MAX_BACKOFF, MAX_RETRY_AFTER, backoff_delay

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -25,6 +26,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.names import client, dns, server
 from twisted.names.error import DomainError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from ngrokd.dns.answer import AnswerKind
 from ngrokd.dns.forward import Forwarder
@@ -478,6 +480,7 @@ class TCPLimitTests(ServerTestsMixin, TestCase):
         self.assertEqual(len(service._tcp.connections), 2)
 
 
+@implementer(IReactorTCP, IReactorTime, IReactorUDP)
 class _TCPTakenOnce:
     """
     The real reactor, but the first TCP port asked for is taken.

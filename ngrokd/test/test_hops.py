@@ -29,7 +29,7 @@ from ngrokd.control.hops import (
 from ngrokd.control.render import check_lines
 from ngrokd.control.verdict import FAIL, PASS, Check, first_broken
 from ngrokd.devcloud.ca import CertificateAuthority
-from ngrokd.host.hosts import pinned_names, render
+from ngrokd.host.hostsection import pinned_names, render
 from ngrokd.host.resolved import DNS_SCOPE, LinkState, ResolvedError
 from ngrokd.host.resolverfiles import resolver_file
 

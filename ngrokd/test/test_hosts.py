@@ -1,6 +1,7 @@
 """
-Tests for L{ngrokd.host.hosts}: the rendering, the file writes, and the service
-the daemon uses.
+Tests for the hosts file: the rendering (L{ngrokd.host.hostsection}), the
+file writes (L{ngrokd.host.hostsfile}), and the service the daemon uses
+(L{ngrokd.host.hosts}).
 """
 
 from __future__ import annotations
@@ -25,15 +26,9 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from ngrokd.host.hosts import (
-    BEGIN,
-    END,
-    HostsFile,
-    HostsFileError,
-    HostsService,
-    pinned_names,
-    render,
-)
+from ngrokd.host.hosts import HostsService
+from ngrokd.host.hostsection import BEGIN, END, pinned_names, render
+from ngrokd.host.hostsfile import HostsFile, HostsFileError
 from ngrokd.test.namespace import namespace
 from ngrokd.test.test_netif import SynchronousThreadPool
 
@@ -731,7 +726,7 @@ class HostsServiceTests(SynchronousTestCase):
 _WRITE_TWICE = """
 import json, os, subprocess
 from ipaddress import ip_address
-from ngrokd.host.hosts import HostsFile
+from ngrokd.host.hostsfile import HostsFile
 hosts = HostsFile("/etc/hosts")
 before = os.stat("/etc/hosts").st_ino
 first = hosts.write({"api.example.internal": ip_address("10.107.0.2")})

@@ -15,7 +15,7 @@ from typing import Any, cast
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -25,16 +25,15 @@ from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
 from ngrokd.ngrok.api import APIError, HTTPRequester, NgrokAPI
 from ngrokd.ngrok.identity import Identity, IdentityStore, generate_key
-from ngrokd.ngrok.identity_service import (
+from ngrokd.ngrok.identity_report import IdentityReport
+from ngrokd.ngrok.identity_service import IdentityService, KeyRejected, NotRegistered
+from ngrokd.ngrok.renewal import (
     CHECK_INTERVAL,
     EXPIRED,
     NOT_REGISTERED,
     OPERATOR_DELETED,
     REGISTERED,
     WAITING_FOR_KEY,
-    IdentityService,
-    KeyRejected,
-    NotRegistered,
 )
 from ngrokd.test.test_discovery import capture_logs
 from ngrokd.test.threads import at_once
@@ -743,3 +742,28 @@ class ConfigTests(SynchronousTestCase):
                 ConfigError, parse_config, text, CONFIG, {}, "linux"
             )
             self.assertIn(f"{CONFIG}:{where}", str(error))
+
+
+class IdentityReportTests(SynchronousTestCase):
+    """
+    What is said of the identity, apart from the service.
+    """
+
+    def test_ingressSaidOnce(self) -> None:
+        """
+        An ingress ngrok reports that is not the configured one is said
+        once, however often ngrok reports it.
+        """
+        logged = capture_logs(self)
+        report = IdentityReport(Logger(), "/etc/ngrokd.yml", "ingress.test:443")
+        report.ingress("elsewhere.test:443")
+        report.ingress("elsewhere.test:443")
+        report.ingress("ingress.test:443")
+        self.assertEqual(
+            [formatEvent(e) for e in logged],
+            [
+                "ngrok reports the binding ingress at elsewhere.test:443, but"
+                " ingressEndpoint in /etc/ngrokd.yml is ingress.test:443;"
+                " connections go to ingress.test:443"
+            ],
+        )

@@ -1,8 +1,8 @@
 """
-Tests for L{ngrokd.datapath.ingress}, L{ngrokd.datapath.resumption},
-L{ngrokd.datapath.earlydata} and L{ngrokd.ngrok.trust}: whom the connector
-trusts, and which TLS sessions it resumes, over real TLS on loopback; where
-early data goes.
+Tests for L{ngrokd.datapath.ingress}, L{ngrokd.datapath.upgrade},
+L{ngrokd.datapath.resumption}, L{ngrokd.datapath.earlydata} and
+L{ngrokd.ngrok.trust}: whom the connector trusts, and which TLS sessions it
+resumes, over real TLS on loopback; where early data goes.
 """
 
 from __future__ import annotations
@@ -22,15 +22,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ngrokd.datapath import wire
 from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
-from ngrokd.datapath.ingress import (
-    DialFailed,
-    IngressConnector,
-    TLSFailed,
-    UpgradeFailed,
-    UpgradeTimeout,
-)
+from ngrokd.datapath.ingress import DialFailed, IngressConnector
 from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.datapath.splice import PipeProtocol, splice
+from ngrokd.datapath.upgrade import TLSFailed, UpgradeFailed, UpgradeTimeout
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.ingress import server_options
 from ngrokd.devcloud.tap import start_devcloud

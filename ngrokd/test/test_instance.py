@@ -6,7 +6,7 @@ its own files, socket, interface and hosts section.
 from __future__ import annotations
 
 import os
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,9 +15,12 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.config import Config, ConfigError, parse_config
+from ngrokd.config.context import Context
+from ngrokd.config.derived import derive
 from ngrokd.control.client import EXIT_USAGE
 from ngrokd.devcloud.tap import RunningDevcloud
-from ngrokd.host.hosts import BEGIN, END, HostsFile, render
+from ngrokd.host.hostsection import BEGIN, END, render
+from ngrokd.host.hostsfile import HostsFile
 from ngrokd.instance import (
     MAX_INTERFACE_NAME,
     InstanceNameError,
@@ -248,6 +251,60 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(found.hot, {})
         self.assertIn("server.instance", found.restart)
         self.assertIn("server.socket_path", found.restart)
+
+
+class DeriveTests(SynchronousTestCase):
+    """
+    L{derive}: what a file leaves out follows from the instance's name, the
+    platform and the environment alone.
+    """
+
+    def test_named(self) -> None:
+        """
+        A named instance's socket, state directory, certificate, key and
+        interface follow its name; the environment gives the API key and
+        the hosts file.
+        """
+        found = {"server.health_address": "", "net.subnet": ip_network("10.9.0.0/24")}
+        environ = {"NGROK_API_KEY": "k", "NGROKD_HOSTS_PATH": "/h"}
+        self.assertEqual(
+            derive(Context("/c.yml", "linux"), found, environ, "work"),
+            {
+                "api.key": "k",
+                "server.instance": "work",
+                "server.socket_path": "/var/run/ngrokd-work.sock",
+                "server.state_dir": "/etc/ngrokd/work",
+                "server.client_cert": "/etc/ngrokd/work/tls.crt",
+                "server.client_key": "/etc/ngrokd/work/tls.key",
+                "net.interface_name": "ngrokd-work",
+                "net.subnet": ip_network("10.9.0.0/24"),
+                "net.subnet6": "auto",
+                "net.hosts_file": "/h",
+            },
+        )
+
+    def test_unnamedOnMacOS(self) -> None:
+        """
+        The unnamed instance on macOS keeps the original's paths, takes its
+        addresses in 127.0.0.0/8 and has no IPv6 block; the certificate's
+        directory is the state directory.
+        """
+        found = {"server.client_cert": "/srv/n/c.pem"}
+        self.assertEqual(
+            derive(Context("/c.yml", "darwin"), found, {}, None),
+            {
+                "api.key": "",
+                "server.instance": "",
+                "server.socket_path": "/var/run/ngrokd.sock",
+                "server.state_dir": "/srv/n",
+                "server.client_cert": "/srv/n/c.pem",
+                "server.client_key": "/srv/n/tls.key",
+                "net.interface_name": "ngrokd0",
+                "net.subnet": ip_network("127.0.0.0/8"),
+                "net.subnet6": "",
+                "net.hosts_file": "/etc/hosts",
+            },
+        )
 
 
 class HostsSectionTests(SynchronousTestCase):

@@ -18,19 +18,21 @@ from jeepney import HeaderFields
 from twisted.internet.address import IPv4Address as UDPAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorUDP
 from twisted.internet.testing import EventLoggingObserver, _FakePort
-from twisted.logger import globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from ngrokd.config import Config, DnsConfig, default_config
 from ngrokd.dns.zones import normalise
-from ngrokd.host.allocation import IPNetwork
+from ngrokd.host.allocator import IPNetwork
 from ngrokd.host.dbus import DBusConnection, Disconnected, ErrorReply
-from ngrokd.host.nameservice import (
+from ngrokd.host.dnsserver import find_upstreams
+from ngrokd.host.namechoice import (
     HOSTS,
     RESOLVED,
     RESOLVER_FILES,
-    NameService,
     choose_mode,
     hosts_names,
     names_table,
@@ -38,7 +40,9 @@ from ngrokd.host.nameservice import (
     server_listen,
     server_listen6,
 )
-from ngrokd.host.resolverfiles import MARK
+from ngrokd.host.nameservice import NameService
+from ngrokd.host.registration import FilesRegistration
+from ngrokd.host.resolverfiles import MARK, FilesResult
 from ngrokd.test.resolvedns import SETUP
 from ngrokd.test.test_hosts import ThreadReactor
 
@@ -200,6 +204,7 @@ class Link:
         return "addresses on lo; this kernel has no dummy or bridge links"
 
 
+@implementer(IReactorUDP)
 class SocketReactor(ThreadReactor):
     """
     A memory reactor that also takes UDP listens, on the port asked.
@@ -212,7 +217,7 @@ class SocketReactor(ThreadReactor):
         self.absent: set[str] = set()
 
     def listenUDP(
-        self, port: int, protocol: Any, interface: str = "", **kw: Any
+        self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192
     ) -> Any:
         if interface in self.absent:
             raise CannotListenError(interface, port, OSError(99, "not available"))
@@ -602,3 +607,65 @@ class ResolverFilesTests(ServiceFixture):
         self.assertEqual(self.bus.calls, [])
         self.successResultOf(self.service.stopService())
         self.assertEqual(os.listdir(self.directory), [])
+
+
+class UpstreamsTests(SynchronousTestCase):
+    """
+    Where the DNS server sends other names (L{find_upstreams}).
+    """
+
+    def test_configuredFirst(self) -> None:
+        """
+        C{dns.upstreams} are used as given: resolved is not asked, no
+        C{resolv.conf} read.
+        """
+        asked: list[str] = []
+
+        def resolved() -> Deferred[tuple[Any, ...]]:
+            asked.append("resolved")
+            return succeed(())
+
+        found = Deferred.fromCoroutine(
+            find_upstreams(
+                SocketReactor(),
+                ["10.0.0.9:5353", "[fd00::1]:53"],
+                resolved,
+                ("/nonexistent/resolv.conf",),
+                ("10.107.0.1", 53),
+                Logger(),
+            )
+        )
+        self.assertEqual(
+            self.successResultOf(found), [("10.0.0.9", 5353), ("fd00::1", 53)]
+        )
+        self.assertEqual(asked, [])
+
+
+class FilesRegistrationTests(SynchronousTestCase):
+    """
+    The server in C{/etc/resolver} (L{FilesRegistration}).
+    """
+
+    def test_unchangedWritesOnce(self) -> None:
+        """
+        The same domains and server registered twice are written once; a
+        L{FilesRegistration.forget} writes them again.
+        """
+        written: list[object] = []
+
+        class Files:
+            def apply(self, domains: Any, address: Any, port: int) -> Any:
+                written.append((domains, address, port))
+                return succeed(FilesResult((), (), ()))
+
+        registration = FilesRegistration(lambda: cast(Any, Files()), Logger())
+        server = IPv4Address("10.107.0.1")
+        for _ in range(2):
+            changed = Deferred.fromCoroutine(registration.register(("ns",), server, 53))
+            self.successResultOf(changed)
+        self.assertEqual(written, [(("ns",), server, 53)])
+        registration.forget()
+        self.successResultOf(
+            Deferred.fromCoroutine(registration.register(("ns",), server, 53))
+        )
+        self.assertEqual(len(written), 2)

@@ -19,7 +19,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.bridge import BridgeFactory
-from ngrokd.datapath.ingress import IngressProtocol, UpgradeFailed
 from ngrokd.datapath.pool import (
     FIRST_HANDSHAKE_GUESS,
     FLOOR_MIN_HANDSHAKE,
@@ -34,6 +33,7 @@ from ngrokd.datapath.pool import (
     pool_target,
 )
 from ngrokd.datapath.resumption import HandshakeCounts
+from ngrokd.datapath.upgrade import IngressProtocol, UpgradeFailed
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.ingress import IngressProtocol as ServerSide
 from ngrokd.endpoints import parse_endpoint_url

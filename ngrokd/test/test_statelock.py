@@ -14,7 +14,7 @@ from ipaddress import ip_address
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.host.hosts import render
+from ngrokd.host.hostsection import render
 from ngrokd.host.statelock import (
     LOCK_FILE,
     StateDirectoryLocked,

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
-from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.allocator import IPAddress, IPNetwork
 
 #: Every address in it is local on Linux and macOS without any interface
 #: change (on macOS, once aliased on lo0).

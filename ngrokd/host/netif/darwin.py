@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface import implementer
 
-from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.allocator import IPAddress, IPNetwork
 from ngrokd.host.netif import (
     LOOPBACK_RANGE,
     INetworkInterface,

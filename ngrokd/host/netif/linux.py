@@ -50,7 +50,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.allocator import IPAddress, IPNetwork
 from ngrokd.host.netif import (
     LOOPBACK_RANGE,
     ForeignLink,

@@ -12,7 +12,7 @@ from collections.abc import Set
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.allocator import IPAddress, IPNetwork
 from ngrokd.host.netif import (
     AddressOutsideSubnet,
     INetworkInterface,

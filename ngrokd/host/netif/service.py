@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ngrokd.config import NetConfig
-from ngrokd.host.allocation import IPAddress, IPNetwork
+from ngrokd.host.allocator import IPAddress, IPNetwork
 from ngrokd.host.netif import (
     INetworkInterface,
     IPv6Unavailable,
