@@ -70,7 +70,6 @@ from ngrokd.control.metrics import DaemonMetrics
 from ngrokd.control.server import ControlService
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
-from ngrokd.test.helpers import control_reactor
 
 START_PORT = 20000
 PAGE_SIZE = 100
@@ -278,11 +277,11 @@ async def _list_over_socket(daemon: Daemon) -> tuple[float, int]:
     socket and AMP, and how many rows came.
     """
     feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
-    control = ControlService(daemon, feed, control_reactor())
+    control = ControlService(daemon, feed, reactor)
     control.startService()
     try:
         await control.whenListening()
-        client = await connect(control_reactor(), daemon.config.server.socket_path)
+        client = await connect(reactor, daemon.config.server.socket_path)
         try:
             started = time.perf_counter()
             rows = [row async for row in client.endpoints()]

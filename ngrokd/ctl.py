@@ -26,6 +26,7 @@ from typing import TextIO
 
 import attrs
 from attrs import define
+from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import react
 
 from ngrokd.cli.ctl_parser import parse
@@ -47,7 +48,6 @@ from ngrokd.control.configfile import (
     editor_command,
     validate_config,
 )
-from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.render import (
     check_lines,
     endpoint_names,
@@ -94,7 +94,7 @@ class Console:
         self.err.flush()
 
 
-async def run(reactor: IControlReactor, argv: Sequence[str], console: Console) -> int:
+async def run(reactor: IReactorCore, argv: Sequence[str], console: Console) -> int:
     """
     Run one ngrokctl command line; the exit code.
     """
@@ -263,7 +263,7 @@ _COMMANDS = {
 
 
 async def _config_edit(
-    reactor: IControlReactor,
+    reactor: IReactorCore,
     socket: str,
     path: str | None,
     instance: str,
@@ -295,7 +295,7 @@ async def _config_edit(
 
 
 async def _diagnose(
-    reactor: IControlReactor, socket: str, args: Namespace, console: Console
+    reactor: IReactorCore, socket: str, args: Namespace, console: Console
 ) -> int:
     from ngrokd.control.diagnose import Diagnosis
 
@@ -318,7 +318,7 @@ async def _diagnose(
     return EXIT_FAILED if broken else EXIT_OK
 
 
-async def _daemon_config(reactor: IControlReactor, socket: str) -> str | None:
+async def _daemon_config(reactor: IReactorCore, socket: str) -> str | None:
     """
     The config file of the daemon on C{socket}, if one answers.
     """
@@ -342,7 +342,7 @@ def main() -> None:
     """
     console = Console(sys.stdout, sys.stderr, sys.stdin, dict(os.environ))
 
-    async def command(reactor: IControlReactor) -> None:
+    async def command(reactor: IReactorCore) -> None:
         raise SystemExit(await run(reactor, sys.argv[1:], console))
 
     react(command)

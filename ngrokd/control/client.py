@@ -20,7 +20,11 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
@@ -37,7 +41,6 @@ from ngrokd.control.commands import (
     Status,
     TooManyConnections,
 )
-from ngrokd.control.interfaces import IControlReactor
 
 #: Exit codes of C{ngrokctl}, one per way of failing.
 EXIT_OK = 0
@@ -69,10 +72,12 @@ MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 
 def client_endpoint(
-    reactor: IControlReactor, socket: str, timeout: float = TIMEOUT
+    reactor: IReactorCore, socket: str, timeout: float = TIMEOUT
 ) -> IStreamClientEndpoint:
     """
     A path (the usual case) or a Twisted client endpoint description.
+
+    @param reactor: connects (L{IReactorUNIX}, or as the description says).
 
     @raise ControlError: a path too long for a UNIX socket, which Twisted
         would fail on with a traceback rather than an error.
@@ -92,10 +97,13 @@ def client_endpoint(
 
 
 async def connect(
-    reactor: IControlReactor, socket: str, timeout: float = TIMEOUT
+    reactor: IReactorCore, socket: str, timeout: float = TIMEOUT
 ) -> Control:
     """
     Connect to the daemon at C{socket} and greet it.
+
+    @param reactor: connects (see L{client_endpoint}); it must provide
+        L{IReactorTime} too, which times the calls out.
 
     @raise ControlError: no daemon there, or one that does not speak this
         version of the protocol.
@@ -106,7 +114,7 @@ async def connect(
     except ConnectError as e:
         raise _connect_error(socket, e) from None
     assert isinstance(protocol, amp.AMP)  # the factory's
-    control = Control(reactor, protocol, socket, timeout)
+    control = Control(IReactorTime(reactor), protocol, socket, timeout)
     try:
         await control.hello()
     except BaseException:

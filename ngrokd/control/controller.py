@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -88,7 +88,8 @@ class Controller:
     """
     What the control socket can ask of the daemon, whatever the protocol.
 
-    @param reactor: runs the config file's write in a thread.
+    @param reactor: runs the config file's write in a thread: it must
+        provide L{IReactorThreads}.
     @param admin_gid: members of this group may change the daemon.
     """
 
@@ -98,7 +99,7 @@ class Controller:
         self,
         daemon: ControlledDaemon,
         feed: EventFeed,
-        reactor: IReactorThreads,
+        reactor: IReactorCore,
         socket_description: str,
         admin_gid: int | None = None,
     ) -> None:
@@ -191,9 +192,10 @@ class Controller:
             raise KeyRejected(f"the API key was not accepted: {e}") from None
         path = self.daemon.config.path
         try:
+            threads = IReactorThreads(self._reactor)
             former = await deferToThreadPool(
-                self._reactor,
-                self._reactor.getThreadPool(),
+                threads,
+                threads.getThreadPool(),
                 store_api_key,
                 path,
                 key.strip(),

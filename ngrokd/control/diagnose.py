@@ -36,6 +36,12 @@ from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 
@@ -49,7 +55,6 @@ from ngrokd.control.hops import (
     resolves_check,
     virtual_names,
 )
-from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.namewalk import LOOKUP_TIMEOUT, NameWalk
 from ngrokd.control.verdict import FAIL, PASS, SKIP, Check
 from ngrokd.datapath import wire
@@ -76,11 +81,15 @@ _T = TypeVar("_T")
 class Diagnosis:
     """
     Runs the checks against one config file and one control socket.
+
+    @param reactor: connects (L{IReactorTCP}, L{IReactorUNIX}) and asks
+        (L{IReactorUDP}); it must provide L{IReactorTime} and
+        L{IReactorThreads} too.
     """
 
     def __init__(
         self,
-        reactor: IControlReactor,
+        reactor: IReactorCore,
         config_path: str,
         socket_path: str,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(
@@ -100,8 +109,9 @@ class Diagnosis:
     def _thread(
         self, work: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
     ) -> Deferred[_T]:
+        threads = IReactorThreads(self._reactor)
         return deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), work, *args, **kwargs
+            threads, threads.getThreadPool(), work, *args, **kwargs
         )
 
     def _add(self, check: Check) -> bool:
@@ -180,7 +190,13 @@ class Diagnosis:
             self._add(Check(name, FAIL, str(e), "fix api.ca_bundle"))
             return
         key = config.api.key
-        api = make_api(self._reactor, config.api.url, lambda: key, tls, CONNECT_TIMEOUT)
+        api = make_api(
+            IReactorTCP(self._reactor),
+            config.api.url,
+            lambda: key,
+            tls,
+            CONNECT_TIMEOUT,
+        )
         try:
             await api.operators()
         except NoAPIKey as e:
@@ -260,7 +276,7 @@ class Diagnosis:
             )
             return
         connector = IngressConnector(
-            self._reactor,
+            IReactorTCP(self._reactor),
             ingress.host,
             ingress.port,
             trust,
@@ -326,7 +342,7 @@ class Diagnosis:
         """
         try:
             return await self._thread(probes.lookup, host).addTimeout(
-                LOOKUP_TIMEOUT, self._reactor
+                LOOKUP_TIMEOUT, IReactorTime(self._reactor)
             )
         except OSError as e:
             return str(e)

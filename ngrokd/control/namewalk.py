@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
 
+from twisted.internet.interfaces import IReactorCore, IReactorUDP, IReactorUNIX
 from twisted.names import dns
 
 from ngrokd.blocking import InThread
@@ -34,7 +35,6 @@ from ngrokd.control.hops import (
     server_check,
     shadow_check,
 )
-from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.verdict import FAIL, PASS, Check
 from ngrokd.dns.forward import Forwarder
 from ngrokd.dns.upstreams import Address
@@ -70,12 +70,14 @@ class NameWalk:
     """
     Checks the hops of the names, each added with C{add}.
 
+    @param reactor: asks our DNS server (L{IReactorUDP}, L{IReactorTime}
+        and L{IReactorTCP}) and resolved, over D-Bus (L{IReactorUNIX}).
     @param thread: runs what blocks (reads, lookups) off the reactor thread.
     """
 
     def __init__(
         self,
-        reactor: IControlReactor,
+        reactor: IReactorCore,
         thread: InThread,
         add: Callable[[Check], bool],
     ) -> None:
@@ -164,7 +166,7 @@ class NameWalk:
         What our server on C{listen} answers for C{name}: its addresses
         (AAAA asked too when C{expected} has an IPv6 one), or why none.
         """
-        asker = Forwarder([listen], self._reactor, LOOKUP_TIMEOUT)
+        asker = Forwarder([listen], IReactorUDP(self._reactor), LOOKUP_TIMEOUT)
         types = [dns.A] + ([dns.AAAA] if any(a.version == 6 for a in expected) else [])
         found: list[str] = []
         try:
@@ -189,7 +191,7 @@ class NameWalk:
         is not running or there is no bus).
         """
         try:
-            bus = await connect_bus(self._reactor, SYSTEM_BUS)
+            bus = await connect_bus(IReactorUNIX(self._reactor), SYSTEM_BUS)
         except DBusError as e:
             if configured == "auto":
                 return None

@@ -36,6 +36,8 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
     IListeningPort,
+    IReactorCore,
+    IReactorThreads,
     IReactorTime,
     IStreamServerEndpoint,
     ITransport,
@@ -49,7 +51,6 @@ from ngrokd.control.address import AddressError, ControlAddress, control_address
 from ngrokd.control.connection import IDLE_TIMEOUT, ControlFactory
 from ngrokd.control.controller import ControlledDaemon, Controller
 from ngrokd.control.feed import EventFeed
-from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.peer import Peer, peer_of
 from ngrokd.summarylog import Summariser, Summary
 
@@ -111,6 +112,10 @@ def transport_peer(transport: ITransport) -> Peer:
 class ControlService(Service):
     """
     Listens on C{server.socket_path} while the daemon runs.
+
+    @param reactor: listens there (L{IReactorUNIX}, or as the endpoint
+        described says); it must provide L{IReactorTime} and
+        L{IReactorThreads} too.
     """
 
     log = Logger()
@@ -119,7 +124,7 @@ class ControlService(Service):
         self,
         daemon: ControlledDaemon,
         feed: EventFeed,
-        reactor: IControlReactor,
+        reactor: IReactorCore,
         credentials: Callable[[Any], Peer] = transport_peer,
     ) -> None:
         self._daemon = daemon
@@ -127,7 +132,8 @@ class ControlService(Service):
         self._description = daemon.config.server.socket_path
         self.controller = Controller(daemon, feed, reactor, self._description)
         self._credentials = credentials
-        self._notices = ConnectionNotices(reactor, self._description)
+        self._clock = IReactorTime(reactor)
+        self._notices = ConnectionNotices(self._clock, self._description)
         #: Seconds of silence after which a control connection is closed.
         self.idle_timeout = IDLE_TIMEOUT
         self._port: IListeningPort | None = None
@@ -183,7 +189,7 @@ class ControlService(Service):
         factory = ControlFactory(
             self.controller,
             lambda transport: self._credentials(transport),
-            self._reactor,
+            self._clock,
             self._notices.closed,
             self.idle_timeout,
         )
@@ -221,8 +227,9 @@ class ControlService(Service):
         if not name:
             return None
         try:
+            threads = IReactorThreads(self._reactor)
             entry = await deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), grp.getgrnam, name
+                threads, threads.getThreadPool(), grp.getgrnam, name
             )
         except KeyError:
             self.log.error(

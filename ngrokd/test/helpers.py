@@ -28,10 +28,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 import ngrokd
-from ngrokd.control.interfaces import IControlReactor
 from ngrokd.datapath.ingress import IngressConnector
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
@@ -95,20 +93,6 @@ class Counter(Recorder):
 
     def dataReceived(self, data: bytes) -> None:
         self.count += len(data)
-
-
-def control_reactor() -> IControlReactor:
-    """
-    The running reactor, as the control wing takes it.
-
-    Twisted types C{twisted.internet.reactor} as the part every reactor
-    shares (no threads, no UNIX sockets), though the one it installs
-    provides them: each method is checked here instead.
-    """
-    verifyObject(IControlReactor, reactor, tentative=True)
-    # Checked above: Twisted's annotation of its global reactor names its
-    # common part only.
-    return reactor  # type: ignore[return-value]
 
 
 def unsent(transport: Any) -> int:

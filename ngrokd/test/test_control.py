@@ -32,7 +32,6 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from ngrokd.board import StatusBoard
 from ngrokd.config import default_config, load_config
@@ -55,7 +54,6 @@ from ngrokd.control.connection import (
 )
 from ngrokd.control.controller import Controller
 from ngrokd.control.feed import EventFeed
-from ngrokd.control.interfaces import IControlReactor
 from ngrokd.control.legacy import MAX_LEGACY_REQUEST
 from ngrokd.control.peer import Peer
 from ngrokd.control.responders import MAX_EVENT_WAIT, ControlCommands
@@ -68,7 +66,6 @@ from ngrokd.tap import build_daemon
 from ngrokd.test.helpers import (
     Echo,
     Recorder,
-    control_reactor,
     free_ports,
     listen,
     settle,
@@ -439,7 +436,7 @@ class ControlSocketTests(DaemonFixture, TestCase):
             globalLogPublisher.addObserver(observe)
             self.addCleanup(globalLogPublisher.removeObserver, observe)
             feed = EventFeed(daemon.daemon_status, daemon.board, reactor)
-            second = ControlService(daemon, feed, control_reactor())
+            second = ControlService(daemon, feed, reactor)
             second.startService()
             self.addCleanup(second.stopService)
             await second.whenListening()
@@ -617,7 +614,7 @@ class PagingTests(TestCase):
             )
             daemon = SimpleNamespace(config=config, endpoint_status=lambda: rows)
             feed = EventFeed(lambda: None, StatusBoard(dict), reactor)  # type: ignore[arg-type,return-value]
-            service = ControlService(daemon, feed, control_reactor())
+            service = ControlService(daemon, feed, reactor)
             service.startService()
             self.addCleanup(service.stopService)
             await service.whenListening()
@@ -901,7 +898,7 @@ class HostileClientTests(DaemonFixture, TestCase):
             await self.start_daemon(self, self.devcloud, f"tcp:{port}")
             self.assertEqual(_tcp_listening(port), ["127.0.0.1"])
             self.assertTrue(any("answers reads only" in f for f in logged), logged)
-            control = await connect(control_reactor(), f"tcp:127.0.0.1:{port}")
+            control = await connect(reactor, f"tcp:127.0.0.1:{port}")
             self.addCleanup(control.close)
             self.assertTrue((await control.status())["registered"])
             with self.assertRaises(ControlError) as raised:
@@ -937,7 +934,7 @@ class HostileClientTests(DaemonFixture, TestCase):
                 str(MAX_CONNECTIONS),
                 ready=b"held",
             )
-            control = await connect(control_reactor(), self.path)
+            control = await connect(reactor, self.path)
             self.addCleanup(control.close)
             self.assertTrue((await control.status())["registered"])
             as_member = [
@@ -1149,20 +1146,6 @@ class ControlAddressTests(SynchronousTestCase):
             control_address("systemd:domain=UNIX:index=0"),
             ControlAddress("systemd:domain=UNIX:index=0"),
         )
-
-
-class ControlReactorTests(SynchronousTestCase):
-    """
-    The reactor the control wing is given.
-    """
-
-    def test_installedProvidesEveryPart(self) -> None:
-        """
-        The reactor Twisted installs here has every method of every part
-        the control wing takes (L{IControlReactor}), though Twisted types it
-        as their common part only.
-        """
-        self.assertTrue(verifyObject(IControlReactor, reactor, tentative=True))
 
 
 class ResponderTests(SynchronousTestCase):

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import attrs
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import getConnectError
 from twisted.internet.utils import getProcessOutputAndValue
@@ -33,7 +34,7 @@ from ngrokd.control.client import (
 from ngrokd.control.render import duration, endpoint_table, size, status_lines
 from ngrokd.ctl import Console, run
 from ngrokd.daemon import Daemon
-from ngrokd.test.helpers import control_reactor, exchange, ready_status, wait_until
+from ngrokd.test.helpers import exchange, ready_status, wait_until
 from ngrokd.test.test_control import DaemonFixture, spawn_peer
 
 
@@ -56,7 +57,7 @@ async def ngrokctl(
     console = Console(
         out, err, io.StringIO(stdin), {"NGROKD_SOCKET": socket, **(environ or {})}
     )
-    code = await run(control_reactor(), list(argv), console)
+    code = await run(reactor, list(argv), console)
     return Ran(code, out.getvalue(), err.getvalue())
 
 

@@ -25,7 +25,6 @@ from ngrokd.control.diagnose import Diagnosis
 from ngrokd.control.namewalk import NameWalk
 from ngrokd.control.verdict import FAIL, PASS, Check
 from ngrokd.host.allocation import IPAddress
-from ngrokd.test.helpers import control_reactor
 from ngrokd.test.test_control import DaemonFixture
 from ngrokd.test.test_ctl import ngrokctl
 from ngrokd.test.threads import at_once
@@ -181,7 +180,7 @@ class DiagnosisTests(TestCase):
             directory = self.mktemp()
             missing = os.path.join(directory, "ngrokd.yml")
             socket = os.path.join(directory, "ngrokd.sock")
-            checks = await Diagnosis(control_reactor(), missing, socket).run()
+            checks = await Diagnosis(reactor, missing, socket).run()
             self.assertEqual(
                 [(c.name, c.state) for c in checks], [("config valid", FAIL)]
             )
@@ -254,7 +253,7 @@ class NameWalkTests(SynchronousTestCase):
             checks.append(check)
             return check.state == PASS
 
-        walk = NameWalk(control_reactor(), at_once, add)
+        walk = NameWalk(reactor, at_once, add)
         names: dict[str, tuple[IPAddress, ...]] = {
             "web.test": (ip_address("10.107.0.2"),)
         }
