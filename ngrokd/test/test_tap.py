@@ -18,9 +18,10 @@ from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import HealthService
 from ngrokd.control.server import ControlService
 from ngrokd.control.watcher import ConfigWatcher
-from ngrokd.daemon import Daemon, StopOnSignal
+from ngrokd.daemon import Daemon
 from ngrokd.host.memory import MemoryTrimmer
 from ngrokd.logs import LogLevelService
+from ngrokd.signals import StopOnSignal
 from ngrokd.tap import Options, makeService
 
 #: C{twistd} as the installed script runs it, in this interpreter.
