@@ -1,3 +1,4 @@
+# -*- test-case-name: ngrokd.test.test_tap -*-
 """
 The reactor the daemon runs on, as one type.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_daemon_e2e,ngrokd.test.test_reconcile_e2e -*-
+# -*- test-case-name: ngrokd.test.test_daemon_net,ngrokd.test.test_reconcile_e2e -*-
 """
 The daemon with ngrok's API: the client and its key, what a new identity
 changes, and the endpoints the polls list, kept for a restart.

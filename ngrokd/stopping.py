@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_grace_http,ngrokd.test.test_reconcile_e2e -*-
+# -*- test-case-name: ngrokd.test.test_daemon_net,ngrokd.test.test_grace_http -*-
 """
 How the daemon stops: bounded, and gentle with what is open.
 
