@@ -96,8 +96,8 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
     the C heap's freed memory back after a storm of connections, and keeps
     what each changed reconcile made out of the garbage collector's way.
     """
-    from ngrokd.daemon import StopOnSignal
     from ngrokd.host.memory import MemoryTrimmer
+    from ngrokd.signals import StopOnSignal
 
     under_twistd = reactor is None
     if reactor is None:
