@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_tap,ngrokd.test.test_devcloud_tap -*-
+# -*- test-case-name: ngrokd.test.test_servicetree,ngrokd.test.test_tap -*-
 """
 Typed doors into Twisted's service tree.
 

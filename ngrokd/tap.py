@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
@@ -96,30 +96,33 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
     the C heap's freed memory back after a storm of connections, and keeps
     what each changed reconcile made out of the garbage collector's way.
     """
-    from ngrokd.daemon import StopOnSignal
     from ngrokd.host.memory import MemoryTrimmer
+    from ngrokd.signals import SignalReactor, StopOnSignal
 
-    under_twistd = reactor is None
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
     for warning in options.loaded.warnings:
         _log.warn("configuration: {problem}", problem=warning)
-    daemon = build_daemon(
-        options.loaded.config, reactor, os.environ, options["instance"]
-    )
-    if under_twistd:
-        daemon.exit_when_locked = True
-        daemon.freeze_after_changes = True
-        attach(StopOnSignal(daemon, reactor), daemon)
-        # The process's own heap: one per process, so only under twistd.
-        attach(
-            MemoryTrimmer(
-                IReactorThreads(reactor), lambda: daemon.listeners.connections_open
-            ),
-            daemon,
+    if reactor is not None:
+        return build_daemon(
+            options.loaded.config, reactor, os.environ, options["instance"]
         )
+    from twisted.internet import reactor as twistd_reactor
+
+    daemon = build_daemon(
+        options.loaded.config, twistd_reactor, os.environ, options["instance"]
+    )
+    daemon.exit_when_locked = True
+    daemon.freeze_after_changes = True
+    # Twisted types its reactor without callFromThread and the private
+    # _exitSignal, both of which twistd's reactors have (test_twisted_seams).
+    signal_reactor = cast(SignalReactor, twistd_reactor)
+    attach(StopOnSignal(daemon, signal_reactor), daemon)
+    # The process's own heap: one per process, so only under twistd.
+    attach(
+        MemoryTrimmer(
+            IReactorThreads(twistd_reactor), lambda: daemon.listeners.connections_open
+        ),
+        daemon,
+    )
     return daemon
 
 

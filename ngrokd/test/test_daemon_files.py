@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import os
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
-from ngrokd.config import Config, load_config
+from ngrokd.config import SUBNET6_AUTO, Config, load_config
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import OPERATORS_FILE, RunningDevcloud, start_devcloud
+from ngrokd.host import ula
 from ngrokd.host.allocation import IP_MAPPINGS
 from ngrokd.host.ula import GLOBAL_ID_FILE
 from ngrokd.ngrok.identity_service import REGISTERED
 from ngrokd.ngrok.lastgood import LAST_GOOD
+from ngrokd.startfiles import read_start_files
 from ngrokd.test.helpers import Echo, free_ports, listen, wait_listening, wait_until
 from ngrokd.test.threads import BlockingCalls
 
@@ -95,6 +98,26 @@ class DaemonFilesTests(TestCase):
             self.assertEqual(calls.on_reactor_thread(), [])
 
         return ensureDeferred(run())
+
+    def test_newGlobalIDNotSavedByReading(self) -> None:
+        """
+        Reading the start's files with C{net.subnet6: auto} and no global ID
+        saved derives the IPv6 block from a new one, returned to be saved
+        with the allocations: reading writes nothing. Once saved, it is
+        read back, and no new one is made.
+        """
+        config = attrs.evolve(
+            self.config, net=attrs.evolve(self.config.net, subnet6=SUBNET6_AUTO)
+        )
+        first = read_start_files(config)
+        new = first.new_global_id
+        assert new is not None
+        self.assertEqual(first.subnet6, ula.derive(new))
+        state_dir = config.server.state_dir
+        self.assertFalse(os.path.exists(os.path.join(state_dir, GLOBAL_ID_FILE)))
+        ula.save(state_dir, new)
+        again = read_start_files(config)
+        self.assertEqual((again.subnet6, again.new_global_id), (first.subnet6, None))
 
     def test_unreadableCABundle(self) -> Deferred[None]:
         """

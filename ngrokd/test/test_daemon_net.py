@@ -15,12 +15,13 @@ from collections.abc import Set
 from ipaddress import ip_address, ip_network
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from ngrokd.applier import ROWS_AT_ONCE
 from ngrokd.config import load_config
 from ngrokd.control.controller import Controller
 from ngrokd.control.feed import EventFeed
@@ -38,8 +39,11 @@ from ngrokd.host.netif.memory import MemoryInterface
 from ngrokd.ngrok.api import ApiEndpoint
 from ngrokd.ngrok.identity import Identity
 from ngrokd.ngrok.identity_service import REGISTERED, WAITING_FOR_KEY
+from ngrokd.ngrok.lastgood import LAST_GOOD
 from ngrokd.plan import client_address, plan, uses_virtual
+from ngrokd.registration import Registration
 from ngrokd.status import FAILED, LISTENING
+from ngrokd.stopping import Stopper
 from ngrokd.test.test_hosts import ThreadReactor
 from ngrokd.test.test_netif import SynchronousThreadPool
 
@@ -566,6 +570,48 @@ class ReconcileTests(ReconcileFixture):
         self.assertEqual(set(daemon.plan.specs), {"http://a.test:80"})
         self.assertEqual(self.recorder.kinds(), ["addresses", "listen", "hosts"])
 
+    def test_largePollSliced(self) -> None:
+        """
+        A poll of more than L{ROWS_AT_ONCE} new endpoints is parsed a slice
+        at a time, the reactor turning between slices; one of
+        L{ROWS_AT_ONCE} is applied without a turn.
+        """
+        daemon = self.make_daemon()
+        small = [ApiEndpoint(f"ep_{i}", "bad://x", "") for i in range(ROWS_AT_ONCE)]
+        self.successResultOf(daemon.reconcile(small))
+        large = [
+            ApiEndpoint(f"ep_new_{i}", "bad://x", "") for i in range(ROWS_AT_ONCE + 1)
+        ]
+        applying = daemon.reconcile(large)
+        self.assertNoResult(applying)
+        self.applied(applying)
+        self.assertEqual(set(daemon.skipped), {e.id for e in large})
+
+    def test_stuckStopSaysWhatItLeaves(self) -> None:
+        """
+        A stop that gives up waiting for a part names the names and
+        addresses it may leave behind.
+        """
+        daemon = self.make_daemon()
+        self.reconcile(daemon, "http://a.test")
+        stuck: Deferred[None] = Deferred()
+        daemon.hosts.stopService = lambda: stuck  # type: ignore[method-assign]
+        stopper: Stopper = daemon.stopper
+        stopped = stopper.stop(5)
+        self.assertNoResult(stopped)
+        self.reactor.advance(5)
+        self.successResultOf(stopped)
+        (said,) = [
+            formatEvent(e) for e in self.events if "stopping took" in formatEvent(e)
+        ]
+        self.assertEqual(
+            said,
+            "stopping took longer than 5s; stopped without waiting for the rest,"
+            f" which may leave the names a.test {A} in {self.hosts_path} and the"
+            f" addresses {A} (replaced at the next start)",
+        )
+        stuck.callback(None)
+
     def test_stopWaitsForReconcile(self) -> None:
         """
         A stop while a reconcile is applied waits for the step under way,
@@ -796,6 +842,42 @@ class StateSaveTests(ReconcileFixture):
         )
         self.assertEqual(daemon.daemon_status().problems, ())
         self.assertTrue(os.path.isfile(blocked))
+
+
+class LastGoodTests(ReconcileFixture):
+    """
+    The last good list, kept in the state directory for a restart.
+    """
+
+    def test_cannotBeKept(self) -> None:
+        """
+        A good poll whose list cannot be kept is served all the same, and
+        is a problem in status; the next poll keeps it, even unchanged.
+        """
+        daemon = self.make_daemon()
+        self.registered(daemon)
+        blocked = os.path.join(self.state_dir, LAST_GOOD)
+        os.mkdir(blocked)
+        self.poll(daemon, "http://a.test")
+        self.assertEqual(set(daemon.plan.specs), {"http://a.test:80"})
+        (problem,) = daemon.daemon_status().problems
+        self.assertEqual(
+            (problem.what, problem.count),
+            ("keeping the last good list of endpoints", 1),
+        )
+        os.rmdir(blocked)
+        self.poll(daemon, "http://a.test")
+        self.assertEqual(daemon.daemon_status().problems, ())
+        self.assertTrue(os.path.isfile(blocked))
+
+    def poll(self, daemon: Daemon, *urls: str) -> None:
+        """
+        Poll the bound endpoints, which are C{urls}, as discovery does.
+        """
+        registration: Registration = daemon.registration
+        found = _endpoints(*urls)
+        daemon.api.bound_endpoints = lambda operator_id: succeed(found)  # type: ignore[method-assign]
+        self.applied(registration.fetch().addCallback(registration.answered))
 
 
 class IPv6Tests(ReconcileFixture):

@@ -28,7 +28,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ngrokd.config import load_config
-from ngrokd.daemon import Daemon, StopOnSignal
+from ngrokd.daemon import Daemon
 from ngrokd.datapath.bridge import KEEPALIVE_IDLE
 from ngrokd.datapath.descriptors import SPARE, DescriptorReserve
 from ngrokd.datapath.listeners import (
@@ -42,6 +42,7 @@ from ngrokd.datapath.splice import DRAIN_TIMEOUT, PipeProtocol, splice
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.endpoints import parse_endpoint_url
+from ngrokd.signals import StopOnSignal
 from ngrokd.test.helpers import (
     Counter,
     Echo,
@@ -647,6 +648,11 @@ class FakeReactor:
 
     def stop_now(self) -> None:
         self.cut = True
+
+    def addSystemEventTrigger(
+        self, phase: str, eventType: str, callable: Callable[..., object]
+    ) -> object:
+        raise AssertionError("running, the reactor's own handlers are in place")
 
 
 def _echoed(client: Recorder, data: bytes) -> Callable[[], bool]:

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -19,12 +20,14 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ngrokd.config import default_config
+from ngrokd import reload as reload_module
+from ngrokd.config import ConfigError, default_config
 from ngrokd.control.configfile import store_api_key
 from ngrokd.control.watcher import QUIET, ConfigWatcher
 from ngrokd.daemon import Daemon
 from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.reconfigure import HOT, applied, changes, settings
+from ngrokd.reload import READ_TIMEOUT, ReloadResult
 from ngrokd.test.helpers import (
     Recorder,
     connect,
@@ -277,6 +280,35 @@ class PollingWatcherTests(SynchronousTestCase):
             f.write("a: 22\n")
         clock.pump([1.0] * 5)
         self.assertEqual(reloads.seen, ["a: 22\n"])
+
+
+class ReadTimeoutTests(SynchronousTestCase):
+    """
+    A reload whose read of the config file does not end.
+    """
+
+    def test_hungReadRefused(self) -> None:
+        """
+        A read that takes longer than L{READ_TIMEOUT} seconds on the daemon's
+        clock refuses the reload with the reason, and the daemon keeps its
+        configuration.
+        """
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def hanging(path: str, instance: str | None = None) -> Any:
+            release.wait(30)
+            raise ConfigError("read at last")
+
+        self.patch(reload_module, "load_config", hanging)
+        config, clock = _config(), Clock()
+        daemon = Daemon(config, reactor, clock=clock)
+        reloaded = daemon.reload()
+        self.assertNoResult(reloaded)
+        clock.advance(READ_TIMEOUT)
+        error = f"{config.path}: not read within 30s"
+        self.assertEqual(self.successResultOf(reloaded), ReloadResult(error=error))
+        self.assertEqual((daemon.config, daemon.config_error), (config, error))
 
 
 class DaemonReloadTests(DaemonFixture, TestCase):

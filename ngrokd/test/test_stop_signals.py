@@ -1,5 +1,5 @@
 """
-Tests for L{ngrokd.daemon.StopOnSignal} on a real C{twistd -n ngrokd}:
+Tests for L{ngrokd.signals.StopOnSignal} on a real C{twistd -n ngrokd}:
 signals in quick succession, in bursts and during the start stop it
 cleanly, ending by the signal it stopped for; a second signal ends the
 grace of open connections at once.

@@ -18,9 +18,11 @@ from ngrokd.control.feed import EventFeed
 from ngrokd.control.health import HealthService
 from ngrokd.control.server import ControlService
 from ngrokd.control.watcher import ConfigWatcher
-from ngrokd.daemon import Daemon, StopOnSignal
+from ngrokd.daemon import Daemon
 from ngrokd.host.memory import MemoryTrimmer
 from ngrokd.logs import LogLevelService
+from ngrokd.reactor import IDaemonReactor
+from ngrokd.signals import StopOnSignal
 from ngrokd.tap import Options, makeService
 
 #: C{twistd} as the installed script runs it, in this interpreter.
@@ -167,6 +169,23 @@ class OptionsTests(SynchronousTestCase):
             [type(child) for child in list(service)[-2:]],
             [StopOnSignal, MemoryTrimmer],
         )
+
+
+class ReactorTests(SynchronousTestCase):
+    """
+    The reactor twistd runs the daemon on.
+    """
+
+    def test_providesWhatTheDaemonAsks(self) -> None:
+        """
+        The global reactor provides every interface L{IDaemonReactor}
+        names, which the daemon takes it for.
+        """
+        from twisted.internet import reactor
+
+        asked = IDaemonReactor.getBases()
+        self.assertEqual(len(asked), 5)
+        self.assertEqual([i for i in asked if not i.providedBy(reactor)], [])
 
 
 class PluginTests(SynchronousTestCase):

@@ -548,7 +548,7 @@ class EndpointDescriptionSeamTests(SynchronousTestCase):
 
 class ExitSignalSeamTests(SynchronousTestCase):
     """
-    The reactor's C{_exitSignal}, which L{ngrokd.daemon.StopOnSignal} sets
+    The reactor's C{_exitSignal}, which L{ngrokd.signals.StopOnSignal} sets
     and twistd reads to end by the signal the daemon stopped for.
     """
 
@@ -562,7 +562,7 @@ class ExitSignalSeamTests(SynchronousTestCase):
 
         needed = changed(
             "the reactor's _exitSignal",
-            "ngrokd.daemon.StopOnSignal sets it so that twistd ends by the"
+            "ngrokd.signals.StopOnSignal sets it so that twistd ends by the"
             " signal the daemon stopped for, as systemd expects",
         )
         self.assertTrue(hasattr(ReactorBase, "_exitSignal"), needed)
