@@ -19,12 +19,14 @@ import getpass
 import json
 import os
 import sys
+from argparse import Namespace
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 import attrs
 from attrs import define
+from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import react
 
 from ngrokd.cli.ctl_parser import parse
@@ -47,11 +49,13 @@ from ngrokd.control.configfile import (
     validate_config,
 )
 from ngrokd.control.render import (
+    check_lines,
     endpoint_names,
     endpoint_table,
     event_line,
     status_lines,
 )
+from ngrokd.control.verdict import first_broken
 from ngrokd.instance import (
     DEFAULT_SOCKET,
     InstanceNameError,
@@ -90,7 +94,7 @@ class Console:
         self.err.flush()
 
 
-async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
+async def run(reactor: IReactorCore, argv: Sequence[str], console: Console) -> int:
     """
     Run one ngrokctl command line; the exit code.
     """
@@ -135,7 +139,7 @@ async def run(reactor: Any, argv: Sequence[str], console: Console) -> int:
         return EXIT_USAGE
 
 
-async def _status(control: Control, args: Any, console: Console) -> int:
+async def _status(control: Control, args: Namespace, console: Console) -> int:
     status = await control.status()
     if args.output == "json":
         console.say(json.dumps(status, indent=2, sort_keys=True))
@@ -146,7 +150,7 @@ async def _status(control: Control, args: Any, console: Console) -> int:
     return EXIT_OK
 
 
-async def _list(control: Control, args: Any, console: Console) -> int:
+async def _list(control: Control, args: Namespace, console: Console) -> int:
     rows = [row async for row in control.endpoints(args.text, args.state)]
     if args.names:
         for name in endpoint_names(rows):
@@ -161,7 +165,7 @@ async def _list(control: Control, args: Any, console: Console) -> int:
     return EXIT_OK
 
 
-async def _health(control: Control, args: Any, console: Console) -> int:
+async def _health(control: Control, args: Namespace, console: Console) -> int:
     status = await control.status()
     ready, because = status["ready"], status["not_ready_because"]
     if args.output == "json":
@@ -171,7 +175,7 @@ async def _health(control: Control, args: Any, console: Console) -> int:
     return EXIT_OK if ready else EXIT_FAILED
 
 
-async def _events(control: Control, args: Any, console: Console) -> int:
+async def _events(control: Control, args: Namespace, console: Console) -> int:
     _, last = await control.events(2**53, 0.0)
     seen = max(0, last - max(0, args.tail))
     while True:
@@ -195,7 +199,7 @@ class _BadInput(Exception):
     """
 
 
-def _api_key(args: Any, console: Console) -> str:
+def _api_key(args: Namespace, console: Console) -> str:
     """
     The key to set: from the command line (with a warning), a prompt on a
     terminal, or one line of stdin, read no further than the longest key.
@@ -226,12 +230,12 @@ def _api_key(args: Any, console: Console) -> str:
     return key
 
 
-async def _set_api_key(control: Control, args: Any, console: Console) -> int:
+async def _set_api_key(control: Control, args: Namespace, console: Console) -> int:
     console.say(await control.set_api_key(args.key))
     return EXIT_OK
 
 
-async def _reload(control: Control, args: Any, console: Console) -> int:
+async def _reload(control: Control, args: Namespace, console: Console) -> int:
     result = await control.reload()
     if result["error"]:
         console.warn(f"not reloaded, nothing changed: {result['error']}")
@@ -259,7 +263,11 @@ _COMMANDS = {
 
 
 async def _config_edit(
-    reactor: Any, socket: str, path: str | None, instance: str, console: Console
+    reactor: IReactorCore,
+    socket: str,
+    path: str | None,
+    instance: str,
+    console: Console,
 ) -> int:
     if path is None:
         path = await _daemon_config(reactor, socket) or config_path(instance)
@@ -286,8 +294,10 @@ async def _config_edit(
     return EXIT_OK if result.outcome in _EDIT_DONE else EXIT_FAILED
 
 
-async def _diagnose(reactor: Any, socket: str, args: Any, console: Console) -> int:
-    from ngrokd.control.diagnose import Diagnosis, check_lines, first_broken
+async def _diagnose(
+    reactor: IReactorCore, socket: str, args: Namespace, console: Console
+) -> int:
+    from ngrokd.control.diagnose import Diagnosis
 
     path = (
         args.config
@@ -308,7 +318,7 @@ async def _diagnose(reactor: Any, socket: str, args: Any, console: Console) -> i
     return EXIT_FAILED if broken else EXIT_OK
 
 
-async def _daemon_config(reactor: Any, socket: str) -> str | None:
+async def _daemon_config(reactor: IReactorCore, socket: str) -> str | None:
     """
     The config file of the daemon on C{socket}, if one answers.
     """
@@ -332,7 +342,7 @@ def main() -> None:
     """
     console = Console(sys.stdout, sys.stderr, sys.stdin, dict(os.environ))
 
-    async def command(reactor: Any) -> None:
+    async def command(reactor: IReactorCore) -> None:
         raise SystemExit(await run(reactor, sys.argv[1:], console))
 
     react(command)

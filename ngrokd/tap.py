@@ -195,10 +195,8 @@ def build_daemon(
         attach(health, daemon)
     attach(feed, daemon)
     attach(ControlService(daemon, feed, reactor), daemon)
-    attach(ConfigWatcher(config.path, daemon.reload, reactor), daemon)
-    notifier = SystemdNotifier(
-        daemon.daemon_status, reactor, environ or {}, os.getpid()
-    )
+    attach(ConfigWatcher(config.path, daemon.reload, clock), daemon)
+    notifier = SystemdNotifier(daemon.daemon_status, clock, environ or {}, os.getpid())
     if notifier.enabled:
         attach(notifier, daemon)
         daemon.stopping.append(notifier.stopping)

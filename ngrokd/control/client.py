@@ -20,6 +20,11 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
@@ -66,30 +71,39 @@ class ControlError(Exception):
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 
-def client_endpoint(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Any:
+def client_endpoint(
+    reactor: IReactorCore, socket: str, timeout: float = TIMEOUT
+) -> IStreamClientEndpoint:
     """
     A path (the usual case) or a Twisted client endpoint description.
+
+    @param reactor: connects (L{IReactorUNIX}, or as the description says).
 
     @raise ControlError: a path too long for a UNIX socket, which Twisted
         would fail on with a traceback rather than an error.
     """
-    if socket.startswith("tcp:"):
-        return clientFromString(reactor, socket)
-    path = socket.removeprefix("unix:").split(":", 1)[0]
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ControlError(
-            f"{path}: a UNIX socket's path can be at most {MAX_SOCKET_PATH}"
-            f" bytes, this one is {len(os.fsencode(path))}",
-            EXIT_USAGE,
-        )
-    if socket.startswith("unix:"):
-        return clientFromString(reactor, socket)
-    return UNIXClientEndpoint(reactor, socket, timeout=timeout)
+    if not socket.startswith("tcp:"):
+        path = socket.removeprefix("unix:").split(":", 1)[0]
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ControlError(
+                f"{path}: a UNIX socket's path can be at most {MAX_SOCKET_PATH}"
+                f" bytes, this one is {len(os.fsencode(path))}",
+                EXIT_USAGE,
+            )
+        if not socket.startswith("unix:"):
+            return UNIXClientEndpoint(reactor, socket, timeout=timeout)
+    described: IStreamClientEndpoint = clientFromString(reactor, socket)
+    return described
 
 
-async def connect(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Control:
+async def connect(
+    reactor: IReactorCore, socket: str, timeout: float = TIMEOUT
+) -> Control:
     """
     Connect to the daemon at C{socket} and greet it.
+
+    @param reactor: connects (see L{client_endpoint}); it must provide
+        L{IReactorTime} too, which times the calls out.
 
     @raise ControlError: no daemon there, or one that does not speak this
         version of the protocol.
@@ -99,7 +113,8 @@ async def connect(reactor: Any, socket: str, timeout: float = TIMEOUT) -> Contro
         protocol = await endpoint.connect(Factory.forProtocol(amp.AMP))
     except ConnectError as e:
         raise _connect_error(socket, e) from None
-    control = Control(reactor, protocol, socket, timeout)
+    assert isinstance(protocol, amp.AMP)  # the factory's
+    control = Control(IReactorTime(reactor), protocol, socket, timeout)
     try:
         await control.hello()
     except BaseException:
@@ -134,7 +149,7 @@ class Control:
     """
 
     def __init__(
-        self, reactor: Any, protocol: amp.AMP, socket: str, timeout: float
+        self, reactor: IReactorTime, protocol: amp.AMP, socket: str, timeout: float
     ) -> None:
         self._reactor = reactor
         self._protocol = protocol

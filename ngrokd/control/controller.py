@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, Protocol
 
 import attrs
+from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from ngrokd.config import Config
 from ngrokd.control.commands import (
     PAGE_BYTES,
     CommandFailed,
@@ -29,7 +31,7 @@ from ngrokd.control.peer import Peer, may_change, refusal
 from ngrokd.ngrok.api import APIError, APIResponseInvalid, APIUnavailable, NoAPIKey
 from ngrokd.ngrok.identity import IdentityError
 from ngrokd.ngrok.identity_service import KeyRejected as OperatorNotInAccount
-from ngrokd.status import EndpointStatus
+from ngrokd.status import DaemonStatus, EndpointStatus
 
 #: What an API key can fail with, each said to the user as it is.
 _KEY_FAILURES = (
@@ -42,11 +44,52 @@ _KEY_FAILURES = (
 )
 
 
+class SearchedRows(Protocol):
+    """
+    The kept status rows (L{ngrokd.board.StatusBoard}), as C{ngrokctl list}
+    finds them.
+    """
+
+    def keys(self, state: str = "") -> Sequence[tuple[str, str]]: ...
+    def matching(self, text: str, state: str = "") -> list[tuple[str, str]]: ...
+    def rows_of(self, ids: Iterable[str]) -> list[EndpointStatus]: ...
+
+
+class ReloadOutcome(Protocol):
+    """
+    What a reload did (L{ngrokd.daemon.ReloadResult}).
+    """
+
+    @property
+    def applied(self) -> tuple[str, ...]: ...
+    @property
+    def restart(self) -> tuple[str, ...]: ...
+    @property
+    def error(self) -> str: ...
+
+
+class ControlledDaemon(Protocol):
+    """
+    What the control socket reads from and asks of the daemon
+    (L{ngrokd.daemon.Daemon}).
+    """
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def board(self) -> SearchedRows: ...
+    def daemon_status(self) -> DaemonStatus: ...
+    def endpoint_status(self) -> tuple[EndpointStatus, ...]: ...
+    def set_api_key(self, key: str) -> Awaitable[None]: ...
+    def reload(self) -> Awaitable[ReloadOutcome]: ...
+
+
 class Controller:
     """
     What the control socket can ask of the daemon, whatever the protocol.
 
-    @param daemon: the L{ngrokd.daemon.Daemon}.
+    @param reactor: runs the config file's write in a thread: it must
+        provide L{IReactorThreads}.
     @param admin_gid: members of this group may change the daemon.
     """
 
@@ -54,9 +97,9 @@ class Controller:
 
     def __init__(
         self,
-        daemon: Any,
+        daemon: ControlledDaemon,
         feed: EventFeed,
-        reactor: Any,
+        reactor: IReactorCore,
         socket_description: str,
         admin_gid: int | None = None,
     ) -> None:
@@ -89,8 +132,7 @@ class Controller:
         indexes find (as the web page's filters), in the same order.
         """
         if not search and not state:
-            rows: tuple[EndpointStatus, ...] = self.daemon.endpoint_status()
-            return rows
+            return self.daemon.endpoint_status()
         board = self.daemon.board
         keys = board.matching(search, state) if search else board.keys(state)
         return tuple(board.rows_of(id for _, id in keys))
@@ -150,9 +192,10 @@ class Controller:
             raise KeyRejected(f"the API key was not accepted: {e}") from None
         path = self.daemon.config.path
         try:
+            threads = IReactorThreads(self._reactor)
             former = await deferToThreadPool(
-                self._reactor,
-                self._reactor.getThreadPool(),
+                threads,
+                threads.getThreadPool(),
                 store_api_key,
                 path,
                 key.strip(),

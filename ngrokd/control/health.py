@@ -37,6 +37,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
+    IReactorCore,
     IReactorTime,
     IStreamServerEndpoint,
 )
@@ -433,6 +434,9 @@ class HealthService(Service):
     Serves L{health_site} on C{address} while running, and keeps the web
     page's history. C{site} is what it serves, C{port} the listening port
     once bound; C{error} says why binding failed.
+
+    @param reactor: listens over TCP (L{IReactorTCP}); it must provide
+        L{IReactorTime} too.
     """
 
     log = Logger()
@@ -443,14 +447,14 @@ class HealthService(Service):
         address: str,
         daemon: StatusSource,
         registry: CollectorRegistry,
-        reactor: Any,
+        reactor: IReactorCore,
         web: WebPage,
         scraped: Scraped = Scraped(),
     ) -> None:
         self.address = address
         self._reactor = reactor
         self.web = web
-        self.site = health_site(daemon, registry, web, reactor, scraped)
+        self.site = health_site(daemon, registry, web, IReactorTime(reactor), scraped)
         self.port: IListeningPort | None = None
         self.error = ""
         self._listening: Deferred[None] | None = None

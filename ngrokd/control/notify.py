@@ -22,9 +22,9 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -103,7 +103,7 @@ class SystemdNotifier(Service):
     def __init__(
         self,
         daemon_status: Callable[[], DaemonStatus],
-        reactor: Any,
+        reactor: IReactorTime,
         environ: Mapping[str, str],
         pid: int,
     ) -> None:

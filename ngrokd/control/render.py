@@ -1,6 +1,7 @@
-# -*- test-case-name: ngrokd.test.test_ctl -*-
+# -*- test-case-name: ngrokd.test.test_ctl,ngrokd.test.test_hops -*-
 """
-C{ngrokctl}'s human output, as pure functions of the daemon's answers.
+C{ngrokctl}'s human output, as pure functions of the daemon's answers
+(and of C{diagnose}'s checks).
 
 States are words (C{listening}, C{failed}, C{starting}), coloured only when
 asked (on a terminal), so the output reads the same without colour and
@@ -13,6 +14,8 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
+
+from ngrokd.control.verdict import FAIL, Check, first_broken
 
 _COLOURS = {"listening": "32", "failed": "31", "starting": "33"}
 
@@ -221,3 +224,19 @@ def event_line(event: Mapping[str, Any], colour: bool = False) -> str:
     )
     kind = _paint(event["kind"], state, colour)
     return f"{moment:%H:%M:%S} {kind}: {event['message']}"
+
+
+def check_lines(checks: Sequence[Check]) -> list[str]:
+    """
+    C{ngrokctl diagnose}: the checks, a line each, its hint below a failed
+    one, then the verdict.
+    """
+    lines = []
+    for check in checks:
+        detail = f": {check.detail}" if check.detail else ""
+        lines.append(f"{check.state.upper():4}  {check.name}{detail}")
+        if check.hint and check.state == FAIL:
+            lines.append(f"      hint: {check.hint}")
+    broken = first_broken(checks)
+    lines.append(f"first broken hop: {broken.name}" if broken else "every check passed")
+    return lines

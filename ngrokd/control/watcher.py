@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,6 +47,8 @@ class ConfigWatcher(Service):
     """
     Calls C{reload} after the file at C{path} changed, or on SIGHUP.
 
+    @param reactor: its timers; with inotify, its file descriptors too; with
+        SIGHUP, its wake-up from a signal handler (L{IReactorFromThreads}).
     @param use_inotify: watch with inotify (Linux), else poll.
     @param handle_sighup: install a SIGHUP handler while running (the
         daemon's process does; tests of the watcher alone need not).
@@ -58,7 +60,7 @@ class ConfigWatcher(Service):
         self,
         path: str,
         reload: Callable[[], Deferred[Any]],
-        reactor: Any,
+        reactor: IReactorTime,
         quiet: float = QUIET,
         use_inotify: bool = sys.platform.startswith("linux"),
         handle_sighup: bool = True,
@@ -79,6 +81,8 @@ class ConfigWatcher(Service):
         #: The file the config's path names, links followed.
         self._target = self._path
         self._previous_handler: Any = None
+        #: Wakes the reactor from the SIGHUP handler.
+        self._from_signal: IReactorFromThreads | None = None
 
     def startService(self) -> None:
         Service.startService(self)
@@ -94,6 +98,7 @@ class ConfigWatcher(Service):
             self._poller.clock = self._reactor
             self._poller.start(POLL_INTERVAL, now=False)
         if self._handle_sighup:
+            self._from_signal = IReactorFromThreads(self._reactor)
             self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)
 
     def stopService(self) -> None:
@@ -110,7 +115,8 @@ class ConfigWatcher(Service):
         self._timer = None
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self._settle, "SIGHUP")
+        if self._from_signal is not None:
+            self._from_signal.callFromThread(self._settle, "SIGHUP")
 
     def _watch(self) -> None:
         """

@@ -1,6 +1,7 @@
 """
-Tests for L{ngrokd.control.server}: the control socket over a real UNIX
-socket, in front of a real daemon registered with the devcloud.
+Tests for L{ngrokd.control.server}, L{ngrokd.control.connection} and
+L{ngrokd.control.responders}: the control socket over a real UNIX socket,
+in front of a real daemon registered with the devcloud.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.testing import StringTransport
@@ -45,18 +46,18 @@ from ngrokd.control.commands import (
     SetAPIKey,
     Status,
 )
-from ngrokd.control.controller import Controller
-from ngrokd.control.feed import EventFeed
-from ngrokd.control.legacy import MAX_LEGACY_REQUEST
-from ngrokd.control.peer import Peer
-from ngrokd.control.server import (
+from ngrokd.control.connection import (
     MAX_BOX_BYTES,
     MAX_CONNECTIONS,
     MAX_PENDING_ANSWERS,
     ControlAMP,
-    ControlService,
-    transport_peer,
 )
+from ngrokd.control.controller import Controller
+from ngrokd.control.feed import EventFeed
+from ngrokd.control.legacy import MAX_LEGACY_REQUEST
+from ngrokd.control.peer import Peer
+from ngrokd.control.responders import MAX_EVENT_WAIT, ControlCommands
+from ngrokd.control.server import ControlService, transport_peer
 from ngrokd.daemon import Daemon
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.ngrok.identity_service import WAITING_FOR_KEY
@@ -1145,3 +1146,29 @@ class ControlAddressTests(SynchronousTestCase):
             control_address("systemd:domain=UNIX:index=0"),
             ControlAddress("systemd:domain=UNIX:index=0"),
         )
+
+
+class ResponderTests(SynchronousTestCase):
+    """
+    The answers to C{ngrokctl}'s commands, apart from a connection.
+    """
+
+    def test_eventsWaitBounded(self) -> None:
+        """
+        An events call waits at most L{MAX_EVENT_WAIT} seconds, whatever it
+        asks, and never less than none.
+        """
+        asked: list[float] = []
+
+        def wait(after: int, seconds: float) -> Deferred[list[Any]]:
+            asked.append(seconds)
+            return succeed([])
+
+        controller = SimpleNamespace(feed=SimpleNamespace(wait=wait, last_id=7))
+        commands = ControlCommands(controller, None)  # type: ignore[arg-type]
+        for seconds in (3600.0, -5.0, None, 2.5):
+            answer = self.successResultOf(
+                ensureDeferred(commands.events(after=0, wait=seconds))
+            )
+            self.assertEqual(answer, {"events": [], "last": 7})
+        self.assertEqual(asked, [MAX_EVENT_WAIT, 0.0, 0.0, 2.5])
