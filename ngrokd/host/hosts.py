@@ -26,7 +26,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ngrokd.host.allocator import IPAddress
+from ngrokd.host.hostsection import BEGIN as BEGIN
+from ngrokd.host.hostsection import END as END
 from ngrokd.host.hostsection import Addresses, each_address
+from ngrokd.host.hostsfile import LOCK_TIMEOUT as LOCK_TIMEOUT
 from ngrokd.host.hostsfile import HostsFile, HostsFileError
 from ngrokd.problems import Problems
 

@@ -47,6 +47,8 @@ from twisted.web.client import (
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
 from ngrokd import __version__
+from ngrokd.ngrok.answers import MAX_BODY as MAX_BODY
+from ngrokd.ngrok.answers import MAX_STRING as MAX_STRING
 from ngrokd.ngrok.answers import ApiEndpoint as ApiEndpoint
 from ngrokd.ngrok.answers import (
     Fields,

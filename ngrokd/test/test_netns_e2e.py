@@ -37,9 +37,9 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from ngrokd.endpoints import parse_endpoint_url
-from ngrokd.host import allocation, hostsfile, ula
+from ngrokd.host import allocation, hosts, ula
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS, Allocations
-from ngrokd.host.hostsection import BEGIN, END
+from ngrokd.host.hosts import BEGIN, END
 from ngrokd.test.namespace import Namespace, namespace
 from ngrokd.test.resolvedns import ResolvedNamespace
 from ngrokd.test.test_netif import addresses_by_link, link_kinds
@@ -978,7 +978,7 @@ class StopTests(SynchronousTestCase):
                 "the listeners closed",
             )
             self.assertEqual(world.logged(gave_up), [], world.explain())
-            daemon.wait(timeout=3 * hostsfile.LOCK_TIMEOUT)
+            daemon.wait(timeout=3 * hosts.LOCK_TIMEOUT)
             (left,) = world.logged("stopping: cannot lock /etc/hosts")
             self.assertIn(gave_up, left)
             self.assertIn(

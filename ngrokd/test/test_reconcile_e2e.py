@@ -32,8 +32,7 @@ from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host.allocation import IP_MAPPINGS, NETWORK_PORTS
 from ngrokd.host.statelock import StateDirectoryLocked, StateLock
 from ngrokd.ngrok import lastgood
-from ngrokd.ngrok.answers import MAX_BODY, MAX_STRING
-from ngrokd.ngrok.apierrors import APIError
+from ngrokd.ngrok.api import MAX_BODY, MAX_STRING, APIError
 from ngrokd.ngrok.identity_service import (
     OPERATOR_DELETED,
     REGISTERED,
