@@ -37,6 +37,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ngrokd.datapath.sendnow import send_now
+
 #: The most cleartext handed to the protocol in one C{dataReceived}.
 DELIVER_SIZE = 128 * 1024
 #: OpenSSL's output is read in pieces of at least this size (Twisted's).
@@ -161,8 +163,7 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
             if len(piece) < size:
                 break
         if pieces:
-            assert self.transport is not None
-            self.transport.writeSequence(pieces)
+            send_now(self.transport, pieces)
 
     def _flushReceiveBIO(self) -> None:
         received: list[bytes] = []

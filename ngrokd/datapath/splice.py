@@ -42,6 +42,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ngrokd.datapath.sendnow import send_now
+
 #: Seconds a connection closed gracefully has to send what it still holds.
 DRAIN_TIMEOUT = 30.0
 #: Bytes a spliced connection reads from its socket at once, and holds for a
@@ -102,7 +104,7 @@ class PipeProtocol(Protocol):
         if self.transform is not None:
             data = self.transform(data)
         if data:
-            self.peer.transport.write(data)
+            send_now(self.peer.transport, (data,))
 
     def readConnectionLost(self) -> None:
         self._read_done = True

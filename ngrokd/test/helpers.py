@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 import ngrokd
 from ngrokd.datapath.ingress import IngressConnector
+from ngrokd.datapath.sendnow import unsent
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
 from ngrokd.devcloud.ingress import IngressFactory, server_options, tls_factory
@@ -93,18 +94,6 @@ class Counter(Recorder):
 
     def dataReceived(self, data: bytes) -> None:
         self.count += len(data)
-
-
-def unsent(transport: Any) -> int:
-    """
-    Bytes a Twisted TCP transport holds unsent: what a slow reader makes the
-    process buffer.
-
-    C{FileDescriptor} keeps them in C{dataBuffer} (from C{offset} on) and in
-    the private C{_tempDataLen}, the bytes of C{_tempDataBuffer} not yet
-    joined into it; Twisted offers no public count.
-    """
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 @implementer(IHalfCloseableProtocol)

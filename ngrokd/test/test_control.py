@@ -58,6 +58,7 @@ from ngrokd.control.server import (
     transport_peer,
 )
 from ngrokd.daemon import Daemon
+from ngrokd.datapath.sendnow import unsent
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.ngrok.identity_service import WAITING_FOR_KEY
 from ngrokd.status import EndpointStatus
@@ -68,7 +69,6 @@ from ngrokd.test.helpers import (
     free_ports,
     listen,
     settle,
-    unsent,
     unused_port,
     wait_listening,
     wait_until,

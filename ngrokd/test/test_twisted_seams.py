@@ -31,10 +31,10 @@ import ngrokd
 import twisted
 from ngrokd.datapath.halfclose import TLS_INTERNALS, HalfCloseableTLSProtocol
 from ngrokd.datapath.resumption import session_reused
+from ngrokd.datapath.sendnow import TCP_INTERNALS, unsent
 from ngrokd.datapath.splice import read_in_chunks
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.logs import observers_of
-from ngrokd.test.helpers import unsent
 
 #: Where ngrokd imports from a private Twisted module, and what.
 PRIVATE_IMPORTS = {
@@ -378,8 +378,9 @@ class TransportBufferSeamTests(SynchronousTestCase):
             [3, 4],
             changed(
                 "FileDescriptor's write buffer (dataBuffer, offset, _tempDataLen)",
-                "the slow-reader tests (ngrokd/test/helpers.py, unsent) need it"
-                " to measure what the daemon holds",
+                "ngrokd's splice (ngrokd/datapath/sendnow.py, unsent) sends at"
+                " once only when nothing is queued, and the slow-reader tests"
+                " measure what the daemon holds with it",
             ),
         )
 
@@ -421,6 +422,22 @@ class TCPChunkSeamTests(SynchronousTestCase):
         self.transport.connected = True  # as an accepted connection is
         self.received.makeConnection(self.transport)
         read_in_chunks(self.transport, 1000)
+
+    def test_sendNowMembersExist(self) -> None:
+        """
+        Every private member L{send_now} reads exists on a connected TCP
+        transport.
+        """
+        missing = [n for n in TCP_INTERNALS if not hasattr(self.transport, n)]
+        self.assertEqual(
+            missing,
+            [],
+            changed(
+                "tcp.Connection's members",
+                "ngrokd's splice (ngrokd/datapath/sendnow.py) reads them to"
+                " send at once while nothing is queued",
+            ),
+        )
 
     def test_readSize(self) -> None:
         """
