@@ -14,16 +14,20 @@ Twisted's TLS transport works a record (16 KiB) at a time: it copies each
 16 KiB of a write out before encrypting it, writes each record to TCP on its
 own, and hands each record received to the protocol on its own. That Python
 work per record is most of what moving bulk data costs. Here a write is
-encrypted in place and all its records go to TCP as one write, and the
-records one TCP read brings are handed to the protocol as one piece (of at
-most L{DELIVER_SIZE} bytes).
+encrypted in place by one call to OpenSSL, whatever its size (pyOpenSSL
+asks OpenSSL for a record per call), and all its records go to TCP as one
+write; the records one TCP read brings are decrypted into one buffer
+straight from OpenSSL (pyOpenSSL copies each record twice, with a Python
+call around each) and handed to the protocol as one piece (of at most
+L{DELIVER_SIZE} bytes).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -45,9 +49,24 @@ DELIVER_SIZE = 128 * 1024
 SEND_READ = 2**15
 #: What TLS adds to a record, at most: header, padding and tag.
 RECORD_OVERHEAD = 256
-#: Cleartext asked of OpenSSL per C{SSL_read}: a record is at most 16 KiB,
-#: so one call returns one record.
-RECORD_READ = 2**15
+
+_lib, _ffi = Binding.lib, Binding.ffi
+#: Where records are decrypted, for every connection: the reactor's thread
+#: alone uses it, and what it holds is copied out before the protocol
+#: gets it.
+_cleartext = bytearray(DELIVER_SIZE)
+_cleartext_view = memoryview(_cleartext)
+_cleartext_at = _ffi.from_buffer(_cleartext)
+
+#: Every private member of pyOpenSSL's C{Connection} that
+#: L{HalfCloseableTLSProtocol} uses, and what for: pyOpenSSL offers no way
+#: to decrypt into a buffer of one's own, nor to ask for whole writes.
+PYOPENSSL_INTERNALS = {
+    "_ssl": "read: the SSL pointer that records are decrypted from and whose"
+    " partial writes are turned off, through cryptography's bindings",
+    "_raise_ssl_error": "called: turns a failed SSL_read into pyOpenSSL's"
+    " exception, as its own recv does",
+}
 
 #: Every private member of L{TLSMemoryBIOProtocol} that
 #: L{HalfCloseableTLSProtocol} overrides, reads or calls, and what for: Twisted
@@ -91,6 +110,7 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
     _writeClosed = False
     _closeNotifyPending = False
     _readClosed = False
+    _wholeWrites = False
 
     def loseWriteConnection(self) -> None:
         """
@@ -131,11 +151,16 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
+        if not self._wholeWrites:
+            # pyOpenSSL asks OpenSSL for partial writes: a record per call.
+            self._wholeWrites = True
+            _lib.SSL_clear_mode(
+                self._tlsConnection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+            )
         view = memoryview(data)
         sent = 0
         while sent < len(view):
             try:
-                # One record per call (pyOpenSSL asks for partial writes).
                 sent += self._tlsConnection.send(view[sent:])
             except WantReadError:
                 # Not until the handshake is done: keep the rest, as Twisted
@@ -166,36 +191,42 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
             send_now(self.transport, pieces)
 
     def _flushReceiveBIO(self) -> None:
-        received: list[bytes] = []
+        connection: Connection = self._tlsConnection
+        ssl = connection._ssl
         size = 0
         while not self._lostTLSConnection and not self._readClosed:
-            try:
-                data = self._tlsConnection.recv(RECORD_READ)
-            except WantReadError:
-                break
-            except ZeroReturnError:
-                self._deliver(received)
-                self._peerClosedWrite()
-            except Error:
-                self._deliver(received)
-                self._tlsShutdownFinished(Failure())
-            else:
-                received.append(data)
-                size += len(data)
-                if size >= DELIVER_SIZE:
-                    self._deliver(received)
+            read = _lib.SSL_read(ssl, _cleartext_at + size, DELIVER_SIZE - size)
+            if read > 0:
+                size += read
+                if size == DELIVER_SIZE:
+                    self._deliver(size)
                     size = 0
-        self._deliver(received)
+                continue
+            try:
+                connection._raise_ssl_error(ssl, read)
+            except WantReadError:
+                pass
+            except ZeroReturnError:
+                self._deliver(size)
+                size = 0
+                self._peerClosedWrite()
+                continue
+            except Error:
+                self._deliver(size)
+                size = 0
+                self._tlsShutdownFinished(Failure())
+                continue
+            break
+        self._deliver(size)
         self._flushSendBIO()
 
-    def _deliver(self, received: list[bytes]) -> None:
+    def _deliver(self, size: int) -> None:
         """
-        Hand what was read to the protocol as one piece, and empty
-        C{received}.
+        Hand the first C{size} bytes of cleartext to the protocol as one
+        piece.
         """
-        if received and not self._aborted:
-            ProtocolWrapper.dataReceived(self, b"".join(received))
-        received.clear()
+        if size and not self._aborted:
+            ProtocolWrapper.dataReceived(self, bytes(_cleartext_view[:size]))
 
     def _peerClosedWrite(self) -> None:
         halfCloseable = IHalfCloseableProtocol(self.wrappedProtocol, None)

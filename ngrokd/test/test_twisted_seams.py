@@ -15,6 +15,7 @@ import types
 from typing import Any
 
 import OpenSSL
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL.SSL import TLS_METHOD, Connection, Context
 from twisted.internet import ssl, tcp
 from twisted.internet.abstract import FileDescriptor
@@ -29,7 +30,11 @@ from zope.interface import implementer
 
 import ngrokd
 import twisted
-from ngrokd.datapath.halfclose import TLS_INTERNALS, HalfCloseableTLSProtocol
+from ngrokd.datapath.halfclose import (
+    PYOPENSSL_INTERNALS,
+    TLS_INTERNALS,
+    HalfCloseableTLSProtocol,
+)
 from ngrokd.datapath.resumption import session_reused
 from ngrokd.datapath.sendnow import TCP_INTERNALS, unsent
 from ngrokd.datapath.splice import read_in_chunks
@@ -475,6 +480,32 @@ class TCPChunkSeamTests(SynchronousTestCase):
                 "ngrokd's splice (ngrokd/datapath/splice.py, read_in_chunks)"
                 " relies on it to bound what a slow reader makes it hold",
             ),
+        )
+
+
+class PyOpenSSLSeamTests(SynchronousTestCase):
+    """
+    L{HalfCloseableTLSProtocol} decrypts and asks for whole writes through
+    pyOpenSSL's private members and cryptography's bindings.
+    """
+
+    def test_membersExist(self) -> None:
+        """
+        Every member in L{PYOPENSSL_INTERNALS} exists on a C{Connection}, and
+        the bindings have the OpenSSL calls it makes.
+        """
+        connection = Connection(Context(TLS_METHOD))
+        missing = [n for n in PYOPENSSL_INTERNALS if not hasattr(connection, n)]
+        missing += [
+            name
+            for name in ("SSL_read", "SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
+            if not hasattr(Binding.lib, name)
+        ]
+        self.assertEqual(
+            missing,
+            [],
+            f"pyOpenSSL {OpenSSL.__version__} or cryptography changed: ngrokd's"
+            " TLS (ngrokd/datapath/halfclose.py) needs these",
         )
 
 
