@@ -45,10 +45,9 @@ from ngrokd.datapath.sendnow import send_now
 
 #: The most cleartext handed to the protocol in one C{dataReceived}.
 DELIVER_SIZE = 128 * 1024
-#: OpenSSL's output is read in pieces of at least this size (Twisted's).
-SEND_READ = 2**15
-#: What TLS adds to a record, at most: header, padding and tag.
-RECORD_OVERHEAD = 256
+#: The most OpenSSL output sent in one TCP write: a write of DELIVER_SIZE
+#: cleartext, with what TLS adds to its records, in one.
+SEND_SIZE = 2 * DELIVER_SIZE
 
 _lib, _ffi = Binding.lib, Binding.ffi
 #: Where records are decrypted, for every connection: the reactor's thread
@@ -57,6 +56,11 @@ _lib, _ffi = Binding.lib, Binding.ffi
 _cleartext = bytearray(DELIVER_SIZE)
 _cleartext_view = memoryview(_cleartext)
 _cleartext_at = _ffi.from_buffer(_cleartext)
+#: Where OpenSSL's output is read to be sent, likewise: what the socket does
+#: not take at once is copied out (L{send_now}).
+_ciphertext = bytearray(SEND_SIZE)
+_ciphertext_view = memoryview(_ciphertext)
+_ciphertext_at = _ffi.from_buffer(_ciphertext)
 
 #: Every private member of pyOpenSSL's C{Connection} that
 #: L{HalfCloseableTLSProtocol} uses, and what for: pyOpenSSL offers no way
@@ -66,6 +70,8 @@ PYOPENSSL_INTERNALS = {
     " partial writes are turned off, through cryptography's bindings",
     "_raise_ssl_error": "called: turns a failed SSL_read into pyOpenSSL's"
     " exception, as its own recv does",
+    "_from_ssl": "read: the memory BIO that OpenSSL's output is read from"
+    " into a buffer of ngrokd's",
 }
 
 #: Every private member of L{TLSMemoryBIOProtocol} that
@@ -85,7 +91,7 @@ TLS_INTERNALS = {
     " it in 16 KiB slices, and sends the records in one TCP write (Twisted's"
     " makes one per record)",
     "_flushSendBIO": "overridden: sends all OpenSSL produced in one TCP write"
-    " (Twisted's reads 32 KiB of it); called: after reading",
+    " (Twisted's reads 32 KiB of it, and copies it); called: after reading",
     "_bufferedWrite": "called: holds a write OpenSSL cannot take yet",
     "_handshakeDone": "read: no close_notify before the handshake is done",
     "_appSendBuffer": "read: no close_notify while writes wait to be encrypted",
@@ -170,25 +176,18 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
             except Error:
                 self._tlsShutdownFinished(Failure())
                 return
-        self._flushSendBIO(len(view) + (len(view) // 2**14 + 1) * RECORD_OVERHEAD)
+        self._flushSendBIO()
 
-    def _flushSendBIO(self, expected: int = SEND_READ) -> None:
+    def _flushSendBIO(self) -> None:
         """
-        Send what OpenSSL produced, in one write: C{expected} is how much
-        that is likely to be.
+        Send what OpenSSL produced, straight from one buffer: in one TCP
+        write, unless it is more than the buffer holds.
         """
-        size = max(expected, SEND_READ)
-        pieces = []
-        while True:
-            try:
-                piece = self._tlsConnection.bio_read(size)
-            except WantReadError:
+        wbio = self._tlsConnection._from_ssl
+        while (size := _lib.BIO_read(wbio, _ciphertext_at, SEND_SIZE)) > 0:
+            send_now(self.transport, (_ciphertext_view[:size],))
+            if size < SEND_SIZE:
                 break
-            pieces.append(piece)
-            if len(piece) < size:
-                break
-        if pieces:
-            send_now(self.transport, pieces)
 
     def _flushReceiveBIO(self) -> None:
         connection: Connection = self._tlsConnection

@@ -38,11 +38,12 @@ TCP_INTERNALS = {
 }
 
 
-def send_now(transport: Any, pieces: Sequence[bytes]) -> None:
+def send_now(transport: Any, pieces: Sequence[bytes | memoryview]) -> None:
     """
     Write C{pieces} to C{transport}, in order: straight to the socket when
     it is a TCP transport with nothing queued, else (and for what the socket
-    does not take) as C{transport.write} and C{writeSequence} do.
+    does not take) as C{transport.write} and C{writeSequence} do. What is
+    not sent at once is copied, so the caller may reuse a buffer it passed.
     """
     if not _idle(transport):
         _queue(transport, pieces)
@@ -64,15 +65,15 @@ def send_now(transport: Any, pieces: Sequence[bytes]) -> None:
         _queue(transport, rest)
 
 
-def _queue(transport: Any, pieces: Sequence[bytes]) -> None:
+def _queue(transport: Any, pieces: Sequence[bytes | memoryview]) -> None:
     """
-    Write C{pieces} the transport's own way (one piece with C{write}: a TLS
-    transport's C{writeSequence} joins them first).
+    Write C{pieces} the transport's own way, as bytes (one piece with
+    C{write}: a TLS transport's C{writeSequence} joins them first).
     """
     if len(pieces) == 1:
-        transport.write(pieces[0])
+        transport.write(bytes(pieces[0]))
     else:
-        transport.writeSequence(pieces)
+        transport.writeSequence([bytes(piece) for piece in pieces])
 
 
 def _idle(transport: Any) -> bool:
@@ -102,7 +103,9 @@ def unsent(transport: Any) -> int:
     return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
 
 
-def _unsent(pieces: Sequence[bytes], sent: int) -> list[bytes]:
+def _unsent(
+    pieces: Sequence[bytes | memoryview], sent: int
+) -> list[bytes | memoryview]:
     """
     What is left of C{pieces} once the first C{sent} bytes are out.
     """

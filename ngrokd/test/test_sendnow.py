@@ -75,6 +75,16 @@ class SendNowTests(SynchronousTestCase):
         self.assertEqual(self.read_all(), b"".join(pieces))
         self.assertFalse(producer.paused)
 
+    def test_bufferReusable(self) -> None:
+        """
+        What the socket does not take of a buffer passed as a memoryview is
+        copied: the caller may fill the buffer again at once.
+        """
+        buffer = bytearray(b"a" * 2_000_000)
+        send_now(self.transport, [memoryview(buffer)])
+        buffer[:] = b"b" * len(buffer)
+        self.assertEqual(self.read_all(), b"a" * len(buffer))
+
     def test_behindWhatIsQueued(self) -> None:
         """
         Bytes queued before are sent first: C{send_now} does not jump them.
