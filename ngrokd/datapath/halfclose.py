@@ -222,10 +222,17 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
     def _deliver(self, size: int) -> None:
         """
         Hand the first C{size} bytes of cleartext to the protocol as one
-        piece.
+        piece: as a view of the buffer to one that takes views
+        (L{ngrokd.datapath.splice.PipeProtocol.viewReceived}), which copies
+        what it keeps, else as bytes.
         """
         if size and not self._aborted:
-            ProtocolWrapper.dataReceived(self, bytes(_cleartext_view[:size]))
+            piece = _cleartext_view[:size]
+            take_view = getattr(self.wrappedProtocol, "viewReceived", None)
+            if take_view is not None:
+                take_view(piece)
+            else:
+                ProtocolWrapper.dataReceived(self, bytes(piece))
 
     def _peerClosedWrite(self) -> None:
         halfCloseable = IHalfCloseableProtocol(self.wrappedProtocol, None)

@@ -106,6 +106,21 @@ class PipeProtocol(Protocol):
         if data:
             send_now(self.peer.transport, (data,))
 
+    def viewReceived(self, view: memoryview) -> None:
+        """
+        Cleartext a TLS transport decrypted into a buffer it reuses
+        (L{ngrokd.datapath.halfclose}). Once joined, with nothing to
+        transform, it goes to the peer as it is (what is not sent at once
+        is copied); else to L{dataReceived}, as bytes. Subclasses change
+        L{dataReceived} only for what comes before the join.
+        """
+        peer = self.peer
+        if peer is None or self.transform is not None:
+            self.dataReceived(bytes(view))
+            return
+        self.bytes_received += len(view)
+        send_now(peer.transport, (view,))
+
     def readConnectionLost(self) -> None:
         self._read_done = True
         if self.peer is not None:

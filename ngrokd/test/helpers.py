@@ -139,7 +139,7 @@ class Source(Protocol):
     def resumeProducing(self) -> None:
         self._paused = False
         while not self._paused and self.sent < self.total:
-            data = self.chunk[: self.total - self.sent]
+            data = self.piece()
             self.sent += len(data)
             self.transport.write(data)
         if self.sent >= self.total:
@@ -148,6 +148,12 @@ class Source(Protocol):
 
     def stopProducing(self) -> None:
         self._paused = True
+
+    def piece(self) -> bytes:
+        """
+        The next bytes to send.
+        """
+        return self.chunk[: self.total - self.sent]
 
 
 class TCPLikeTransport(StringTransport):
