@@ -14,16 +14,20 @@ Twisted's TLS transport works a record (16 KiB) at a time: it copies each
 16 KiB of a write out before encrypting it, writes each record to TCP on its
 own, and hands each record received to the protocol on its own. That Python
 work per record is most of what moving bulk data costs. Here a write is
-encrypted in place and all its records go to TCP as one write, and the
-records one TCP read brings are handed to the protocol as one piece (of at
-most L{DELIVER_SIZE} bytes).
+encrypted in place by one call to OpenSSL, whatever its size (pyOpenSSL
+asks OpenSSL for a record per call), and all its records go to TCP as one
+write; the records one TCP read brings are decrypted into one buffer
+straight from OpenSSL (pyOpenSSL copies each record twice, with a Python
+call around each) and handed to the protocol as one piece (of at most
+L{DELIVER_SIZE} bytes).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -37,15 +41,38 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ngrokd.datapath.sendnow import send_now
+
 #: The most cleartext handed to the protocol in one C{dataReceived}.
 DELIVER_SIZE = 128 * 1024
-#: OpenSSL's output is read in pieces of at least this size (Twisted's).
-SEND_READ = 2**15
-#: What TLS adds to a record, at most: header, padding and tag.
-RECORD_OVERHEAD = 256
-#: Cleartext asked of OpenSSL per C{SSL_read}: a record is at most 16 KiB,
-#: so one call returns one record.
-RECORD_READ = 2**15
+#: The most OpenSSL output sent in one TCP write: a write of DELIVER_SIZE
+#: cleartext, with what TLS adds to its records, in one.
+SEND_SIZE = 2 * DELIVER_SIZE
+
+_lib, _ffi = Binding.lib, Binding.ffi
+#: Where records are decrypted, for every connection: the reactor's thread
+#: alone uses it, and what it holds is copied out before the protocol
+#: gets it.
+_cleartext = bytearray(DELIVER_SIZE)
+_cleartext_view = memoryview(_cleartext)
+_cleartext_at = _ffi.from_buffer(_cleartext)
+#: Where OpenSSL's output is read to be sent, likewise: what the socket does
+#: not take at once is copied out (L{send_now}).
+_ciphertext = bytearray(SEND_SIZE)
+_ciphertext_view = memoryview(_ciphertext)
+_ciphertext_at = _ffi.from_buffer(_ciphertext)
+
+#: Every private member of pyOpenSSL's C{Connection} that
+#: L{HalfCloseableTLSProtocol} uses, and what for: pyOpenSSL offers no way
+#: to decrypt into a buffer of one's own, nor to ask for whole writes.
+PYOPENSSL_INTERNALS = {
+    "_ssl": "read: the SSL pointer that records are decrypted from and whose"
+    " partial writes are turned off, through cryptography's bindings",
+    "_raise_ssl_error": "called: turns a failed SSL_read into pyOpenSSL's"
+    " exception, as its own recv does",
+    "_from_ssl": "read: the memory BIO that OpenSSL's output is read from"
+    " into a buffer of ngrokd's",
+}
 
 #: Every private member of L{TLSMemoryBIOProtocol} that
 #: L{HalfCloseableTLSProtocol} overrides, reads or calls, and what for: Twisted
@@ -64,7 +91,7 @@ TLS_INTERNALS = {
     " it in 16 KiB slices, and sends the records in one TCP write (Twisted's"
     " makes one per record)",
     "_flushSendBIO": "overridden: sends all OpenSSL produced in one TCP write"
-    " (Twisted's reads 32 KiB of it); called: after reading",
+    " (Twisted's reads 32 KiB of it, and copies it); called: after reading",
     "_bufferedWrite": "called: holds a write OpenSSL cannot take yet",
     "_handshakeDone": "read: no close_notify before the handshake is done",
     "_appSendBuffer": "read: no close_notify while writes wait to be encrypted",
@@ -89,6 +116,7 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
     _writeClosed = False
     _closeNotifyPending = False
     _readClosed = False
+    _wholeWrites = False
 
     def loseWriteConnection(self) -> None:
         """
@@ -129,11 +157,16 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
+        if not self._wholeWrites:
+            # pyOpenSSL asks OpenSSL for partial writes: a record per call.
+            self._wholeWrites = True
+            _lib.SSL_clear_mode(
+                self._tlsConnection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+            )
         view = memoryview(data)
         sent = 0
         while sent < len(view):
             try:
-                # One record per call (pyOpenSSL asks for partial writes).
                 sent += self._tlsConnection.send(view[sent:])
             except WantReadError:
                 # Not until the handshake is done: keep the rest, as Twisted
@@ -143,58 +176,63 @@ class HalfCloseableTLSProtocol(TLSMemoryBIOProtocol):
             except Error:
                 self._tlsShutdownFinished(Failure())
                 return
-        self._flushSendBIO(len(view) + (len(view) // 2**14 + 1) * RECORD_OVERHEAD)
-
-    def _flushSendBIO(self, expected: int = SEND_READ) -> None:
-        """
-        Send what OpenSSL produced, in one write: C{expected} is how much
-        that is likely to be.
-        """
-        size = max(expected, SEND_READ)
-        pieces = []
-        while True:
-            try:
-                piece = self._tlsConnection.bio_read(size)
-            except WantReadError:
-                break
-            pieces.append(piece)
-            if len(piece) < size:
-                break
-        if pieces:
-            assert self.transport is not None
-            self.transport.writeSequence(pieces)
-
-    def _flushReceiveBIO(self) -> None:
-        received: list[bytes] = []
-        size = 0
-        while not self._lostTLSConnection and not self._readClosed:
-            try:
-                data = self._tlsConnection.recv(RECORD_READ)
-            except WantReadError:
-                break
-            except ZeroReturnError:
-                self._deliver(received)
-                self._peerClosedWrite()
-            except Error:
-                self._deliver(received)
-                self._tlsShutdownFinished(Failure())
-            else:
-                received.append(data)
-                size += len(data)
-                if size >= DELIVER_SIZE:
-                    self._deliver(received)
-                    size = 0
-        self._deliver(received)
         self._flushSendBIO()
 
-    def _deliver(self, received: list[bytes]) -> None:
+    def _flushSendBIO(self) -> None:
         """
-        Hand what was read to the protocol as one piece, and empty
-        C{received}.
+        Send what OpenSSL produced, straight from one buffer: in one TCP
+        write, unless it is more than the buffer holds.
         """
-        if received and not self._aborted:
-            ProtocolWrapper.dataReceived(self, b"".join(received))
-        received.clear()
+        wbio = self._tlsConnection._from_ssl
+        while (size := _lib.BIO_read(wbio, _ciphertext_at, SEND_SIZE)) > 0:
+            send_now(self.transport, (_ciphertext_view[:size],))
+            if size < SEND_SIZE:
+                break
+
+    def _flushReceiveBIO(self) -> None:
+        connection: Connection = self._tlsConnection
+        ssl = connection._ssl
+        size = 0
+        while not self._lostTLSConnection and not self._readClosed:
+            read = _lib.SSL_read(ssl, _cleartext_at + size, DELIVER_SIZE - size)
+            if read > 0:
+                size += read
+                if size == DELIVER_SIZE:
+                    self._deliver(size)
+                    size = 0
+                continue
+            try:
+                connection._raise_ssl_error(ssl, read)
+            except WantReadError:
+                pass
+            except ZeroReturnError:
+                self._deliver(size)
+                size = 0
+                self._peerClosedWrite()
+                continue
+            except Error:
+                self._deliver(size)
+                size = 0
+                self._tlsShutdownFinished(Failure())
+                continue
+            break
+        self._deliver(size)
+        self._flushSendBIO()
+
+    def _deliver(self, size: int) -> None:
+        """
+        Hand the first C{size} bytes of cleartext to the protocol as one
+        piece: as a view of the buffer to one that takes views
+        (L{ngrokd.datapath.splice.PipeProtocol.viewReceived}), which copies
+        what it keeps, else as bytes.
+        """
+        if size and not self._aborted:
+            piece = _cleartext_view[:size]
+            take_view = getattr(self.wrappedProtocol, "viewReceived", None)
+            if take_view is not None:
+                take_view(piece)
+            else:
+                ProtocolWrapper.dataReceived(self, bytes(piece))
 
     def _peerClosedWrite(self) -> None:
         halfCloseable = IHalfCloseableProtocol(self.wrappedProtocol, None)

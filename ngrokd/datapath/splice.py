@@ -42,6 +42,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ngrokd.datapath.sendnow import send_now
+
 #: Seconds a connection closed gracefully has to send what it still holds.
 DRAIN_TIMEOUT = 30.0
 #: Bytes a spliced connection reads from its socket at once, and holds for a
@@ -102,7 +104,22 @@ class PipeProtocol(Protocol):
         if self.transform is not None:
             data = self.transform(data)
         if data:
-            self.peer.transport.write(data)
+            send_now(self.peer.transport, (data,))
+
+    def viewReceived(self, view: memoryview) -> None:
+        """
+        Cleartext a TLS transport decrypted into a buffer it reuses
+        (L{ngrokd.datapath.halfclose}). Once joined, with nothing to
+        transform, it goes to the peer as it is (what is not sent at once
+        is copied); else to L{dataReceived}, as bytes. Subclasses change
+        L{dataReceived} only for what comes before the join.
+        """
+        peer = self.peer
+        if peer is None or self.transform is not None:
+            self.dataReceived(bytes(view))
+            return
+        self.bytes_received += len(view)
+        send_now(peer.transport, (view,))
 
     def readConnectionLost(self) -> None:
         self._read_done = True

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 import ngrokd
 from ngrokd.datapath.ingress import IngressConnector
+from ngrokd.datapath.sendnow import unsent
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.devcloud.cloud import Cloud
 from ngrokd.devcloud.ingress import IngressFactory, server_options, tls_factory
@@ -95,18 +96,6 @@ class Counter(Recorder):
         self.count += len(data)
 
 
-def unsent(transport: Any) -> int:
-    """
-    Bytes a Twisted TCP transport holds unsent: what a slow reader makes the
-    process buffer.
-
-    C{FileDescriptor} keeps them in C{dataBuffer} (from C{offset} on) and in
-    the private C{_tempDataLen}, the bytes of C{_tempDataBuffer} not yet
-    joined into it; Twisted offers no public count.
-    """
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
 @implementer(IHalfCloseableProtocol)
 class Echo(Protocol):
     """
@@ -150,7 +139,7 @@ class Source(Protocol):
     def resumeProducing(self) -> None:
         self._paused = False
         while not self._paused and self.sent < self.total:
-            data = self.chunk[: self.total - self.sent]
+            data = self.piece()
             self.sent += len(data)
             self.transport.write(data)
         if self.sent >= self.total:
@@ -159,6 +148,12 @@ class Source(Protocol):
 
     def stopProducing(self) -> None:
         self._paused = True
+
+    def piece(self) -> bytes:
+        """
+        The next bytes to send.
+        """
+        return self.chunk[: self.total - self.sent]
 
 
 class TCPLikeTransport(StringTransport):

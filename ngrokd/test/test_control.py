@@ -59,6 +59,7 @@ from ngrokd.control.peer import Peer
 from ngrokd.control.responders import MAX_EVENT_WAIT, ControlCommands
 from ngrokd.control.server import ControlService, transport_peer
 from ngrokd.daemon import Daemon
+from ngrokd.datapath.sendnow import unsent
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
 from ngrokd.ngrok.identity_service import WAITING_FOR_KEY
 from ngrokd.status import EndpointStatus
@@ -69,7 +70,6 @@ from ngrokd.test.helpers import (
     free_ports,
     listen,
     settle,
-    unsent,
     unused_port,
     wait_listening,
     wait_until,

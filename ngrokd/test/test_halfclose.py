@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -23,7 +24,11 @@ from ngrokd.datapath.halfclose import (
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.ngrok.trust import PartialChainTrust, client_creator
 from ngrokd.pem import parse_certificates
-from ngrokd.test.helpers import Recorder, listen
+from ngrokd.test.helpers import Recorder, listen, wait_until
+
+
+def _greet(server: Recorder) -> None:
+    server.transport.write(b"hi")
 
 
 class NotHalfCloseable(Protocol):
@@ -186,6 +191,26 @@ class HalfCloseTests(TestCase):
         for side in (client, server):
             self.assertGreater(max(side.sizes), RECORD)
             self.assertLessEqual(max(side.sizes), DELIVER_SIZE)
+
+    @inlineCallbacks
+    def test_corruptRecordEndsWithError(self):
+        """
+        A record that does not decrypt ends the connection with OpenSSL's
+        error, not as a clean end; what came before it is handed on first.
+        """
+        port = self.listen(lambda: Recorder(on_connected=_greet))
+        client = Recorder()
+        yield self.connect(port, client)
+        client.transport.write(b"first")
+        # The greeting comes once the handshake is done.
+        yield ensureDeferred(wait_until(lambda: client.received != b"", "greeting"))
+        # An application-data record whose tag cannot match.
+        client.transport.transport.write(b"\x17\x03\x03\x00\x20" + bytes(32))
+        yield client.lost
+        server = self.serverProtocols[0]
+        yield server.lost
+        self.assertEqual(server.received, b"first")
+        server.reason.trap(SSLError)
 
     @inlineCallbacks
     def test_notHalfCloseable(self):

@@ -15,6 +15,7 @@ import types
 from typing import Any
 
 import OpenSSL
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL.SSL import TLS_METHOD, Connection, Context
 from twisted.internet import ssl, tcp
 from twisted.internet.abstract import FileDescriptor
@@ -29,12 +30,16 @@ from zope.interface import implementer
 
 import ngrokd
 import twisted
-from ngrokd.datapath.halfclose import TLS_INTERNALS, HalfCloseableTLSProtocol
+from ngrokd.datapath.halfclose import (
+    PYOPENSSL_INTERNALS,
+    TLS_INTERNALS,
+    HalfCloseableTLSProtocol,
+)
 from ngrokd.datapath.resumption import session_reused
+from ngrokd.datapath.sendnow import TCP_INTERNALS, unsent
 from ngrokd.datapath.splice import read_in_chunks
 from ngrokd.devcloud.ca import CertificateAuthority
 from ngrokd.logs import observers_of
-from ngrokd.test.helpers import unsent
 
 #: Where ngrokd imports from a private Twisted module, and what.
 PRIVATE_IMPORTS = {
@@ -378,8 +383,9 @@ class TransportBufferSeamTests(SynchronousTestCase):
             [3, 4],
             changed(
                 "FileDescriptor's write buffer (dataBuffer, offset, _tempDataLen)",
-                "the slow-reader tests (ngrokd/test/helpers.py, unsent) need it"
-                " to measure what the daemon holds",
+                "ngrokd's splice (ngrokd/datapath/sendnow.py, unsent) sends at"
+                " once only when nothing is queued, and the slow-reader tests"
+                " measure what the daemon holds with it",
             ),
         )
 
@@ -422,6 +428,22 @@ class TCPChunkSeamTests(SynchronousTestCase):
         self.received.makeConnection(self.transport)
         read_in_chunks(self.transport, 1000)
 
+    def test_sendNowMembersExist(self) -> None:
+        """
+        Every private member L{send_now} reads exists on a connected TCP
+        transport.
+        """
+        missing = [n for n in TCP_INTERNALS if not hasattr(self.transport, n)]
+        self.assertEqual(
+            missing,
+            [],
+            changed(
+                "tcp.Connection's members",
+                "ngrokd's splice (ngrokd/datapath/sendnow.py) reads them to"
+                " send at once while nothing is queued",
+            ),
+        )
+
     def test_readSize(self) -> None:
         """
         A read takes up to C{bufferSize} bytes off the socket.
@@ -458,6 +480,32 @@ class TCPChunkSeamTests(SynchronousTestCase):
                 "ngrokd's splice (ngrokd/datapath/splice.py, read_in_chunks)"
                 " relies on it to bound what a slow reader makes it hold",
             ),
+        )
+
+
+class PyOpenSSLSeamTests(SynchronousTestCase):
+    """
+    L{HalfCloseableTLSProtocol} decrypts and asks for whole writes through
+    pyOpenSSL's private members and cryptography's bindings.
+    """
+
+    def test_membersExist(self) -> None:
+        """
+        Every member in L{PYOPENSSL_INTERNALS} exists on a C{Connection}, and
+        the bindings have the OpenSSL calls it makes.
+        """
+        connection = Connection(Context(TLS_METHOD))
+        missing = [n for n in PYOPENSSL_INTERNALS if not hasattr(connection, n)]
+        missing += [
+            name
+            for name in ("SSL_read", "SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
+            if not hasattr(Binding.lib, name)
+        ]
+        self.assertEqual(
+            missing,
+            [],
+            f"pyOpenSSL {OpenSSL.__version__} or cryptography changed: ngrokd's"
+            " TLS (ngrokd/datapath/halfclose.py) needs these",
         )
 
 
