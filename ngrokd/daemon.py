@@ -37,8 +37,9 @@ from ngrokd.applier import Applier
 from ngrokd.blocking import BlockingPool, one_thread
 from ngrokd.board import StatusBoard
 from ngrokd.config import Config
+from ngrokd.datapath.descriptors import raise_open_file_limit
 from ngrokd.datapath.ingress import IngressConnector
-from ngrokd.datapath.listeners import ListenerSet, raise_open_file_limit
+from ngrokd.datapath.listeners import ListenerSet
 from ngrokd.endpoints import BoundEndpoint
 from ngrokd.host import allocation
 from ngrokd.host.allocation import IPNetwork

@@ -30,14 +30,15 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from ngrokd.config import load_config
 from ngrokd.daemon import Daemon
 from ngrokd.datapath.bridge import KEEPALIVE_IDLE
-from ngrokd.datapath.descriptors import SPARE, DescriptorReserve
-from ngrokd.datapath.listeners import (
+from ngrokd.datapath.descriptors import (
     ACCEPT_BACKOFF,
     ACCEPTING_AGAIN_AFTER,
+    SPARE,
     AcceptGuard,
+    DescriptorReserve,
     GuardedSocket,
-    Listener,
 )
+from ngrokd.datapath.listeners import Listener
 from ngrokd.datapath.splice import DRAIN_TIMEOUT, PipeProtocol, splice
 from ngrokd.devcloud.ingress import IngressFault
 from ngrokd.devcloud.tap import RunningDevcloud, start_devcloud
