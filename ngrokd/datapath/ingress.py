@@ -51,6 +51,7 @@ from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
 from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
 from ngrokd.datapath.splice import PipeProtocol
+from ngrokd.datapath.tlsbuffers import release_buffers
 from ngrokd.ngrok.trust import client_creator
 
 T = TypeVar("T")
@@ -534,12 +535,15 @@ class IngressConnector:
 
     def _finished(self, result: object, creator: ResumingCreator, pooled: bool) -> None:
         """
-        Count an upgraded connection by its handshake, keep its TLS session
-        and log its notices; after a TLS failure, offer no session.
+        Count an upgraded connection by its handshake, keep its TLS session,
+        give back the buffers its handshake grew, and log its notices; after
+        a TLS failure, offer no session.
         """
         if isinstance(result, IngressProtocol) and result.response is not None:
             assert result.request is not None  # answered, so it was sent
-            resumed = creator.completed(result.transport.getHandle())
+            connection = result.transport.getHandle()
+            resumed = creator.completed(connection)
+            release_buffers(connection)
             if pooled:
                 self.handshakes.pooled += 1
             elif resumed:
