@@ -51,7 +51,7 @@ from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
 from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
 from ngrokd.datapath.splice import PipeProtocol
-from ngrokd.datapath.tlsbuffers import release_buffers
+from ngrokd.datapath.tlsbuffers import release_buffers_soon
 from ngrokd.ngrok.trust import client_creator
 
 T = TypeVar("T")
@@ -543,7 +543,7 @@ class IngressConnector:
             assert result.request is not None  # answered, so it was sent
             connection = result.transport.getHandle()
             resumed = creator.completed(connection)
-            release_buffers(connection)
+            release_buffers_soon(self.clock, connection)
             if pooled:
                 self.handshakes.pooled += 1
             elif resumed:

@@ -22,6 +22,7 @@ from typing import Any
 
 from OpenSSL._util import ffi, lib
 from OpenSSL.SSL import Connection
+from twisted.internet.interfaces import IReactorTime
 
 
 def _empty(bio: Any) -> bool:
@@ -52,3 +53,13 @@ def release_buffers(connection: Connection) -> bool:
     connection._into_ssl = fresh_in
     connection._from_ssl = fresh_out
     return True
+
+
+def release_buffers_soon(clock: IReactorTime, connection: Connection) -> None:
+    """
+    L{release_buffers} now or, when bytes are still in the buffers (the
+    ingress's answer came with more behind it), once more on the reactor's
+    next turn, once TLS has read them.
+    """
+    if not release_buffers(connection):
+        clock.callLater(0, release_buffers, connection)
