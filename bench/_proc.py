@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
 #: The state column of /proc/net/tcp for an ESTABLISHED connection.
 TCP_ESTABLISHED = "01"
+#: ... and of a listening socket.
+TCP_LISTEN = "0A"
 _SOCKET_LINK = "socket:["
 
 
@@ -53,14 +55,14 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def established_to_port(pid: int, port: int) -> int:
+def _tcp_sockets(pid: int) -> Iterator[tuple[int, int, str]]:
     """
-    How many ESTABLISHED TCP connections (IPv4 and IPv6) process C{pid} holds
-    to remote port C{port}: its sockets' inodes, from its file descriptors,
-    matched against the TCP tables of its network namespace.
+    Process C{pid}'s TCP sockets (IPv4 and IPv6), each as its local port,
+    remote port and state (a column of /proc/net/tcp): its sockets' inodes,
+    from its file descriptors, matched against the TCP tables of its network
+    namespace.
     """
     inodes = _socket_inodes(pid)
-    count = 0
     for table in ("tcp", "tcp6"):
         try:
             rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
@@ -68,11 +70,33 @@ def established_to_port(pid: int, port: int) -> int:
             continue  # no IPv6 in this kernel
         for row in rows:
             fields = row.split()
-            remote, state, inode = fields[2], fields[3], int(fields[9])
-            remote_port = int(remote.rpartition(":")[2], 16)
-            if state == TCP_ESTABLISHED and remote_port == port and inode in inodes:
-                count += 1
-    return count
+            if int(fields[9]) in inodes:
+                local, remote, state = fields[1], fields[2], fields[3]
+                yield _port(local), _port(remote), state
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2], 16)
+
+
+def established_to_port(pid: int, port: int) -> int:
+    """
+    How many ESTABLISHED TCP connections process C{pid} holds to remote port
+    C{port}.
+    """
+    return sum(
+        1
+        for _, remote, state in _tcp_sockets(pid)
+        if state == TCP_ESTABLISHED and remote == port
+    )
+
+
+def listening_ports(pid: int) -> set[int]:
+    """
+    The TCP ports process C{pid} listens on: another process that answers
+    on a port is not it.
+    """
+    return {local for local, _, state in _tcp_sockets(pid) if state == TCP_LISTEN}
 
 
 class PeakRss:

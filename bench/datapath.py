@@ -55,7 +55,13 @@ import attrs
 import OpenSSL
 import yaml
 from _backends import COUNT
-from _proc import PeakRss, cpu_seconds, established_to_port, status_kib
+from _proc import (
+    PeakRss,
+    cpu_seconds,
+    established_to_port,
+    listening_ports,
+    status_kib,
+)
 from _relay import WINDOW
 from _stunnel import (
     Handshakes,
@@ -756,6 +762,15 @@ def _probed_ports(start_port: int) -> dict[str, int] | None:
     return found if len(found) == len(ENDPOINTS) else None
 
 
+def _listened_by(child: Child, ports: dict[str, int]) -> bool:
+    """
+    Whether C{child} itself listens on each of C{ports}: on a machine where
+    other runs start daemons too, one of theirs may hold a port ours was
+    given, and the same backends would answer there.
+    """
+    return set(ports.values()) <= listening_ports(child.pid)
+
+
 def start_daemon(children: Children, devcloud: Devcloud, config_path: Path) -> Daemon:
     """
     Start ngrokd with C{config_path} (L{write_daemon_config}); wait until
@@ -774,9 +789,11 @@ def start_daemon(children: Children, devcloud: Devcloud, config_path: Path) -> D
         recorded = _recorded_ports(state_dir)
         if recorded is None:
             probed = _probed_ports(config.net.start_port)
-            if probed is None:
+            if probed is None or not _listened_by(child, probed):
                 return None
             return Daemon(child, probed, "probing", ingress_port, health)
+        if not _listened_by(child, recorded):
+            return None
         for kind, port in recorded.items():
             answer = identify((LOOPBACK, port))
             if answer is None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: ngrokd.test.test_descriptors,ngrokd.test.test_open_files,ngrokd.test.test_datapath_abuse -*-
+# -*- test-case-name: ngrokd.test.test_descriptors,ngrokd.test.test_datapath_abuse -*-
 """
 File descriptors: the process's limit, the spares set aside for the ingress
 legs of accepted connections, and accepting only when those are free.

@@ -47,6 +47,7 @@ from ngrokd.datapath.failurelog import FailureLog
 from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
 from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
 from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
+from ngrokd.datapath.tlsbuffers import release_buffers_soon
 from ngrokd.datapath.upgrade import (
     IngressError,
     IngressProtocol,
@@ -299,12 +300,15 @@ class IngressConnector:
 
     def _finished(self, result: object, creator: ResumingCreator, pooled: bool) -> None:
         """
-        Count an upgraded connection by its handshake, keep its TLS session
-        and log its notices; after a TLS failure, offer no session.
+        Count an upgraded connection by its handshake, keep its TLS session,
+        give back the buffers its handshake grew, and log its notices; after
+        a TLS failure, offer no session.
         """
         if isinstance(result, IngressProtocol) and result.response is not None:
             assert result.request is not None  # answered, so it was sent
-            resumed = creator.completed(result.transport.getHandle())
+            connection = result.transport.getHandle()
+            resumed = creator.completed(connection)
+            release_buffers_soon(self.clock, connection)
             if pooled:
                 self.handshakes.pooled += 1
             elif resumed:

@@ -1,16 +1,23 @@
 """
-Tests for L{ngrokd.host.memory}: when the C heap is trimmed, and that a trim
-gives memory back to the system.
+Tests for L{ngrokd.host.memory}: when the C heap is trimmed, that a trim
+gives memory back to the system, and that the connections of a storm
+through the devcloud's ingress are freed before it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import resource
+import weakref
+from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.internet.protocol import Factory
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from ngrokd.datapath.bridge import BridgeFactory, LocalProtocol
+from ngrokd.endpoints import parse_endpoint_url
 from ngrokd.host.memory import (
     CHECK_INTERVAL,
     MemoryTrimmer,
@@ -20,6 +27,7 @@ from ngrokd.host.memory import (
     resident_bytes,
     should_trim,
 )
+from ngrokd.test.helpers import Echo, devcloud_ingress, exchange, listen, wait_until
 from ngrokd.test.test_hosts import ThreadReactor
 
 
@@ -86,6 +94,24 @@ class MemoryTrimmerTests(SynchronousTestCase):
         self.assertEqual(self.trimmer.freed, 230 * MiB)
         self.look(75 * MiB, 0)
         self.assertEqual(self.trimmed, 1)
+
+    def test_collectsBeforeTrim(self) -> None:
+        """
+        The garbage collector runs just before the trim, and only then.
+        """
+        calls: list[str] = []
+        trimmer = MemoryTrimmer(
+            self.reactor,
+            lambda: self.open[0],
+            lambda: self.resident[0],
+            lambda: calls.append("trim"),
+            collect=lambda: calls.append("collect"),
+        )
+        trimmer.startService()
+        self.look(300 * MiB, 5000)
+        self.assertEqual(calls, [])
+        self.look(300 * MiB, 0)
+        self.assertEqual(calls, ["collect", "trim"])
 
     def test_stopLeavesNoTimer(self) -> None:
         """
@@ -162,3 +188,53 @@ class RealTrimTests(SynchronousTestCase):
 
         faults()
         self.assertLess(faults(), 500)
+
+
+class StormOverTLSTests(TestCase):
+    """
+    Connections carried over real mutual TLS to the devcloud's ingress are
+    freed once a storm has passed, though nothing else runs the collector.
+    """
+
+    timeout = 60
+
+    async def test_closedConnectionsFreed(self) -> None:
+        """
+        Closed connections refer to themselves (protocols, transports, TLS),
+        so only the collector frees them: the trimmer's look after the storm
+        does, and none of them is left.
+        """
+        url = "tcp://echo.test:7"
+        harness = devcloud_ingress(self)
+        harness.cloud.add_endpoint(
+            url, ("127.0.0.1", listen(Factory.forProtocol(Echo), self))
+        )
+        bridge = BridgeFactory(parse_endpoint_url(url), harness.connector, None)
+        carried: list[weakref.ref[LocalProtocol]] = []
+        build = bridge.buildProtocol
+
+        def remembered(addr: Any) -> LocalProtocol:
+            protocol = build(addr)
+            carried.append(weakref.ref(protocol))
+            return protocol
+
+        bridge.buildProtocol = remembered  # type: ignore[method-assign]
+        port = listen(bridge, self)
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        reactor = ThreadReactor()
+        resident = [60 * MiB]
+        trimmer = MemoryTrimmer(
+            reactor, lambda: len(bridge.connections), lambda: resident[0], lambda: None
+        )
+        trimmer.startService()
+        self.addCleanup(trimmer.stopService)
+        for n in range(5):
+            client = await exchange(port, b"echo %d" % n)
+            self.assertEqual(client.received, b"echo %d" % n)
+        await wait_until(lambda: not bridge.connections, "the bridge's end")
+        resident[0] = 300 * MiB
+        reactor.advance(CHECK_INTERVAL)
+        self.assertEqual(trimmer.trims, 1)
+        self.assertEqual([ref() for ref in carried], [None] * 5)
