@@ -225,36 +225,51 @@ def read_in_chunks(
     transport: Any, size: int = READ_SIZE, hold: int = HOLD_SIZE
 ) -> None:
     """
-    Have a TCP transport, or the TCP under a TLS one, read C{size} bytes at
-    a time and hold up to C{hold} unsent before it pauses its producer.
+    Have a TCP transport, or the TCP under a TLS one, read C{size} bytes
+    (at most L{READ_SIZE}) at a time and hold up to C{hold} unsent before it
+    pauses its producer.
 
     Twisted's transport reads C{bufferSize} bytes at a time, the same
     number it holds: reads as big as a fast stream wants would double what
     a slow reader makes it hold. Its C{doRead} is replaced by one that
-    reads C{size}.
+    reads C{size}: under TLS, into one buffer that TLS copies at once into
+    OpenSSL, so no read allocates.
     """
+    buffer = None
     if isinstance(transport, TLSMemoryBIOProtocol):
-        transport = transport.transport
+        transport, buffer = transport.transport, _received
     if isinstance(transport, tcp.Connection):
         transport.bufferSize = hold
         # The reactor calls the transport's doRead, found on the instance
         # first: Twisted's class stays, one method of this one is ours.
-        transport.doRead = partial(_read, transport, size)  # type: ignore[method-assign]
+        transport.doRead = partial(_read, transport, min(size, READ_SIZE), buffer)  # type: ignore[method-assign]
+
+
+#: Where a TLS transport's ciphertext is read to, for every connection: the
+#: reactor's thread alone uses it, and TLS copies it into OpenSSL before
+#: anything else runs.
+_received = memoryview(bytearray(READ_SIZE))
 
 
 def _read(
-    transport: tcp.Connection, size: int
+    transport: tcp.Connection, size: int, buffer: memoryview | None
 ) -> ConnectionLost | ConnectionDone | None:
     """
-    Twisted's C{doRead} for a TCP transport, reading up to C{size} bytes.
+    Twisted's C{doRead} for a TCP transport, reading up to C{size} bytes:
+    into C{buffer} when given, whose view the protocol gets.
     """
+    data: bytes | memoryview
     try:
-        data = transport.socket.recv(size)
+        if buffer is None:
+            data = transport.socket.recv(size)
+        else:
+            data = buffer[: transport.socket.recv_into(buffer, size)]
     except BlockingIOError:
         return None
     except OSError:
         return main.CONNECTION_LOST
     if not data:
         return main.CONNECTION_DONE
-    transport.protocol.dataReceived(data)
+    protocol: Any = transport.protocol  # TLS's dataReceived takes views
+    protocol.dataReceived(data)
     return None
