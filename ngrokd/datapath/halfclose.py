@@ -43,8 +43,10 @@ from zope.interface import implementer
 
 from ngrokd.datapath.sendnow import send_now
 
-#: The most cleartext handed to the protocol in one C{dataReceived}.
-DELIVER_SIZE = 128 * 1024
+#: The most cleartext handed to the protocol in one C{dataReceived}: what
+#: one read of a spliced connection brings
+#: (L{ngrokd.datapath.splice.READ_SIZE}), less what TLS adds.
+DELIVER_SIZE = 256 * 1024
 #: The most OpenSSL output sent in one TCP write: a write of DELIVER_SIZE
 #: cleartext, with what TLS adds to its records, in one.
 SEND_SIZE = 2 * DELIVER_SIZE

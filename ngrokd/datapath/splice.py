@@ -27,11 +27,12 @@ nobody will read.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -46,11 +47,15 @@ from ngrokd.datapath.sendnow import send_now
 
 #: Seconds a connection closed gracefully has to send what it still holds.
 DRAIN_TIMEOUT = 30.0
-#: Bytes a spliced connection reads from its socket at once, and holds for a
-#: slow reader before it pauses the other side: Twisted's C{bufferSize}, 64 KiB
-#: by default (L{ngrokd.test.test_twisted_seams} checks it means both). Twice
-#: that costs less Python per byte; bigger buffers cost more in page faults.
-CHUNK_SIZE = 128 * 1024
+#: Bytes a spliced connection reads from its socket at once. Bigger reads
+#: cost less Python per byte (fewer reactor turns, fewer calls down the
+#: protocols); a read is one piece on its way to the peer, so the bound on
+#: what a slow reader makes a connection hold is L{HOLD_SIZE} plus one read.
+READ_SIZE = 256 * 1024
+#: Bytes a spliced connection holds unsent for a slow reader before it
+#: pauses the other side: Twisted's C{bufferSize}
+#: (L{ngrokd.test.test_twisted_seams} checks what it means).
+HOLD_SIZE = 128 * 1024
 
 
 @implementer(IHalfCloseableProtocol)
@@ -216,12 +221,55 @@ def splice(a: PipeProtocol, b: PipeProtocol, clock: IReactorTime | None = None) 
     b._start(a)
 
 
-def read_in_chunks(transport: Any, size: int = CHUNK_SIZE) -> None:
+def read_in_chunks(
+    transport: Any, size: int = READ_SIZE, hold: int = HOLD_SIZE
+) -> None:
     """
-    Have a TCP transport, or the TCP under a TLS one, read C{size} bytes at
-    a time and buffer up to C{size} before it pauses its producer.
+    Have a TCP transport, or the TCP under a TLS one, read C{size} bytes
+    (at most L{READ_SIZE}) at a time and hold up to C{hold} unsent before it
+    pauses its producer.
+
+    Twisted's transport reads C{bufferSize} bytes at a time, the same
+    number it holds: reads as big as a fast stream wants would double what
+    a slow reader makes it hold. Its C{doRead} is replaced by one that
+    reads C{size}: under TLS, into one buffer that TLS copies at once into
+    OpenSSL, so no read allocates.
     """
+    buffer = None
     if isinstance(transport, TLSMemoryBIOProtocol):
-        transport = transport.transport
-    if isinstance(transport, FileDescriptor):
-        transport.bufferSize = size
+        transport, buffer = transport.transport, _received
+    if isinstance(transport, tcp.Connection):
+        transport.bufferSize = hold
+        # The reactor calls the transport's doRead, found on the instance
+        # first: Twisted's class stays, one method of this one is ours.
+        transport.doRead = partial(_read, transport, min(size, READ_SIZE), buffer)  # type: ignore[method-assign]
+
+
+#: Where a TLS transport's ciphertext is read to, for every connection: the
+#: reactor's thread alone uses it, and TLS copies it into OpenSSL before
+#: anything else runs.
+_received = memoryview(bytearray(READ_SIZE))
+
+
+def _read(
+    transport: tcp.Connection, size: int, buffer: memoryview | None
+) -> ConnectionLost | ConnectionDone | None:
+    """
+    Twisted's C{doRead} for a TCP transport, reading up to C{size} bytes:
+    into C{buffer} when given, whose view the protocol gets.
+    """
+    data: bytes | memoryview
+    try:
+        if buffer is None:
+            data = transport.socket.recv(size)
+        else:
+            data = buffer[: transport.socket.recv_into(buffer, size)]
+    except BlockingIOError:
+        return None
+    except OSError:
+        return main.CONNECTION_LOST
+    if not data:
+        return main.CONNECTION_DONE
+    protocol: Any = transport.protocol  # TLS's dataReceived takes views
+    protocol.dataReceived(data)
+    return None

@@ -1,16 +1,26 @@
 """
 Tests for L{ngrokd.datapath.splice}: two pipes joined in memory, each on a
-transport that pauses its producer when its buffer fills, as TCP does.
+transport that pauses its producer when its buffer fills, as TCP does; and
+how a spliced TCP transport reads, on a real socket.
 """
 
 from __future__ import annotations
 
+import socket
+
+from twisted.internet import main
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ngrokd.datapath.splice import PipeProtocol, splice
+from ngrokd.datapath.splice import (
+    HOLD_SIZE,
+    READ_SIZE,
+    PipeProtocol,
+    splice,
+)
 from ngrokd.test.helpers import TCPLikeTransport
+from ngrokd.test.test_twisted_seams import ChunkReaderCase, Producer
 
 
 def connected() -> tuple[PipeProtocol, TCPLikeTransport]:
@@ -228,3 +238,49 @@ class AbortTests(SpliceTestCase):
         self.assertTrue(self.a_transport.disconnecting)
         self.assertFalse(self.a_transport.disconnected)
         self.assertIsNone(self.a_transport.producer)
+
+
+class ReadInChunksTests(ChunkReaderCase):
+    """
+    A TCP transport made to read in chunks as a splice makes it.
+    """
+
+    def test_readsMoreThanItHolds(self) -> None:
+        """
+        One read takes more than the transport holds for a slow reader
+        before it pauses its producer: bigger reads do not loosen that
+        bound.
+        """
+        size = 200 * 1024  # what a socket pair's buffer takes
+        self.assertTrue(HOLD_SIZE < size <= READ_SIZE)
+        self.theirs.sendall(b"x" * size)
+        self.assertIsNone(self.transport.doRead())
+        producer = Producer()
+        self.transport.registerProducer(producer, True)
+        self.transport.write(b"x" * HOLD_SIZE)
+        paused = [producer.paused]
+        self.transport.write(b"x")
+        paused.append(producer.paused)
+        self.assertEqual((self.received.sizes, paused), ([size], [False, True]))
+
+    def test_nothingToRead(self) -> None:
+        """
+        A read that finds nothing waits for the next.
+        """
+        self.assertIsNone(self.transport.doRead())
+        self.assertEqual(self.received.sizes, [])
+
+    def test_endOfStream(self) -> None:
+        """
+        The peer's FIN ends the input cleanly.
+        """
+        self.theirs.shutdown(socket.SHUT_WR)
+        self.assertIs(self.transport.doRead(), main.CONNECTION_DONE)
+
+    def test_reset(self) -> None:
+        """
+        A reset is a lost connection, not a clean end.
+        """
+        self.ours.send(b"unread")
+        self.theirs.close()
+        self.assertIs(self.transport.doRead(), main.CONNECTION_LOST)

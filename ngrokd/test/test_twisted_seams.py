@@ -412,21 +412,33 @@ class Producer:
         pass
 
 
-class TCPChunkSeamTests(SynchronousTestCase):
+class ChunkReaderCase(SynchronousTestCase):
     """
-    C{bufferSize} on Twisted's TCP transport, which
+    A TCP transport made to read in chunks (L{read_in_chunks} with
+    C{chunk_sizes}), on one end of a non-blocking socket pair.
+    """
+
+    chunk_sizes: tuple[int, ...] = ()
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.received = Pieces()
+        self.transport = tcp.Connection(self.ours, self.received, MemoryReactor())
+        self.transport.connected = True  # as an accepted connection is
+        self.received.makeConnection(self.transport)
+        read_in_chunks(self.transport, *self.chunk_sizes)
+
+
+class TCPChunkSeamTests(ChunkReaderCase):
+    """
+    C{bufferSize} and C{doRead} on Twisted's TCP transport, which
     L{ngrokd.datapath.splice.read_in_chunks} sets.
     """
 
-    def setUp(self) -> None:
-        ours, self.theirs = socket.socketpair()
-        self.addCleanup(ours.close)
-        self.addCleanup(self.theirs.close)
-        self.received = Pieces()
-        self.transport = tcp.Connection(ours, self.received, MemoryReactor())
-        self.transport.connected = True  # as an accepted connection is
-        self.received.makeConnection(self.transport)
-        read_in_chunks(self.transport, 1000)
+    chunk_sizes = (1000, 1000)
 
     def test_sendNowMembersExist(self) -> None:
         """
@@ -446,7 +458,7 @@ class TCPChunkSeamTests(SynchronousTestCase):
 
     def test_readSize(self) -> None:
         """
-        A read takes up to C{bufferSize} bytes off the socket.
+        A read takes up to the size asked for off the socket.
         """
         self.theirs.sendall(b"x" * 2500)
         for _ in range(3):
@@ -455,9 +467,9 @@ class TCPChunkSeamTests(SynchronousTestCase):
             self.received.sizes,
             [1000, 1000, 500],
             changed(
-                "what tcp.Connection.bufferSize means to doRead",
+                "what tcp.Connection's doRead, socket and protocol are",
                 "ngrokd's splice (ngrokd/datapath/splice.py, read_in_chunks)"
-                " sets it to read in big chunks",
+                " reads in big chunks with its own doRead",
             ),
         )
 
