@@ -18,7 +18,7 @@ L{DialQueue}, and their timeouts start when they leave it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from attrs import define
@@ -26,15 +26,16 @@ from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
-    ConnectingCancelledError,
     DNSLookupError,
 )
 from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,7 +45,10 @@ from ngrokd.datapath.dial import ResolvedName
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
 from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.failurelog import FailureLog
-from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.datapath.halfclose import (
+    HalfCloseableTLSClientEndpoint,
+    HalfCloseableTLSFactory,
+)
 from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
 from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
 from ngrokd.datapath.tlsbuffers import release_buffers_soon
@@ -132,6 +136,7 @@ class IngressConnector:
         early_data: bool = True,
     ) -> None:
         self.clock = IReactorTime(reactor)
+        self._reactor = reactor
         self.host = host
         self.port = port
         self._address = ResolvedName(reactor, host)
@@ -153,6 +158,10 @@ class IngressConnector:
         #: Descriptors set aside for the legs of accepted connections.
         self.descriptors = DescriptorReserve()
         self._notices_seen: set[tuple[str, int, str]] = set()
+        #: The TLS factory of the newest client settings, with them.
+        self._tls: (
+            tuple[IOpenSSLClientConnectionCreator, HalfCloseableTLSFactory] | None
+        ) = None
 
     def use_certificate(self, cert_pem: bytes, key_pem: bytes) -> None:
         """
@@ -392,10 +401,6 @@ class IngressConnector:
         A new connection, upgraded for C{request} (with C{early} behind
         it); without one, a warm connection, once its TLS handshake is done.
         """
-        endpoint = HalfCloseableTLSClientEndpoint(
-            creator,
-            self._address.endpoint(self.port, self._connect_timeout),
-        )
         protocol = IngressProtocol(
             request,
             self.clock,
@@ -404,27 +409,26 @@ class IngressConnector:
             self.host,
             early,
         )
-        factory = Factory.forProtocol(lambda: protocol)
-        factory.noisy = False  # one per connection: the bridge logs what matters
         if request is not None:
             self.descriptors.release()  # the leg of an accepted connection
-        connecting = endpoint.connect(factory)
-
         awaited = protocol.handshaken or protocol.upgraded
+        stop_connecting: Callable[[], object]
+
+        cancelled = False
 
         def cancel(d: Deferred[IngressProtocol]) -> None:
-            connecting.cancel()
-            if protocol.transport is not None:
+            nonlocal cancelled
+            cancelled = True
+            if protocol.transport is None:
+                stop_connecting()  # fails the connect at once
+            else:
                 awaited.cancel()
 
         result: Deferred[IngressProtocol] = Deferred(cancel)
 
-        def connected(_: object) -> None:
-            awaited.addCallback(self._handshake_timed).chainDeferred(result)
-
         def dial_failed(failure: Failure) -> None:
-            if failure.check(CancelledError, ConnectingCancelledError):
-                return  # the caller cancelled: the result fails with CancelledError
+            if cancelled:
+                return  # the result fails with CancelledError
             if failure.check(ConnectError, DNSLookupError):
                 self._address.failed()
                 reason = failure.getErrorMessage()
@@ -432,5 +436,65 @@ class IngressConnector:
             else:
                 result.errback(failure)
 
-        connecting.addCallbacks(connected, dial_failed)
+        # Once TCP is up, the handshake (and the upgrade) decide.
+        awaited.addCallback(self._handshake_timed).chainDeferred(result)
+        address = self._address.address()
+        if address is None:
+            # The name's first lookup is not answered: an endpoint looks
+            # it up for this dial.
+            endpoint = HalfCloseableTLSClientEndpoint(
+                creator, self._address.endpoint(self.port, self._connect_timeout)
+            )
+            connecting = endpoint.connect(_OneDial(None, protocol, dial_failed))
+            connecting.addErrback(dial_failed)
+            stop_connecting = connecting.cancel
+        else:
+            dial = _OneDial(self._tls_factory(creator), protocol, dial_failed)
+            connector = self._reactor.connectTCP(
+                address, self.port, dial, timeout=self._connect_timeout
+            )
+            stop_connecting = connector.stopConnecting
         return result
+
+    def _tls_factory(
+        self, creator: IOpenSSLClientConnectionCreator
+    ) -> HalfCloseableTLSFactory:
+        """
+        The TLS factory of C{creator}'s dials, kept while it is the newest.
+        """
+        if self._tls is None or self._tls[0] is not creator:
+            self._tls = (creator, HalfCloseableTLSFactory(creator, True, Factory()))
+        return self._tls[1]
+
+
+class _OneDial(ClientFactory):
+    """
+    The factory of one dial to the ingress: it gives TCP the dial's TLS
+    protocol, around its L{IngressProtocol}, and reports a failed connect.
+
+    A dial by address goes straight to L{IReactorTCP.connectTCP} with it,
+    with one TLS factory for every dial: an endpoint would add a factory
+    and a protocol of its own to each, and a call in front of every read.
+    For an endpoint (C{tls} is C{None}) it builds the L{IngressProtocol}.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        tls: HalfCloseableTLSFactory | None,
+        protocol: IngressProtocol,
+        failed: Callable[[Failure], None],
+    ) -> None:
+        self._tls = tls
+        self._protocol = protocol
+        self._failed = failed
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        if self._tls is None:
+            return self._protocol
+        # What TLSMemoryBIOFactory.buildProtocol makes, around this protocol.
+        return self._tls.protocol(self._tls, self._protocol)  # type: ignore[no-untyped-call]
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self._failed(reason)

@@ -14,9 +14,11 @@ from typing import Any
 from attrs import frozen
 from OpenSSL.SSL import Context
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import UserError
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
@@ -143,6 +145,55 @@ class ConnectBudgetTests(SynchronousTestCase):
         failure = self.failureResultOf(dialling, UpgradeTimeout)
         self.assertIn("TLS handshake", failure.getErrorMessage())
         self.assertEqual(memory.getDelayedCalls(), [])
+
+
+class _FailingWhenStopped:
+    """
+    A connector that, like Twisted's, fails its connect at once when it is
+    stopped.
+    """
+
+    def __init__(self, factory: ClientFactory) -> None:
+        self.factory = factory
+
+    def stopConnecting(self) -> None:
+        self.factory.clientConnectionFailed(self, Failure(UserError()))  # type: ignore[arg-type]
+
+
+class _ConnectingReactor(MemoryReactorClock):
+    """
+    A memory reactor whose connects stay under way until stopped.
+    """
+
+    def connectTCP(
+        self, host: str, port: int, factory: ClientFactory, *args: Any, **kw: Any
+    ) -> Any:
+        super().connectTCP(host, port, factory, *args, **kw)
+        return _FailingWhenStopped(factory)
+
+
+class DialCancelTests(SynchronousTestCase):
+    """
+    A dial given up while TCP connects ends as cancelled, not as a failure
+    of the ingress.
+    """
+
+    def test_cancelWhileConnecting(self) -> None:
+        """
+        Cancelling a connection whose TCP connect is under way fails it with
+        L{CancelledError} (nothing to report), and frees its turn to dial.
+        """
+        memory = _ConnectingReactor()
+        connector = IngressConnector(
+            memory, "127.0.0.1", 443, PartialChainTrust(system=False), 10.0, 10.0
+        )
+        ca = CertificateAuthority.create("cancel test")
+        key_pem = generate_key()
+        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
+        dialling.cancel()
+        self.failureResultOf(dialling, CancelledError)
+        self.assertEqual(connector.queue.running, 0)
 
 
 class ConnectorTrustTests(TestCase):
