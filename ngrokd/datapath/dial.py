@@ -63,7 +63,10 @@ def _address_endpoint(
     return kind(reactor, host, port, timeout=timeout)
 
 
-def _is_address(host: str) -> bool:
+def is_address(host: str) -> bool:
+    """
+    Whether C{host} is an IPv4 or IPv6 address, not a name.
+    """
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -106,7 +109,7 @@ class ResolvedName:
         self._answered_at: float | None = None
         self._looking = False
         self._failing = False
-        self._literal = _is_address(host)
+        self._literal = is_address(host)
 
     def endpoint(self, port: int, timeout: float) -> IStreamClientEndpoint:
         """
