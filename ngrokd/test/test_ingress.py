@@ -231,8 +231,12 @@ class ConnectorTrustTests(TestCase):
         async def run() -> None:
             port = self.serve(self.root, ["elsewhere.test"], b"")
             connector = self.connector(port, trusting(self.root))
-            with self.assertRaises(TLSFailed):
+            with self.assertRaises(TLSFailed) as caught:
                 await connector.connect(wire.ConnRequest("svc.ns", 80))
+            self.assertEqual(
+                str(caught.exception),
+                "the ingress's certificate is not for 127.0.0.1",
+            )
 
         return ensureDeferred(run())
 
