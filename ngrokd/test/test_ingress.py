@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.earlydata import EarlyData
-from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
+from ngrokd.datapath.halfclose import HalfCloseableTLSFactory, HalfCloseableTLSProtocol
 from ngrokd.datapath.ingress import DialFailed, IngressConnector
 from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.datapath.splice import PipeProtocol, splice
@@ -145,6 +145,59 @@ class ConnectBudgetTests(SynchronousTestCase):
         failure = self.failureResultOf(dialling, UpgradeTimeout)
         self.assertIn("TLS handshake", failure.getErrorMessage())
         self.assertEqual(memory.getDelayedCalls(), [])
+
+
+class UpgradeTimeoutTests(SynchronousTestCase):
+    """
+    After the TLS handshake, the ingress has C{upgrade_timeout} to answer.
+    """
+
+    def dial(self, connect_timeout: float, upgrade_timeout: float) -> Any:
+        memory = MemoryReactorClock()
+        connector = IngressConnector(
+            memory,
+            "127.0.0.1",
+            443,
+            PartialChainTrust(system=False),
+            connect_timeout,
+            upgrade_timeout,
+        )
+        ca = CertificateAuthority.create("upgrade timeout test")
+        key_pem = generate_key()
+        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
+        [(_, _, factory, _, _)] = memory.tcpClients
+        tls = factory.buildProtocol(None)
+        assert isinstance(tls, HalfCloseableTLSProtocol)
+        tls.makeConnection(TCPLikeTransport())
+        memory.advance(1)
+        tls.wrappedProtocol.handshakeCompleted()  # as TLS says once done
+        return memory, dialling
+
+    def assertAnswerAwaited(self, memory: Any, dialling: Any, seconds: float) -> None:
+        memory.advance(seconds - 0.5)
+        self.assertNoResult(dialling)
+        memory.advance(0.5)
+        failure = self.failureResultOf(dialling, UpgradeTimeout)
+        self.assertEqual(
+            failure.getErrorMessage(), "no upgrade response from the ingress in time"
+        )
+        self.assertEqual(memory.getDelayedCalls(), [])
+
+    def test_longerThanTheHandshakeLeft(self) -> None:
+        """
+        An upgrade timeout longer than what the handshake had left runs in
+        full from the end of the handshake.
+        """
+        memory, dialling = self.dial(10.0, 30.0)
+        self.assertAnswerAwaited(memory, dialling, 30.0)
+
+    def test_shorterThanTheHandshakeLeft(self) -> None:
+        """
+        A shorter one too: the handshake's time left does not carry over.
+        """
+        memory, dialling = self.dial(10.0, 2.0)
+        self.assertAnswerAwaited(memory, dialling, 2.0)
 
 
 class _FailingWhenStopped:
