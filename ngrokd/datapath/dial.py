@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
+from functools import lru_cache
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -63,9 +64,11 @@ def _address_endpoint(
     return kind(reactor, host, port, timeout=timeout)
 
 
+@lru_cache(maxsize=1024)
 def is_address(host: str) -> bool:
     """
-    Whether C{host} is an IPv4 or IPv6 address, not a name.
+    Whether C{host} is an IPv4 or IPv6 address, not a name (remembered for
+    the last hosts asked about: they are asked about at every connection).
     """
     try:
         ipaddress.ip_address(host)
