@@ -262,6 +262,7 @@ class IngressConnector:
                     result.errback(outcome)
             else:
                 result.callback(outcome)
+            self._replace(outcome, pooled=True)
 
         upgrading.addBoth(answered)
         return result
@@ -289,8 +290,16 @@ class IngressConnector:
         def admitted(_: object) -> None:
             nonlocal dialing
             dialing = self._dial(creator, request, early)
-            dialing.addBoth(self._dialed, creator)
-            dialing.chainDeferred(result)
+            dialing.addBoth(dialed)
+
+        def dialed(outcome: IngressProtocol | Failure) -> None:
+            self._finished(outcome, creator, pooled=False)
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+            self._released(outcome)
+            self._replace(outcome, pooled=False)
 
         def waited_too_long(failure: Failure) -> None:
             if failure.check(QueueTimeout):
@@ -302,16 +311,11 @@ class IngressConnector:
         turn.addCallbacks(admitted, waited_too_long)
         return result
 
-    def _dialed(self, result: object, creator: ResumingCreator) -> object:
-        self._released(result)
-        self._finished(result, creator, pooled=False)
-        return result
-
     def _finished(self, result: object, creator: ResumingCreator, pooled: bool) -> None:
         """
         Count an upgraded connection by its handshake, keep its TLS session,
         give back the buffers its handshake grew, and log its notices; after
-        a TLS failure, offer no session.
+        a TLS failure, offer no session. Before the caller has the result.
         """
         if isinstance(result, IngressProtocol) and result.response is not None:
             assert result.request is not None  # answered, so it was sent
@@ -324,13 +328,21 @@ class IngressConnector:
                 self.handshakes.resumed += 1
             else:
                 self.handshakes.full += 1
-            # A warm connection's wait is the request's alone.
-            self.pool.answered(result.answer_seconds if pooled else None)
             self._notices(result.request, result.response.notices)
-        elif isinstance(result, Failure) and result.check(UpgradeRefused):
-            self.pool.answered()
         elif isinstance(result, Failure) and result.check(TLSFailed):
             creator.failed()
+
+    def _replace(self, result: object, pooled: bool) -> None:
+        """
+        The ingress answered (or refused) the request: the pool replaces
+        the connection taken. After the caller has the result, so that its
+        client's bytes go before the replacement is dialled.
+        """
+        if isinstance(result, IngressProtocol) and result.response is not None:
+            # A warm connection's wait is the request's alone.
+            self.pool.answered(result.answer_seconds if pooled else None)
+        elif isinstance(result, Failure) and result.check(UpgradeRefused):
+            self.pool.answered()
 
     def _dial_warm(self) -> Deferred[WarmConnection] | None:
         """

@@ -611,6 +611,29 @@ class PoolOverTLSTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_replacedOnceTheCallerHasIt(self) -> Deferred[None]:
+        """
+        The warm connection taken is replaced only once the caller has it
+        (and its client's first bytes went on): the replacement's dial
+        does not come first.
+        """
+
+        async def run() -> None:
+            await self.warmed()
+            dialing_when_handed: list[int] = []
+
+            def handed(upgraded: IngressProtocol) -> IngressProtocol:
+                dialing_when_handed.append(self.pool.dialing)
+                return upgraded
+
+            upgraded = await self.connector.connect(REQUEST).addCallback(handed)
+            self.addCleanup(_abort, upgraded)
+            self.assertEqual(self.connector.handshakes.pooled, 1)
+            self.assertEqual(dialing_when_handed, [0])
+            self.assertGreaterEqual(self.pool.dialing + self.pool.ready, 1)
+
+        return ensureDeferred(run())
+
     def test_idleClientClosesItsLastAfterLinger(self) -> Deferred[None]:
         """
         An idle client keeps its last warm connection past the idle
