@@ -19,6 +19,7 @@ L{DialQueue}, and their timeouts start when they leave it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from attrs import define
@@ -423,33 +424,7 @@ class IngressConnector:
         )
         if request is not None:
             self.descriptors.release()  # the leg of an accepted connection
-        awaited = protocol.handshaken or protocol.upgraded
-        stop_connecting: Callable[[], object]
-
-        cancelled = False
-
-        def cancel(d: Deferred[IngressProtocol]) -> None:
-            nonlocal cancelled
-            cancelled = True
-            if protocol.transport is None:
-                stop_connecting()  # fails the connect at once
-            else:
-                awaited.cancel()
-
-        result: Deferred[IngressProtocol] = Deferred(cancel)
-
-        def dial_failed(failure: Failure) -> None:
-            if cancelled:
-                return  # the result fails with CancelledError
-            if failure.check(ConnectError, DNSLookupError):
-                self._address.failed()
-                reason = failure.getErrorMessage()
-                result.errback(DialFailed(f"{self.host}:{self.port}: {reason}"))
-            else:
-                result.errback(failure)
-
-        # Once TCP is up, the handshake (and the upgrade) decide.
-        awaited.addCallback(self._handshake_timed).chainDeferred(result)
+        failed = partial(self._dial_failed, protocol)
         address = self._address.address()
         if address is None:
             # The name's first lookup is not answered: an endpoint looks
@@ -457,16 +432,34 @@ class IngressConnector:
             endpoint = HalfCloseableTLSClientEndpoint(
                 creator, self._address.endpoint(self.port, self._connect_timeout)
             )
-            connecting = endpoint.connect(_OneDial(None, protocol, dial_failed))
-            connecting.addErrback(dial_failed)
-            stop_connecting = connecting.cancel
+            connecting = endpoint.connect(_OneDial(None, protocol, failed))
+            connecting.addErrback(failed)
+            protocol.stop_connecting = connecting.cancel
         else:
-            dial = _OneDial(self._tls_factory(creator), protocol, dial_failed)
+            dial = _OneDial(self._tls_factory(creator), protocol, failed)
             connector = self._reactor.connectTCP(
                 address, self.port, dial, timeout=self._connect_timeout
             )
-            stop_connecting = connector.stopConnecting
-        return result
+            protocol.stop_connecting = connector.stopConnecting
+        # Once TCP is up, the handshake (and the upgrade) decide.
+        awaited = protocol.handshaken or protocol.upgraded
+        return awaited.addCallback(self._handshake_timed)
+
+    def _dial_failed(self, protocol: IngressProtocol, failure: Failure) -> None:
+        """
+        C{protocol}'s TCP connect failed: so does the dial, unless it was
+        given up (then it failed with L{CancelledError}).
+        """
+        if protocol.stop_connecting is None:
+            return
+        protocol.stop_connecting = None
+        awaited = protocol.handshaken or protocol.upgraded
+        if failure.check(ConnectError, DNSLookupError):
+            self._address.failed()
+            reason = failure.getErrorMessage()
+            awaited.errback(DialFailed(f"{self.host}:{self.port}: {reason}"))
+        else:
+            awaited.errback(failure)
 
     def _tls_factory(
         self, creator: IOpenSSLClientConnectionCreator

@@ -15,6 +15,8 @@ the dialling, queueing and pooling around it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from OpenSSL.SSL import Error as TLSLibraryError
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred
@@ -121,6 +123,8 @@ class IngressProtocol(PipeProtocol):
         self.handshake_seconds: float | None = None
         self.answer_seconds: float | None = None
         self._requested = 0.0
+        #: Gives up the TCP connect while it is under way; set by the dialler.
+        self.stop_connecting: Callable[[], object] | None = None
 
     def connectionMade(self) -> None:
         # TCP is up (the endpoint bounds that); the TLS handshake has what
@@ -273,7 +277,12 @@ class IngressProtocol(PipeProtocol):
 
     def _cancel(self, d: Deferred[IngressProtocol]) -> None:
         self._end_upgrade()
-        self.transport.abortConnection()
+        if self.transport is not None:
+            self.transport.abortConnection()
+            return
+        stop, self.stop_connecting = self.stop_connecting, None
+        if stop is not None:
+            stop()  # fails the connect at once: the dial was given up
 
 
 def _describe_tls(error: Exception) -> str:
