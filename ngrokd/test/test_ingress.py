@@ -115,6 +115,29 @@ def trusting(ca: CertificateAuthority) -> PartialChainTrust:
     return PartialChainTrust(parse_certificates(ca.cert_pem, "test"), system=False)
 
 
+def memory_connector(
+    memory: MemoryReactorClock,
+    connect_timeout: float = 10.0,
+    upgrade_timeout: float = 10.0,
+) -> IngressConnector:
+    """
+    A connector to 127.0.0.1:443 that dials through C{memory}, with a
+    client certificate.
+    """
+    connector = IngressConnector(
+        memory,
+        "127.0.0.1",
+        443,
+        PartialChainTrust(system=False),
+        connect_timeout,
+        upgrade_timeout,
+    )
+    ca = CertificateAuthority.create("memory connector")
+    key_pem = generate_key()
+    connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+    return connector
+
+
 class ConnectBudgetTests(SynchronousTestCase):
     """
     C{ingress.connect_timeout} is one budget for TCP and TLS together.
@@ -126,12 +149,7 @@ class ConnectBudgetTests(SynchronousTestCase):
         the dial fails 10 seconds after it began, not 17.
         """
         memory = MemoryReactorClock()
-        connector = IngressConnector(
-            memory, "127.0.0.1", 443, PartialChainTrust(system=False), 10.0, 10.0
-        )
-        ca = CertificateAuthority.create("budget test")
-        key_pem = generate_key()
-        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        connector = memory_connector(memory)
         dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
         [(_, _, factory, tcp_timeout, _)] = memory.tcpClients
         self.assertEqual(tcp_timeout, 10.0)
@@ -154,17 +172,7 @@ class UpgradeTimeoutTests(SynchronousTestCase):
 
     def dial(self, connect_timeout: float, upgrade_timeout: float) -> Any:
         memory = MemoryReactorClock()
-        connector = IngressConnector(
-            memory,
-            "127.0.0.1",
-            443,
-            PartialChainTrust(system=False),
-            connect_timeout,
-            upgrade_timeout,
-        )
-        ca = CertificateAuthority.create("upgrade timeout test")
-        key_pem = generate_key()
-        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        connector = memory_connector(memory, connect_timeout, upgrade_timeout)
         dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
         [(_, _, factory, _, _)] = memory.tcpClients
         tls = factory.buildProtocol(None)
@@ -237,12 +245,7 @@ class DialCancelTests(SynchronousTestCase):
         L{CancelledError} (nothing to report), and frees its turn to dial.
         """
         memory = _ConnectingReactor()
-        connector = IngressConnector(
-            memory, "127.0.0.1", 443, PartialChainTrust(system=False), 10.0, 10.0
-        )
-        ca = CertificateAuthority.create("cancel test")
-        key_pem = generate_key()
-        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        connector = memory_connector(memory)
         dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
         dialling.cancel()
         self.failureResultOf(dialling, CancelledError)
