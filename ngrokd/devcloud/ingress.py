@@ -114,6 +114,10 @@ class IngressFault:
         return bool(self.error_code or self.error_message)
 
 
+#: The answer of an endpoint without a fault: made once, not per request.
+NO_FAULT = IngressFault()
+
+
 def _set_nodelay(transport: ITransport | None) -> None:
     """
     Turn off Nagle on a TCP transport, or on the TCP under a TLS wrapper (which
@@ -296,7 +300,7 @@ class IngressProtocol(PipeProtocol):
                 " operator was deleted. Register again.",
             )
             return
-        fault = self.factory.faults.get(_address_key(host, port), IngressFault())
+        fault = self.factory.faults.get(_address_key(host, port), NO_FAULT)
         if fault.hang_up:
             self.log.info(
                 "injected hang-up for {host}:{port} from {peer}",
