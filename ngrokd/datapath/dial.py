@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
+from functools import lru_cache
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -63,6 +64,19 @@ def _address_endpoint(
     return kind(reactor, host, port, timeout=timeout)
 
 
+@lru_cache(maxsize=1024)
+def is_address(host: str) -> bool:
+    """
+    Whether C{host} is an IPv4 or IPv6 address, not a name (remembered for
+    the last hosts asked about: they are asked about at every connection).
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class ResolvedName:
     """
     Where to dial one host: an address at once, a name through its last
@@ -98,23 +112,33 @@ class ResolvedName:
         self._answered_at: float | None = None
         self._looking = False
         self._failing = False
+        self._literal = is_address(host)
 
     def endpoint(self, port: int, timeout: float) -> IStreamClientEndpoint:
         """
         Dial C{port} of this host, giving up after C{timeout} seconds.
         """
-        direct = _address_endpoint(self._reactor, self.host, port, timeout)
-        if direct is not None:
-            return direct
+        address = self.address()
+        if address is None:
+            return HostnameEndpoint(self._reactor, self.host, port, timeout=timeout)
+        endpoint = _address_endpoint(self._reactor, address, port, timeout)
+        assert endpoint is not None
+        return endpoint
+
+    def address(self) -> str | None:
+        """
+        The address to dial now (an IPv4 or IPv6 address, for
+        L{IReactorTCP.connectTCP}); C{None} while the name's first lookup
+        has not answered, when only an endpoint of its own can dial it.
+        """
+        if self._literal:
+            return self.host
         now = self._clock.seconds()
         if self._answered_at is None or now - self._answered_at >= self._refresh_after:
             self._look_up()
         if not self.addresses:
-            return HostnameEndpoint(self._reactor, self.host, port, timeout=timeout)
-        address = self.addresses[self._next % len(self.addresses)]
-        endpoint = _address_endpoint(self._reactor, address, port, timeout)
-        assert endpoint is not None
-        return endpoint
+            return None
+        return self.addresses[self._next % len(self.addresses)]
 
     def failed(self) -> None:
         """

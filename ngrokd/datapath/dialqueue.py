@@ -28,6 +28,10 @@ class DialQueue:
     """
     Admits at most C{limit} dials at once; each admitted one must be
     L{release}d once its dial has finished, well or not.
+
+    The waiting turns give up in the order they came (each after the same
+    C{max_wait}), so one timer, for the oldest, serves them all: a burst of
+    thousands queues no timer of its own for each.
     """
 
     def __init__(self, clock: IReactorTime, limit: int, max_wait: float) -> None:
@@ -35,10 +39,12 @@ class DialQueue:
         self.limit = limit
         self.max_wait = max_wait
         self.running = 0
-        #: Each waiting turn with its expiry; the order of arrival, in which
-        #: turns that left early are skipped.
-        self._waiting: dict[Deferred[None], IDelayedCall] = {}
+        #: Each waiting turn with when it gives up; the order of arrival, in
+        #: which turns that left early are skipped.
+        self._waiting: dict[Deferred[None], float] = {}
         self._order: deque[Deferred[None]] = deque()
+        #: Fires when the oldest waiting turn gives up, or earlier.
+        self._expiry: IDelayedCall | None = None
 
     @property
     def waiting(self) -> int:
@@ -55,8 +61,10 @@ class DialQueue:
             return admitted
 
         turn: Deferred[None] = Deferred(self._leave)
-        self._waiting[turn] = self._clock.callLater(self.max_wait, self._expire, turn)
+        self._waiting[turn] = self._clock.seconds() + self.max_wait
         self._order.append(turn)
+        if self._expiry is None:
+            self._expiry = self._clock.callLater(self.max_wait, self._expire)
         return turn
 
     def try_acquire(self) -> bool:
@@ -75,23 +83,51 @@ class DialQueue:
         """
         while self._order:
             turn = self._order.popleft()
-            timer = self._waiting.pop(turn, None)
-            if timer is not None:
-                timer.cancel()
+            if self._waiting.pop(turn, None) is not None:
+                self._settle()
                 turn.callback(None)
                 return
         self.running -= 1
 
-    def _expire(self, turn: Deferred[None]) -> None:
-        del self._waiting[turn]
-        turn.errback(
-            QueueTimeout(
-                f"waited {self.max_wait:g} s for one of {self.limit} dials to the"
-                " ingress in progress"
-            )
-        )
+    def _expire(self) -> None:
+        """
+        Fail the turns that have waited C{max_wait}, oldest first; wait for
+        the next one to.
+        """
+        self._expiry = None
+        now = self._clock.seconds()
+        while self._order:
+            turn = self._order[0]
+            deadline = self._waiting.get(turn)
+            if deadline is None:
+                self._order.popleft()  # it left
+            elif deadline > now:
+                if self._expiry is not None:
+                    self._expiry.cancel()  # one armed meanwhile, for a later turn
+                self._expiry = self._clock.callLater(deadline - now, self._expire)
+                return
+            else:
+                self._order.popleft()
+                del self._waiting[turn]
+                turn.errback(
+                    QueueTimeout(
+                        f"waited {self.max_wait:g} s for one of {self.limit} dials"
+                        " to the ingress in progress"
+                    )
+                )
+        self._settle()
 
     def _leave(self, turn: Deferred[None]) -> None:
-        timer = self._waiting.pop(turn, None)
-        if timer is not None:
-            timer.cancel()
+        if self._waiting.pop(turn, None) is not None:
+            self._settle()
+
+    def _settle(self) -> None:
+        """
+        Nobody waits any more: no timer, and no turns that left, kept.
+        """
+        if self._waiting:
+            return
+        self._order.clear()
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None

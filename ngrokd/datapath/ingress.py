@@ -18,7 +18,8 @@ L{DialQueue}, and their timeouts start when they leave it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from attrs import define
@@ -26,15 +27,16 @@ from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
-    ConnectingCancelledError,
     DNSLookupError,
 )
 from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,7 +46,10 @@ from ngrokd.datapath.dial import ResolvedName
 from ngrokd.datapath.dialqueue import DialQueue, QueueTimeout
 from ngrokd.datapath.earlydata import EarlyData
 from ngrokd.datapath.failurelog import FailureLog
-from ngrokd.datapath.halfclose import HalfCloseableTLSClientEndpoint
+from ngrokd.datapath.halfclose import (
+    HalfCloseableTLSClientEndpoint,
+    HalfCloseableTLSFactory,
+)
 from ngrokd.datapath.pool import NO_POOL, PoolSettings, WarmPool
 from ngrokd.datapath.resumption import HandshakeCounts, ResumingCreator
 from ngrokd.datapath.tlsbuffers import release_buffers_soon
@@ -132,6 +137,7 @@ class IngressConnector:
         early_data: bool = True,
     ) -> None:
         self.clock = IReactorTime(reactor)
+        self._reactor = reactor
         self.host = host
         self.port = port
         self._address = ResolvedName(reactor, host)
@@ -153,6 +159,10 @@ class IngressConnector:
         #: Descriptors set aside for the legs of accepted connections.
         self.descriptors = DescriptorReserve()
         self._notices_seen: set[tuple[str, int, str]] = set()
+        #: The TLS factory of the newest client settings, with them.
+        self._tls: (
+            tuple[IOpenSSLClientConnectionCreator, HalfCloseableTLSFactory] | None
+        ) = None
 
     def use_certificate(self, cert_pem: bytes, key_pem: bytes) -> None:
         """
@@ -253,6 +263,7 @@ class IngressConnector:
                     result.errback(outcome)
             else:
                 result.callback(outcome)
+            self._replace(outcome, pooled=True)
 
         upgrading.addBoth(answered)
         return result
@@ -280,8 +291,16 @@ class IngressConnector:
         def admitted(_: object) -> None:
             nonlocal dialing
             dialing = self._dial(creator, request, early)
-            dialing.addBoth(self._dialed, creator)
-            dialing.chainDeferred(result)
+            dialing.addBoth(dialed)
+
+        def dialed(outcome: IngressProtocol | Failure) -> None:
+            self._finished(outcome, creator, pooled=False)
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+            self._released(outcome)
+            self._replace(outcome, pooled=False)
 
         def waited_too_long(failure: Failure) -> None:
             if failure.check(QueueTimeout):
@@ -293,16 +312,11 @@ class IngressConnector:
         turn.addCallbacks(admitted, waited_too_long)
         return result
 
-    def _dialed(self, result: object, creator: ResumingCreator) -> object:
-        self._released(result)
-        self._finished(result, creator, pooled=False)
-        return result
-
     def _finished(self, result: object, creator: ResumingCreator, pooled: bool) -> None:
         """
         Count an upgraded connection by its handshake, keep its TLS session,
         give back the buffers its handshake grew, and log its notices; after
-        a TLS failure, offer no session.
+        a TLS failure, offer no session. Before the caller has the result.
         """
         if isinstance(result, IngressProtocol) and result.response is not None:
             assert result.request is not None  # answered, so it was sent
@@ -315,13 +329,21 @@ class IngressConnector:
                 self.handshakes.resumed += 1
             else:
                 self.handshakes.full += 1
-            # A warm connection's wait is the request's alone.
-            self.pool.answered(result.answer_seconds if pooled else None)
             self._notices(result.request, result.response.notices)
-        elif isinstance(result, Failure) and result.check(UpgradeRefused):
-            self.pool.answered()
         elif isinstance(result, Failure) and result.check(TLSFailed):
             creator.failed()
+
+    def _replace(self, result: object, pooled: bool) -> None:
+        """
+        The ingress answered (or refused) the request: the pool replaces
+        the connection taken. After the caller has the result, so that its
+        client's bytes go before the replacement is dialled.
+        """
+        if isinstance(result, IngressProtocol) and result.response is not None:
+            # A warm connection's wait is the request's alone.
+            self.pool.answered(result.answer_seconds if pooled else None)
+        elif isinstance(result, Failure) and result.check(UpgradeRefused):
+            self.pool.answered()
 
     def _dial_warm(self) -> Deferred[WarmConnection] | None:
         """
@@ -392,10 +414,6 @@ class IngressConnector:
         A new connection, upgraded for C{request} (with C{early} behind
         it); without one, a warm connection, once its TLS handshake is done.
         """
-        endpoint = HalfCloseableTLSClientEndpoint(
-            creator,
-            self._address.endpoint(self.port, self._connect_timeout),
-        )
         protocol = IngressProtocol(
             request,
             self.clock,
@@ -404,33 +422,84 @@ class IngressConnector:
             self.host,
             early,
         )
-        factory = Factory.forProtocol(lambda: protocol)
-        factory.noisy = False  # one per connection: the bridge logs what matters
         if request is not None:
             self.descriptors.release()  # the leg of an accepted connection
-        connecting = endpoint.connect(factory)
-
+        failed = partial(self._dial_failed, protocol)
+        address = self._address.address()
+        if address is None:
+            # The name's first lookup is not answered: an endpoint looks
+            # it up for this dial.
+            endpoint = HalfCloseableTLSClientEndpoint(
+                creator, self._address.endpoint(self.port, self._connect_timeout)
+            )
+            connecting = endpoint.connect(_OneDial(None, protocol, failed))
+            connecting.addErrback(failed)
+            protocol.stop_connecting = connecting.cancel
+        else:
+            dial = _OneDial(self._tls_factory(creator), protocol, failed)
+            connector = self._reactor.connectTCP(
+                address, self.port, dial, timeout=self._connect_timeout
+            )
+            protocol.stop_connecting = connector.stopConnecting
+        # Once TCP is up, the handshake (and the upgrade) decide.
         awaited = protocol.handshaken or protocol.upgraded
+        return awaited.addCallback(self._handshake_timed)
 
-        def cancel(d: Deferred[IngressProtocol]) -> None:
-            connecting.cancel()
-            if protocol.transport is not None:
-                awaited.cancel()
+    def _dial_failed(self, protocol: IngressProtocol, failure: Failure) -> None:
+        """
+        C{protocol}'s TCP connect failed: so does the dial, unless it was
+        given up (then it failed with L{CancelledError}).
+        """
+        if protocol.stop_connecting is None:
+            return
+        protocol.stop_connecting = None
+        awaited = protocol.handshaken or protocol.upgraded
+        if failure.check(ConnectError, DNSLookupError):
+            self._address.failed()
+            reason = failure.getErrorMessage()
+            awaited.errback(DialFailed(f"{self.host}:{self.port}: {reason}"))
+        else:
+            awaited.errback(failure)
 
-        result: Deferred[IngressProtocol] = Deferred(cancel)
+    def _tls_factory(
+        self, creator: IOpenSSLClientConnectionCreator
+    ) -> HalfCloseableTLSFactory:
+        """
+        The TLS factory of C{creator}'s dials, kept while it is the newest.
+        """
+        if self._tls is None or self._tls[0] is not creator:
+            self._tls = (creator, HalfCloseableTLSFactory(creator, True, Factory()))
+        return self._tls[1]
 
-        def connected(_: object) -> None:
-            awaited.addCallback(self._handshake_timed).chainDeferred(result)
 
-        def dial_failed(failure: Failure) -> None:
-            if failure.check(CancelledError, ConnectingCancelledError):
-                return  # the caller cancelled: the result fails with CancelledError
-            if failure.check(ConnectError, DNSLookupError):
-                self._address.failed()
-                reason = failure.getErrorMessage()
-                result.errback(DialFailed(f"{self.host}:{self.port}: {reason}"))
-            else:
-                result.errback(failure)
+class _OneDial(ClientFactory):
+    """
+    The factory of one dial to the ingress: it gives TCP the dial's TLS
+    protocol, around its L{IngressProtocol}, and reports a failed connect.
 
-        connecting.addCallbacks(connected, dial_failed)
-        return result
+    A dial by address goes straight to L{IReactorTCP.connectTCP} with it,
+    with one TLS factory for every dial: an endpoint would add a factory
+    and a protocol of its own to each, and a call in front of every read.
+    For an endpoint (C{tls} is C{None}) it builds the L{IngressProtocol}.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        tls: HalfCloseableTLSFactory | None,
+        protocol: IngressProtocol,
+        failed: Callable[[Failure], None],
+    ) -> None:
+        self._tls = tls
+        self._protocol = protocol
+        self._failed = failed
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        if self._tls is None:
+            return self._protocol
+        # What TLSMemoryBIOFactory.buildProtocol makes, around this protocol.
+        return self._tls.protocol(self._tls, self._protocol)  # type: ignore[no-untyped-call]
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self._failed(reason)

@@ -11,8 +11,10 @@ that an accepted connection pays only the upgrade's round trip.
 How many (L{pool_demand}): while connections are being accepted, what the
 recent accept rate would take while a taken connection is replaced (the
 wait for the ingress's answer, as it is dialled only then, and a
-handshake), twice over, plus one (L{pool_target}), never more than the
-configured size. After a quiet
+handshake), twice over, plus one (L{pool_target}), and one more for each
+accept that found none ready while a taken one was being replaced
+(L{Shortfall}: a client that comes back as soon as it is answered), never
+more than the configured size. After a quiet
 period with no accepted connection, one (the floor), so that the next
 connection after a pause pays no handshake, for as long as the linger; but
 none where a handshake costs less than L{FLOOR_MIN_HANDSHAKE}, on loopback
@@ -121,19 +123,22 @@ def pool_demand(
     handshake_seconds: float,
     answer_seconds: float,
     settings: PoolSettings,
+    short: int = 0,
 ) -> int:
     """
     How many connections to hold ready C{idle} seconds after the last
     accepted connection (C{None}: none yet): L{pool_target} for a
     replacement's time (C{answer_seconds}, then a handshake) while
-    connections come, then the floor of one until the linger is over, where
-    a handshake costs enough to be worth saving; else none.
+    connections come, and C{short} more (L{Shortfall}), then the floor of
+    one until the linger is over, where a handshake costs enough to be
+    worth saving; else none.
     """
     if idle is None:
         return 0
     if idle < settings.idle_timeout:
         replacing = answer_seconds + handshake_seconds
-        return pool_target(accepts_per_second, replacing, settings.size)
+        target = pool_target(accepts_per_second, replacing, settings.size)
+        return min(settings.size, target + short) if target else 0
     if idle < settings.linger and handshake_seconds >= settings.floor_handshake:
         return min(1, settings.size)
     return 0
@@ -187,6 +192,33 @@ class DiscardCount:
 
     def clear(self) -> None:
         self._since, self.discarded, self.taken = None, 0, 0
+
+
+@define
+class Shortfall:
+    """
+    How many more connections to hold ready than the accept rate says.
+
+    Connections do not come evenly: a client that opens its next connection
+    as soon as its last one is answered comes for a warm connection right
+    after it took one, before that one is replaced (it is dialled once the
+    ingress answers), whatever the rate says. An accept that finds none
+    ready while a taken one is being replaced asks for one more (up to the
+    pool's size); one that leaves more than one ready, for one fewer; a
+    quiet period forgets them.
+    """
+
+    more: int = 0
+
+    def taken(self, found: bool, ready: int, replacing: bool, size: int) -> None:
+        """
+        An accept C{found} a connection ready or not, and left C{ready};
+        whether a taken one was C{replacing} (being dialled).
+        """
+        if not found and replacing:
+            self.more = min(self.more + 1, size)
+        elif ready > 1 and self.more:
+            self.more -= 1
 
 
 @define
@@ -271,6 +303,8 @@ class WarmPool(Generic[M]):
         self._rate = AcceptRate()
         self._ready: list[_Ready[M]] = []
         self._dialing: set[Deferred[M]] = set()
+        #: Those of them that replace a taken connection.
+        self._replacing: set[Deferred[M]] = set()
         #: Connections made before the last L{reset} are not kept.
         self._generation = 0
         self._handshake_seconds = FIRST_HANDSHAKE_GUESS
@@ -282,6 +316,7 @@ class WarmPool(Generic[M]):
         #: The shortest idle life said in the log.
         self._life_said: float | None = None
         self._discards = DiscardCount()
+        self._short = Shortfall()
         #: No dials until then, after a storm of discards.
         self._storm_until: float | None = None
         self._storm_said = False
@@ -347,11 +382,16 @@ class WarmPool(Generic[M]):
             self._quiet = self._clock.callLater(
                 self.settings.idle_timeout, self._check_quiet
             )
-        if not self._ready:
+        # The newest: the least likely closed.
+        entry = self._ready.pop() if self._ready else None
+        replacing = bool(self._replacing)
+        self._short.taken(
+            entry is not None, len(self._ready), replacing, self.settings.size
+        )
+        if entry is None:
             if not self._dialing:
                 self._refill(most=1)  # warming starts now, not at the answer
             return None
-        entry = self._ready.pop()  # the newest: the least likely closed
         _cancel(entry.expiry)
         self._discards.take(now)
         return entry.connection
@@ -367,7 +407,7 @@ class WarmPool(Generic[M]):
         if waited is not None:
             self._answer_seconds += HANDSHAKE_WEIGHT * (waited - self._answer_seconds)
         self._paused = False
-        self._refill()
+        self._refill(replacing=True)
 
     def failed(self) -> None:
         """
@@ -416,6 +456,7 @@ class WarmPool(Generic[M]):
             self._handshake_seconds,
             self._answer_seconds,
             self.settings,
+            self._short.more,
         )
 
     def _wanted(self) -> int:
@@ -426,7 +467,11 @@ class WarmPool(Generic[M]):
             return 0
         return self._demand(now)
 
-    def _refill(self, most: int | None = None) -> None:
+    def _refill(self, most: int | None = None, replacing: bool = False) -> None:
+        """
+        Dial what the demand lacks, at most C{most}; C{replacing} a taken
+        connection, or not.
+        """
         missing = self._wanted() - len(self._ready) - len(self._dialing)
         if most is not None:
             missing = min(missing, most)
@@ -435,12 +480,15 @@ class WarmPool(Generic[M]):
             if dialing is None:
                 return
             self._dialing.add(dialing)
+            if replacing:
+                self._replacing.add(dialing)
             dialing.addBoth(self._dialed, dialing, self._generation)
 
     def _dialed(
         self, result: M | Failure, dialing: Deferred[M], generation: int
     ) -> None:
         self._dialing.discard(dialing)
+        self._replacing.discard(dialing)
         if isinstance(result, Failure):
             if not result.check(CancelledError):
                 self.failed()  # the dialler logs it
@@ -527,6 +575,9 @@ class WarmPool(Generic[M]):
         """
         self._quiet = None
         now = self._clock.seconds()
+        idle = self._idle(now)
+        if idle is not None and idle >= self.settings.idle_timeout:
+            self._short.more = 0  # after a quiet period, connections come anew
         demand = self._demand(now)
         if demand == 0:
             # It stays so until the next accept.
@@ -535,7 +586,6 @@ class WarmPool(Generic[M]):
             return
         while len(self._ready) > demand:
             self._retire(self._ready[0])
-        idle = self._idle(now)
         assert idle is not None  # a demand follows an accept
         settings = self.settings
         end = min(e for e in (settings.idle_timeout, settings.linger) if e > idle)

@@ -15,6 +15,8 @@ the dialling, queueing and pooling around it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from OpenSSL.SSL import Error as TLSLibraryError
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred
@@ -113,20 +115,22 @@ class IngressProtocol(PipeProtocol):
         self._upgrade_timeout = upgrade_timeout
         self._reader: wire.FrameReader | None = wire.FrameReader()
         self._timer: IDelayedCall | None = None
+        #: What the timer waits for.
+        self._stage = "TLS handshake"
         self._started = clock.seconds()
         #: Seconds from the dial to the end of the TLS handshake, and from
         #: the request to its answer.
         self.handshake_seconds: float | None = None
         self.answer_seconds: float | None = None
         self._requested = 0.0
+        #: Gives up the TCP connect while it is under way; set by the dialler.
+        self.stop_connecting: Callable[[], object] | None = None
 
     def connectionMade(self) -> None:
         # TCP is up (the endpoint bounds that); the TLS handshake has what
         # is left of the same budget.
         left = self._started + self._connect_timeout - self._clock.seconds()
-        self._timer = self._clock.callLater(
-            max(0.0, left), self._timed_out, "TLS handshake"
-        )
+        self._timer = self._clock.callLater(max(0.0, left), self._timed_out)
         self.transport.setTcpNoDelay(True)
         if self.request is not None:
             # Sent now, it leaves with the end of the handshake: no extra
@@ -134,12 +138,14 @@ class IngressProtocol(PipeProtocol):
             self._send_request()
 
     def handshakeCompleted(self) -> None:
-        self._stop_timer()
         self.handshake_seconds = self._clock.seconds() - self._started
         if self.handshaken is not None and self.request is None:
+            self._stop_timer()
             self.handshaken.callback(self)
         elif self._reader is not None:
             self._await_response()
+        else:
+            self._stop_timer()
 
     def upgrade(
         self, request: wire.ConnRequest, early: EarlyData | None = None
@@ -180,9 +186,18 @@ class IngressProtocol(PipeProtocol):
             early.stop()
 
     def _await_response(self) -> None:
-        self._timer = self._clock.callLater(
-            self._upgrade_timeout, self._timed_out, "upgrade response"
-        )
+        """
+        Give the answer the upgrade timeout: on a connection dialled with
+        its request, the handshake's timer moves on to it (moved later, a
+        timer costs the reactor nothing; a new one, a place in its heap).
+        """
+        self._stage = "upgrade response"
+        timer, due = self._timer, self._clock.seconds() + self._upgrade_timeout
+        if timer is not None and timer.active() and timer.getTime() <= due:
+            timer.reset(self._upgrade_timeout)
+            return
+        self._stop_timer()
+        self._timer = self._clock.callLater(self._upgrade_timeout, self._timed_out)
 
     @property
     def _awaited(self) -> Deferred[IngressProtocol] | None:
@@ -251,9 +266,9 @@ class IngressProtocol(PipeProtocol):
             awaited.errback(error)
         self.transport.abortConnection()
 
-    def _timed_out(self, stage: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
-        self._fail(UpgradeTimeout(f"no {stage} from the ingress in time"))
+        self._fail(UpgradeTimeout(f"no {self._stage} from the ingress in time"))
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -262,7 +277,12 @@ class IngressProtocol(PipeProtocol):
 
     def _cancel(self, d: Deferred[IngressProtocol]) -> None:
         self._end_upgrade()
-        self.transport.abortConnection()
+        if self.transport is not None:
+            self.transport.abortConnection()
+            return
+        stop, self.stop_connecting = self.stop_connecting, None
+        if stop is not None:
+            stop()  # fails the connect at once: the dial was given up
 
 
 def _describe_tls(error: Exception) -> str:

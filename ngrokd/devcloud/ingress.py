@@ -31,6 +31,8 @@ replaces the answer with a chosen error, silence, or a hang-up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from attrs import frozen
@@ -40,6 +42,7 @@ from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IAddress,
+    IConnector,
     IDelayedCall,
     IHandshakeListener,
     IReactorTCP,
@@ -47,13 +50,13 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITransport,
 )
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import ClientFactory, Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ngrokd.datapath import wire
-from ngrokd.datapath.dial import tcp_client_endpoint
+from ngrokd.datapath.dial import is_address, tcp_client_endpoint
 from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
 from ngrokd.datapath.splice import PipeProtocol, splice
 from ngrokd.devcloud.cloud import Cloud, CloudEndpoint, split_endpoint_url
@@ -111,6 +114,10 @@ class IngressFault:
         return bool(self.error_code or self.error_message)
 
 
+#: The answer of an endpoint without a fault: made once, not per request.
+NO_FAULT = IngressFault()
+
+
 def _set_nodelay(transport: ITransport | None) -> None:
     """
     Turn off Nagle on a TCP transport, or on the TCP under a TLS wrapper (which
@@ -137,18 +144,42 @@ def _address_key(host: str, port: int) -> tuple[str, int]:
 
 class BackendProtocol(PipeProtocol):
     """
-    The ingress's connection to an endpoint's backend.
+    The ingress's connection to an endpoint's backend; C{connected} is
+    called with it once it is up.
     """
+
+    def __init__(self, connected: Callable[[BackendProtocol], object]) -> None:
+        super().__init__()
+        self._connected = connected
 
     def connectionMade(self) -> None:
         _set_nodelay(self.transport)
+        self._connected(self)
 
 
-class _BackendFactory(Factory):
+class _BackendDial(ClientFactory):
+    """
+    One connection to a backend, for one client's request: its protocol
+    says when it is up, and a failed connect goes to C{failed}. A backend
+    named by its address is dialled with the reactor's C{connectTCP} and
+    this factory alone, not through an endpoint's own factory and protocol.
+    """
+
     noisy = False
 
+    def __init__(
+        self,
+        connected: Callable[[BackendProtocol], object],
+        failed: Callable[[Failure], object],
+    ) -> None:
+        self._connected = connected
+        self.failed = failed
+
     def buildProtocol(self, addr: IAddress | None) -> BackendProtocol:
-        return BackendProtocol()
+        return BackendProtocol(self._connected)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.failed(reason)
 
 
 @implementer(IHandshakeListener)
@@ -165,7 +196,8 @@ class IngressProtocol(PipeProtocol):
         self.request: wire.ConnRequest | None = None
         self._reader: wire.FrameReader | None = wire.FrameReader()
         self._timer: IDelayedCall | None = None
-        self._connecting: Deferred[Any] | None = None
+        #: Gives up the connect to the backend while it is under way.
+        self._stop_connecting: Callable[[], object] | None = None
         self._discarding = False
         self._discarded = 0
         #: Whether the response was written.
@@ -247,8 +279,8 @@ class IngressProtocol(PipeProtocol):
             )
         self._cancel_timer()
         super().connectionLost(reason)
-        if self._connecting is not None:
-            self._connecting.cancel()
+        if self._stop_connecting is not None:
+            self._stop_connecting()
         self.factory.connection_lost(self)
 
     # The exchange
@@ -268,7 +300,7 @@ class IngressProtocol(PipeProtocol):
                 " operator was deleted. Register again.",
             )
             return
-        fault = self.factory.faults.get(_address_key(host, port), IngressFault())
+        fault = self.factory.faults.get(_address_key(host, port), NO_FAULT)
         if fault.hang_up:
             self.log.info(
                 "injected hang-up for {host}:{port} from {peer}",
@@ -299,21 +331,22 @@ class IngressProtocol(PipeProtocol):
                 " no bound endpoint has that host and port.",
             )
             return
-        backend_host, backend_port = endpoint.backend
-        connector = tcp_client_endpoint(
-            self.factory.reactor,
-            backend_host,
-            backend_port,
-            self.factory.connect_timeout,
+        host, port = endpoint.backend
+        dial = _BackendDial(
+            partial(self._upstream_ready, endpoint=endpoint, notices=fault.notices),
+            partial(self._upstream_failed, endpoint=endpoint),
         )
-        connecting = connector.connect(_BackendFactory())
-        self._connecting = connecting
-        connecting.addCallbacks(
-            self._upstream_ready,
-            self._upstream_failed,
-            callbackArgs=(endpoint, fault.notices),
-            errbackArgs=(endpoint,),
-        )
+        timeout = self.factory.connect_timeout
+        if is_address(host):
+            connector = self.factory.reactor.connectTCP(
+                host, port, dial, timeout=timeout
+            )
+            self._stop_connecting = connector.stopConnecting
+        else:
+            reactor = self.factory.reactor
+            connecting = tcp_client_endpoint(reactor, host, port, timeout).connect(dial)
+            connecting.addErrback(dial.failed)
+            self._stop_connecting = connecting.cancel
 
     def _upstream_ready(
         self,
@@ -321,7 +354,7 @@ class IngressProtocol(PipeProtocol):
         endpoint: CloudEndpoint,
         notices: tuple[str, ...],
     ) -> None:
-        self._connecting = None
+        self._stop_connecting = None
         response = wire.ConnResponse(
             endpoint_id=endpoint.id, proto=endpoint.proto, notices=notices
         )
@@ -331,7 +364,7 @@ class IngressProtocol(PipeProtocol):
         splice(self, backend, self.factory.clock)
 
     def _upstream_failed(self, failure: Failure, endpoint: CloudEndpoint) -> None:
-        self._connecting = None
+        self._stop_connecting = None
         if self._lost:
             self.log.info(
                 "ingress client {peer} left while connecting to {url}",

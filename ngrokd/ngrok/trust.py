@@ -11,14 +11,20 @@ browser verifies a site, up to a root.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from attrs import frozen
 from OpenSSL.crypto import X509, X509StoreFlags
-from OpenSSL.SSL import Connection, Context
+from OpenSSL.SSL import VERIFY_FAIL_IF_NO_PEER_CERT, VERIFY_PEER, Connection, Context
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -163,6 +169,63 @@ class _UnverifiedClientCreator:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _NameCheckingCreator:
+    """
+    What Twisted's C{optionsForClientTLS} makes (SNI for a name, the chain
+    checked against the trust, the leaf's name checked), with the name
+    check set once on the shared context. Twisted's makes a new callback
+    and identity to check for each connection, and asks the factory for
+    ALPN protocols: per connection work, also for a resumed handshake,
+    which checks no certificate.
+    """
+
+    def __init__(self, hostname: str, options: ssl.CertificateOptions) -> None:
+        self._host = hostname
+        self._identity: DNS_ID | IPAddress_ID
+        if isIPAddress(hostname) or isIPv6Address(hostname):
+            self._server_name = None  # no SNI for an address (RFC 6066)
+            self._identity = IPAddress_ID(hostname)
+        else:
+            self._server_name = hostname.encode("idna")
+            self._identity = DNS_ID(self._server_name.decode("ascii"))
+        self._context = options.getContext()
+        self._context.set_verify(
+            VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT, self._check_name
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> Connection:
+        connection = Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if self._server_name is not None:
+            connection.set_tlsext_host_name(self._server_name)
+        connection.set_connect_state()
+        return connection
+
+    def _check_name(
+        self, connection: Connection, certificate: X509, error: int, depth: int, ok: int
+    ) -> bool:
+        """
+        OpenSSL checked C{certificate}'s place in the chain (C{ok}); the
+        leaf must also be for the host, or the handshake fails with
+        L{VerificationError}, as with Twisted's check.
+        """
+        if depth != 0:
+            return bool(ok)
+        try:
+            verify_service_identity(extract_patterns(certificate), [self._identity], [])
+        except VerificationError:
+            connection.get_app_data().failVerification(Failure())
+            return False
+        except Exception:
+            # Raised into OpenSSL, it would be lost.
+            _log.failure(
+                "while checking the name in {host}'s certificate", host=self._host
+            )
+            return False
+        return bool(ok)
+
+
 def client_creator(
     hostname: str,
     trust: IOpenSSLTrustRoot,
@@ -174,28 +237,19 @@ def client_creator(
     certificate must carry), built once and shared by every connection.
     Session tickets are accepted, so that a connection can resume one.
     """
+    settings: dict[str, Any] = {
+        "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+        "enableSessionTickets": True,
+    }
+    if client_certificate is not None:
+        settings["privateKey"] = client_certificate.privateKey.original
+        settings["certificate"] = client_certificate.original
     if insecure_skip_verify:
         _log.critical(
             "insecure_skip_verify is on: the certificate of {host} is NOT checked;"
             " anyone on the path can read and change the traffic",
             host=hostname,
         )
-        options = ssl.CertificateOptions(
-            privateKey=client_certificate.privateKey.original
-            if client_certificate
-            else None,
-            certificate=client_certificate.original if client_certificate else None,
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-            enableSessionTickets=True,
-        )
-        return _UnverifiedClientCreator(hostname, options)
-    creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(
-        hostname,
-        trustRoot=trust,
-        clientCertificate=client_certificate,
-        extraCertificateOptions={
-            "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
-            "enableSessionTickets": True,
-        },
-    )
-    return creator
+        return _UnverifiedClientCreator(hostname, ssl.CertificateOptions(**settings))
+    options = ssl.CertificateOptions(trustRoot=trust, **settings)
+    return _NameCheckingCreator(hostname, options)

@@ -75,3 +75,37 @@ class DialQueueTests(SynchronousTestCase):
         self.queue.release()
         self.successResultOf(next_one)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_eachWaitsItsOwnTime(self) -> None:
+        """
+        Each waiting dial gives up C{max_wait} seconds after it came, not
+        when the one ahead of it does; one that left early changes nothing.
+        """
+        for _ in range(2):
+            self.queue.acquire()
+        first = self.queue.acquire()
+        self.clock.advance(5)
+        gone = self.queue.acquire()
+        self.clock.advance(5)
+        second = self.queue.acquire()
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        self.clock.advance(20)
+        self.failureResultOf(first, QueueTimeout)
+        self.assertNoResult(second)
+        self.clock.advance(9)
+        self.assertNoResult(second)
+        self.clock.advance(1)
+        self.failureResultOf(second, QueueTimeout)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_oneTimerForABurst(self) -> None:
+        """
+        However many dials wait, the queue holds one timer for them.
+        """
+        turns = [self.queue.acquire() for _ in range(1000)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(30)
+        for turn in turns[2:]:
+            self.failureResultOf(turn, QueueTimeout)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -14,14 +14,16 @@ from typing import Any
 from attrs import frozen
 from OpenSSL.SSL import Context
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import UserError
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ngrokd.datapath import wire
 from ngrokd.datapath.earlydata import EarlyData
-from ngrokd.datapath.halfclose import HalfCloseableTLSFactory
+from ngrokd.datapath.halfclose import HalfCloseableTLSFactory, HalfCloseableTLSProtocol
 from ngrokd.datapath.ingress import DialFailed, IngressConnector
 from ngrokd.datapath.resumption import HandshakeCounts
 from ngrokd.datapath.splice import PipeProtocol, splice
@@ -113,6 +115,29 @@ def trusting(ca: CertificateAuthority) -> PartialChainTrust:
     return PartialChainTrust(parse_certificates(ca.cert_pem, "test"), system=False)
 
 
+def memory_connector(
+    memory: MemoryReactorClock,
+    connect_timeout: float = 10.0,
+    upgrade_timeout: float = 10.0,
+) -> IngressConnector:
+    """
+    A connector to 127.0.0.1:443 that dials through C{memory}, with a
+    client certificate.
+    """
+    connector = IngressConnector(
+        memory,
+        "127.0.0.1",
+        443,
+        PartialChainTrust(system=False),
+        connect_timeout,
+        upgrade_timeout,
+    )
+    ca = CertificateAuthority.create("memory connector")
+    key_pem = generate_key()
+    connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+    return connector
+
+
 class ConnectBudgetTests(SynchronousTestCase):
     """
     C{ingress.connect_timeout} is one budget for TCP and TLS together.
@@ -124,12 +149,7 @@ class ConnectBudgetTests(SynchronousTestCase):
         the dial fails 10 seconds after it began, not 17.
         """
         memory = MemoryReactorClock()
-        connector = IngressConnector(
-            memory, "127.0.0.1", 443, PartialChainTrust(system=False), 10.0, 10.0
-        )
-        ca = CertificateAuthority.create("budget test")
-        key_pem = generate_key()
-        connector.use_certificate(ca.sign_csr(make_csr(key_pem), 1).cert_pem, key_pem)
+        connector = memory_connector(memory)
         dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
         [(_, _, factory, tcp_timeout, _)] = memory.tcpClients
         self.assertEqual(tcp_timeout, 10.0)
@@ -143,6 +163,93 @@ class ConnectBudgetTests(SynchronousTestCase):
         failure = self.failureResultOf(dialling, UpgradeTimeout)
         self.assertIn("TLS handshake", failure.getErrorMessage())
         self.assertEqual(memory.getDelayedCalls(), [])
+
+
+class UpgradeTimeoutTests(SynchronousTestCase):
+    """
+    After the TLS handshake, the ingress has C{upgrade_timeout} to answer.
+    """
+
+    def dial(self, connect_timeout: float, upgrade_timeout: float) -> Any:
+        memory = MemoryReactorClock()
+        connector = memory_connector(memory, connect_timeout, upgrade_timeout)
+        dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
+        [(_, _, factory, _, _)] = memory.tcpClients
+        tls = factory.buildProtocol(None)
+        assert isinstance(tls, HalfCloseableTLSProtocol)
+        tls.makeConnection(TCPLikeTransport())
+        memory.advance(1)
+        tls.wrappedProtocol.handshakeCompleted()  # as TLS says once done
+        return memory, dialling
+
+    def assertAnswerAwaited(self, memory: Any, dialling: Any, seconds: float) -> None:
+        memory.advance(seconds - 0.5)
+        self.assertNoResult(dialling)
+        memory.advance(0.5)
+        failure = self.failureResultOf(dialling, UpgradeTimeout)
+        self.assertEqual(
+            failure.getErrorMessage(), "no upgrade response from the ingress in time"
+        )
+        self.assertEqual(memory.getDelayedCalls(), [])
+
+    def test_longerThanTheHandshakeLeft(self) -> None:
+        """
+        An upgrade timeout longer than what the handshake had left runs in
+        full from the end of the handshake.
+        """
+        memory, dialling = self.dial(10.0, 30.0)
+        self.assertAnswerAwaited(memory, dialling, 30.0)
+
+    def test_shorterThanTheHandshakeLeft(self) -> None:
+        """
+        A shorter one too: the handshake's time left does not carry over.
+        """
+        memory, dialling = self.dial(10.0, 2.0)
+        self.assertAnswerAwaited(memory, dialling, 2.0)
+
+
+class _FailingWhenStopped:
+    """
+    A connector that, like Twisted's, fails its connect at once when it is
+    stopped.
+    """
+
+    def __init__(self, factory: ClientFactory) -> None:
+        self.factory = factory
+
+    def stopConnecting(self) -> None:
+        self.factory.clientConnectionFailed(self, Failure(UserError()))  # type: ignore[arg-type]
+
+
+class _ConnectingReactor(MemoryReactorClock):
+    """
+    A memory reactor whose connects stay under way until stopped.
+    """
+
+    def connectTCP(
+        self, host: str, port: int, factory: ClientFactory, *args: Any, **kw: Any
+    ) -> Any:
+        super().connectTCP(host, port, factory, *args, **kw)
+        return _FailingWhenStopped(factory)
+
+
+class DialCancelTests(SynchronousTestCase):
+    """
+    A dial given up while TCP connects ends as cancelled, not as a failure
+    of the ingress.
+    """
+
+    def test_cancelWhileConnecting(self) -> None:
+        """
+        Cancelling a connection whose TCP connect is under way fails it with
+        L{CancelledError} (nothing to report), and frees its turn to dial.
+        """
+        memory = _ConnectingReactor()
+        connector = memory_connector(memory)
+        dialling = connector.connect(wire.ConnRequest("svc.ns", 80))
+        dialling.cancel()
+        self.failureResultOf(dialling, CancelledError)
+        self.assertEqual(connector.queue.running, 0)
 
 
 class ConnectorTrustTests(TestCase):
@@ -180,8 +287,12 @@ class ConnectorTrustTests(TestCase):
         async def run() -> None:
             port = self.serve(self.root, ["elsewhere.test"], b"")
             connector = self.connector(port, trusting(self.root))
-            with self.assertRaises(TLSFailed):
+            with self.assertRaises(TLSFailed) as caught:
                 await connector.connect(wire.ConnRequest("svc.ns", 80))
+            self.assertEqual(
+                str(caught.exception),
+                "the ingress's certificate is not for 127.0.0.1",
+            )
 
         return ensureDeferred(run())
 

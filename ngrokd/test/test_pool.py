@@ -29,6 +29,7 @@ from ngrokd.datapath.pool import (
     STORM_SLACK,
     AcceptRate,
     PoolSettings,
+    Shortfall,
     WarmPool,
     pool_target,
 )
@@ -77,6 +78,39 @@ class TargetTests(SynchronousTestCase):
         """
         self.assertEqual(pool_target(5000.0, 0.01, 16), 16)
         self.assertEqual(pool_target(5000.0, 0.01, 0), 0)
+
+
+class ShortfallTests(SynchronousTestCase):
+    """
+    L{Shortfall} asks for one more warm connection for each accept that
+    found none while a taken one was being replaced, and gives them back.
+    """
+
+    def test_missWhileReplacing(self) -> None:
+        """
+        Only a miss while a taken connection is being replaced counts (not
+        one while an expired one is, nor the first accept's), up to the
+        pool's size.
+        """
+        short = Shortfall()
+        short.taken(found=False, ready=0, replacing=False, size=2)
+        self.assertEqual(short.more, 0)
+        for _ in range(3):
+            short.taken(found=False, ready=0, replacing=True, size=2)
+        self.assertEqual(short.more, 2)
+
+    def test_surplusGivesBack(self) -> None:
+        """
+        An accept that leaves more than one ready gives one back; one that
+        leaves one keeps them.
+        """
+        short = Shortfall(more=2)
+        short.taken(found=True, ready=1, replacing=True, size=16)
+        self.assertEqual(short.more, 2)
+        short.taken(found=True, ready=2, replacing=False, size=16)
+        short.taken(found=True, ready=2, replacing=False, size=16)
+        short.taken(found=True, ready=2, replacing=False, size=16)
+        self.assertEqual(short.more, 0)
 
 
 class Member:
@@ -448,17 +482,52 @@ class PoolTimingTests(SynchronousTestCase):
         self.pool.answered(waited=1.0)
         self.assertEqual(len(self.dials), 3)
 
+    def test_clientThatComesRightBack(self) -> None:
+        """
+        A client that opens its next connection as soon as its last one is
+        answered comes before the connection it took is replaced: after the
+        first time it finds none ready, the pool keeps one more, and it
+        finds one ready from then on, even at a rate the pool's average
+        does not show yet.
+        """
+        for _ in range(20):
+            self.pool.handshake_took(0.0025)
+        self.accept()
+        self.complete()
+        self.clock.advance(5)
+        found = []
+        for _ in range(50):
+            under_way = list(self.dials)
+            self.clock.advance(0.003)
+            found.append(self.pool.take() is not None)
+            for dialing in under_way:  # done just after the client came back
+                self.dials.remove(dialing)
+                dialing.callback(Member())
+            self.clock.advance(0.001)
+            self.pool.answered(waited=0.001)
+        self.assertEqual(found[:2], [True, False])
+        self.assertEqual(found[2:], [True] * 48)
+        # A quiet period forgets it: the next client starts from the rate.
+        self.complete()
+        self.clock.advance(POOL.linger)
+        self.accept()
+        self.complete()
+        self.assertEqual(self.pool.ready, 1)
+
     def test_handshakeEstimate(self) -> None:
         """
         Measured handshake times move the estimate from its first guess:
         slower handshakes keep more ready.
         """
         for _ in range(5):
+            self.clock.advance(0.2)
             self.accept()
         self.assertEqual(len(self.dials), pool_target(5.0, FIRST_HANDSHAKE_GUESS, 4))
         self.pool.handshake_took(1.0)
+        self.complete()
+        self.clock.advance(0.2)
         self.accept()
-        self.assertEqual(len(self.dials), 3)
+        self.assertEqual(self.pool.ready + self.pool.dialing, 3)
 
 
 class AcceptRateTests(SynchronousTestCase):
@@ -539,6 +608,29 @@ class PoolOverTLSTests(TestCase):
                 self.connector.handshakes, HandshakeCounts(full=1, pooled=1)
             )
             self.assertEqual(self.ingress.requests_total, 2)
+
+        return ensureDeferred(run())
+
+    def test_replacedOnceTheCallerHasIt(self) -> Deferred[None]:
+        """
+        The warm connection taken is replaced only once the caller has it
+        (and its client's first bytes went on): the replacement's dial
+        does not come first.
+        """
+
+        async def run() -> None:
+            await self.warmed()
+            dialing_when_handed: list[int] = []
+
+            def handed(upgraded: IngressProtocol) -> IngressProtocol:
+                dialing_when_handed.append(self.pool.dialing)
+                return upgraded
+
+            upgraded = await self.connector.connect(REQUEST).addCallback(handed)
+            self.addCleanup(_abort, upgraded)
+            self.assertEqual(self.connector.handshakes.pooled, 1)
+            self.assertEqual(dialing_when_handed, [0])
+            self.assertGreaterEqual(self.pool.dialing + self.pool.ready, 1)
 
         return ensureDeferred(run())
 
