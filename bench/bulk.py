@@ -264,6 +264,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--mib", type=int, default=256, help="MiB moved per phase (default 256)"
     )
+    add_tree_option(parser)
+    parser.add_argument("--json", metavar="FILE", help="write every sample to FILE")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.mib < 8:
+        parser.error("--rounds must be at least 1 and --mib at least 8")
+    check_trees(parser, args)
+    return args
+
+
+def add_tree_option(parser: argparse.ArgumentParser) -> None:
+    """
+    C{--tree NAME=PATH}, repeatable: the checkouts of ngrokd a run compares.
+    """
     parser.add_argument(
         "--tree",
         type=_tree,
@@ -271,20 +284,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="NAME=PATH",
         help="a checkout of ngrokd to run (repeatable; default this one)",
     )
-    parser.add_argument("--json", metavar="FILE", help="write every sample to FILE")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.mib < 8:
-        parser.error("--rounds must be at least 1 and --mib at least 8")
+
+
+def check_trees(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """
+    No C{--tree}: this checkout alone; and each tree a name of its own.
+    """
     if not args.tree:
         args.tree = [("ngrokd", Path(__file__).resolve().parent.parent)]
     if len({name for name, _ in args.tree}) != len(args.tree):
         parser.error("each --tree needs a name of its own")
-    return args
 
 
-def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="ngrokd-bulk-"))
+def run_in_workdir(
+    prog: str,
+    run: Callable[[argparse.Namespace, Children, Path], int],
+    args: argparse.Namespace,
+) -> int:
+    """
+    C{run} in a new working directory, its children stopped however it
+    ends; the directory is removed unless the run failed (its logs are
+    there).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"ngrokd-{prog}-"))
     children = Children(workdir)
     try:
         with _sigterm_interrupts():
@@ -293,13 +315,17 @@ def main(argv: Sequence[str]) -> int:
             finally:
                 children.stop_all()
     except KeyboardInterrupt:
-        print("bulk: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         status = 130
     except BenchError as e:
-        print(f"bulk: FAILED: {e} (logs in {workdir})", file=sys.stderr)
+        print(f"{prog}: FAILED: {e} (logs in {workdir})", file=sys.stderr)
         return 1
     shutil.rmtree(workdir)
     return status
+
+
+def main(argv: Sequence[str]) -> int:
+    return run_in_workdir("bulk", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,21 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from attrs import asdict
-from bulk import _tree, start_paths
+from bulk import add_tree_option, check_trees, run_in_workdir, start_paths
 from datapath import (
     WARMUP_CONNECTIONS,
-    BenchError,
     Children,
     ConnectionFailed,
     Latency,
-    _sigterm_interrupts,
     first_byte_seconds,
     progress,
 )
@@ -111,43 +107,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=20,
         help="new connections per path and round (default 20)",
     )
-    parser.add_argument(
-        "--tree",
-        type=_tree,
-        action="append",
-        metavar="NAME=PATH",
-        help="a checkout of ngrokd to run (repeatable; default this one)",
-    )
+    add_tree_option(parser)
     parser.add_argument("--seed", type=int, help="the shuffle's, to repeat an order")
     parser.add_argument("--json", metavar="FILE", help="write every time to FILE")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.block < 1:
         parser.error("--rounds and --block must be at least 1")
-    if not args.tree:
-        args.tree = [("ngrokd", Path(__file__).resolve().parent.parent)]
-    if len({name for name, _ in args.tree}) != len(args.tree):
-        parser.error("each --tree needs a name of its own")
+    check_trees(parser, args)
     return args
 
 
 def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="ngrokd-newconn-"))
-    children = Children(workdir)
-    try:
-        with _sigterm_interrupts():
-            try:
-                status = run(args, children, workdir)
-            finally:
-                children.stop_all()
-    except KeyboardInterrupt:
-        print("newconn: interrupted", file=sys.stderr)
-        status = 130
-    except BenchError as e:
-        print(f"newconn: FAILED: {e} (logs in {workdir})", file=sys.stderr)
-        return 1
-    shutil.rmtree(workdir)
-    return status
+    return run_in_workdir("newconn", run, parse_args(argv))
 
 
 if __name__ == "__main__":
