@@ -336,9 +336,11 @@ class BrowserTests(DaemonHealthTestCase):
             browser = start_browser(self.chromium, os.path.abspath(self.mktemp()))
             self.addCleanup(lambda: ensureDeferred(browser.close()))
             tab = await browser.open(self.url(daemon, "/"), width=360, height=800)
+            # Once the page is whole: its stylesheet may come after the row.
             text = await browser.wait_for(
                 tab,
-                "document.querySelector('#endpoints tbody tr')?.innerText",
+                "document.readyState == 'complete'"
+                " && document.querySelector('#endpoints tbody tr')?.innerText",
                 "the endpoint's row",
             )
             self.assertIn("listening", text)
