@@ -22,7 +22,6 @@ from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -85,8 +84,6 @@ class IngressProtocol(PipeProtocol):
     """
     The client side of the upgrade; after it, one end of a splice.
     """
-
-    log = Logger()
 
     def __init__(
         self,
