@@ -31,6 +31,8 @@ from ngrokd.readfile import read_regular
 #: The largest config file read, in characters: PyYAML composes a few
 #: hundred kilobytes a second, and a real config is a few kilobytes.
 MAX_CONFIG_SIZE = 256 * 1024
+#: A character is at most 4 bytes of UTF-8: more bytes are over the limit.
+MAX_CONFIG_BYTES = 4 * MAX_CONFIG_SIZE
 #: Nesting deeper than this is refused before it is built (the settings
 #: nest three deep; PyYAML recurses once per level).
 MAX_DEPTH = 32
@@ -218,22 +220,50 @@ def load_config(
     @raise ConfigError: the file cannot be read, or see L{parse_config}.
     """
     path = os.path.abspath(path)
-    # A character is at most 4 bytes of UTF-8: more is over the limit.
-    most = 4 * MAX_CONFIG_SIZE
-    try:
-        data, status = read_regular(path, most + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
-    if len(data) > most:
-        raise _too_large(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")
+    data, status = read_config_file(path)
     mode = stat.S_IMODE(status.st_mode)
-    loaded = parse_config(text, path, environ, platform, mode, instance)
+    loaded = parse_config(
+        config_text(data, path), path, environ, platform, mode, instance
+    )
     check_ca_bundles(loaded)
     return loaded
+
+
+def read_config_file(path: str) -> tuple[bytes, os.stat_result]:
+    """
+    The bytes and status of the config file at C{path} (through a symbolic
+    link), refusing one that is not a regular file (a FIFO would block) or
+    is too large.
+
+    @raise ConfigError: naming C{path}.
+    """
+    try:
+        data, status = read_regular(path, MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
+    check_config_size(data, path)
+    return data, status
+
+
+def check_config_size(data: bytes, path: str) -> None:
+    """
+    @raise ConfigError: C{data}, the file at C{path}, is surely over
+        L{MAX_CONFIG_SIZE} characters.
+    """
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _too_large(path)
+
+
+def config_text(data: bytes, path: str) -> str:
+    """
+    The text of the config file at C{path}, whose bytes are C{data}.
+
+    @raise ConfigError: it is not UTF-8, naming where.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")
 
 
 def check_ca_bundles(loaded: LoadedConfig) -> None:

@@ -31,40 +31,16 @@ from attrs import frozen
 
 from ngrokd.atomic import write_atomic
 from ngrokd.config import ConfigError, check_ca_bundles, parse_config
+from ngrokd.config.loader import (
+    MAX_CONFIG_BYTES,
+    check_config_size,
+    config_text,
+    read_config_file,
+)
 from ngrokd.readfile import read_regular
 
-#: A config file larger than this is some other file.
-MAX_CONFIG_BYTES = 2**20
 #: ngrok's API keys are about 50 characters: a longer one is something else.
 MAX_API_KEY = 512
-
-
-def _read(path: str) -> tuple[bytes, os.stat_result]:
-    """
-    The bytes and status of the config file at C{path} (through a symbolic
-    link), refusing one that is not a regular file (a FIFO would block) or
-    is too large.
-
-    @raise ConfigError: naming C{path}.
-    """
-    try:
-        data, status = read_regular(path, MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
-    if len(data) > MAX_CONFIG_BYTES:
-        raise _too_large(path)
-    return data, status
-
-
-def _too_large(path: str) -> ConfigError:
-    return ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-
-
-def _decode(data: bytes, path: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")
 
 
 def _ownership(status: os.stat_result) -> tuple[int, tuple[int, int]]:
@@ -208,8 +184,8 @@ def store_api_key(path: str, key: str) -> int | None:
     problem = api_key_problem(key)
     if problem is not None:
         raise ConfigError(f"{path}: refusing the API key: {problem}")
-    data, status = _read(path)
-    text = _decode(data, path)
+    data, status = read_config_file(path)
+    text = config_text(data, path)
     root = _compose(text, path)
     updated = _with_key(text, root, json.dumps(key, ensure_ascii=False), path)
     try:
@@ -319,7 +295,7 @@ def edit_config(
     @raise ConfigError: the file cannot be read, or no copy can be made.
     @raise ngrokd.atomic.AtomicWriteError: the valid copy cannot replace it.
     """
-    original, status = _read(path)
+    original, status = read_config_file(path)
     mode, owner = _ownership(status)
     target = os.path.realpath(path)
     directory, name = os.path.split(target)
@@ -353,9 +329,8 @@ def edit_config(
             if edited == original:
                 return EditResult(Outcome.UNCHANGED, path)
             try:
-                if len(edited) > MAX_CONFIG_BYTES:
-                    raise _too_large(path)
-                error = validate(_decode(edited, path), path)
+                check_config_size(edited, path)
+                error = validate(config_text(edited, path), path)
             except ConfigError as e:
                 error = str(e)
             if error is None:
